@@ -1,0 +1,267 @@
+"""Tile IR -> Pallas source (TPU; Pallas ``interpret=True`` on CPU).
+
+One self-contained module: one kernel function per stage (refs in, refs out) and a
+``launch(*inputs, *outputs, *scalars, interpret=False)`` that returns the outputs.
+
+How the tile IR maps onto Pallas:
+- block accesses become ref slices with ``pl.ds(start, BLOCK)``; Pallas has no masked
+  load, so the launcher pads each view to whole blocks and the kernel applies the
+  bounds mask with ``jnp.where`` (``other`` outside, the old contents on store);
+- sizes are static Python ints (JAX shapes are static) bound with functools.partial;
+- runtime scalars travel as one f32 and one i32 array (eps, theta, position, filled
+  length are values, never constants in the text);
+- outputs are passed in and aliased to the results, so an element the kernel never
+  writes keeps the caller's poison, as with the Triton launcher.
+"""
+
+from __future__ import annotations
+
+from tileflow.emit.walker import Walker, Writer, expand_key, literal
+from tileflow.tile.builder import _RangeValue
+from tileflow.tile.ir import KernelIR, Loop, Op, Stage
+
+_UNARY = {
+    "exp": "jnp.exp({})", "exp2": "jnp.exp2({})", "log2": "jnp.log2({})",
+    "rsqrt": "jax.lax.rsqrt({})", "sqrt": "jnp.sqrt({})", "sigmoid": "jax.nn.sigmoid({})",
+    "cos": "jnp.cos({})", "sin": "jnp.sin({})", "neg": "-({})", "abs": "jnp.abs({})",
+}
+_BINARY = {
+    "add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "div": "({} / {})",
+    "floordiv": "({} // {})", "mod": "({} % {})", "lt": "({} < {})", "le": "({} <= {})",
+    "gt": "({} > {})", "ge": "({} >= {})", "eq": "({} == {})", "ne": "({} != {})",
+    "and": "({} & {})", "or": "({} | {})", "maximum": "jnp.maximum({}, {})",
+    "minimum": "jnp.minimum({}, {})",
+}
+_JNP_DTYPE = {"f32": "jnp.float32", "i32": "jnp.int32", "i64": "_I64"}
+
+
+class PallasEmitter(Walker):
+    target = "pallas"
+
+    # ops ------------------------------------------------------------------
+    def op_program_id(self, op: Op, w: Writer):
+        w(f"{self.name(op.result)} = pl.program_id({op.attrs['axis']})")
+
+    def op_range(self, op: Op, w: Writer):
+        start = op.args[0]
+        iota = f"jax.lax.iota(jnp.int32, {op.attrs['block']})"
+        w(f"{self.name(op.result)} = " + (iota if start == 0 else f"{self.operand(start)} + {iota}"))
+
+    def op_full(self, op: Op, w: Writer):
+        shape = ", ".join(str(s) for s in op.result.shape)
+        shape = f"({shape},)" if len(op.result.shape) == 1 else f"({shape})"
+        w(f"{self.name(op.result)} = jnp.full({shape}, {literal(op.attrs['value'])}, {_JNP_DTYPE[op.attrs['dtype']]})")
+
+    def op_binary(self, op: Op, w: Writer):
+        a, b = (self.operand(x) for x in op.args)
+        w(f"{self.name(op.result)} = " + _BINARY[op.attrs["op"]].format(a, b))
+
+    def op_unary(self, op: Op, w: Writer):
+        w(f"{self.name(op.result)} = " + _UNARY[op.attrs["op"]].format(self.operand(op.args[0])))
+
+    def op_cast(self, op: Op, w: Writer):
+        w(f"{self.name(op.result)} = jnp.asarray({self.operand(op.args[0])}).astype({_JNP_DTYPE[op.attrs['dtype']]})")
+
+    def op_where(self, op: Op, w: Writer):
+        c, a, b = (self.operand(x) for x in op.args)
+        w(f"{self.name(op.result)} = jnp.where({c}, {a}, {b})")
+
+    def op_expand(self, op: Op, w: Writer):
+        key = ", ".join(":" if k is not None else "None" for k in op.attrs["key"])
+        w(f"{self.name(op.result)} = {self.operand(op.args[0])}[{key}]")
+
+    def op_reduce(self, op: Op, w: Writer):
+        a, axis, kind = self.operand(op.args[0]), op.attrs["axis"], op.attrs["op"]
+        if kind == "argmax":  # jnp.argmax returns the first maximal index, as torch.argmax
+            w(f"{self.name(op.result)} = jnp.argmax({a}, axis={axis}).astype(jnp.int32)")
+        else:
+            w(f"{self.name(op.result)} = jnp.{kind}({a}, axis={axis})")
+
+    def op_dot(self, op: Op, w: Writer):
+        a, b = (self.operand(x) for x in op.args)
+        w(f"{self.name(op.result)} = jnp.dot({a}, {b}, preferred_element_type=jnp.float32, "
+          f"precision=jax.lax.Precision.HIGHEST)")
+
+    def op_trans(self, op: Op, w: Writer):
+        w(f"{self.name(op.result)} = {self.operand(op.args[0])}.T")
+
+    def _slice(self, index) -> str:
+        parts = []
+        for i in index:
+            if isinstance(i, _RangeValue):
+                parts.append(f"pl.ds({self.operand(i.start)}, {i.block})")
+            else:
+                parts.append(self.operand(i))
+        return ", ".join(parts)
+
+    def op_load(self, op: Op, w: Writer):
+        view, index = op.args
+        conv = ".astype(jnp.float32)" if view.dtype in ("T", "f32") else ""
+        name = self.name(op.result)
+        w(f"{name} = {view.name}_ref[{self._slice(index)}]{conv}")
+        mask = self.mask_expr(view, index, op.attrs["limits"])
+        if mask:
+            w(f"{name} = jnp.where({mask}, {name}, {literal(op.attrs['other'])})")
+
+    def op_store(self, op: Op, w: Writer):
+        view, index, value = op.args
+        sl = self._slice(index)
+        val = f"jnp.asarray({self.operand(value)}).astype({view.name}_ref.dtype)"
+        mask = self.mask_expr(view, index, op.attrs["limits"])
+        if mask:
+            val = f"jnp.where({mask}, {val}, {view.name}_ref[{sl}])"
+        w(f"{view.name}_ref[{sl}] = {val}")
+
+    def loop(self, loop: Loop, w: Writer):
+        body = f"loop{loop.index.id}"
+        carried = ", ".join(self.name(c) for c in loop.carried)
+        lo, hi, step = (self.operand(x) for x in (loop.lo, loop.hi, loop.step))
+        w(f"def {body}(it, carry):")
+        with w.indent():
+            w(f"{carried}, = carry" if len(loop.carried) == 1 else f"{carried} = carry")
+            w(f"{self.name(loop.index)} = {lo} + it * {step}")
+            self.block(loop.body, w)
+            w("return (" + ", ".join(self.operand(y) for y in loop.yielded) + ",)")
+        results = ", ".join(self.name(r) for r in loop.results)
+        init = ", ".join(self.operand(i) for i in loop.init)
+        w(f"{results}{',' if len(loop.results) == 1 else ''} = jax.lax.fori_loop("
+          f"0, ({hi} - {lo} + {step} - 1) // {step}, {body}, ({init},))")
+
+    # module ---------------------------------------------------------------
+    def _scalar_arrays(self) -> list[tuple[str, str, list[str]]]:
+        out = []
+        for dt, jdt in (("f32", "jnp.float32"), ("i32", "jnp.int32")):
+            names = [s.name for s in self.ir.scalars if s.dtype == dt]
+            if names:
+                out.append((f"scalars_{dt}", jdt, names))
+        return out
+
+    def stage_kernel(self, stage: Stage, w: Writer):
+        read, written = self.views_used(stage.body)
+        arrays = self._scalar_arrays()
+        refs = [f"{v.name}_ref" for v in read] + [f"{a}_ref" for a, _, _ in arrays]
+        refs += [f"_{v.name}_in" for v in written] + [f"{v.name}_ref" for v in written]
+        static = list(self.ir.dims) + sorted(self.ir.params)
+        w(f"def {self.ir.name}_{stage.name}({', '.join(refs)}, *, {', '.join(static)}):")
+        with w.indent():
+            for arr, _, names in arrays:
+                for i, n in enumerate(names):
+                    w(f"{n} = {arr}_ref[{i}]")
+            self.block(stage.body, w)
+        w()
+        w()
+
+    def _padding(self) -> dict[tuple[str, int], list[tuple[int, bool]]]:
+        """(view, axis) -> [(block, aligned)] over every block access."""
+        uses: dict[tuple[str, int], list[tuple[int, bool]]] = {}
+
+        def scan(seq):
+            for op in seq:
+                if isinstance(op, Loop):
+                    scan(op.body)
+                elif op.name in ("load", "store"):
+                    view, index = op.args[0], op.args[1]
+                    for axis, i in enumerate(index):
+                        if isinstance(i, _RangeValue):
+                            uses.setdefault((view.name, axis), []).append(
+                                (self.ir.params[i.block], i.aligned))
+
+        for s in self.ir.stages:
+            scan(s.body)
+        return uses
+
+    def _padded_shape(self, view, uses) -> str:
+        dims = []
+        for axis, d in enumerate(view.shape):
+            u = uses.get((view.name, axis))
+            if not u:
+                dims.append(d)
+                continue
+            parts = {f"_ceil_to({d}, {b})" + ("" if aligned else f" + {b}") for b, aligned in u}
+            dims.append(parts.pop() if len(parts) == 1 else "max(" + ", ".join(sorted(parts)) + ")")
+        return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+    def launch(self, w: Writer):
+        ins = [v.name for v in self.ir.views if v.role in ("input", "output")]
+        scal = [s.name for s in self.ir.scalars]
+        uses = self._padding()
+        w(f"def launch({', '.join(ins + scal)}, *, interpret=False):")
+        with w.indent():
+            w(f'"""Run {self.ir.name}; returns the outputs (the output arguments are their initial contents)."""')
+            self.bind_dims(w, "{view}.shape[{axis}]")
+            for k in sorted(self.ir.params):
+                w(f"{k} = {literal(self.ir.params[k])}")
+            for v in self.ir.views:
+                shape = self._padded_shape(v, uses)
+                if v.role == "workspace":
+                    w(f"{v.name} = jnp.full({shape}, jnp.nan, {_JNP_DTYPE[v.dtype]}) "
+                      f"if {_JNP_DTYPE[v.dtype]} == jnp.float32 else jnp.zeros({shape}, {_JNP_DTYPE[v.dtype]})")
+                else:
+                    fill = "jnp.nan" if v.role == "output" and v.dtype in ("T", "f32") else "0"
+                    w(f"{v.name} = _pad_to({v.name}, {shape}, {fill})")
+            for arr, jdt, names in self._scalar_arrays():
+                w(f"{arr} = jnp.asarray([{', '.join(names)}], {jdt})")
+            static = ", ".join(f"{n}={n}" for n in list(self.ir.dims) + sorted(self.ir.params))
+            for stage in self.ir.stages:
+                read, written = self.views_used(stage.body)
+                args = [v.name for v in read] + [a for a, _, _ in self._scalar_arrays()]
+                first_out = len(args)
+                args += [v.name for v in written]
+                grid = ", ".join(stage.grid) + ("," if len(stage.grid) == 1 else "")
+                outs = ", ".join(v.name for v in written) + ","
+                shapes = ", ".join(f"jax.ShapeDtypeStruct({v.name}.shape, {v.name}.dtype)" for v in written)
+                aliases = ", ".join(f"{first_out + i}: {i}" for i in range(len(written)))
+                w(f"{outs} = pl.pallas_call(")
+                with w.indent():
+                    w(f"functools.partial({self.ir.name}_{stage.name}, {static}),")
+                    w(f"out_shape=({shapes},),")
+                    w(f"grid=({grid}),")
+                    w(f"input_output_aliases={{{aliases}}},")
+                    w("interpret=interpret,")
+                w(f")({', '.join(args)})")
+            outs = []
+            for v in self.ir.outputs:
+                outs.append(f"{v.name}[" + ", ".join(f":{d}" for d in v.shape) + "]")
+            w("return (" + ", ".join(outs) + ",)")
+
+    def module(self) -> str:
+        w = Writer()
+        for line in self.banner().splitlines():
+            w(line)
+        w("import functools")
+        w()
+        w("import jax")
+        w("import jax.numpy as jnp")
+        w("from jax.experimental import pallas as pl")
+        w()
+        w("_I64 = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32")
+        w()
+        w()
+        w("def cdiv(a, b):")
+        with w.indent():
+            w("return (a + b - 1) // b")
+        w()
+        w()
+        w("def _ceil_to(n, b):")
+        with w.indent():
+            w("return cdiv(n, b) * b")
+        w()
+        w()
+        w("def _pad_to(x, shape, fill):")
+        with w.indent():
+            w("if tuple(x.shape) == tuple(shape):")
+            with w.indent():
+                w("return x")
+            w("return jnp.pad(x, [(0, s - n) for n, s in zip(x.shape, shape)], constant_values=fill)")
+        w()
+        w()
+        for stage in self.ir.stages:
+            self.reset_names()
+            self.stage_kernel(stage, w)
+        self.launch(w)
+        return w.text()
+
+
+def emit_pallas(ir: KernelIR) -> str:
+    """Pallas source for ``ir``: deterministic text, a pure function of the IR."""
+    return PallasEmitter(ir).module()

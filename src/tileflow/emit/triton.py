@@ -1,0 +1,219 @@
+"""Tile IR -> Triton source (NVIDIA and AMD GPUs; the Triton interpreter on CPU).
+
+The output is one self-contained module: one ``@triton.jit`` function per stage and
+a ``launch(*inputs, *outputs, *scalars)`` that checks shapes and dtypes, allocates
+workspaces, computes grids and launches every stage in order.
+
+Two interpreter facts shape the text (seen with triton 3.9's ``TRITON_INTERPRET=1``):
+bf16 arithmetic is wrong unless values are cast to fp32 right after loading, so
+every floating load ends in ``.to(tl.float32)`` (also the fp32-accumulation
+policy of the suite); and float runtime scalars arrive as Python floats, which have
+no tensor methods, so each is wrapped with ``tl.full((), x, tl.float32)`` at entry.
+"""
+
+from __future__ import annotations
+
+from tileflow.emit.walker import Walker, Writer, expand_key, literal
+from tileflow.tile.builder import _RangeValue
+from tileflow.tile.ir import KernelIR, Loop, Op, Stage
+
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+_UNARY = {
+    "exp": "tl.exp({})", "exp2": "tl.exp2({})", "log2": "tl.log2({})", "rsqrt": "tl.rsqrt({})",
+    "sqrt": "tl.sqrt({})", "sigmoid": "tl.sigmoid({})", "cos": "tl.cos({})", "sin": "tl.sin({})",
+    "neg": "-({})", "abs": "tl.abs({})",
+}
+_BINARY = {
+    "add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "div": "({} / {})",
+    "floordiv": "({} // {})", "mod": "({} % {})", "lt": "({} < {})", "le": "({} <= {})",
+    "gt": "({} > {})", "ge": "({} >= {})", "eq": "({} == {})", "ne": "({} != {})",
+    "and": "({} & {})", "or": "({} | {})", "maximum": "tl.maximum({}, {})",
+    "minimum": "tl.minimum({}, {})",
+}
+_TL_DTYPE = {"f32": "tl.float32", "i32": "tl.int32", "i64": "tl.int64"}
+_TORCH_DTYPE = {"f32": "torch.float32", "i32": "torch.int32", "i64": "torch.int64"}
+
+
+class TritonEmitter(Walker):
+    target = "triton"
+
+    def constexprs(self) -> list[str]:
+        names = [k for k in sorted(self.ir.params) if k not in LAUNCH_OPTIONS]
+        if self.uses("dot"):
+            names.append("DOT_PREC")
+        return names
+
+    def signature(self) -> list[str]:
+        args = [f"{v.name}_ptr" for v in self.ir.views]
+        args += [f"{v.name}_s{a}" for v in self.ir.views for a in range(v.rank)]
+        args += list(self.ir.dims)
+        args += [s.name for s in self.ir.scalars]
+        return args
+
+    # ops ------------------------------------------------------------------
+    def op_program_id(self, op: Op, w: Writer):
+        w(f"{self.name(op.result)} = tl.program_id({op.attrs['axis']})")
+
+    def op_range(self, op: Op, w: Writer):
+        start = op.args[0]
+        ar = f"tl.arange(0, {op.attrs['block']})"
+        w(f"{self.name(op.result)} = " + (ar if start == 0 else f"{self.operand(start)} + {ar}"))
+
+    def op_full(self, op: Op, w: Writer):
+        shape = ", ".join(str(s) for s in op.result.shape)
+        shape = f"({shape},)" if len(op.result.shape) == 1 else f"({shape})"
+        w(f"{self.name(op.result)} = tl.full({shape}, {literal(op.attrs['value'])}, {_TL_DTYPE[op.attrs['dtype']]})")
+
+    def op_binary(self, op: Op, w: Writer):
+        a, b = (self.operand(x) for x in op.args)
+        w(f"{self.name(op.result)} = " + _BINARY[op.attrs["op"]].format(a, b))
+
+    def op_unary(self, op: Op, w: Writer):
+        w(f"{self.name(op.result)} = " + _UNARY[op.attrs["op"]].format(self.operand(op.args[0])))
+
+    def op_cast(self, op: Op, w: Writer):
+        w(f"{self.name(op.result)} = tl.cast({self.operand(op.args[0])}, {_TL_DTYPE[op.attrs['dtype']]})")
+
+    def op_where(self, op: Op, w: Writer):
+        c, a, b = (self.operand(x) for x in op.args)
+        w(f"{self.name(op.result)} = tl.where({c}, {a}, {b})")
+
+    def op_expand(self, op: Op, w: Writer):
+        key = ", ".join(":" if k is not None else "None" for k in op.attrs["key"])
+        w(f"{self.name(op.result)} = {self.operand(op.args[0])}[{key}]")
+
+    def op_reduce(self, op: Op, w: Writer):
+        a, axis, kind = self.operand(op.args[0]), op.attrs["axis"], op.attrs["op"]
+        extra = ", tie_break_left=True" if kind == "argmax" else ""
+        w(f"{self.name(op.result)} = tl.{kind}({a}, axis={axis}{extra})")
+
+    def op_dot(self, op: Op, w: Writer):
+        a, b = (self.operand(x) for x in op.args)
+        w(f"{self.name(op.result)} = tl.dot({a}, {b}, input_precision=DOT_PREC)")
+
+    def op_trans(self, op: Op, w: Writer):
+        w(f"{self.name(op.result)} = tl.trans({self.operand(op.args[0])})")
+
+    def _address(self, view, index) -> str:
+        ranges = [i for i in index if isinstance(i, _RangeValue)]
+        terms, pos = [], 0
+        for axis, i in enumerate(index):
+            if isinstance(i, _RangeValue):
+                terms.append(f"{self.name(i.index)}{expand_key(pos, len(ranges))} * {view.name}_s{axis}")
+                pos += 1
+            elif not (isinstance(i, int) and i == 0):
+                terms.append(f"{self.operand(i)} * {view.name}_s{axis}")
+        return f"{view.name}_ptr + " + (" + ".join(terms) if terms else "0")
+
+    def op_load(self, op: Op, w: Writer):
+        view, index = op.args
+        mask = self.mask_expr(view, index, op.attrs["limits"])
+        extra = f", mask={mask}, other={literal(op.attrs['other'])}" if mask else ""
+        conv = ".to(tl.float32)" if view.dtype in ("T", "f32") else ""
+        w(f"{self.name(op.result)} = tl.load({self._address(view, index)}{extra}){conv}")
+
+    def op_store(self, op: Op, w: Writer):
+        view, index, value = op.args
+        mask = self.mask_expr(view, index, op.attrs["limits"])
+        extra = f", mask={mask}" if mask else ""
+        val = f"tl.cast({self.operand(value)}, {view.name}_ptr.dtype.element_ty)"
+        w(f"tl.store({self._address(view, index)}, {val}{extra})")
+
+    def loop(self, loop: Loop, w: Writer):
+        for c, init in zip(loop.carried, loop.init):
+            w(f"{self.name(c)} = {self.operand(init)}")
+        lo, hi, step = (self.operand(x) for x in (loop.lo, loop.hi, loop.step))
+        w(f"for {self.name(loop.index)} in range({lo}, {hi}, {step}):")
+        with w.indent():
+            self.block(loop.body, w)
+            for c, y in zip(loop.carried, loop.yielded):
+                w(f"{self.name(c)} = {self.operand(y)}")
+        for c, r in zip(loop.carried, loop.results):
+            self.bind(r, self.name(c))
+
+    # module ---------------------------------------------------------------
+    def stage_kernel(self, stage: Stage, w: Writer):
+        args = self.signature() + [f"{c}: tl.constexpr" for c in self.constexprs()]
+        w("@triton.jit")
+        w(f"def {self.ir.name}_{stage.name}(")
+        with w.indent():
+            for a in args:
+                w(a + ",")
+        w("):")
+        with w.indent():
+            for s in self.ir.scalars:
+                if s.dtype == "f32":
+                    w(f"{s.name} = tl.full((), {s.name}, tl.float32)")
+            self.block(stage.body, w)
+        w()
+
+    def launch(self, w: Writer):
+        ins = [v.name for v in self.ir.views if v.role in ("input", "output")]
+        scal = [s.name for s in self.ir.scalars]
+        w(f"def launch({', '.join(ins + scal)}):")
+        with w.indent():
+            w(f'"""Launch {self.ir.name}: inputs, outputs (written in place), runtime scalars."""')
+            self.bind_dims(w, "{view}.shape[{axis}]")
+            tviews = [v for v in self.ir.views if v.role != "workspace" and v.dtype == "T"]
+            if tviews:
+                first = tviews[0].name
+                w(f"if {first}.dtype not in (torch.bfloat16, torch.float16, torch.float32):")
+                with w.indent():
+                    w(f'raise TypeError(f"{self.ir.name}: storage dtype {{{first}.dtype}} is not bf16/fp16/fp32")')
+                for v in tviews[1:]:
+                    w(f"if {v.name}.dtype != {first}.dtype:")
+                    with w.indent():
+                        w(f'raise TypeError(f"{self.ir.name}: {v.name} is {{{v.name}.dtype}}, expected {{{first}.dtype}} like {first}")')
+            for v in self.ir.views:
+                if v.role == "output" and v.dtype in _TORCH_DTYPE:
+                    w(f"if {v.name}.dtype != {_TORCH_DTYPE[v.dtype]}:")
+                    with w.indent():
+                        w(f'raise TypeError(f"{self.ir.name}: {v.name} must be {_TORCH_DTYPE[v.dtype]}, got {{{v.name}.dtype}}")')
+            for k in sorted(self.ir.params):
+                w(f"{k} = {literal(self.ir.params[k])}")
+            dev = ins[0]
+            for v in self.ir.workspaces:
+                shape = ", ".join(v.shape) + ("," if v.rank == 1 else "")
+                w(f"{v.name} = torch.empty(({shape}), device={dev}.device, dtype={_TORCH_DTYPE[v.dtype]})")
+            if self.uses("dot"):
+                first = tviews[0].name
+                w(f'DOT_PREC = "ieee" if {first}.dtype == torch.float32 else "tf32"')
+            call = [v.name for v in self.ir.views]
+            call += [f"{v.name}.stride({a})" for v in self.ir.views for a in range(v.rank)]
+            call += list(self.ir.dims) + scal
+            kw = [f"{c}={c}" for c in self.constexprs()]
+            kw += [f"{o}={o}" for o in LAUNCH_OPTIONS if o in self.ir.params]
+            for stage in self.ir.stages:
+                grid = ", ".join(stage.grid) + ("," if len(stage.grid) == 1 else "")
+                w(f"{self.ir.name}_{stage.name}[({grid})](")
+                with w.indent():
+                    w(", ".join(call) + ",")
+                    w(", ".join(kw) + ",")
+                w(")")
+
+    def module(self) -> str:
+        w = Writer()
+        for line in self.banner().splitlines():
+            w(line)
+        w("import torch")
+        w("import triton")
+        w("import triton.language as tl")
+        w()
+        w()
+        w("def cdiv(a, b):")
+        with w.indent():
+            w("return (a + b - 1) // b")
+        w()
+        w()
+        for stage in self.ir.stages:
+            self.reset_names()
+            self.stage_kernel(stage, w)
+            w()
+        self.launch(w)
+        return w.text()
+
+
+def emit_triton(ir: KernelIR) -> str:
+    """Triton source for ``ir``: deterministic text, a pure function of the IR."""
+    return TritonEmitter(ir).module()

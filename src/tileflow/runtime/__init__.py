@@ -1,0 +1,1 @@
+"""Launching generated kernels: from torch (Triton), from JAX (Pallas), or the reference."""

@@ -1,0 +1,66 @@
+"""The suite's registry: what every suite kernel module declares.
+
+Each ``suite/<kernel>.py`` builds one :class:`SuiteKernel`: its tile definition (the
+single source of every generated target), its reference (an array-API function that
+serves torch and jax.numpy alike: float64 it is the oracle, fp32 the CPU path), the
+sizes it is tested at, and the launch parameters it may be tuned over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from tileflow.tile.builder import TileBuilder
+from tileflow.tile.ir import KernelIR
+
+TARGETS = ("triton", "pallas", "reference")
+
+# Sizes of DeepSeek-R1-Distill-Qwen-1.5B, the headline decode shape.
+QWEN_1_5B = dict(D=1536, NH=12, NKV=2, DH=128, INTER=8960, VOCAB=151936)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One shape to run a kernel at: sizes, runtime scalars, a label."""
+
+    label: str
+    sizes: dict
+    scalars: dict = field(default_factory=dict)
+
+
+@dataclass
+class SuiteKernel:
+    name: str
+    summary: str
+    define: Callable[[TileBuilder, dict], None]
+    reference: Callable[..., dict]
+    default_params: Callable[[dict], dict]
+    test_cases: list[Case]
+    decode_cases: Callable[[dict], list[Case]]
+    candidates: Callable[[dict], list[dict]] = lambda sizes: []
+    # how to draw an input that is not plain normal floats: view -> fn(gen, shape, sizes)
+    input_makers: dict = field(default_factory=dict)
+    # bytes the kernel must move at least, for GB/s: fn(sizes, itemsize) -> int
+    min_bytes: Optional[Callable[[dict, int], int]] = None
+    module: str = ""
+
+    def build(self, params: dict) -> KernelIR:
+        """The tile IR for these parameters (a pure function of them)."""
+        k = TileBuilder(self.name, params)
+        self.define(k, params)
+        return k.finish(self.summary)
+
+
+KERNELS: dict[str, SuiteKernel] = {}
+
+
+def register(kernel: SuiteKernel) -> SuiteKernel:
+    if kernel.name in KERNELS:
+        raise ValueError(f"suite kernel {kernel.name!r} registered twice")
+    KERNELS[kernel.name] = kernel
+    return kernel
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())

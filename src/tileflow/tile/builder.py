@@ -1,0 +1,405 @@
+"""Writing a kernel in the tile language.
+
+A suite kernel's ``define(k, p)`` receives a :class:`TileBuilder` ``k`` and its
+compile-time parameters ``p`` and records ops; the result is a
+:class:`~tileflow.tile.ir.KernelIR`. Example (the whole RMSNorm)::
+
+    x = k.input("x", ("M", "D")); w = k.input("w", ("D",))
+    out = k.output("out", ("M", "D")); eps = k.scalar("eps")
+    with k.stage("main", grid=("M",)):
+        row = k.program_id(0)
+        cols = k.range(0, "BLOCK_D", aligned=True)
+        xv = k.load(x, (row, cols))
+        ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Optional, Sequence, Union
+
+from tileflow.tile.ir import (
+    DTYPES,
+    FLOAT_DTYPES,
+    KernelIR,
+    Loop,
+    Op,
+    Range,
+    ScalarArg,
+    Stage,
+    Value,
+    View,
+)
+
+Operand = Union[Value, int, float]
+
+_COMPARE = ("lt", "le", "gt", "ge", "eq", "ne")
+_LOGIC = ("and", "or")
+UNARY = ("exp", "exp2", "log2", "rsqrt", "sqrt", "sigmoid", "cos", "sin", "neg", "abs")
+REDUCTIONS = ("sum", "max", "argmax")
+
+
+class TileDefinitionError(ValueError):
+    """A kernel definition is malformed (shape mismatch, unknown name, ...)."""
+
+
+def _broadcast(a: tuple, b: tuple) -> tuple:
+    if a == ():
+        return b
+    if b == ():
+        return a
+    n = max(len(a), len(b))
+    a = (1,) * (n - len(a)) + tuple(a)
+    b = (1,) * (n - len(b)) + tuple(b)
+    out = []
+    for x, y in zip(a, b):
+        if x == y or y == 1:
+            out.append(x)
+        elif x == 1:
+            out.append(y)
+        else:
+            raise TileDefinitionError(f"cannot broadcast tile shapes {a} and {b}")
+    return tuple(out)
+
+
+class TileBuilder:
+    """Records a kernel definition into a :class:`KernelIR`."""
+
+    def __init__(self, name: str, params: dict):
+        self.name = name
+        self.params = dict(params)
+        self._views: list[View] = []
+        self._scalars: list[ScalarArg] = []
+        self._dims: list[str] = []
+        self._stages: list[Stage] = []
+        self._block: Optional[list] = None
+        self._next_id = 0
+        self._named: dict[str, Value] = {}
+
+    # ----------------------------------------------------------------- values
+    def _new(self, dtype: str, shape: tuple, hint: str = "v") -> Value:
+        if dtype not in DTYPES:
+            raise TileDefinitionError(f"unknown dtype {dtype!r}")
+        self._next_id += 1
+        return Value(self._next_id, dtype, tuple(shape), hint, self)
+
+    def _emit(self, opname: str, result, args: tuple = (), **attrs):
+        if self._block is None:
+            raise TileDefinitionError(f"op {opname!r} outside of a stage")
+        self._block.append(Op(opname, result, args, attrs))
+        return result
+
+    def _operand(self, x: Operand) -> Operand:
+        if isinstance(x, Value):
+            if x.builder is not self:
+                raise TileDefinitionError("value from another kernel")
+            return x
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise TileDefinitionError(f"unsupported operand {x!r}")
+        return x
+
+    @staticmethod
+    def _dtype_of(x: Operand) -> str:
+        if isinstance(x, Value):
+            return x.dtype
+        return "f32" if isinstance(x, float) else "i32"
+
+    @staticmethod
+    def _shape_of(x: Operand) -> tuple:
+        return x.shape if isinstance(x, Value) else ()
+
+    # ------------------------------------------------------------- signature
+    def _add_view(self, name: str, shape: Sequence[str], dtype: str, role: str) -> View:
+        if any(v.name == name for v in self._views):
+            raise TileDefinitionError(f"view {name!r} declared twice")
+        if dtype not in DTYPES or dtype == "bool":
+            raise TileDefinitionError(f"view dtype {dtype!r}")
+        view = View(name, tuple(shape), dtype, role)
+        self._views.append(view)
+        for d in view.shape:
+            if role != "workspace" and d not in self._dims and d not in self.params:
+                self._dims.append(d)
+        return view
+
+    def input(self, name: str, shape: Sequence[str], dtype: str = "T") -> View:
+        """A tensor the kernel reads. Size names in ``shape`` become runtime sizes."""
+        return self._add_view(name, shape, dtype, "input")
+
+    def output(self, name: str, shape: Sequence[str], dtype: str = "T") -> View:
+        """A tensor the kernel writes (allocated, and poisoned in tests, by the caller)."""
+        return self._add_view(name, shape, dtype, "output")
+
+    def workspace(self, name: str, shape: Sequence[str], dtype: str = "f32") -> View:
+        """An intermediate between stages; its shape may name parameters or sizes."""
+        for d in shape:
+            if d not in self.params and d not in self._dims:
+                raise TileDefinitionError(f"workspace size {d!r} is neither a size nor a parameter")
+        return self._add_view(name, shape, dtype, "workspace")
+
+    def scalar(self, name: str, dtype: str = "f32") -> Value:
+        """A runtime scalar parameter: never baked into the generated source."""
+        if dtype not in ("f32", "i32"):
+            raise TileDefinitionError("runtime scalars are f32 or i32")
+        if any(s.name == name for s in self._scalars):
+            raise TileDefinitionError(f"scalar {name!r} declared twice")
+        v = self._new(dtype, (), name)
+        self._scalars.append(ScalarArg(name, dtype, v.id))
+        self._named[name] = v
+        return v
+
+    # ------------------------------------------------------------- structure
+    @contextlib.contextmanager
+    def stage(self, name: str, grid: Sequence[str]):
+        """One launch. ``grid`` entries are host expressions over sizes and parameters
+        (``cdiv`` is available), e.g. ``("cdiv(N, BLOCK_N)", "M")``."""
+        if self._block is not None:
+            raise TileDefinitionError("stages do not nest")
+        stage = Stage(name, tuple(grid), [])
+        self._block = stage.body
+        try:
+            yield stage
+        finally:
+            self._block = None
+        self._stages.append(stage)
+
+    def dim(self, name: str) -> Value:
+        """The runtime size ``name`` as a scalar (a kernel argument in Triton,
+        a static int in Pallas)."""
+        if name not in self._dims:
+            raise TileDefinitionError(f"unknown size {name!r}")
+        return self._emit("dim", self._new("i32", (), name), name=name)
+
+    def param(self, name: str) -> Value:
+        """A compile-time parameter (block size, split factor) as a scalar."""
+        if name not in self.params:
+            raise TileDefinitionError(f"unknown parameter {name!r}")
+        return self._emit("param", self._new("i32", (), name), name=name)
+
+    def arg(self, name: str) -> Value:
+        """A declared runtime scalar, by name."""
+        return self._named[name]
+
+    def program_id(self, axis: int) -> Value:
+        return self._emit("program_id", self._new("i32", (), "pid"), axis=axis)
+
+    def range(self, start: Operand, block: str, aligned: bool = False) -> Range:
+        """Indices ``start + [0, block)``. ``aligned`` promises ``start`` is a multiple
+        of the block size (lets the Pallas launcher skip a pad)."""
+        if block not in self.params:
+            raise TileDefinitionError(f"block size {block!r} is not a parameter")
+        start = self._operand(start)
+        idx = self._emit("range", self._new("i32", (block,), "idx"), (start,), block=block)
+        return _RangeValue(start, block, aligned, idx)
+
+    def full(self, shape: Sequence, value: float, dtype: str = "f32") -> Value:
+        for s in shape:
+            if not (s == 1 or s in self.params):
+                raise TileDefinitionError(f"tile size {s!r} must be a parameter name or 1")
+        return self._emit("full", self._new(dtype, tuple(shape), "t"), (), value=value, dtype=dtype)
+
+    # ------------------------------------------------------------ arithmetic
+    def binary(self, op: str, a: Operand, b: Operand) -> Value:
+        a, b = self._operand(a), self._operand(b)
+        shape = _broadcast(self._shape_of(a), self._shape_of(b))
+        da, db = self._dtype_of(a), self._dtype_of(b)
+        if op in _COMPARE or op in _LOGIC:
+            dtype = "bool"
+        elif "f32" in (da, db) or op == "div":
+            dtype = "f32"
+        elif "i64" in (da, db):
+            dtype = "i64"
+        else:
+            dtype = "i32"
+        return self._emit("binary", self._new(dtype, shape), (a, b), op=op)
+
+    def maximum(self, a: Operand, b: Operand) -> Value:
+        return self.binary("maximum", a, b)
+
+    def minimum(self, a: Operand, b: Operand) -> Value:
+        return self.binary("minimum", a, b)
+
+    def eq(self, a: Operand, b: Operand) -> Value:
+        return self.binary("eq", a, b)
+
+    def cdiv(self, a: Operand, b: Operand) -> Value:
+        return (a + b - 1) // b if isinstance(a, Value) else self.binary("floordiv", a + b - 1, b)
+
+    def unary(self, op: str, a: Value) -> Value:
+        if op not in UNARY:
+            raise TileDefinitionError(f"unknown unary op {op!r}")
+        a = self._operand(a)
+        dtype = a.dtype if op in ("neg", "abs") else "f32"
+        return self._emit("unary", self._new(dtype, self._shape_of(a)), (a,), op=op)
+
+    def exp(self, a):
+        return self.unary("exp", a)
+
+    def exp2(self, a):
+        return self.unary("exp2", a)
+
+    def log2(self, a):
+        return self.unary("log2", a)
+
+    def rsqrt(self, a):
+        return self.unary("rsqrt", a)
+
+    def sigmoid(self, a):
+        return self.unary("sigmoid", a)
+
+    def cos(self, a):
+        return self.unary("cos", a)
+
+    def sin(self, a):
+        return self.unary("sin", a)
+
+    def cast(self, a: Value, dtype: str) -> Value:
+        """Cast to f32 / i32 / i64 (storage casts happen only on store)."""
+        if dtype not in ("f32", "i32", "i64"):
+            raise TileDefinitionError(f"cast to {dtype!r}")
+        return self._emit("cast", self._new(dtype, a.shape), (a,), dtype=dtype)
+
+    def where(self, cond: Value, a: Operand, b: Operand) -> Value:
+        a, b = self._operand(a), self._operand(b)
+        shape = _broadcast(_broadcast(cond.shape, self._shape_of(a)), self._shape_of(b))
+        dtype = "f32" if "f32" in (self._dtype_of(a), self._dtype_of(b)) else self._dtype_of(a)
+        return self._emit("where", self._new(dtype, shape), (cond, a, b))
+
+    def reshape_index(self, a: Value, key: tuple) -> Value:
+        shape, it = [], iter(a.shape)
+        for k in key:
+            if k is None:
+                shape.append(1)
+            elif k == slice(None):
+                try:
+                    shape.append(next(it))
+                except StopIteration:
+                    raise TileDefinitionError("too many ':' in index") from None
+            else:
+                raise TileDefinitionError("only ':' and None may index a tile")
+        if next(it, None) is not None:
+            raise TileDefinitionError("index must name every axis of the tile")
+        return self._emit("expand", self._new(a.dtype, tuple(shape)), (a,), key=key)
+
+    def _reduce(self, op: str, a: Value, axis: int) -> Value:
+        if not a.shape:
+            raise TileDefinitionError("cannot reduce a scalar")
+        axis = axis % len(a.shape)
+        shape = a.shape[:axis] + a.shape[axis + 1:]
+        dtype = "i32" if op == "argmax" else a.dtype
+        return self._emit("reduce", self._new(dtype, shape), (a,), op=op, axis=axis)
+
+    def sum(self, a: Value, axis: int) -> Value:
+        return self._reduce("sum", a, axis)
+
+    def max(self, a: Value, axis: int) -> Value:
+        return self._reduce("max", a, axis)
+
+    def argmax(self, a: Value, axis: int) -> Value:
+        """Index of the largest element; ties go to the lowest index (torch.argmax)."""
+        return self._reduce("argmax", a, axis)
+
+    def dot(self, a: Value, b: Value) -> Value:
+        """``a @ b`` for 2-D tiles, fp32 accumulation, exact for bf16/fp16-valued inputs."""
+        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[1] != b.shape[0]:
+            raise TileDefinitionError(f"dot of {a.shape} and {b.shape}")
+        return self._emit("dot", self._new("f32", (a.shape[0], b.shape[1])), (a, b))
+
+    def trans(self, a: Value) -> Value:
+        if len(a.shape) != 2:
+            raise TileDefinitionError("trans needs a 2-D tile")
+        return self._emit("trans", self._new(a.dtype, (a.shape[1], a.shape[0])), (a,))
+
+    # ----------------------------------------------------------------- memory
+    def _check_index(self, view: View, index: Sequence) -> tuple:
+        if len(index) != view.rank:
+            raise TileDefinitionError(f"{view.name} has rank {view.rank}, index has {len(index)}")
+        return tuple(i if isinstance(i, _RangeValue) else self._operand(i) for i in index)
+
+    def load(self, view: View, index: Sequence, limits: Optional[dict] = None,
+             other: float = 0.0, hint: str = "") -> Value:
+        """Load the block of ``view`` at ``index`` (one scalar or range per dim).
+
+        Elements whose range index is ``>=`` the limit of that dim (the view's size
+        unless ``limits`` names another, e.g. the filled cache length) read ``other``.
+        Floating values arrive as fp32 whatever the storage dtype.
+        """
+        index = self._check_index(view, index)
+        shape = tuple(i.block for i in index if isinstance(i, _RangeValue))
+        dtype = "f32" if view.dtype in FLOAT_DTYPES else view.dtype
+        res = self._new(dtype, shape, hint or view.name)
+        return self._emit("load", res, (view, index), limits=dict(limits or {}), other=other)
+
+    def store(self, view: View, index: Sequence, value: Operand,
+              limits: Optional[dict] = None) -> None:
+        """Store ``value`` (cast to the view's dtype) into the block at ``index``."""
+        index = self._check_index(view, index)
+        shape = tuple(i.block for i in index if isinstance(i, _RangeValue))
+        value = self._operand(value)
+        vshape = self._shape_of(value)
+        if vshape != shape:
+            raise TileDefinitionError(f"storing a {vshape} tile into a {shape} block of {view.name}")
+        self._emit("store", None, (view, index, value), limits=dict(limits or {}))
+
+    # ------------------------------------------------------------------ loops
+    @contextlib.contextmanager
+    def loop(self, lo: Operand, hi: Operand, step: Union[str, int], carry: Iterable[Value]):
+        """``for start in range(lo, hi, step)`` carrying ``carry``.
+
+        Inside, ``lp.index`` is ``start`` and ``lp.carry`` the carried values; call
+        ``lp.next(*new_values)`` once; after the block, ``lp.results`` holds the
+        values at loop exit.
+        """
+        carry = tuple(carry)
+        step_v = self.param(step) if isinstance(step, str) else step
+        index = self._new("i32", (), "start")
+        placeholders = tuple(self._new(c.dtype, c.shape, "c") for c in carry)
+        loop = Loop(index, self._operand(lo), self._operand(hi), step_v, carry, placeholders, [])
+        handle = _LoopHandle(loop)
+        parent = self._block
+        self._block = loop.body
+        try:
+            yield handle
+        finally:
+            self._block = parent
+        if len(loop.yielded) != len(carry):
+            raise TileDefinitionError("loop body must call lp.next() with every carried value")
+        for c, y in zip(carry, loop.yielded):
+            if (c.dtype, c.shape) != (y.dtype, y.shape):
+                raise TileDefinitionError(f"carried value changes from {c.dtype}{c.shape} to {y.dtype}{y.shape}")
+        loop.results = tuple(self._new(c.dtype, c.shape, "r") for c in carry)
+        self._block.append(loop)
+        handle.results = loop.results
+
+    # ---------------------------------------------------------------- result
+    def finish(self, doc: str = "") -> KernelIR:
+        if not self._stages:
+            raise TileDefinitionError("a kernel needs at least one stage")
+        return KernelIR(self.name, list(self._views), list(self._scalars), list(self._dims),
+                        dict(self.params), list(self._stages), doc)
+
+
+class _RangeValue(Range):
+    """A Range that also carries the Value of its index vector."""
+
+    def __init__(self, start, block, aligned, index: Value):
+        object.__setattr__(self, "start", start)
+        object.__setattr__(self, "block", block)
+        object.__setattr__(self, "aligned", aligned)
+        object.__setattr__(self, "index", index)
+
+    def __hash__(self):
+        return id(self)
+
+    def __eq__(self, other):
+        return self is other
+
+
+class _LoopHandle:
+    def __init__(self, loop: Loop):
+        self._loop = loop
+        self.index = loop.index
+        self.carry = loop.carried
+        self.results: tuple = ()
+
+    def next(self, *values: Value) -> None:
+        self._loop.yielded = tuple(values)
