@@ -61,7 +61,7 @@ def make_inputs(kernel: SuiteKernel, ir: KernelIR, case: Case, dtype: torch.dtyp
                 gen: torch.Generator, device="cpu") -> dict:
     """Fresh random inputs for every input view of ``ir`` at ``case``'s sizes."""
     out = {}
-    for v in ir.inputs:
+    for v in ir.inputs + [v for v in ir.outputs if v.role == "inout"]:
         shape = view_shape(v, case.sizes, ir.params)
         maker = kernel.input_makers.get(v.name)
         if maker is not None:
@@ -77,8 +77,13 @@ def make_inputs(kernel: SuiteKernel, ir: KernelIR, case: Case, dtype: torch.dtyp
 
 
 def poisoned_outputs(ir: KernelIR, case: Case, dtype: torch.dtype, device="cpu") -> dict:
+    """NaN / -1 filled outputs. In-place views get fresh random contents instead:
+    the reference updates the same contents, so an element the kernel should have
+    written but did not keeps a random value that differs from the reference."""
     out = {}
     for v in ir.outputs:
+        if v.role == "inout":
+            continue
         shape = view_shape(v, case.sizes, ir.params)
         if v.dtype in _INDEX_DTYPES:
             out[v.name] = torch.full(shape, -1, dtype=_INDEX_DTYPES[v.dtype], device=device)
@@ -100,19 +105,21 @@ def reference_outputs(kernel: SuiteKernel, inputs: dict, scalars: dict, compute=
 def run_target(kernel: SuiteKernel, ir: KernelIR, target: str, inputs: dict, outputs: dict,
                scalars: dict) -> dict:
     """Run ``target`` on (poisoned) ``outputs``; return the outputs as torch tensors."""
-    order_in = [v.name for v in ir.inputs]
     order_out = [v.name for v in ir.outputs]
+    tensors = {**inputs, **outputs}
+    args = [tensors[v.name] for v in ir.arguments]
     scal = [scalars[s.name] for s in ir.scalars]
     if target == "triton":
         from tileflow.runtime.torch_triton import triton_launcher
 
         device_type = next(iter(inputs.values())).device.type
-        triton_launcher(ir, device_type)(*[inputs[n] for n in order_in], *[outputs[n] for n in order_out], *scal)
+        triton_launcher(ir, device_type)(*args, *scal)
         return outputs
     if target == "pallas":
-        return _run_pallas(ir, inputs, outputs, scal)
+        return _run_pallas(ir, args, outputs, scal)
     if target == "reference":
-        res = reference_outputs(kernel, inputs, scalars, compute=torch.float32)
+        inplace = {v.name: outputs[v.name] for v in ir.outputs if v.role == "inout"}
+        res = reference_outputs(kernel, {**inputs, **inplace}, scalars, compute=torch.float32)
         for n in order_out:
             outputs[n].copy_(res[n].to(outputs[n].dtype))
         return outputs
@@ -127,14 +134,13 @@ def _to_jax(t: torch.Tensor):
     return jnp.asarray(t.cpu().numpy())
 
 
-def _run_pallas(ir: KernelIR, inputs: dict, outputs: dict, scal: list) -> dict:
+def _run_pallas(ir: KernelIR, args: list, outputs: dict, scal: list) -> dict:
     import numpy as np
 
     from tileflow.runtime.jax_pallas import default_interpret, pallas_launcher
 
     launch = pallas_launcher(ir)
-    args = [_to_jax(inputs[v.name]) for v in ir.inputs] + [_to_jax(outputs[v.name]) for v in ir.outputs]
-    res = launch(*args, *scal, interpret=default_interpret())
+    res = launch(*[_to_jax(a) for a in args], *scal, interpret=default_interpret())
     out = {}
     for v, r in zip(ir.outputs, res):
         arr = np.asarray(r.astype("float32") if str(r.dtype) == "bfloat16" else r)
@@ -159,16 +165,22 @@ def compare(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, str]:
 def verify(kernel: SuiteKernel, case: Case, dtype: str, target: str, params: Optional[dict] = None,
            device="cpu", seed: Optional[int] = None) -> VerifyResult:
     """Check one kernel x case x dtype x target against the float64 reference."""
-    params = dict(params or kernel.default_params(case.sizes))
+    params = dict(params or kernel.params_for(case))
     ir = kernel.build(params)
     seed = secrets.randbits(31) if seed is None else seed
     gen = torch.Generator().manual_seed(seed)
     tdtype = DTYPES[dtype]
     inputs = make_inputs(kernel, ir, case, tdtype, gen, device)
     outputs = poisoned_outputs(ir, case, tdtype, device)
+    for v in ir.outputs:  # in-place views: their random contents are the output buffer
+        if v.role == "inout":
+            outputs[v.name] = inputs.pop(v.name)
+    before = {n: t.detach().cpu().clone() for n, t in outputs.items()}
     res = VerifyResult(kernel.name, case.label, target, dtype, params, seed, bound=BOUNDS[dtype])
     got = run_target(kernel, ir, target, inputs, outputs, dict(case.scalars))
-    ref = reference_outputs(kernel, {k: v.cpu() for k, v in inputs.items()}, dict(case.scalars))
+    ref_in = {k: v.cpu() for k, v in inputs.items()}
+    ref_in.update({v.name: before[v.name] for v in ir.outputs if v.role == "inout"})
+    ref = reference_outputs(kernel, ref_in, dict(case.scalars))
     problems = []
     for name in (v.name for v in ir.outputs):
         err, problem = compare(got[name], ref[name])

@@ -101,7 +101,8 @@ class PallasEmitter(Walker):
         w(f"{name} = {view.name}_ref[{self._slice(index)}]{conv}")
         mask = self.mask_expr(view, index, op.attrs["limits"])
         if mask:
-            w(f"{name} = jnp.where({mask}, {name}, {literal(op.attrs['other'])})")
+            other = op.attrs["other"] if view.dtype in ("T", "f32") else int(op.attrs["other"])
+            w(f"{name} = jnp.where({mask}, {name}, {literal(other)})")
 
     def op_store(self, op: Op, w: Writer):
         view, index, value = op.args
@@ -182,7 +183,7 @@ class PallasEmitter(Walker):
         return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
 
     def launch(self, w: Writer):
-        ins = [v.name for v in self.ir.views if v.role in ("input", "output")]
+        ins = [v.name for v in self.ir.arguments]
         scal = [s.name for s in self.ir.scalars]
         uses = self._padding()
         w(f"def launch({', '.join(ins + scal)}, *, interpret=False):")

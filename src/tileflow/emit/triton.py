@@ -149,7 +149,7 @@ class TritonEmitter(Walker):
         w()
 
     def launch(self, w: Writer):
-        ins = [v.name for v in self.ir.views if v.role in ("input", "output")]
+        ins = [v.name for v in self.ir.arguments]
         scal = [s.name for s in self.ir.scalars]
         w(f"def launch({', '.join(ins + scal)}):")
         with w.indent():
@@ -166,7 +166,7 @@ class TritonEmitter(Walker):
                     with w.indent():
                         w(f'raise TypeError(f"{self.ir.name}: {v.name} is {{{v.name}.dtype}}, expected {{{first}.dtype}} like {first}")')
             for v in self.ir.views:
-                if v.role == "output" and v.dtype in _TORCH_DTYPE:
+                if v.role in ("output", "inout") and v.dtype in _TORCH_DTYPE:
                     w(f"if {v.name}.dtype != {_TORCH_DTYPE[v.dtype]}:")
                     with w.indent():
                         w(f'raise TypeError(f"{self.ir.name}: {v.name} must be {_TORCH_DTYPE[v.dtype]}, got {{{v.name}.dtype}}")')
@@ -175,6 +175,7 @@ class TritonEmitter(Walker):
             dev = ins[0]
             for v in self.ir.workspaces:
                 shape = ", ".join(v.shape) + ("," if v.rank == 1 else "")
+                # torch.empty: every element a later stage reads was written by an earlier one
                 w(f"{v.name} = torch.empty(({shape}), device={dev}.device, dtype={_TORCH_DTYPE[v.dtype]})")
             if self.uses("dot"):
                 first = tviews[0].name

@@ -107,6 +107,9 @@ class Walker:
         parts = []
         for pos, (axis, r) in enumerate(ranges):
             limit = limits.get(axis, view.shape[axis])
+            if isinstance(limit, str) and not limit.isidentifier():
+                raise ValueError(f"{self.ir.name}: access to {view.name} along the size "
+                                 f"{limit!r} needs an explicit limit")
             limit = self.operand(limit) if not isinstance(limit, str) else limit
             parts.append(f"({self.name(r.index)}{expand_key(pos, len(ranges))} < {limit})")
         return " & ".join(parts)

@@ -3,3 +3,7 @@ its reference. Importing this package registers them all in ``KERNELS``."""
 
 from tileflow.suite.registry import KERNELS, TARGETS, Case, SuiteKernel  # noqa: F401
 from tileflow.suite import rms_norm  # noqa: F401
+from tileflow.suite import q_proj_matvec, kv_proj_matvec, o_proj_residual  # noqa: F401,E402
+from tileflow.suite import mlp_gate_up_silu, down_proj_residual  # noqa: F401,E402
+from tileflow.suite import embedding_lookup, rope_q, rope_k, attention_decode_gqa  # noqa: F401,E402
+from tileflow.suite import silu_mul_fused, residual_add, argmax_greedy  # noqa: F401,E402

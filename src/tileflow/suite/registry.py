@@ -27,6 +27,8 @@ class Case:
     label: str
     sizes: dict
     scalars: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)  # overrides of the default parameters
+    dtypes: tuple = ()  # storage dtypes this case is checked in; () = all
 
 
 @dataclass
@@ -44,6 +46,10 @@ class SuiteKernel:
     # bytes the kernel must move at least, for GB/s: fn(sizes, itemsize) -> int
     min_bytes: Optional[Callable[[dict, int], int]] = None
     module: str = ""
+
+    def params_for(self, case: Case) -> dict:
+        """Default parameters at ``case``'s sizes, with the case's overrides."""
+        return {**self.default_params(case.sizes), **case.params}
 
     def build(self, params: dict) -> KernelIR:
         """The tile IR for these parameters (a pure function of them)."""

@@ -129,10 +129,16 @@ class TileBuilder:
         """A tensor the kernel writes (allocated, and poisoned in tests, by the caller)."""
         return self._add_view(name, shape, dtype, "output")
 
+    def inout(self, name: str, shape: Sequence[str], dtype: str = "T") -> View:
+        """A tensor updated in place (a KV cache): read, and partly written."""
+        return self._add_view(name, shape, dtype, "inout")
+
     def workspace(self, name: str, shape: Sequence[str], dtype: str = "f32") -> View:
-        """An intermediate between stages; its shape may name parameters or sizes."""
+        """An intermediate between stages. Its sizes are sizes, parameters, or host
+        expressions over them such as ``"cdiv(V, BLOCK_V)"``; accesses along an
+        expression-sized dim must pass an explicit limit."""
         for d in shape:
-            if d not in self.params and d not in self._dims:
+            if d not in self.params and d not in self._dims and "(" not in d:
                 raise TileDefinitionError(f"workspace size {d!r} is neither a size nor a parameter")
         return self._add_view(name, shape, dtype, "workspace")
 

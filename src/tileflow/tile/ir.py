@@ -203,7 +203,13 @@ class KernelIR:
 
     @property
     def outputs(self) -> list[View]:
-        return [v for v in self.views if v.role == "output"]
+        """Views the kernel writes: outputs and in-place (inout) views."""
+        return [v for v in self.views if v.role in ("output", "inout")]
+
+    @property
+    def arguments(self) -> list[View]:
+        """The tensor arguments of ``launch``, in declaration order."""
+        return [v for v in self.views if v.role != "workspace"]
 
     @property
     def workspaces(self) -> list[View]:

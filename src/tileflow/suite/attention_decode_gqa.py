@@ -1,0 +1,152 @@
+"""attention_decode_gqa: one new query token per sequence attends over the static KV
+cache, grouped-query (``G = NH / NKV`` query heads share each K/V head).
+
+- Reads the cache only up to each row's filled length ``lengths[b]`` (an int tensor,
+  so a captured CUDA graph stays right as the cache fills); no cap on the context.
+- One program per (KV head, split): the ``G`` query heads of a group are the rows of
+  one ``[GROUP_BLOCK, DH]`` tile, so each K/V block is read once for the whole
+  group, and scores / outputs are tile matmuls (``tl.dot`` wants 16 rows: the group is
+  padded to ``GROUP_BLOCK >= 16``; padded rows are zero queries, never stored).
+- Online softmax in fp32 over ``BLOCK_N`` positions at a time. With ``SPLITS > 1`` the
+  context is cut into chunks (flash-decoding) written as (max, sum, acc) partials,
+  then a second stage combines them; with ``SPLITS == 1`` the first stage finishes.
+"""
+
+from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
+
+
+def define(k, p):
+    q = k.input("q", ("B", "NH", "DH"))
+    k_cache = k.input("k_cache", ("B", "NKV", "S", "DH"))
+    v_cache = k.input("v_cache", ("B", "NKV", "S", "DH"))
+    lengths = k.input("lengths", ("B",), dtype="i64")
+    out = k.output("out", ("B", "NH", "DH"))
+    scale = k.scalar("scale")
+    split = p["SPLITS"] > 1
+    if split:
+        ws_m = k.workspace("part_m", ("B", "NKV", "SPLITS", "GROUP_BLOCK"))
+        ws_l = k.workspace("part_l", ("B", "NKV", "SPLITS", "GROUP_BLOCK"))
+        ws_acc = k.workspace("part_acc", ("B", "NKV", "SPLITS", "GROUP_BLOCK", "BLOCK_DH"))
+
+    def group_rows(kvh):
+        g = k.dim("NH") // k.dim("NKV")
+        return k.range(kvh * g, "GROUP_BLOCK"), kvh * g + g
+
+    with k.stage("partial", grid=("NKV", "SPLITS", "B")):
+        kvh, sp, b = k.program_id(0), k.program_id(1), k.program_id(2)
+        heads, heads_end = group_rows(kvh)
+        d = k.range(0, "BLOCK_DH", aligned=True)
+        qt = k.load(q, (b, heads, d), limits={1: heads_end})
+        length = k.cast(k.load(lengths, (b,)), "i32")
+        bn = k.param("BLOCK_N")
+        chunk = k.cdiv(k.cdiv(length, k.param("SPLITS")), bn) * bn
+        lo = sp * chunk
+        hi = k.minimum(lo + chunk, length)
+        m0 = k.full(("GROUP_BLOCK",), float("-inf"))
+        l0 = k.full(("GROUP_BLOCK",), 0.0)
+        a0 = k.full(("GROUP_BLOCK", "BLOCK_DH"), 0.0)
+        with k.loop(lo, hi, "BLOCK_N", carry=(m0, l0, a0)) as lp:
+            m, l, acc = lp.carry
+            n = k.range(lp.index, "BLOCK_N", aligned=True)
+            kt = k.load(k_cache, (b, kvh, n, d), limits={2: hi})
+            vt = k.load(v_cache, (b, kvh, n, d), limits={2: hi})
+            s = k.dot(qt, k.trans(kt)) * scale
+            s = k.where((n.index < hi)[None, :], s, float("-inf"))
+            m_new = k.maximum(m, k.max(s, axis=1))
+            alpha = k.exp(m - m_new)
+            pr = k.exp(s - m_new[:, None])
+            lp.next(m_new, l * alpha + k.sum(pr, axis=1), acc * alpha[:, None] + k.dot(pr, vt))
+        m, l, acc = lp.results
+        if split:
+            k.store(ws_m, (b, kvh, sp, k.range(0, "GROUP_BLOCK", aligned=True)), m)
+            k.store(ws_l, (b, kvh, sp, k.range(0, "GROUP_BLOCK", aligned=True)), l)
+            k.store(ws_acc, (b, kvh, sp, k.range(0, "GROUP_BLOCK", aligned=True), d), acc)
+        else:
+            k.store(out, (b, heads, d), acc / l[:, None], limits={1: heads_end})
+
+    if not split:
+        return
+    with k.stage("combine", grid=("NKV", "B")):
+        kvh, b = k.program_id(0), k.program_id(1)
+        heads, heads_end = group_rows(kvh)
+        d = k.range(0, "BLOCK_DH", aligned=True)
+        gb = k.range(0, "GROUP_BLOCK", aligned=True)
+        # two passes: a running max over splits would meet exp(-inf - -inf) on empty ones
+        with k.loop(0, k.param("SPLITS"), 1, carry=(k.full(("GROUP_BLOCK",), float("-inf")),)) as lp:
+            lp.next(k.maximum(lp.carry[0], k.load(ws_m, (b, kvh, lp.index, gb))))
+        mx = lp.results[0]
+        with k.loop(0, k.param("SPLITS"), 1, carry=(k.full(("GROUP_BLOCK",), 0.0),
+                                                     k.full(("GROUP_BLOCK", "BLOCK_DH"), 0.0))) as lp:
+            l, acc = lp.carry
+            wgt = k.exp(k.load(ws_m, (b, kvh, lp.index, gb)) - mx)
+            lp.next(l + wgt * k.load(ws_l, (b, kvh, lp.index, gb)),
+                    acc + wgt[:, None] * k.load(ws_acc, (b, kvh, lp.index, gb, d)))
+        l, acc = lp.results
+        k.store(out, (b, heads, d), acc / l[:, None], limits={1: heads_end})
+
+
+def reference(xp, q, k_cache, v_cache, lengths, scale):
+    bsz, nh, dh = q.shape
+    nkv, s = k_cache.shape[1], k_cache.shape[2]
+    g = nh // nkv
+    qg = xp.reshape(q, (bsz, nkv, g, dh))
+    scores = (qg @ xp.matrix_transpose(k_cache)) * scale  # [B, NKV, G, S]
+    valid = xp.arange(s)[None, :] < lengths[:, None]  # [B, S]
+    scores = xp.where(valid[:, None, None, :], scores, -xp.inf)
+    scores = scores - xp.max(scores, axis=-1, keepdims=True)
+    pr = xp.exp(scores)
+    pr = pr / xp.sum(pr, axis=-1, keepdims=True)
+    return {"out": xp.reshape(pr @ v_cache, (bsz, nh, dh))}
+
+
+def default_params(s):
+    g = s["NH"] // s["NKV"]
+    ctx = s.get("L", s["S"])
+    splits = 1 if ctx <= 512 else min(32, max(2, ctx // 512))
+    return {"BLOCK_N": 64 if s["DH"] <= 128 else 32, "GROUP_BLOCK": max(16, next_pow2(g)),
+            "BLOCK_DH": max(16, next_pow2(s["DH"])), "SPLITS": splits, "num_warps": 4, "num_stages": 2}
+
+
+def candidates(s):
+    base = default_params(s)
+    out = []
+    for bn in (32, 64, 128):
+        for splits in (1, 2, 4, 8, 16, 32, 64):
+            for nw in (4, 8):
+                out.append({**base, "BLOCK_N": bn, "SPLITS": splits, "num_warps": nw})
+    return out
+
+
+def _lengths(gen, shape, sizes):
+    import torch
+
+    if "L" in sizes:
+        return torch.full(shape, sizes["L"], dtype=torch.int64)
+    return torch.randint(1, sizes["S"] + 1, shape, generator=gen, dtype=torch.int64)
+
+
+KERNEL = register(SuiteKernel(
+    name="attention_decode_gqa",
+    summary="GQA decode attention over the filled part of a static KV cache (split-KV)",
+    define=define,
+    reference=reference,
+    default_params=default_params,
+    test_cases=[
+        Case("tiny", dict(B=1, NH=2, NKV=1, DH=16, S=16), dict(scale=0.25)),
+        Case("mha", dict(B=1, NH=3, NKV=3, DH=32, S=40, L=33), dict(scale=0.18)),
+        Case("gqa6", dict(B=1, NH=12, NKV=2, DH=24, S=70, L=65), dict(scale=0.2)),
+        Case("gqa8", dict(B=2, NH=16, NKV=2, DH=16, S=50), dict(scale=0.25)),
+        Case("edge", dict(B=1, NH=4, NKV=1, DH=16, S=64, L=17), dict(scale=0.25), params=dict(BLOCK_N=16)),
+        Case("split", dict(B=1, NH=6, NKV=2, DH=32, S=300, L=259), dict(scale=0.17),
+             params=dict(SPLITS=4, BLOCK_N=16)),
+        Case("split_empty", dict(B=1, NH=4, NKV=2, DH=16, S=100, L=20), dict(scale=0.25),
+             params=dict(SPLITS=8, BLOCK_N=16)),
+    ],
+    decode_cases=lambda c: [
+        Case(f"ctx{n}", dict(B=1, NH=c["NH"], NKV=c["NKV"], DH=c["DH"], S=n, L=n),
+             dict(scale=c["DH"] ** -0.5)) for n in (128, 4096)],
+    candidates=candidates,
+    input_makers={"lengths": _lengths},
+    min_bytes=lambda s, b: (2 * s["B"] * s["NKV"] * s.get("L", s["S"]) * s["DH"] + 2 * s["B"] * s["NH"] * s["DH"]) * b,
+    module=__name__,
+))

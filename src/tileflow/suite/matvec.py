@@ -1,0 +1,126 @@
+"""The tile definition shared by the matvec kernels of the suite.
+
+``y_j = W_j @ x`` for one to two weights ``W_j`` in the Hugging Face ``nn.Linear``
+layout ``[N, K]`` (rows contiguous along K, so no weight copy is needed), with an
+epilogue: bias, residual, or SiLU(gate) * up. Decode is one row (M = 1); more rows
+run the same kernel once per row.
+
+Each program owns ``BLOCK_N`` output rows and streams ``[BLOCK_N, BLOCK_K]`` weight
+tiles through a 2-D fp32 accumulator (one cross-lane reduction at the end instead of
+one per tile). With ``SPLIT_K > 1`` a first stage writes per-split partial sums and a
+second adds them and applies the epilogue: the small decode matvecs (N = 256..1536)
+have too few row blocks to keep every multiprocessor streaming otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from tileflow.suite.registry import next_pow2
+
+MATVEC_PARAMS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "BLOCK_R", "num_warps", "num_stages")
+
+
+@dataclass(frozen=True)
+class MatvecForm:
+    """Which matvec: weight names, output names, extra inputs, and the epilogue.
+
+    ``epilogue(k, sums, extras)`` gets the fp32 row sums (one per weight) and the
+    loaded extra inputs (dict name -> tile over the same rows) and returns one tile
+    per output.
+    """
+
+    weights: tuple[str, ...]
+    outputs: tuple[str, ...]
+    extras: Callable[[dict], tuple[tuple[str, tuple], ...]]  # params -> ((name, shape), ...)
+    epilogue: Callable
+
+
+def define_matvec(form: MatvecForm, k, p) -> None:
+    x = k.input("x", ("M", "K"))
+    ws = [k.input(w, ("N", "K")) for w in form.weights]
+    extras = {name: k.input(name, shape) for name, shape in form.extras(p)}
+    outs = [k.output(o, ("M", "N")) for o in form.outputs]
+    split = p["SPLIT_K"]
+    parts = [k.workspace(f"part_{w}", ("SPLIT_K", "M", "N")) for w in form.weights] if split > 1 else []
+
+    def load_extras(row, rows):
+        got = {}
+        for name, view in extras.items():
+            idx = (rows,) if view.rank == 1 else (row, rows)
+            got[name] = k.load(view, idx)
+        return got
+
+    with k.stage("matvec", grid=("cdiv(N, BLOCK_N)", "SPLIT_K", "M")):
+        row = k.program_id(2)
+        rows = k.range(k.program_id(0) * k.param("BLOCK_N"), "BLOCK_N", aligned=True)
+        kdim = k.dim("K")
+        if split > 1:
+            chunk = k.cdiv(k.cdiv(kdim, k.param("SPLIT_K")), k.param("BLOCK_K")) * k.param("BLOCK_K")
+            lo = k.program_id(1) * chunk
+            hi = k.minimum(lo + chunk, kdim)
+        else:
+            lo, hi = 0, kdim
+        acc0 = [k.full(("BLOCK_N", "BLOCK_K"), 0.0) for _ in ws]
+        with k.loop(lo, hi, "BLOCK_K", carry=acc0) as lp:
+            cols = k.range(lp.index, "BLOCK_K", aligned=True)
+            xv = k.load(x, (row, cols), limits={1: hi})
+            lp.next(*[a + k.load(w, (rows, cols), limits={1: hi}) * xv[None, :]
+                      for a, w in zip(lp.carry, ws)])
+        sums = [k.sum(a, axis=1) for a in lp.results]
+        if split > 1:
+            for part, s in zip(parts, sums):
+                k.store(part, (k.program_id(1), row, rows), s)
+        else:
+            for out, y in zip(outs, form.epilogue(k, sums, load_extras(row, rows))):
+                k.store(out, (row, rows), y)
+
+    if split > 1:
+        with k.stage("reduce", grid=("cdiv(N, BLOCK_R)", "M")):
+            row = k.program_id(1)
+            rows = k.range(k.program_id(0) * k.param("BLOCK_R"), "BLOCK_R", aligned=True)
+            acc0 = [k.full(("BLOCK_R",), 0.0) for _ in parts]
+            with k.loop(0, k.param("SPLIT_K"), 1, carry=acc0) as lp:
+                lp.next(*[a + k.load(part, (lp.index, row, rows)) for a, part in zip(lp.carry, parts)])
+            for out, y in zip(outs, form.epilogue(k, list(lp.results), load_extras(row, rows))):
+                k.store(out, (row, rows), y)
+
+
+def matvec_params(n: int, k_: int, block_n: int = 0, block_k: int = 0, split_k: int = 0,
+                  num_warps: int = 4, num_stages: int = 2, **extra) -> dict:
+    """Launch parameters with defaults that suit a decode matvec of size N x K."""
+    block_k = block_k or min(512, next_pow2(k_))
+    if not block_n:
+        block_n = 4 if n <= 512 else 8 if n <= 2048 else 16
+    if not split_k:
+        split_k = 1
+    p = {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k, "BLOCK_R": min(1024, next_pow2(n)),
+         "num_warps": num_warps, "num_stages": num_stages}
+    p.update(extra)
+    return p
+
+
+def matvec_candidates(n: int, k_: int, **extra) -> list[dict]:
+    """The parameter sets the autotuner tries for an N x K matvec."""
+    out = []
+    for block_n in (2, 4, 8, 16, 32):
+        for block_k in (256, 512, 1024):
+            if block_k > max(256, next_pow2(k_)) or block_n * block_k > 16384:
+                continue
+            for split_k in (1, 2, 4, 8):
+                if split_k > 1 and (n // block_n) * split_k > 4096:
+                    continue
+                if split_k > 1 and k_ // split_k < block_k:
+                    continue
+                for num_warps in (4, 8):
+                    out.append(matvec_params(n, k_, block_n, block_k, split_k, num_warps, **extra))
+    return out
+
+
+def matvec_bytes(n_weights: int, n_bias: int, n_rows_in: int, n_outputs: int):
+    """Least bytes moved: each weight, bias, [M, N] input and output once, and x."""
+    def f(s, b):
+        m, n, k_ = s.get("M", 1), s["N"], s["K"]
+        return b * (n_weights * n * k_ + m * k_ + n_bias * n + (n_rows_in + n_outputs) * m * n)
+    return f
