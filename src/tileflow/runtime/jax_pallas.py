@@ -12,7 +12,13 @@ def pallas_launcher(ir: KernelIR):
 
 
 def default_interpret() -> bool:
-    """Pallas runs compiled on TPU (and Mosaic GPU where it lowers); else interpreted."""
+    """Pallas runs compiled on TPU, interpreted elsewhere; ``TILEFLOW_PALLAS_INTERPRET=0``
+    forces compilation (e.g. to try Mosaic GPU), ``=1`` forces the interpreter."""
+    import os
+
+    forced = os.environ.get("TILEFLOW_PALLAS_INTERPRET")
+    if forced in ("0", "1"):
+        return forced == "1"
     import jax
 
-    return jax.default_backend() not in ("tpu",)
+    return jax.default_backend() != "tpu"

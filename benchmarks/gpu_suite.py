@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""The per-kernel leaderboard on a GPU, in one call.
+
+For every suite kernel at the DeepSeek-R1-Distill-Qwen-1.5B decode shapes, in bf16:
+verify the generated Triton kernel against the float64 reference, tune its launch
+parameters, and time it beside the vendor path on the same tensors. Also measures
+the copy bandwidth (the roofline's B) in the same run and tries the generated Pallas
+kernels compiled on this GPU. Prints a table last; writes JSON (and the tuned
+parameters) to ``--out`` (default ``$OUT`` or ``benchmarks/results``).
+
+Timing: each kernel is captured ``inner`` times in a CUDA graph, cycling over enough
+copies of its inputs to exceed L2 (so HBM, not the cache, is measured), and the
+graph replay time is divided by the launches: a kernel's cost inside a decode graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tileflow.emit import autotune  # noqa: E402
+from tileflow.runtime.torch_triton import triton_launcher  # noqa: E402
+from tileflow.suite import KERNELS  # noqa: E402
+from tileflow.suite.registry import QWEN_1_5B  # noqa: E402
+from tileflow.verify import DTYPES, make_inputs, poisoned_outputs, verify  # noqa: E402
+from vendor import vendor_call  # noqa: E402
+
+L2_BYTES = 60 << 20
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 << 30, reps: int = 10) -> float:
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        dst.copy_(src)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def graph_time_us(calls: list, launches: int = 240, reps: int = 12) -> float:
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    inner = max(1, launches // len(calls))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(inner):
+            for c in calls:
+                c()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3 / (inner * len(calls)))
+    del g
+    return statistics.median(times)
+
+
+class Workload:
+    """Rotating input sets of one kernel case (enough copies to defeat L2)."""
+
+    def __init__(self, kernel, case, dtype: str):
+        self.kernel, self.case, self.dtype = kernel, case, dtype
+        ir = kernel.build(kernel.params_for(case))
+        per_set = sum(t.numel() * t.element_size() for t in self._one(ir, 0).values())
+        self.n_sets = int(min(48, max(1, -(-3 * L2_BYTES // max(per_set, 1)))))
+        self.sets = [self._one(ir, i) for i in range(self.n_sets)]
+        self.bytes_per_set = per_set
+
+    def _one(self, ir, seed):
+        gen = torch.Generator().manual_seed(1000 + seed)
+        tdt = DTYPES[self.dtype]
+        t = make_inputs(self.kernel, ir, self.case, tdt, gen, "cuda")
+        t.update(poisoned_outputs(ir, self.case, tdt, "cuda"))
+        return t
+
+    def tileflow_calls(self, params):
+        ir = self.kernel.build(params)
+        launch = triton_launcher(ir, "cuda")
+        scal = [self.case.scalars[s.name] for s in ir.scalars]
+        names = [v.name for v in ir.arguments]
+        return [(lambda t=t: launch(*[t[n] for n in names], *scal)) for t in self.sets]
+
+    def vendor_calls(self):
+        calls, label = [], ""
+        for t in self.sets:
+            fn, label = vendor_call(self.kernel.name, t, self.case.scalars)
+            calls.append(fn)
+        return calls, label
+
+
+def pick_candidates(kernel, case, limit: int) -> list[dict]:
+    base = kernel.params_for(case)
+    cands = [c for c in kernel.candidates(case.sizes) if c != base]
+    if len(cands) > limit - 1:
+        step = len(cands) / (limit - 1)
+        cands = [cands[int(i * step)] for i in range(limit - 1)]
+    return [base] + cands
+
+
+def pallas_on_gpu(out_dir: Path) -> dict:
+    """Try each generated Pallas kernel compiled (not interpreted) on this GPU, in a
+    subprocess so JAX's allocator stays out of the torch measurements."""
+    code = r"""
+import json, os
+os.environ["TILEFLOW_PALLAS_INTERPRET"] = "0"
+os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+from tileflow.suite import KERNELS
+from tileflow.verify import verify
+res = {}
+for name, k in KERNELS.items():
+    case = k.test_cases[0]
+    try:
+        r = verify(k, case, "bf16", "pallas")
+        res[name] = {"ok": r.ok, "rel_err": r.max_error, "detail": r.detail}
+    except Exception as e:
+        res[name] = {"ok": False, "error": (type(e).__name__ + ": " + str(e).splitlines()[0])[:300]}
+print("PALLAS_JSON" + json.dumps(res))
+"""
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        for line in p.stdout.splitlines():
+            if line.startswith("PALLAS_JSON"):
+                return json.loads(line[len("PALLAS_JSON"):])
+        return {"_error": (p.stderr or p.stdout)[-1500:]}
+    except Exception as e:  # noqa: BLE001
+        return {"_error": repr(e)}
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("triton", "jax", "transformers"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            out[mod] = None
+    try:
+        out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                       capture_output=True, text=True).stdout.strip()
+    except OSError:
+        out["driver"] = None
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
+    ap.add_argument("--kernels", nargs="*", default=None)
+    ap.add_argument("--max-candidates", type=int, default=24)
+    ap.add_argument("--no-pallas", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_suite: no CUDA device here; this script measures GPUs only.")
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name()
+    t0 = time.time()
+    bw = copy_bandwidth_gbs()
+    print(f"device {device}; copy bandwidth {bw:.0f} GB/s", flush=True)
+    rows, tuned = [], {}
+    names = args.kernels or list(KERNELS)
+    for name in names:
+        k = KERNELS[name]
+        for case in k.decode_cases(QWEN_1_5B):
+            row = {"kernel": name, "case": case.label, "sizes": case.sizes}
+            try:
+                wl = Workload(k, case, "bf16")
+                default = k.params_for(case)
+                v0 = verify(k, case, "bf16", "triton", default, device="cuda")
+                trials_n = 0
+
+                def time_us(params):
+                    return graph_time_us(wl.tileflow_calls(params))
+
+                best, trials = autotune.tune(pick_candidates(k, case, args.max_candidates), time_us)
+                trials_n = len(trials)
+                v1 = verify(k, case, "bf16", "triton", best, device="cuda")
+                best_us = trials[0]["us"]
+                default_us = next(t["us"] for t in trials if t["params"] == default)
+                vcalls, vlabel = wl.vendor_calls()
+                vendor_us = graph_time_us(vcalls)
+                nbytes = k.min_bytes(case.sizes, 2)
+                row.update(
+                    ok=v0.ok and v1.ok, rel_err=max(v0.max_error, v1.max_error), detail=v0.detail or v1.detail,
+                    default_us=default_us, us=best_us, params=best, trials=trials_n,
+                    gbs=nbytes / best_us / 1e3, pct_bw=100 * nbytes / best_us / 1e3 / bw,
+                    vendor=vlabel, vendor_us=vendor_us, vendor_gbs=nbytes / vendor_us / 1e3,
+                    speedup=vendor_us / best_us, bytes=nbytes, rotation_sets=wl.n_sets,
+                    errors=[t["error"] for t in trials if t["error"]][:3])
+                autotune.record(name, case.sizes, "bf16", device, best, best_us, path=out / "autotune.json")
+                tuned[f"{name}/{case.label}"] = best
+            except Exception as e:  # noqa: BLE001
+                row.update(ok=False, detail=f"{type(e).__name__}: {e}"[:500])
+            rows.append(row)
+            print(json.dumps({k_: row.get(k_) for k_ in ("kernel", "case", "ok", "rel_err", "us", "gbs",
+                                                         "vendor_us", "detail")}), flush=True)
+            torch.cuda.empty_cache()
+    pallas = {} if args.no_pallas else pallas_on_gpu(out)
+    record = {
+        "what": "per-kernel leaderboard, bf16, DeepSeek-R1-Distill-Qwen-1.5B decode shapes",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device, "versions": versions(), "commit": os.environ.get("TILEFLOW_COMMIT", "unknown"),
+        "copy_bandwidth_gbs": bw, "timing": "CUDA-graph replay, inputs rotated past L2, median of 12",
+        "rows": rows, "pallas_compiled_on_gpu": pallas, "seconds": time.time() - t0,
+    }
+    stamp = dt.date.today().isoformat()
+    slug = device.replace(" ", "-").replace("/", "-")
+    path = out / f"{stamp}-{slug}-kernels.json"
+    path.write_text(json.dumps(record, indent=1, default=str))
+    print()
+    print(f"{'kernel':<22}{'case':<9}{'ok':<4}{'rel_err':>9}{'us':>8}{'GB/s':>7}{'%B':>5}"
+          f"{'vendor_us':>10}{'v.GB/s':>7}{'x':>6}")
+    for r in rows:
+        if "us" not in r:
+            print(f"{r['kernel']:<22}{r['case']:<9}ERR {r.get('detail', '')[:80]}")
+            continue
+        print(f"{r['kernel']:<22}{r['case']:<9}{'ok' if r['ok'] else 'NO':<4}{r['rel_err']:>9.1e}{r['us']:>8.2f}"
+              f"{r['gbs']:>7.0f}{r['pct_bw']:>5.0f}{r['vendor_us']:>10.2f}{r['vendor_gbs']:>7.0f}{r['speedup']:>6.2f}")
+    ok_p = sum(1 for v in pallas.values() if isinstance(v, dict) and v.get("ok"))
+    print(f"pallas compiled on this GPU: {ok_p}/{len(KERNELS)} ran; copy bandwidth {bw:.0f} GB/s; "
+          f"{time.time() - t0:.0f}s; wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The vendor path each suite kernel is timed against, on the same tensors:
+cuBLAS through ``F.linear`` / ``addmm``, SDPA, and plain torch ops where no library
+kernel exists (what eager transformers runs)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def _cos_sin(pos, dh, theta, dtype):
+    inv = 1.0 / (theta ** (torch.arange(0, dh, 2, device=pos.device, dtype=torch.float32) / dh))
+    ang = pos.float()[:, None] * inv[None, :]
+    emb = torch.cat((ang, ang), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def vendor_call(name: str, t: dict, scalars: dict):
+    """A zero-argument callable doing ``name``'s work the library way, and its label."""
+    if name == "rms_norm":
+        return (lambda: F.rms_norm(t["x"], (t["x"].shape[-1],), t["w"], scalars["eps"])), "F.rms_norm"
+    if name == "embedding_lookup":
+        return (lambda: F.embedding(t["ids"], t["table"])), "F.embedding"
+    if name == "q_proj_matvec":
+        return (lambda: F.linear(t["x"], t["w"], t.get("b"))), "F.linear (cuBLAS)"
+    if name == "kv_proj_matvec":
+        return (lambda: (F.linear(t["x"], t["wk"], t.get("bk")), F.linear(t["x"], t["wv"], t.get("bv")))), \
+            "2x F.linear (cuBLAS)"
+    if name in ("o_proj_residual", "down_proj_residual"):
+        wt = t["w"].t()
+        return (lambda: torch.addmm(t["r"], t["x"], wt)), "addmm (cuBLAS, residual in epilogue)"
+    if name == "mlp_gate_up_silu":
+        w = torch.cat([t["wg"], t["wu"]], dim=0)  # one GEMV over both: cuBLAS's best case
+        n = t["wg"].shape[0]
+
+        def gate_up():
+            y = F.linear(t["x"], w)
+            return F.silu(y[:, :n]) * y[:, n:]
+        return gate_up, "F.linear on [wg;wu] + silu*mul"
+    if name in ("rope_q", "rope_k"):
+        x, pos = t["x"], t["pos"]
+        cos, sin = _cos_sin(pos, x.shape[-1], scalars["theta"], x.dtype)
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        if name == "rope_q":
+            return (lambda: x * cos + _rotate_half(x) * sin), "torch eager (transformers' formula)"
+
+        def rope_k():
+            kr = x * cos + _rotate_half(x) * sin
+            t["k_cache"].index_copy_(2, pos, kr.unsqueeze(2))  # batch 1, as StaticCache does
+            t["v_cache"].index_copy_(2, pos, t["v"].unsqueeze(2))
+        return rope_k, "torch eager + index_copy_ (StaticCache.update)"
+    if name == "attention_decode_gqa":
+        q = t["q"].unsqueeze(2)
+        n = int(t["lengths"].max())
+        k, v = t["k_cache"][:, :, :n], t["v_cache"][:, :, :n]
+        return (lambda: F.scaled_dot_product_attention(q, k, v, scale=scalars["scale"], enable_gqa=True)), \
+            "SDPA (enable_gqa)"
+    if name == "silu_mul_fused":
+        return (lambda: F.silu(t["a"]) * t["b"]), "torch eager"
+    if name == "residual_add":
+        return (lambda: t["a"] + t["b"]), "torch eager"
+    if name == "argmax_greedy":
+        return (lambda: torch.argmax(t["logits"], dim=-1)), "torch.argmax"
+    raise KeyError(name)

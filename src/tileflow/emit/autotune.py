@@ -1,0 +1,80 @@
+"""Launch parameters chosen by measurement, cached by device, kernel, dtype and sizes.
+
+Block sizes, split factors, warps and stages are never hand edits of generated code:
+they are parameters of the tile definition. The GPU leaderboard
+(``benchmarks/gpu_suite.py``) times each kernel's candidates and records the
+fastest; the records ship in ``tileflow/data/autotune.json`` and a user's own
+measurements go to ``$TILEFLOW_CACHE_DIR/autotune.json``, which wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Optional
+
+from tileflow.emit.cache import cache_dir
+
+
+def tune_key(kernel: str, sizes: dict, dtype: str, device: str) -> str:
+    shape = ",".join(f"{k}={sizes[k]}" for k in sorted(sizes))
+    return f"{device}|{kernel}|{dtype}|{shape}"
+
+
+def _user_file() -> Path:
+    return cache_dir() / "autotune.json"
+
+
+def _read(path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def shipped_table() -> dict:
+    try:
+        return json.loads(resources.files("tileflow").joinpath("data/autotune.json").read_text())
+    except (OSError, ValueError, FileNotFoundError):
+        return {}
+
+
+def lookup(kernel: str, sizes: dict, dtype: str, device: str) -> Optional[dict]:
+    """Measured parameters for this shape on this device, or None."""
+    key = tune_key(kernel, sizes, dtype, device)
+    for table in (_read(_user_file()), shipped_table()):
+        if key in table:
+            return dict(table[key]["params"])
+    return None
+
+
+def record(kernel: str, sizes: dict, dtype: str, device: str, params: dict, us: float,
+           path: Optional[os.PathLike] = None) -> None:
+    """Store a measurement (the user cache unless ``path`` names another table)."""
+    path = Path(path) if path else _user_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = _read(path)
+    table[tune_key(kernel, sizes, dtype, device)] = {"params": params, "us": round(us, 3)}
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def tune(candidates: list[dict], time_us: Callable[[dict], float],
+         progress: Optional[Callable[[int, int], None]] = None) -> tuple[dict, list[dict]]:
+    """Time every candidate (``time_us`` may raise to reject one); return the fastest
+    and every trial as ``{"params", "us", "error"}``, fastest first."""
+    trials = []
+    for i, params in enumerate(candidates):
+        try:
+            trials.append({"params": params, "us": float(time_us(params)), "error": ""})
+        except Exception as exc:  # a candidate that does not compile or fit is skipped
+            trials.append({"params": params, "us": float("inf"), "error": f"{type(exc).__name__}: {exc}"[:300]})
+        if progress:
+            progress(i + 1, len(candidates))
+    trials.sort(key=lambda t: t["us"])
+    if not trials or trials[0]["us"] == float("inf"):
+        raise RuntimeError("no candidate ran: " + (trials[0]["error"] if trials else "none given"))
+    return trials[0]["params"], trials
