@@ -57,32 +57,32 @@ def define(k, p):
             pr = k.exp(s - m_new[:, None])
             lp.next(m_new, l * alpha + k.sum(pr, axis=1), acc * alpha[:, None] + k.dot(pr, vt))
         m, l, acc = lp.results
-        if split:
-            k.store(ws_m, (b, kvh, sp, k.range(0, "GROUP_BLOCK", aligned=True)), m)
-            k.store(ws_l, (b, kvh, sp, k.range(0, "GROUP_BLOCK", aligned=True)), l)
-            k.store(ws_acc, (b, kvh, sp, k.range(0, "GROUP_BLOCK", aligned=True), d), acc)
+        if split:  # only the group's real rows: padded rows would be pure write traffic
+            rows = k.range(0, "GROUP_BLOCK", aligned=True)
+            g = k.dim("NH") // k.dim("NKV")
+            k.store(ws_m, (b, kvh, sp, rows), m, limits={3: g})
+            k.store(ws_l, (b, kvh, sp, rows), l, limits={3: g})
+            k.store(ws_acc, (b, kvh, sp, rows, d), acc, limits={3: g})
         else:
             k.store(out, (b, heads, d), acc / l[:, None], limits={1: heads_end})
 
     if not split:
         return
-    with k.stage("combine", grid=("NKV", "B")):
-        kvh, b = k.program_id(0), k.program_id(1)
-        heads, heads_end = group_rows(kvh)
+    # One program per query head loads every split of its partials at once: a loop
+    # over splits would serialise SPLITS round trips to L2.
+    with k.stage("combine", grid=("NH", "B")):
+        h, b = k.program_id(0), k.program_id(1)
+        g = k.dim("NH") // k.dim("NKV")
+        kvh = h // g
+        j = h - kvh * g
+        sp = k.range(0, "SPLITS_BLOCK", aligned=True)
         d = k.range(0, "BLOCK_DH", aligned=True)
-        gb = k.range(0, "GROUP_BLOCK", aligned=True)
-        # two passes: a running max over splits would meet exp(-inf - -inf) on empty ones
-        with k.loop(0, k.param("SPLITS"), 1, carry=(k.full(("GROUP_BLOCK",), float("-inf")),)) as lp:
-            lp.next(k.maximum(lp.carry[0], k.load(ws_m, (b, kvh, lp.index, gb))))
-        mx = lp.results[0]
-        with k.loop(0, k.param("SPLITS"), 1, carry=(k.full(("GROUP_BLOCK",), 0.0),
-                                                     k.full(("GROUP_BLOCK", "BLOCK_DH"), 0.0))) as lp:
-            l, acc = lp.carry
-            wgt = k.exp(k.load(ws_m, (b, kvh, lp.index, gb)) - mx)
-            lp.next(l + wgt * k.load(ws_l, (b, kvh, lp.index, gb)),
-                    acc + wgt[:, None] * k.load(ws_acc, (b, kvh, lp.index, gb, d)))
-        l, acc = lp.results
-        k.store(out, (b, heads, d), acc / l[:, None], limits={1: heads_end})
+        nsp = k.param("SPLITS")
+        m = k.load(ws_m, (b, kvh, sp, j), limits={2: nsp}, other=float("-inf"))
+        wgt = k.exp(m - k.max(m, axis=0))  # empty splits hold m = -inf: weight 0
+        l = k.sum(wgt * k.load(ws_l, (b, kvh, sp, j), limits={2: nsp}), axis=0)
+        acc = k.sum(wgt[:, None] * k.load(ws_acc, (b, kvh, sp, j, d), limits={2: nsp}), axis=0)
+        k.store(out, (b, h, d), acc / l)
 
 
 def reference(xp, q, k_cache, v_cache, lengths, scale):
@@ -99,21 +99,29 @@ def reference(xp, q, k_cache, v_cache, lengths, scale):
     return {"out": xp.reshape(pr @ v_cache, (bsz, nh, dh))}
 
 
-def default_params(s):
+def attention_params(s, block_n: int = 64, splits: int = 0, num_warps: int = 4) -> dict:
+    """Parameters for cache capacity ``S`` (the filled length is a runtime value: the
+    chunk per split grows with it). By default SPLITS fills about two waves of 132
+    multiprocessors with (KV head, split) programs, never more than S / BLOCK_N."""
     g = s["NH"] // s["NKV"]
-    ctx = s.get("L", s["S"])
-    splits = 1 if ctx <= 512 else min(32, max(2, ctx // 512))
-    return {"BLOCK_N": 64 if s["DH"] <= 128 else 32, "GROUP_BLOCK": max(16, next_pow2(g)),
-            "BLOCK_DH": max(16, next_pow2(s["DH"])), "SPLITS": splits, "num_warps": 4, "num_stages": 2}
+    if not splits:
+        splits = 1 if s["S"] <= 256 else max(1, min(264 // (s.get("B", 1) * s["NKV"]), -(-s["S"] // block_n)))
+    return {"BLOCK_N": block_n, "GROUP_BLOCK": max(16, next_pow2(g)), "BLOCK_DH": max(16, next_pow2(s["DH"])),
+            "SPLITS": splits, "SPLITS_BLOCK": next_pow2(splits), "num_warps": num_warps, "num_stages": 2}
+
+
+def default_params(s):
+    return attention_params(s)
 
 
 def candidates(s):
-    base = default_params(s)
     out = []
-    for bn in (32, 64, 128):
-        for splits in (1, 2, 4, 8, 16, 32, 64):
-            for nw in (4, 8):
-                out.append({**base, "BLOCK_N": bn, "SPLITS": splits, "num_warps": nw})
+    for bn in (16, 32, 64, 128):
+        for splits in (1, 2, 4, 8, 16, 32, 48, 64, 96, 128):
+            if splits > 1 and splits * bn > 2 * s["S"]:
+                continue
+            for nw in (2, 4, 8):
+                out.append(attention_params(s, bn, splits, nw))
     return out
 
 
@@ -138,9 +146,11 @@ KERNEL = register(SuiteKernel(
         Case("gqa8", dict(B=2, NH=16, NKV=2, DH=16, S=50), dict(scale=0.25)),
         Case("edge", dict(B=1, NH=4, NKV=1, DH=16, S=64, L=17), dict(scale=0.25), params=dict(BLOCK_N=16)),
         Case("split", dict(B=1, NH=6, NKV=2, DH=32, S=300, L=259), dict(scale=0.17),
-             params=dict(SPLITS=4, BLOCK_N=16)),
+             params=dict(SPLITS=4, SPLITS_BLOCK=4, BLOCK_N=16)),
+        Case("split_odd", dict(B=2, NH=10, NKV=2, DH=16, S=200, L=150), dict(scale=0.25),
+             params=dict(SPLITS=3, SPLITS_BLOCK=4, BLOCK_N=16)),
         Case("split_empty", dict(B=1, NH=4, NKV=2, DH=16, S=100, L=20), dict(scale=0.25),
-             params=dict(SPLITS=8, BLOCK_N=16)),
+             params=dict(SPLITS=8, SPLITS_BLOCK=8, BLOCK_N=16)),
     ],
     decode_cases=lambda c: [
         Case(f"ctx{n}", dict(B=1, NH=c["NH"], NKV=c["NKV"], DH=c["DH"], S=n, L=n),

@@ -102,18 +102,22 @@ def matvec_params(n: int, k_: int, block_n: int = 0, block_k: int = 0, split_k: 
 
 
 def matvec_candidates(n: int, k_: int, **extra) -> list[dict]:
-    """The parameter sets the autotuner tries for an N x K matvec."""
+    """The parameter sets the autotuner tries for an N x K matvec: tiles of 1k-16k
+    elements (a whole K row per tile included, so short rows need one round trip),
+    enough programs to cover the multiprocessors, split-K where rows are few."""
     out = []
     for block_n in (2, 4, 8, 16, 32):
-        for block_k in (256, 512, 1024):
-            if block_k > max(256, next_pow2(k_)) or block_n * block_k > 16384:
+        for block_k in (256, 512, 1024, 2048, 4096):
+            tile = block_n * block_k
+            if block_k > next_pow2(k_) or not 1024 <= tile <= 16384:
                 continue
-            for split_k in (1, 2, 4, 8):
-                if split_k > 1 and (n // block_n) * split_k > 4096:
-                    continue
-                if split_k > 1 and k_ // split_k < block_k:
+            for split_k in (1, 2, 3, 4, 6, 8):
+                programs = -(-n // block_n) * split_k
+                if not 128 <= programs <= 16384 or (split_k > 1 and k_ / split_k < block_k / 2):
                     continue
                 for num_warps in (4, 8):
+                    if tile // (num_warps * 32) < 8:  # under one 16-byte load per thread
+                        continue
                     out.append(matvec_params(n, k_, block_n, block_k, split_k, num_warps, **extra))
     return out
 
