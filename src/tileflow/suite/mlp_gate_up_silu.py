@@ -25,7 +25,7 @@ KERNEL = register(SuiteKernel(
     summary="MLP gate and up projections with SiLU(gate) * up fused",
     define=lambda k, p: define_matvec(FORM, k, p),
     reference=reference,
-    default_params=lambda s: matvec_params(s["N"], s["K"], block_n=16 if s["N"] > 2048 else 0),
+    default_params=lambda s: matvec_params(s["N"], s["K"]),
     test_cases=[
         Case("tiny", dict(M=1, N=64, K=32)),
         Case("odd", dict(M=1, N=99, K=61)),
