@@ -78,7 +78,11 @@ class PallasEmitter(Walker):
             w(f"{self.name(op.result)} = jnp.{kind}({a}, axis={axis})")
 
     def op_dot(self, op: Op, w: Writer):
-        a, b = (self.operand(x) for x in op.args)
+        (xa, xb), (a, b) = op.args, (self.operand(x) for x in op.args)
+        if xa.dtype == "T" and xb.dtype != "T":
+            b = f"{b}.astype({a}.dtype)"
+        elif xb.dtype == "T" and xa.dtype != "T":
+            a = f"{a}.astype({b}.dtype)"
         w(f"{self.name(op.result)} = jnp.dot({a}, {b}, preferred_element_type=jnp.float32, "
           f"precision=jax.lax.Precision.HIGHEST)")
 
@@ -96,7 +100,7 @@ class PallasEmitter(Walker):
 
     def op_load(self, op: Op, w: Writer):
         view, index = op.args
-        conv = ".astype(jnp.float32)" if view.dtype in ("T", "f32") else ""
+        conv = ".astype(jnp.float32)" if view.dtype in ("T", "f32") and op.result.dtype == "f32" else ""
         name = self.name(op.result)
         w(f"{name} = {view.name}_ref[{self._slice(index)}]{conv}")
         mask = self.mask_expr(view, index, op.attrs["limits"])

@@ -7,8 +7,10 @@ workspaces, computes grids and launches every stage in order.
 Two interpreter facts shape the text (seen with triton 3.9's ``TRITON_INTERPRET=1``):
 bf16 arithmetic is wrong unless values are cast to fp32 right after loading, so
 every floating load ends in ``.to(tl.float32)`` (also the fp32-accumulation
-policy of the suite); and float runtime scalars arrive as Python floats, which have
-no tensor methods, so each is wrapped with ``tl.full((), x, tl.float32)`` at entry.
+policy of the suite), and tiles kept in bf16 for a tensor-core dot are upcast under
+``if UPCAST:`` (a constexpr the launcher sets in interpreter mode only, so one text
+serves both); and float runtime scalars arrive as Python floats, which have no
+tensor methods, so each is wrapped with ``tl.full((), x, tl.float32)`` at entry.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class TritonEmitter(Walker):
     def constexprs(self) -> list[str]:
         names = [k for k in sorted(self.ir.params) if k not in LAUNCH_OPTIONS]
         if self.uses("dot"):
-            names.append("DOT_PREC")
+            names += ["DOT_PREC", "UPCAST"]
         return names
 
     def signature(self) -> list[str]:
@@ -89,7 +91,12 @@ class TritonEmitter(Walker):
         w(f"{self.name(op.result)} = tl.{kind}({a}, axis={axis}{extra})")
 
     def op_dot(self, op: Op, w: Writer):
-        a, b = (self.operand(x) for x in op.args)
+        (xa, xb), (a, b) = op.args, (self.operand(x) for x in op.args)
+        # a storage-dtype operand sets the MMA type; an fp32 partner is rounded to it
+        if xa.dtype == "T" and xb.dtype != "T":
+            b = f"{b}.to({a}.dtype)"
+        elif xb.dtype == "T" and xa.dtype != "T":
+            a = f"{a}.to({b}.dtype)"
         w(f"{self.name(op.result)} = tl.dot({a}, {b}, input_precision=DOT_PREC)")
 
     def op_trans(self, op: Op, w: Writer):
@@ -110,8 +117,13 @@ class TritonEmitter(Walker):
         view, index = op.args
         mask = self.mask_expr(view, index, op.attrs["limits"])
         extra = f", mask={mask}, other={literal(op.attrs['other'])}" if mask else ""
-        conv = ".to(tl.float32)" if view.dtype in ("T", "f32") else ""
-        w(f"{self.name(op.result)} = tl.load({self._address(view, index)}{extra}){conv}")
+        conv = ".to(tl.float32)" if view.dtype in ("T", "f32") and op.result.dtype == "f32" else ""
+        name = self.name(op.result)
+        w(f"{name} = tl.load({self._address(view, index)}{extra}){conv}")
+        if op.result.dtype == "T":  # kept for a dot; the interpreter still needs fp32
+            w("if UPCAST:")
+            with w.indent():
+                w(f"{name} = {name}.to(tl.float32)")
 
     def op_store(self, op: Op, w: Writer):
         view, index, value = op.args
@@ -180,6 +192,7 @@ class TritonEmitter(Walker):
             if self.uses("dot"):
                 first = tviews[0].name
                 w(f'DOT_PREC = "ieee" if {first}.dtype == torch.float32 else "tf32"')
+                w('UPCAST = os.environ.get("TRITON_INTERPRET") == "1"')
             call = [v.name for v in self.ir.views]
             call += [f"{v.name}.stride({a})" for v in self.ir.views for a in range(v.rank)]
             call += list(self.ir.dims) + scal
@@ -197,6 +210,8 @@ class TritonEmitter(Walker):
         w = Writer()
         for line in self.banner().splitlines():
             w(line)
+        w("import os")
+        w()
         w("import torch")
         w("import triton")
         w("import triton.language as tl")

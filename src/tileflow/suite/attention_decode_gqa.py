@@ -36,7 +36,7 @@ def define(k, p):
         kvh, sp, b = k.program_id(0), k.program_id(1), k.program_id(2)
         heads, heads_end = group_rows(kvh)
         d = k.range(0, "BLOCK_DH", aligned=True)
-        qt = k.load(q, (b, heads, d), limits={1: heads_end})
+        qt = k.load(q, (b, heads, d), limits={1: heads_end}, for_dot=True)
         length = k.cast(k.load(lengths, (b,)), "i32")
         bn = k.param("BLOCK_N")
         chunk = k.cdiv(k.cdiv(length, k.param("SPLITS")), bn) * bn
@@ -48,8 +48,8 @@ def define(k, p):
         with k.loop(lo, hi, "BLOCK_N", carry=(m0, l0, a0)) as lp:
             m, l, acc = lp.carry
             n = k.range(lp.index, "BLOCK_N", aligned=True)
-            kt = k.load(k_cache, (b, kvh, n, d), limits={2: hi})
-            vt = k.load(v_cache, (b, kvh, n, d), limits={2: hi})
+            kt = k.load(k_cache, (b, kvh, n, d), limits={2: hi}, for_dot=True)
+            vt = k.load(v_cache, (b, kvh, n, d), limits={2: hi}, for_dot=True)
             s = k.dot(qt, k.trans(kt)) * scale
             s = k.where((n.index < hi)[None, :], s, float("-inf"))
             m_new = k.maximum(m, k.max(s, axis=1))
@@ -70,13 +70,13 @@ def define(k, p):
         return
     # One program per query head loads every split of its partials at once: a loop
     # over splits would serialise SPLITS round trips to L2.
-    with k.stage("combine", grid=("NH", "B")):
+    with k.stage("combine", grid=("NH", "B", "cdiv(DH, BLOCK_DC)")):
         h, b = k.program_id(0), k.program_id(1)
         g = k.dim("NH") // k.dim("NKV")
         kvh = h // g
         j = h - kvh * g
         sp = k.range(0, "SPLITS_BLOCK", aligned=True)
-        d = k.range(0, "BLOCK_DH", aligned=True)
+        d = k.range(k.program_id(2) * k.param("BLOCK_DC"), "BLOCK_DC", aligned=True)
         nsp = k.param("SPLITS")
         m = k.load(ws_m, (b, kvh, sp, j), limits={2: nsp}, other=float("-inf"))
         wgt = k.exp(m - k.max(m, axis=0))  # empty splits hold m = -inf: weight 0
@@ -107,7 +107,8 @@ def attention_params(s, block_n: int = 64, splits: int = 0, num_warps: int = 4) 
     if not splits:
         splits = 1 if s["S"] <= 256 else max(1, min(264 // (s.get("B", 1) * s["NKV"]), -(-s["S"] // block_n)))
     return {"BLOCK_N": block_n, "GROUP_BLOCK": max(16, next_pow2(g)), "BLOCK_DH": max(16, next_pow2(s["DH"])),
-            "SPLITS": splits, "SPLITS_BLOCK": next_pow2(splits), "num_warps": num_warps, "num_stages": 2}
+            "SPLITS": splits, "SPLITS_BLOCK": next_pow2(splits), "BLOCK_DC": min(32, max(16, next_pow2(s["DH"]))),
+            "num_warps": num_warps, "num_stages": 2}
 
 
 def default_params(s):

@@ -89,10 +89,12 @@ class TileBuilder:
         self._block.append(Op(opname, result, args, attrs))
         return result
 
-    def _operand(self, x: Operand) -> Operand:
+    def _operand(self, x: Operand, storage_ok: bool = False) -> Operand:
         if isinstance(x, Value):
             if x.builder is not self:
                 raise TileDefinitionError("value from another kernel")
+            if x.dtype == "T" and not storage_ok:
+                raise TileDefinitionError("a storage-dtype tile (load(..., for_dot=True)) only feeds dot/trans/cast")
             return x
         if isinstance(x, bool) or not isinstance(x, (int, float)):
             raise TileDefinitionError(f"unsupported operand {x!r}")
@@ -262,6 +264,7 @@ class TileBuilder:
         """Cast to f32 / i32 / i64 (storage casts happen only on store)."""
         if dtype not in ("f32", "i32", "i64"):
             raise TileDefinitionError(f"cast to {dtype!r}")
+        a = self._operand(a, storage_ok=True)
         return self._emit("cast", self._new(dtype, a.shape), (a,), dtype=dtype)
 
     def where(self, cond: Value, a: Operand, b: Operand) -> Value:
@@ -306,11 +309,13 @@ class TileBuilder:
 
     def dot(self, a: Value, b: Value) -> Value:
         """``a @ b`` for 2-D tiles, fp32 accumulation, exact for bf16/fp16-valued inputs."""
+        a, b = self._operand(a, storage_ok=True), self._operand(b, storage_ok=True)
         if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[1] != b.shape[0]:
             raise TileDefinitionError(f"dot of {a.shape} and {b.shape}")
         return self._emit("dot", self._new("f32", (a.shape[0], b.shape[1])), (a, b))
 
     def trans(self, a: Value) -> Value:
+        a = self._operand(a, storage_ok=True)
         if len(a.shape) != 2:
             raise TileDefinitionError("trans needs a 2-D tile")
         return self._emit("trans", self._new(a.dtype, (a.shape[1], a.shape[0])), (a,))
@@ -322,16 +327,22 @@ class TileBuilder:
         return tuple(i if isinstance(i, _RangeValue) else self._operand(i) for i in index)
 
     def load(self, view: View, index: Sequence, limits: Optional[dict] = None,
-             other: float = 0.0, hint: str = "") -> Value:
+             other: float = 0.0, hint: str = "", for_dot: bool = False) -> Value:
         """Load the block of ``view`` at ``index`` (one scalar or range per dim).
 
         Elements whose range index is ``>=`` the limit of that dim (the view's size
         unless ``limits`` names another, e.g. the filled cache length) read ``other``.
-        Floating values arrive as fp32 whatever the storage dtype.
+        Floating values arrive as fp32 whatever the storage dtype, except with
+        ``for_dot``: then a storage-dtype tile comes back that may only feed
+        :meth:`dot` / :meth:`trans` (tensor cores take bf16/fp16 as stored; the
+        products are exact and accumulate in fp32).
         """
         index = self._check_index(view, index)
         shape = tuple(i.block for i in index if isinstance(i, _RangeValue))
-        dtype = "f32" if view.dtype in FLOAT_DTYPES else view.dtype
+        if for_dot and view.dtype == "T":
+            dtype = "T"
+        else:
+            dtype = "f32" if view.dtype in FLOAT_DTYPES else view.dtype
         res = self._new(dtype, shape, hint or view.name)
         return self._emit("load", res, (view, index), limits=dict(limits or {}), other=other)
 
