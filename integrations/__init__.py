@@ -1,0 +1,2 @@
+"""Framework glue (``tileflow.integrations``): one package per framework. A framework
+never imports another framework's integration."""

@@ -1,0 +1,1 @@
+"""JAX integration: tileflow primitives and the jaxpr rewrite."""

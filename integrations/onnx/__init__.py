@@ -1,0 +1,1 @@
+"""ONNX integration: onnxscript rewrite rules built from the pattern catalogue."""

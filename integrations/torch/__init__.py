@@ -1,0 +1,1 @@
+"""torch integration: the ``tileflow`` dynamo backend (``torch.compile(backend="tileflow")``)."""

@@ -1,0 +1,1 @@
+"""torch-xla integration: the tileflow backend on XLA devices."""

@@ -1,0 +1,1 @@
+"""transformers integration: ``tileflow.patch(model)`` and the AttentionInterface entry."""

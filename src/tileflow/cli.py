@@ -1,0 +1,130 @@
+"""The ``tileflow`` command.
+
+    tileflow kernels list                       the suite, with targets and stages
+    tileflow kernels show NAME --target triton  the generated source of one kernel
+    tileflow verify [NAME ...]                  check kernels against the reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from tileflow.suite.registry import TARGETS
+
+
+def _parse_assignments(items: list[str]) -> dict:
+    out = {}
+    for item in items or []:
+        key, _, value = item.partition("=")
+        if not _:
+            raise SystemExit(f"expected NAME=VALUE, got {item!r}")
+        out[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+    return out
+
+
+def cmd_kernels_list(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tileflow.suite import KERNELS
+
+    table = Table(title=f"tileflow decode suite: {len(KERNELS)} kernels")
+    for col in ("kernel", "targets", "stages", "what it computes"):
+        table.add_column(col)
+    from tileflow.suite.registry import QWEN_1_5B
+
+    for name, k in KERNELS.items():
+        stages = {s.name: None for c in k.test_cases + k.decode_cases(QWEN_1_5B)
+                  for s in k.build(k.params_for(c)).stages}
+        table.add_row(name, ", ".join(TARGETS), " + ".join(stages), k.summary)
+    Console(width=140).print(table)
+    return 0
+
+
+def cmd_kernels_show(args) -> int:
+    from tileflow.emit.cache import generate
+    from tileflow.suite import KERNELS
+    from tileflow.suite.registry import QWEN_1_5B
+
+    if args.name not in KERNELS:
+        print(f"unknown kernel {args.name!r}; `tileflow kernels list` names them", file=sys.stderr)
+        return 2
+    k = KERNELS[args.name]
+    case = k.decode_cases(QWEN_1_5B)[0]
+    sizes = {**case.sizes, **_parse_assignments(args.sizes)}
+    params = {**k.default_params(sizes), **_parse_assignments(args.set)}
+    if args.target == "reference":
+        import inspect
+
+        print(inspect.getsource(k.reference))
+        return 0
+    print(generate(k.build(params), args.target), end="")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tileflow.suite import KERNELS
+    from tileflow.verify import verify
+
+    device = "cpu"
+    if args.device == "cuda":
+        device = "cuda"
+    names = args.names or list(KERNELS)
+    table = Table(title=f"verification against the float64 reference ({device})")
+    for col in ("kernel", "case", "target", "dtype", "rel. error", "bound", "result"):
+        table.add_column(col)
+    failed = 0
+    for name in names:
+        k = KERNELS[name]
+        for case in k.test_cases:
+            for target in args.targets:
+                for dtype in args.dtypes:
+                    if case.dtypes and dtype not in case.dtypes:
+                        continue
+                    r = verify(k, case, dtype, target, device=device)
+                    failed += not r.ok
+                    table.add_row(name, case.label, target, dtype, f"{r.max_error:.2e}", f"{r.bound:.0e}",
+                                  "ok" if r.ok else f"FAIL {r.detail}")
+    Console(width=140).print(table)
+    print(f"{failed} failed")
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tileflow", description="Decode-time kernel suite for DeepSeek models")
+    sub = ap.add_subparsers(dest="command", required=True)
+    kern = sub.add_parser("kernels", help="list the suite or show a generated kernel")
+    ksub = kern.add_subparsers(dest="action", required=True)
+    ksub.add_parser("list", help="every suite kernel").set_defaults(fn=cmd_kernels_list)
+    show = ksub.add_parser("show", help="the generated source of a kernel")
+    show.add_argument("name")
+    show.add_argument("--target", choices=TARGETS, default="triton")
+    show.add_argument("--set", nargs="*", default=[], metavar="PARAM=V", help="launch parameters")
+    show.add_argument("--sizes", nargs="*", default=[], metavar="SIZE=V",
+                      help="sizes (default: DeepSeek-R1-Distill-Qwen-1.5B decode)")
+    show.set_defaults(fn=cmd_kernels_show)
+    ver = sub.add_parser("verify", help="check kernels against the float64 reference")
+    ver.add_argument("names", nargs="*")
+    ver.add_argument("--targets", nargs="*", default=list(TARGETS), choices=TARGETS)
+    ver.add_argument("--dtypes", nargs="*", default=["bf16", "fp16", "fp32"], choices=["bf16", "fp16", "fp32"])
+    ver.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ver.set_defaults(fn=cmd_verify)
+    return ap
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "device", "cpu") == "cpu":
+        from tileflow.runtime.torch_triton import use_interpreter_if_no_gpu
+
+        use_interpreter_if_no_gpu()
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Test session set-up: the Triton interpreter on machines without a GPU (it must be
+on before triton is first imported), a private generated-code cache, and a summary
+of every kernel verification (errors and bounds) at the end of the run."""
+
+import os
+import tempfile
+
+import pytest
+
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover
+    pass
+os.environ.setdefault("TILEFLOW_CACHE_DIR", tempfile.mkdtemp(prefix="tileflow-test-cache-"))
+
+RESULTS = []
+
+
+@pytest.fixture
+def record_verification():
+    return RESULTS.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not RESULTS:
+        return
+    tr = terminalreporter
+    tr.section("kernel verification: relative error vs float64 reference (bound per dtype)")
+    worst = {}
+    for r in RESULTS:
+        key = (r.kernel, r.target, r.dtype)
+        if key not in worst or not (r.max_error <= worst[key].max_error):
+            worst[key] = r
+    tr.write_line(f"{'kernel':<22}{'target':<10}{'dtype':<6}{'worst rel. error':>17}{'bound':>8}  cases")
+    for (kernel, target, dtype), r in sorted(worst.items()):
+        n = sum(1 for x in RESULTS if (x.kernel, x.target, x.dtype) == (kernel, target, dtype))
+        tr.write_line(f"{kernel:<22}{target:<10}{dtype:<6}{r.max_error:>17.2e}{r.bound:>8.0e}  {n}"
+                      + ("" if r.ok else "  FAIL"))
