@@ -1,3 +1,23 @@
-"""tileflow: decode DeepSeek models near the memory-bandwidth limit."""
+"""tileflow: decode DeepSeek models near the memory-bandwidth limit.
+
+Top-level names: ``patch`` / ``unpatch`` (transformers models, eager), the suite in
+``tileflow.suite``, the ``tileflow`` command (``tileflow.cli``), and the dynamo
+backend ``torch.compile(model, backend="tileflow")``.
+"""
 
 __version__ = "0.1.0"
+
+
+def patch(model):
+    """Route a transformers Qwen2/Llama model's decode steps through the suite; returns
+    a report of what was patched (see ``tileflow.integrations.transformers.patch``)."""
+    from tileflow.integrations.transformers.patch import patch as _patch
+
+    return _patch(model)
+
+
+def unpatch(model) -> bool:
+    """Undo :func:`patch`."""
+    from tileflow.integrations.transformers.patch import unpatch as _unpatch
+
+    return _unpatch(model)

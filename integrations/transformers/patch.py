@@ -1,0 +1,259 @@
+"""``tileflow.patch(model)``: eager decode of a live transformers model through the suite.
+
+Each decoder layer of a Qwen2 or Llama model gets a forward that, for a decode step
+(one new token, batch 1, a cache that returns the full K/V history), runs::
+
+    rms_norm -> q_proj_matvec, kv_proj_matvec -> rope (q, k) -> cache.update
+      -> attention_decode_gqa (filled part only) -> o_proj_residual
+      -> rms_norm -> mlp_gate_up_silu -> down_proj_residual
+
+and the original forward otherwise (prefill, batches, training, an unknown cache).
+The final norm and the lm_head take the suite's kernels for decode rows. Anything
+that would not compute exactly what the model computes is left unpatched, with the
+reason in the report; an unsupported model comes back unchanged.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from tileflow.runtime import ops
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+# cache layers whose update() returns [B, NKV, S, DH] holding positions 0..pos in order
+FULL_HISTORY_CACHE_LAYERS = ("StaticLayer", "DynamicLayer")
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass
+class PatchReport:
+    """What ``patch`` replaced (pattern name -> count) and what it left, and why."""
+
+    model_type: str
+    matches: Counter = field(default_factory=Counter)
+    fallbacks: list = field(default_factory=list)  # (pattern, where, reason)
+    patched: bool = False
+
+    def __str__(self) -> str:
+        lines = [f"tileflow.patch: {self.model_type}: " + ("patched" if self.patched else "left unchanged")]
+        for name, n in sorted(self.matches.items()):
+            lines.append(f"  {name:<18} x{n}")
+        for pattern, where, reason in self.fallbacks:
+            lines.append(f"  not patched: {pattern} at {where}: {reason}")
+        return "\n".join(lines)
+
+
+def _check_model(model) -> list[str]:
+    cfg = model.config
+    why = []
+    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+        return [f"model_type {cfg.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"]
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        why.append(f"hidden_act {cfg.hidden_act!r} (the MLP kernel computes SiLU)")
+    if getattr(cfg, "mlp_bias", False):
+        why.append("mlp_bias=True (the MLP kernels have no bias)")
+    if getattr(cfg, "use_sliding_window", False):
+        why.append("sliding-window attention")
+    if getattr(cfg, "attention_dropout", 0.0) and model.training:
+        why.append("attention dropout in training mode")
+    _, rope_why = ops.rope_config_of(cfg)
+    if rope_why:
+        why.append(rope_why)
+    dtype = next(model.parameters()).dtype
+    if dtype not in SUPPORTED_DTYPES:
+        why.append(f"dtype {dtype} (bf16, fp16, fp32 are supported)")
+    device = next(model.parameters()).device
+    if device.type not in ("cuda", "cpu"):
+        why.append(f"device {device.type!r}")
+    return why
+
+
+def _layer_problems(layer) -> list[str]:
+    attn, mlp = layer.self_attn, layer.mlp
+    why = []
+    if attn.o_proj.bias is not None:
+        why.append("o_proj has a bias")
+    if (attn.k_proj.bias is None) != (attn.q_proj.bias is None) or (attn.k_proj.bias is None) != (
+            attn.v_proj.bias is None):
+        why.append("q/k/v biases differ in presence")
+    if getattr(attn, "sliding_window", None):
+        why.append("sliding window")
+    if any(getattr(m, "bias", None) is not None for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+        why.append("MLP projections have biases")
+    return why
+
+
+class _StepCheck:
+    """Decides once per decode step, at the first patched layer, whether the step
+    may take the decode kernels: the new token's position must be the cache's
+    filled length (else the sequence is padded and the mask, not the length, says
+    what to attend to). Costs one host sync a token; generate syncs each step anyway."""
+
+    def __init__(self):
+        self.reason = ""
+
+    def evaluate(self, position_ids, cache, layer_idx) -> str:
+        slot = cache.get_seq_length(layer_idx)
+        pos = int(position_ids.reshape(-1)[0])
+        self.reason = "" if pos == int(slot) else (
+            "padded sequence: the position differs from the cache length, so the mask decides")
+        return self.reason
+
+
+class _DecodeLayer:
+    """The decode forward of one decoder layer (set as ``layer.forward``)."""
+
+    def __init__(self, layer, rope_cfg: ops.RopeConfig, report: PatchReport, where: str,
+                 step: _StepCheck, first: bool):
+        self.layer, self.rope_cfg, self.report, self.where = layer, rope_cfg, report, where
+        self.step, self.first = step, first
+        self.original = layer.forward
+        attn = layer.self_attn
+        self.nh = layer.self_attn.config.num_attention_heads
+        self.nkv = layer.self_attn.config.num_key_value_heads
+        self.dh = attn.head_dim
+        self._seen: set = set()
+
+    def _fallback(self, reason: str):
+        if reason not in self._seen:  # keep the first occurrence of each reason
+            self._seen.add(reason)
+            self.report.fallbacks.append(("decoder_layer", self.where, f"ran the original forward: {reason}"))
+
+    def __call__(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                 use_cache=False, position_embeddings=None, **kwargs):
+        reason = self._why_not(hidden_states, position_ids, past_key_values)
+        if reason:
+            if reason != "prefill":
+                self._fallback(reason)
+            return self.original(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                 past_key_values=past_key_values, use_cache=use_cache,
+                                 position_embeddings=position_embeddings, **kwargs)
+        return self.decode(hidden_states, position_ids, past_key_values)
+
+    def _why_not(self, h, position_ids, cache) -> str:
+        if h.dim() != 3 or h.shape[1] != 1:
+            return "prefill"
+        if h.shape[0] != 1:
+            return f"batch {h.shape[0]} (decode kernels assume one unpadded sequence)"
+        if self.layer.training:
+            return "training mode"
+        if position_ids is None or cache is None:
+            return "no position_ids / cache"
+        layers = getattr(cache, "layers", None)
+        idx = self.layer.self_attn.layer_idx
+        if layers is None or idx >= len(layers) or type(layers[idx]).__name__ not in FULL_HISTORY_CACHE_LAYERS:
+            kind = type(layers[idx]).__name__ if layers is not None and idx < len(layers) else type(cache).__name__
+            return f"cache layer {kind} (supported: {', '.join(FULL_HISTORY_CACHE_LAYERS)})"
+        if self.first:
+            return self.step.evaluate(position_ids, cache, idx)
+        return self.step.reason
+
+    def decode(self, hidden, position_ids, cache):
+        layer = self.layer
+        attn, mlp = layer.self_attn, layer.mlp
+        b, _, d = hidden.shape
+        x = hidden.reshape(b, d)
+        ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+        xn = ops.rms_norm(x, ln1.weight, ln1.variance_epsilon)
+        q = ops.linear(xn, attn.q_proj.weight, attn.q_proj.bias)
+        k, v = ops.kv_proj(xn, attn.k_proj.weight, attn.v_proj.weight, attn.k_proj.bias, attn.v_proj.bias)
+        pos = position_ids.reshape(b)
+        q = ops.rope(q.view(b, self.nh, self.dh), pos, self.rope_cfg)
+        k = ops.rope(k.view(b, self.nkv, self.dh), pos, self.rope_cfg)
+        keys, values = cache.update(k.view(b, self.nkv, 1, self.dh), v.view(b, self.nkv, 1, self.dh),
+                                    attn.layer_idx)
+        o = ops.attention_decode(q, keys, values, pos + 1, attn.scaling)
+        h1 = ops.o_proj_residual(o.view(b, self.nh * self.dh), attn.o_proj.weight, x)
+        h2 = ops.rms_norm(h1, ln2.weight, ln2.variance_epsilon)
+        g = ops.gate_up_silu(h2, mlp.gate_proj.weight, mlp.up_proj.weight)
+        return ops.down_proj_residual(g, mlp.down_proj.weight, h1).view(b, 1, d)
+
+
+def _norm_forward(norm):
+    original = norm.forward
+
+    def forward(hidden_states):
+        if hidden_states.dim() == 3 and hidden_states.shape[1] == 1 and not norm.training:
+            b, _, d = hidden_states.shape
+            return ops.rms_norm(hidden_states.reshape(b, d), norm.weight, norm.variance_epsilon).view(b, 1, d)
+        return original(hidden_states)
+
+    return forward
+
+
+def _lm_head_forward(lm_head):
+    original = lm_head.forward
+
+    def forward(x):
+        if x.dim() == 3 and x.shape[1] == 1 and not lm_head.training:
+            b, _, d = x.shape
+            return ops.linear(x.reshape(b, d), lm_head.weight, lm_head.bias).view(b, 1, -1)
+        return original(x)
+
+    return forward
+
+
+def patch(model) -> PatchReport:
+    """Route the decode steps of a transformers Qwen2 / Llama model through the suite.
+
+    Returns a :class:`PatchReport`. Unsupported models, dtypes, devices or layer
+    shapes are left unchanged (the report says why); nothing raises mid-generation.
+    ``tileflow.unpatch(model)`` undoes it.
+    """
+    cfg = model.config
+    report = PatchReport(getattr(cfg, "model_type", type(model).__name__))
+    if getattr(model, "_tileflow_patch", None) is not None:
+        return model._tileflow_patch
+    problems = _check_model(model)
+    if problems:
+        report.fallbacks += [("model", type(model).__name__, p) for p in problems]
+        return report
+    rope_cfg, _ = ops.rope_config_of(cfg)
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        report.fallbacks.append(("model", type(model).__name__, "no .model.layers"))
+        return report
+    patched, step = [], _StepCheck()
+    for i, layer in enumerate(layers):
+        where = f"model.layers.{i}"
+        why = _layer_problems(layer)
+        if why:
+            report.fallbacks.append(("decoder_layer", where, "; ".join(why)))
+            continue
+        layer.forward = _DecodeLayer(layer, rope_cfg, report, where, step, first=not patched)
+        patched.append(layer)
+        report.matches.update({"rms_norm": 2, "matvec": 1, "kv_matvec": 1, "rope": 2, "gqa_attention": 1,
+                               "matvec_residual": 2, "gate_up_silu": 1})
+    if getattr(base, "norm", None) is not None and hasattr(base.norm, "variance_epsilon"):
+        base.norm.forward = _norm_forward(base.norm)
+        patched.append(base.norm)
+        report.matches["rms_norm"] += 1
+    lm_head = getattr(model, "lm_head", None)
+    if isinstance(lm_head, torch.nn.Linear):
+        lm_head.forward = _lm_head_forward(lm_head)
+        patched.append(lm_head)
+        report.matches["matvec"] += 1
+    report.patched = bool(patched)
+    model._tileflow_patch = report
+    model._tileflow_patched_modules = patched
+    return report
+
+
+def unpatch(model) -> bool:
+    """Restore every forward ``patch`` replaced; True if the model was patched."""
+    if getattr(model, "_tileflow_patch", None) is None:
+        return False
+    for m in model._tileflow_patched_modules:
+        del m.forward  # the instance attribute; the class's forward shows through again
+    model._tileflow_patch = None
+    model._tileflow_patched_modules = []
+    return True
+
+
+def patch_report(model) -> Optional[PatchReport]:
+    return getattr(model, "_tileflow_patch", None)

@@ -1,0 +1,191 @@
+"""Suite kernels as torch functions: what the integrations call.
+
+Each function takes torch tensors (Hugging Face layouts) and returns new tensors. On
+a GPU it launches the generated Triton kernel with the launch parameters measured
+for this device and shape (``tileflow/data/autotune.json`` or the user cache), else
+the definition's defaults. On CPU it runs the kernel's reference with fp32
+arithmetic, or, with ``TILEFLOW_CPU_TARGET=triton``, the generated Triton code under
+the interpreter (how the tests check the integrations against the real kernels).
+
+Dispatch is one dict lookup per call: per (kernel, sizes, dtype, device) the chosen
+parameters, the IR and the launcher are built once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from tileflow.suite import KERNELS
+from tileflow.suite.rope import ROPE_SCALARS
+
+_LAUNCHERS: dict[tuple, Callable] = {}
+
+
+def cpu_target() -> str:
+    """"reference" (default) or "triton" (the interpreter) for CPU tensors."""
+    return os.environ.get("TILEFLOW_CPU_TARGET", "reference")
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _launcher(name: str, sizes: dict, dtype: torch.dtype, device: torch.device) -> Callable:
+    key = (name, tuple(sorted(sizes.items())), dtype, device.type, device.index)
+    fn = _LAUNCHERS.get(key)
+    if fn is not None:
+        return fn
+    kernel = KERNELS[name]
+    if device.type == "cpu" and cpu_target() == "reference":
+        fn = _reference_launcher(kernel, sizes)
+    else:
+        from tileflow.emit import autotune
+        from tileflow.runtime.torch_triton import triton_launcher
+
+        dname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+        params = autotune.lookup(name, sizes, dname, _device_name(device)) or kernel.default_params(sizes)
+        ir = kernel.build(params)
+        fn = triton_launcher(ir, device.type)
+    _LAUNCHERS[key] = fn
+    return fn
+
+
+def _reference_launcher(kernel, sizes: dict) -> Callable:
+    """The reference with fp32 arithmetic, writing into the given outputs (and
+    in-place views): a drop-in for the generated ``launch`` of the same sizes."""
+    import array_api_compat
+
+    ir = kernel.build(kernel.default_params(sizes))
+    names = [v.name for v in ir.arguments]
+    read = {v.name for v in ir.views if v.role in ("input", "inout")}
+    scalar_names = [s.name for s in ir.scalars]
+
+    def launch(*args):
+        tensors = dict(zip(names, args[:len(names)]))
+        scalars = dict(zip(scalar_names, args[len(names):]))
+        inputs = {n: (t.float() if t.is_floating_point() else t) for n, t in tensors.items() if n in read}
+        xp = array_api_compat.array_namespace(*inputs.values())
+        for n, r in kernel.reference(xp, **inputs, **scalars).items():
+            tensors[n].copy_(r)
+
+    return launch
+
+
+def _out(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    return torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of the rows of a 2-D ``x`` with gamma ``w``."""
+    out = _out(x.shape, x)
+    _launcher("rms_norm", {"M": x.shape[0], "D": x.shape[1]}, x.dtype, x.device)(x, w, out, eps)
+    return out
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ w.T (+ b)`` for a 2-D ``x`` (decode: one row)."""
+    n, k = w.shape
+    out = _out((x.shape[0], n), x)
+    sizes = {"M": x.shape[0], "N": n, "K": k, "HAS_BIAS": int(b is not None)}
+    fn = _launcher("q_proj_matvec", sizes, x.dtype, x.device)
+    fn(x, w, b, out) if b is not None else fn(x, w, out)
+    return out
+
+
+def kv_proj(x, wk, wv, bk=None, bv=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both ``x @ wk.T + bk`` and ``x @ wv.T + bv`` in one launch."""
+    n, k = wk.shape
+    ko, vo = _out((x.shape[0], n), x), _out((x.shape[0], n), x)
+    sizes = {"M": x.shape[0], "N": n, "K": k, "HAS_BIAS": int(bk is not None)}
+    fn = _launcher("kv_proj_matvec", sizes, x.dtype, x.device)
+    fn(x, wk, wv, bk, bv, ko, vo) if bk is not None else fn(x, wk, wv, ko, vo)
+    return ko, vo
+
+
+def _matvec_residual(name: str, x, w, r) -> torch.Tensor:
+    n, k = w.shape
+    out = _out((x.shape[0], n), x)
+    _launcher(name, {"M": x.shape[0], "N": n, "K": k}, x.dtype, x.device)(x, w, r, out)
+    return out
+
+
+def o_proj_residual(x, w, r) -> torch.Tensor:
+    """``x @ w.T + r``: attention output projection with the residual."""
+    return _matvec_residual("o_proj_residual", x, w, r)
+
+
+def down_proj_residual(x, w, r) -> torch.Tensor:
+    """``x @ w.T + r``: MLP down projection with the residual."""
+    return _matvec_residual("down_proj_residual", x, w, r)
+
+
+def gate_up_silu(x, wg, wu) -> torch.Tensor:
+    """``silu(x @ wg.T) * (x @ wu.T)``."""
+    n, k = wg.shape
+    out = _out((x.shape[0], n), x)
+    _launcher("mlp_gate_up_silu", {"M": x.shape[0], "N": n, "K": k}, x.dtype, x.device)(x, wg, wu, out)
+    return out
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """RoPE constants read off a transformers config: kind (0 default, 1 linear,
+    2 llama3) and the runtime scalars of that kind, in kernel order."""
+
+    kind: int
+    scalars: tuple
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, cfg: RopeConfig) -> torch.Tensor:
+    """Rotary embedding of ``x`` [M, H, DH] at positions ``pos`` [M] (int64)."""
+    m, h, dh = x.shape
+    out = _out(x.shape, x)
+    sizes = {"M": m, "NH": h, "DH": dh, "ROPE_KIND": cfg.kind}
+    _launcher("rope_q", sizes, x.dtype, x.device)(x, pos, out, *cfg.scalars)
+    return out
+
+
+def attention_decode(q, k_cache, v_cache, lengths, scale: float) -> torch.Tensor:
+    """GQA decode attention of ``q`` [B, NH, DH] over the first ``lengths[b]``
+    positions of the caches [B, NKV, S, DH]."""
+    b, nh, dh = q.shape
+    nkv, s = k_cache.shape[1], k_cache.shape[2]
+    out = _out(q.shape, q)
+    sizes = {"B": b, "NH": nh, "NKV": nkv, "DH": dh, "S": s}
+    _launcher("attention_decode_gqa", sizes, q.dtype, q.device)(q, k_cache, v_cache, lengths, out, scale)
+    return out
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Greedy tokens of 2-D logits (int64), ties to the lowest index."""
+    out = _out((logits.shape[0],), logits, torch.int64)
+    _launcher("argmax_greedy", {"M": logits.shape[0], "V": logits.shape[1]}, logits.dtype, logits.device)(
+        logits, out)
+    return out
+
+
+def rope_config_of(config) -> tuple[Optional[RopeConfig], str]:
+    """The RopeConfig of a transformers config, or (None, why not)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    scaling = getattr(config, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is None:
+        return None, "config has no rope_theta"
+    src = {**scaling, **params}
+    if src.get("partial_rotary_factor", 1.0) != 1.0:
+        return None, "partial rotary embedding is not supported"
+    if rope_type == "default":
+        return RopeConfig(0, (float(theta),)), ""
+    if rope_type == "linear":
+        return RopeConfig(1, (float(theta), float(src["factor"]))), ""
+    if rope_type == "llama3":
+        vals = (float(theta), float(src["factor"]), float(src["low_freq_factor"]), float(src["high_freq_factor"]),
+                float(src["original_max_position_embeddings"]))
+        assert len(vals) == len(ROPE_SCALARS[2])
+        return RopeConfig(2, vals), ""
+    return None, f"rope_type {rope_type!r} is not supported (default, linear, llama3 are)"
