@@ -3,6 +3,7 @@
     tileflow kernels list                       the suite, with targets and stages
     tileflow kernels show NAME --target triton  the generated source of one kernel
     tileflow verify [NAME ...]                  check kernels against the reference
+    tileflow bench [--model NAME|DIR]           decode tok/s: eager, inductor, tileflow
 """
 
 from __future__ import annotations
@@ -95,6 +96,15 @@ def cmd_verify(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_bench(args) -> int:
+    from tileflow.bench import run_bench
+
+    rec = run_bench(args.model, args.prompt, args.new, args.paths or None, args.repeats, args.out, args.device,
+                    args.dtype)
+    failed = [k for k, v in rec["paths"].items() if v.get("error")]
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tileflow", description="Decode-time kernel suite for DeepSeek models")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -114,11 +124,32 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--dtypes", nargs="*", default=["bf16", "fp16", "fp32"], choices=["bf16", "fp16", "fp32"])
     ver.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ver.set_defaults(fn=cmd_verify)
+    from tileflow.bench.decode import default_paths
+
+    path_names = [p.name for p in default_paths(__import__("torch").device("cpu"))]
+    ben = sub.add_parser("bench", help="batch-1 decode tok/s side by side (the main job)")
+    ben.add_argument("--model", default=None,
+                     help="built-in config name or local checkpoint folder (default: the 1.5B shape on a GPU, "
+                          "'tiny' on CPU)")
+    ben.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128 on GPU, 32 on CPU)")
+    ben.add_argument("--new", type=int, default=None, help="new tokens (default 256 on GPU, 32 on CPU)")
+    ben.add_argument("--paths", nargs="*", choices=path_names, help="subset of paths (eager always runs)")
+    ben.add_argument("--repeats", type=int, default=3)
+    ben.add_argument("--out", default="benchmarks/results")
+    ben.add_argument("--device", default=None)
+    ben.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    ben.set_defaults(fn=cmd_bench)
     return ap
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        import torch
+
+        gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        args.prompt = args.prompt or (128 if gpu else 32)
+        args.new = args.new or (256 if gpu else 32)
     if getattr(args, "device", "cpu") == "cpu":
         from tileflow.runtime.torch_triton import use_interpreter_if_no_gpu
 

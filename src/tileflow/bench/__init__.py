@@ -1,0 +1,161 @@
+"""``tileflow bench``: batch-1 greedy decode, side by side in one process.
+
+Follows the project's benchmarking protocol: the same model object and prompt for
+every path; decode tok/s = (new tokens - 1) / decode-loop time after warm-up and
+compilation; time to first token apart; the roofline from a copy measured in the
+same run; greedy-token agreement with eager. Writes
+``<out>/<date>-<device>-decode-<model>.json`` and a PNG beside it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from tileflow.bench.decode import PathResult, default_paths, run_path
+from tileflow.bench.models import build_model
+from tileflow.bench.roofline import bytes_per_token, copy_bandwidth_gbs
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("triton", "jax", "transformers"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            out[mod] = None
+    if torch.cuda.is_available():
+        try:
+            out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True).stdout.strip()
+        except OSError:
+            out["driver"] = None
+    return out
+
+
+def _commit() -> str:
+    env = os.environ.get("TILEFLOW_COMMIT")
+    if env:
+        return env
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: int = 256,
+              paths: Optional[list[str]] = None, repeats: int = 3, out_dir: str = "benchmarks/results",
+              device: Optional[str] = None, dtype: Optional[str] = None) -> dict:
+    """Run the side-by-side decode benchmark; returns the result record (also written)."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = Console(width=150)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if model_name is None:
+        model_name = "deepseek-r1-distill-qwen-1.5b" if dev.type == "cuda" else "tiny"
+    tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        dtype or ("bf16" if dev.type == "cuda" else "fp32")]
+    if dev.type == "cpu":
+        from tileflow.runtime.torch_triton import use_interpreter_if_no_gpu
+
+        use_interpreter_if_no_gpu()
+    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+    record = {
+        "what": "batch-1 greedy decode, side by side in one process",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "versions": _versions(), "commit": _commit(), "model": model_name, "dtype": str(tdtype).split(".")[-1],
+        "prompt_tokens": prompt, "new_tokens": new_tokens, "repeats": repeats, "paths": {},
+    }
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        task = progress.add_task(f"building {model_name}", total=None)
+        say = lambda s: progress.update(task, description=s)  # noqa: E731
+        model = build_model(model_name, dev, tdtype)
+        say("measuring copy bandwidth")
+        bw = copy_bandwidth_gbs(dev)
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=gen).to(dev)
+        nbytes = bytes_per_token(model, prompt + new_tokens // 2)
+        record.update(copy_bandwidth_gbs=bw, bytes_per_token=nbytes,
+                      roofline_tok_s=bw * 1e9 / nbytes["total"])
+        reference: Optional[PathResult] = None
+        ref_logits = None
+        for path in default_paths(dev):
+            if paths and path.name not in paths and path.name != "eager":
+                continue
+            res, logits = run_path(path, model, ids, new_tokens, repeats, reference, ref_logits, say)
+            if path.name == "eager":
+                reference, ref_logits = res, logits
+            entry = {k: v for k, v in res.__dict__.items() if k not in ("name", "tokens")}
+            entry["fraction_of_roofline"] = res.decode_tok_s / record["roofline_tok_s"]
+            record["paths"][path.name] = entry
+            console.print(f"  {path.name:<20} {res.decode_tok_s:9.1f} tok/s  ttft {res.ttft_s * 1e3:8.1f} ms"
+                          + (f"  ERROR {res.error[:200]}" if res.error else ""))
+    others = [v["decode_tok_s"] for k, v in record["paths"].items()
+              if not k.startswith("tileflow") and v["decode_tok_s"] == v["decode_tok_s"]]
+    best_other = max(others) if others else float("nan")
+    for k, v in record["paths"].items():
+        if k.startswith("tileflow"):
+            v["ratio_to_best_other"] = v["decode_tok_s"] / best_other
+    _write(record, out_dir, console)
+    return record
+
+
+def _write(record: dict, out_dir: str, console) -> None:
+    from rich.table import Table
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = record["device"].split(" (")[0].replace(" ", "-")
+    path = out / f"{record['date'][:10]}-{slug}-decode-{record['model']}-p{record['prompt_tokens']}.json"
+    path.write_text(json.dumps(record, indent=1, default=str))
+    table = Table(title=f"{record['model']} {record['dtype']} on {record['device']}: prompt "
+                        f"{record['prompt_tokens']}, {record['new_tokens']} new, roofline "
+                        f"{record['roofline_tok_s']:.0f} tok/s (copy {record['copy_bandwidth_gbs']:.0f} GB/s)")
+    for col in ("path", "decode tok/s", "% roofline", "TTFT ms", "compile s", "tokens = eager", "max logit err"):
+        table.add_column(col)
+    for name, v in record["paths"].items():
+        div = v.get("first_divergence")
+        agree = "-" if name == "eager" else ("all" if div is None else f"first {div}")
+        err = v.get("max_rel_logit_err")
+        table.add_row(name, f"{v['decode_tok_s']:.1f}", f"{100 * v['fraction_of_roofline']:.1f}",
+                      f"{1e3 * v['ttft_s']:.1f}", f"{v['compile_s']:.1f}", agree,
+                      "-" if err is None else f"{err:.1e}")
+    console.print(table)
+    try:
+        _plot(record, path.with_suffix(".png"))
+    except Exception as e:  # noqa: BLE001 - a missing chart must not lose the record
+        console.print(f"(no chart: {e})")
+    console.print(f"wrote {path}")
+
+
+def _plot(record: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(record["paths"])
+    vals = [record["paths"][n]["decode_tok_s"] for n in names]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bars = ax.bar(names, vals, color=["#999" if not n.startswith("tileflow") else "#1f77b4" for n in names])
+    ax.axhline(record["roofline_tok_s"], color="k", ls="--", lw=1,
+               label=f"roofline {record['roofline_tok_s']:.0f} tok/s")
+    for b, v in zip(bars, vals):
+        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("decode tok/s (batch 1)")
+    ax.set_title(f"{record['model']} {record['dtype']}, {record['device']}", fontsize=9)
+    ax.legend()
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)

@@ -1,0 +1,161 @@
+"""Timing greedy decode, one path at a time, on the same model and prompt.
+
+A path is how the model runs a decode step: eager transformers (dynamic cache, the
+user's starting point), ``torch.compile`` with inductor (default, reduce-overhead)
+on a static cache, ``torch.compile(backend="tileflow")``, or ``tileflow.patch``.
+Prefill runs uncompiled on every path (as transformers' generate does when it
+compiles) and is timed apart, as time to first token.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class PathResult:
+    name: str
+    decode_tok_s: float = float("nan")
+    ttft_s: float = float("nan")
+    compile_s: float = 0.0
+    tokens: list = field(default_factory=list)
+    first_divergence: Optional[int] = None  # index of the first new token differing from eager
+    max_rel_logit_err: Optional[float] = None  # over the first decode steps, vs eager
+    note: str = ""
+    error: str = ""
+    runs_tok_s: list = field(default_factory=list)
+
+
+@dataclass
+class Path:
+    name: str
+    cache: str  # "dynamic" or "static"
+    setup: Callable  # (model) -> step(tok, pos, cache) -> logits [1, V]; may patch the model
+    teardown: Callable = lambda model: None
+    note: str = ""
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _eager_step(model):
+    def step(tok, pos, cache):
+        return model(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+    return step
+
+
+def _compiled_step(model, **compile_kwargs):
+    forward = torch.compile(model.forward, **compile_kwargs)
+
+    def step(tok, pos, cache):
+        return forward(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+    return step
+
+
+def _patched_step(model):
+    import tileflow
+
+    tileflow.patch(model)
+    return _eager_step(model)
+
+
+def _unpatch(model):
+    import tileflow
+
+    tileflow.unpatch(model)
+
+
+def default_paths(device: torch.device) -> list[Path]:
+    paths = [
+        Path("eager", "dynamic", _eager_step),
+        Path("inductor", "static", lambda m: _compiled_step(m, mode="default")),
+        Path("inductor_cudagraphs", "static", lambda m: _compiled_step(m, mode="reduce-overhead"),
+             note="" if device.type == "cuda" else "no CUDA graphs on CPU: same as inductor"),
+        Path("tileflow_compile", "static", lambda m: _compiled_step(m, backend="tileflow")),
+        Path("tileflow_patch", "static", _patched_step, _unpatch),
+    ]
+    return paths
+
+
+def make_cache(kind: str, model, max_len: int):
+    from transformers import DynamicCache, StaticCache
+
+    if kind == "dynamic":
+        return DynamicCache(config=model.config)
+    return StaticCache(config=model.config, max_cache_len=max_len)
+
+
+def decode_once(model, step, ids, new_tokens: int, cache, keep_logits: int = 0):
+    """Prefill (uncompiled) then ``new_tokens - 1`` decode steps. Returns
+    (ttft seconds, decode seconds, tokens, first ``keep_logits`` decode-step logits)."""
+    device = ids.device
+    n = ids.shape[1]
+    positions = torch.arange(n, n + new_tokens, device=device).view(-1, 1, 1)
+    logits_kept = []
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        tok = logits.argmax(-1, keepdim=True)
+        _sync(device)
+        t1 = time.perf_counter()
+        toks = [tok]
+        for i in range(new_tokens - 1):
+            logits = step(tok, positions[i], cache)
+            if i < keep_logits:
+                logits_kept.append(logits.float().clone())
+            tok = logits.argmax(-1, keepdim=True)
+            toks.append(tok)
+        _sync(device)
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, torch.cat(toks, dim=1)[0].tolist(), logits_kept
+
+
+def run_path(path: Path, model, ids, new_tokens: int, repeats: int, reference: Optional[PathResult],
+             ref_logits: Optional[list], progress: Callable[[str], None] = lambda s: None,
+             keep_logits: int = 8) -> tuple[PathResult, list]:
+    res = PathResult(path.name, note=path.note)
+    max_len = ids.shape[1] + new_tokens
+    try:
+        torch._dynamo.reset()
+        step = path.setup(model)
+        cache = make_cache(path.cache, model, max_len)
+        progress(f"{path.name}: warm-up (compile)")
+        t0 = time.perf_counter()
+        decode_once(model, step, ids, new_tokens, cache)
+        warm = time.perf_counter() - t0
+        best = None
+        for r in range(repeats):
+            progress(f"{path.name}: run {r + 1}/{repeats}")
+            if path.cache == "static":
+                cache.reset()  # same tensors: captured graphs keep their addresses
+            else:
+                cache = make_cache(path.cache, model, max_len)
+            ttft, dec, toks, logits = decode_once(model, step, ids, new_tokens, cache, keep_logits)
+            res.runs_tok_s.append((new_tokens - 1) / dec)
+            if best is None or dec < best[1]:
+                best = (ttft, dec, toks, logits)
+        ttft, dec, toks, logits = best
+        res.ttft_s, res.tokens = ttft, toks
+        res.decode_tok_s = max(res.runs_tok_s)
+        res.compile_s = max(0.0, warm - ttft - dec)
+        if reference is not None:
+            diff = [i for i, (a, b) in enumerate(zip(toks, reference.tokens)) if a != b]
+            res.first_divergence = diff[0] if diff else None
+            if ref_logits:
+                n = min(len(ref_logits), len(logits), (diff[0] if diff else len(logits)))
+                errs = [((a - b).norm() / b.norm()).item() for a, b in zip(logits[:n], ref_logits[:n])]
+                res.max_rel_logit_err = max(errs) if errs else None
+        return res, logits
+    except Exception as e:  # a path that fails is reported, the others still run
+        res.error = f"{type(e).__name__}: {e}"[:800]
+        return res, []
+    finally:
+        path.teardown(model)
+        torch._dynamo.reset()
