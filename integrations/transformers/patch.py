@@ -1,5 +1,9 @@
 """``tileflow.patch(model)``: eager decode of a live transformers model through the suite.
 
+A one-token step on a transformers ``StaticCache`` runs as one program of suite
+kernels, replayed from a CUDA graph on a GPU (``decode_step.py``); other decode steps
+(a dynamic cache, say) run layer by layer as below.
+
 Each decoder layer of a Qwen2 or Llama model gets a forward that, for a decode step
 (one new token, batch 1, a cache that returns the full K/V history), runs::
 
@@ -15,12 +19,14 @@ reason in the report; an unsupported model comes back unchanged.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
+from tileflow.integrations.transformers.decode_step import DecodeProgram, GraphedDecode, decode_request
 from tileflow.runtime import ops
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
@@ -197,6 +203,26 @@ def _lm_head_forward(lm_head):
     return forward
 
 
+def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport):
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    original = model.forward
+    seen: set = set()
+
+    @functools.wraps(original)  # generate inspects forward's signature to choose its kwargs
+    def forward(*args, **kwargs):
+        tok, pos, cache, why = decode_request(args, kwargs)
+        if why:
+            if why not in seen and why != "not a one-token step" and not why.startswith("cache not"):
+                seen.add(why)
+                report.fallbacks.append(("decode_step", type(model).__name__, f"ran layer by layer: {why}"))
+            return original(*args, **kwargs)
+        logits = runner(tok, pos, cache)
+        return CausalLMOutputWithPast(logits=logits.view(1, 1, -1), past_key_values=cache)
+
+    return forward
+
+
 def patch(model) -> PatchReport:
     """Route the decode steps of a transformers Qwen2 / Llama model through the suite.
 
@@ -238,6 +264,14 @@ def patch(model) -> PatchReport:
         lm_head.forward = _lm_head_forward(lm_head)
         patched.append(lm_head)
         report.matches["matvec"] += 1
+    if len(patched) == len(layers) + 2 and lm_head.bias is None:
+        # every piece qualifies: whole decode steps on a static cache run as one program
+        model.forward = _whole_step_forward(model, GraphedDecode(DecodeProgram(model, rope_cfg)), report)
+        patched.append(model)
+        report.matches["embedding"] += 1
+    else:
+        report.fallbacks.append(("decode_step", type(model).__name__,
+                                 "not every layer qualifies: decode runs layer by layer"))
     report.patched = bool(patched)
     model._tileflow_patch = report
     model._tileflow_patched_modules = patched

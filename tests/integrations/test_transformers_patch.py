@@ -57,20 +57,28 @@ def test_greedy_tokens_identical_to_eager_fp32(kind, cache, cpu_target):
     got = greedy(model, ids, cache)
     assert torch.equal(got, expected), (got[0, ids.shape[1]:].tolist(), expected[0, ids.shape[1]:].tolist())
     assert len(set(expected[0, ids.shape[1]:].tolist())) > 5  # the model does not just repeat a token
-    assert not report.fallbacks, report.fallbacks
+    if cache == "static":  # whole steps as one program
+        assert not report.fallbacks, report.fallbacks
+    else:  # a growing cache: layer by layer, and the report says so
+        assert [r for _, _, r in report.fallbacks] == [
+            "ran layer by layer: cache layer DynamicLayer (the program writes StaticLayer tensors)"]
     assert tileflow.unpatch(model)
 
 
-def test_the_decode_kernels_actually_run(monkeypatch):
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_the_decode_kernels_actually_run(monkeypatch, cache):
+    from tileflow.integrations.transformers.decode_step import DecodeProgram
     from tileflow.runtime import ops
 
-    calls = []
-    real = ops.attention_decode
+    calls, steps = [], []
+    real, real_run = ops.attention_decode, DecodeProgram.run
     monkeypatch.setattr(ops, "attention_decode", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(DecodeProgram, "run", lambda self, *a: steps.append(1) or real_run(self, *a))
     model = tiny("qwen2")
     tileflow.patch(model)
-    greedy(model, prompt())
+    greedy(model, prompt(), cache)
     assert len(calls) == 2 * (NEW_TOKENS - 1)  # every decode step of both layers; prefill is not decode
+    assert len(steps) == (NEW_TOKENS - 1 if cache == "static" else 0)
 
 
 def _teacher_forced_logits(model, seq, n_prompt, steps):
@@ -109,7 +117,7 @@ def test_padded_prompt_falls_back_and_stays_exact():
     report = tileflow.patch(model)
     assert torch.equal(greedy(model, ids), expected)
     assert any("padded sequence" in r for _, _, r in report.fallbacks)
-    assert len(report.fallbacks) == 2  # one line per layer, not one per step
+    assert len(report.fallbacks) == 3  # the whole step once, each layer once: not one line per step
 
 
 def test_unrelated_model_is_left_unchanged():

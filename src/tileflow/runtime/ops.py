@@ -155,7 +155,9 @@ def attention_decode(q, k_cache, v_cache, lengths, scale: float) -> torch.Tensor
     b, nh, dh = q.shape
     nkv, s = k_cache.shape[1], k_cache.shape[2]
     out = _out(q.shape, q)
-    sizes = {"B": b, "NH": nh, "NKV": nkv, "DH": dh, "S": s}
+    # launch parameters depend on the capacity only through SPLITS: bucket it to a power
+    # of two so a growing (dynamic) cache does not build a launcher per length
+    sizes = {"B": b, "NH": nh, "NKV": nkv, "DH": dh, "S": 1 << max(0, (s - 1).bit_length())}
     _launcher("attention_decode_gqa", sizes, q.dtype, q.device)(q, k_cache, v_cache, lengths, out, scale)
     return out
 
@@ -189,3 +191,20 @@ def rope_config_of(config) -> tuple[Optional[RopeConfig], str]:
         assert len(vals) == len(ROPE_SCALARS[2])
         return RopeConfig(2, vals), ""
     return None, f"rope_type {rope_type!r} is not supported (default, linear, llama3 are)"
+
+
+def embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rows of ``table`` for the 1-D int64 ``ids``."""
+    out = _out((ids.shape[0], table.shape[1]), table)
+    _launcher("embedding_lookup", {"M": ids.shape[0], "V": table.shape[0], "D": table.shape[1]}, table.dtype,
+              table.device)(ids, table, out)
+    return out
+
+
+def rope_k_into_cache(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, cfg: RopeConfig) -> None:
+    """Rotate ``k`` [M, NKV, DH] at ``pos`` and write it, and ``v``, into row ``pos`` of
+    the static caches [M, NKV, S, DH], in place."""
+    m, h, dh = k.shape
+    sizes = {"M": m, "NKV": h, "DH": dh, "ROPE_KIND": cfg.kind}
+    _launcher("rope_k", sizes, k.dtype, k.device)(k, pos, v, k_cache, v_cache, *cfg.scalars)
