@@ -6,3 +6,7 @@ theta, layouts), and the suite kernel that replaces it. Each integration (torch
 inductor, jaxpr, ONNX) turns these definitions into its own matcher; the names are
 the ones every ``tileflow.explain`` report uses.
 """
+
+from tileflow.patterns import gate_up_silu, matvec, matvec_residual  # noqa: E402
+
+CATALOGUE = {m.NAME: m for m in (matvec, matvec_residual, gate_up_silu)}

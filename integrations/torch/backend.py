@@ -1,21 +1,58 @@
-"""The ``tileflow`` dynamo backend, registered under the ``torch_dynamo_backends``
-entry point so ``torch.compile(model, backend="tileflow")`` finds it.
+"""The ``tileflow`` dynamo backend, registered under the ``torch_dynamo_backends`` entry
+point, so ``torch.compile(model, backend="tileflow")`` finds it.
 
-Pattern rewriting of the captured graph into suite kernels is built on the pattern
-catalogue (``tileflow.patterns``); until a pattern matches, a graph is compiled by
-inductor exactly as ``torch.compile``'s default would, so results never change.
+It is inductor with one more post-grad pass: the catalogue's decode patterns
+rewritten into suite kernels (``rewrite.py``). It takes the ``mode`` and ``options``
+that ``torch.compile`` and transformers' ``CompileConfig`` pass; the default mode is
+``reduce-overhead`` (CUDA graphs for decode, where launches cost most).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from tileflow.report import Report
 
-def tileflow_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs) -> Callable:
-    """Compile ``gm``: decode patterns -> suite kernels, the rest -> inductor."""
+DEFAULT_MODE = "reduce-overhead"
+_COLLECTORS: list[Report] = []  # reports being filled (tileflow.explain), innermost last
+LAST_REPORTS: list[Report] = []  # one per compiled graph of the latest compilations
+
+
+def _graph_pass(report: Report):
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    from tileflow.integrations.torch import rewrite
+
+    class TileflowPass(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            rewrite.rewrite_graph(graph, report)
+
+        def uuid(self) -> Optional[Any]:  # inductor's FX cache key: the rewrite's source
+            return get_hash_for_files((rewrite.__file__,))
+
+    return TileflowPass()
+
+
+def tileflow_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: Optional[str] = None,
+                     options: Optional[dict] = None) -> Callable:
+    """Compile ``gm``: decode patterns -> suite kernels, everything else -> inductor."""
+    from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    options = kwargs.get("options") or {}
-    return compile_fx(gm, example_inputs, config_patches=options or None)
+    mode = mode or DEFAULT_MODE
+    patches = dict(list_mode_options(mode)) if mode != "default" else {}
+    patches.update(options or {})
+    report = Report(title=f"tileflow backend: graph {len(LAST_REPORTS) + 1}")
+    patches["post_grad_custom_post_pass"] = _graph_pass(report)
+    # a cache hit would skip the pass, and with it the report of what was rewritten
+    patches["fx_graph_cache"] = False
+    LAST_REPORTS.append(report)
+    for collector in _COLLECTORS:
+        collector.title = "tileflow.explain"
+    compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    for collector in _COLLECTORS:
+        collector.matches.update(report.matches)
+        collector.fallbacks.extend(report.fallbacks)
+    return compiled

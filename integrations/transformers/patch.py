@@ -20,13 +20,13 @@ reason in the report; an unsupported model comes back unchanged.
 from __future__ import annotations
 
 import functools
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from tileflow.integrations.transformers.decode_step import DecodeProgram, GraphedDecode, decode_request
+from tileflow.report import Report
 from tileflow.runtime import ops
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
@@ -36,21 +36,18 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @dataclass
-class PatchReport:
+class PatchReport(Report):
     """What ``patch`` replaced (pattern name -> count) and what it left, and why."""
 
-    model_type: str
-    matches: Counter = field(default_factory=Counter)
-    fallbacks: list = field(default_factory=list)  # (pattern, where, reason)
+    model_type: str = ""
     patched: bool = False
 
+    def __post_init__(self):
+        self.title = f"tileflow.patch: {self.model_type}"
+
     def __str__(self) -> str:
-        lines = [f"tileflow.patch: {self.model_type}: " + ("patched" if self.patched else "left unchanged")]
-        for name, n in sorted(self.matches.items()):
-            lines.append(f"  {name:<18} x{n}")
-        for pattern, where, reason in self.fallbacks:
-            lines.append(f"  not patched: {pattern} at {where}: {reason}")
-        return "\n".join(lines)
+        return super().__str__().replace(self.title, self.title + (": patched" if self.patched else
+                                                                   ": left unchanged"), 1)
 
 
 def _check_model(model) -> list[str]:
@@ -231,7 +228,7 @@ def patch(model) -> PatchReport:
     ``tileflow.unpatch(model)`` undoes it.
     """
     cfg = model.config
-    report = PatchReport(getattr(cfg, "model_type", type(model).__name__))
+    report = PatchReport(model_type=getattr(cfg, "model_type", type(model).__name__))
     if getattr(model, "_tileflow_patch", None) is not None:
         return model._tileflow_patch
     problems = _check_model(model)

@@ -21,3 +21,11 @@ def unpatch(model) -> bool:
     from tileflow.integrations.transformers.patch import unpatch as _unpatch
 
     return _unpatch(model)
+
+
+def explain(fn, *args, **kwargs):
+    """Compile ``fn`` with ``backend="tileflow"`` on these inputs and report which decode
+    patterns matched and where the original ran instead, with reasons."""
+    from tileflow.integrations.torch.explain import explain as _explain
+
+    return _explain(fn, *args, **kwargs)
