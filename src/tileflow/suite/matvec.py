@@ -91,10 +91,12 @@ def matvec_params(n: int, k_: int, block_n: int = 0, block_k: int = 0, split_k: 
                   num_warps: int = 8, num_stages: int = 2, **extra) -> dict:
     """Launch parameters with defaults that suit a decode matvec of size N x K."""
     # Untuned default: what the H100 leaderboard picked for most decode shapes, two
-    # rows a program and a whole 2048-wide slice of K per round trip.
-    block_k = block_k or min(2048, next_pow2(k_))
+    # rows a program and a 2048-wide slice of K per round trip; at most 4k fp32
+    # accumulators per weight (16 x 2048 spilled registers: 7B gate_up and lm_head ran
+    # at half speed with it).
     if not block_n:
-        block_n = 2 if n <= 16384 else 16
+        block_n = 2 if n <= 16384 else 4
+    block_k = block_k or min(2048, next_pow2(k_), max(256, 4096 // block_n))
     if not split_k:
         split_k = 1
     p = {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k, "BLOCK_R": min(1024, next_pow2(n)),
