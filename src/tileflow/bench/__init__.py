@@ -117,7 +117,8 @@ def _write(record: dict, out_dir: str, console) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     slug = record["device"].split(" (")[0].replace(" ", "-")
-    path = out / f"{record['date'][:10]}-{slug}-decode-{record['model']}-p{record['prompt_tokens']}.json"
+    model_slug = Path(record["model"]).name or "model"  # a checkpoint folder: its name only
+    path = out / f"{record['date'][:10]}-{slug}-decode-{model_slug}-p{record['prompt_tokens']}.json"
     path.write_text(json.dumps(record, indent=1, default=str))
     table = Table(title=f"{record['model']} {record['dtype']} on {record['device']}: prompt "
                         f"{record['prompt_tokens']}, {record['new_tokens']} new, roofline "
