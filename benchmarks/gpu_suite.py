@@ -19,7 +19,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from tileflow.bench import versions  # noqa: E402
+from tileflow.bench.roofline import copy_bandwidth_gbs  # noqa: E402
 from tileflow.emit import autotune  # noqa: E402
 from tileflow.runtime.torch_triton import triton_launcher  # noqa: E402
 from tileflow.suite import KERNELS  # noqa: E402
@@ -38,24 +39,6 @@ from tileflow.verify import DTYPES, make_inputs, poisoned_outputs, verify  # noq
 from vendor import vendor_call  # noqa: E402
 
 L2_BYTES = 60 << 20
-
-
-def copy_bandwidth_gbs(nbytes: int = 2 << 30, reps: int = 10) -> float:
-    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        dst.copy_(src)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * nbytes / statistics.median(times) / 1e9
 
 
 def graph_time_us(calls: list, launches: int = 240, reps: int = 12) -> float:
@@ -153,21 +136,6 @@ print("PALLAS_JSON" + json.dumps(res))
         return {"_error": repr(e)}
 
 
-def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("triton", "jax", "transformers"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            out[mod] = None
-    try:
-        out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                       capture_output=True, text=True).stdout.strip()
-    except OSError:
-        out["driver"] = None
-    return out
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
@@ -182,7 +150,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()
     t0 = time.time()
-    bw = copy_bandwidth_gbs()
+    bw = copy_bandwidth_gbs(torch.device("cuda"))
     print(f"device {device}; copy bandwidth {bw:.0f} GB/s", flush=True)
     rows, tuned = [], {}
     names = args.kernels or list(KERNELS)

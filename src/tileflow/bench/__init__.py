@@ -24,7 +24,8 @@ from tileflow.bench.models import build_model
 from tileflow.bench.roofline import bytes_per_token, copy_bandwidth_gbs
 
 
-def _versions() -> dict:
+def versions() -> dict:
+    """Versions of python, torch, triton, jax, transformers and the GPU driver."""
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for mod in ("triton", "jax", "transformers"):
         try:
@@ -73,7 +74,7 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
         "what": "batch-1 greedy decode, side by side in one process",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        "versions": _versions(), "commit": _commit(), "model": model_name, "dtype": str(tdtype).split(".")[-1],
+        "versions": versions(), "commit": _commit(), "model": model_name, "dtype": str(tdtype).split(".")[-1],
         "prompt_tokens": prompt, "new_tokens": new_tokens, "repeats": repeats, "paths": {},
     }
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,

@@ -16,7 +16,7 @@ How the tile IR maps onto Pallas:
 
 from __future__ import annotations
 
-from tileflow.emit.walker import Walker, Writer, expand_key, literal
+from tileflow.emit.walker import INFIX, Walker, Writer, expand_key, literal
 from tileflow.tile.builder import _RangeValue
 from tileflow.tile.ir import KernelIR, Loop, Op, Stage
 
@@ -25,13 +25,7 @@ _UNARY = {
     "rsqrt": "jax.lax.rsqrt({})", "sqrt": "jnp.sqrt({})", "sigmoid": "jax.nn.sigmoid({})",
     "cos": "jnp.cos({})", "sin": "jnp.sin({})", "neg": "-({})", "abs": "jnp.abs({})",
 }
-_BINARY = {
-    "add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "div": "({} / {})",
-    "floordiv": "({} // {})", "mod": "({} % {})", "lt": "({} < {})", "le": "({} <= {})",
-    "gt": "({} > {})", "ge": "({} >= {})", "eq": "({} == {})", "ne": "({} != {})",
-    "and": "({} & {})", "or": "({} | {})", "maximum": "jnp.maximum({}, {})",
-    "minimum": "jnp.minimum({}, {})",
-}
+_BINARY = {**INFIX, "maximum": "jnp.maximum({}, {})", "minimum": "jnp.minimum({}, {})"}
 _JNP_DTYPE = {"f32": "jnp.float32", "i32": "jnp.int32", "i64": "_I64"}
 
 

@@ -15,7 +15,7 @@ tensor methods, so each is wrapped with ``tl.full((), x, tl.float32)`` at entry.
 
 from __future__ import annotations
 
-from tileflow.emit.walker import Walker, Writer, expand_key, literal
+from tileflow.emit.walker import INFIX, Walker, Writer, expand_key, literal
 from tileflow.tile.builder import _RangeValue
 from tileflow.tile.ir import KernelIR, Loop, Op, Stage
 
@@ -26,13 +26,7 @@ _UNARY = {
     "sqrt": "tl.sqrt({})", "sigmoid": "tl.sigmoid({})", "cos": "tl.cos({})", "sin": "tl.sin({})",
     "neg": "-({})", "abs": "tl.abs({})",
 }
-_BINARY = {
-    "add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "div": "({} / {})",
-    "floordiv": "({} // {})", "mod": "({} % {})", "lt": "({} < {})", "le": "({} <= {})",
-    "gt": "({} > {})", "ge": "({} >= {})", "eq": "({} == {})", "ne": "({} != {})",
-    "and": "({} & {})", "or": "({} | {})", "maximum": "tl.maximum({}, {})",
-    "minimum": "tl.minimum({}, {})",
-}
+_BINARY = {**INFIX, "maximum": "tl.maximum({}, {})", "minimum": "tl.minimum({}, {})"}
 _TL_DTYPE = {"f32": "tl.float32", "i32": "tl.int32", "i64": "tl.int64"}
 _TORCH_DTYPE = {"f32": "torch.float32", "i32": "torch.int32", "i64": "torch.int64"}
 

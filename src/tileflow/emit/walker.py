@@ -20,6 +20,15 @@ GENERATED_BANNER = (
 )
 
 
+# Binary ops both targets write as Python infix operators.
+INFIX = {
+    "add": "({} + {})", "sub": "({} - {})", "mul": "({} * {})", "div": "({} / {})",
+    "floordiv": "({} // {})", "mod": "({} % {})", "lt": "({} < {})", "le": "({} <= {})",
+    "gt": "({} > {})", "ge": "({} >= {})", "eq": "({} == {})", "ne": "({} != {})",
+    "and": "({} & {})", "or": "({} | {})",
+}
+
+
 class Writer:
     def __init__(self):
         self.lines: list[str] = []

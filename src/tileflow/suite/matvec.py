@@ -37,6 +37,19 @@ class MatvecForm:
     epilogue: Callable
 
 
+RESIDUAL_FORM = MatvecForm(
+    weights=("w",),
+    outputs=("out",),
+    extras=lambda p: (("r", ("M", "N")),),
+    epilogue=lambda k, sums, ex: [sums[0] + ex["r"]],
+)
+
+
+def residual_reference(xp, x, w, r):
+    """``x @ w.T + r`` (the o_proj and down_proj kernels)."""
+    return {"out": x @ xp.matrix_transpose(w) + r}
+
+
 def define_matvec(form: MatvecForm, k, p) -> None:
     x = k.input("x", ("M", "K"))
     ws = [k.input(w, ("N", "K")) for w in form.weights]

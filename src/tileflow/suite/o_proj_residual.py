@@ -2,26 +2,15 @@
 residual add fused, so the hidden state is read and written once."""
 
 from tileflow.suite.inputs import linear_weight
-from tileflow.suite.matvec import MatvecForm, define_matvec, matvec_bytes, matvec_candidates, matvec_params
+from tileflow.suite.matvec import (RESIDUAL_FORM, define_matvec, matvec_bytes, matvec_candidates,
+                                   matvec_params, residual_reference)
 from tileflow.suite.registry import Case, SuiteKernel, register
-
-FORM = MatvecForm(
-    weights=("w",),
-    outputs=("out",),
-    extras=lambda p: (("r", ("M", "N")),),
-    epilogue=lambda k, sums, ex: [sums[0] + ex["r"]],
-)
-
-
-def reference(xp, x, w, r):
-    return {"out": x @ xp.matrix_transpose(w) + r}
-
 
 KERNEL = register(SuiteKernel(
     name="o_proj_residual",
     summary="attention output projection + residual add",
-    define=lambda k, p: define_matvec(FORM, k, p),
-    reference=reference,
+    define=lambda k, p: define_matvec(RESIDUAL_FORM, k, p),
+    reference=residual_reference,
     default_params=lambda s: matvec_params(s["N"], s["K"]),
     test_cases=[
         Case("tiny", dict(M=1, N=64, K=64)),
