@@ -114,6 +114,7 @@ class _DecodeLayer:
                  step: _StepCheck, first: bool):
         self.layer, self.rope_cfg, self.report, self.where = layer, rope_cfg, report, where
         self.step, self.first = step, first
+        self.broken = False
         self.original = layer.forward
         attn = layer.self_attn
         self.nh = layer.self_attn.config.num_attention_heads
@@ -135,7 +136,19 @@ class _DecodeLayer:
             return self.original(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                  past_key_values=past_key_values, use_cache=use_cache,
                                  position_embeddings=position_embeddings, **kwargs)
-        return self.decode(hidden_states, position_ids, past_key_values)
+        if self.broken:
+            return self.original(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                 past_key_values=past_key_values, use_cache=use_cache,
+                                 position_embeddings=position_embeddings, **kwargs)
+        try:
+            projected = self.project(hidden_states, position_ids)
+        except Exception as exc:  # nothing written yet: the original forward is exact
+            self.broken = True
+            self._fallback(f"disabled after an error: {type(exc).__name__}: {exc}"[:300])
+            return self.original(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                 past_key_values=past_key_values, use_cache=use_cache,
+                                 position_embeddings=position_embeddings, **kwargs)
+        return self.attend_and_mlp(hidden_states, projected, past_key_values)
 
     def _why_not(self, h, position_ids, cache) -> str:
         if h.dim() != 3 or h.shape[1] != 1:
@@ -155,49 +168,66 @@ class _DecodeLayer:
             return self.step.evaluate(position_ids, cache, idx)
         return self.step.reason
 
-    def decode(self, hidden, position_ids, cache):
+    def project(self, hidden, position_ids):
+        """Norm, q/k/v projections and RoPE: everything before the cache is written."""
         layer = self.layer
-        attn, mlp = layer.self_attn, layer.mlp
+        attn = layer.self_attn
         b, _, d = hidden.shape
         x = hidden.reshape(b, d)
-        ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
-        xn = ops.rms_norm(x, ln1.weight, ln1.variance_epsilon)
+        xn = ops.rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
         q = ops.linear(xn, attn.q_proj.weight, attn.q_proj.bias)
         k, v = ops.kv_proj(xn, attn.k_proj.weight, attn.v_proj.weight, attn.k_proj.bias, attn.v_proj.bias)
         pos = position_ids.reshape(b)
         q = ops.rope(q.view(b, self.nh, self.dh), pos, self.rope_cfg)
         k = ops.rope(k.view(b, self.nkv, self.dh), pos, self.rope_cfg)
+        return x, q, k, v, pos
+
+    def attend_and_mlp(self, hidden, projected, cache):
+        layer = self.layer
+        attn, mlp, ln2 = layer.self_attn, layer.mlp, layer.post_attention_layernorm
+        x, q, k, v, pos = projected
+        b, _, d = hidden.shape
         keys, values = cache.update(k.view(b, self.nkv, 1, self.dh), v.view(b, self.nkv, 1, self.dh),
                                     attn.layer_idx)
         o = ops.attention_decode(q, keys, values, pos + 1, attn.scaling)
         h1 = ops.o_proj_residual(o.view(b, self.nh * self.dh), attn.o_proj.weight, x)
-        h2 = ops.rms_norm(h1, ln2.weight, ln2.variance_epsilon)
-        g = ops.gate_up_silu(h2, mlp.gate_proj.weight, mlp.up_proj.weight)
+        g = ops.gate_up_silu(ops.rms_norm(h1, ln2.weight, ln2.variance_epsilon), mlp.gate_proj.weight,
+                             mlp.up_proj.weight)
         return ops.down_proj_residual(g, mlp.down_proj.weight, h1).view(b, 1, d)
 
 
-def _norm_forward(norm):
-    original = norm.forward
-
-    def forward(hidden_states):
-        if hidden_states.dim() == 3 and hidden_states.shape[1] == 1 and not norm.training:
-            b, _, d = hidden_states.shape
-            return ops.rms_norm(hidden_states.reshape(b, d), norm.weight, norm.variance_epsilon).view(b, 1, d)
-        return original(hidden_states)
-
-    return forward
-
-
-def _lm_head_forward(lm_head):
-    original = lm_head.forward
+def _guarded(fast, original, report: PatchReport, pattern: str, where: str):
+    """``fast(x)`` for decode rows (one token a sequence), else or after any error of
+    ``fast`` (reported once, then never tried again) ``original(x)``."""
+    state = {"broken": False}
 
     def forward(x):
-        if x.dim() == 3 and x.shape[1] == 1 and not lm_head.training:
-            b, _, d = x.shape
-            return ops.linear(x.reshape(b, d), lm_head.weight, lm_head.bias).view(b, 1, -1)
-        return original(x)
+        if state["broken"] or x.dim() != 3 or x.shape[1] != 1:
+            return original(x)
+        try:
+            return fast(x)
+        except Exception as exc:  # a pure function: the original recomputes it exactly
+            state["broken"] = True
+            report.fallbacks.append((pattern, where, f"disabled after an error: {type(exc).__name__}: {exc}"[:300]))
+            return original(x)
 
     return forward
+
+
+def _norm_forward(norm, report: PatchReport):
+    def fast(h):
+        b, _, d = h.shape
+        return ops.rms_norm(h.reshape(b, d), norm.weight, norm.variance_epsilon).view(b, 1, d)
+
+    return _guarded(fast, norm.forward, report, "rms_norm", "model.norm")
+
+
+def _lm_head_forward(lm_head, report: PatchReport):
+    def fast(x):
+        b, _, d = x.shape
+        return ops.linear(x.reshape(b, d), lm_head.weight, lm_head.bias).view(b, 1, -1)
+
+    return _guarded(fast, lm_head.forward, report, "matvec", "lm_head")
 
 
 def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport):
@@ -205,6 +235,7 @@ def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport):
 
     original = model.forward
     seen: set = set()
+    state = {"broken": False}
 
     @functools.wraps(original)  # generate inspects forward's signature to choose its kwargs
     def forward(*args, **kwargs):
@@ -214,7 +245,17 @@ def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport):
                 seen.add(why)
                 report.fallbacks.append(("decode_step", type(model).__name__, f"ran layer by layer: {why}"))
             return original(*args, **kwargs)
-        logits = runner(tok, pos, cache)
+        if state["broken"]:
+            return original(*args, **kwargs)
+        try:
+            logits = runner(tok, pos, cache)
+        except Exception as exc:  # e.g. a kernel that does not compile on this device:
+            # the cache row is rewritten by the original forward and the count is only
+            # advanced at the end of the program, so running the original is exact
+            state["broken"] = True
+            report.fallbacks.append(("decode_step", type(model).__name__,
+                                     f"disabled after an error: {type(exc).__name__}: {exc}"[:300]))
+            return original(*args, **kwargs)
         return CausalLMOutputWithPast(logits=logits.view(1, 1, -1), past_key_values=cache)
 
     return forward
@@ -253,12 +294,12 @@ def patch(model) -> PatchReport:
         report.matches.update({"rms_norm": 2, "matvec": 1, "kv_matvec": 1, "rope": 2, "gqa_attention": 1,
                                "matvec_residual": 2, "gate_up_silu": 1})
     if getattr(base, "norm", None) is not None and hasattr(base.norm, "variance_epsilon"):
-        base.norm.forward = _norm_forward(base.norm)
+        base.norm.forward = _norm_forward(base.norm, report)
         patched.append(base.norm)
         report.matches["rms_norm"] += 1
     lm_head = getattr(model, "lm_head", None)
     if isinstance(lm_head, torch.nn.Linear):
-        lm_head.forward = _lm_head_forward(lm_head)
+        lm_head.forward = _lm_head_forward(lm_head, report)
         patched.append(lm_head)
         report.matches["matvec"] += 1
     if len(patched) == len(layers) + 2 and lm_head.bias is None:

@@ -136,3 +136,19 @@ def test_unpatch_restores_the_class_forward():
     assert "forward" in model.model.layers[0].__dict__
     assert tileflow.unpatch(model)
     assert "forward" not in model.model.layers[0].__dict__ and not tileflow.unpatch(model)
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_a_failing_kernel_falls_back_instead_of_crashing(monkeypatch, cache):
+    from tileflow.runtime import ops
+
+    model, ids = tiny("qwen2"), prompt()
+    expected = greedy(model, ids, cache)
+
+    def broken(*a, **k):
+        raise RuntimeError("no kernel for this device")
+
+    monkeypatch.setattr(ops, "rms_norm", broken)
+    report = tileflow.patch(model)
+    assert torch.equal(greedy(model, ids, cache), expected)
+    assert any("disabled after an error: RuntimeError: no kernel" in r for _, _, r in report.fallbacks)
