@@ -11,6 +11,10 @@ policy of the suite), and tiles kept in bf16 for a tensor-core dot are upcast un
 ``if UPCAST:`` (a constexpr the launcher sets in interpreter mode only, so one text
 serves both); and float runtime scalars arrive as Python floats, which have no
 tensor methods, so each is wrapped with ``tl.full((), x, tl.float32)`` at entry.
+
+On Hopper and newer, kernels are launched with programmatic dependent launch: each
+may start while its predecessor drains, and waits (``gdc_wait``) before touching
+memory, so every kernel still sees all earlier writes (``TILEFLOW_PDL=0`` turns it off).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ class TritonEmitter(Walker):
         names = [k for k in sorted(self.ir.params) if k not in LAUNCH_OPTIONS]
         if self.uses("dot"):
             names += ["DOT_PREC", "UPCAST"]
-        return names
+        return names + ["USE_PDL"]
 
     def signature(self) -> list[str]:
         args = [f"{v.name}_ptr" for v in self.ir.views]
@@ -148,6 +152,10 @@ class TritonEmitter(Walker):
                 w(a + ",")
         w("):")
         with w.indent():
+            w("if USE_PDL:  # launched early: wait until the previous kernel's writes are visible")
+            with w.indent():
+                w("tl.extra.cuda.gdc_wait()")
+                w("tl.extra.cuda.gdc_launch_dependents()")
             for s in self.ir.scalars:
                 if s.dtype == "f32":
                     w(f"{s.name} = tl.full((), {s.name}, tl.float32)")
@@ -187,6 +195,7 @@ class TritonEmitter(Walker):
                 first = tviews[0].name
                 w(f'DOT_PREC = "ieee" if {first}.dtype == torch.float32 else "tf32"')
                 w('UPCAST = os.environ.get("TRITON_INTERPRET") == "1"')
+            w(f"USE_PDL = _use_pdl({ins[0]})")
             call = [v.name for v in self.ir.views]
             call += [f"{v.name}.stride({a})" for v in self.ir.views for a in range(v.rank)]
             call += list(self.ir.dims) + scal
@@ -197,7 +206,7 @@ class TritonEmitter(Walker):
                 w(f"{self.ir.name}_{stage.name}[({grid})](")
                 with w.indent():
                     w(", ".join(call) + ",")
-                    w(", ".join(kw) + ",")
+                    w(", ".join(kw) + ", **(_PDL_LAUNCH if USE_PDL else {}),")
                 w(")")
 
     def module(self) -> str:
@@ -214,6 +223,22 @@ class TritonEmitter(Walker):
         w("def cdiv(a, b):")
         with w.indent():
             w("return (a + b - 1) // b")
+        w()
+        w()
+        w("_PDL_LAUNCH = {\"launch_pdl\": True}")
+        w("_PDL_DEVICES = {}")
+        w()
+        w()
+        w("def _use_pdl(t):")
+        with w.indent():
+            w('"""Programmatic dependent launch: Hopper or newer, compiled, not disabled (TILEFLOW_PDL=0)."""')
+            w('if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("TILEFLOW_PDL") == "0":')
+            with w.indent():
+                w("return False")
+            w("if t.device.index not in _PDL_DEVICES:")
+            with w.indent():
+                w("_PDL_DEVICES[t.device.index] = torch.cuda.get_device_capability(t.device)[0] >= 9")
+            w("return _PDL_DEVICES[t.device.index]")
         w()
         w()
         for stage in self.ir.stages:
