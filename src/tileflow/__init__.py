@@ -29,3 +29,17 @@ def explain(fn, *args, **kwargs):
     from tileflow.integrations.torch.explain import explain as _explain
 
     return _explain(fn, *args, **kwargs)
+
+
+_SUBPACKAGES = {"jax": "tileflow.integrations.jax", "onnx": "tileflow.integrations.onnx",
+                "torch_xla": "tileflow.integrations.torch_xla"}
+
+
+def __getattr__(name: str):
+    # ``tileflow.onnx`` / ``from tileflow import jax as tfj``: the integrations import
+    # their framework only when asked for, so ``import tileflow`` stays light.
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(_SUBPACKAGES[name])
+    raise AttributeError(f"module 'tileflow' has no attribute {name!r}")
