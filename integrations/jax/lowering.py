@@ -1,0 +1,100 @@
+"""What a tileflow primitive lowers to, per platform.
+
+- TPU, CUDA (and ROCm): the kernel's generated Pallas code, compiled
+  (``interpret=False``; on GPUs Pallas compiles through its Triton backend, so no
+  ``jax_triton`` is needed). ``TILEFLOW_PALLAS_INTERPRET=1`` forces the interpreter.
+- CPU: the kernel's array-API reference in jax.numpy with fp32 arithmetic, rounded
+  once to the storage dtype (what the torch CPU path does), or, with
+  ``TILEFLOW_JAX_TARGET=pallas``, the generated Pallas code under the interpreter.
+- ``TILEFLOW_JAX_TARGET=reference`` runs the reference on every platform.
+
+The target is a static parameter of each call (read from the environment when the
+primitive is bound), so programs traced under different settings never share a
+compiled executable.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+from jax.interpreters import mlir
+
+from tileflow.suite import KERNELS
+
+
+def _interpret_on_accelerator() -> bool:
+    return os.environ.get("TILEFLOW_PALLAS_INTERPRET") == "1"
+
+
+def reference_impl(name: str):
+    """The reference as a function of the primitive's operands and parameters."""
+    from tileflow.integrations.jax.primitives import input_views, output_avals, storage_dtype
+
+    kernel = KERNELS[name]
+
+    def impl(*ops, sizes, scalars, target):
+        views = input_views(name, sizes)
+        storage = storage_dtype(name, sizes, ops)
+        inputs = {v.name: (x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x)
+                  for v, x in zip(views, ops)}
+        res = kernel.reference(jnp, **inputs, **dict(scalars))
+        avals = output_avals(name, sizes, storage)
+        outs = kernel_outputs(name, sizes)
+        return [res[n].astype(a.dtype) for n, a in zip(outs, avals)]
+
+    return impl
+
+
+def kernel_outputs(name: str, sizes: tuple) -> list:
+    from tileflow.integrations.jax.primitives import kernel_ir
+
+    return [v.name for v in kernel_ir(name, sizes).outputs]
+
+
+def pallas_impl(name: str, interpret: bool):
+    """The generated Pallas ``launch`` on the primitive's operands; outputs start
+    poisoned (NaN / -1), so an element the kernel fails to write cannot pass as a
+    plausible value."""
+    from tileflow.integrations.jax.primitives import kernel_ir, output_avals, storage_dtype
+    from tileflow.runtime.jax_pallas import pallas_launcher
+
+    def impl(*ops, sizes, scalars, target):
+        ir = kernel_ir(name, sizes)
+        launch = pallas_launcher(ir)
+        avals = dict(zip((v.name for v in ir.outputs), output_avals(name, sizes, storage_dtype(name, sizes, ops))))
+        it = iter(ops)
+        args = []
+        for v in ir.arguments:
+            if v.role in ("input", "inout"):
+                args.append(next(it))
+            else:
+                a = avals[v.name]
+                fill = jnp.nan if jnp.issubdtype(a.dtype, jnp.floating) else -1
+                args.append(jnp.full(a.shape, fill, a.dtype))
+        scal = dict(scalars)
+        return list(launch(*args, *[scal[s.name] for s in ir.scalars], interpret=interpret))
+
+    return impl
+
+
+def _rule(name: str, platform: str):
+    ref = mlir.lower_fun(reference_impl(name), multiple_results=True)
+    interp = mlir.lower_fun(pallas_impl(name, interpret=True), multiple_results=True)
+    compiled = mlir.lower_fun(pallas_impl(name, interpret=False), multiple_results=True)
+
+    def rule(ctx, *args, sizes, scalars, target):
+        params = dict(sizes=sizes, scalars=scalars, target=target)
+        if target == "reference" or (platform == "cpu" and target == "auto"):
+            return ref(ctx, *args, **params)
+        if platform == "cpu" or _interpret_on_accelerator():
+            return interp(ctx, *args, **params)
+        return compiled(ctx, *args, **params)
+
+    return rule
+
+
+def register(prim, name: str) -> None:
+    """Register the lowerings of ``prim`` (suite kernel ``name``) on every platform."""
+    for platform in ("cpu", "cuda", "rocm", "tpu"):
+        mlir.register_lowering(prim, _rule(name, platform), platform=platform)

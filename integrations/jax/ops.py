@@ -1,0 +1,152 @@
+"""The suite kernels as JAX functions (Hugging Face layouts), each one primitive call.
+
+Mirrors ``tileflow.runtime.ops`` (the torch side): the same operands, sizes and
+scalars per kernel. Leading dimensions of row-wise operands are flattened into the
+kernel's row count and restored on the way out.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from tileflow.integrations.jax.primitives import bind
+from tileflow.suite.rope import ROPE_KINDS, ROPE_SCALARS
+
+Array = jax.Array
+
+
+def _rows(x: Array) -> int:
+    return math.prod(x.shape[:-1])
+
+
+def rms_norm(x: Array, w: Array, eps: float) -> Array:
+    """RMSNorm over the last axis of ``x`` with gamma ``w`` [D]; fp32 sums."""
+    d = x.shape[-1]
+    (out,) = bind("rms_norm", [x.reshape(_rows(x), d), w], {"M": _rows(x), "D": d}, {"eps": eps})
+    return out.reshape(x.shape)
+
+
+def embedding(ids: Array, table: Array) -> Array:
+    """Rows of ``table`` [V, D] for the integer ``ids`` (any shape)."""
+    v, d = table.shape
+    m = math.prod(ids.shape)
+    (out,) = bind("embedding_lookup", [ids.reshape(m), table], {"M": m, "V": v, "D": d})
+    return out.reshape(ids.shape + (d,))
+
+
+def linear(x: Array, w: Array, b: Optional[Array] = None) -> Array:
+    """``x @ w.T (+ b)`` with ``w`` [N, K] (the ``nn.Linear`` layout)."""
+    n, k = w.shape
+    m = _rows(x)
+    ops = [x.reshape(m, k), w] + ([b] if b is not None else [])
+    (out,) = bind("q_proj_matvec", ops, {"M": m, "N": n, "K": k, "HAS_BIAS": int(b is not None)})
+    return out.reshape(x.shape[:-1] + (n,))
+
+
+def kv_proj(x: Array, wk: Array, wv: Array, bk: Optional[Array] = None,
+            bv: Optional[Array] = None) -> tuple[Array, Array]:
+    """``x @ wk.T + bk`` and ``x @ wv.T + bv`` over one read of ``x``."""
+    n, k = wk.shape
+    m = _rows(x)
+    ops = [x.reshape(m, k), wk, wv] + ([bk, bv] if bk is not None else [])
+    ko, vo = bind("kv_proj_matvec", ops, {"M": m, "N": n, "K": k, "HAS_BIAS": int(bk is not None)})
+    shape = x.shape[:-1] + (n,)
+    return ko.reshape(shape), vo.reshape(shape)
+
+
+def _matvec_residual(name: str, x: Array, w: Array, r: Array) -> Array:
+    n, k = w.shape
+    m = _rows(x)
+    (out,) = bind(name, [x.reshape(m, k), w, r.reshape(m, n)], {"M": m, "N": n, "K": k})
+    return out.reshape(r.shape)
+
+
+def o_proj_residual(x: Array, w: Array, r: Array) -> Array:
+    """``x @ w.T + r`` (attention output projection and residual, one pass)."""
+    return _matvec_residual("o_proj_residual", x, w, r)
+
+
+def down_proj_residual(x: Array, w: Array, r: Array) -> Array:
+    """``x @ w.T + r`` (MLP down projection and residual, one pass)."""
+    return _matvec_residual("down_proj_residual", x, w, r)
+
+
+def gate_up_silu(x: Array, wg: Array, wu: Array) -> Array:
+    """``silu(x @ wg.T) * (x @ wu.T)``; the two products never reach memory."""
+    n, k = wg.shape
+    m = _rows(x)
+    (out,) = bind("mlp_gate_up_silu", [x.reshape(m, k), wg, wu], {"M": m, "N": n, "K": k})
+    return out.reshape(x.shape[:-1] + (n,))
+
+
+def _elementwise(name: str, a: Array, b: Array) -> Array:
+    n = a.shape[-1]
+    m = _rows(a)
+    (out,) = bind(name, [a.reshape(m, n), b.reshape(m, n)], {"M": m, "N": n})
+    return out.reshape(a.shape)
+
+
+def silu_mul(a: Array, b: Array) -> Array:
+    """``silu(a) * b``, elementwise."""
+    return _elementwise("silu_mul_fused", a, b)
+
+
+def residual_add(a: Array, b: Array) -> Array:
+    """``a + b`` in fp32, rounded once."""
+    return _elementwise("residual_add", a, b)
+
+
+def rope_scalars(theta: float, scaling: Optional[dict] = None) -> tuple[int, dict]:
+    """(ROPE_KIND, runtime scalars) for ``theta`` and a transformers-style
+    ``rope_scaling`` dict (``rope_type`` default / linear / llama3)."""
+    scaling = scaling or {}
+    rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type not in ROPE_KINDS:
+        raise ValueError(f"rope_type {rope_type!r} is not supported (default, linear, llama3 are)")
+    kind = ROPE_KINDS[rope_type]
+    vals = {"theta": float(theta), "factor": scaling.get("factor"),
+            "low_freq_factor": scaling.get("low_freq_factor"), "high_freq_factor": scaling.get("high_freq_factor"),
+            "original_max_position": scaling.get("original_max_position_embeddings")}
+    return kind, {n: float(vals[n]) for n in ROPE_SCALARS[kind]}
+
+
+def rope(x: Array, pos: Array, theta: float, scaling: Optional[dict] = None) -> Array:
+    """Rotary embedding (rotate-half) of ``x`` [M, H, DH] at integer positions ``pos`` [M]."""
+    m, h, dh = x.shape
+    kind, scal = rope_scalars(theta, scaling)
+    (out,) = bind("rope_q", [x, pos], {"M": m, "NH": h, "DH": dh, "ROPE_KIND": kind}, scal)
+    return out
+
+
+def rope_k_into_cache(k: Array, v: Array, pos: Array, k_cache: Array, v_cache: Array, theta: float,
+                      scaling: Optional[dict] = None) -> tuple[Array, Array]:
+    """Rotate ``k`` [M, NKV, DH] at ``pos`` [M] and write it, and ``v``, into row ``pos``
+    of the static caches [M, NKV, S, DH]; returns the updated caches (donate them to
+    the enclosing ``jit`` and XLA updates them in place)."""
+    m, h, dh = k.shape
+    kind, scal = rope_scalars(theta, scaling)
+    sizes = {"M": m, "NKV": h, "DH": dh, "S": k_cache.shape[2], "ROPE_KIND": kind}
+    kc, vc = bind("rope_k", [k, pos, v, k_cache, v_cache], sizes, scal)
+    return kc, vc
+
+
+def attention_decode(q: Array, k_cache: Array, v_cache: Array, lengths: Array, scale: float) -> Array:
+    """GQA decode attention of ``q`` [B, NH, DH] over the first ``lengths[b]``
+    positions of the caches [B, NKV, S, DH]."""
+    b, nh, dh = q.shape
+    nkv, s = k_cache.shape[1], k_cache.shape[2]
+    (out,) = bind("attention_decode_gqa", [q, k_cache, v_cache, lengths],
+                  {"B": b, "NH": nh, "NKV": nkv, "DH": dh, "S": s}, {"scale": scale})
+    return out
+
+
+def argmax(logits: Array) -> Array:
+    """Greedy tokens of ``logits`` [..., V] (ties to the lowest index)."""
+    v = logits.shape[-1]
+    m = _rows(logits)
+    (out,) = bind("argmax_greedy", [logits.reshape(m, v)], {"M": m, "V": v})
+    return out.reshape(logits.shape[:-1])

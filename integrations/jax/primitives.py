@@ -1,0 +1,215 @@
+"""One JAX primitive per suite kernel.
+
+Every primitive takes the kernel's input (and in-place) arrays in the order of the
+tile definition, with the sizes, runtime scalars and target as static parameters,
+and returns the kernel's outputs (in-place views come back as new arrays: JAX is
+functional, XLA aliases them when the caller donates the buffer). Abstract
+evaluation reads the output shapes off the tile definition, so a primitive traces
+without running anything; ``lowering.py`` decides per platform what runs.
+
+Scalars (eps, theta, scale) are static: they are constants of the model, and a
+constant in the jaxpr is what the rewrite's exactness rules compare.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import batching
+
+from tileflow.suite import KERNELS
+
+TARGET_ENV = "TILEFLOW_JAX_TARGET"
+TARGETS = ("auto", "pallas", "reference")
+MATVEC_KERNELS = ("q_proj_matvec", "kv_proj_matvec", "o_proj_residual", "down_proj_residual", "mlp_gate_up_silu")
+
+
+def jax_target() -> str:
+    """``auto`` (Pallas compiled on GPU/TPU, the reference on CPU), ``pallas`` (also on
+    CPU, under the Pallas interpreter: how the tests run the generated kernels) or
+    ``reference`` (the jax.numpy reference everywhere), from ``TILEFLOW_JAX_TARGET``."""
+    t = os.environ.get(TARGET_ENV, "auto") or "auto"
+    if t not in TARGETS:
+        raise ValueError(f"{TARGET_ENV}={t!r}: expected one of {TARGETS}")
+    return t
+
+
+def index_dtype():
+    """The dtype of token ids / positions / lengths: int64 under ``jax_enable_x64``,
+    else int32 (what the generated code's ``_I64`` is)."""
+    return jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
+
+
+def _divisor_block(n: int, block: int, least: int = 1) -> int:
+    """The largest power of two <= ``block`` dividing ``n`` (at least ``least``), or
+    ``block`` when none does."""
+    b = block
+    while b >= max(1, least):
+        if n % b == 0:
+            return b
+        b //= 2
+    return block
+
+
+@functools.lru_cache(maxsize=None)
+def launch_params(name: str, sizes: tuple) -> dict:
+    """Launch parameters for the generated Pallas kernel at these sizes.
+
+    The defaults, with block sizes shrunk to divisors of the weight dimensions: the
+    generated ``launch`` pads every array to whole blocks, and a padded weight (or KV
+    cache) is a full copy on every call. Reductions that must sit in one block
+    (RMSNorm's row, argmax's partials) keep their size: padding those is small."""
+    s = dict(sizes)
+    p = dict(KERNELS[name].default_params(s))
+    if name in MATVEC_KERNELS:
+        p["BLOCK_K"] = _divisor_block(s["K"], p["BLOCK_K"], 16)
+        p["BLOCK_N"] = _divisor_block(s["N"], p["BLOCK_N"])
+    elif name == "embedding_lookup":
+        p["BLOCK_D"] = _divisor_block(s["D"], p["BLOCK_D"], 16)
+    elif name == "attention_decode_gqa":
+        p["BLOCK_N"] = _divisor_block(s["S"], p["BLOCK_N"], 16)  # tl.dot wants >= 16 rows
+    return p
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_ir(name: str, sizes: tuple):
+    return KERNELS[name].build(launch_params(name, sizes))
+
+
+def _view_shape(view, sizes: dict) -> tuple:
+    return tuple(int(sizes[d]) for d in view.shape)
+
+
+def input_views(name: str, sizes: tuple) -> list:
+    """The views a primitive takes as operands: inputs and in-place views, in the
+    order of the tile definition."""
+    return [v for v in kernel_ir(name, sizes).arguments if v.role in ("input", "inout")]
+
+
+def output_avals(name: str, sizes: tuple, storage) -> list:
+    out = []
+    for v in kernel_ir(name, sizes).outputs:
+        dtype = {"T": storage, "f32": jnp.float32}.get(v.dtype, index_dtype())
+        out.append(jax.core.ShapedArray(_view_shape(v, dict(sizes)), dtype))
+    return out
+
+
+def storage_dtype(name: str, sizes: tuple, avals: Sequence) -> jnp.dtype:
+    """The "T" dtype of a call: that of its first floating operand."""
+    for v, a in zip(input_views(name, sizes), avals):
+        if v.dtype == "T":
+            return a.dtype
+    raise ValueError(f"{name}: no floating operand")
+
+
+PRIMITIVES: dict[str, Primitive] = {}
+
+
+def primitive(name: str) -> Primitive:
+    """The primitive ``tileflow_<kernel>`` (created and registered on first use)."""
+    prim = PRIMITIVES.get(name)
+    if prim is None:
+        prim = _make(name)
+        PRIMITIVES[name] = prim
+    return prim
+
+
+def _make(name: str) -> Primitive:
+    prim = Primitive(f"tileflow_{name}")
+    prim.multiple_results = True
+
+    def abstract(*avals, sizes, scalars, target):
+        _check_operands(name, sizes, avals)
+        return output_avals(name, sizes, storage_dtype(name, sizes, avals))
+
+    prim.def_abstract_eval(abstract)
+    # Eager calls run the same lowering as under jit (one compiled program per
+    # static parameter set), so eager and jitted results agree bit for bit.
+    prim.def_impl(lambda *args, **params: _jitted(prim, tuple(sorted(params.items())))(*args))
+    batching.primitive_batchers[prim] = functools.partial(_batch, prim, name)
+    from tileflow.integrations.jax import lowering
+
+    lowering.register(prim, name)
+    return prim
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(prim: Primitive, params: tuple):
+    return jax.jit(lambda *a: prim.bind(*a, **dict(params)))
+
+
+def _check_operands(name: str, sizes: tuple, avals: Sequence) -> None:
+    views = input_views(name, sizes)
+    if len(views) != len(avals):
+        raise TypeError(f"tileflow_{name}: {len(avals)} operands, expected {len(views)} "
+                        f"({', '.join(v.name for v in views)})")
+    s = dict(sizes)
+    for v, a in zip(views, avals):
+        want = _view_shape(v, s)
+        if tuple(a.shape) != want:
+            raise TypeError(f"tileflow_{name}: {v.name} has shape {tuple(a.shape)}, expected {want}")
+        if v.dtype in ("i64", "i32") and not jnp.issubdtype(a.dtype, jnp.integer):
+            raise TypeError(f"tileflow_{name}: {v.name} must be integer, got {a.dtype}")
+
+
+def bind(name: str, operands: Sequence, sizes: dict, scalars: dict | None = None) -> list:
+    """Call suite kernel ``name`` on ``operands`` (its input views, in order).
+
+    Floating operands must share one dtype (the kernel's storage dtype); index
+    operands are cast to :func:`index_dtype`."""
+    key = tuple(sorted((k, int(v)) for k, v in sizes.items()))
+    views = input_views(name, key)
+    ops = []
+    for v, x in zip(views, operands):
+        x = jnp.asarray(x)
+        if v.dtype in ("i64", "i32"):
+            x = x.astype(index_dtype())
+        ops.append(x)
+    floats = {str(x.dtype) for v, x in zip(views, ops) if v.dtype == "T"}
+    if len(floats) > 1:
+        raise TypeError(f"tileflow_{name}: floating operands of several dtypes {sorted(floats)}")
+    scal = tuple((k, float(val)) for k, val in (scalars or {}).items())
+    return primitive(name).bind(*ops, sizes=key, scalars=scal, target=jax_target())
+
+
+def _row_dim(name: str, sizes: tuple) -> str:
+    """The dimension that indexes independent rows (tokens / sequences): the first of
+    the first output. Every suite kernel computes each row on its own."""
+    return kernel_ir(name, sizes).outputs[0].shape[0]
+
+
+def _batch(prim, name, args, dims, *, sizes, scalars, target):
+    """vmap: an extra batch of rows becomes more rows (operands laid out by row get
+    the batch merged into their first axis; unbatched ones are broadcast). When a
+    weight itself is batched there is no such merge: one call per batch element."""
+    row = _row_dim(name, sizes)
+    views = input_views(name, sizes)
+    nb = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    by_row = [v.shape[0] == row for v in views]
+    if any(d is not None and not r for d, r in zip(dims, by_row)):
+        moved = [jnp.moveaxis(a, d, 0) if d is not None else a for a, d in zip(args, dims)]
+        mapped = [d is not None for d in dims]
+
+        def one(xs):
+            it = iter(xs)
+            ops = [next(it) if m else a for a, m in zip(moved, mapped)]
+            return prim.bind(*ops, sizes=sizes, scalars=scalars, target=target)
+
+        outs = jax.lax.map(one, [a for a, m in zip(moved, mapped) if m])
+        return list(outs), [0] * len(outs)
+    s = dict(sizes)
+    merged = []
+    for a, d, r in zip(args, dims, by_row):
+        if not r:
+            merged.append(a)
+            continue
+        a = jnp.moveaxis(a, d, 0) if d is not None else jnp.broadcast_to(a, (nb,) + a.shape)
+        merged.append(a.reshape((nb * a.shape[1],) + a.shape[2:]))
+    s[row] = nb * s[row]
+    outs = prim.bind(*merged, sizes=tuple(sorted(s.items())), scalars=scalars, target=target)
+    return [o.reshape((nb, o.shape[0] // nb) + o.shape[1:]) for o in outs], [0] * len(outs)
