@@ -37,7 +37,12 @@ def _graph_pass(report: Report):
 
 def tileflow_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: Optional[str] = None,
                      options: Optional[dict] = None) -> Callable:
-    """Compile ``gm``: decode patterns -> suite kernels, everything else -> inductor."""
+    """Compile ``gm``: decode patterns -> suite kernels, everything else -> inductor
+    (on XLA devices: torch-xla's openxla, see ``tileflow.integrations.torch_xla``)."""
+    if any(getattr(getattr(x, "device", None), "type", None) == "xla" for x in example_inputs):
+        from tileflow.integrations.torch_xla.backend import xla_backend
+
+        return xla_backend(gm, example_inputs, LAST_REPORTS, _COLLECTORS)
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 

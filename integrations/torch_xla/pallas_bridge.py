@@ -1,0 +1,154 @@
+"""The Pallas paths: the suite's generated Pallas ``launch`` on XLA tensors.
+
+- On TPU through torch-xla's Pallas bridge, ``make_kernel_from_pallas``: it lowers the
+  jax function, takes the one Mosaic ``tpu_custom_call`` it finds and calls it on the
+  torch tensors as given. That is exact only when ``launch`` is a single
+  ``pallas_call`` on its own arguments, so launch parameters are chosen for that (one
+  stage, blocks that divide the sizes: no padding) and :meth:`PallasKernel.tpu_problem`
+  checks it on the TPU lowering before the kernel is used.
+- Elsewhere, under the Pallas interpreter, inlined into the XLA graph with
+  ``torch_xla.core.xla_builder.call_jax`` (the same generated code, as plain HLO).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import torch
+
+from tileflow.integrations.torch_xla.kernels import CALLS, SuiteCall
+
+_KERNELS: dict[tuple, "PallasKernel"] = {}
+
+
+def _largest_pow2_divisor(n: int, cap: int) -> int:
+    b = 1
+    while b * 2 <= cap and n % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+def tpu_params(call: SuiteCall, sizes: dict) -> dict:
+    """The suite's default parameters, made single-stage (no split-K) with block sizes
+    that divide N and K, so the launch pads nothing and is one ``pallas_call``."""
+    from tileflow.suite import KERNELS
+
+    p = dict(KERNELS[call.kernel].default_params(sizes))
+    p["SPLIT_K"] = 1
+    p["BLOCK_N"] = _largest_pow2_divisor(sizes["N"], p["BLOCK_N"])
+    p["BLOCK_K"] = _largest_pow2_divisor(sizes["K"], p["BLOCK_K"])
+    return p
+
+
+class PallasKernel:
+    """One suite kernel at one size and dtype: its generated Pallas ``launch``, and
+    the ways to run it on XLA tensors."""
+
+    def __init__(self, call: SuiteCall, sizes: dict, dtype: torch.dtype):
+        from tileflow.runtime.jax_pallas import pallas_launcher
+        from tileflow.suite import KERNELS
+
+        self.call, self.sizes, self.dtype = call, dict(sizes), dtype
+        self.params = tpu_params(call, sizes)
+        self.ir = KERNELS[call.kernel].build(self.params)
+        launch = pallas_launcher(self.ir)
+        # one object per kernel: call_jax and trace_pallas cache their tracing by it
+        self.compiled_fn = functools.partial(launch, interpret=False)
+        self.interpret_fn = functools.partial(launch, interpret=True)
+        self._tpu_problem: Optional[str] = None
+        self._tpu_kernel: Optional[Callable] = None
+
+    def _operands(self, tensors) -> list:
+        return [t for t in tensors if t is not None]
+
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
+        # the launch takes its output's initial contents; NaN where nothing is written
+        return torch.full((self.sizes["M"], self.sizes["N"]), float("nan"), dtype=self.dtype, device=x.device)
+
+    def tpu_problem(self) -> str:
+        """"" when the TPU lowering of ``launch`` is one Mosaic call on ``launch``'s own
+        arguments whose result is returned as is (what ``make_kernel_from_pallas``
+        assumes), else what is in the way. Lowers for TPU without needing one."""
+        if self._tpu_problem is None:
+            self._tpu_problem = _single_call_problem(self.compiled_fn, self._shapes())
+        return self._tpu_problem
+
+    def _shapes(self) -> list:
+        import jax
+
+        from torch_xla.experimental.custom_kernel import convert_torch_dtype_to_jax
+
+        dt = convert_torch_dtype_to_jax(self.dtype)
+        shapes = {"x": (self.sizes["M"], self.sizes["K"]), "w": (self.sizes["N"], self.sizes["K"]),
+                  "wg": (self.sizes["N"], self.sizes["K"]), "wu": (self.sizes["N"], self.sizes["K"]),
+                  "b": (self.sizes["N"],), "r": (self.sizes["M"], self.sizes["N"])}
+        names = [n for n in self.call.inputs if n != "b" or self.sizes.get("HAS_BIAS")]
+        return [jax.ShapeDtypeStruct(shapes[n], dt) for n in names] + \
+            [jax.ShapeDtypeStruct((self.sizes["M"], self.sizes["N"]), dt)]
+
+    def tpu_kernel(self) -> Callable:
+        """The ``make_kernel_from_pallas`` wrapper of the compiled launch (TPU)."""
+        if self._tpu_kernel is None:
+            from torch_xla.experimental.custom_kernel import make_kernel_from_pallas
+
+            self._tpu_kernel = make_kernel_from_pallas(self.compiled_fn, lambda *a: [(a[-1].shape, a[-1].dtype)])
+        return self._tpu_kernel
+
+    def run_tpu(self, *tensors: Optional[torch.Tensor]) -> torch.Tensor:
+        ops = self._operands(tensors)
+        return self.tpu_kernel()(*ops, self._out(ops[0]), use_cache=True)
+
+    def run_interpret(self, *tensors: Optional[torch.Tensor]) -> torch.Tensor:
+        import torch_xla.core.xla_builder as xb
+
+        ops = self._operands(tensors)
+        return xb.call_jax(self.interpret_fn, tuple(ops) + (self._out(ops[0]),))[0]
+
+
+def _single_call_problem(fn: Callable, shapes: list) -> str:
+    import jax
+
+    try:
+        module = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("tpu",)).compiler_ir()
+    except Exception as e:  # noqa: BLE001  (any lowering error means: not this path)
+        return f"TPU lowering failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    funcs = list(module.body.operations)
+    if len(funcs) != 1:
+        return f"the lowering has {len(funcs)} functions, not one"
+    block = funcs[0].body.blocks[0]
+    ops = list(block.operations)
+    names = [o.name for o in ops]
+    if names != ["stablehlo.custom_call", "func.return"]:
+        return f"the launch is not one kernel call: {', '.join(names)}"
+    call, ret = ops
+    if [a.get_name() for a in call.operands] != [a.get_name() for a in block.arguments]:
+        return "the kernel's operands are not the launch's arguments in order"
+    if [v.get_name() for v in ret.operands] != [r.get_name() for r in call.results]:
+        return "the launch does not return the kernel's results as they are"
+    return ""
+
+
+def kernel_for(op: str, *tensors) -> PallasKernel:
+    """The cached :class:`PallasKernel` for ``op`` at these tensors' sizes and dtype."""
+    call = CALLS[op]
+    sizes = call.sizes(*tensors)
+    key = (op, tuple(sorted(sizes.items())), tensors[0].dtype)
+    k = _KERNELS.get(key)
+    if k is None:
+        k = _KERNELS[key] = PallasKernel(call, sizes, tensors[0].dtype)
+    return k
+
+
+def _entry(op: str, interpret: bool) -> Callable:
+    def run(*tensors):
+        k = kernel_for(op, *tensors)
+        return k.run_interpret(*tensors) if interpret else k.run_tpu(*tensors)
+
+    run.__name__ = run.__qualname__ = f"pallas{'_interpret' if interpret else ''}_{op}"
+    run.__doc__ = f"torch.ops.tileflow.{op} by its generated Pallas kernel" + (" (interpreted)" if interpret else "")
+    return run
+
+
+TPU_OPS = {op: _entry(op, False) for op in CALLS}
+INTERPRET_OPS = {op: _entry(op, True) for op in CALLS}
