@@ -1,0 +1,44 @@
+"""The report of an ONNX optimization: ``tileflow.report.Report`` plus where each
+rewrite fired, so the per-layer picture can be printed and tested."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from tileflow.report import Report
+
+# An op left in the optimized graph that belongs to a catalogue pattern: if the rule
+# did not take it (no structural match, so no check ran), the report still says so.
+ANCHORS = {"ReduceMean": "rms_norm", "Softmax": "gqa_attention", "Neg": "rope", "Sigmoid": "gate_up_silu"}
+
+
+@dataclass
+class OnnxReport(Report):
+    """``applied``: (pattern, where) of every rewrite, in graph order."""
+
+    applied: list = field(default_factory=list)
+
+    def by_layer(self) -> dict:
+        """Layer index (``None`` for nodes outside the decoder layers) -> pattern -> count."""
+        table: dict = defaultdict(lambda: defaultdict(int))
+        for name, at in self.applied:
+            m = re.search(r"layers\.(\d+)", at)
+            table[int(m.group(1)) if m else None][name] += 1
+        return {k: dict(v) for k, v in table.items()}
+
+    def __str__(self) -> str:
+        lines = [super().__str__(), "  per layer:"]
+        for layer, counts in sorted(self.by_layer().items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+            label = "outside layers" if layer is None else f"layer {layer}"
+            lines.append(f"    {label:<15} " + ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())))
+        return "\n".join(lines)
+
+
+def explain(path: str, target: str = "ort", **kwargs) -> OnnxReport:
+    """Run the rewrite rules of ``target`` on the ONNX file ``path`` without writing
+    anything and return what matched, per layer, and what stayed, with reasons."""
+    from tileflow.integrations.onnx.optimize import optimize
+
+    return optimize(path, None, target=target, **kwargs)
