@@ -66,4 +66,30 @@ def vendor_call(name: str, t: dict, scalars: dict):
         return (lambda: t["a"] + t["b"]), "torch eager"
     if name == "argmax_greedy":
         return (lambda: torch.argmax(t["logits"], dim=-1)), "torch.argmax"
+    if name in ("rms_norm_matvec", "rms_norm_gate_up_silu"):
+        x, ln = t["x"], t["ln_w"]
+        d = dict(t)  # the inner call reads d["x"] when it runs: the freshly normalised row
+        inner, label = vendor_call("q_proj_matvec" if name == "rms_norm_matvec" else "mlp_gate_up_silu", d, scalars)
+
+        def norm_then():
+            d["x"] = F.rms_norm(x, (x.shape[-1],), ln, scalars["eps"])
+            return inner()
+        return norm_then, "F.rms_norm + " + label
+    if name == "qkv_rope_cache":
+        x, ln, pos = t["x"], t["ln_w"], t["pos"]
+        w = torch.cat([t["wq"], t["wk"], t["wv"]], dim=0)  # one GEMV: cuBLAS's best case
+        b = torch.cat([t["bq"], t["bk"], t["bv"]]) if "bq" in t else None
+        m, nkv, _, dh = t["k_cache"].shape
+        nq, nkd = t["wq"].shape[0], t["wk"].shape[0]
+        cos, sin = _cos_sin(pos, dh, scalars["theta"], x.dtype)
+        cos, sin = cos[:, None, :], sin[:, None, :]
+
+        def qkv():
+            y = F.linear(F.rms_norm(x, (x.shape[-1],), ln, scalars["eps"]), w, b)
+            q, k, v = y[:, :nq].view(m, -1, dh), y[:, nq:nq + nkd].view(m, nkv, dh), y[:, nq + nkd:].view(m, nkv, dh)
+            q = q * cos + _rotate_half(q) * sin
+            t["k_cache"].index_copy_(2, pos, (k * cos + _rotate_half(k) * sin).unsqueeze(2))
+            t["v_cache"].index_copy_(2, pos, v.unsqueeze(2))
+            return q
+        return qkv, "F.rms_norm + F.linear on [wq;wk;wv] + eager RoPE + index_copy_"
     raise KeyError(name)

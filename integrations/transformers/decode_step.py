@@ -13,6 +13,7 @@ buffers, the cache tensors never move.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -23,8 +24,10 @@ from tileflow.runtime import ops
 class DecodeProgram:
     """The decode step of ``model`` reading its weights where they lie."""
 
-    def __init__(self, model, rope_cfg: ops.RopeConfig):
+    def __init__(self, model, rope_cfg: ops.RopeConfig, fused: Optional[bool] = None):
         cfg = model.config
+        # TILEFLOW_FUSED=0 runs the unfused kernels (to measure what fusion buys)
+        self.fused = os.environ.get("TILEFLOW_FUSED", "1") != "0" if fused is None else fused
         self.rope_cfg = rope_cfg
         self.nh, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
         base = model.model
@@ -49,6 +52,8 @@ class DecodeProgram:
         lengths = p + 1
         x = ops.embedding(tok.reshape(1), self.embed)
         nh, nkv, dh = self.nh, self.nkv, self.dh
+        if self.fused:
+            return self._run_fused(x, p, lengths, cache)
         for i, (ln1, eps1, wq, bq, wk, wv, bk, bv, wo, scale, ln2, eps2, wg, wu, wd) in enumerate(self.layers):
             layer = cache.layers[i]
             xn = ops.rms_norm(x, ln1, eps1)
@@ -62,6 +67,21 @@ class DecodeProgram:
             x = ops.down_proj_residual(g, wd, x)
         _advance(cache, 1)
         return ops.linear(ops.rms_norm(x, self.norm_w, self.norm_eps), self.lm_head_w)
+
+
+    def _run_fused(self, x, p, lengths, cache) -> torch.Tensor:
+        """The same step with the suite's fused kernels: six launches a layer
+        (qkv_rope_cache, attention's two stages, o_proj+residual, rms_norm_gate_up_silu,
+        down+residual) instead of eleven; the norms run inside the matvecs."""
+        nh, dh = self.nh, self.dh
+        for i, (ln1, eps1, wq, bq, wk, wv, bk, bv, wo, scale, ln2, eps2, wg, wu, wd) in enumerate(self.layers):
+            layer = cache.layers[i]
+            q = ops.qkv_rope_cache(x, ln1, eps1, wq, wk, wv, bq, bk, bv, p, layer.keys, layer.values, self.rope_cfg)
+            o = ops.attention_decode(q, layer.keys, layer.values, lengths, scale)
+            x = ops.o_proj_residual(o.view(1, nh * dh), wo, x)
+            x = ops.down_proj_residual(ops.rms_norm_gate_up_silu(x, ln2, eps2, wg, wu), wd, x)
+        _advance(cache, 1)
+        return ops.rms_norm_linear(x, self.norm_w, self.norm_eps, self.lm_head_w)
 
 
 def _advance(cache, n: int) -> None:

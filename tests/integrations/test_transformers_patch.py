@@ -148,7 +148,9 @@ def test_a_failing_kernel_falls_back_instead_of_crashing(monkeypatch, cache):
     def broken(*a, **k):
         raise RuntimeError("no kernel for this device")
 
-    monkeypatch.setattr(ops, "rms_norm", broken)
+    # every suite kernel fails to build, as on a device the generated code does not support
+    monkeypatch.setattr(ops, "_LAUNCHERS", {})
+    monkeypatch.setattr(ops, "_launcher", broken)
     report = tileflow.patch(model)
     assert torch.equal(greedy(model, ids, cache), expected)
     assert any("disabled after an error: RuntimeError: no kernel" in r for _, _, r in report.fallbacks)

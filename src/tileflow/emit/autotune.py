@@ -19,6 +19,11 @@ from tileflow.emit.cache import cache_dir
 
 
 def tune_key(kernel: str, sizes: dict, dtype: str, device: str) -> str:
+    from tileflow.suite import KERNELS
+
+    keys = getattr(KERNELS.get(kernel), "tune_keys", ())
+    if keys:
+        sizes = {k: sizes[k] for k in keys if k in sizes}
     shape = ",".join(f"{k}={sizes[k]}" for k in sorted(sizes))
     return f"{device}|{kernel}|{dtype}|{shape}"
 

@@ -98,6 +98,8 @@ class PallasEmitter(Walker):
         name = self.name(op.result)
         w(f"{name} = {view.name}_ref[{self._slice(index)}]{conv}")
         mask = self.mask_expr(view, index, op.attrs["limits"])
+        if op.attrs.get("when") is not None:
+            mask = f"({self.operand(op.attrs['when'])}) & {mask}" if mask else self.operand(op.attrs["when"])
         if mask:
             other = op.attrs["other"] if view.dtype in ("T", "f32") else int(op.attrs["other"])
             w(f"{name} = jnp.where({mask}, {name}, {literal(other)})")
@@ -109,7 +111,15 @@ class PallasEmitter(Walker):
         mask = self.mask_expr(view, index, op.attrs["limits"])
         if mask:
             val = f"jnp.where({mask}, {val}, {view.name}_ref[{sl}])"
-        w(f"{view.name}_ref[{sl}] = {val}")
+        when = op.attrs.get("when")
+        if when is None:
+            w(f"{view.name}_ref[{sl}] = {val}")
+            return
+        # a program that does not own the block must not write it at all (see store's when=)
+        w(f"@pl.when({self.operand(when)})")
+        w("def _guarded_store():")
+        with w.indent():
+            w(f"{view.name}_ref[{sl}] = {val}")
 
     def loop(self, loop: Loop, w: Writer):
         body = f"loop{loop.index.id}"

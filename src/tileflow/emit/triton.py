@@ -111,9 +111,17 @@ class TritonEmitter(Walker):
                 terms.append(f"{self.operand(i)} * {view.name}_s{axis}")
         return f"{view.name}_ptr + " + (" + ".join(terms) if terms else "0")
 
+    def _guarded(self, mask: str, op: Op) -> str:
+        when = op.attrs.get("when")
+        if when is None:
+            return mask
+        # "!= 0": the triton 3.9 interpreter turns scalar-bool & block-bool into int32,
+        # which it then refuses as a mask
+        return f"(({self.operand(when)}) & {mask}) != 0" if mask else self.operand(when)
+
     def op_load(self, op: Op, w: Writer):
         view, index = op.args
-        mask = self.mask_expr(view, index, op.attrs["limits"])
+        mask = self._guarded(self.mask_expr(view, index, op.attrs["limits"]), op)
         extra = f", mask={mask}, other={literal(op.attrs['other'])}" if mask else ""
         conv = ".to(tl.float32)" if view.dtype in ("T", "f32") and op.result.dtype == "f32" else ""
         name = self.name(op.result)
@@ -125,7 +133,7 @@ class TritonEmitter(Walker):
 
     def op_store(self, op: Op, w: Writer):
         view, index, value = op.args
-        mask = self.mask_expr(view, index, op.attrs["limits"])
+        mask = self._guarded(self.mask_expr(view, index, op.attrs["limits"]), op)
         extra = f", mask={mask}" if mask else ""
         val = f"tl.cast({self.operand(value)}, {view.name}_ptr.dtype.element_ty)"
         w(f"tl.store({self._address(view, index)}, {val}{extra})")

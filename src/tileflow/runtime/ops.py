@@ -193,6 +193,45 @@ def rope_config_of(config) -> tuple[Optional[RopeConfig], str]:
     return None, f"rope_type {rope_type!r} is not supported (default, linear, llama3 are)"
 
 
+def rms_norm_linear(x: torch.Tensor, ln_w: torch.Tensor, eps: float, w: torch.Tensor,
+                    b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``rms_norm(x, ln_w, eps) @ w.T (+ b)`` in one launch (final norm + lm_head)."""
+    n, k = w.shape
+    out = _out((x.shape[0], n), x)
+    sizes = {"M": x.shape[0], "N": n, "K": k, "HAS_BIAS": int(b is not None)}
+    fn = _launcher("rms_norm_matvec", sizes, x.dtype, x.device)
+    fn(x, ln_w, w, b, out, eps) if b is not None else fn(x, ln_w, w, out, eps)
+    return out
+
+
+def rms_norm_gate_up_silu(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wg: torch.Tensor,
+                          wu: torch.Tensor) -> torch.Tensor:
+    """``silu(n @ wg.T) * (n @ wu.T)`` with ``n = rms_norm(x, ln_w, eps)``, one launch."""
+    n, k = wg.shape
+    out = _out((x.shape[0], n), x)
+    _launcher("rms_norm_gate_up_silu", {"M": x.shape[0], "N": n, "K": k}, x.dtype, x.device)(
+        x, ln_w, wg, wu, out, eps)
+    return out
+
+
+def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Tensor, wk: torch.Tensor,
+                   wv: torch.Tensor, bq: Optional[torch.Tensor], bk: Optional[torch.Tensor],
+                   bv: Optional[torch.Tensor], pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   cfg: RopeConfig) -> torch.Tensor:
+    """The attention input of a decode layer in one launch: RMSNorm of ``x`` [M, D], the
+    q/k/v projections (+ biases), RoPE at ``pos`` [M]; K and V are written into row
+    ``pos`` of the caches [M, NKV, S, DH] in place; returns q [M, NH, DH]."""
+    m, nkv, s, dh = k_cache.shape
+    nq = wq.shape[0]
+    q = _out((m, nq // dh, dh), x)
+    sizes = {"M": m, "K": x.shape[1], "NH": nq // dh, "NKV": nkv, "DH": dh, "NQ": nq, "NKD": nkv * dh,
+             "S": s, "HAS_BIAS": int(bq is not None), "ROPE_KIND": cfg.kind}
+    fn = _launcher("qkv_rope_cache", sizes, x.dtype, x.device)
+    biases = (bq, bk, bv) if bq is not None else ()
+    fn(x, ln_w, wq, wk, wv, *biases, pos, q, k_cache, v_cache, eps, *cfg.scalars)
+    return q
+
+
 def embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Rows of ``table`` for the 1-D int64 ``ids``."""
     out = _out((ids.shape[0], table.shape[1]), table)

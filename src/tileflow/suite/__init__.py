@@ -7,3 +7,5 @@ from tileflow.suite import q_proj_matvec, kv_proj_matvec, o_proj_residual  # noq
 from tileflow.suite import mlp_gate_up_silu, down_proj_residual  # noqa: F401,E402
 from tileflow.suite import embedding_lookup, rope_q, rope_k, attention_decode_gqa  # noqa: F401,E402
 from tileflow.suite import silu_mul_fused, residual_add, argmax_greedy  # noqa: F401,E402
+# fused decode patterns: several suite kernels' work in one launch (``fused=True``)
+from tileflow.suite import qkv_rope_cache, rms_norm_gate_up_silu, rms_norm_matvec  # noqa: F401,E402

@@ -10,6 +10,11 @@ tiles through a 2-D fp32 accumulator (one cross-lane reduction at the end instea
 one per tile). With ``SPLIT_K > 1`` a first stage writes per-split partial sums and a
 second adds them and applies the epilogue: the small decode matvecs (N = 256..1536)
 have too few row blocks to keep every multiprocessor streaming otherwise.
+
+A form with ``norm`` first applies the RMSNorm that precedes every decode matvec of a
+Qwen2 / Llama layer (``x * rsqrt(mean(x^2) + eps) * ln_w``): each program recomputes
+the row's mean square from ``x`` (a few KB, served from L2) instead of a separate
+normalisation launch writing and re-reading the normalised row.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class MatvecForm:
     outputs: tuple[str, ...]
     extras: Callable[[dict], tuple[tuple[str, tuple], ...]]  # params -> ((name, shape), ...)
     epilogue: Callable
+    norm: bool = False  # RMSNorm of x (gamma ``ln_w``, scalar ``eps``) before the products
 
 
 RESIDUAL_FORM = MatvecForm(
@@ -50,11 +56,21 @@ def residual_reference(xp, x, w, r):
     return {"out": x @ xp.matrix_transpose(w) + r}
 
 
+def rms_scale(k, x, row, kdim, eps):
+    """fp32 ``rsqrt(mean(x[row]^2) + eps)`` of a row of ``x``, looping over BLOCK_K."""
+    with k.loop(0, kdim, "BLOCK_K", carry=[k.full(("BLOCK_K",), 0.0)]) as lp:
+        xv = k.load(x, (row, k.range(lp.index, "BLOCK_K", aligned=True)))
+        lp.next(lp.carry[0] + xv * xv)
+    return k.rsqrt(k.sum(lp.results[0], axis=0) / k.cast(kdim, "f32") + eps)
+
+
 def define_matvec(form: MatvecForm, k, p) -> None:
     x = k.input("x", ("M", "K"))
+    ln_w = k.input("ln_w", ("K",)) if form.norm else None
     ws = [k.input(w, ("N", "K")) for w in form.weights]
     extras = {name: k.input(name, shape) for name, shape in form.extras(p)}
     outs = [k.output(o, ("M", "N")) for o in form.outputs]
+    eps = k.scalar("eps") if form.norm else None
     split = p["SPLIT_K"]
     parts = [k.workspace(f"part_{w}", ("SPLIT_K", "M", "N")) for w in form.weights] if split > 1 else []
 
@@ -75,10 +91,13 @@ def define_matvec(form: MatvecForm, k, p) -> None:
             hi = k.minimum(lo + chunk, kdim)
         else:
             lo, hi = 0, kdim
+        scale = rms_scale(k, x, row, kdim, eps) if form.norm else None
         acc0 = [k.full(("BLOCK_N", "BLOCK_K"), 0.0) for _ in ws]
         with k.loop(lo, hi, "BLOCK_K", carry=acc0) as lp:
             cols = k.range(lp.index, "BLOCK_K", aligned=True)
             xv = k.load(x, (row, cols), limits={1: hi})
+            if form.norm:
+                xv = xv * scale * k.load(ln_w, (cols,), limits={0: hi})
             lp.next(*[a + k.load(w, (rows, cols), limits={1: hi}) * xv[None, :]
                       for a, w in zip(lp.carry, ws)])
         sums = [k.sum(a, axis=1) for a in lp.results]

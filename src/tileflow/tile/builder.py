@@ -327,7 +327,8 @@ class TileBuilder:
         return tuple(i if isinstance(i, _RangeValue) else self._operand(i) for i in index)
 
     def load(self, view: View, index: Sequence, limits: Optional[dict] = None,
-             other: float = 0.0, hint: str = "", for_dot: bool = False) -> Value:
+             other: float = 0.0, hint: str = "", for_dot: bool = False,
+             when: Optional[Value] = None) -> Value:
         """Load the block of ``view`` at ``index`` (one scalar or range per dim).
 
         Elements whose range index is ``>=`` the limit of that dim (the view's size
@@ -336,6 +337,10 @@ class TileBuilder:
         ``for_dot``: then a storage-dtype tile comes back that may only feed
         :meth:`dot` / :meth:`trans` (tensor cores take bf16/fp16 as stored; the
         products are exact and accumulate in fp32).
+
+        ``when`` (a scalar bool) reads nothing unless it holds (``other`` instead):
+        a program that serves one of several views by its program id reads only
+        its own; the index must still lie inside the view.
         """
         index = self._check_index(view, index)
         shape = tuple(i.block for i in index if isinstance(i, _RangeValue))
@@ -344,18 +349,27 @@ class TileBuilder:
         else:
             dtype = "f32" if view.dtype in FLOAT_DTYPES else view.dtype
         res = self._new(dtype, shape, hint or view.name)
-        return self._emit("load", res, (view, index), limits=dict(limits or {}), other=other)
+        return self._emit("load", res, (view, index), limits=dict(limits or {}), other=other,
+                          when=self._guard(when))
 
     def store(self, view: View, index: Sequence, value: Operand,
-              limits: Optional[dict] = None) -> None:
-        """Store ``value`` (cast to the view's dtype) into the block at ``index``."""
+              limits: Optional[dict] = None, when: Optional[Value] = None) -> None:
+        """Store ``value`` (cast to the view's dtype) into the block at ``index``;
+        with ``when`` (a scalar bool) only if it holds. Unlike a limit of 0, ``when``
+        leaves the block untouched on every target (Pallas would otherwise write
+        the old values back, racing the program that owns the block)."""
         index = self._check_index(view, index)
         shape = tuple(i.block for i in index if isinstance(i, _RangeValue))
         value = self._operand(value)
         vshape = self._shape_of(value)
         if vshape != shape:
             raise TileDefinitionError(f"storing a {vshape} tile into a {shape} block of {view.name}")
-        self._emit("store", None, (view, index, value), limits=dict(limits or {}))
+        self._emit("store", None, (view, index, value), limits=dict(limits or {}), when=self._guard(when))
+
+    def _guard(self, when: Optional[Value]) -> Optional[Value]:
+        if when is not None and (not isinstance(when, Value) or when.shape != () or when.dtype != "bool"):
+            raise TileDefinitionError("when= takes a scalar bool value")
+        return when
 
     # ------------------------------------------------------------------ loops
     @contextlib.contextmanager

@@ -1,0 +1,138 @@
+"""qkv_rope_cache (fused): the whole attention input of a decode layer in one launch:
+RMSNorm of ``x`` (``input_layernorm``), the q, k and v projections (+ biases), RoPE of
+q and k at the row's position, q written out, K and V written into row ``pos`` of the
+static caches. Replaces rms_norm, q_proj_matvec, kv_proj_matvec, rope_q and rope_k.
+
+A program owns one head of the stacked [q heads | k heads | v heads] and ``BLOCK_J``
+rotation pairs ``(j, j + DH/2)`` of it, so both halves of every rotated pair are summed
+by the same program and RoPE happens in registers. Each program reads only its own
+weight (loads and stores ``when`` its head kind matches; the others are predicated
+off), so the three weights stay where transformers keeps them, unconcatenated.
+"""
+
+from tileflow.suite import rms_norm
+from tileflow.suite.inputs import linear_weight, positions
+from tileflow.suite.matvec import rms_scale
+from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
+from tileflow.suite.rope import LLAMA3, ROPE_SCALARS, inv_freq_tile, rope_reference
+
+
+def define(k, p):
+    kind = p["ROPE_KIND"]
+    x = k.input("x", ("M", "K"))
+    ln_w = k.input("ln_w", ("K",))
+    wq, wk, wv = (k.input(n, (rows, "K")) for n, rows in (("wq", "NQ"), ("wk", "NKD"), ("wv", "NKD")))
+    if p["HAS_BIAS"]:
+        bq, bk, bv = (k.input(n, (rows,)) for n, rows in (("bq", "NQ"), ("bk", "NKD"), ("bv", "NKD")))
+    pos = k.input("pos", ("M",), dtype="i64")
+    q_out = k.output("q", ("M", "NH", "DH"))
+    k_cache = k.inout("k_cache", ("M", "NKV", "S", "DH"))
+    v_cache = k.inout("v_cache", ("M", "NKV", "S", "DH"))
+    eps = k.scalar("eps")
+    for name in ROPE_SCALARS[kind]:
+        k.scalar(name)
+    with k.stage("main", grid=("NH + 2 * NKV", "cdiv(DH // 2, BLOCK_J)", "M")):
+        head, row = k.program_id(0), k.program_id(2)
+        nh, nkv, dh, kdim = k.dim("NH"), k.dim("NKV"), k.dim("DH"), k.dim("K")
+        half = dh // 2
+        j0 = k.program_id(1) * k.param("BLOCK_J")
+        is_q, is_v = head < nh, head >= nh + nkv
+        is_k = (head >= nh) & (head < nh + nkv)
+        # per kind, the head index clamped into its view (reads/writes are predicated
+        # on the kind, but an address must stay inside the view on every target)
+        hq = k.minimum(head, nh - 1)
+        hk = k.minimum(k.maximum(head - nh, 0), nkv - 1)
+        hv = k.maximum(head - nh - nkv, 0)
+        kinds = ((wq, hq, is_q), (wk, hk, is_k), (wv, hv, is_v))
+        lo_rows = [k.range(h * dh + j0, "BLOCK_J") for _, h, _ in kinds]
+        hi_rows = [k.range(h * dh + half + j0, "BLOCK_J") for _, h, _ in kinds]
+        lo_lim = [h * dh + half for _, h, _ in kinds]
+        hi_lim = [h * dh + dh for _, h, _ in kinds]
+
+        scale = rms_scale(k, x, row, kdim, eps)
+        acc0 = [k.full(("BLOCK_J", "BLOCK_K"), 0.0) for _ in range(2)]
+        with k.loop(0, kdim, "BLOCK_K", carry=acc0) as lp:
+            cols = k.range(lp.index, "BLOCK_K", aligned=True)
+            xv = k.load(x, (row, cols)) * scale * k.load(ln_w, (cols,))
+            acc_lo, acc_hi = lp.carry
+            for (w, _, when), lo, hi, llo, lhi in zip(kinds, lo_rows, hi_rows, lo_lim, hi_lim):
+                acc_lo = acc_lo + k.load(w, (lo, cols), limits={0: llo}, when=when) * xv[None, :]
+                acc_hi = acc_hi + k.load(w, (hi, cols), limits={0: lhi}, when=when) * xv[None, :]
+            lp.next(acc_lo, acc_hi)
+        y_lo, y_hi = (k.sum(a, axis=1) for a in lp.results)
+        if p["HAS_BIAS"]:
+            for b, (_, _, when), lo, hi, llo, lhi in zip((bq, bk, bv), kinds, lo_rows, hi_rows, lo_lim, hi_lim):
+                y_lo = y_lo + k.load(b, (lo,), limits={0: llo}, when=when)
+                y_hi = y_hi + k.load(b, (hi,), limits={0: lhi}, when=when)
+
+        j = k.range(j0, "BLOCK_J")
+        p_int = k.load(pos, (row,))
+        ang = k.cast(p_int, "f32") * inv_freq_tile(k, kind, j.index, dh)
+        c, s = k.cos(ang), k.sin(ang)
+        o_lo = k.where(is_v, y_lo, y_lo * c - y_hi * s)
+        o_hi = k.where(is_v, y_hi, y_hi * c + y_lo * s)
+        jh = k.range(half + j0, "BLOCK_J")
+        k.store(q_out, (row, hq, j), o_lo, limits={2: half}, when=is_q)
+        k.store(q_out, (row, hq, jh), o_hi, when=is_q)
+        for cache, h, when in ((k_cache, hk, is_k), (v_cache, hv, is_v)):
+            k.store(cache, (row, h, p_int, j), o_lo, limits={3: half}, when=when)
+            k.store(cache, (row, h, p_int, jh), o_hi, when=when)
+
+
+def reference(xp, x, ln_w, wq, wk, wv, pos, k_cache, v_cache, eps, bq=None, bk=None, bv=None, **rope):
+    m, nkv, s, dh = k_cache.shape
+    n = rms_norm.reference(xp, x, ln_w, eps)["out"]
+    q, kk, v = (n @ xp.matrix_transpose(w) for w in (wq, wk, wv))
+    if bq is not None:
+        q, kk, v = q + bq, kk + bk, v + bv
+    q = rope_reference(xp, xp.reshape(q, (m, -1, dh)), pos, **rope)
+    kk = rope_reference(xp, xp.reshape(kk, (m, nkv, dh)), pos, **rope)
+    v = xp.reshape(v, (m, nkv, dh))
+    at = (xp.arange(s)[None, :] == pos[:, None])[:, None, :, None]  # [M, 1, S, 1]
+    return {"q": q, "k_cache": xp.where(at, kk[:, :, None, :], k_cache),
+            "v_cache": xp.where(at, v[:, :, None, :], v_cache)}
+
+
+def default_params(s):
+    return {"BLOCK_J": 1, "BLOCK_K": min(2048, next_pow2(s["K"])), "HAS_BIAS": s.get("HAS_BIAS", 1),
+            "ROPE_KIND": s.get("ROPE_KIND", 0), "num_warps": 4, "num_stages": 2}
+
+
+def candidates(s):
+    base = default_params(s)
+    return [{**base, "BLOCK_J": bj, "BLOCK_K": bk, "num_warps": nw}
+            for bj in (1, 2, 4, 8) for bk in (512, 1024, 2048, 4096) for nw in (2, 4, 8)
+            if bk <= next_pow2(s["K"]) and 1024 <= 2 * bj * bk <= 16384 and bj <= s["DH"] // 2]
+
+
+def _sizes(c, S=4096):
+    return dict(M=1, K=c["D"], NH=c["NH"], NKV=c["NKV"], DH=c["DH"], NQ=c["NH"] * c["DH"],
+                NKD=c["NKV"] * c["DH"], S=S, P=S, HAS_BIAS=1, ROPE_KIND=0)
+
+
+def _case(label, M, K, NH, NKV, DH, S, scalars, params=None, **extra):
+    sizes = dict(M=M, K=K, NH=NH, NKV=NKV, DH=DH, NQ=NH * DH, NKD=NKV * DH, S=S, P=S, **extra)
+    return Case(label, sizes, {"eps": 1e-6, **scalars}, params=params or {})
+
+
+KERNEL = register(SuiteKernel(
+    name="qkv_rope_cache",
+    summary="fused: RMSNorm, q/k/v projections (+bias), RoPE, K/V written into the static cache",
+    define=define,
+    reference=reference,
+    default_params=default_params,
+    test_cases=[
+        _case("tiny", 1, 32, 2, 1, 16, 8, dict(theta=10000.0)),
+        _case("odd", 2, 50, 3, 1, 24, 13, dict(theta=1e6)),
+        _case("gqa4-loopk", 1, 300, 4, 1, 8, 9, dict(eps=1e-5, theta=10000.0), dict(BLOCK_K=128, BLOCK_J=2)),
+        _case("llama3-nobias", 1, 64, 2, 2, 32, 20, dict(eps=1e-5, **LLAMA3), HAS_BIAS=0, ROPE_KIND=2),
+    ],
+    decode_cases=lambda c: [Case("qkv", _sizes(c), dict(eps=1e-6, theta=10000.0))],
+    candidates=candidates,
+    input_makers={"wq": linear_weight, "wk": linear_weight, "wv": linear_weight, "pos": positions("P")},
+    min_bytes=lambda s, b: (((s["NQ"] + 2 * s["NKD"]) * (s["K"] + 1) + 2 * s["K"]) * b
+                            + (s["NQ"] + 2 * s["NKD"]) * s["M"] * b + 8 * s["M"]),
+    fused=True,
+    tune_keys=("M", "K", "NH", "NKV", "DH", "HAS_BIAS", "ROPE_KIND"),
+    module=__name__,
+))

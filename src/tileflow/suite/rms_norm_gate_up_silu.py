@@ -1,0 +1,38 @@
+"""rms_norm_gate_up_silu (fused): ``silu(n @ wg.T) * (n @ wu.T)`` with ``n`` the RMSNorm
+of ``x`` (the post-attention norm): the norm, both MLP projections and the activation
+in one launch. Same tiles as ``mlp_gate_up_silu`` with the matvec family's norm
+prologue (see matvec.py)."""
+
+from dataclasses import replace
+
+from tileflow.suite import mlp_gate_up_silu, rms_norm
+from tileflow.suite.inputs import linear_weight
+from tileflow.suite.matvec import define_matvec, matvec_bytes, matvec_candidates, matvec_params
+from tileflow.suite.registry import Case, SuiteKernel, register
+
+FORM = replace(mlp_gate_up_silu.FORM, norm=True)
+
+
+def reference(xp, x, ln_w, wg, wu, eps):
+    return mlp_gate_up_silu.reference(xp, rms_norm.reference(xp, x, ln_w, eps)["out"], wg, wu)
+
+
+KERNEL = register(SuiteKernel(
+    name="rms_norm_gate_up_silu",
+    summary="fused: RMSNorm, then MLP gate/up projections with SiLU(gate) * up",
+    define=lambda k, p: define_matvec(FORM, k, p),
+    reference=reference,
+    default_params=lambda s: matvec_params(s["N"], s["K"]),
+    test_cases=[
+        Case("tiny", dict(M=1, N=64, K=32), dict(eps=1e-6)),
+        Case("odd", dict(M=1, N=99, K=61), dict(eps=1e-5)),
+        Case("loopk", dict(M=2, N=37, K=600), dict(eps=1e-6), params=dict(BLOCK_K=256)),
+        Case("splitk", dict(M=2, N=50, K=600), dict(eps=1e-6), params=dict(SPLIT_K=2, BLOCK_K=256)),
+    ],
+    decode_cases=lambda c: [Case("gate_up", dict(M=1, N=c["INTER"], K=c["D"]), dict(eps=1e-6))],
+    candidates=lambda s: matvec_candidates(s["N"], s["K"]),
+    input_makers={"wg": linear_weight, "wu": linear_weight},
+    min_bytes=lambda s, b: matvec_bytes(2, 0, 0, 1)(s, b) + s["K"] * b,
+    fused=True,
+    module=__name__,
+))
