@@ -15,8 +15,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:  # pragma: no cover
-    from tileflow.integrations.onnx.explain import OnnxReport
-    from tileflow.integrations.onnx.export import ExportResult
+    from tileflow.integrations.onnx.report import OnnxReport
+    from tileflow.integrations.onnx.exporter import ExportResult
 
 __all__ = ["export", "optimize", "explain", "Generator"]
 
@@ -24,8 +24,8 @@ __all__ = ["export", "optimize", "explain", "Generator"]
 def export(model, path: str, *, prefill_path: Optional[str] = None, opset: int = 18) -> "ExportResult":
     """Export ``model``'s decode step (``input_ids`` [1, 1] and ``past_{key,value}.<i>`` in,
     ``logits`` and ``present_{key,value}.<i>`` out) to ``path``, and with
-    ``prefill_path`` the prompt graph; see :func:`tileflow.integrations.onnx.export.export`."""
-    from tileflow.integrations.onnx.export import export as _export
+    ``prefill_path`` the prompt graph; see :func:`tileflow.integrations.onnx.exporter.export`."""
+    from tileflow.integrations.onnx.exporter import export as _export
 
     return _export(model, path, prefill_path=prefill_path, opset=opset)
 
@@ -34,14 +34,14 @@ def optimize(src: str, dst: Optional[str], *, target: str = "ort", max_positions
              ) -> "OnnxReport":
     """Rewrite the decode patterns of ``src`` for ``target`` (``"ort"`` or ``"opset23"``)
     into ``dst``; returns the report of what matched and what stayed, with reasons."""
-    from tileflow.integrations.onnx.optimize import optimize as _optimize
+    from tileflow.integrations.onnx.optimizer import optimize as _optimize
 
     return _optimize(src, dst, target=target, max_positions=max_positions)
 
 
 def explain(path: str, target: str = "ort", **kwargs) -> "OnnxReport":
     """The report :func:`optimize` would give for ``path``, writing nothing."""
-    from tileflow.integrations.onnx.explain import explain as _explain
+    from tileflow.integrations.onnx.report import explain as _explain
 
     return _explain(path, target, **kwargs)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from tileflow.integrations.onnx.explain import ANCHORS, OnnxReport
+from tileflow.integrations.onnx.report import ANCHORS, OnnxReport
 
 TARGETS = ("ort", "opset23")
 
@@ -69,9 +69,7 @@ def optimize(src: str, dst: Optional[str], *, target: str = "ort", max_positions
     report = OnnxReport(title=f"tileflow.onnx.optimize target={target}: {os.path.basename(src)}")
     for rules in rule_passes(report, target, _max_positions(model, max_positions)):
         pattern.RewriteRuleSet(rules).apply_to_model(model)
-    # A check that failed at a place another rule variant later rewrote is no fallback.
-    done = set(report.applied)
-    report.fallbacks = list(dict.fromkeys(f for f in report.fallbacks if (f[0], f[1]) not in done))
+    report.settle()
     _leftovers(model, report)
     if dst is not None:
         data = os.path.basename(dst) + ".data"

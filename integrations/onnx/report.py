@@ -16,9 +16,20 @@ ANCHORS = {"ReduceMean": "rms_norm", "Softmax": "gqa_attention", "Neg": "rope", 
 
 @dataclass
 class OnnxReport(Report):
-    """``applied``: (pattern, where) of every rewrite, in graph order."""
+    """``applied``: (pattern, where) of every rewrite, in graph order. ``checked``:
+    (pattern, where, node, reason) of every failed exactness check, turned into
+    fallbacks by :meth:`settle` unless the node was rewritten after all."""
 
     applied: list = field(default_factory=list)
+    checked: list = field(default_factory=list)
+    rewritten: set = field(default_factory=set)
+
+    def settle(self) -> None:
+        for name, at, node, reason in self.checked:
+            entry = (name, at, f"{reason} [{node}]")
+            if node not in self.rewritten and entry not in self.fallbacks:
+                self.fallbacks.append(entry)
+        self.checked.clear()
 
     def by_layer(self) -> dict:
         """Layer index (``None`` for nodes outside the decoder layers) -> pattern -> count."""
@@ -39,6 +50,6 @@ class OnnxReport(Report):
 def explain(path: str, target: str = "ort", **kwargs) -> OnnxReport:
     """Run the rewrite rules of ``target`` on the ONNX file ``path`` without writing
     anything and return what matched, per layer, and what stayed, with reasons."""
-    from tileflow.integrations.onnx.optimize import optimize
+    from tileflow.integrations.onnx.optimizer import optimize
 
     return optimize(path, None, target=target, **kwargs)

@@ -78,16 +78,22 @@ class _Rule(pattern.RewriteRuleClassBase):
         self.report, self.target = report, target
 
     def fail(self, context, reason: str):
-        self.report.fallback(self.PATTERN, where(context.root), reason)
+        root = context.root
+        if hasattr(self.report, "checked"):
+            # Settled at the end: another rule may still rewrite this node.
+            self.report.checked.append((self.PATTERN, where(root), root.name, reason))
+        else:
+            self.report.fallback(self.PATTERN, where(root), reason)
         return pattern.MatchResult().fail(reason)
 
     def done(self, op):
         self.report.match(self.PATTERN)
         if hasattr(self.report, "applied"):
             self.report.applied.append((self.PATTERN, self._where))
+            self.report.rewritten.add(self._root)
 
     def check(self, context, **kw):
-        self._where = where(context.root)
+        self._where, self._root = where(context.root), context.root.name
         self._graph_inputs = {i.name for i in context.graph_or_function.inputs}
         reason = self.exact(**kw)
         return self.fail(context, reason) if reason else pattern.MatchResult()
