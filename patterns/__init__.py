@@ -8,5 +8,7 @@ the ones every ``tileflow.explain`` report uses.
 """
 
 from tileflow.patterns import gate_up_silu, matvec, matvec_residual  # noqa: E402
+from tileflow.patterns import gqa_attention, residual_rms_norm, rms_norm, rope  # noqa: E402
 
-CATALOGUE = {m.NAME: m for m in (matvec, matvec_residual, gate_up_silu)}
+CATALOGUE = {m.NAME: m for m in (matvec, matvec_residual, gate_up_silu, rms_norm, residual_rms_norm, rope,
+                                 gqa_attention)}

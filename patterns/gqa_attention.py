@@ -1,0 +1,20 @@
+"""Pattern ``gqa_attention``: one decode query attending over ``concat(past, new)``
+keys / values with the K/V heads repeated per group (``repeat_kv``), softmax of
+``(q*s) @ (k*s)^T + causal_mask`` and the product with V.
+
+Replaced by ``attention_decode_gqa`` (ONNX Runtime: ``GroupQueryAttention``;
+opset 23: ``Attention`` with past / present) when, exactly:
+- batch 1 and one query (decode): the causal mask of a query at the last position
+  admits every key, so it is dropped; the mask must be ``kv_index <= past_len`` built
+  from the cache length, the fully-masked-row guard ``where(isnan(p), 0, p)`` is then
+  a no-op,
+- the cache tensors are graph inputs [1, kv_heads, past, head_dim], the new k / v are
+  [1, kv_heads, 1, head_dim], heads are a multiple of kv heads and the repeat is
+  kv head j -> heads j*G .. j*G+G-1,
+- the two scale factors are one constant ``s`` (the fused scale is ``s*s``),
+- the output is reshaped to [1, 1, heads * head_dim].
+Prefill (many queries, a real causal mask) keeps the original.
+"""
+
+NAME = "gqa_attention"
+SUITE_KERNEL = "attention_decode_gqa"
