@@ -57,6 +57,7 @@ class PallasKernel:
         self.compiled_fn = functools.partial(launch, interpret=False)
         self.interpret_fn = functools.partial(launch, interpret=True)
         self._tpu_problem: Optional[str] = None
+        self._tpu_lowering = None
         self._tpu_kernel: Optional[Callable] = None
 
     def _operands(self, tensors) -> list:
@@ -66,15 +67,35 @@ class PallasKernel:
         # the launch takes its output's initial contents; NaN where nothing is written
         return torch.full((self.sizes["M"], self.sizes["N"]), float("nan"), dtype=self.dtype, device=x.device)
 
+    def tpu_lowering(self):
+        """The MLIR module of ``launch`` lowered for TPU (no TPU needed to lower)."""
+        if self._tpu_lowering is None:
+            import jax
+
+            self._tpu_lowering = jax.jit(self.compiled_fn).trace(*self.shapes()).lower(
+                lowering_platforms=("tpu",)).compiler_ir()
+        return self._tpu_lowering
+
     def tpu_problem(self) -> str:
         """"" when the TPU lowering of ``launch`` is one Mosaic call on ``launch``'s own
         arguments whose result is returned as is (what ``make_kernel_from_pallas``
-        assumes), else what is in the way. Lowers for TPU without needing one."""
+        assumes), else what is in the way."""
         if self._tpu_problem is None:
-            self._tpu_problem = _single_call_problem(self.compiled_fn, self._shapes())
+            try:
+                self._tpu_problem = single_call_problem(self.tpu_lowering())
+            except Exception as e:  # noqa: BLE001  (any lowering error means: not this path)
+                self._tpu_problem = f"TPU lowering failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
         return self._tpu_problem
 
-    def _shapes(self) -> list:
+    def tpu_payload(self) -> str:
+        """The Mosaic custom call's backend config, as torch-xla's ``trace_pallas``
+        extracts it on a TPU host."""
+        from torch_xla.experimental.custom_kernel import _extract_backend_config
+
+        return _extract_backend_config(self.tpu_lowering())
+
+    def shapes(self) -> list:
+        """``launch``'s arguments as jax shapes: inputs, then the output."""
         import jax
 
         from torch_xla.experimental.custom_kernel import convert_torch_dtype_to_jax
@@ -106,13 +127,9 @@ class PallasKernel:
         return xb.call_jax(self.interpret_fn, tuple(ops) + (self._out(ops[0]),))[0]
 
 
-def _single_call_problem(fn: Callable, shapes: list) -> str:
-    import jax
-
-    try:
-        module = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("tpu",)).compiler_ir()
-    except Exception as e:  # noqa: BLE001  (any lowering error means: not this path)
-        return f"TPU lowering failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+def single_call_problem(module) -> str:
+    """"" when the lowered ``module`` is one custom call on the function's arguments
+    in order, returned as is; else what differs."""
     funcs = list(module.body.operations)
     if len(funcs) != 1:
         return f"the lowering has {len(funcs)} functions, not one"
