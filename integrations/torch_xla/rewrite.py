@@ -22,6 +22,9 @@ def rewrite_for_xla(graph: fx.Graph, report: XlaReport, path: str) -> None:
     for node in graph.nodes:
         call = call_of(node.target) if node.op == "call_function" else None
         if call is None:
+            if getattr(node.target, "namespace", None) == "tileflow":
+                # its CPU/GPU implementation would launch Triton on XLA tensors
+                raise NotImplementedError(f"{node.target} has no torch-xla path (tileflow.integrations.torch_xla)")
             continue
         chosen = path
         if path == "pallas":
