@@ -65,6 +65,9 @@ def matvec_of(g: Graph, d: Node) -> tuple:
         raise Miss("not a product over x's last axis")
     if len(_shape(w)) != 2:
         raise Miss("the weight is not 2-D")
+    rows = math.prod(_shape(x)[:-1])
+    if rows > matvec_pattern.MAX_ROWS:
+        raise Miss(f"{rows} rows: prefill stays with the library GEMM")
     t = g.op(w, "transpose")
     if rc[0] == 1:
         weight = w
@@ -72,9 +75,6 @@ def matvec_of(g: Graph, d: Node) -> tuple:
         weight = t.ins[0]
     else:
         raise Miss("the weight is [K, N] (x @ W): the kernel reads the nn.Linear layout [N, K]; store W transposed")
-    rows = math.prod(_shape(x)[:-1])
-    if rows > matvec_pattern.MAX_ROWS:
-        raise Miss(f"{rows} rows: prefill stays with the library GEMM")
     dts = {_dt(x), _dt(weight), _dt(d.outs[0])}
     if len(dts) != 1 or next(iter(dts)) not in STORAGE:
         raise Miss(f"dtypes {sorted(dts)} (x, W and the product must share bf16 / fp16 / fp32)")
@@ -131,14 +131,14 @@ class Rewriter:
                 eps, ms = _scalar(g, b), a
         if ms is None:
             raise Miss("")
-        mean = g.op(ms, "div", "mul")
+        mean = g.op(g.peel(ms, ("convert_element_type",))[0], "div", "mul")
         if mean is None:
             raise Miss("")
         root, _ = g.peel(mean.ins[0], _SHAPE_OPS)
         total = g.op(root, "reduce_sum")
         if total is None:
             raise Miss("")
-        sq = g.op(total.ins[0], "mul", "integer_pow", "square")
+        sq = g.op(g.peel(total.ins[0], ("convert_element_type",))[0], "mul", "integer_pow", "square")
         if sq is None or (sq.name == "mul" and sq.ins[0] is not sq.ins[1]) or \
                 (sq.name == "integer_pow" and sq.params["y"] != 2):
             raise Miss("")
