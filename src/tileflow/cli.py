@@ -97,6 +97,11 @@ def cmd_verify(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.framework == "jax":
+        from tileflow.bench.jax_decode import run_jax_bench
+
+        rec = run_jax_bench(args.model, args.prompt, args.new, args.repeats, args.out, args.dtype)
+        return 1 if any(v.get("error") for v in rec["paths"].values()) else 0
     from tileflow.bench import run_bench
 
     rec = run_bench(args.model, args.prompt, args.new, args.paths or None, args.repeats, args.out, args.device,
@@ -138,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--out", default="benchmarks/results")
     ben.add_argument("--device", default=None)
     ben.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    ben.add_argument("--framework", choices=["torch", "jax"], default="torch",
+                     help="torch: the paths above; jax: plain jax.jit vs tileflow primitives vs tileflow.jax.optimize")
     ben.set_defaults(fn=cmd_bench)
     return ap
 

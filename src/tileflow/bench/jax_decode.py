@@ -1,0 +1,192 @@
+"""``tileflow bench --framework jax``: batch-1 greedy decode of the plain-JAX
+DeepSeek decoder (``tileflow.integrations.jax.model``), side by side in one process:
+
+- ``jax_jit``: ``jax.jit`` of the plain step (what a JAX user starts from);
+- ``tileflow_jax_direct``: the step written with tileflow primitives by hand;
+- ``tileflow_jax_optimize``: ``jax.jit(tileflow.jax.optimize(step))``.
+
+Same protocol as the torch bench (/work/shared/BENCHMARKING.md): same weights and
+prompt for every path, the cache donated so XLA updates it in place, decode tok/s =
+(new - 1) / decode-loop time after a warm-up run (compilation), prefill timed apart
+(here a ``lax.scan`` of the decode step over the prompt), the roofline from a copy
+measured by the torch bench's helper, greedy tokens and first-step logits compared
+with ``jax_jit``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+PATHS = ("jax_jit", "tileflow_jax_direct", "tileflow_jax_optimize")
+
+
+def _step_fns(cfg) -> dict:
+    from tileflow import jax as tfj
+    from tileflow.integrations.jax import model as M
+
+    return {"jax_jit": functools.partial(M.decode_step, cfg),
+            "tileflow_jax_direct": functools.partial(M.decode_step_tileflow, cfg),
+            "tileflow_jax_optimize": tfj.optimize(functools.partial(M.decode_step, cfg))}
+
+
+def _decode_once(step: Callable, prefill: Callable, params, ids, cache, new_tokens: int, keep_logits: int = 0):
+    import jax.numpy as jnp
+
+    n = ids.shape[1]
+    t0 = time.perf_counter()
+    logits, cache = prefill(params, ids, cache)
+    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    tok.block_until_ready()
+    t1 = time.perf_counter()
+    toks, kept = [tok], []
+    for i in range(new_tokens - 1):
+        logits, cache = step(params, tok, cache, jnp.int32(n + i))
+        if i < keep_logits:
+            kept.append(logits)
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        toks.append(tok)
+    tok.block_until_ready()
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, [int(t[0]) for t in toks], kept, cache
+
+
+def _run_path(name: str, fn: Callable, cfg, params, ids, new_tokens: int, repeats: int, max_len: int, dtype,
+              reference: Optional[dict], say: Callable) -> dict:
+    import jax
+    import numpy as np
+
+    from tileflow.integrations.jax import model as M
+
+    res = {"decode_tok_s": float("nan"), "ttft_s": float("nan"), "compile_s": 0.0, "runs_tok_s": [],
+           "first_divergence": None, "max_rel_logit_err": None, "error": ""}
+    try:
+        step = jax.jit(fn, donate_argnums=(2,))
+        prefill = jax.jit(functools.partial(M.prefill, step), donate_argnums=(2,))
+        say(f"{name}: warm-up (compile)")
+        t0 = time.perf_counter()
+        ttft, dec, _, _, cache = _decode_once(step, prefill, params, ids, M.init_cache(cfg, 1, max_len, dtype),
+                                              new_tokens)
+        warm = time.perf_counter() - t0
+        best = None
+        for r in range(repeats):
+            say(f"{name}: run {r + 1}/{repeats}")
+            cache = jax.tree_util.tree_map(lambda c: c * 0, cache)  # same shapes: no recompilation
+            out = _decode_once(step, prefill, params, ids, cache, new_tokens, keep_logits=8)
+            res["runs_tok_s"].append((new_tokens - 1) / out[1])
+            if best is None or out[1] < best[1]:
+                best = out
+        ttft_b, dec_b, toks, logits, _ = best
+        res.update(decode_tok_s=max(res["runs_tok_s"]), ttft_s=ttft_b, compile_s=max(0.0, warm - ttft_b - dec_b),
+                   tokens=toks)
+        res["_logits"] = [np.asarray(x, np.float64) for x in logits]
+        if reference is not None:
+            diff = [i for i, (a, b) in enumerate(zip(toks, reference["tokens"])) if a != b]
+            res["first_divergence"] = diff[0] if diff else None
+            n = min(len(logits), diff[0] if diff else len(logits))
+            errs = [float(np.linalg.norm(a - b) / np.linalg.norm(b))
+                    for a, b in zip(res["_logits"][:n], reference["_logits"][:n])]
+            res["max_rel_logit_err"] = max(errs) if errs else None
+    except Exception as e:  # noqa: BLE001 - a failing path is reported, the others still run
+        res["error"] = f"{type(e).__name__}: {e}"[:800]
+    return res
+
+
+def run_jax_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: int = 256, repeats: int = 3,
+                  out_dir: str = "benchmarks/results", dtype: Optional[str] = None,
+                  paths: Optional[list] = None) -> dict:
+    """Run the JAX side-by-side decode benchmark; returns the record (also written)."""
+    # JAX would take 75% of the GPU up front; the torch copy measurement needs room too
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from rich.console import Console
+
+    from tileflow.bench import _commit, versions
+    from tileflow.bench.models import build_model
+    from tileflow.bench.roofline import bytes_per_token, copy_bandwidth_gbs
+    from tileflow.integrations.jax import model as M
+
+    console = Console(width=150)
+    backend = jax.default_backend()
+    gpu = backend in ("gpu", "cuda", "rocm")
+    model_name = model_name or ("deepseek-r1-distill-qwen-1.5b" if backend != "cpu" else "tiny")
+    dname = dtype or ("bf16" if backend != "cpu" else "fp32")
+    jdtype = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}[dname]
+    tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dname]
+    dev = jax.devices()[0]
+    device = dev.device_kind if backend != "cpu" else f"cpu ({os.cpu_count()} cores)"
+    say = lambda s: console.print(f"  .. {s}")  # noqa: E731
+    say(f"building {model_name} ({dname})")
+    if os.path.isdir(model_name):
+        cfg, params = M.from_checkpoint(model_name, jdtype)  # straight from safetensors: no torch copy
+        tmodel = None
+    else:
+        tmodel = build_model(model_name, torch.device("cpu"), tdtype)
+        cfg, params = M.from_transformers(tmodel, jdtype)
+    max_len = -(-(prompt + new_tokens) // 64) * 64  # whole attention blocks: no padded cache copies
+    if tmodel is not None:
+        nbytes = bytes_per_token(tmodel, prompt + new_tokens // 2)
+        del tmodel
+    else:
+        weights = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+        emb = params["embed"]
+        if not cfg.tie_embeddings:
+            weights -= emb.size * emb.dtype.itemsize - emb.shape[1] * emb.dtype.itemsize
+        kv = 2 * cfg.layers * cfg.kv_heads * cfg.head_dim * (prompt + new_tokens // 2) * jnp.dtype(jdtype).itemsize
+        nbytes = {"weights": int(weights), "kv_cache": int(kv), "total": int(weights + kv)}
+    say("measuring copy bandwidth")
+    tdev = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
+    bw = copy_bandwidth_gbs(tdev)
+    if tdev.type == "cuda":
+        torch.cuda.empty_cache()
+    rng = torch.Generator().manual_seed(0)
+    ids = jnp.asarray(torch.randint(0, cfg.vocab, (1, prompt), generator=rng).numpy().astype("int32"))
+    record = {
+        "what": "batch-1 greedy decode, plain JAX vs tileflow primitives, side by side in one process",
+        "framework": "jax", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device, "jax_backend": backend, "versions": versions(), "commit": _commit(), "model": model_name,
+        "dtype": dname, "prompt_tokens": prompt, "new_tokens": new_tokens, "repeats": repeats,
+        "cache_capacity": max_len, "copy_bandwidth_gbs": bw, "bytes_per_token": nbytes,
+        "roofline_tok_s": bw * 1e9 / nbytes["total"],
+        "notes": "prefill is a lax.scan of the decode step (TTFT not comparable with the torch bench's); "
+                 "tileflow paths run the generated Pallas kernels (compiled on GPU/TPU, the jnp reference on CPU "
+                 "unless TILEFLOW_JAX_TARGET=pallas); long-context point not measured here",
+        "paths": {},
+    }
+    reference = None
+    for name, fn in _step_fns(cfg).items():
+        if paths and name not in paths and name != "jax_jit":
+            continue
+        res = _run_path(name, fn, cfg, params, ids, new_tokens, repeats, max_len, jdtype, reference, say)
+        if name == "jax_jit":
+            reference = res
+        if name == "tileflow_jax_optimize" and not res["error"]:
+            from tileflow import jax as tfj
+
+            rep = tfj.explain(fn, params, ids[:, 0], M.init_cache(cfg, 1, max_len, jdtype), jnp.int32(prompt))
+            res["matches"] = dict(rep.matches)
+            res["fallbacks"] = [list(f) for f in rep.fallbacks]
+        res["fraction_of_roofline"] = res["decode_tok_s"] / record["roofline_tok_s"]
+        record["paths"][name] = res
+        console.print(f"  {name:<24} {res['decode_tok_s']:9.1f} tok/s  ttft {res['ttft_s'] * 1e3:8.1f} ms"
+                      + (f"  ERROR {res['error'][:300]}" if res["error"] else ""))
+    base = record["paths"].get("jax_jit", {}).get("decode_tok_s", float("nan"))
+    for name, v in record["paths"].items():
+        if name != "jax_jit":
+            v["ratio_to_jax_jit"] = v["decode_tok_s"] / base
+    for v in record["paths"].values():
+        v.pop("_logits", None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = device.split(" (")[0].replace(" ", "-")
+    path = out / f"{record['date'][:10]}-{slug}-jax-decode-{Path(model_name).name}-p{prompt}.json"
+    path.write_text(json.dumps(record, indent=1, default=str))
+    console.print(f"roofline {record['roofline_tok_s']:.0f} tok/s (copy {bw:.0f} GB/s); wrote {path}")
+    return record
