@@ -24,6 +24,11 @@ from jax.interpreters import batching
 
 from tileflow.suite import KERNELS
 
+try:  # public in jax 0.10; jax.core keeps shedding names, so fall back to its home
+    from jax.core import ShapedArray
+except ImportError:  # pragma: no cover
+    from jax._src.core import ShapedArray
+
 TARGET_ENV = "TILEFLOW_JAX_TARGET"
 TARGETS = ("auto", "pallas", "reference")
 MATVEC_KERNELS = ("q_proj_matvec", "kv_proj_matvec", "o_proj_residual", "down_proj_residual", "mlp_gate_up_silu")
@@ -95,7 +100,7 @@ def output_avals(name: str, sizes: tuple, storage) -> list:
     out = []
     for v in kernel_ir(name, sizes).outputs:
         dtype = {"T": storage, "f32": jnp.float32}.get(v.dtype, index_dtype())
-        out.append(jax.core.ShapedArray(_view_shape(v, dict(sizes)), dtype))
+        out.append(ShapedArray(_view_shape(v, dict(sizes)), dtype))
     return out
 
 

@@ -9,6 +9,30 @@ a reason. A reason is recorded only once the trigger has proved the subgraph is
 the pattern's (a ``logistic`` that is not SiLU-times-up is not news), so the report
 lists the near misses a user can act on. Patterns run in catalogue order; an
 equation claimed by one match is not matched again.
+
+Exactness conditions on the jaxpr (beyond the catalogue's descriptions):
+
+- rms_norm: ``reduce_sum`` of ``x*x`` over the last axis only, divided by exactly D
+  (or times 1/D), ``+ eps`` with eps a constant scalar (passed to the kernel as
+  read), ``rsqrt``, times x, optionally cast, times a [D] weight broadcast along the
+  last axis; squares summed in fp32 (x upcast or fp32); x, w and the result share
+  one storage dtype.
+- rope: ``x * cos + concat(-x[..., D/2:], x[..., :D/2]) * sin`` with cos / sin of one
+  ``concat(f, f)``, ``f = float32(position) * inv_freq`` where inv_freq is a
+  constant equal, to fp32 rounding, to the kernel's default, linear or llama3
+  frequencies (theta and scaling are fitted from it and re-checked); exactly one
+  position (decode); cos / sin broadcast along x's last axis.
+- gqa_attention: fp32 softmax over the last axis of
+  ``where(arange(S) < L, (qg . K) * scale, -inf)`` (``<=`` means L + 1; fill may be
+  any value <= -1e30), then ``probs . V``, with ``qg`` [B, NKV, G, DH] and K, V
+  [B, NKV, S, DH] contracted batched over (B, NKV) (the grouped-query layout; the
+  ``repeat_kv`` form is reported, not matched), not transposed, one storage dtype,
+  L one runtime integer (batch 1), scale a constant.
+- gate_up_silu / matvec_residual / matvec: ``dot_general`` over x's last axis with a
+  2-D weight read as [N, K] (``x @ W.T``; a [K, N] weight is reported), one row,
+  x / W / result of one dtype; SiLU as ``g * logistic(g)`` (``jax.nn.silu``); the
+  residual of the product's shape and dtype and not a broadcast bias; a bias is a
+  [N] vector broadcast along the last axis.
 """
 
 from __future__ import annotations
