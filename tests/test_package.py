@@ -13,8 +13,15 @@ SUITE = {"rms_norm", "embedding_lookup", "q_proj_matvec", "kv_proj_matvec", "rop
          "silu_mul_fused", "residual_add", "argmax_greedy"}
 
 
+FUSED = {"qkv_rope_cache", "rms_norm_gate_up_silu", "rms_norm_matvec"}
+
+
 def test_the_suite_has_its_13_kernels():
-    assert set(KERNELS) == SUITE
+    assert {name for name, k in KERNELS.items() if not k.fused} == SUITE
+
+
+def test_fused_entries_are_marked_and_only_those():
+    assert {name for name, k in KERNELS.items() if k.fused} == FUSED
 
 
 def test_patterns_and_integrations_are_tileflow_packages():

@@ -31,7 +31,8 @@ def cmd_kernels_list(args) -> int:
 
     from tileflow.suite import KERNELS
 
-    table = Table(title=f"tileflow decode suite: {len(KERNELS)} kernels")
+    n_fused = sum(k.fused for k in KERNELS.values())
+    table = Table(title=f"tileflow decode suite: {len(KERNELS) - n_fused} kernels + {n_fused} fused")
     for col in ("kernel", "targets", "stages", "what it computes"):
         table.add_column(col)
     from tileflow.suite.registry import QWEN_1_5B
@@ -39,7 +40,8 @@ def cmd_kernels_list(args) -> int:
     for name, k in KERNELS.items():
         stages = {s.name: None for c in k.test_cases + k.decode_cases(QWEN_1_5B)
                   for s in k.build(k.params_for(c)).stages}
-        table.add_row(name, ", ".join(TARGETS), " + ".join(stages), k.summary)
+        table.add_row(name + (" (fused)" if k.fused else ""), ", ".join(TARGETS), " + ".join(stages),
+                      k.summary)
     Console(width=140).print(table)
     return 0
 

@@ -91,16 +91,20 @@ def define_matvec(form: MatvecForm, k, p) -> None:
             hi = k.minimum(lo + chunk, kdim)
         else:
             lo, hi = 0, kdim
-        scale = rms_scale(k, x, row, kdim, eps) if form.norm else None
         acc0 = [k.full(("BLOCK_N", "BLOCK_K"), 0.0) for _ in ws]
         with k.loop(lo, hi, "BLOCK_K", carry=acc0) as lp:
             cols = k.range(lp.index, "BLOCK_K", aligned=True)
             xv = k.load(x, (row, cols), limits={1: hi})
             if form.norm:
-                xv = xv * scale * k.load(ln_w, (cols,), limits={0: hi})
+                xv = xv * k.load(ln_w, (cols,), limits={0: hi})
             lp.next(*[a + k.load(w, (rows, cols), limits={1: hi}) * xv[None, :]
                       for a, w in zip(lp.carry, ws)])
         sums = [k.sum(a, axis=1) for a in lp.results]
+        if form.norm:
+            # sum(w * x * g) * rstd == sum(w * (x * rstd) * g): the norm's reduction runs
+            # after the weight stream (x is in cache by then) instead of delaying its start
+            scale = rms_scale(k, x, row, kdim, eps)
+            sums = [s * scale for s in sums]
         if split > 1:
             for part, s in zip(parts, sums):
                 k.store(part, (k.program_id(1), row, rows), s)

@@ -49,17 +49,19 @@ def define(k, p):
         lo_lim = [h * dh + half for _, h, _ in kinds]
         hi_lim = [h * dh + dh for _, h, _ in kinds]
 
-        scale = rms_scale(k, x, row, kdim, eps)
         acc0 = [k.full(("BLOCK_J", "BLOCK_K"), 0.0) for _ in range(2)]
         with k.loop(0, kdim, "BLOCK_K", carry=acc0) as lp:
             cols = k.range(lp.index, "BLOCK_K", aligned=True)
-            xv = k.load(x, (row, cols)) * scale * k.load(ln_w, (cols,))
+            xv = k.load(x, (row, cols)) * k.load(ln_w, (cols,))
             acc_lo, acc_hi = lp.carry
             for (w, _, when), lo, hi, llo, lhi in zip(kinds, lo_rows, hi_rows, lo_lim, hi_lim):
                 acc_lo = acc_lo + k.load(w, (lo, cols), limits={0: llo}, when=when) * xv[None, :]
                 acc_hi = acc_hi + k.load(w, (hi, cols), limits={0: lhi}, when=when) * xv[None, :]
             lp.next(acc_lo, acc_hi)
-        y_lo, y_hi = (k.sum(a, axis=1) for a in lp.results)
+        # the norm's rstd scales the sums afterwards, so the weight stream starts at once
+        # (sum(w * x * g) * rstd == sum(w * (x * rstd) * g)); x is in cache by then
+        scale = rms_scale(k, x, row, kdim, eps)
+        y_lo, y_hi = (k.sum(a, axis=1) * scale for a in lp.results)
         if p["HAS_BIAS"]:
             for b, (_, _, when), lo, hi, llo, lhi in zip((bq, bk, bv), kinds, lo_rows, hi_rows, lo_lim, hi_lim):
                 y_lo = y_lo + k.load(b, (lo,), limits={0: llo}, when=when)
