@@ -114,13 +114,14 @@ def test_vmap_merges_rows_and_maps_batched_weights(target, monkeypatch):
     x = jax.random.normal(k[0], (3, 1, 40))
     w = jax.random.normal(k[1], (3, 24, 40))
     r = jax.random.normal(k[2], (3, 1, 24))
-    want = jnp.stack([x[i] @ w[i].T + r[i] for i in range(3)])
+    # expectations in float64 numpy: on a GPU, XLA's fp32 matmuls default to TF32
+    xf, wf, rf = (np.asarray(a, np.float64) for a in (x, w, r))
+    want = np.stack([xf[i] @ wf[i].T + rf[i] for i in range(3)])
     got = jax.jit(jax.vmap(tfj.o_proj_residual))(x, w, r)  # weights batched: one call per element
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
     got = jax.vmap(tfj.o_proj_residual, in_axes=(0, None, 0))(x, w[0], r)  # rows merged
-    np.testing.assert_allclose(got, jnp.einsum("bmk,nk->bmn", x, w[0]) + r, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(got, np.einsum("bmk,nk->bmn", xf, wf[0]) + rf, rtol=2e-5, atol=2e-5)
     norm = jax.vmap(lambda v: tfj.rms_norm(v, w[0, 0], 1e-6))(x)
-    xf = np.asarray(x, np.float64)
     ref = xf / np.sqrt((xf * xf).mean(-1, keepdims=True) + 1e-6) * np.asarray(w[0, 0], np.float64)
     np.testing.assert_allclose(norm, ref, rtol=2e-5, atol=2e-5)
 

@@ -109,17 +109,17 @@ class PallasEmitter(Walker):
         sl = self._slice(index)
         val = f"jnp.asarray({self.operand(value)}).astype({view.name}_ref.dtype)"
         mask = self.mask_expr(view, index, op.attrs["limits"])
-        if mask:
-            val = f"jnp.where({mask}, {val}, {view.name}_ref[{sl}])"
+        store = (f"_store({view.name}_ref, ({sl},), {val}, {mask}, MASKED_STORES)" if mask
+                 else f"{view.name}_ref[{sl}] = {val}")
         when = op.attrs.get("when")
         if when is None:
-            w(f"{view.name}_ref[{sl}] = {val}")
+            w(store)
             return
         # a program that does not own the block must not write it at all (see store's when=)
         w(f"@pl.when({self.operand(when)})")
         w("def _guarded_store():")
         with w.indent():
-            w(f"{view.name}_ref[{sl}] = {val}")
+            w(store)
 
     def loop(self, loop: Loop, w: Writer):
         body = f"loop{loop.index.id}"
@@ -150,7 +150,7 @@ class PallasEmitter(Walker):
         arrays = self._scalar_arrays()
         refs = [f"{v.name}_ref" for v in read] + [f"{a}_ref" for a, _, _ in arrays]
         refs += [f"_{v.name}_in" for v in written] + [f"{v.name}_ref" for v in written]
-        static = list(self.ir.dims) + sorted(self.ir.params)
+        static = list(self.ir.dims) + sorted(self.ir.params) + ["MASKED_STORES"]
         w(f"def {self.ir.name}_{stage.name}({', '.join(refs)}, *, {', '.join(static)}):")
         with w.indent():
             for arr, _, names in arrays:
@@ -194,9 +194,13 @@ class PallasEmitter(Walker):
         ins = [v.name for v in self.ir.arguments]
         scal = [s.name for s in self.ir.scalars]
         uses = self._padding()
-        w(f"def launch({', '.join(ins + scal)}, *, interpret=False):")
+        w(f"def launch({', '.join(ins + scal)}, *, interpret=False, masked_stores=None):")
         with w.indent():
-            w(f'"""Run {self.ir.name}; returns the outputs (the output arguments are their initial contents)."""')
+            w(f'"""Run {self.ir.name}; returns the outputs (the output arguments are their initial contents).')
+            w("")
+            w("``masked_stores``: write partial blocks with masked stores (default: compiled on a GPU,")
+            w('where programs run in parallel) rather than a read-modify-write (TPU, interpreter)."""')
+            w("MASKED_STORES = _masked_stores_default(interpret) if masked_stores is None else masked_stores")
             self.bind_dims(w, "{view}.shape[{axis}]")
             for k in sorted(self.ir.params):
                 w(f"{k} = {literal(self.ir.params[k])}")
@@ -210,7 +214,7 @@ class PallasEmitter(Walker):
                     w(f"{v.name} = _pad_to({v.name}, {shape}, {fill})")
             for arr, jdt, names in self._scalar_arrays():
                 w(f"{arr} = jnp.asarray([{', '.join(names)}], {jdt})")
-            static = ", ".join(f"{n}={n}" for n in list(self.ir.dims) + sorted(self.ir.params))
+            static = ", ".join(f"{n}={n}" for n in list(self.ir.dims) + sorted(self.ir.params) + ["MASKED_STORES"])
             for stage in self.ir.stages:
                 read, written = self.views_used(stage.body)
                 args = [v.name for v in read] + [a for a, _, _ in self._scalar_arrays()]
@@ -238,6 +242,7 @@ class PallasEmitter(Walker):
         for line in self.banner().splitlines():
             w(line)
         w("import functools")
+        w("import os")
         w()
         w("import jax")
         w("import jax.numpy as jnp")
@@ -254,6 +259,32 @@ class PallasEmitter(Walker):
         w("def _ceil_to(n, b):")
         with w.indent():
             w("return cdiv(n, b) * b")
+        w()
+        w()
+        w("def _masked_stores_default(interpret):")
+        with w.indent():
+            w("forced = os.environ.get(\"TILEFLOW_PALLAS_MASKED_STORES\")  # \"1\"/\"0\": tests, debugging")
+            w("if forced in (\"0\", \"1\"):")
+            with w.indent():
+                w("return forced == \"1\"")
+            w("return not interpret and jax.default_backend() == \"gpu\"")
+        w()
+        w()
+        w("def _store(ref, idx, val, mask, masked):")
+        with w.indent():
+            w("# A block may overlap rows another program owns (a padded head group, a ragged")
+            w("# tail). TPU grid steps run one after another, so writing back the old contents")
+            w("# outside the mask is exact there; GPU programs run in parallel, where that")
+            w("# read-modify-write would race with the owner: the store itself is masked.")
+            w("if masked:")
+            with w.indent():
+                w("from jax.experimental.pallas import triton as plgpu")
+                w()
+                w("view = ref.at[idx]")
+                w("plgpu.store(view, jnp.broadcast_to(val, view.shape), mask=jnp.broadcast_to(mask, view.shape))")
+            w("else:")
+            with w.indent():
+                w("ref[idx] = jnp.where(mask, val, ref[idx])")
         w()
         w()
         w("def _pad_to(x, shape, fill):")
