@@ -230,6 +230,8 @@ class PallasEmitter(Walker):
                     w(f"out_shape=({shapes},),")
                     w(f"grid=({grid}),")
                     w(f"input_output_aliases={{{aliases}}},")
+                    tuned = ", ".join(f"{n}={n}" for n in ("num_warps", "num_stages") if n in self.ir.params)
+                    w(f"compiler_params=_gpu_compiler_params(interpret, {tuned}),")
                     w("interpret=interpret,")
                 w(f")({', '.join(args)})")
             outs = []
@@ -268,6 +270,17 @@ class PallasEmitter(Walker):
             with w.indent():
                 w("return forced == \"1\"")
             w("return not interpret and jax.default_backend() == \"gpu\"")
+        w()
+        w()
+        w("def _gpu_compiler_params(interpret, **tuned):")
+        with w.indent():
+            w("# the measured warps / stages reach Triton only through its compiler parameters")
+            w("if interpret or jax.default_backend() != \"gpu\":")
+            with w.indent():
+                w("return None")
+            w("from jax.experimental.pallas import triton as plgpu")
+            w()
+            w("return plgpu.CompilerParams(**tuned)")
         w()
         w()
         w("def _store(ref, idx, val, mask, masked):")
