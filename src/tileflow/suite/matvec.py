@@ -56,12 +56,17 @@ def residual_reference(xp, x, w, r):
     return {"out": x @ xp.matrix_transpose(w) + r}
 
 
+def rsqrt_mean(k, sq_sums, kdim, eps):
+    """fp32 ``rsqrt(sum(sq_sums) / kdim + eps)``: RMSNorm's scale from per-lane sums of x^2."""
+    return k.rsqrt(k.sum(sq_sums, axis=0) / k.cast(kdim, "f32") + eps)
+
+
 def rms_scale(k, x, row, kdim, eps):
     """fp32 ``rsqrt(mean(x[row]^2) + eps)`` of a row of ``x``, looping over BLOCK_K."""
     with k.loop(0, kdim, "BLOCK_K", carry=[k.full(("BLOCK_K",), 0.0)]) as lp:
         xv = k.load(x, (row, k.range(lp.index, "BLOCK_K", aligned=True)))
         lp.next(lp.carry[0] + xv * xv)
-    return k.rsqrt(k.sum(lp.results[0], axis=0) / k.cast(kdim, "f32") + eps)
+    return rsqrt_mean(k, lp.results[0], kdim, eps)
 
 
 def define_matvec(form: MatvecForm, k, p) -> None:
@@ -91,19 +96,29 @@ def define_matvec(form: MatvecForm, k, p) -> None:
             hi = k.minimum(lo + chunk, kdim)
         else:
             lo, hi = 0, kdim
+        # sum(w * x * g) * rstd == sum(w * (x * rstd) * g): the norm's rstd scales the sums
+        # afterwards, so the weight stream does not wait for the norm's reduction; without
+        # split-K the loop sees all of x and gathers the sum of squares on the way
+        gather_ss = form.norm and split == 1
         acc0 = [k.full(("BLOCK_N", "BLOCK_K"), 0.0) for _ in ws]
+        if gather_ss:
+            acc0.append(k.full(("BLOCK_K",), 0.0))
         with k.loop(lo, hi, "BLOCK_K", carry=acc0) as lp:
             cols = k.range(lp.index, "BLOCK_K", aligned=True)
             xv = k.load(x, (row, cols), limits={1: hi})
+            carry = list(lp.carry)
+            ss = [carry.pop() + xv * xv] if gather_ss else []
             if form.norm:
                 xv = xv * k.load(ln_w, (cols,), limits={0: hi})
             lp.next(*[a + k.load(w, (rows, cols), limits={1: hi}) * xv[None, :]
-                      for a, w in zip(lp.carry, ws)])
-        sums = [k.sum(a, axis=1) for a in lp.results]
-        if form.norm:
-            # sum(w * x * g) * rstd == sum(w * (x * rstd) * g): the norm's reduction runs
-            # after the weight stream (x is in cache by then) instead of delaying its start
+                      for a, w in zip(carry, ws)], *ss)
+        results = list(lp.results)
+        if gather_ss:
+            scale = rsqrt_mean(k, results.pop(), kdim, eps)
+        elif form.norm:
             scale = rms_scale(k, x, row, kdim, eps)
+        sums = [k.sum(a, axis=1) for a in results]
+        if form.norm:
             sums = [s * scale for s in sums]
         if split > 1:
             for part, s in zip(parts, sums):

@@ -12,7 +12,7 @@ off), so the three weights stay where transformers keeps them, unconcatenated.
 
 from tileflow.suite import rms_norm
 from tileflow.suite.inputs import linear_weight, positions
-from tileflow.suite.matvec import rms_scale
+from tileflow.suite.matvec import rsqrt_mean
 from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
 from tileflow.suite.rope import LLAMA3, ROPE_SCALARS, inv_freq_tile, rope_reference
 
@@ -49,19 +49,22 @@ def define(k, p):
         lo_lim = [h * dh + half for _, h, _ in kinds]
         hi_lim = [h * dh + dh for _, h, _ in kinds]
 
-        acc0 = [k.full(("BLOCK_J", "BLOCK_K"), 0.0) for _ in range(2)]
+        # the norm's rstd scales the sums afterwards (sum(w * x * g) * rstd ==
+        # sum(w * (x * rstd) * g)), its sum of squares gathered on the way: the weight
+        # stream starts at once
+        acc0 = [k.full(("BLOCK_J", "BLOCK_K"), 0.0) for _ in range(2)] + [k.full(("BLOCK_K",), 0.0)]
         with k.loop(0, kdim, "BLOCK_K", carry=acc0) as lp:
             cols = k.range(lp.index, "BLOCK_K", aligned=True)
-            xv = k.load(x, (row, cols)) * k.load(ln_w, (cols,))
-            acc_lo, acc_hi = lp.carry
+            xraw = k.load(x, (row, cols))
+            xv = xraw * k.load(ln_w, (cols,))
+            acc_lo, acc_hi, ss = lp.carry
             for (w, _, when), lo, hi, llo, lhi in zip(kinds, lo_rows, hi_rows, lo_lim, hi_lim):
                 acc_lo = acc_lo + k.load(w, (lo, cols), limits={0: llo}, when=when) * xv[None, :]
                 acc_hi = acc_hi + k.load(w, (hi, cols), limits={0: lhi}, when=when) * xv[None, :]
-            lp.next(acc_lo, acc_hi)
-        # the norm's rstd scales the sums afterwards, so the weight stream starts at once
-        # (sum(w * x * g) * rstd == sum(w * (x * rstd) * g)); x is in cache by then
-        scale = rms_scale(k, x, row, kdim, eps)
-        y_lo, y_hi = (k.sum(a, axis=1) * scale for a in lp.results)
+            lp.next(acc_lo, acc_hi, ss + xraw * xraw)
+        sum_lo, sum_hi, ss = lp.results
+        scale = rsqrt_mean(k, ss, kdim, eps)
+        y_lo, y_hi = (k.sum(a, axis=1) * scale for a in (sum_lo, sum_hi))
         if p["HAS_BIAS"]:
             for b, (_, _, when), lo, hi, llo, lhi in zip((bq, bk, bv), kinds, lo_rows, hi_rows, lo_lim, hi_lim):
                 y_lo = y_lo + k.load(b, (lo,), limits={0: llo}, when=when)
