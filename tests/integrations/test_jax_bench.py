@@ -21,6 +21,7 @@ def test_jax_bench_record(tmp_path):
     assert set(rec["paths"]) == {"jax_jit", "tileflow_jax_direct", "tileflow_jax_optimize"}
     for name, v in rec["paths"].items():
         assert not v["error"] and v["decode_tok_s"] > 0, (name, v["error"])
+        assert v["device_loop_tok_s"] > 0 and v["device_loop_tokens_equal_host_loop"], name
         if name != "jax_jit":
             assert v["first_divergence"] is None and v["max_rel_logit_err"] < 1e-5
     assert rec["paths"]["tileflow_jax_optimize"]["fallbacks"] == []
