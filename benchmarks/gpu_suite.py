@@ -213,7 +213,8 @@ def main(argv=None) -> int:
         print(f"{r['kernel']:<22}{r['case']:<9}{'ok' if r['ok'] else 'NO':<4}{r['rel_err']:>9.1e}{r['us']:>8.2f}"
               f"{r['gbs']:>7.0f}{r['pct_bw']:>5.0f}{r['vendor_us']:>10.2f}{r['vendor_gbs']:>7.0f}{r['speedup']:>6.2f}")
     ok_p = sum(1 for v in pallas.values() if isinstance(v, dict) and v.get("ok"))
-    print(f"pallas compiled on this GPU: {ok_p}/{len(KERNELS)} correct on every test case; copy bandwidth {bw:.0f} GB/s; "
+    pallas_line = "not run (--no-pallas)" if args.no_pallas else f"{ok_p}/{len(KERNELS)} correct on every test case"
+    print(f"pallas compiled on this GPU: {pallas_line}; copy bandwidth {bw:.0f} GB/s; "
           f"{time.time() - t0:.0f}s; wrote {path}")
     return 0
 

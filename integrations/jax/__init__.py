@@ -24,6 +24,7 @@ import jax
 from tileflow.integrations.jax.ops import (argmax, attention_decode, down_proj_residual, embedding,  # noqa: F401
                                            gate_up_silu, kv_proj, linear, o_proj_residual, residual_add,
                                            rms_norm, rope, rope_k_into_cache, rope_scalars, silu_mul)
+from tileflow.integrations.jax.lowering import keep_xla_reason
 from tileflow.integrations.jax.primitives import PRIMITIVES, jax_target, primitive  # noqa: F401
 from tileflow.report import Report
 
@@ -48,6 +49,12 @@ class _Program:
         closed = jax.make_jaxpr(flat_fn)(*flat_args)
         self.graph = Graph.from_jaxpr(closed)
         self.replacements, self.report = rewrite(self.graph, Report(f"tileflow.jax: {getattr(fn, '__name__', fn)}"))
+        why = keep_xla_reason()
+        if why and self.replacements:  # slower here than what it would replace: never swap silently
+            for pattern, n in list(self.report.matches.items()):
+                self.report.fallback(pattern, f"{n} matches", why)
+            self.report.matches.clear()
+            self.replacements = {}
 
     def __call__(self, flat_args: list):
         return jax.tree_util.tree_unflatten(self.out_tree, self.graph.run(flat_args, self.replacements))

@@ -8,6 +8,10 @@
   ``TILEFLOW_JAX_TARGET=pallas``, the generated Pallas code under the interpreter.
 - ``TILEFLOW_JAX_TARGET=reference`` runs the reference on every platform.
 
+:func:`keep_xla_reason`: where the generated kernels measured slower than XLA's own code
+(CUDA, through Pallas's Triton backend), ``optimize`` leaves the function as written
+under the ``auto`` target and says why; primitives called directly still lower to Pallas.
+
 The target is a static parameter of each call (read from the environment when the
 primitive is bound), so programs traced under different settings never share a
 compiled executable.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import jax.numpy as jnp
 from jax.interpreters import mlir
 
@@ -98,3 +103,24 @@ def register(prim, name: str) -> None:
     """Register the lowerings of ``prim`` (suite kernel ``name``) on every platform."""
     for platform in ("cpu", "cuda", "rocm", "tpu"):
         mlir.register_lowering(prim, _rule(name, platform), platform=platform)
+
+
+# H100, DeepSeek-R1-Distill-Qwen-1.5B shape, bf16, decode loop inside one jit (2026-11-24,
+# benchmarks/results/2026-11-24-NVIDIA-H100-80GB-HBM3-jax-decode-*.json)
+_CUDA_MEASURED = ("jax.jit 554 tok/s, tileflow.jax.optimize with the Pallas (Triton backend) kernels 399 tok/s "
+                  "on an H100 (1.5B shape, bf16)")
+
+
+def keep_xla_reason() -> str:
+    """Why ``optimize`` keeps XLA's own code on the default backend, or "" to rewrite.
+
+    Only under the ``auto`` target: ``TILEFLOW_JAX_TARGET=pallas`` (or ``reference``)
+    rewrites everywhere."""
+    from tileflow.integrations.jax.primitives import jax_target
+
+    if jax_target() != "auto":
+        return ""
+    if jax.default_backend() == "gpu":
+        return (f"on CUDA the generated kernels measured slower than XLA ({_CUDA_MEASURED}); "
+                "TILEFLOW_JAX_TARGET=pallas swaps them in anyway")
+    return ""

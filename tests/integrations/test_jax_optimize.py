@@ -62,7 +62,8 @@ def step_args(cfg, params):
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
-def test_every_decode_pattern_matches(kind):
+def test_every_decode_pattern_matches(kind, monkeypatch):
+    monkeypatch.setenv("TILEFLOW_JAX_TARGET", "pallas")  # rewrite on every backend, CUDA included
     cfg, params = M.from_transformers(tiny(kind))
     report = tfj.explain(functools.partial(M.decode_step, cfg), *step_args(cfg, params))
     n = cfg.layers
@@ -143,3 +144,19 @@ def test_bf16_logits_close_to_plain():
     fast, _ = jax.jit(optimized(cfg))(*args)
     err = float(jnp.linalg.norm(fast - plain) / jnp.linalg.norm(plain))
     assert err < 2e-2, err
+
+
+def test_on_cuda_auto_keeps_xla_with_the_measured_reason(monkeypatch):
+    """Where the generated kernels measured slower than XLA (CUDA), ``optimize`` under
+    the auto target swaps nothing and says why; an explicit target still rewrites."""
+    from tileflow.integrations.jax import lowering
+
+    cfg, params = M.from_transformers(tiny("qwen2"))
+    monkeypatch.delenv("TILEFLOW_JAX_TARGET", raising=False)
+    monkeypatch.setattr(lowering.jax, "default_backend", lambda: "gpu")
+    report = tfj.explain(functools.partial(M.decode_step, cfg), *step_args(cfg, params))
+    assert not report.matches and report.fallbacks, str(report)
+    assert all("slower than XLA" in reason and "tok/s" in reason for _, _, reason in report.fallbacks)
+    monkeypatch.setenv("TILEFLOW_JAX_TARGET", "pallas")
+    report = tfj.explain(functools.partial(M.decode_step, cfg), *step_args(cfg, params))
+    assert report.matches["gqa_attention"] == cfg.layers and not report.fallbacks
