@@ -105,9 +105,12 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
     others = [v["decode_tok_s"] for k, v in record["paths"].items()
               if not k.startswith("tileflow") and v["decode_tok_s"] == v["decode_tok_s"]]
     best_other = max(others) if others else float("nan")
+    eager_mem = record["paths"].get("eager", {}).get("peak_memory_gb")
     for k, v in record["paths"].items():
         if k.startswith("tileflow"):
             v["ratio_to_best_other"] = v["decode_tok_s"] / best_other
+        if eager_mem and v.get("peak_memory_gb"):
+            v["peak_memory_vs_eager"] = v["peak_memory_gb"] / eager_mem
     _write(record, out_dir, console)
     return record
 
@@ -124,15 +127,17 @@ def _write(record: dict, out_dir: str, console) -> None:
     table = Table(title=f"{record['model']} {record['dtype']} on {record['device']}: prompt "
                         f"{record['prompt_tokens']}, {record['new_tokens']} new, roofline "
                         f"{record['roofline_tok_s']:.0f} tok/s (copy {record['copy_bandwidth_gbs']:.0f} GB/s)")
-    for col in ("path", "decode tok/s", "% roofline", "TTFT ms", "compile s", "tokens = eager", "max logit err"):
+    for col in ("path", "decode tok/s", "% roofline", "TTFT ms", "compile s", "peak GB", "tokens = eager",
+                "max logit err"):
         table.add_column(col)
     for name, v in record["paths"].items():
         div = v.get("first_divergence")
         agree = "-" if name == "eager" else ("all" if div is None else f"first {div}")
         err = v.get("max_rel_logit_err")
+        mem = v.get("peak_memory_gb")
         table.add_row(name, f"{v['decode_tok_s']:.1f}", f"{100 * v['fraction_of_roofline']:.1f}",
-                      f"{1e3 * v['ttft_s']:.1f}", f"{v['compile_s']:.1f}", agree,
-                      "-" if err is None else f"{err:.1e}")
+                      f"{1e3 * v['ttft_s']:.1f}", f"{v['compile_s']:.1f}", "-" if mem is None else f"{mem:.2f}",
+                      agree, "-" if err is None else f"{err:.1e}")
     console.print(table)
     try:
         _plot(record, path.with_suffix(".png"))

@@ -28,6 +28,9 @@ class PathResult:
     note: str = ""
     error: str = ""
     runs_tok_s: list = field(default_factory=list)
+    # CUDA only: peak bytes allocated while this path ran (weights, cache, its graphs and
+    # workspaces), in GB; compared with eager's by the bench
+    peak_memory_gb: Optional[float] = None
 
 
 @dataclass
@@ -122,8 +125,12 @@ def run_path(path: Path, model, ids, new_tokens: int, repeats: int, reference: O
              keep_logits: int = 8) -> tuple[PathResult, list]:
     res = PathResult(path.name, note=path.note)
     max_len = ids.shape[1] + new_tokens
+    cuda = ids.device.type == "cuda"
     try:
         torch._dynamo.reset()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(ids.device)
         step = path.setup(model)
         cache = make_cache(path.cache, model, max_len)
         progress(f"{path.name}: warm-up (compile)")
@@ -145,6 +152,8 @@ def run_path(path: Path, model, ids, new_tokens: int, repeats: int, reference: O
         res.ttft_s, res.tokens = ttft, toks
         res.decode_tok_s = max(res.runs_tok_s)
         res.compile_s = max(0.0, warm - ttft - dec)
+        if cuda:
+            res.peak_memory_gb = torch.cuda.max_memory_allocated(ids.device) / 1e9
         if reference is not None:
             diff = [i for i, (a, b) in enumerate(zip(toks, reference.tokens)) if a != b]
             res.first_divergence = diff[0] if diff else None
