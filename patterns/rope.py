@@ -14,4 +14,4 @@ Replaced by ``rope`` (ONNX: ``RotaryEmbedding``, non-interleaved, with tables
 """
 
 NAME = "rope"
-SUITE_KERNEL = "rope"
+SUITE_KERNEL = "rope_q"  # rope_k where the rotated tensor is a key bound for the cache

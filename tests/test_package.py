@@ -70,3 +70,11 @@ def test_tune_picks_the_fastest_and_survives_failures():
 
     best, trials = autotune.tune([{"x": 0}, {"x": 1}, {"x": 5}, {"x": 2}], time_us)
     assert best == {"x": 5} and trials[-1]["error"].startswith("RuntimeError")
+
+
+def test_every_catalogue_pattern_names_a_suite_kernel():
+    from tileflow.patterns import CATALOGUE
+
+    for name, pattern in CATALOGUE.items():
+        assert pattern.NAME == name
+        assert pattern.SUITE_KERNEL in KERNELS, (name, pattern.SUITE_KERNEL)
