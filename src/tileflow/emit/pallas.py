@@ -6,7 +6,10 @@ One self-contained module: one kernel function per stage (refs in, refs out) and
 How the tile IR maps onto Pallas:
 - block accesses become ref slices with ``pl.ds(start, BLOCK)``; Pallas has no masked
   load, so the launcher pads each view to whole blocks and the kernel applies the
-  bounds mask with ``jnp.where`` (``other`` outside, the old contents on store);
+  bounds mask with ``jnp.where`` (``other`` outside); a partial block is stored as a
+  read-modify-write on TPU and under the interpreter (grid steps in sequence), and as
+  a masked store when compiled on a GPU, where programs run in parallel;
+- on a GPU the tuned ``num_warps`` / ``num_stages`` go to Triton as compiler parameters;
 - sizes are static Python ints (JAX shapes are static) bound with functools.partial;
 - runtime scalars travel as one f32 and one i32 array (eps, theta, position, filled
   length are values, never constants in the text);
