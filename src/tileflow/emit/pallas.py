@@ -32,6 +32,63 @@ _BINARY = {**INFIX, "maximum": "jnp.maximum({}, {})", "minimum": "jnp.minimum({}
 _JNP_DTYPE = {"f32": "jnp.float32", "i32": "jnp.int32", "i64": "_I64"}
 
 
+# The fixed part of every generated Pallas module, after its banner.
+_PRELUDE = '''import functools
+import os
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+_I64 = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
+
+
+def cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _ceil_to(n, b):
+    return cdiv(n, b) * b
+
+
+def _masked_stores_default(interpret):
+    forced = os.environ.get("TILEFLOW_PALLAS_MASKED_STORES")  # "1"/"0": tests, debugging
+    if forced in ("0", "1"):
+        return forced == "1"
+    return not interpret and jax.default_backend() == "gpu"
+
+
+def _gpu_compiler_params(interpret, **tuned):
+    # the measured warps / stages reach Triton only through its compiler parameters
+    if interpret or jax.default_backend() != "gpu":
+        return None
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.CompilerParams(**tuned)
+
+
+def _store(ref, idx, val, mask, masked):
+    # A block may overlap rows another program owns (a padded head group, a ragged
+    # tail). TPU grid steps run one after another, so writing back the old contents
+    # outside the mask is exact there; GPU programs run in parallel, where that
+    # read-modify-write would race with the owner: the store itself is masked.
+    if masked:
+        from jax.experimental.pallas import triton as plgpu
+
+        view = ref.at[idx]
+        plgpu.store(view, jnp.broadcast_to(val, view.shape), mask=jnp.broadcast_to(mask, view.shape))
+    else:
+        ref[idx] = jnp.where(mask, val, ref[idx])
+
+
+def _pad_to(x, shape, fill):
+    if tuple(x.shape) == tuple(shape):
+        return x
+    return jnp.pad(x, [(0, s - n) for n, s in zip(x.shape, shape)], constant_values=fill)
+
+
+'''
+
 class PallasEmitter(Walker):
     target = "pallas"
 
@@ -246,71 +303,8 @@ class PallasEmitter(Walker):
         w = Writer()
         for line in self.banner().splitlines():
             w(line)
-        w("import functools")
-        w("import os")
-        w()
-        w("import jax")
-        w("import jax.numpy as jnp")
-        w("from jax.experimental import pallas as pl")
-        w()
-        w("_I64 = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32")
-        w()
-        w()
-        w("def cdiv(a, b):")
-        with w.indent():
-            w("return (a + b - 1) // b")
-        w()
-        w()
-        w("def _ceil_to(n, b):")
-        with w.indent():
-            w("return cdiv(n, b) * b")
-        w()
-        w()
-        w("def _masked_stores_default(interpret):")
-        with w.indent():
-            w("forced = os.environ.get(\"TILEFLOW_PALLAS_MASKED_STORES\")  # \"1\"/\"0\": tests, debugging")
-            w("if forced in (\"0\", \"1\"):")
-            with w.indent():
-                w("return forced == \"1\"")
-            w("return not interpret and jax.default_backend() == \"gpu\"")
-        w()
-        w()
-        w("def _gpu_compiler_params(interpret, **tuned):")
-        with w.indent():
-            w("# the measured warps / stages reach Triton only through its compiler parameters")
-            w("if interpret or jax.default_backend() != \"gpu\":")
-            with w.indent():
-                w("return None")
-            w("from jax.experimental.pallas import triton as plgpu")
-            w()
-            w("return plgpu.CompilerParams(**tuned)")
-        w()
-        w()
-        w("def _store(ref, idx, val, mask, masked):")
-        with w.indent():
-            w("# A block may overlap rows another program owns (a padded head group, a ragged")
-            w("# tail). TPU grid steps run one after another, so writing back the old contents")
-            w("# outside the mask is exact there; GPU programs run in parallel, where that")
-            w("# read-modify-write would race with the owner: the store itself is masked.")
-            w("if masked:")
-            with w.indent():
-                w("from jax.experimental.pallas import triton as plgpu")
-                w()
-                w("view = ref.at[idx]")
-                w("plgpu.store(view, jnp.broadcast_to(val, view.shape), mask=jnp.broadcast_to(mask, view.shape))")
-            w("else:")
-            with w.indent():
-                w("ref[idx] = jnp.where(mask, val, ref[idx])")
-        w()
-        w()
-        w("def _pad_to(x, shape, fill):")
-        with w.indent():
-            w("if tuple(x.shape) == tuple(shape):")
-            with w.indent():
-                w("return x")
-            w("return jnp.pad(x, [(0, s - n) for n, s in zip(x.shape, shape)], constant_values=fill)")
-        w()
-        w()
+        for line in _PRELUDE.splitlines():
+            w(line)
         for stage in self.ir.stages:
             self.reset_names()
             self.stage_kernel(stage, w)

@@ -35,6 +35,33 @@ _TL_DTYPE = {"f32": "tl.float32", "i32": "tl.int32", "i64": "tl.int64"}
 _TORCH_DTYPE = {"f32": "torch.float32", "i32": "torch.int32", "i64": "torch.int64"}
 
 
+# The fixed part of every generated Triton module, after its banner.
+_PRELUDE = '''import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def cdiv(a, b):
+    return (a + b - 1) // b
+
+
+_PDL_LAUNCH = {"launch_pdl": True}
+_PDL_DEVICES = {}
+
+
+def _use_pdl(t):
+    """Programmatic dependent launch: Hopper or newer, compiled, not disabled (TILEFLOW_PDL=0)."""
+    if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("TILEFLOW_PDL") == "0":
+        return False
+    if t.device.index not in _PDL_DEVICES:
+        _PDL_DEVICES[t.device.index] = torch.cuda.get_device_capability(t.device)[0] >= 9
+    return _PDL_DEVICES[t.device.index]
+
+
+'''
+
 class TritonEmitter(Walker):
     target = "triton"
 
@@ -221,34 +248,8 @@ class TritonEmitter(Walker):
         w = Writer()
         for line in self.banner().splitlines():
             w(line)
-        w("import os")
-        w()
-        w("import torch")
-        w("import triton")
-        w("import triton.language as tl")
-        w()
-        w()
-        w("def cdiv(a, b):")
-        with w.indent():
-            w("return (a + b - 1) // b")
-        w()
-        w()
-        w("_PDL_LAUNCH = {\"launch_pdl\": True}")
-        w("_PDL_DEVICES = {}")
-        w()
-        w()
-        w("def _use_pdl(t):")
-        with w.indent():
-            w('"""Programmatic dependent launch: Hopper or newer, compiled, not disabled (TILEFLOW_PDL=0)."""')
-            w('if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("TILEFLOW_PDL") == "0":')
-            with w.indent():
-                w("return False")
-            w("if t.device.index not in _PDL_DEVICES:")
-            with w.indent():
-                w("_PDL_DEVICES[t.device.index] = torch.cuda.get_device_capability(t.device)[0] >= 9")
-            w("return _PDL_DEVICES[t.device.index]")
-        w()
-        w()
+        for line in _PRELUDE.splitlines():
+            w(line)
         for stage in self.ir.stages:
             self.reset_names()
             self.stage_kernel(stage, w)
