@@ -58,9 +58,11 @@ def kernel_outputs(name: str, sizes: tuple) -> list:
 
 
 def pallas_impl(name: str, interpret: bool):
-    """The generated Pallas ``launch`` on the primitive's operands; outputs start
-    poisoned (NaN / -1), so an element the kernel fails to write cannot pass as a
-    plausible value."""
+    """The generated Pallas ``launch`` on the primitive's operands. Interpreted (the
+    tests), outputs start poisoned (NaN / -1), so an element the kernel fails to write
+    cannot pass as a plausible value; compiled, they start as ``lax.empty`` buffers
+    (an allocation, where a poison fill would be one more kernel per call: every
+    kernel's writes are verified on every test case under the poison)."""
     from tileflow.integrations.jax.primitives import kernel_ir, output_avals, storage_dtype
     from tileflow.runtime.jax_pallas import pallas_launcher
 
@@ -75,6 +77,9 @@ def pallas_impl(name: str, interpret: bool):
                 args.append(next(it))
             else:
                 a = avals[v.name]
+                if not interpret and hasattr(jax.lax, "empty"):
+                    args.append(jax.lax.empty(a.shape, a.dtype))
+                    continue
                 fill = jnp.nan if jnp.issubdtype(a.dtype, jnp.floating) else -1
                 args.append(jnp.full(a.shape, fill, a.dtype))
         scal = dict(scalars)

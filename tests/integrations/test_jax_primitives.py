@@ -133,3 +133,35 @@ def test_eager_equals_jit(monkeypatch):
     x = jax.random.normal(jax.random.key(0), (2, 64))
     assert np.array_equal(tfj.argmax(x), jax.jit(tfj.argmax)(x))
     assert np.array_equal(tfj.argmax(x), jnp.argmax(x, -1))
+
+
+def test_compiled_lowering_allocates_outputs_instead_of_filling(monkeypatch):
+    """Compiled, a primitive's outputs start as ``lax.empty`` (an allocation, no fill
+    kernel); interpreted they start poisoned. The launch is stubbed: this checks what
+    the lowering hands it (the compiled path cannot run on a CPU)."""
+    from tileflow.integrations.jax import lowering
+    from tileflow.integrations.jax.primitives import kernel_ir
+    from tileflow.runtime import jax_pallas
+
+    seen, empties = {}, []
+    real_empty = jax.lax.empty
+
+    def spy_empty(shape, dtype, **kw):
+        empties.append((tuple(shape), jnp.dtype(dtype)))
+        return real_empty(shape, dtype, **kw)
+
+    def fake_launcher(ir):
+        def launch(*args, interpret):
+            seen[interpret] = args
+            return [args[-1]]  # o_proj_residual's output argument comes last
+        return launch
+
+    monkeypatch.setattr(jax.lax, "empty", spy_empty)
+    monkeypatch.setattr(jax_pallas, "pallas_launcher", fake_launcher)
+    x, w, r = jnp.ones((1, 16)), jnp.ones((8, 16)), jnp.ones((1, 8))
+    sizes = tuple(sorted({"M": 1, "N": 8, "K": 16}.items()))
+    assert [v.name for v in kernel_ir("o_proj_residual", sizes).outputs] == ["out"]
+    for interpret in (False, True):
+        lowering.pallas_impl("o_proj_residual", interpret)(x, w, r, sizes=sizes, scalars=(), target="pallas")
+    assert empties == [((1, 8), jnp.dtype(jnp.float32))]
+    assert np.isnan(np.asarray(seen[True][-1])).all()
