@@ -36,9 +36,8 @@ from tileflow.runtime.torch_triton import triton_launcher  # noqa: E402
 from tileflow.suite import KERNELS  # noqa: E402
 from tileflow.suite.registry import QWEN_1_5B  # noqa: E402
 from tileflow.verify import DTYPES, make_inputs, poisoned_outputs, verify  # noqa: E402
+from rotation import rotation_sets  # noqa: E402
 from vendor import vendor_call  # noqa: E402
-
-L2_BYTES = 60 << 20
 
 
 def graph_time_us(calls: list, launches: int = 240, reps: int = 12) -> float:
@@ -71,10 +70,8 @@ class Workload:
     def __init__(self, kernel, case, dtype: str):
         self.kernel, self.case, self.dtype = kernel, case, dtype
         ir = kernel.build(kernel.params_for(case))
-        per_set = sum(t.numel() * t.element_size() for t in self._one(ir, 0).values())
-        self.n_sets = int(min(48, max(1, -(-3 * L2_BYTES // max(per_set, 1)))))
-        self.sets = [self._one(ir, i) for i in range(self.n_sets)]
-        self.bytes_per_set = per_set
+        self.sets = rotation_sets(lambda i: self._one(ir, i))
+        self.n_sets = len(self.sets)
 
     def _one(self, ir, seed):
         gen = torch.Generator().manual_seed(1000 + seed)

@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-L2_BYTES = 60 << 20
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from rotation import rotation_sets  # noqa: E402
 
 
 def check_test_cases(kernels: dict) -> dict:
@@ -61,14 +63,10 @@ def time_cases(kernels: dict, cases_of: Callable, interpret: bool = False, reps:
                 ir = k.build(params)
                 launch = pallas_launcher(ir)
                 gen = torch.Generator().manual_seed(7)
-                one = {**make_inputs(k, ir, case, torch.bfloat16, gen),
-                       **poisoned_outputs(ir, case, torch.bfloat16)}
-                per_set = sum(t.numel() * t.element_size() for t in one.values())
-                n_sets = int(min(max_sets, max(1, -(-3 * L2_BYTES // max(per_set, 1)))))
-                sets = [[_to_jax(one[v_.name]) for v_ in ir.arguments]]
-                for _ in range(n_sets - 1):
-                    t = {**make_inputs(k, ir, case, torch.bfloat16, gen), **poisoned_outputs(ir, case, torch.bfloat16)}
-                    sets.append([_to_jax(t[v_.name]) for v_ in ir.arguments])
+                sets = [[_to_jax(t[v_.name]) for v_ in ir.arguments] for t in rotation_sets(
+                    lambda i: {**make_inputs(k, ir, case, torch.bfloat16, gen),
+                               **poisoned_outputs(ir, case, torch.bfloat16)}, max_sets)]
+                n_sets = len(sets)
                 scal = [case.scalars[s.name] for s in ir.scalars]
                 run_all = jax.jit(lambda sets: [launch(*a, *scal, interpret=interpret) for a in sets])
                 jax.block_until_ready(run_all(sets))  # compiles
@@ -92,7 +90,6 @@ def main(argv: Optional[list] = None) -> int:
     try:
         import tileflow.integrations  # noqa: F401
     except ImportError:  # a source checkout that is not pip-installed (the GPU machine)
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from run_cli_uninstalled import map_source_packages
 
         map_source_packages()

@@ -12,36 +12,26 @@ greedy tokens of bf16 paths part from eager's after a few steps: nearly flat log
 """
 
 import argparse
-import time
 
 import torch
 from transformers import StaticCache
 
 import tileflow
+from tileflow.bench.decode import decode_once
 from tileflow.bench.models import build_model
 
 
 def greedy(model, ids: torch.Tensor, new_tokens: int, forward=None) -> tuple[list, float]:
-    """Prefill, then ``new_tokens - 1`` one-token steps on a StaticCache; returns
-    (tokens, decode tok/s)."""
+    """Prefill, then ``new_tokens - 1`` one-token steps on a StaticCache (the bench's
+    protocol); returns (tokens, decode tok/s)."""
     forward = forward or model.forward
+
+    def step(tok, pos, cache):
+        return forward(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+
     cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + new_tokens)
-    n = ids.shape[1]
-    with torch.no_grad():
-        tok = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-        toks = [tok]
-        if ids.is_cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for i in range(new_tokens - 1):
-            pos = torch.tensor([[n + i]], device=ids.device)
-            logits = forward(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True).logits
-            tok = logits[:, -1].argmax(-1, keepdim=True)
-            toks.append(tok)
-        if ids.is_cuda:
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-    return torch.cat(toks, 1)[0].tolist(), (new_tokens - 1) / dt
+    _, seconds, tokens, _ = decode_once(model, step, ids, new_tokens, cache)
+    return tokens, (new_tokens - 1) / seconds
 
 
 def agreement(a: list, b: list) -> str:

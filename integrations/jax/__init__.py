@@ -102,8 +102,8 @@ def optimize(fn: Callable) -> Optimized:
     (the rewrite then happens once per compilation). With no match, ``fn`` itself
     runs. On CUDA, where the generated kernels measured slower than XLA's own code,
     nothing is swapped under the default target and ``explain`` says why
-    (``TILEFLOW_JAX_TARGET=pallas`` swaps anyway). Arguments must be pytrees of arrays (bind static ones with
-    ``functools.partial``)."""
+    (``TILEFLOW_JAX_TARGET=pallas`` swaps anyway). Arguments must be pytrees of
+    arrays (bind static ones with ``functools.partial``)."""
     return Optimized(fn)
 
 
