@@ -1,14 +1,17 @@
 """The ``tileflow`` dynamo backend, registered under the ``torch_dynamo_backends`` entry
 point, so ``torch.compile(model, backend="tileflow")`` finds it.
 
-It is inductor with one more post-grad pass: the catalogue's decode patterns
-rewritten into suite kernels (``rewrite.py``). It takes the ``mode`` and ``options``
+It is inductor with two passes: on the dynamo graph, the decode layer's norm + q/k/v +
+RoPE + cache write, its attention, the norm-fused MLP input and the final norm + lm_head
+become fused suite kernels (``decode_graph.py``); after inductor's decompositions, the
+remaining decode-time linears and residual adds (``rewrite.py``). It takes the ``mode`` and ``options``
 that ``torch.compile`` and transformers' ``CompileConfig`` pass; the default mode is
 ``reduce-overhead`` (CUDA graphs for decode, where launches cost most).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -50,6 +53,10 @@ def tileflow_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mo
     patches = dict(list_mode_options(mode)) if mode != "default" else {}
     patches.update(options or {})
     report = Report(title=f"tileflow backend: graph {len(LAST_REPORTS) + 1}")
+    if os.environ.get("TILEFLOW_COMPILE_FUSED", "1") != "0":  # =0 measures what the fused pass buys
+        from tileflow.integrations.torch.decode_graph import rewrite_decode_graph
+
+        rewrite_decode_graph(gm, report)
     patches["post_grad_custom_post_pass"] = _graph_pass(report)
     # a cache hit would skip the pass, and with it the report of what was rewritten
     patches["fx_graph_cache"] = False

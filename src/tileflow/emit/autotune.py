@@ -46,12 +46,33 @@ def shipped_table() -> dict:
         return {}
 
 
+# Devices that are one chip with different memory (GH100: H100 and H200 have the same
+# 132 multiprocessors and caches), so tiles measured on one are a fair start on the
+# other until it is measured itself; the device's own entries always win.
+SAME_CHIP = (("H100", "H200", "GH200"),)
+
+
+def _same_chip(device: str) -> list[str]:
+    for group in SAME_CHIP:
+        if any(g in device for g in group):
+            return [g for g in group if g not in device]
+    return []
+
+
 def lookup(kernel: str, sizes: dict, dtype: str, device: str) -> Optional[dict]:
-    """Measured parameters for this shape on this device, or None."""
+    """Measured parameters for this shape on this device (else on a device of the same
+    chip, see ``SAME_CHIP``), or None."""
     key = tune_key(kernel, sizes, dtype, device)
-    for table in (_read(_user_file()), shipped_table()):
+    tables = (_read(_user_file()), shipped_table())
+    for table in tables:
         if key in table:
             return dict(table[key]["params"])
+    suffix = key.split("|", 1)[1]
+    for sibling in _same_chip(device):
+        for table in tables:
+            for k, v in table.items():
+                if k.endswith(suffix) and sibling in k.split("|", 1)[0]:
+                    return dict(v["params"])
     return None
 
 

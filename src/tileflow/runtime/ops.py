@@ -47,7 +47,11 @@ def _launcher(name: str, sizes: dict, dtype: torch.dtype, device: torch.device) 
         from tileflow.runtime.torch_triton import triton_launcher
 
         dname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-        params = autotune.lookup(name, sizes, dname, _device_name(device)) or kernel.default_params(sizes)
+        defaults = kernel.default_params(sizes)
+        params = {**defaults, **(autotune.lookup(name, sizes, dname, _device_name(device)) or {})}
+        # sizes that are also parameters (HAS_BIAS, ROPE_KIND, ...) say what the kernel
+        # computes, not how fast: they win over a measurement made for another variant
+        params.update({k: v for k, v in sizes.items() if k in defaults})
         ir = kernel.build(params)
         fn = triton_launcher(ir, device.type)
     _LAUNCHERS[key] = fn
@@ -229,6 +233,24 @@ def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Te
     fn = _launcher("qkv_rope_cache", sizes, x.dtype, x.device)
     biases = (bq, bk, bv) if bq is not None else ()
     fn(x, ln_w, wq, wk, wv, *biases, pos, q, k_cache, v_cache, eps, *cfg.scalars)
+    return q
+
+
+def qkv_rope_cache_table(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Tensor, wk: torch.Tensor,
+                         wv: torch.Tensor, bq: Optional[torch.Tensor], bk: Optional[torch.Tensor],
+                         bv: Optional[torch.Tensor], pos: torch.Tensor, cache_pos: torch.Tensor,
+                         inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """:func:`qkv_rope_cache` as a compiled transformers graph computes it: RoPE at
+    ``pos`` [M] with the model's own ``inv_freq`` [DH/2] (fp32), K and V written at row
+    ``cache_pos`` [M] of the caches. Returns q [M, NH, DH]."""
+    m, nkv, s, dh = k_cache.shape
+    nq = wq.shape[0]
+    q = _out((m, nq // dh, dh), x)
+    sizes = {"M": m, "K": x.shape[1], "NH": nq // dh, "NKV": nkv, "DH": dh, "NQ": nq, "NKD": nkv * dh,
+             "S": s, "HALF": dh // 2, "HAS_BIAS": int(bq is not None), "ROPE_KIND": 3, "CACHE_POS": 1}
+    fn = _launcher("qkv_rope_cache", sizes, x.dtype, x.device)
+    biases = (bq, bk, bv) if bq is not None else ()
+    fn(x, ln_w, wq, wk, wv, *biases, pos, cache_pos, inv_freq, q, k_cache, v_cache, eps)
     return q
 
 

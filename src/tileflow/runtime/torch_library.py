@@ -43,3 +43,55 @@ def gate_up_silu(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor) -> torch.T
 @gate_up_silu.register_fake
 def _(x, wg, wu):
     return x.new_empty((x.shape[0], wg.shape[0]))
+
+
+@torch.library.custom_op("tileflow::rms_norm_linear", mutates_args=())
+def rms_norm_linear(x: torch.Tensor, ln_w: torch.Tensor, eps: float, w: torch.Tensor) -> torch.Tensor:
+    """``rms_norm(x) @ w.T`` by the suite's rms_norm_matvec (final norm + lm_head)."""
+    return ops.rms_norm_linear(x.contiguous(), ln_w, eps, w)
+
+
+@rms_norm_linear.register_fake
+def _(x, ln_w, eps, w):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+@torch.library.custom_op("tileflow::rms_norm_gate_up_silu", mutates_args=())
+def rms_norm_gate_up_silu(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wg: torch.Tensor,
+                          wu: torch.Tensor) -> torch.Tensor:
+    """``silu(n @ wg.T) * (n @ wu.T)``, ``n = rms_norm(x)``, by the fused suite entry."""
+    return ops.rms_norm_gate_up_silu(x.contiguous(), ln_w, eps, wg, wu)
+
+
+@rms_norm_gate_up_silu.register_fake
+def _(x, ln_w, eps, wg, wu):
+    return x.new_empty((x.shape[0], wg.shape[0]))
+
+
+@torch.library.custom_op("tileflow::qkv_rope_cache", mutates_args=("k_cache", "v_cache"))
+def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Tensor, wk: torch.Tensor,
+                   wv: torch.Tensor, bq: Optional[torch.Tensor], bk: Optional[torch.Tensor],
+                   bv: Optional[torch.Tensor], pos: torch.Tensor, cache_pos: torch.Tensor, inv_freq: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """Norm, q/k/v (+bias), RoPE from ``inv_freq`` at ``pos``; K/V written into the caches
+    at ``cache_pos``; returns q [M, NH, DH] (fused suite entry qkv_rope_cache)."""
+    return ops.qkv_rope_cache_table(x.contiguous(), ln_w, eps, wq, wk, wv, bq, bk, bv, pos, cache_pos,
+                                    inv_freq.contiguous(), k_cache, v_cache)
+
+
+@qkv_rope_cache.register_fake
+def _(x, ln_w, eps, wq, wk, wv, bq, bk, bv, pos, cache_pos, inv_freq, k_cache, v_cache):
+    dh = k_cache.shape[-1]
+    return x.new_empty((x.shape[0], wq.shape[0] // dh, dh))
+
+
+@torch.library.custom_op("tileflow::attention_decode", mutates_args=())
+def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """GQA decode attention of q [B, NH, DH] over the first ``lengths[b]`` cache rows."""
+    return ops.attention_decode(q.contiguous(), k_cache, v_cache, lengths, scale)
+
+
+@attention_decode.register_fake
+def _(q, k_cache, v_cache, lengths, scale):
+    return torch.empty_like(q)

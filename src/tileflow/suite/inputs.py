@@ -21,3 +21,10 @@ def positions(max_key: str):
     def draw(gen, shape, sizes):
         return torch.randint(0, sizes[max_key], shape, generator=gen, dtype=torch.int64)
     return draw
+
+
+def rope_frequencies(gen, shape, sizes):
+    """Inverse frequencies like a rotary embedding's (theta drawn in [1e3, 1e6]),
+    so table-driven RoPE is checked on realistic angles."""
+    theta = 10 ** (3 + 3 * torch.rand((), generator=gen).item())
+    return theta ** (-torch.arange(shape[0], dtype=torch.float32) / shape[0])

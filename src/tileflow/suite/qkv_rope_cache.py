@@ -3,6 +3,10 @@ RMSNorm of ``x`` (``input_layernorm``), the q, k and v projections (+ biases), R
 q and k at the row's position, q written out, K and V written into row ``pos`` of the
 static caches. Replaces rms_norm, q_proj_matvec, kv_proj_matvec, rope_q and rope_k.
 
+With ``CACHE_POS`` the cache row comes from its own ``cache_pos`` input (a compiled
+transformers graph rotates at ``position_ids`` but writes at the cache's own count, two
+tensors that need not agree); with ``ROPE_KIND`` 3 the frequencies come from ``inv_freq``.
+
 A program owns one head of the stacked [q heads | k heads | v heads] and ``BLOCK_J``
 rotation pairs ``(j, j + DH/2)`` of it, so both halves of every rotated pair are summed
 by the same program and RoPE happens in registers. Each program reads only its own
@@ -11,10 +15,10 @@ off), so the three weights stay where transformers keeps them, unconcatenated.
 """
 
 from tileflow.suite import rms_norm
-from tileflow.suite.inputs import linear_weight, positions
+from tileflow.suite.inputs import linear_weight, positions, rope_frequencies
 from tileflow.suite.matvec import rsqrt_mean
 from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
-from tileflow.suite.rope import LLAMA3, ROPE_SCALARS, inv_freq_tile, rope_reference
+from tileflow.suite.rope import LLAMA3, ROPE_SCALARS, TABLE, inv_freq_tile, rope_reference
 
 
 def define(k, p):
@@ -25,6 +29,10 @@ def define(k, p):
     if p["HAS_BIAS"]:
         bq, bk, bv = (k.input(n, (rows,)) for n, rows in (("bq", "NQ"), ("bk", "NKD"), ("bv", "NKD")))
     pos = k.input("pos", ("M",), dtype="i64")
+    if p.get("CACHE_POS", 0):
+        cache_pos = k.input("cache_pos", ("M",), dtype="i64")
+    if kind == TABLE:
+        inv_freq = k.input("inv_freq", ("HALF",), dtype="f32")
     q_out = k.output("q", ("M", "NH", "DH"))
     k_cache = k.inout("k_cache", ("M", "NKV", "S", "DH"))
     v_cache = k.inout("v_cache", ("M", "NKV", "S", "DH"))
@@ -72,7 +80,9 @@ def define(k, p):
 
         j = k.range(j0, "BLOCK_J")
         p_int = k.load(pos, (row,))
-        ang = k.cast(p_int, "f32") * inv_freq_tile(k, kind, j.index, dh)
+        inv = k.load(inv_freq, (j,), limits={0: half}) if kind == TABLE else inv_freq_tile(k, kind, j.index, dh)
+        ang = k.cast(p_int, "f32") * inv
+        c_row = k.load(cache_pos, (row,)) if p.get("CACHE_POS", 0) else p_int
         c, s = k.cos(ang), k.sin(ang)
         o_lo = k.where(is_v, y_lo, y_lo * c - y_hi * s)
         o_hi = k.where(is_v, y_hi, y_hi * c + y_lo * s)
@@ -80,11 +90,12 @@ def define(k, p):
         k.store(q_out, (row, hq, j), o_lo, limits={2: half}, when=is_q)
         k.store(q_out, (row, hq, jh), o_hi, when=is_q)
         for cache, h, when in ((k_cache, hk, is_k), (v_cache, hv, is_v)):
-            k.store(cache, (row, h, p_int, j), o_lo, limits={3: half}, when=when)
-            k.store(cache, (row, h, p_int, jh), o_hi, when=when)
+            k.store(cache, (row, h, c_row, j), o_lo, limits={3: half}, when=when)
+            k.store(cache, (row, h, c_row, jh), o_hi, when=when)
 
 
-def reference(xp, x, ln_w, wq, wk, wv, pos, k_cache, v_cache, eps, bq=None, bk=None, bv=None, **rope):
+def reference(xp, x, ln_w, wq, wk, wv, pos, k_cache, v_cache, eps, bq=None, bk=None, bv=None, cache_pos=None,
+              **rope):
     m, nkv, s, dh = k_cache.shape
     n = rms_norm.reference(xp, x, ln_w, eps)["out"]
     q, kk, v = (n @ xp.matrix_transpose(w) for w in (wq, wk, wv))
@@ -93,14 +104,16 @@ def reference(xp, x, ln_w, wq, wk, wv, pos, k_cache, v_cache, eps, bq=None, bk=N
     q = rope_reference(xp, xp.reshape(q, (m, -1, dh)), pos, **rope)
     kk = rope_reference(xp, xp.reshape(kk, (m, nkv, dh)), pos, **rope)
     v = xp.reshape(v, (m, nkv, dh))
-    at = (xp.arange(s)[None, :] == pos[:, None])[:, None, :, None]  # [M, 1, S, 1]
+    row = pos if cache_pos is None else cache_pos
+    at = (xp.arange(s)[None, :] == row[:, None])[:, None, :, None]  # [M, 1, S, 1]
     return {"q": q, "k_cache": xp.where(at, kk[:, :, None, :], k_cache),
             "v_cache": xp.where(at, v[:, :, None, :], v_cache)}
 
 
 def default_params(s):
     return {"BLOCK_J": 1, "BLOCK_K": min(2048, next_pow2(s["K"])), "HAS_BIAS": s.get("HAS_BIAS", 1),
-            "ROPE_KIND": s.get("ROPE_KIND", 0), "num_warps": 4, "num_stages": 2}
+            "ROPE_KIND": s.get("ROPE_KIND", 0), "CACHE_POS": s.get("CACHE_POS", 0), "num_warps": 4,
+            "num_stages": 2}
 
 
 def candidates(s):
@@ -131,13 +144,16 @@ KERNEL = register(SuiteKernel(
         _case("odd", 2, 50, 3, 1, 24, 13, dict(theta=1e6)),
         _case("gqa4-loopk", 1, 300, 4, 1, 8, 9, dict(eps=1e-5, theta=10000.0), dict(BLOCK_K=128, BLOCK_J=2)),
         _case("llama3-nobias", 1, 64, 2, 2, 32, 20, dict(eps=1e-5, **LLAMA3), HAS_BIAS=0, ROPE_KIND=2),
+        _case("table-cachepos", 1, 48, 4, 2, 16, 24, {}, dict(BLOCK_J=2), ROPE_KIND=3, CACHE_POS=1, HALF=8),
+        _case("table-nobias", 2, 40, 2, 1, 32, 11, dict(eps=1e-5), HAS_BIAS=0, ROPE_KIND=3, CACHE_POS=1, HALF=16),
     ],
     decode_cases=lambda c: [Case("qkv", _sizes(c), dict(eps=1e-6, theta=10000.0))],
     candidates=candidates,
-    input_makers={"wq": linear_weight, "wk": linear_weight, "wv": linear_weight, "pos": positions("P")},
+    input_makers={"wq": linear_weight, "wk": linear_weight, "wv": linear_weight, "pos": positions("P"),
+                  "cache_pos": positions("S"), "inv_freq": rope_frequencies},
     min_bytes=lambda s, b: (((s["NQ"] + 2 * s["NKD"]) * (s["K"] + 1) + 2 * s["K"]) * b
                             + (s["NQ"] + 2 * s["NKD"]) * s["M"] * b + 8 * s["M"]),
     fused=True,
-    tune_keys=("M", "K", "NH", "NKV", "DH", "HAS_BIAS", "ROPE_KIND"),
+    tune_keys=("M", "K", "NH", "NKV", "DH", "HAS_BIAS"),
     module=__name__,
 ))

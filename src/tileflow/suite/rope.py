@@ -8,7 +8,9 @@ in Hugging Face's rotate-half layout (Qwen2 and Llama alike)::
 scalar ``theta`` (fp32, as transformers computes it), then rescaled per the config's
 ``rope_scaling``: ``ROPE_KIND`` 0 = none, 1 = linear (``/ factor``), 2 = llama3
 (per-frequency smoothing between ``low_freq_factor`` and ``high_freq_factor`` over
-``original_max_position_embeddings``). Positions come from an int tensor, so a
+``original_max_position_embeddings``), 3 = table: the ``inv_freq`` values are an input
+(transformers' own ``rotary_emb.inv_freq`` buffer, as the compiled graph reads it, so any
+scaling that only reshapes the frequencies is exact by construction). Positions come from an int tensor, so a
 captured CUDA graph replays correctly at every step.
 
 fp32 angles lose about ``pos * 6e-8`` rad, as in transformers' own fp32 RoPE: the
@@ -19,13 +21,18 @@ import math
 
 from tileflow.suite.registry import next_pow2
 
-ROPE_KINDS = {"default": 0, "linear": 1, "llama3": 2}
+ROPE_KINDS = {"default": 0, "linear": 1, "llama3": 2, "table": 3}
 ROPE_SCALARS = {0: ("theta",), 1: ("theta", "factor"),
-                2: ("theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position")}
+                2: ("theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position"),
+                3: ()}
+TABLE = 3
 
 
 def inv_freq_tile(k, kind: int, i_index, dh):
-    """fp32 inverse frequencies for the indices ``i_index`` of the first half."""
+    """fp32 inverse frequencies for the indices ``i_index`` of the first half
+    (kinds 0-2; the table kind loads them from its ``inv_freq`` view instead)."""
+    if kind == TABLE:
+        raise ValueError("ROPE_KIND 3 (table) reads inv_freq from a view, not from scalars")
     theta = k.arg("theta")
     inv = k.exp2(k.cast(i_index, "f32") * (-2.0) / k.cast(dh, "f32") * k.log2(theta))
     if kind == 1:
@@ -75,13 +82,15 @@ def define_rope(k, p, heads: str, cache: bool):
             k.store(out, (row, hs, hi), o2)
 
 
-def rope_reference(xp, x, pos, theta, factor=None, low_freq_factor=None, high_freq_factor=None,
-                   original_max_position=None):
+def rope_reference(xp, x, pos, theta=None, factor=None, low_freq_factor=None, high_freq_factor=None,
+                   original_max_position=None, inv_freq=None):
     dh = x.shape[-1]
     half = dh // 2
     i = xp.astype(xp.arange(half), x.dtype)
-    inv = theta ** (-2.0 * i / dh)
-    if low_freq_factor is not None:  # llama3
+    inv = xp.astype(inv_freq, x.dtype) if inv_freq is not None else theta ** (-2.0 * i / dh)
+    if inv_freq is not None:  # table: the frequencies as given
+        pass
+    elif low_freq_factor is not None:  # llama3
         wavelen = 2 * math.pi / inv
         smooth = (original_max_position / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
         smoothed = (1 - smooth) * inv / factor + smooth * inv

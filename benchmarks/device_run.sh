@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One device call: decode benchmarks, then the kernel leaderboard (which tunes every
+# kernel on this GPU), everything written under $OUT. Steps run in the order given so a
+# call that runs out of time still returns the finished ones.
+#   STEPS="bench:deepseek-r1-distill-qwen-1.5b:128 suite" bash benchmarks/device_run.sh
+# bench:<model>:<prompt>[:paths]  `tileflow bench` (paths comma-separated, default all)
+# suite                            benchmarks/gpu_suite.py (tunes; autotune.json to $OUT)
+# tuned                            use $OUT/autotune.json (or TUNED=<file>) for later steps
+set -uo pipefail
+OUT=${OUT:-benchmarks/results}
+export PYTHONUNBUFFERED=1 TILEFLOW_COMMIT=${TILEFLOW_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export TILEFLOW_CACHE_DIR=${TILEFLOW_CACHE_DIR:-/tmp/tileflow-cache}
+mkdir -p "$TILEFLOW_CACHE_DIR" "$OUT"
+[ -n "${TUNED:-}" ] && cp "$TUNED" "$TILEFLOW_CACHE_DIR/autotune.json"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader || true
+for step in ${STEPS:-bench:deepseek-r1-distill-qwen-1.5b:128 suite}; do
+  echo "=== $step ($(date +%T))"
+  IFS=: read -r kind model prompt paths <<<"$step"
+  case $kind in
+    bench)
+      args=(--model "$model" --prompt "$prompt" --out "$OUT")
+      [ -n "${paths:-}" ] && args+=(--paths ${paths//,/ })
+      python3 benchmarks/run_cli_uninstalled.py bench "${args[@]}" 2>&1 | grep -v -E "Warning|warn\(|^\s*$" ;;
+    suite)
+      python3 benchmarks/gpu_suite.py --out "$OUT" --no-pallas-timing 2>&1 | tail -40 ;;
+    tuned)
+      cp "${TUNED:-$OUT/autotune.json}" "$TILEFLOW_CACHE_DIR/autotune.json" ;;
+  esac
+done
+echo "=== done ($(date +%T))"

@@ -1,0 +1,408 @@
+"""Rewriting the dynamo graph of a transformers decode step into the fused suite kernels.
+
+Dynamo hands the backend a torch-level FX graph in which a Qwen2 / Llama layer is still
+legible line by line (``torch._C._nn.linear``, ``torch.rsqrt``, ``index_copy_`` on the
+static cache, ``scaled_dot_product_attention`` with the mask transformers built). Before
+inductor sees it, this pass replaces, per layer,
+
+- ``rms_norm`` + q/k/v ``matvec`` + ``rope`` + the cache writes -> ``tileflow::qkv_rope_cache``
+  (RoPE from the graph's own ``inv_freq`` at ``position_ids``; rows written at the
+  cache's own ``cache_position``, as transformers writes them),
+- ``gqa_attention`` (repeat_kv + SDPA over the whole static cache with the causal mask)
+  -> ``tileflow::attention_decode`` over the first ``q_position + 1`` rows, which is
+  exactly the set the mask admits,
+- ``rms_norm`` + gate/up + ``silu * up`` -> ``tileflow::rms_norm_gate_up_silu``,
+- the final ``rms_norm`` + lm_head -> ``tileflow::rms_norm_linear``.
+
+Every condition is checked on the graph (node kinds, constants, example shapes and
+dtypes); anything else stays as traced and the reason goes to the report. The o_proj
+and down_proj residual adds are left for the post-grad pass (``rewrite.py``).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from tileflow.patterns import gqa_attention, rms_norm, rope
+from tileflow.report import Report
+from tileflow.runtime import torch_library  # noqa: F401  (registers torch.ops.tileflow)
+
+_LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
+_SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class NoMatch(Exception):
+    """A pattern's condition that does not hold; the message is the reported reason."""
+
+
+def _fn(n, *targets) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
+
+
+def _meth(n, *names) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_method" and n.target in names
+
+
+def _ev(n):
+    return n.meta.get("example_value") if isinstance(n, fx.Node) else None
+
+
+def _need(cond, reason: str) -> None:
+    if not cond:
+        raise NoMatch(reason)
+
+
+def _arg(n: fx.Node, i: int, name: str, default=None):
+    return n.args[i] if len(n.args) > i else n.kwargs.get(name, default)
+
+
+def _pair(n: fx.Node, test_a, test_b) -> Optional[tuple]:
+    """The two operands of a commutative ``n`` as (a, b) with test_a(a), test_b(b)."""
+    if len(n.args) != 2:
+        return None
+    for a, b in (n.args, n.args[::-1]):
+        if test_a(a) and test_b(b):
+            return a, b
+    return None
+
+
+def _placeholder(n) -> bool:
+    return isinstance(n, fx.Node) and n.op in ("placeholder", "get_attr")
+
+
+def where(n: fx.Node) -> str:
+    stack = n.meta.get("nn_module_stack")
+    if stack:
+        return str(list(stack.values())[-1][0]).replace("L['self'].", "").replace("L['fn'].", "")
+    return n.name
+
+
+# ----------------------------------------------------------------- rms_norm
+def match_rms_norm(out: fx.Node) -> tuple[fx.Node, fx.Node, float]:
+    """(x, weight, eps) when ``out`` is transformers' RMSNorm of ``x``:
+    ``w * (h * rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)``, ``h = x.to(f32)``."""
+    _need(_fn(out, operator.mul), "not a product")
+    wc = _pair(out, _placeholder, lambda c: _meth(c, "to"))
+    _need(wc, "not weight * normalized")
+    w, cast = wc
+    prod = cast.args[0]
+    _need(_fn(prod, operator.mul), "not h * rsqrt(..)")
+    hr = _pair(prod, lambda h: True, lambda r: _fn(r, torch.rsqrt))
+    _need(hr, "no rsqrt")
+    h, r = hr
+    add = r.args[0]
+    ve = _pair(add, lambda v: _meth(v, "mean"), lambda e: isinstance(e, float)) if _fn(add, operator.add) else None
+    _need(ve, "rsqrt of something other than mean + eps")
+    mean, eps = ve
+    dims = _arg(mean, 1, "dim")
+    _need(dims in (-1, [-1], (-1,)) and _arg(mean, 2, "keepdim", False) is True, "not a mean over the last axis")
+    pw = mean.args[0]
+    _need(_meth(pw, "pow") and pw.args[0] is h and pw.args[1] == 2, "not a mean of squares of h")
+    _need(_meth(h, "to", "float") and (h.target == "float" or torch.float32 in h.args[1:]
+                                       or h.kwargs.get("dtype") == torch.float32), "h is not x in float32")
+    x = h.args[0]
+    xv, wv, ov = _ev(x), _ev(w), _ev(out)
+    _need(xv is not None and wv is not None and ov is not None, "no example values")
+    _need(xv.dtype in _DTYPES and xv.dtype == wv.dtype == ov.dtype, f"dtypes x {xv.dtype}, weight {wv.dtype}")
+    _need(cast.args[1:] == (xv.dtype,) or cast.kwargs.get("dtype") == xv.dtype, "cast back to another dtype")
+    _need(wv.dim() == 1 and wv.shape[0] == xv.shape[-1], "weight is not [hidden]")
+    return x, w, float(eps)
+
+
+def _one_row(x: fx.Node) -> None:
+    xv = _ev(x)
+    _need(xv is not None and xv.numel() == xv.shape[-1], f"{tuple(xv.shape)}: not one decode row")
+
+
+# ------------------------------------------------------------ rope, q/k/v
+def _heads(n: fx.Node) -> tuple[fx.Node, fx.Node, Optional[fx.Node]]:
+    """(input, weight, bias) of ``linear(x, W, b).view(1, 1, -1, dh).transpose(1, 2)``."""
+    _need(_meth(n, "transpose") and sorted(n.args[1:3]) == [1, 2], "projection not transposed to heads")
+    view = n.args[0]
+    _need(_meth(view, "view", "reshape"), "projection not viewed as heads")
+    lin = view.args[0]
+    _need(_fn(lin, *_LINEARS), "heads do not come from a linear")
+    x, w = lin.args[:2]
+    b = _arg(lin, 2, "bias")
+    _need(_placeholder(w) and (b is None or _placeholder(b)), "linear weight / bias not parameters")
+    return x, w, b
+
+
+def _strip(n, methods=("float", "to", "expand", "contiguous")):
+    """Through dtype casts, broadcasts and ``[None, :, None]``-style indexing."""
+    while True:
+        if _meth(n, *methods):
+            if n.target == "to":
+                _need(all(a in (torch.float32,) or isinstance(a, torch.device) for a in n.args[1:])
+                      and n.kwargs.get("dtype", torch.float32) == torch.float32, "cast to a non-fp32 dtype")
+            n = n.args[0]
+        elif _fn(n, operator.getitem) and isinstance(n.args[1], tuple) and all(
+                i is None or i is Ellipsis or i == slice(None) for i in n.args[1]):
+            n = n.args[0]
+        else:
+            return n
+
+
+def match_cos_sin(cos_u: fx.Node, sin_u: fx.Node, dh: int) -> tuple[fx.Node, fx.Node]:
+    """(position_ids, inv_freq) when cos / sin are transformers' rotary tables:
+    ``cos(cat(f, f)) * 1.0`` cast, unsqueezed on the head axis, ``f = pos * inv_freq``."""
+    embs = []
+    for n, fn in ((cos_u, "cos"), (sin_u, "sin")):
+        _need(_meth(n, "unsqueeze") and n.args[1:] == (1,), "cos/sin not broadcast over heads")
+        n = n.args[0]
+        if _meth(n, "to"):
+            n = n.args[0]
+        if _fn(n, operator.mul):
+            ts = _pair(n, lambda t: _meth(t, fn), lambda s: isinstance(s, (int, float)))
+            _need(ts, f"{fn} table scaled by a tensor")
+            _need(ts[1] == 1.0, f"attention_scaling {ts[1]} (the kernel applies none)")
+            n = ts[0]
+        _need(_meth(n, fn), f"no {fn}")
+        embs.append(n.args[0])
+    emb = embs[0]
+    _need(emb is embs[1], "cos and sin of different angles")
+    _need(_fn(emb, torch.cat) and len(emb.args[0]) == 2 and emb.args[0][0] is emb.args[0][1]
+          and _arg(emb, 1, "dim", 0) in (-1, 2), "angles are not cat(f, f)")
+    freqs = emb.args[0][0]
+    if _meth(freqs, "transpose"):  # (inv_freq[None, :, None] @ pos[:, None, :]).transpose(1, 2)
+        mm = freqs.args[0]
+        _need(sorted(freqs.args[1:3]) == [1, 2] and _fn(mm, operator.matmul), "angles not inv_freq @ positions")
+        inv, pos = _strip(mm.args[0]), _strip(mm.args[1])
+    else:  # pos[..., None].float() * inv_freq
+        _need(_fn(freqs, operator.mul), "angles are not positions * inv_freq")
+        a, b = (_strip(x) for x in freqs.args)
+        inv, pos = (a, b) if _ev(a) is not None and _ev(a).is_floating_point() else (b, a)
+    iv, pv = _ev(inv), _ev(pos)
+    # a model cast to bf16 carries a bf16 inv_freq that the graph widens to fp32: the
+    # kernel reads the same widened values (the rewrite inserts that exact cast)
+    _need(_placeholder(inv) and iv is not None and iv.is_floating_point() and tuple(iv.shape) == (dh // 2,),
+          "inv_freq is not a buffer of head_dim / 2 frequencies")
+    _need(pos.op == "placeholder" and pv is not None and pv.dtype == torch.int64 and pv.numel() == 1,
+          "positions are not one int64 position_ids input")
+    return pos, inv
+
+
+def match_rope(n: fx.Node, dh: int) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """(x, cos_u, sin_u) when ``n = x * cos + cat(-x[..., h:], x[..., :h]) * sin``."""
+    _need(_fn(n, operator.add), "not a sum")
+    half = dh // 2
+    for a, b in (n.args, n.args[::-1]):
+        if not (_fn(a, operator.mul) and _fn(b, operator.mul)):
+            continue
+        for x, c in (a.args, a.args[::-1]):
+            for rot, s in (b.args, b.args[::-1]):
+                if _fn(rot, torch.cat) and len(rot.args[0]) == 2 and _arg(rot, 1, "dim", 0) == -1:
+                    neg, x1 = rot.args[0]
+                    if (_fn(neg, operator.neg) and _fn(x1, operator.getitem) and _fn(neg.args[0], operator.getitem)
+                            and x1.args[0] is x and neg.args[0].args[0] is x
+                            and x1.args[1] == (Ellipsis, slice(None, half, None))
+                            and neg.args[0].args[1] == (Ellipsis, slice(half, None, None))):
+                        return x, c, s
+    raise NoMatch("not x * cos + rotate_half(x) * sin")
+
+
+# ------------------------------------------------------------- attention
+def _cache_read(n: fx.Node, groups: int) -> fx.Node:
+    """The cache tensor under repeat_kv (``kv[:, :, None].expand(..).reshape(..)``)."""
+    if groups > 1 or _meth(n, "reshape"):
+        _need(_meth(n, "reshape"), "keys are not repeat_kv of the cache")
+        ex = n.args[0]
+        _need(_meth(ex, "expand"), "keys are not repeat_kv of the cache")
+        gi = ex.args[0]
+        _need(_fn(gi, operator.getitem) and gi.args[1] == (slice(None), slice(None), None, slice(None), slice(None)),
+              "repeat_kv indexes the cache differently")
+        n = gi.args[0]
+    _need(n.op == "placeholder", "keys are not the static cache tensor")
+    return n
+
+
+def _cache_write(cache: fx.Node, before: fx.Node) -> fx.Node:
+    """The one ``cache.index_copy_(2, cache_position, new)`` of this cache before ``before``."""
+    writes = [u for u in cache.users if _meth(u, "index_copy_")]
+    _need(len(writes) == 1 and writes[0].args[1] == 2, "the cache is not written once by index_copy_ on axis 2")
+    order = {n: i for i, n in enumerate(cache.graph.nodes)}
+    _need(order[writes[0]] < order[before], "the cache is written after it is read")
+    others = [u for u in cache.users if u is not writes[0] and order[u] < order[writes[0]]]
+    _need(not others, "the cache is read before it is written")
+    return writes[0]
+
+
+def match_causal_mask(mask, capacity: int) -> fx.Node:
+    """The query-position node ``q`` [1] when ``mask`` is ``arange(S)[kv] <= q`` expanded."""
+    _need(mask is not None, "no mask (is_causal or no cache)")
+    if _meth(mask, "expand"):
+        mask = mask.args[0]
+    _need(_fn(mask, operator.le), "the mask is not kv_index <= q_index alone (padding or another pattern)")
+    kv, q = (_strip(a, ()) for a in mask.args)
+    if _fn(kv, operator.add):
+        _need(kv.args[1] == 0, "keys offset from 0")
+        kv = kv.args[0]
+    _need(_fn(kv, torch.arange) and kv.args[:1] == (capacity,) and len(kv.args) == 1,
+          "the mask's key positions are not arange(cache length)")
+    _need(_fn(q, operator.add) and _fn(q.args[0], torch.arange) and q.args[0].args[:1] == (1,),
+          "the mask's query position is not arange(1) + offset")
+    return q
+
+
+def match_attention(sdpa: fx.Node) -> dict:
+    q, key, value = sdpa.args[:3]
+    mask = _arg(sdpa, 3, "attn_mask")
+    _need(_arg(sdpa, 4, "dropout_p", 0.0) == 0.0, "dropout")
+    _need(not _arg(sdpa, 5, "is_causal", False), "is_causal with a cache")
+    qv, kv = _ev(q), _ev(key)
+    _need(qv is not None and qv.dim() == 4 and qv.shape[0] == 1 and qv.shape[2] == 1, "not one query of batch 1")
+    nh, dh = qv.shape[1], qv.shape[3]
+    xq, cos_u, sin_u = match_rope(q, dh)
+    xn, wq, bq = _heads(xq)
+    k_cache = _cache_read(key, 2)
+    v_cache = _cache_read(value, 2)
+    kcv = _ev(k_cache)
+    _need(kcv is not None and kcv.shape[0] == 1 and kcv.shape[3] == dh and nh % kcv.shape[1] == 0,
+          "cache shape")
+    nkv, capacity = kcv.shape[1], kcv.shape[2]
+    _need(tuple(kv.shape) in ((1, nh, capacity, dh), (1, nkv, capacity, dh)), "keys are not the whole cache")
+    wk_, wv_ = _cache_write(k_cache, sdpa), _cache_write(v_cache, sdpa)
+    _need(wk_.args[2] is wv_.args[2], "K and V written at different positions")
+    xk, cos_k, sin_k = match_rope(wk_.args[3], dh)
+    _need(cos_k is cos_u and sin_k is sin_u, "q and k rotated by different tables")
+    xk_in, wk, bk = _heads(xk)
+    xv_in, wv, bv = _heads(wv_.args[3])
+    _need(xn is xk_in is xv_in, "q, k, v projections of different inputs")
+    _need((bq is None) == (bk is None) == (bv is None), "some projections have biases, some not")
+    pos, inv_freq = match_cos_sin(cos_u, sin_u, dh)
+    qpos = match_causal_mask(mask, capacity)
+    x, ln_w, eps = match_rms_norm(xn)
+    _one_row(x)
+    dtypes = {_ev(t).dtype for t in (x, wq, wk, wv, k_cache, v_cache)}
+    _need(len(dtypes) == 1, f"mixed dtypes {sorted(map(str, dtypes))}")
+    scale = _arg(sdpa, 6, "scale")
+    _need(scale is None or isinstance(scale, float), "the scale is not a constant")
+    cache_pos = wk_.args[2]
+    _need(_ev(cache_pos) is not None and _ev(cache_pos).dtype == torch.int64 and _ev(cache_pos).numel() == 1,
+          "cache position is not one int64")
+    return dict(x=x, ln_w=ln_w, eps=eps, wq=wq, wk=wk, wv=wv, bq=bq, bk=bk, bv=bv, pos=pos, inv_freq=inv_freq,
+                cache_pos=cache_pos, k_cache=k_cache, v_cache=v_cache, writes=(wk_, wv_), qpos=qpos,
+                scale=dh ** -0.5 if scale is None else scale, nh=nh, dh=dh)
+
+
+def _call(graph: fx.Graph, target, *args) -> fx.Node:
+    return graph.call_function(target, tuple(args))
+
+
+def _rows(graph, x: fx.Node) -> fx.Node:
+    return graph.call_method("reshape", (x, (1, _ev(x).shape[-1])))
+
+
+def _rewrite_attention(graph: fx.Graph, sdpa: fx.Node, m: dict) -> None:
+    tf = torch.ops.tileflow
+    first = min(m["writes"], key=lambda n: list(graph.nodes).index(n))
+    with graph.inserting_before(first):
+        x2 = _rows(graph, m["x"])
+        pos = graph.call_method("reshape", (m["pos"], (1,)))
+        cpos = graph.call_method("reshape", (m["cache_pos"], (1,)))
+        inv = graph.call_method("to", (m["inv_freq"], torch.float32))
+        q = _call(graph, tf.qkv_rope_cache.default, x2, m["ln_w"], m["eps"], m["wq"], m["wk"], m["wv"], m["bq"],
+                  m["bk"], m["bv"], pos, cpos, inv, m["k_cache"], m["v_cache"])
+    with graph.inserting_before(sdpa):
+        lengths = _call(graph, operator.add, m["qpos"], 1)
+        o = _call(graph, tf.attention_decode.default, q, m["k_cache"], m["v_cache"], lengths, m["scale"])
+        out = graph.call_method("view", (o, (1, m["nh"], 1, m["dh"])))
+    sdpa.replace_all_uses_with(out)
+    graph.erase_node(sdpa)
+    for w in m["writes"]:
+        graph.erase_node(w)
+
+
+# ------------------------------------------------------------------ MLP, head
+def match_gate_up(mul: fx.Node) -> dict:
+    _need(_fn(mul, operator.mul), "not a product")
+    gu = _pair(mul, lambda s: _fn(s, torch.nn.functional.silu) and _fn(s.args[0], *_LINEARS),
+               lambda u: _fn(u, *_LINEARS))
+    _need(gu, "not silu(gate(x)) * up(x)")
+    gate, up = gu[0].args[0], gu[1]
+    _need(len(gu[0].users) == 1 and not _arg(gu[0], 1, "inplace", False), "silu reused")
+    _need(gate.args[0] is up.args[0], "gate and up of different inputs")
+    _need(all(_arg(n, 2, "bias") is None and _placeholder(n.args[1]) for n in (gate, up)), "biases or non-weights")
+    x, ln_w, eps = match_rms_norm(gate.args[0])
+    _one_row(x)
+    return dict(x=x, ln_w=ln_w, eps=eps, wg=gate.args[1], wu=up.args[1])
+
+
+def match_head(lin: fx.Node) -> dict:
+    _need(_fn(lin, *_LINEARS) and _arg(lin, 2, "bias") is None and _placeholder(lin.args[1]), "not a bias-free linear")
+    n = lin.args[0]
+    if _fn(n, operator.getitem):  # logits_to_keep's slice, the identity for one token
+        _need(tuple(_ev(n).shape) == tuple(_ev(n.args[0]).shape), "a slice that drops rows")
+        n = n.args[0]
+    x, ln_w, eps = match_rms_norm(n)
+    _one_row(x)
+    return dict(x=x, ln_w=ln_w, eps=eps, w=lin.args[1])
+
+
+def rewrite_decode_graph(gm: fx.GraphModule, report: Report) -> None:
+    """Apply the dynamo-level decode patterns to ``gm`` in place; record what happened."""
+    graph, tf = gm.graph, torch.ops.tileflow
+    for node in list(graph.nodes):
+        if _fn(node, *_SDPA):
+            try:
+                m = match_attention(node)
+            except NoMatch as e:
+                report.fallback(gqa_attention.NAME, where(node), str(e))
+                continue
+            _rewrite_attention(graph, node, m)
+            for name, n in ((rms_norm.NAME, 1), (rope.NAME, 1), (gqa_attention.NAME, 1), ("matvec", 3)):
+                report.match(name, n)
+    for node in list(graph.nodes):
+        if _fn(node, operator.mul) and any(_fn(a, torch.nn.functional.silu) for a in node.args):
+            try:
+                m = match_gate_up(node)
+            except NoMatch as e:
+                report.fallback("gate_up_silu", where(node), str(e))
+                continue
+            with graph.inserting_before(node):
+                g = _call(graph, tf.rms_norm_gate_up_silu.default, _rows(graph, m["x"]), m["ln_w"], m["eps"],
+                          m["wg"], m["wu"])
+                out = graph.call_method("view", (g, tuple(_ev(node).shape)))
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+            report.match(rms_norm.NAME)
+            report.match("gate_up_silu")
+    outputs = [n for n in graph.nodes if n.op == "output"]
+    for node in list(graph.nodes):
+        if _fn(node, *_LINEARS) and _ev(node) is not None and any(node in o.all_input_nodes for o in outputs):
+            try:
+                m = match_head(node)
+            except NoMatch as e:
+                report.fallback(rms_norm.NAME, where(node), f"final norm + lm_head: {e}")
+                continue
+            with graph.inserting_before(node):
+                y = _call(graph, tf.rms_norm_linear.default, _rows(graph, m["x"]), m["ln_w"], m["eps"], m["w"])
+                out = graph.call_method("view", (y, tuple(_ev(node).shape)))
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+            report.match(rms_norm.NAME)
+            report.match("matvec")
+    _drop_dead(graph)
+    gm.recompile()
+
+
+def _drop_dead(graph: fx.Graph) -> None:
+    """Remove what the rewrite left unused. Not ``eliminate_dead_code``: FX counts every
+    ``call_method`` as pure, and would drop the cache counter's in-place ``add_``."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            if node.users or node.op not in ("call_function", "call_method"):
+                continue
+            if node.op == "call_method" and str(node.target).endswith("_"):
+                continue
+            if node.op == "call_function" and node.is_impure():
+                continue
+            graph.erase_node(node)
+            changed = True
