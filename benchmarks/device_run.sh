@@ -8,7 +8,7 @@
 # tuned                            use $OUT/autotune.json (or TUNED=<file>) for later steps
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
-export PYTHONUNBUFFERED=1 TILEFLOW_COMMIT=${TILEFLOW_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TILEFLOW_COMMIT=${TILEFLOW_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export TILEFLOW_CACHE_DIR=${TILEFLOW_CACHE_DIR:-/tmp/tileflow-cache}
 mkdir -p "$TILEFLOW_CACHE_DIR" "$OUT"
 [ -n "${TUNED:-}" ] && cp "$TUNED" "$TILEFLOW_CACHE_DIR/autotune.json"
