@@ -20,7 +20,9 @@ for step in ${STEPS:-bench:deepseek-r1-distill-qwen-1.5b:128 suite}; do
     bench)
       args=(--model "$model" --prompt "$prompt" --out "$OUT")
       [ -n "${paths:-}" ] && args+=(--paths ${paths//,/ })
-      python3 benchmarks/run_cli_uninstalled.py bench "${args[@]}" 2>&1 | grep -v -E "Warning|warn\(|^\s*$" ;;
+      [ -n "${REPEATS:-}" ] && args+=(--repeats "$REPEATS")
+      timeout "${BENCH_LIMIT:-900}" python3 benchmarks/run_cli_uninstalled.py bench "${args[@]}" 2>&1 \
+        | grep --line-buffered -v -E "Warning|warn\(|^\s*$" ;;
     suite)
       python3 benchmarks/gpu_suite.py --out "$OUT" --no-pallas-timing 2>&1 | tail -40 ;;
     tuned)

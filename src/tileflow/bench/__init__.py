@@ -101,7 +101,8 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
             entry["fraction_of_roofline"] = res.decode_tok_s / record["roofline_tok_s"]
             record["paths"][path.name] = entry
             console.print(f"  {path.name:<20} {res.decode_tok_s:9.1f} tok/s  ttft {res.ttft_s * 1e3:8.1f} ms"
-                          + (f"  ERROR {res.error[:200]}" if res.error else ""))
+                          f"  compile {res.compile_s:6.1f} s" + (f"  ERROR {res.error[:200]}" if res.error else ""))
+            _json_path(record, out_dir).write_text(json.dumps(record, indent=1, default=str))  # a cut run keeps these
     others = [v["decode_tok_s"] for k, v in record["paths"].items()
               if not k.startswith("tileflow") and v["decode_tok_s"] == v["decode_tok_s"]]
     best_other = max(others) if others else float("nan")
@@ -115,14 +116,18 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
     return record
 
 
-def _write(record: dict, out_dir: str, console) -> None:
-    from rich.table import Table
-
+def _json_path(record: dict, out_dir: str) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     slug = record["device"].split(" (")[0].replace(" ", "-")
     model_slug = Path(record["model"]).name or "model"  # a checkpoint folder: its name only
-    path = out / f"{record['date'][:10]}-{slug}-decode-{model_slug}-p{record['prompt_tokens']}.json"
+    return out / f"{record['date'][:10]}-{slug}-decode-{model_slug}-p{record['prompt_tokens']}.json"
+
+
+def _write(record: dict, out_dir: str, console) -> None:
+    from rich.table import Table
+
+    path = _json_path(record, out_dir)
     path.write_text(json.dumps(record, indent=1, default=str))
     table = Table(title=f"{record['model']} {record['dtype']} on {record['device']}: prompt "
                         f"{record['prompt_tokens']}, {record['new_tokens']} new, roofline "
