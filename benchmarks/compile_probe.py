@@ -1,9 +1,14 @@
 """Time the first decode steps of torch.compile(backend="tileflow") one by one, with
 dynamo's recompile and CUDA-graph logs on: where a slow compiled path spends its time."""
 
+import faulthandler
 import os
 import sys
 import time
+
+# PROBE_DUMP=N: after N seconds print every thread's Python stack and exit (where a hang is)
+if os.environ.get("PROBE_DUMP"):
+    faulthandler.dump_traceback_later(float(os.environ["PROBE_DUMP"]), exit=True)
 
 import torch
 
