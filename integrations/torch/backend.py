@@ -38,6 +38,26 @@ def _graph_pass(report: Report):
     return TileflowPass()
 
 
+def register_inductor_fallbacks() -> None:
+    """Give every ``torch.ops.tileflow`` op inductor's plain fallback lowering up front.
+
+    Left to inductor, an op without a lowering takes the "implicit fallback" branch,
+    which in torch 2.11 formats the op's IR arguments for a log line whether or not the
+    log is on; the fused ops take the residual stream, whose IR string nests every
+    earlier layer (twice per layer), so a 28-layer graph spent minutes there (seen on an
+    H200, 2026-12-02: the first compiled step did not finish in 150 s)."""
+    from torch._inductor import lowering
+
+    for name in dir(torch.ops.tileflow):
+        packet = getattr(torch.ops.tileflow, name)
+        if not isinstance(packet, torch._ops.OpOverloadPacket):
+            continue
+        for overload in packet.overloads():
+            op = getattr(packet, overload)
+            if op not in lowering.lowerings:
+                lowering.make_fallback(op, warn=False, override_decomp=True)
+
+
 def tileflow_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: Optional[str] = None,
                      options: Optional[dict] = None) -> Callable:
     """Compile ``gm``: decode patterns -> suite kernels, everything else -> inductor
@@ -48,6 +68,10 @@ def tileflow_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mo
         return xla_backend(gm, example_inputs, LAST_REPORTS, _COLLECTORS)
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
+
+    from tileflow.runtime import torch_library  # noqa: F401  (registers torch.ops.tileflow)
+
+    register_inductor_fallbacks()
 
     mode = mode or DEFAULT_MODE
     patches = dict(list_mode_options(mode)) if mode != "default" else {}

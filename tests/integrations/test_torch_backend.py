@@ -149,3 +149,27 @@ def test_gpt2_compiles_unchanged_with_reasons():
     # GPT-2's Conv1D multiplies by W [K, N] untransposed: not the nn.Linear layout
     assert any("nn.Linear layout" in r for _, _, r in report.fallbacks)
     assert sum(report.matches.values()) == 1  # only its lm_head, an nn.Linear
+
+
+def test_suite_ops_never_take_inductors_implicit_fallback(monkeypatch):
+    """torch 2.11 formats an implicit fallback's IR arguments eagerly; for the fused ops
+    (fed the residual stream) that string nests every earlier layer and a 28-layer
+    compile hung. Every tileflow op must have its lowering before inductor lowers."""
+    import torch._inductor.graph as inductor_graph
+
+    seen = []
+    real = inductor_graph.log.info
+
+    def spy(msg, *args, **kwargs):
+        if "implicit fallback" in str(msg):
+            seen.append(str(args[0]) if args else "")
+        return real(msg, *args, **kwargs)
+
+    monkeypatch.setattr(inductor_graph.log, "info", spy)
+    torch._dynamo.reset()
+    model, ids = tiny("qwen2"), prompt()
+    report = _explain_step(model, ids)
+    assert report.matches["gqa_attention"] == model.config.num_hidden_layers
+    assert not [s for s in seen if "tileflow" in s], seen
+    from torch._inductor import lowering
+    assert torch.ops.tileflow.qkv_rope_cache.default in lowering.lowerings
