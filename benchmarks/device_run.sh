@@ -8,7 +8,8 @@
 # tuned                            use $OUT/autotune.json (or TUNED=<file>) for later steps
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
-export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TILEFLOW_COMMIT=${TILEFLOW_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+# pass TILEFLOW_COMMIT=<hash> from the calling machine: the device checkout's git metadata is stale
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TILEFLOW_COMMIT=${TILEFLOW_COMMIT:-unknown}
 export TILEFLOW_CACHE_DIR=${TILEFLOW_CACHE_DIR:-/tmp/tileflow-cache}
 mkdir -p "$TILEFLOW_CACHE_DIR" "$OUT"
 [ -n "${TUNED:-}" ] && cp "$TUNED" "$TILEFLOW_CACHE_DIR/autotune.json"
