@@ -8,8 +8,9 @@ inductor sees it, this pass replaces, per layer,
 - ``rms_norm`` + q/k/v ``matvec`` + ``rope`` + the cache writes -> ``tileflow::qkv_rope_cache``
   (RoPE from the graph's own ``inv_freq`` at ``position_ids``; rows written at the
   cache's own ``cache_position``, as transformers writes them),
-- ``gqa_attention`` (repeat_kv + SDPA over the whole static cache with the causal mask)
-  -> ``tileflow::attention_decode`` over the first ``q_position + 1`` rows, which is
+- ``gqa_attention`` (repeat_kv + SDPA over the whole static cache with the causal mask,
+  and the padding mask when ``generate`` passes one) -> ``tileflow::attention_decode``
+  over the first ``q_position + 1`` rows with the per-key terms as its key mask, which is
   exactly the set the mask admits,
 - ``rms_norm`` + gate/up + ``silu * up`` -> ``tileflow::rms_norm_gate_up_silu``,
 - the final ``rms_norm`` + lm_head -> ``tileflow::rms_norm_linear``.
@@ -232,13 +233,21 @@ def _cache_write(cache: fx.Node, before: fx.Node) -> fx.Node:
     return writes[0]
 
 
-def match_causal_mask(mask, capacity: int) -> fx.Node:
-    """The query-position node ``q`` [1] when ``mask`` is ``arange(S)[kv] <= q`` expanded."""
-    _need(mask is not None, "no mask (is_causal or no cache)")
-    if _meth(mask, "expand"):
-        mask = mask.args[0]
-    _need(_fn(mask, operator.le), "the mask is not kv_index <= q_index alone (padding or another pattern)")
-    kv, q = (_strip(a, ()) for a in mask.args)
+def _conjuncts(n) -> list:
+    """The terms of an ``a & b & ...`` tree, through device moves and ``new_ones`` (True)."""
+    if _meth(n, "to") and all(isinstance(a, torch.device) for a in n.args[1:]) and set(n.kwargs) <= {"device"}:
+        return _conjuncts(n.args[0])
+    if _fn(n, operator.and_):
+        return _conjuncts(n.args[0]) + _conjuncts(n.args[1])
+    if _meth(n, "new_ones") and _ev(n) is not None and _ev(n).dim() == 0:
+        return []
+    return [n]
+
+
+def _causal(term, capacity: int) -> fx.Node:
+    """The query-position node ``q`` [1] when ``term`` is ``arange(S)[kv] <= q``."""
+    _need(_fn(term, operator.le), "a mask term that is neither causal nor per key")
+    kv, q = (_strip(a, ()) for a in term.args)
     if _fn(kv, operator.add):
         _need(kv.args[1] == 0, "keys offset from 0")
         kv = kv.args[0]
@@ -247,6 +256,29 @@ def match_causal_mask(mask, capacity: int) -> fx.Node:
     _need(_fn(q, operator.add) and _fn(q.args[0], torch.arange) and q.args[0].args[:1] == (1,),
           "the mask's query position is not arange(1) + offset")
     return q
+
+
+def match_mask(mask, capacity: int) -> tuple[Optional[fx.Node], list]:
+    """(q, key_terms) when ``mask`` is ``(arange(S)[kv] <= q) & key_terms...`` expanded,
+    each key term a bool tensor of one query row ([1, 1, 1, S], e.g. transformers' padding
+    mask): the admitted rows are then exactly ``j < q + 1`` with every key term set.
+    (None, [mask]) when the mask is such a row alone (``generate`` builds it before the
+    compiled step and passes it in): every row of the cache, hidden where it says."""
+    _need(mask is not None, "no mask (is_causal or no cache)")
+    if _meth(mask, "expand"):
+        mask = mask.args[0]
+    causal, keys = [], []
+    for term in _conjuncts(mask):
+        tv = _ev(term)
+        if _fn(term, operator.le):
+            causal.append(term)
+        else:
+            _need(tv is not None and tv.dtype == torch.bool and tuple(tv.shape) == (1, 1, 1, capacity),
+                  "a mask term that is neither causal nor per key")
+            keys.append(term)
+    _need(len(causal) <= 1, "the mask has several causal terms")
+    _need(causal or keys, "an empty mask")
+    return (_causal(causal[0], capacity) if causal else None), keys
 
 
 def match_attention(sdpa: fx.Node) -> dict:
@@ -275,7 +307,7 @@ def match_attention(sdpa: fx.Node) -> dict:
     _need(xn is xk_in is xv_in, "q, k, v projections of different inputs")
     _need((bq is None) == (bk is None) == (bv is None), "some projections have biases, some not")
     pos, inv_freq = match_cos_sin(cos_u, sin_u, dh)
-    qpos = match_causal_mask(mask, capacity)
+    qpos, key_terms = match_mask(mask, capacity)
     x, ln_w, eps = match_rms_norm(xn)
     _one_row(x)
     dtypes = {_ev(t).dtype for t in (x, wq, wk, wv, k_cache, v_cache)}
@@ -286,7 +318,7 @@ def match_attention(sdpa: fx.Node) -> dict:
     _need(_ev(cache_pos) is not None and _ev(cache_pos).dtype == torch.int64 and _ev(cache_pos).numel() == 1,
           "cache position is not one int64")
     return dict(x=x, ln_w=ln_w, eps=eps, wq=wq, wk=wk, wv=wv, bq=bq, bk=bk, bv=bv, pos=pos, inv_freq=inv_freq,
-                cache_pos=cache_pos, k_cache=k_cache, v_cache=v_cache, writes=(wk_, wv_), qpos=qpos,
+                cache_pos=cache_pos, k_cache=k_cache, v_cache=v_cache, writes=(wk_, wv_), qpos=qpos, key_terms=key_terms,
                 scale=dh ** -0.5 if scale is None else scale, nh=nh, dh=dh)
 
 
@@ -309,8 +341,19 @@ def _rewrite_attention(graph: fx.Graph, sdpa: fx.Node, m: dict) -> None:
         q = _call(graph, tf.qkv_rope_cache.default, x2, m["ln_w"], m["eps"], m["wq"], m["wk"], m["wv"], m["bq"],
                   m["bk"], m["bv"], pos, cpos, inv, m["k_cache"], m["v_cache"])
     with graph.inserting_before(sdpa):
-        lengths = _call(graph, operator.add, m["qpos"], 1)
-        o = _call(graph, tf.attention_decode.default, q, m["k_cache"], m["v_cache"], lengths, m["scale"])
+        if m["qpos"] is not None:
+            lengths = _call(graph, operator.add, m["qpos"], 1)
+        else:  # a mask from outside the graph: every row, the key mask decides
+            kc = _ev(m["k_cache"])
+            lengths = graph.call_function(torch.full, ((1,), kc.shape[2]),
+                                          {"dtype": torch.int64, "device": kc.device})
+        key_mask = None
+        for term in m["key_terms"]:
+            key_mask = term if key_mask is None else _call(graph, operator.and_, key_mask, term)
+        if key_mask is not None:
+            key_mask = graph.call_method("to", (graph.call_method("reshape", (key_mask, (1, -1))), torch.int32))
+        o = _call(graph, tf.attention_decode.default, q, m["k_cache"], m["v_cache"], lengths, m["scale"],
+                  key_mask)
         out = graph.call_method("view", (o, (1, m["nh"], 1, m["dh"])))
     sdpa.replace_all_uses_with(out)
     graph.erase_node(sdpa)

@@ -6,6 +6,8 @@ the interpreter; bf16 logits stay as close to fp32 as eager's; what does not mat
 exactly (a padded mask, rotary scaling) runs as traced, with the reason; an unrelated
 model (GPT-2) compiles unchanged."""
 
+import operator
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, StaticCache
@@ -92,28 +94,53 @@ def test_bf16_logits_no_further_from_fp32_than_eager(kind):
     assert err_ours < 5e-2 and err_ours <= 1.5 * err_eager + 1e-3, (err_ours, err_eager)
 
 
-def test_padding_mask_keeps_the_traced_attention_with_the_reason():
-    """A 2-D attention mask adds a padding term to the causal mask: attending over the
-    first q+1 rows would ignore it, so attention must stay as traced (tokens as eager)."""
+@pytest.mark.parametrize("hole", [None, 2])
+def test_padding_mask_becomes_the_kernels_key_mask(hole, cpu_target):  # noqa: F811
+    """generate passes a 2-D attention mask: transformers ANDs its padding term into the
+    causal mask. The kernel takes that term as its key mask, so a padded position stays
+    hidden (logits as eager's) and an all-ones mask changes nothing."""
     torch._dynamo.reset()
     model, ids = tiny("llama"), prompt()
-    mask = torch.ones(1, 64, dtype=torch.long)
-    mask[0, 2] = 0
+    mask = torch.ones(1, ids.shape[1] + 1, dtype=torch.long)
+    if hole is not None:
+        mask[0, hole] = 0
     report = _explain_step(model, ids, attention_mask=mask)
-    assert not report.matches["gqa_attention"]
-    assert any(p == "gqa_attention" and "padding" in r for p, _, r in report.fallbacks), report
-    cache = StaticCache(config=model.config, max_cache_len=64)
+    assert report.matches["gqa_attention"] == model.config.num_hidden_layers, report
     compiled = torch.compile(model.forward, backend="tileflow", mode="default")
-    with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
-        kw = dict(input_ids=ids[:, -1:], position_ids=torch.tensor([[ids.shape[1]]]), use_cache=True,
-                  attention_mask=mask)
-        got = compiled(past_key_values=cache, **kw).logits
-        cache2 = StaticCache(config=model.config, max_cache_len=64)
-        model(ids, past_key_values=cache2, use_cache=True)
-        expected = model(past_key_values=cache2, **kw).logits
+    outs = []
+    for fn in (compiled, model.forward):
+        cache = StaticCache(config=model.config, max_cache_len=64)
+        with torch.no_grad():
+            model(ids, past_key_values=cache, use_cache=True)
+            outs.append(fn(input_ids=ids[:, -1:], position_ids=torch.tensor([[ids.shape[1]]]), use_cache=True,
+                           attention_mask=mask, past_key_values=cache).logits)
     torch._dynamo.reset()
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+    if hole is not None:  # the hole matters: the unmasked step differs
+        cache = StaticCache(config=model.config, max_cache_len=64)
+        with torch.no_grad():
+            model(ids, past_key_values=cache, use_cache=True)
+            open_ = model(input_ids=ids[:, -1:], position_ids=torch.tensor([[ids.shape[1]]]), use_cache=True,
+                          past_key_values=cache).logits
+        assert not torch.allclose(open_, outs[1], atol=1e-3)
+
+
+def test_a_mask_term_that_is_not_a_boolean_key_row_is_not_claimed():
+    """For one query any bool [1, 1, 1, S] term is a key mask (exact); a term of another
+    kind (here float, as an additive bias would be) is not: attention stays as traced."""
+    from tileflow.integrations.torch import decode_graph
+
+    graph = torch.fx.Graph()
+    kv = graph.call_function(torch.arange, (64,))
+    q = graph.call_function(operator.add, (graph.call_function(torch.arange, (1,)), 5))
+    le = graph.call_function(operator.le, (kv, q))
+    window = graph.call_function(operator.gt, (kv, q))
+    both = graph.call_function(operator.and_, (le, window))
+    window.meta["example_value"] = torch.zeros(1, 1, 1, 64, dtype=torch.bool)
+    assert decode_graph.match_mask(both, 64) == (q, [window])
+    window.meta["example_value"] = torch.zeros(1, 1, 1, 64)
+    with pytest.raises(decode_graph.NoMatch, match="neither causal nor per key"):
+        decode_graph.match_mask(both, 64)
 
 
 def test_rotary_attention_scaling_is_not_claimed():
@@ -173,3 +200,27 @@ def test_suite_ops_never_take_inductors_implicit_fallback(monkeypatch):
     assert not [s for s in seen if "tileflow" in s], seen
     from torch._inductor import lowering
     assert torch.ops.tileflow.qkv_rope_cache.default in lowering.lowerings
+
+
+def test_generate_with_compile_config_uses_the_suite_and_matches_eager():
+    """``generate(compile_config=CompileConfig(backend="tileflow"))``: transformers builds
+    the mask before the compiled step and passes it in; for one query it is a key mask,
+    so every layer still matches, and greedy tokens equal eager's (fp32)."""
+    from transformers import CompileConfig
+
+    from tileflow.integrations.torch import backend
+
+    torch._dynamo.reset()
+    model, ids = tiny("qwen2"), prompt()
+    config = CompileConfig(backend="tileflow", mode="default")
+    config._compile_all_devices = True  # transformers compiles on CPU only when told to
+    backend.LAST_REPORTS.clear()
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=12, do_sample=False, cache_implementation="static")
+        got = model.generate(ids, max_new_tokens=12, do_sample=False, cache_implementation="static",
+                             compile_config=config)
+    torch._dynamo.reset()
+    assert torch.equal(got, expected), (got.tolist(), expected.tolist())
+    assert backend.LAST_REPORTS, "generate did not compile the step"
+    report = backend.LAST_REPORTS[-1]
+    assert report.matches["gqa_attention"] == model.config.num_hidden_layers, report

@@ -153,16 +153,24 @@ def rope(x: torch.Tensor, pos: torch.Tensor, cfg: RopeConfig) -> torch.Tensor:
     return out
 
 
-def attention_decode(q, k_cache, v_cache, lengths, scale: float) -> torch.Tensor:
+def attention_decode(q, k_cache, v_cache, lengths, scale: float,
+                     key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """GQA decode attention of ``q`` [B, NH, DH] over the first ``lengths[b]``
-    positions of the caches [B, NKV, S, DH]."""
+    positions of the caches [B, NKV, S, DH]; with ``key_mask`` [B, S] (int32), only
+    over the positions where it is nonzero."""
     b, nh, dh = q.shape
     nkv, s = k_cache.shape[1], k_cache.shape[2]
     out = _out(q.shape, q)
     # launch parameters depend on the capacity only through SPLITS: bucket it to a power
     # of two so a growing (dynamic) cache does not build a launcher per length
     sizes = {"B": b, "NH": nh, "NKV": nkv, "DH": dh, "S": 1 << max(0, (s - 1).bit_length())}
-    _launcher("attention_decode_gqa", sizes, q.dtype, q.device)(q, k_cache, v_cache, lengths, out, scale)
+    if key_mask is not None:
+        sizes["HAS_MASK"] = 1
+    fn = _launcher("attention_decode_gqa", sizes, q.dtype, q.device)
+    if key_mask is not None:
+        fn(q, k_cache, v_cache, lengths, key_mask, out, scale)
+    else:
+        fn(q, k_cache, v_cache, lengths, out, scale)
     return out
 
 

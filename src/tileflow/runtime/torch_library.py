@@ -87,11 +87,13 @@ def _(x, ln_w, eps, wq, wk, wv, bq, bk, bv, pos, cache_pos, inv_freq, k_cache, v
 
 @torch.library.custom_op("tileflow::attention_decode", mutates_args=())
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """GQA decode attention of q [B, NH, DH] over the first ``lengths[b]`` cache rows."""
-    return ops.attention_decode(q.contiguous(), k_cache, v_cache, lengths, scale)
+                     scale: float, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """GQA decode attention of q [B, NH, DH] over the first ``lengths[b]`` cache rows
+    (and, with ``key_mask`` [B, S] int32, only the rows it leaves nonzero)."""
+    return ops.attention_decode(q.contiguous(), k_cache, v_cache, lengths, scale,
+                                None if key_mask is None else key_mask.contiguous())
 
 
 @attention_decode.register_fake
-def _(q, k_cache, v_cache, lengths, scale):
+def _(q, k_cache, v_cache, lengths, scale, key_mask=None):
     return torch.empty_like(q)

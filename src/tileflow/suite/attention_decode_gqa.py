@@ -10,6 +10,9 @@ cache, grouped-query (``G = NH / NKV`` query heads share each K/V head).
 - Online softmax in fp32 over ``BLOCK_N`` positions at a time. With ``SPLITS > 1`` the
   context is cut into chunks (flash-decoding) written as (max, sum, acc) partials,
   then a second stage combines them; with ``SPLITS == 1`` the first stage finishes.
+- With ``HAS_MASK`` a key mask ``key_mask[b, j]`` (int, 0 = hidden) further hides cache
+  rows, e.g. transformers' padding mask; a block hidden entirely adds nothing (its
+  running max stays -inf and is read as 0), a row hidden entirely is NaN, as in SDPA.
 """
 
 from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
@@ -20,6 +23,9 @@ def define(k, p):
     k_cache = k.input("k_cache", ("B", "NKV", "S", "DH"))
     v_cache = k.input("v_cache", ("B", "NKV", "S", "DH"))
     lengths = k.input("lengths", ("B",), dtype="i64")
+    masked = p.get("HAS_MASK", 0)
+    if masked:
+        key_mask = k.input("key_mask", ("B", "S"), dtype="i32")
     out = k.output("out", ("B", "NH", "DH"))
     scale = k.scalar("scale")
     split = p["SPLITS"] > 1
@@ -51,10 +57,17 @@ def define(k, p):
             kt = k.load(k_cache, (b, kvh, n, d), limits={2: hi}, for_dot=True)
             vt = k.load(v_cache, (b, kvh, n, d), limits={2: hi}, for_dot=True)
             s = k.dot(qt, k.trans(kt)) * scale
-            s = k.where((n.index < hi)[None, :], s, float("-inf"))
+            live = n.index < hi
+            if masked:
+                live = live & (k.load(key_mask, (b, n), limits={1: hi}) > 0)
+            s = k.where(live[None, :], s, float("-inf"))
             m_new = k.maximum(m, k.max(s, axis=1))
-            alpha = k.exp(m - m_new)
-            pr = k.exp(s - m_new[:, None])
+            if masked:  # rows with nothing live yet: exp(-inf - -inf) would be NaN
+                m_use = k.where(m_new > float("-inf"), m_new, 0.0)
+            else:
+                m_use = m_new
+            alpha = k.exp(m - m_use)
+            pr = k.exp(s - m_use[:, None])
             lp.next(m_new, l * alpha + k.sum(pr, axis=1), acc * alpha[:, None] + k.dot(pr, vt))
         m, l, acc = lp.results
         if split:  # only the group's real rows: padded rows would be pure write traffic
@@ -85,13 +98,15 @@ def define(k, p):
         k.store(out, (b, h, d), acc / l)
 
 
-def reference(xp, q, k_cache, v_cache, lengths, scale):
+def reference(xp, q, k_cache, v_cache, lengths, scale, key_mask=None):
     bsz, nh, dh = q.shape
     nkv, s = k_cache.shape[1], k_cache.shape[2]
     g = nh // nkv
     qg = xp.reshape(q, (bsz, nkv, g, dh))
     scores = (qg @ xp.matrix_transpose(k_cache)) * scale  # [B, NKV, G, S]
     valid = xp.arange(s)[None, :] < lengths[:, None]  # [B, S]
+    if key_mask is not None:
+        valid = valid & (key_mask > 0)
     scores = xp.where(valid[:, None, None, :], scores, -xp.inf)
     scores = scores - xp.max(scores, axis=-1, keepdims=True)
     pr = xp.exp(scores)
@@ -106,7 +121,7 @@ def attention_params(s, block_n: int = 64, splits: int = 0, num_warps: int = 4) 
     g = s["NH"] // s["NKV"]
     if not splits:
         splits = 1 if s["S"] <= 256 else max(1, min(264 // (s.get("B", 1) * s["NKV"]), -(-s["S"] // block_n)))
-    return {"BLOCK_N": block_n, "GROUP_BLOCK": max(16, next_pow2(g)), "BLOCK_DH": max(16, next_pow2(s["DH"])),
+    return {"HAS_MASK": s.get("HAS_MASK", 0), "BLOCK_N": block_n, "GROUP_BLOCK": max(16, next_pow2(g)), "BLOCK_DH": max(16, next_pow2(s["DH"])),
             "SPLITS": splits, "SPLITS_BLOCK": next_pow2(splits), "BLOCK_DC": min(32, max(16, next_pow2(s["DH"]))),
             "num_warps": num_warps, "num_stages": 2}
 
@@ -134,6 +149,16 @@ def _lengths(gen, shape, sizes):
     return torch.randint(1, sizes["S"] + 1, shape, generator=gen, dtype=torch.int64)
 
 
+def _key_mask(gen, shape, sizes):
+    """Left padding (the first rows hidden, whole blocks of them) and scattered holes."""
+    import torch
+
+    m = (torch.rand(shape, generator=gen) > 0.3).to(torch.int32)
+    m[:, : min(shape[1] - 1, 20)] = 0
+    m[:, -1] = 1
+    return m
+
+
 KERNEL = register(SuiteKernel(
     name="attention_decode_gqa",
     summary="GQA decode attention over the filled part of a static KV cache (split-KV)",
@@ -152,12 +177,16 @@ KERNEL = register(SuiteKernel(
              params=dict(SPLITS=3, SPLITS_BLOCK=4, BLOCK_N=16)),
         Case("split_empty", dict(B=1, NH=4, NKV=2, DH=16, S=100, L=20), dict(scale=0.25),
              params=dict(SPLITS=8, SPLITS_BLOCK=8, BLOCK_N=16)),
+        Case("mask", dict(B=2, NH=4, NKV=2, DH=16, S=70, L=61, HAS_MASK=1), dict(scale=0.25),
+             params=dict(BLOCK_N=16)),
+        Case("mask_split", dict(B=1, NH=6, NKV=2, DH=32, S=300, L=259, HAS_MASK=1), dict(scale=0.17),
+             params=dict(SPLITS=4, SPLITS_BLOCK=4, BLOCK_N=16)),
     ],
     decode_cases=lambda c: [
         Case(f"ctx{n}", dict(B=1, NH=c["NH"], NKV=c["NKV"], DH=c["DH"], S=n, L=n),
              dict(scale=c["DH"] ** -0.5)) for n in (128, 4096)],
     candidates=candidates,
-    input_makers={"lengths": _lengths},
+    input_makers={"lengths": _lengths, "key_mask": _key_mask},
     min_bytes=lambda s, b: (2 * s["B"] * s["NKV"] * s.get("L", s["S"]) * s["DH"] + 2 * s["B"] * s["NH"] * s["DH"]) * b,
     module=__name__,
 ))
