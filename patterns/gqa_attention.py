@@ -14,6 +14,14 @@ opset 23: ``Attention`` with past / present) when, exactly:
 - the two scale factors are one constant ``s`` (the fused scale is ``s*s``),
 - the output is reshaped to [1, 1, heads * head_dim].
 Prefill (many queries, a real causal mask) keeps the original.
+
+In the torch backend (dynamo graph, ``integrations/torch/decode_graph.py``) the same
+pattern is SDPA over repeat_kv of the static cache, the cache written once by
+``index_copy_`` before it is read, and a bool mask whose terms are the causal
+``arange(S) <= q`` (then rows ``< q + 1`` are read) and any ``[1, 1, 1, S]`` rows (the
+padding term, or the mask ``generate`` passes in), which become the kernel's key mask:
+for one query such a row is exactly a per-key mask. A float (additive) mask, dropout or
+``is_causal`` keep the original.
 """
 
 NAME = "gqa_attention"

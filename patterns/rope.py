@@ -11,6 +11,11 @@ Replaced by ``rope`` (ONNX: ``RotaryEmbedding``, non-interleaved, with tables
 - ``rotate_half`` slices exactly ``[:d/2]`` and ``[d/2:]`` of the last axis and
   concatenates ``(-second, first)``; cos / sin broadcast over the head axis,
 - positions are int64 [1, seq, 1].
+
+The torch backend fuses it into ``qkv_rope_cache`` with ``ROPE_KIND`` 3 (frequencies read
+from the graph's ``inv_freq``, widened to fp32 as the graph widens them) under the same
+conditions, both ``f`` forms transformers has used (``pos[..., None] * inv_freq`` and
+``(inv_freq[None, :, None] @ pos[:, None, :]).transpose(1, 2)``), one decode row.
 """
 
 NAME = "rope"
