@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from tileflow.integrations.torch.rewrite import where
 from tileflow.patterns import gqa_attention, rms_norm, rope
 from tileflow.report import Report
 from tileflow.runtime import torch_library  # noqa: F401  (registers torch.ops.tileflow)
@@ -74,13 +75,6 @@ def _pair(n: fx.Node, test_a, test_b) -> Optional[tuple]:
 
 def _placeholder(n) -> bool:
     return isinstance(n, fx.Node) and n.op in ("placeholder", "get_attr")
-
-
-def where(n: fx.Node) -> str:
-    stack = n.meta.get("nn_module_stack")
-    if stack:
-        return str(list(stack.values())[-1][0]).replace("L['self'].", "").replace("L['fn'].", "")
-    return n.name
 
 
 # ----------------------------------------------------------------- rms_norm

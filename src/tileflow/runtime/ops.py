@@ -229,36 +229,30 @@ def rms_norm_gate_up_silu(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wg: t
 def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Tensor, wk: torch.Tensor,
                    wv: torch.Tensor, bq: Optional[torch.Tensor], bk: Optional[torch.Tensor],
                    bv: Optional[torch.Tensor], pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   cfg: RopeConfig) -> torch.Tensor:
+                   cfg: Optional[RopeConfig] = None, cache_pos: Optional[torch.Tensor] = None,
+                   inv_freq: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The attention input of a decode layer in one launch: RMSNorm of ``x`` [M, D], the
     q/k/v projections (+ biases), RoPE at ``pos`` [M]; K and V are written into row
-    ``pos`` of the caches [M, NKV, S, DH] in place; returns q [M, NH, DH]."""
+    ``pos`` of the caches [M, NKV, S, DH] in place; returns q [M, NH, DH].
+
+    The rotation's frequencies come from ``cfg`` or, as a compiled transformers graph
+    has them, from ``inv_freq`` [DH/2] (fp32); ``cache_pos`` [M], when given, is the row
+    K and V go to (the graph writes at the cache's own count, rotates at ``pos``)."""
     m, nkv, s, dh = k_cache.shape
     nq = wq.shape[0]
     q = _out((m, nq // dh, dh), x)
     sizes = {"M": m, "K": x.shape[1], "NH": nq // dh, "NKV": nkv, "DH": dh, "NQ": nq, "NKD": nkv * dh,
-             "S": s, "HAS_BIAS": int(bq is not None), "ROPE_KIND": cfg.kind}
+             "S": s, "HAS_BIAS": int(bq is not None), "ROPE_KIND": 3 if inv_freq is not None else cfg.kind}
+    extra = []
+    if cache_pos is not None:
+        sizes["CACHE_POS"] = 1
+        extra.append(cache_pos)
+    if inv_freq is not None:
+        sizes["HALF"] = dh // 2
+        extra.append(inv_freq)
     fn = _launcher("qkv_rope_cache", sizes, x.dtype, x.device)
     biases = (bq, bk, bv) if bq is not None else ()
-    fn(x, ln_w, wq, wk, wv, *biases, pos, q, k_cache, v_cache, eps, *cfg.scalars)
-    return q
-
-
-def qkv_rope_cache_table(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Tensor, wk: torch.Tensor,
-                         wv: torch.Tensor, bq: Optional[torch.Tensor], bk: Optional[torch.Tensor],
-                         bv: Optional[torch.Tensor], pos: torch.Tensor, cache_pos: torch.Tensor,
-                         inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-    """:func:`qkv_rope_cache` as a compiled transformers graph computes it: RoPE at
-    ``pos`` [M] with the model's own ``inv_freq`` [DH/2] (fp32), K and V written at row
-    ``cache_pos`` [M] of the caches. Returns q [M, NH, DH]."""
-    m, nkv, s, dh = k_cache.shape
-    nq = wq.shape[0]
-    q = _out((m, nq // dh, dh), x)
-    sizes = {"M": m, "K": x.shape[1], "NH": nq // dh, "NKV": nkv, "DH": dh, "NQ": nq, "NKD": nkv * dh,
-             "S": s, "HALF": dh // 2, "HAS_BIAS": int(bq is not None), "ROPE_KIND": 3, "CACHE_POS": 1}
-    fn = _launcher("qkv_rope_cache", sizes, x.dtype, x.device)
-    biases = (bq, bk, bv) if bq is not None else ()
-    fn(x, ln_w, wq, wk, wv, *biases, pos, cache_pos, inv_freq, q, k_cache, v_cache, eps)
+    fn(x, ln_w, wq, wk, wv, *biases, pos, *extra, q, k_cache, v_cache, eps, *(() if inv_freq is not None else cfg.scalars))
     return q
 
 

@@ -75,8 +75,8 @@ def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Te
                    k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
     """Norm, q/k/v (+bias), RoPE from ``inv_freq`` at ``pos``; K/V written into the caches
     at ``cache_pos``; returns q [M, NH, DH] (fused suite entry qkv_rope_cache)."""
-    return ops.qkv_rope_cache_table(x.contiguous(), ln_w, eps, wq, wk, wv, bq, bk, bv, pos, cache_pos,
-                                    inv_freq.contiguous(), k_cache, v_cache)
+    return ops.qkv_rope_cache(x.contiguous(), ln_w, eps, wq, wk, wv, bq, bk, bv, pos, k_cache, v_cache,
+                              cache_pos=cache_pos, inv_freq=inv_freq.contiguous())
 
 
 @qkv_rope_cache.register_fake

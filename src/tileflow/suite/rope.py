@@ -87,17 +87,18 @@ def rope_reference(xp, x, pos, theta=None, factor=None, low_freq_factor=None, hi
     dh = x.shape[-1]
     half = dh // 2
     i = xp.astype(xp.arange(half), x.dtype)
-    inv = xp.astype(inv_freq, x.dtype) if inv_freq is not None else theta ** (-2.0 * i / dh)
     if inv_freq is not None:  # table: the frequencies as given
-        pass
-    elif low_freq_factor is not None:  # llama3
-        wavelen = 2 * math.pi / inv
-        smooth = (original_max_position / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-        smoothed = (1 - smooth) * inv / factor + smooth * inv
-        inv = xp.where(wavelen < original_max_position / high_freq_factor, inv,
-                       xp.where(wavelen > original_max_position / low_freq_factor, inv / factor, smoothed))
-    elif factor is not None:  # linear
-        inv = inv / factor
+        inv = xp.astype(inv_freq, x.dtype)
+    else:
+        inv = theta ** (-2.0 * i / dh)
+        if low_freq_factor is not None:  # llama3
+            wavelen = 2 * math.pi / inv
+            smooth = (original_max_position / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            smoothed = (1 - smooth) * inv / factor + smooth * inv
+            inv = xp.where(wavelen < original_max_position / high_freq_factor, inv,
+                           xp.where(wavelen > original_max_position / low_freq_factor, inv / factor, smoothed))
+        elif factor is not None:  # linear
+            inv = inv / factor
     ang = xp.astype(pos, x.dtype)[:, None] * inv[None, :]  # [M, half]
     c, s = xp.cos(ang)[:, None, :], xp.sin(ang)[:, None, :]
     x1, x2 = x[..., :half], x[..., half:]
