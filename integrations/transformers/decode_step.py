@@ -147,11 +147,18 @@ class GraphedDecode:
         return graph, tok_buf, pos_buf, logits
 
 
+def cache_argument(kwargs: dict, default=None):
+    """The cache a forward call was given: ``cache=`` (transformers 5.24 and later) or
+    ``past_key_values=`` (earlier releases, still accepted by later ones)."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values", default)
+
+
 def decode_request(args, kwargs) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], object, str]:
     """(tok, pos, cache, "") when a CausalLM forward call is a plain one-token decode
     step on a static cache of batch 1 without padding, else (..., why not)."""
     input_ids = kwargs.get("input_ids", args[0] if args else None)
-    cache = kwargs.get("past_key_values")
+    cache = cache_argument(kwargs)
     if input_ids is None or input_ids.dim() != 2 or tuple(input_ids.shape) != (1, 1):
         return None, None, None, "not a one-token step"
     for flag in ("output_attentions", "output_hidden_states", "inputs_embeds", "labels"):

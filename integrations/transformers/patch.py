@@ -25,7 +25,8 @@ from typing import Optional
 
 import torch
 
-from tileflow.integrations.transformers.decode_step import DecodeProgram, GraphedDecode, decode_request
+from tileflow.integrations.transformers.decode_step import (DecodeProgram, GraphedDecode, cache_argument,
+                                                            decode_request)
 from tileflow.report import Report
 from tileflow.runtime import ops
 
@@ -129,7 +130,8 @@ class _DecodeLayer:
 
     def __call__(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                  use_cache=False, position_embeddings=None, **kwargs):
-        reason = self._why_not(hidden_states, position_ids, past_key_values)
+        cache = cache_argument(kwargs, past_key_values)
+        reason = self._why_not(hidden_states, position_ids, cache)
         if reason:
             if reason != "prefill":
                 self._fallback(reason)
@@ -148,7 +150,7 @@ class _DecodeLayer:
             return self.original(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                  past_key_values=past_key_values, use_cache=use_cache,
                                  position_embeddings=position_embeddings, **kwargs)
-        return self.attend_and_mlp(hidden_states, projected, past_key_values)
+        return self.attend_and_mlp(hidden_states, projected, cache)
 
     def _why_not(self, h, position_ids, cache) -> str:
         if h.dim() != 3 or h.shape[1] != 1:
@@ -256,7 +258,9 @@ def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport):
             report.fallbacks.append(("decode_step", type(model).__name__,
                                      f"disabled after an error: {type(exc).__name__}: {exc}"[:300]))
             return original(*args, **kwargs)
-        return CausalLMOutputWithPast(logits=logits.view(1, 1, -1), past_key_values=cache)
+        # the output's cache field is ``cache`` from transformers 5.24, ``past_key_values`` before
+        field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+        return CausalLMOutputWithPast(logits=logits.view(1, 1, -1), **{field: cache})
 
     return forward
 
