@@ -326,7 +326,7 @@ def _rows(graph, x: fx.Node) -> fx.Node:
 
 def _rewrite_attention(graph: fx.Graph, sdpa: fx.Node, m: dict) -> None:
     tf = torch.ops.tileflow
-    first = min(m["writes"], key=lambda n: list(graph.nodes).index(n))
+    first = next(n for n in graph.nodes if n in m["writes"])
     with graph.inserting_before(first):
         x2 = _rows(graph, m["x"])
         pos = graph.call_method("reshape", (m["pos"], (1,)))
@@ -381,6 +381,15 @@ def match_head(lin: fx.Node) -> dict:
     return dict(x=x, ln_w=ln_w, eps=eps, w=lin.args[1])
 
 
+def _replace_norm_fused(graph: fx.Graph, node: fx.Node, target, m: dict, weights: tuple) -> None:
+    """``node`` -> ``target(x rows, norm weight, eps, *weights)`` viewed to ``node``'s shape."""
+    with graph.inserting_before(node):
+        y = _call(graph, target, _rows(graph, m["x"]), m["ln_w"], m["eps"], *weights)
+        out = graph.call_method("view", (y, tuple(_ev(node).shape)))
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+
+
 def rewrite_decode_graph(gm: fx.GraphModule, report: Report) -> None:
     """Apply the dynamo-level decode patterns to ``gm`` in place; record what happened."""
     graph, tf = gm.graph, torch.ops.tileflow
@@ -401,12 +410,7 @@ def rewrite_decode_graph(gm: fx.GraphModule, report: Report) -> None:
             except NoMatch as e:
                 report.fallback("gate_up_silu", where(node), str(e))
                 continue
-            with graph.inserting_before(node):
-                g = _call(graph, tf.rms_norm_gate_up_silu.default, _rows(graph, m["x"]), m["ln_w"], m["eps"],
-                          m["wg"], m["wu"])
-                out = graph.call_method("view", (g, tuple(_ev(node).shape)))
-            node.replace_all_uses_with(out)
-            graph.erase_node(node)
+            _replace_norm_fused(graph, node, tf.rms_norm_gate_up_silu.default, m, (m["wg"], m["wu"]))
             report.match(rms_norm.NAME)
             report.match("gate_up_silu")
     outputs = [n for n in graph.nodes if n.op == "output"]
@@ -417,11 +421,7 @@ def rewrite_decode_graph(gm: fx.GraphModule, report: Report) -> None:
             except NoMatch as e:
                 report.fallback(rms_norm.NAME, where(node), f"final norm + lm_head: {e}")
                 continue
-            with graph.inserting_before(node):
-                y = _call(graph, tf.rms_norm_linear.default, _rows(graph, m["x"]), m["ln_w"], m["eps"], m["w"])
-                out = graph.call_method("view", (y, tuple(_ev(node).shape)))
-            node.replace_all_uses_with(out)
-            graph.erase_node(node)
+            _replace_norm_fused(graph, node, tf.rms_norm_linear.default, m, (m["w"],))
             report.match(rms_norm.NAME)
             report.match("matvec")
     _drop_dead(graph)

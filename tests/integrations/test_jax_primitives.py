@@ -18,13 +18,10 @@ from tileflow.suite import KERNELS  # noqa: E402
 from tileflow.verify import BOUNDS, DTYPES, compare, make_inputs, reference_outputs  # noqa: E402
 
 def _sizes(kernel, case) -> dict:
-    """The case's sizes a caller passes: the views' dims, and the sizes that are also
-    parameters (HAS_BIAS, ROPE_KIND, HAS_MASK, ...: what the kernel computes), the rule
-    tileflow.runtime.ops applies too."""
+    """The case's sizes a caller passes: the views' dims and the structural sizes."""
     ir = kernel.build(kernel.params_for(case))
     dims = {d for v in ir.views for d in v.shape}
-    structural = kernel.default_params(case.sizes)
-    return {k: v for k, v in case.sizes.items() if k in dims or k in structural}
+    return {**{k: v for k, v in case.sizes.items() if k in dims}, **kernel.structural_sizes(case.sizes)}
 
 
 def _to_jax(t: torch.Tensor):

@@ -47,11 +47,8 @@ def _launcher(name: str, sizes: dict, dtype: torch.dtype, device: torch.device) 
         from tileflow.runtime.torch_triton import triton_launcher
 
         dname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-        defaults = kernel.default_params(sizes)
-        params = {**defaults, **(autotune.lookup(name, sizes, dname, _device_name(device)) or {})}
-        # sizes that are also parameters (HAS_BIAS, ROPE_KIND, ...) say what the kernel
-        # computes, not how fast: they win over a measurement made for another variant
-        params.update({k: v for k, v in sizes.items() if k in defaults})
+        tuned = autotune.lookup(name, sizes, dname, _device_name(device)) or {}
+        params = {**kernel.default_params(sizes), **tuned, **kernel.structural_sizes(sizes)}
         ir = kernel.build(params)
         fn = triton_launcher(ir, device.type)
     _LAUNCHERS[key] = fn

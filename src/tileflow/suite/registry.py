@@ -53,6 +53,12 @@ class SuiteKernel:
     tune_keys: tuple = ()
     module: str = ""
 
+    def structural_sizes(self, sizes: dict) -> dict:
+        """The sizes that are also launch parameters (HAS_BIAS, ROPE_KIND, HAS_MASK, ...):
+        they say what the kernel computes, so they win over any tuned parameter set."""
+        defaults = self.default_params(sizes)
+        return {k: v for k, v in sizes.items() if k in defaults}
+
     def params_for(self, case: Case) -> dict:
         """Default parameters at ``case``'s sizes, with the case's overrides."""
         return {**self.default_params(case.sizes), **case.params}
