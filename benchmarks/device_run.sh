@@ -5,6 +5,7 @@
 #   STEPS="bench:deepseek-r1-distill-qwen-1.5b:128 suite" bash benchmarks/device_run.sh
 # bench:<model>:<prompt>[:paths]  `tileflow bench` (paths comma-separated, default all)
 # suite                            benchmarks/gpu_suite.py (tunes; autotune.json to $OUT)
+# (env: REPEATS, BENCH_LIMIT seconds a bench, BREAKDOWN=1 per-kernel-class step profile)
 # tuned                            use $OUT/autotune.json (or TUNED=<file>) for later steps
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
@@ -22,6 +23,7 @@ for step in ${STEPS:-bench:deepseek-r1-distill-qwen-1.5b:128 suite}; do
       args=(--model "$model" --prompt "$prompt" --out "$OUT")
       [ -n "${paths:-}" ] && args+=(--paths ${paths//,/ })
       [ -n "${REPEATS:-}" ] && args+=(--repeats "$REPEATS")
+      [ -n "${BREAKDOWN:-}" ] && args+=(--breakdown)
       timeout "${BENCH_LIMIT:-900}" python3 benchmarks/run_cli_uninstalled.py bench "${args[@]}" 2>&1 \
         | grep --line-buffered -v -E "Warning|warn\(|^\s*$" ;;
     suite)

@@ -107,7 +107,7 @@ def cmd_bench(args) -> int:
     from tileflow.bench import run_bench
 
     rec = run_bench(args.model, args.prompt, args.new, args.paths or None, args.repeats, args.out, args.device,
-                    args.dtype)
+                    args.dtype, breakdown=args.breakdown)
     failed = [k for k, v in rec["paths"].items() if v.get("error")]
     return 1 if failed else 0
 
@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--out", default="benchmarks/results")
     ben.add_argument("--device", default=None)
     ben.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    ben.add_argument("--breakdown", action="store_true",
+                     help="also profile one decode step per kernel class (us, bytes, GB/s; CUDA only)")
     ben.add_argument("--framework", choices=["torch", "jax"], default="torch",
                      help="torch: the paths above; jax: plain jax.jit vs tileflow primitives vs tileflow.jax.optimize")
     ben.set_defaults(fn=cmd_bench)

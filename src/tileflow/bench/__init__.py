@@ -54,8 +54,9 @@ def _commit() -> str:
 
 def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: int = 256,
               paths: Optional[list[str]] = None, repeats: int = 3, out_dir: str = "benchmarks/results",
-              device: Optional[str] = None, dtype: Optional[str] = None) -> dict:
-    """Run the side-by-side decode benchmark; returns the result record (also written)."""
+              device: Optional[str] = None, dtype: Optional[str] = None, breakdown: bool = False) -> dict:
+    """Run the side-by-side decode benchmark; returns the result record (also written).
+    ``breakdown``: also profile each static-cache path's decode step per kernel class (CUDA)."""
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -94,7 +95,8 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
         for path in default_paths(dev):
             if paths and path.name not in paths and path.name != "eager":
                 continue
-            res, logits = run_path(path, model, ids, new_tokens, repeats, reference, ref_logits, say)
+            res, logits = run_path(path, model, ids, new_tokens, repeats, reference, ref_logits, say,
+                                     breakdown=breakdown)
             if path.name == "eager":
                 reference, ref_logits = res, logits
             entry = {k: v for k, v in res.__dict__.items() if k not in ("name", "tokens")}
@@ -144,11 +146,30 @@ def _write(record: dict, out_dir: str, console) -> None:
                       f"{1e3 * v['ttft_s']:.1f}", f"{v['compile_s']:.1f}", "-" if mem is None else f"{mem:.2f}",
                       agree, "-" if err is None else f"{err:.1e}")
     console.print(table)
+    for name, v in record["paths"].items():
+        if v.get("breakdown"):
+            _print_breakdown(name, v, console)
     try:
         _plot(record, path.with_suffix(".png"))
     except Exception as e:  # noqa: BLE001 - a missing chart must not lose the record
         console.print(f"(no chart: {e})")
     console.print(f"wrote {path}")
+
+
+def _print_breakdown(name: str, entry: dict, console) -> None:
+    from rich.table import Table
+
+    rows = entry["breakdown"]
+    step_us = 1e6 / entry["decode_tok_s"]
+    t = Table(title=f"{name}: one decode step, {sum(r['us'] for r in rows):.0f} us profiled "
+                    f"({step_us:.0f} us timed)")
+    for col in ("kernel class", "us", "% step", "launches", "MB", "GB/s"):
+        t.add_column(col)
+    total = sum(r["us"] for r in rows) or 1.0
+    for r in rows:
+        t.add_row(r["class"], f"{r['us']:.1f}", f"{100 * r['us'] / total:.1f}", f"{r['launches']:.0f}",
+                  f"{r['bytes'] / 1e6:.1f}" if r["bytes"] else "-", "-" if r["gbs"] is None else f"{r['gbs']:.0f}")
+    console.print(t)
 
 
 def _plot(record: dict, png: Path) -> None:

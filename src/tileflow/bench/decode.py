@@ -31,6 +31,8 @@ class PathResult:
     # CUDA only: peak bytes allocated while this path ran (weights, cache, its graphs and
     # workspaces), in GB; compared with eager's by the bench
     peak_memory_gb: Optional[float] = None
+    # CUDA, static-cache paths, when asked: per kernel class of one decode step (breakdown.py)
+    breakdown: list = field(default_factory=list)
 
 
 @dataclass
@@ -120,9 +122,30 @@ def decode_once(model, step, ids, new_tokens: int, cache, keep_logits: int = 0):
     return t1 - t0, t2 - t1, torch.cat(toks, dim=1)[0].tolist(), logits_kept
 
 
+def profile_decode(model, step, ids, cache, steps: int = 32) -> list:
+    """The per-class breakdown (``breakdown.as_records``) of ``steps`` decode steps right
+    after a prefill of ``ids`` into the (reset) static ``cache``."""
+    from tileflow.bench import breakdown as bd
+
+    cache.reset()
+    n = ids.shape[1]
+    positions = torch.arange(n, n + steps, device=ids.device).view(-1, 1, 1)
+    with torch.no_grad():
+        tok = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+
+        def run():
+            nonlocal tok
+            for i in range(steps):
+                tok = step(tok, positions[i], cache).argmax(-1, keepdim=True)
+
+        timeline = bd.device_timeline(run, steps)
+    table = bd.suite_bytes(model.config, n + steps // 2, model.get_input_embeddings().weight.element_size())
+    return bd.as_records(bd.breakdown(timeline, steps, table))
+
+
 def run_path(path: Path, model, ids, new_tokens: int, repeats: int, reference: Optional[PathResult],
              ref_logits: Optional[list], progress: Callable[[str], None] = lambda s: None,
-             keep_logits: int = 8) -> tuple[PathResult, list]:
+             keep_logits: int = 8, breakdown: bool = False) -> tuple[PathResult, list]:
     res = PathResult(path.name, note=path.note)
     max_len = ids.shape[1] + new_tokens
     cuda = ids.device.type == "cuda"
@@ -154,6 +177,12 @@ def run_path(path: Path, model, ids, new_tokens: int, repeats: int, reference: O
         res.compile_s = max(0.0, warm - ttft - dec)
         if cuda:
             res.peak_memory_gb = torch.cuda.max_memory_allocated(ids.device) / 1e9
+        if breakdown and cuda and path.cache == "static":
+            progress(f"{path.name}: step breakdown")
+            try:
+                res.breakdown = profile_decode(model, step, ids, cache)
+            except Exception as e:  # noqa: BLE001 - a profiler problem must not lose the timing
+                res.note = (res.note + f" breakdown failed: {type(e).__name__}: {e}")[:400]
         if reference is not None:
             diff = [i for i, (a, b) in enumerate(zip(toks, reference.tokens)) if a != b]
             res.first_divergence = diff[0] if diff else None

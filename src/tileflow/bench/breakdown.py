@@ -1,0 +1,116 @@
+"""Where one decode step's time goes: a device timeline of real decode steps, per kernel
+class, against the bytes each class must move.
+
+Kernels of one CUDA stream finish in order, so each kernel is charged the time from the
+previous kernel's end to its own end (for the first kernel of a step, from the last
+kernel of the step before). The charges add up to the step, gaps and host time
+included, and are not inflated by programmatic dependent launch, where a kernel starts
+early and waits inside for its predecessor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tileflow.suite import KERNELS
+
+# longest names first, so ``rms_norm_gate_up_silu_matvec`` is not taken for ``rms_norm``
+_SUITE_NAMES = sorted(KERNELS, key=len, reverse=True)
+_VENDOR_CLASSES = (
+    (("gemv", "gemm", "cutlass", "xmma", "cublas", "splitkreduce"), "cuBLAS matmul"),
+    (("flash", "fmha", "attention", "sdpa", "efficient"), "SDPA"),
+    (("triton_",), "inductor kernels"),
+    (("memcpy", "memset", "copy"), "copies"),
+)
+
+
+IDLE = "device idle (launch gaps, host)"
+
+
+def kernel_class(name: str) -> str:
+    """The suite kernel a device kernel belongs to (its generated names start with the
+    suite name), else a vendor class."""
+    for suite in _SUITE_NAMES:
+        if name.startswith(suite + "_"):
+            return suite
+    low = name.lower()
+    for keys, cls in _VENDOR_CLASSES:
+        if any(k in low for k in keys):
+            return cls
+    return "other aten kernels"
+
+
+def suite_bytes(config, context: int, elem: int) -> dict[str, int]:
+    """Least bytes each suite kernel of the fused decode step moves per token (weights,
+    the cache rows it reads or writes), for a Qwen2 / Llama ``config``."""
+    d, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    nh, nkv, layers = config.num_attention_heads, config.num_key_value_heads, config.num_hidden_layers
+    dh = getattr(config, "head_dim", None) or d // nh
+    qkv_rows = (nh + 2 * nkv) * dh
+    return {
+        "embedding_lookup": d * elem,
+        "qkv_rope_cache": layers * (qkv_rows * d + qkv_rows + d + 2 * nkv * dh) * elem,
+        "attention_decode_gqa": layers * 2 * nkv * context * dh * elem,
+        "o_proj_residual": layers * d * d * elem,
+        "rms_norm_gate_up_silu": layers * (2 * inter * d + d) * elem,
+        "down_proj_residual": layers * inter * d * elem,
+        "rms_norm_matvec": (vocab * d + d) * elem,
+    }
+
+
+@dataclass
+class ClassTime:
+    name: str
+    us: float  # per token, charged as the module docstring says
+    busy_us: float  # per token, kernel start to end (PDL's early starts included)
+    launches: float  # per token
+    bytes: int = 0  # per token, 0 when not known
+
+    @property
+    def gbs(self) -> float:
+        return self.bytes / (self.us * 1e3) if self.bytes and self.us > 0 else float("nan")
+
+
+def device_timeline(run_steps, steps: int) -> list[tuple[str, float, float]]:
+    """(kernel name, start us, end us) of every device kernel and copy ``run_steps()``
+    issues, in end order."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run_steps()
+        torch.cuda.synchronize()
+    rows = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+            if e.device_type == DeviceType.CUDA]
+    return sorted(rows, key=lambda r: r[2])
+
+
+def breakdown(timeline: list[tuple[str, float, float]], steps: int, byte_table: dict[str, int]) -> list[ClassTime]:
+    """Per-class time per token from a timeline of ``steps`` decode steps. Idle device
+    time between one kernel's end and the next one's start (launch gaps, the host's
+    own work between steps) is a class of its own."""
+    acc: dict[str, list[float]] = {}
+
+    def charge(cls, us, busy, n):
+        a = acc.setdefault(cls, [0.0, 0.0, 0])
+        a[0] += us
+        a[1] += busy
+        a[2] += n
+
+    prev_end = None
+    for name, start, end in timeline:
+        if prev_end is not None and start > prev_end:
+            charge(IDLE, start - prev_end, 0.0, 0)
+        charge(kernel_class(name), end - max(start, prev_end if prev_end is not None else start), end - start, 1)
+        prev_end = end
+    out = [ClassTime(cls, a[0] / steps, a[1] / steps, a[2] / steps, byte_table.get(cls, 0)) for cls, a in acc.items()]
+    return sorted(out, key=lambda c: -c.us)
+
+
+def as_records(rows: list[ClassTime]) -> list[dict]:
+    """JSON-ready rows: class, us, busy_us, launches, bytes, GB/s (per token)."""
+    return [{"class": r.name, "us": round(r.us, 2), "busy_us": round(r.busy_us, 2), "launches": r.launches,
+             "bytes": r.bytes, "gbs": None if r.gbs != r.gbs else round(r.gbs, 1)} for r in rows]
