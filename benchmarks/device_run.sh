@@ -10,7 +10,9 @@
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 # pass TILEFLOW_COMMIT=<hash> from the calling machine: the device checkout's git metadata is stale
-export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TILEFLOW_COMMIT=${TILEFLOW_COMMIT:-unknown}
+# pure-Python wheels the GPU image lacks (array_api_compat), carried in .whl/: importable as zips
+WHEELS=$(ls .whl/*.whl 2>/dev/null | tr '\n' ':')
+export PYTHONPATH=src:${WHEELS}${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TILEFLOW_COMMIT=${TILEFLOW_COMMIT:-unknown}
 export TILEFLOW_CACHE_DIR=${TILEFLOW_CACHE_DIR:-/tmp/tileflow-cache}
 mkdir -p "$TILEFLOW_CACHE_DIR" "$OUT"
 [ -n "${TUNED:-}" ] && cp "$TUNED" "$TILEFLOW_CACHE_DIR/autotune.json"

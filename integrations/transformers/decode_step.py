@@ -46,14 +46,27 @@ class DecodeProgram:
         self.norm_w, self.norm_eps = base.norm.weight, base.norm.variance_epsilon
         self.lm_head_w = model.lm_head.weight
 
-    def run(self, tok: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
-        """Logits [1, V] of the token ``tok`` [1, 1] at ``pos`` [1, 1]; updates ``cache``."""
+    @property
+    def takes_any_position(self) -> bool:
+        """The fused program rotates at the given position, writes at the cache's own
+        count and hides what a key mask hides, as the model does: a padded sequence
+        needs no host-side check. The unfused one writes at the position itself."""
+        return self.fused
+
+    def run(self, tok: torch.Tensor, pos: torch.Tensor, cache, key_mask: Optional[torch.Tensor] = None
+            ) -> torch.Tensor:
+        """Logits [1, V] of the token ``tok`` [1, 1] at position ``pos`` [1, 1]; K/V go to
+        the cache's next row; ``key_mask`` [1, S] (int32, 0 = hidden) as the model's
+        padding mask. Updates ``cache``."""
         p = pos.reshape(1)
-        lengths = p + 1
+        row = cache_row(cache)
+        if row is None or not self.fused:
+            row = p  # decode_request checked that the position is the cache's count
+        lengths = row + 1
         x = ops.embedding(tok.reshape(1), self.embed)
         nh, nkv, dh = self.nh, self.nkv, self.dh
         if self.fused:
-            return self._run_fused(x, p, lengths, cache)
+            return self._run_fused(x, p, row, lengths, cache, key_mask)
         for i, (ln1, eps1, wq, bq, wk, wv, bk, bv, wo, scale, ln2, eps2, wg, wu, wd) in enumerate(self.layers):
             layer = cache.layers[i]
             xn = ops.rms_norm(x, ln1, eps1)
@@ -61,27 +74,41 @@ class DecodeProgram:
             k, v = ops.kv_proj(xn, wk, wv, bk, bv)
             ops.rope_k_into_cache(k.view(1, nkv, dh), v.view(1, nkv, dh), p, layer.keys, layer.values,
                                   self.rope_cfg)
-            o = ops.attention_decode(q, layer.keys, layer.values, lengths, scale)
+            o = ops.attention_decode(q, layer.keys, layer.values, lengths, scale, key_mask=key_mask)
             x = ops.o_proj_residual(o.view(1, nh * dh), wo, x)
             g = ops.gate_up_silu(ops.rms_norm(x, ln2, eps2), wg, wu)
             x = ops.down_proj_residual(g, wd, x)
         _advance(cache, 1)
         return ops.linear(ops.rms_norm(x, self.norm_w, self.norm_eps), self.lm_head_w)
 
-
-    def _run_fused(self, x, p, lengths, cache) -> torch.Tensor:
+    def _run_fused(self, x, p, row, lengths, cache, key_mask) -> torch.Tensor:
         """The same step with the suite's fused kernels: six launches a layer
         (qkv_rope_cache, attention's two stages, o_proj+residual, rms_norm_gate_up_silu,
         down+residual) instead of eleven; the norms run inside the matvecs."""
         nh, dh = self.nh, self.dh
         for i, (ln1, eps1, wq, bq, wk, wv, bk, bv, wo, scale, ln2, eps2, wg, wu, wd) in enumerate(self.layers):
             layer = cache.layers[i]
-            q = ops.qkv_rope_cache(x, ln1, eps1, wq, wk, wv, bq, bk, bv, p, layer.keys, layer.values, self.rope_cfg)
-            o = ops.attention_decode(q, layer.keys, layer.values, lengths, scale)
+            q = ops.qkv_rope_cache(x, ln1, eps1, wq, wk, wv, bq, bk, bv, p, layer.keys, layer.values, self.rope_cfg,
+                                   cache_pos=None if row is p else row)
+            o = ops.attention_decode(q, layer.keys, layer.values, lengths, scale, key_mask=key_mask)
             x = ops.o_proj_residual(o.view(1, nh * dh), wo, x)
             x = ops.down_proj_residual(ops.rms_norm_gate_up_silu(x, ln2, eps2, wg, wu), wd, x)
         _advance(cache, 1)
         return ops.rms_norm_linear(x, self.norm_w, self.norm_eps, self.lm_head_w)
+
+
+def _key_mask(mask: torch.Tensor, cache) -> torch.Tensor:
+    """The [1, S] int32 key mask of a [1, T] attention mask: rows past T hidden."""
+    key_mask = torch.zeros(1, cache.layers[0].keys.shape[2], dtype=torch.int32, device=mask.device)
+    key_mask[:, :mask.shape[1]] = mask
+    return key_mask
+
+
+def cache_row(cache) -> Optional[torch.Tensor]:
+    """The row the next token goes to, as the device tensor [1] transformers counts
+    with (``StaticLayer.cumulative_length``), or None where the count is not a tensor."""
+    counter = getattr(cache.layers[0], "cumulative_length", None)
+    return counter.reshape(1) if isinstance(counter, torch.Tensor) and counter.numel() == 1 else None
 
 
 def _advance(cache, n: int) -> None:
@@ -117,34 +144,41 @@ class GraphedDecode:
         self.graphs: dict[tuple, tuple] = {}
         self.max_graphs = max_graphs
 
-    def __call__(self, tok: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+    def __call__(self, tok: torch.Tensor, pos: torch.Tensor, cache, mask: Optional[torch.Tensor] = None
+                 ) -> torch.Tensor:
+        """Logits of one step; ``mask`` [1, T] is the model's 2-D attention mask (T up to
+        the cache capacity; rows past T are hidden, as transformers pads it)."""
         if tok.device.type != "cuda":
-            return self.program.run(tok, pos, cache)
-        key = (id(cache), cache.layers[0].keys.data_ptr())
+            return self.program.run(tok, pos, cache, None if mask is None else _key_mask(mask, cache))
+        key = (id(cache), cache.layers[0].keys.data_ptr(), mask is not None)
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self._capture(tok, pos, cache)
+            entry = self._capture(tok, pos, cache, None if mask is None else _key_mask(mask, cache))
             if len(self.graphs) >= self.max_graphs:
                 self.graphs.pop(next(iter(self.graphs)))
             self.graphs[key] = entry
-        graph, tok_buf, pos_buf, logits = entry
+        graph, tok_buf, pos_buf, mask_buf, logits = entry
         tok_buf.copy_(tok.reshape(1, 1))
         pos_buf.copy_(pos.reshape(1, 1))
+        if mask is not None:
+            mask_buf[:, mask.shape[1]:].zero_()
+            mask_buf[:, :mask.shape[1]].copy_(mask)
         graph.replay()
         return logits.clone()  # the next replay overwrites the graph's buffer
 
-    def _capture(self, tok, pos, cache) -> tuple:
+    def _capture(self, tok, pos, cache, key_mask) -> tuple:
         tok_buf, pos_buf = tok.reshape(1, 1).clone(), pos.reshape(1, 1).clone()
+        mask_buf = None if key_mask is None else key_mask.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # compiles every kernel; writes row pos (rewritten identically below)
-            self.program.run(tok_buf, pos_buf, cache)
+        with torch.cuda.stream(side):  # compiles every kernel; writes the next row (rewritten identically below)
+            self.program.run(tok_buf, pos_buf, cache, mask_buf)
             _advance(cache, -1)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self.program.run(tok_buf, pos_buf, cache)
-        return graph, tok_buf, pos_buf, logits
+            logits = self.program.run(tok_buf, pos_buf, cache, mask_buf)
+        return graph, tok_buf, pos_buf, mask_buf, logits
 
 
 def cache_argument(kwargs: dict, default=None):
@@ -154,33 +188,67 @@ def cache_argument(kwargs: dict, default=None):
     return cache if cache is not None else kwargs.get("past_key_values", default)
 
 
-def decode_request(args, kwargs) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], object, str]:
-    """(tok, pos, cache, "") when a CausalLM forward call is a plain one-token decode
-    step on a static cache of batch 1 without padding, else (..., why not)."""
+def mask_row(mask, capacity: int) -> tuple[Optional[torch.Tensor], str]:
+    """The attention mask of a one-token step as one [1, T] row over the keys (T up to
+    ``capacity``), or None for no mask, and "" or why the program cannot honour it.
+
+    transformers passes a 2-D padding mask [1, T] (earlier releases), or (5.24 generate)
+    a dict of precomputed masks per attention type whose ``full_attention`` entry is a
+    bool [1, 1, 1, S]: for one query that row is exactly a per-key mask."""
+    if isinstance(mask, dict):
+        if set(mask) - {"full_attention"}:
+            return None, f"attention masks {sorted(mask)} (the program has full attention only)"
+        mask = mask.get("full_attention")
+    if mask is None:
+        return None, ""
+    if not isinstance(mask, torch.Tensor):
+        return None, f"attention mask of type {type(mask).__name__}"
+    if mask.dim() == 4 and mask.shape[:3] == (1, 1, 1) and mask.dtype == torch.bool:
+        mask = mask.reshape(1, mask.shape[3])
+    elif mask.dim() == 4:
+        return None, f"attention mask {tuple(mask.shape)} {mask.dtype} (the program takes one bool row of keys)"
+    if mask.dim() != 2 or mask.shape[0] != 1 or mask.shape[1] > capacity:
+        return None, f"attention mask of shape {tuple(mask.shape)} (the program takes [1, T <= {capacity}])"
+    return mask, ""
+
+
+def decode_request(args, kwargs, any_position: bool = False
+                   ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], object, Optional[torch.Tensor], str]:
+    """(tok, pos, cache, mask, "") when a CausalLM forward call is a plain one-token
+    decode step on a static cache of batch 1, else (..., why not). ``mask`` is the 2-D
+    attention mask to honour, or None.
+
+    With ``any_position`` (a program that writes at the cache's count and takes a key
+    mask, and a cache that counts on the device) nothing is read back to the host: the
+    step does not wait for the one before it. Otherwise one host sync checks that the
+    position is the cache's length and that no position is masked."""
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     cache = cache_argument(kwargs)
+    none = (None, None, None, None)
     if input_ids is None or input_ids.dim() != 2 or tuple(input_ids.shape) != (1, 1):
-        return None, None, None, "not a one-token step"
+        return (*none, "not a one-token step")
     for flag in ("output_attentions", "output_hidden_states", "inputs_embeds", "labels"):
         if kwargs.get(flag):
-            return None, None, None, f"{flag} requested"
+            return (*none, f"{flag} requested")
     if kwargs.get("return_dict") is False:
-        return None, None, None, "return_dict=False"
+        return (*none, "return_dict=False")
     if cache is None:
-        return None, None, None, "no cache"
+        return (*none, "no cache")
     why = static_cache_problem(cache)
     if why:
-        return None, None, None, why
-    filled = cache.layers[0].cumulative_length if hasattr(cache.layers[0], "cumulative_length") \
-        else cache.get_seq_length()
+        return (*none, why)
     pos = kwargs.get("position_ids")
-    mask = kwargs.get("attention_mask")
-    # one host sync a token (generate syncs each step anyway): the new token must sit
-    # at the cache's filled length, and no position may be masked, or the mask decides
+    mask, why = mask_row(kwargs.get("attention_mask"), cache.layers[0].keys.shape[2])
+    if why:
+        return (*none, why)
+    row = cache_row(cache)
+    if any_position and row is not None:
+        return input_ids, (row.reshape(1, 1) if pos is None else pos), cache, mask, ""
+    filled = row if row is not None else cache.get_seq_length()
     if pos is not None and int(pos.reshape(-1)[0]) != int(filled):
-        return None, None, None, "padded sequence: the position differs from the cache length"
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
-        return None, None, None, "attention mask hides positions (padding)"
+        return (*none, "padded sequence: the position differs from the cache length")
+    if isinstance(mask, torch.Tensor) and not bool(mask.all()):
+        return (*none, "attention mask hides positions (padding)")
     if pos is None:
         pos = torch.as_tensor(filled, device=input_ids.device).reshape(1, 1).to(torch.int64)
-    return input_ids, pos, cache, ""
+    return input_ids, pos, cache, None, ""

@@ -241,7 +241,7 @@ def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport):
 
     @functools.wraps(original)  # generate inspects forward's signature to choose its kwargs
     def forward(*args, **kwargs):
-        tok, pos, cache, why = decode_request(args, kwargs)
+        tok, pos, cache, mask, why = decode_request(args, kwargs, runner.program.takes_any_position)
         if why:
             if why not in seen and why != "not a one-token step" and not why.startswith("cache not"):
                 seen.add(why)
@@ -250,7 +250,7 @@ def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport):
         if state["broken"]:
             return original(*args, **kwargs)
         try:
-            logits = runner(tok, pos, cache)
+            logits = runner(tok, pos, cache, mask)
         except Exception as exc:  # e.g. a kernel that does not compile on this device:
             # the cache row is rewritten by the original forward and the count is only
             # advanced at the end of the program, so running the original is exact

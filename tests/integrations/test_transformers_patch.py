@@ -72,8 +72,8 @@ def test_the_decode_kernels_actually_run(monkeypatch, cache):
 
     calls, steps = [], []
     real, real_run = ops.attention_decode, DecodeProgram.run
-    monkeypatch.setattr(ops, "attention_decode", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(DecodeProgram, "run", lambda self, *a: steps.append(1) or real_run(self, *a))
+    monkeypatch.setattr(ops, "attention_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(DecodeProgram, "run", lambda self, *a, **k: steps.append(1) or real_run(self, *a, **k))
     model = tiny("qwen2")
     tileflow.patch(model)
     greedy(model, prompt(), cache)
@@ -109,10 +109,33 @@ def test_bf16_logits_no_further_from_fp32_than_eager(kind):
     assert err_ours < 5e-2 and err_ours <= 1.5 * err_eager + 1e-3, (err_ours, err_eager)
 
 
-def test_padded_prompt_falls_back_and_stays_exact():
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_padded_prompt_runs_whole_steps_and_stays_exact(kind, cpu_target, monkeypatch):
+    """A pad token inside the prompt: generate masks it and the positions lag the cache
+    length. The program rotates at the position, writes at the cache's count and hides
+    the masked key, so it still runs every step, with eager's tokens."""
+    from tileflow.integrations.transformers.decode_step import DecodeProgram
+
+    model = tiny(kind)
+    ids = prompt()
+    ids[0, 3] = 0
+    expected = greedy(model, ids)
+    steps, real_run = [], DecodeProgram.run
+    monkeypatch.setattr(DecodeProgram, "run", lambda self, *a: steps.append(a[3] is not None) or real_run(self, *a))
+    report = tileflow.patch(model)
+    got = greedy(model, ids)
+    assert torch.equal(got, expected), (got[0, ids.shape[1]:].tolist(), expected[0, ids.shape[1]:].tolist())
+    assert steps == [True] * (NEW_TOKENS - 1)  # every step, each with the key mask
+    assert not report.fallbacks, report.fallbacks
+
+
+def test_unfused_program_checks_positions_on_the_host(monkeypatch):
+    """TILEFLOW_FUSED=0 writes the cache at the position itself: a padded prompt then
+    runs layer by layer, with the reason, and stays exact."""
+    monkeypatch.setenv("TILEFLOW_FUSED", "0")
     model = tiny("llama")
     ids = prompt()
-    ids[0, 3] = 0  # the pad token: generate masks it, so positions lag the cache length
+    ids[0, 3] = 0
     expected = greedy(model, ids)
     report = tileflow.patch(model)
     assert torch.equal(greedy(model, ids), expected)

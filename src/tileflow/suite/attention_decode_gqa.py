@@ -182,9 +182,13 @@ KERNEL = register(SuiteKernel(
         Case("mask_split", dict(B=1, NH=6, NKV=2, DH=32, S=300, L=259, HAS_MASK=1), dict(scale=0.17),
              params=dict(SPLITS=4, SPLITS_BLOCK=4, BLOCK_N=16)),
     ],
+    # decode looks parameters up by the cache capacity bucketed to a power of two
+    # (ops.attention_decode), never by the filled length: cases are (capacity bucket,
+    # a fill) of the benchmark's prompts (128 + 256 new, 4096 + 256 new)
     decode_cases=lambda c: [
-        Case(f"ctx{n}", dict(B=1, NH=c["NH"], NKV=c["NKV"], DH=c["DH"], S=n, L=n),
-             dict(scale=c["DH"] ** -0.5)) for n in (128, 4096)],
+        Case(f"ctx{fill}", dict(B=1, NH=c["NH"], NKV=c["NKV"], DH=c["DH"], S=cap, L=fill),
+             dict(scale=c["DH"] ** -0.5)) for cap, fill in ((512, 384), (8192, 4352))],
+    tune_keys=("B", "NH", "NKV", "DH", "S", "HAS_MASK"),
     candidates=candidates,
     input_makers={"lengths": _lengths, "key_mask": _key_mask},
     min_bytes=lambda s, b: (2 * s["B"] * s["NKV"] * s.get("L", s["S"]) * s["DH"] + 2 * s["B"] * s["NH"] * s["DH"]) * b,
