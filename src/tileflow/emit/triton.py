@@ -15,6 +15,9 @@ tensor methods, so each is wrapped with ``tl.full((), x, tl.float32)`` at entry.
 On Hopper and newer, kernels are launched with programmatic dependent launch: each
 may start while its predecessor drains, and waits (``gdc_wait``) before touching
 memory, so every kernel still sees all earlier writes (``TILEFLOW_PDL=0`` turns it off).
+Index arithmetic and the definition's weight prefetches (``k.prefetch``: L2 hints for
+inputs no earlier kernel writes) run before that wait, so a matvec's weight stream is
+in flight while its predecessor drains (``TILEFLOW_PREFETCH=0`` drops the hints).
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ class TritonEmitter(Walker):
         names = [k for k in sorted(self.ir.params) if k not in LAUNCH_OPTIONS]
         if self.uses("dot"):
             names += ["DOT_PREC", "UPCAST"]
-        return names + ["USE_PDL"]
+        return names + ["USE_PDL"] + (["PREFETCH"] if self.uses("prefetch") else [])
 
     def signature(self) -> list[str]:
         args = [f"{v.name}_ptr" for v in self.ir.views]
@@ -158,6 +161,33 @@ class TritonEmitter(Walker):
             with w.indent():
                 w(f"{name} = {name}.to(tl.float32)")
 
+    def op_prefetch(self, op: Op, w: Writer):
+        # one address per 64 elements (a 128-byte line in bf16) of the last range, every
+        # index clamped into the view: a prefetch must never name memory outside it
+        view, index = op.args
+        last = index[-1]
+        block = self.ir.params[last.block]
+        lines = max(1, block // 64)
+        terms, ranges = [], [i for i in index if isinstance(i, _RangeValue)]
+        pos = 0
+        for axis, i in enumerate(index):
+            top = f"{view.shape[axis]} - 1"
+            if i is last:
+                idx = f"({self.operand(i.start)} + tl.arange(0, {lines}) * {block // lines})"
+            elif isinstance(i, _RangeValue):
+                idx = self.name(i.index)
+            else:
+                idx = None
+            if idx is not None:
+                terms.append(f"tl.minimum({idx}, {top}){expand_key(pos, len(ranges))} * {view.name}_s{axis}")
+                pos += 1
+            elif not (isinstance(i, int) and i == 0):
+                terms.append(f"{self.operand(i)} * {view.name}_s{axis}")
+        w("if PREFETCH:  # L2 prefetch of a weight tile while the previous kernel drains")
+        with w.indent():
+            w(f"tl.inline_asm_elementwise(\"prefetch.global.L2 [$1]; mov.u32 $0, 0;\", \"=r,l\", "
+              f"[{view.name}_ptr + {' + '.join(terms)}], dtype=tl.int32, is_pure=False, pack=1)")
+
     def op_store(self, op: Op, w: Writer):
         view, index, value = op.args
         mask = self._guarded(self.mask_expr(view, index, op.attrs["limits"]), op)
@@ -187,14 +217,21 @@ class TritonEmitter(Walker):
                 w(a + ",")
         w("):")
         with w.indent():
+            for s in self.ir.scalars:
+                if s.dtype == "f32":
+                    w(f"{s.name} = tl.full((), {s.name}, tl.float32)")
+            # index arithmetic and prefetches may run before the wait; the first load,
+            # store or loop may not (it could read what the previous kernel writes)
+            body = list(stage.body)
+            lead = 0
+            while lead < len(body) and not isinstance(body[lead], Loop) and body[lead].name not in ("load", "store"):
+                lead += 1
+            self.block(body[:lead], w)
             w("if USE_PDL:  # launched early: wait until the previous kernel's writes are visible")
             with w.indent():
                 w("tl.extra.cuda.gdc_wait()")
                 w("tl.extra.cuda.gdc_launch_dependents()")
-            for s in self.ir.scalars:
-                if s.dtype == "f32":
-                    w(f"{s.name} = tl.full((), {s.name}, tl.float32)")
-            self.block(stage.body, w)
+            self.block(body[lead:], w)
         w()
 
     def launch(self, w: Writer):
@@ -231,6 +268,8 @@ class TritonEmitter(Walker):
                 w(f'DOT_PREC = "ieee" if {first}.dtype == torch.float32 else "tf32"')
                 w('UPCAST = os.environ.get("TRITON_INTERPRET") == "1"')
             w(f"USE_PDL = _use_pdl({ins[0]})")
+            if self.uses("prefetch"):  # only useful, and only tested, with dependent launch
+                w('PREFETCH = USE_PDL and os.environ.get("TILEFLOW_PREFETCH") != "0"')
             call = [v.name for v in self.ir.views]
             call += [f"{v.name}.stride({a})" for v in self.ir.views for a in range(v.rank)]
             call += list(self.ir.dims) + scal

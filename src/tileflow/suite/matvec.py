@@ -100,6 +100,10 @@ def define_matvec(form: MatvecForm, k, p) -> None:
         # afterwards, so the weight stream does not wait for the norm's reduction; without
         # split-K the loop sees all of x and gathers the sum of squares on the way
         gather_ss = form.norm and split == 1
+        # the weights are no earlier kernel's output: their first tile may be on its way
+        # to L2 while the kernel that writes x is still finishing
+        for w in ws:
+            k.prefetch(w, (rows, k.range(lo, "BLOCK_K", aligned=True)))
         acc0 = [k.full(("BLOCK_N", "BLOCK_K"), 0.0) for _ in ws]
         if gather_ss:
             acc0.append(k.full(("BLOCK_K",), 0.0))

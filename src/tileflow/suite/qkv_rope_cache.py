@@ -60,6 +60,12 @@ def define(k, p):
         # the norm's rstd scales the sums afterwards (sum(w * x * g) * rstd ==
         # sum(w * (x * rstd) * g)), its sum of squares gathered on the way: the weight
         # stream starts at once
+        # weights are no earlier kernel's output: the first tile of this program's rows
+        # (of each weight, as the kind is only known at run time) heads for L2 early
+        first = k.range(0, "BLOCK_K", aligned=True)
+        for (w, _, _), lo, hi in zip(kinds, lo_rows, hi_rows):
+            k.prefetch(w, (lo, first))
+            k.prefetch(w, (hi, first))
         acc0 = [k.full(("BLOCK_J", "BLOCK_K"), 0.0) for _ in range(2)] + [k.full(("BLOCK_K",), 0.0)]
         with k.loop(0, kdim, "BLOCK_K", carry=acc0) as lp:
             cols = k.range(lp.index, "BLOCK_K", aligned=True)

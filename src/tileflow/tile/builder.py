@@ -366,6 +366,19 @@ class TileBuilder:
             raise TileDefinitionError(f"storing a {vshape} tile into a {shape} block of {view.name}")
         self._emit("store", None, (view, index, value), limits=dict(limits or {}), when=self._guard(when))
 
+    def prefetch(self, view: View, index: Sequence) -> None:
+        """A hint: bring the block of the input ``view`` at ``index`` into L2 before the
+        program waits for the kernel before it (programmatic dependent launch), so a
+        weight stream starts while the predecessor drains. Only for views no earlier
+        kernel of the step writes (model weights); reads no value, changes no result.
+        Targets without dependent launch ignore it."""
+        if view.role != "input":
+            raise TileDefinitionError(f"prefetch of {view.name}: only inputs are prefetched")
+        index = self._check_index(view, index)
+        if not index or not isinstance(index[-1], _RangeValue):
+            raise TileDefinitionError("prefetch: the last index must be a range (lines along the row)")
+        self._emit("prefetch", None, (view, index))
+
     def _guard(self, when: Optional[Value]) -> Optional[Value]:
         if when is not None and (not isinstance(when, Value) or when.shape != () or when.dtype != "bool"):
             raise TileDefinitionError("when= takes a scalar bool value")

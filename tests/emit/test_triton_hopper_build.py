@@ -1,0 +1,100 @@
+"""Every suite kernel's generated Triton compiles for Hopper (sm_90) as the GPU runs it,
+with programmatic dependent launch on: no GPU needed (Triton's own ptxas builds the
+cubin). CI's interpreter never takes the ``USE_PDL`` branches, so this is where the
+L2 prefetch and the wait placement are checked: the weight prefetches come before
+``griddepcontrol.wait``, and no global load or store does.
+
+The build runs in a child process: the interpreter, once on in this one (conftest),
+cannot be turned off again."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+_PTR = {"T": "*bf16", "f32": "*fp32", "i32": "*i32", "i64": "*i64"}
+
+
+def _build(name: str) -> list[dict]:
+    """Child side: compile each stage of ``name``'s first decode case for sm_90."""
+    import importlib.util
+    import tempfile
+    from pathlib import Path
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from tileflow.emit.cache import generate
+    from tileflow.suite import KERNELS
+    from tileflow.suite.registry import QWEN_1_5B
+
+    kernel = KERNELS[name]
+    case = kernel.decode_cases(QWEN_1_5B)[0]
+    params = kernel.params_for(case)
+    ir = kernel.build(params)
+    path = Path(tempfile.mkdtemp()) / f"{ir.name}_sm90.py"
+    path.write_text(generate(ir, "triton"))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    consts = {k: v for k, v in params.items() if k not in ("num_warps", "num_stages")}
+    consts.update(USE_PDL=True, PREFETCH=True, UPCAST=False, DOT_PREC="tf32")
+    views = {v.name: v for v in ir.views}
+    scalars = {s.name: s for s in ir.scalars}
+    out = []
+    for stage in ir.stages:
+        fn = getattr(module, f"{ir.name}_{stage.name}")
+        sig, constexprs = {}, {}
+        for arg in fn.arg_names:
+            if arg in consts:
+                sig[arg], constexprs[arg] = "constexpr", consts[arg]
+            elif arg.endswith("_ptr"):
+                sig[arg] = _PTR[views[arg[:-4]].dtype]
+            elif arg in scalars:
+                sig[arg] = "fp32" if scalars[arg].dtype == "f32" else "i32"
+            else:  # sizes and strides
+                sig[arg] = "i32"
+        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": params.get("num_warps", 4),
+                                           "num_stages": params.get("num_stages", 2)})
+        ptx = compiled.asm["ptx"]
+        body = ptx[ptx.index(".entry"):]
+        out.append({
+            "stage": stage.name, "cubin_bytes": len(compiled.asm["cubin"]),
+            "wait": body.find("griddepcontrol.wait"),
+            "first_access": min((m.start() for m in re.finditer(r"\b(ld|st)\.global", body)), default=len(body)),
+            "prefetches": [m.start() for m in re.finditer(r"prefetch\.global\.L2", body)],
+            "prefetch_in_source": "prefetch.global" in fn.src,
+        })
+    return out
+
+
+def _names():
+    from tileflow.suite import KERNELS
+
+    return list(KERNELS)
+
+
+@pytest.mark.parametrize("name", _names())
+def test_builds_for_sm90_with_prefetch_before_the_wait(name):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, __file__, name], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for st in json.loads(done.stdout.strip().splitlines()[-1]):
+        where = f"{name}/{st['stage']}"
+        assert st["cubin_bytes"] > 0, where
+        assert st["wait"] >= 0, f"{where}: no griddepcontrol.wait"
+        assert st["wait"] < st["first_access"], f"{where}: a global load or store before the wait"
+        if st["prefetch_in_source"]:
+            assert st["prefetches"], f"{where}: the prefetch was dropped"
+        assert all(p < st["wait"] for p in st["prefetches"]), f"{where}: a prefetch after the wait"
+
+
+if __name__ == "__main__":
+    print(json.dumps(_build(sys.argv[1])))
