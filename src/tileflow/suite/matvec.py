@@ -100,10 +100,8 @@ def define_matvec(form: MatvecForm, k, p) -> None:
         # afterwards, so the weight stream does not wait for the norm's reduction; without
         # split-K the loop sees all of x and gathers the sum of squares on the way
         gather_ss = form.norm and split == 1
-        # the weights are no earlier kernel's output: their first tile may be on its way
-        # to L2 while the kernel that writes x is still finishing
-        for w in ws:
-            k.prefetch(w, (rows, k.range(lo, "BLOCK_K", aligned=True)))
+        # no k.prefetch of the first weight tile here: measured on an H200 (NOTES.md,
+        # 2026-12-02) it slowed gate_up 18.1 -> 21.0 us and down 8.2 -> 9.5 us a layer
         acc0 = [k.full(("BLOCK_N", "BLOCK_K"), 0.0) for _ in ws]
         if gather_ss:
             acc0.append(k.full(("BLOCK_K",), 0.0))
