@@ -4,7 +4,7 @@
 # call that runs out of time still returns the finished ones.
 #   STEPS="bench:deepseek-r1-distill-qwen-1.5b:128 suite" bash benchmarks/device_run.sh
 # bench:<model>:<prompt>[:paths]  `tileflow bench` (paths comma-separated, default all)
-# suite                            benchmarks/gpu_suite.py (tunes; autotune.json to $OUT)
+# suite[:model]                    benchmarks/gpu_suite.py (tunes; autotune.json to $OUT)
 # (env: REPEATS, BENCH_LIMIT seconds a bench, BREAKDOWN=1 per-kernel-class step profile)
 # tuned                            use $OUT/autotune.json (or TUNED=<file>) for later steps
 set -uo pipefail
@@ -28,8 +28,12 @@ for step in ${STEPS:-bench:deepseek-r1-distill-qwen-1.5b:128 suite}; do
       [ -n "${BREAKDOWN:-}" ] && args+=(--breakdown)
       timeout "${BENCH_LIMIT:-900}" python3 benchmarks/run_cli_uninstalled.py bench "${args[@]}" 2>&1 \
         | grep --line-buffered -v -E "Warning|warn\(|^\s*$" ;;
-    suite)
-      python3 benchmarks/gpu_suite.py --out "$OUT" --no-pallas-timing 2>&1 | tail -40 ;;
+    suite)  # suite[:model]: another built-in config's shapes, Triton only (Pallas is shape-independent)
+      if [ -n "${model:-}" ]; then
+        python3 benchmarks/gpu_suite.py --out "$OUT" --model "$model" --no-pallas 2>&1 | tail -25
+      else
+        python3 benchmarks/gpu_suite.py --out "$OUT" --no-pallas-timing 2>&1 | tail -40
+      fi ;;
     tuned)
       cp "${TUNED:-$OUT/autotune.json}" "$TILEFLOW_CACHE_DIR/autotune.json" ;;
   esac

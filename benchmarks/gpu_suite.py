@@ -119,6 +119,20 @@ def pallas_on_gpu(timing: bool = True) -> dict:
         return {"_error": repr(e)}
 
 
+def model_shapes(name: str) -> dict:
+    """Decode sizes of a built-in config (``tileflow bench --model`` names)."""
+    from transformers import AutoConfig
+
+    from tileflow.bench.models import builtin_configs
+    from tileflow.suite.registry import decode_shapes
+
+    fields = dict(builtin_configs()[name])
+    return decode_shapes(AutoConfig.for_model(fields.pop("model_type"), **{
+        k: v for k, v in fields.items() if k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                 "num_key_value_heads", "vocab_size", "head_dim",
+                                                 "attention_bias")}))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
@@ -126,6 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-candidates", type=int, default=24)
     ap.add_argument("--no-pallas", action="store_true")
     ap.add_argument("--no-pallas-timing", action="store_true", help="verify the Pallas kernels, do not time them")
+    ap.add_argument("--model", default=None,
+                    help="built-in config whose decode shapes to tune (default: the 1.5B shape)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_suite: no CUDA device here; this script measures GPUs only.")
@@ -137,10 +153,11 @@ def main(argv=None) -> int:
     bw = copy_bandwidth_gbs(torch.device("cuda"))
     print(f"device {device}; copy bandwidth {bw:.0f} GB/s", flush=True)
     rows, tuned = [], {}
+    shapes = QWEN_1_5B if args.model is None else model_shapes(args.model)
     names = args.kernels or list(KERNELS)
     for name in names:
         k = KERNELS[name]
-        for case in k.decode_cases(QWEN_1_5B):
+        for case in k.decode_cases(shapes):
             row = {"kernel": name, "case": case.label, "sizes": case.sizes}
             try:
                 wl = Workload(k, case, "bf16")

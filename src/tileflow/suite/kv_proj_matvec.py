@@ -40,7 +40,7 @@ KERNEL = register(SuiteKernel(
         Case("splitk", dict(M=2, N=48, K=700), params=dict(SPLIT_K=2, BLOCK_K=256)),
         Case("nobias", dict(M=1, N=40, K=96, HAS_BIAS=0)),
     ],
-    decode_cases=lambda c: [Case("kv", dict(M=1, N=c["NKV"] * c["DH"], K=c["D"], HAS_BIAS=1))],
+    decode_cases=lambda c: [Case("kv", dict(M=1, N=c["NKV"] * c["DH"], K=c["D"], HAS_BIAS=c.get("BIAS", 1)))],
     candidates=lambda s: matvec_candidates(s["N"], s["K"], HAS_BIAS=s.get("HAS_BIAS", 1)),
     input_makers={"wk": linear_weight, "wv": linear_weight},
     min_bytes=lambda s, b: matvec_bytes(2, 2 * s.get("HAS_BIAS", 1), 0, 2)(s, b),

@@ -36,7 +36,7 @@ KERNEL = register(SuiteKernel(
         Case("nobias", dict(M=2, N=33, K=77, HAS_BIAS=0)),
     ],
     decode_cases=lambda c: [
-        Case("q", dict(M=1, N=c["NH"] * c["DH"], K=c["D"], HAS_BIAS=1)),
+        Case("q", dict(M=1, N=c["NH"] * c["DH"], K=c["D"], HAS_BIAS=c.get("BIAS", 1))),
         Case("lm_head", dict(M=1, N=c["VOCAB"], K=c["D"], HAS_BIAS=0)),
     ],
     candidates=lambda s: matvec_candidates(s["N"], s["K"], HAS_BIAS=s.get("HAS_BIAS", 1)),

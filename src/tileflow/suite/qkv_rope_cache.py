@@ -131,7 +131,7 @@ def candidates(s):
 
 def _sizes(c, S=4096):
     return dict(M=1, K=c["D"], NH=c["NH"], NKV=c["NKV"], DH=c["DH"], NQ=c["NH"] * c["DH"],
-                NKD=c["NKV"] * c["DH"], S=S, P=S, HAS_BIAS=1, ROPE_KIND=0)
+                NKD=c["NKV"] * c["DH"], S=S, P=S, HAS_BIAS=c.get("BIAS", 1), ROPE_KIND=0)
 
 
 def _case(label, M, K, NH, NKV, DH, S, scalars, params=None, **extra):

@@ -17,7 +17,18 @@ from tileflow.tile.ir import KernelIR
 TARGETS = ("triton", "pallas", "reference")
 
 # Sizes of DeepSeek-R1-Distill-Qwen-1.5B, the headline decode shape.
-QWEN_1_5B = dict(D=1536, NH=12, NKV=2, DH=128, INTER=8960, VOCAB=151936)
+QWEN_1_5B = dict(D=1536, NH=12, NKV=2, DH=128, INTER=8960, VOCAB=151936, BIAS=1)
+
+
+def decode_shapes(config) -> dict:
+    """The sizes decode cases are built from (as ``QWEN_1_5B``), for a transformers
+    Qwen2 / Llama config: Qwen2 projects q/k/v with biases, Llama only where
+    ``attention_bias`` says so."""
+    heads = config.num_attention_heads
+    bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+    return dict(D=config.hidden_size, NH=heads, NKV=config.num_key_value_heads,
+                DH=getattr(config, "head_dim", None) or config.hidden_size // heads,
+                INTER=config.intermediate_size, VOCAB=config.vocab_size, BIAS=int(bias))
 
 
 @dataclass(frozen=True)
