@@ -141,15 +141,25 @@ def define_matvec(form: MatvecForm, k, p) -> None:
 
 
 def matvec_params(n: int, k_: int, block_n: int = 0, block_k: int = 0, split_k: int = 0,
-                  num_warps: int = 8, num_stages: int = 2, **extra) -> dict:
+                  num_warps: int = 0, num_stages: int = 2, **extra) -> dict:
     """Launch parameters with defaults that suit a decode matvec of size N x K."""
-    # Untuned default: what the H100 leaderboard picked for most decode shapes, two
-    # rows a program and a 2048-wide slice of K per round trip; at most 4k fp32
-    # accumulators per weight (16 x 2048 spilled registers: 7B gate_up and lm_head ran
-    # at half speed with it).
+    # Untuned defaults, from what the leaderboards of both GH100 parts picked (1.5B
+    # shapes, 2026-11-24 H100 and 2026-12-02 H200 in data/autotune.json):
+    # - few rows (q, o, down: N = 1536): two rows a program and a 2048-wide slice of K
+    #   per round trip, 8 warps: a short grid needs big tiles to keep bytes in flight;
+    # - many rows (gate_up N = 8960, lm_head N = 152k): small tiles, 4 warps, many
+    #   programs resident per multiprocessor. With the few-rows tiles these ran 1.5-1.9x
+    #   slower on the H200 (norm-fused gate_up 33.7 vs 17.9 us, lm_head 169.5 vs 107.4),
+    #   which is what untuned 7B / 8B shapes would get.
+    many_rows = n >= 8192
     if not block_n:
-        block_n = 2 if n <= 16384 else 4
-    block_k = block_k or min(2048, next_pow2(k_), max(256, 4096 // block_n))
+        block_n = 16 if n > 65536 else 2  # vocab-sized rows (lm_head): 16-row tiles
+    if not block_k:
+        if many_rows:
+            block_k = min(next_pow2(k_), 512 if block_n <= 2 else 256)
+        else:  # at most 4k fp32 accumulators per weight (16 x 2048 spilled registers)
+            block_k = min(2048, next_pow2(k_), max(256, 4096 // block_n))
+    num_warps = num_warps or (4 if many_rows else 8)
     if not split_k:
         split_k = 1
     p = {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k, "BLOCK_R": min(1024, next_pow2(n)),
