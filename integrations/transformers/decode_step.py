@@ -220,8 +220,10 @@ def decode_request(args, kwargs, any_position: bool = False
 
     With ``any_position`` (a program that writes at the cache's count and takes a key
     mask, and a cache that counts on the device) nothing is read back to the host: the
-    step does not wait for the one before it. Otherwise one host sync checks that the
-    position is the cache's length and that no position is masked."""
+    step does not wait for the one before it (unless a ``cache_position`` is passed, as
+    generate does before transformers 5.24: one read checks it against the count).
+    Otherwise one host sync checks that the position is the cache's length and that no
+    position is masked."""
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     cache = cache_argument(kwargs)
     none = (None, None, None, None)
@@ -242,11 +244,22 @@ def decode_request(args, kwargs, any_position: bool = False
     if why:
         return (*none, why)
     row = cache_row(cache)
+    given = kwargs.get("cache_position")
+    if isinstance(given, torch.Tensor) and given.numel() != 1:
+        return (*none, f"cache_position of {given.numel()} elements")
     if any_position and row is not None:
+        # releases before 5.24 bound the causal mask by cache_position (generate passes
+        # it every step): the program bounds it by the cache's count, so they must agree
+        if isinstance(given, torch.Tensor) and int(given.reshape(-1)[0]) != int(row[0]):
+            return (*none, "cache_position differs from the cache length")
+        if pos is None and isinstance(given, torch.Tensor):
+            pos = given.reshape(1, 1)
         return input_ids, (row.reshape(1, 1) if pos is None else pos), cache, mask, ""
     filled = row if row is not None else cache.get_seq_length()
     if pos is not None and int(pos.reshape(-1)[0]) != int(filled):
         return (*none, "padded sequence: the position differs from the cache length")
+    if isinstance(given, torch.Tensor) and int(given.reshape(-1)[0]) != int(filled):
+        return (*none, "cache_position differs from the cache length")
     if isinstance(mask, torch.Tensor) and not bool(mask.all()):
         return (*none, "attention mask hides positions (padding)")
     if pos is None:

@@ -177,3 +177,23 @@ def test_a_failing_kernel_falls_back_instead_of_crashing(monkeypatch, cache):
     report = tileflow.patch(model)
     assert torch.equal(greedy(model, ids, cache), expected)
     assert any("disabled after an error: RuntimeError: no kernel" in r for _, _, r in report.fallbacks)
+
+
+def test_a_cache_position_off_the_cache_count_is_not_taken():
+    """Before transformers 5.24 the causal mask is bounded by cache_position; the program
+    bounds it by the cache's count, so a step whose cache_position disagrees is refused
+    (the original runs, with this reason) and one that agrees is taken, rotating there."""
+    from transformers import StaticCache
+
+    from tileflow.integrations.transformers.decode_step import decode_request
+
+    model, ids = tiny("qwen2"), prompt()
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    n, tok = ids.shape[1], ids[:, -1:]
+    for at, want in ((n - 2, "cache_position differs from the cache length"), (n, "")):
+        _, pos, _, _, why = decode_request((), dict(input_ids=tok, past_key_values=cache,
+                                                    cache_position=torch.tensor([at])), any_position=True)
+        assert why == want
+    assert int(pos) == n
