@@ -10,7 +10,8 @@
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 # pass TILEFLOW_COMMIT=<hash> from the calling machine: the device checkout's git metadata is stale
-# pure-Python wheels the GPU image lacks (array_api_compat), carried in .whl/: importable as zips
+# pure-Python wheels the GPU image lacks (array_api_compat), carried in .whl/ (git-ignored: fill it
+# with `pip download array-api-compat --no-deps -d .whl` and pass carry=[".whl"]): importable as zips
 WHEELS=$(ls .whl/*.whl 2>/dev/null | tr '\n' ':')
 export PYTHONPATH=src:${WHEELS}${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TILEFLOW_COMMIT=${TILEFLOW_COMMIT:-unknown}
 export TILEFLOW_CACHE_DIR=${TILEFLOW_CACHE_DIR:-/tmp/tileflow-cache}
