@@ -121,16 +121,10 @@ def pallas_on_gpu(timing: bool = True) -> dict:
 
 def model_shapes(name: str) -> dict:
     """Decode sizes of a built-in config (``tileflow bench --model`` names)."""
-    from transformers import AutoConfig
-
-    from tileflow.bench.models import builtin_configs
+    from tileflow.bench.models import builtin_config
     from tileflow.suite.registry import decode_shapes
 
-    fields = dict(builtin_configs()[name])
-    return decode_shapes(AutoConfig.for_model(fields.pop("model_type"), **{
-        k: v for k, v in fields.items() if k in ("hidden_size", "intermediate_size", "num_attention_heads",
-                                                 "num_key_value_heads", "vocab_size", "head_dim",
-                                                 "attention_bias")}))
+    return decode_shapes(builtin_config(name))
 
 
 def main(argv=None) -> int:

@@ -95,18 +95,12 @@ def test_suite_bytes_add_up_to_the_roofline_weights():
 def test_decode_shapes_of_the_built_in_configs():
     """The leaderboard's --model shapes: the 1.5B config gives the registry's own 1.5B
     table, Llama-8B has no q/k/v biases, and every kernel builds its decode cases."""
-    from transformers import AutoConfig
-
+    from tileflow.bench.models import builtin_config
     from tileflow.suite import KERNELS
     from tileflow.suite.registry import QWEN_1_5B, decode_shapes
 
-    def config(name):
-        fields = dict(builtin_configs()[name])
-        return AutoConfig.for_model(fields.pop("model_type"), **{k: v for k, v in fields.items()
-                                                                 if k not in ("architectures", "torch_dtype")})
-
-    assert decode_shapes(config("deepseek-r1-distill-qwen-1.5b")) == QWEN_1_5B
-    llama = decode_shapes(config("deepseek-r1-distill-llama-8b"))
+    assert decode_shapes(builtin_config("deepseek-r1-distill-qwen-1.5b")) == QWEN_1_5B
+    llama = decode_shapes(builtin_config("deepseek-r1-distill-llama-8b"))
     assert llama == dict(D=4096, NH=32, NKV=8, DH=128, INTER=14336, VOCAB=128256, BIAS=0)
     for kernel in KERNELS.values():
         for case in kernel.decode_cases(llama):

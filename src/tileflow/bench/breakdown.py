@@ -73,7 +73,7 @@ class ClassTime:
         return self.bytes / (self.us * 1e3) if self.bytes and self.us > 0 else float("nan")
 
 
-def device_timeline(run_steps, steps: int) -> list[tuple[str, float, float]]:
+def device_timeline(run_steps) -> list[tuple[str, float, float]]:
     """(kernel name, start us, end us) of every device kernel and copy ``run_steps()``
     issues, in end order."""
     from torch.autograd import DeviceType
@@ -104,7 +104,8 @@ def breakdown(timeline: list[tuple[str, float, float]], steps: int, byte_table: 
     for name, start, end in timeline:
         if prev_end is not None and start > prev_end:
             charge(IDLE, start - prev_end, 0.0, 0)
-        charge(kernel_class(name), end - max(start, prev_end if prev_end is not None else start), end - start, 1)
+        begin = start if prev_end is None else max(start, prev_end)
+        charge(kernel_class(name), end - begin, end - start, 1)
         prev_end = end
     out = [ClassTime(cls, a[0] / steps, a[1] / steps, a[2] / steps, byte_table.get(cls, 0)) for cls, a in acc.items()]
     return sorted(out, key=lambda c: -c.us)

@@ -138,7 +138,7 @@ def profile_decode(model, step, ids, cache, steps: int = 32) -> list:
             for i in range(steps):
                 tok = step(tok, positions[i], cache).argmax(-1, keepdim=True)
 
-        timeline = bd.device_timeline(run, steps)
+        timeline = bd.device_timeline(run)
     table = bd.suite_bytes(model.config, n + steps // 2, model.get_input_embeddings().weight.element_size())
     return bd.as_records(bd.breakdown(timeline, steps, table))
 

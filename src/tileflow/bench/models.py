@@ -25,23 +25,30 @@ def builtin_configs() -> dict:
     return table
 
 
+def builtin_config(name: str):
+    """The transformers config of a built-in DeepSeek-shaped model (``builtin_configs``)."""
+    from transformers import AutoConfig
+
+    table = builtin_configs()
+    if name not in table:
+        raise SystemExit(f"unknown model {name!r}: give a local checkpoint folder or one of "
+                         f"{', '.join(sorted(table))}")
+    fields = {k: v for k, v in table[name].items() if k not in _CONFIG_KEYS_IGNORED}
+    model_type = fields.pop("model_type")
+    if model_type not in ("qwen2", "llama"):
+        raise SystemExit(f"{name}: model_type {model_type!r} has no decode path in tileflow yet "
+                         "(the DeepSeek-R1-Distill models are qwen2 and llama)")
+    return AutoConfig.for_model(model_type, **fields)
+
+
 def build_model(name_or_dir: str, device: torch.device, dtype: torch.dtype):
     """A causal LM on ``device``: a local checkpoint folder, or a built-in config with
     random weights (initialised on the device)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if os.path.isdir(name_or_dir):
         return AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype).to(device).eval()
-    table = builtin_configs()
-    if name_or_dir not in table:
-        raise SystemExit(f"unknown model {name_or_dir!r}: give a local checkpoint folder or one of "
-                         f"{', '.join(sorted(table))}")
-    fields = {k: v for k, v in table[name_or_dir].items() if k not in _CONFIG_KEYS_IGNORED}
-    model_type = fields.pop("model_type")
-    if model_type not in ("qwen2", "llama"):
-        raise SystemExit(f"{name_or_dir}: model_type {model_type!r} has no decode path in tileflow yet "
-                         "(the DeepSeek-R1-Distill models are qwen2 and llama)")
-    config = AutoConfig.for_model(model_type, **fields)
+    config = builtin_config(name_or_dir)
     with torch.device(device):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -15,9 +15,9 @@ tensor methods, so each is wrapped with ``tl.full((), x, tl.float32)`` at entry.
 On Hopper and newer, kernels are launched with programmatic dependent launch: each
 may start while its predecessor drains, and waits (``gdc_wait``) before touching
 memory, so every kernel still sees all earlier writes (``TILEFLOW_PDL=0`` turns it off).
-Index arithmetic and the definition's weight prefetches (``k.prefetch``: L2 hints for
-inputs no earlier kernel writes) run before that wait, so a matvec's weight stream is
-in flight while its predecessor drains (``TILEFLOW_PREFETCH=0`` drops the hints).
+Index arithmetic and a definition's weight prefetches (``k.prefetch``: L2 hints for
+inputs no earlier kernel writes; qkv_rope_cache has them, the matvecs measured slower
+with them) run before that wait (``TILEFLOW_PREFETCH=0`` drops the hints).
 """
 
 from __future__ import annotations
@@ -130,12 +130,15 @@ class TritonEmitter(Walker):
     def op_trans(self, op: Op, w: Writer):
         w(f"{self.name(op.result)} = tl.trans({self.operand(op.args[0])})")
 
-    def _address(self, view, index) -> str:
+    def _address(self, view, index, range_expr=None) -> str:
+        """Pointer tile of ``view`` at ``index``; ``range_expr(axis, range)`` may give
+        another index expression for a range axis (the prefetch's line addresses)."""
         ranges = [i for i in index if isinstance(i, _RangeValue)]
         terms, pos = [], 0
         for axis, i in enumerate(index):
             if isinstance(i, _RangeValue):
-                terms.append(f"{self.name(i.index)}{expand_key(pos, len(ranges))} * {view.name}_s{axis}")
+                expr = range_expr(axis, i) if range_expr else self.name(i.index)
+                terms.append(f"{expr}{expand_key(pos, len(ranges))} * {view.name}_s{axis}")
                 pos += 1
             elif not (isinstance(i, int) and i == 0):
                 terms.append(f"{self.operand(i)} * {view.name}_s{axis}")
@@ -168,25 +171,16 @@ class TritonEmitter(Walker):
         last = index[-1]
         block = self.ir.params[last.block]
         lines = max(1, block // 64)
-        terms, ranges = [], [i for i in index if isinstance(i, _RangeValue)]
-        pos = 0
-        for axis, i in enumerate(index):
-            top = f"{view.shape[axis]} - 1"
-            if i is last:
-                idx = f"({self.operand(i.start)} + tl.arange(0, {lines}) * {block // lines})"
-            elif isinstance(i, _RangeValue):
-                idx = self.name(i.index)
-            else:
-                idx = None
-            if idx is not None:
-                terms.append(f"tl.minimum({idx}, {top}){expand_key(pos, len(ranges))} * {view.name}_s{axis}")
-                pos += 1
-            elif not (isinstance(i, int) and i == 0):
-                terms.append(f"{self.operand(i)} * {view.name}_s{axis}")
+
+        def clamped(axis, r):
+            idx = f"({self.operand(r.start)} + tl.arange(0, {lines}) * {block // lines})" if r is last \
+                else self.name(r.index)
+            return f"tl.minimum({idx}, {view.shape[axis]} - 1)"
+
         w("if PREFETCH:  # L2 prefetch of a weight tile while the previous kernel drains")
         with w.indent():
             w(f"tl.inline_asm_elementwise(\"prefetch.global.L2 [$1]; mov.u32 $0, 0;\", \"=r,l\", "
-              f"[{view.name}_ptr + {' + '.join(terms)}], dtype=tl.int32, is_pure=False, pack=1)")
+              f"[{self._address(view, index, clamped)}], dtype=tl.int32, is_pure=False, pack=1)")
 
     def op_store(self, op: Op, w: Writer):
         view, index, value = op.args
