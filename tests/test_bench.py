@@ -106,3 +106,16 @@ def test_decode_shapes_of_the_built_in_configs():
         for case in kernel.decode_cases(llama):
             kernel.build(kernel.params_for(case))
             assert case.sizes.get("HAS_BIAS", 0) == 0
+
+
+def test_shared_residual_kernel_is_charged_both_projections_bytes():
+    """The compiled step runs o_proj and down_proj through one kernel class: its bytes
+    are both projections' then; the patch step's separate classes keep their own."""
+    from tileflow.bench import breakdown as bd
+
+    table = {"o_proj_residual": 10, "down_proj_residual": 30, "rms_norm_matvec": 5}
+    compiled = [("o_proj_residual_matvec", 0.0, 1.0), ("o_proj_residual_matvec", 1.0, 2.0)]
+    patched = [("o_proj_residual_matvec", 0.0, 1.0), ("down_proj_residual_matvec", 1.0, 2.0)]
+    assert bd.fold_shared_kernels(table, compiled) == {"o_proj_residual": 40, "rms_norm_matvec": 5}
+    assert bd.fold_shared_kernels(table, patched) == table
+    assert table["o_proj_residual"] == 10  # not changed in place

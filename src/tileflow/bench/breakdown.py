@@ -2,10 +2,10 @@
 class, against the bytes each class must move.
 
 Kernels of one CUDA stream finish in order, so each kernel is charged the time from the
-previous kernel's end to its own end (for the first kernel of a step, from the last
-kernel of the step before). The charges add up to the step, gaps and host time
-included, and are not inflated by programmatic dependent launch, where a kernel starts
-early and waits inside for its predecessor.
+previous kernel's end (or its own start, if later) to its own end; the device's idle
+time between kernels (launch gaps, the host's work between steps) is a class of its
+own. The charges add up to the steps profiled, and are not inflated by programmatic
+dependent launch, where a kernel starts early and waits inside for its predecessor.
 """
 
 from __future__ import annotations
@@ -58,6 +58,17 @@ def suite_bytes(config, context: int, elem: int) -> dict[str, int]:
         "down_proj_residual": layers * inter * d * elem,
         "rms_norm_matvec": (vocab * d + d) * elem,
     }
+
+
+def fold_shared_kernels(table: dict[str, int], timeline: list[tuple[str, float, float]]) -> dict[str, int]:
+    """``table`` with down_proj's bytes added to o_proj's when the timeline has no
+    ``down_proj_residual`` launch: the compiled graph runs both projections through the
+    one residual-matvec kernel (``ops.o_proj_residual``)."""
+    if any(kernel_class(name) == "down_proj_residual" for name, _, _ in timeline):
+        return table
+    table = dict(table)
+    table["o_proj_residual"] += table.pop("down_proj_residual")
+    return table
 
 
 @dataclass

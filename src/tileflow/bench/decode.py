@@ -140,7 +140,7 @@ def profile_decode(model, step, ids, cache, steps: int = 32) -> list:
 
         timeline = bd.device_timeline(run)
     table = bd.suite_bytes(model.config, n + steps // 2, model.get_input_embeddings().weight.element_size())
-    return bd.as_records(bd.breakdown(timeline, steps, table))
+    return bd.as_records(bd.breakdown(timeline, steps, bd.fold_shared_kernels(table, timeline)))
 
 
 def run_path(path: Path, model, ids, new_tokens: int, repeats: int, reference: Optional[PathResult],
