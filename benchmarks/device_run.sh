@@ -5,7 +5,8 @@
 #   STEPS="bench:deepseek-r1-distill-qwen-1.5b:128 suite" bash benchmarks/device_run.sh
 # bench:<model>:<prompt>[:paths]  `tileflow bench` (paths comma-separated, default all)
 # suite[:model]                    benchmarks/gpu_suite.py (tunes; autotune.json to $OUT)
-# (env: REPEATS, BENCH_LIMIT seconds a bench, BREAKDOWN=1 per-kernel-class step profile)
+# (env: REPEATS, BENCH_LIMIT seconds a bench, BREAKDOWN=1 per-kernel-class step profile,
+#  SUITE_KERNELS="a b" to tune only those, SUITE_LIMIT seconds a suite step)
 # tuned                            use $OUT/autotune.json (or TUNED=<file>) for later steps
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
@@ -30,11 +31,11 @@ for step in ${STEPS:-bench:deepseek-r1-distill-qwen-1.5b:128 suite}; do
       timeout "${BENCH_LIMIT:-900}" python3 benchmarks/run_cli_uninstalled.py bench "${args[@]}" 2>&1 \
         | grep --line-buffered -v -E "Warning|warn\(|^\s*$" ;;
     suite)  # suite[:model]: another built-in config's shapes, Triton only (Pallas is shape-independent)
-      if [ -n "${model:-}" ]; then
-        python3 benchmarks/gpu_suite.py --out "$OUT" --model "$model" --no-pallas 2>&1 | tail -25
-      else
-        python3 benchmarks/gpu_suite.py --out "$OUT" --no-pallas-timing 2>&1 | tail -40
-      fi ;;
+      sargs=(--out "$OUT")
+      [ -n "${SUITE_KERNELS:-}" ] && sargs+=(--kernels $SUITE_KERNELS)
+      if [ -n "${model:-}" ]; then sargs+=(--model "$model" --no-pallas); else sargs+=(--no-pallas-timing); fi
+      # the leaderboard records each tuned kernel as it goes, so a step cut by its limit keeps those
+      timeout "${SUITE_LIMIT:-900}" python3 benchmarks/gpu_suite.py "${sargs[@]}" 2>&1 | tail -40 ;;
     tuned)
       cp "${TUNED:-$OUT/autotune.json}" "$TILEFLOW_CACHE_DIR/autotune.json" ;;
   esac
