@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from tileflow.emit.walker import INFIX, Walker, Writer, expand_key, literal
 from tileflow.tile.builder import _RangeValue
-from tileflow.tile.ir import KernelIR, Loop, Op, Stage
+from tileflow.tile.ir import KernelIR, Loop, Op, Stage, ops_in
 
 _UNARY = {
     "exp": "jnp.exp({})", "exp2": "jnp.exp2({})", "log2": "jnp.log2({})",
@@ -226,20 +226,14 @@ class PallasEmitter(Walker):
     def _padding(self) -> dict[tuple[str, int], list[tuple[int, bool]]]:
         """(view, axis) -> [(block, aligned)] over every block access."""
         uses: dict[tuple[str, int], list[tuple[int, bool]]] = {}
-
-        def scan(seq):
-            for op in seq:
-                if isinstance(op, Loop):
-                    scan(op.body)
-                elif op.name in ("load", "store"):
+        for s in self.ir.stages:
+            for op in ops_in(s.body):
+                if op.name in ("load", "store"):
                     view, index = op.args[0], op.args[1]
                     for axis, i in enumerate(index):
                         if isinstance(i, _RangeValue):
                             uses.setdefault((view.name, axis), []).append(
                                 (self.ir.params[i.block], i.aligned))
-
-        for s in self.ir.stages:
-            scan(s.body)
         return uses
 
     def _padded_shape(self, view, uses) -> str:

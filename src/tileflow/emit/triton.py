@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from tileflow.emit.walker import INFIX, Walker, Writer, expand_key, literal
 from tileflow.tile.builder import _RangeValue
-from tileflow.tile.ir import KernelIR, Loop, Op, Stage
+from tileflow.tile.ir import KernelIR, Loop, Op, Stage, ops_in
 
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
@@ -164,6 +164,20 @@ class TritonEmitter(Walker):
             with w.indent():
                 w(f"{name} = {name}.to(tl.float32)")
 
+    def op_load_pick(self, op: Op, w: Writer):
+        # one base pointer chosen by scalar selects: a single (vectorised) load where
+        # predicated loads of every view would each cost instructions and registers
+        picks, index = op.args
+        first = picks[0][1]
+        base = f"base{op.result.id}"
+        cond, view, off = picks[-1]
+        w(f"{base} = {view.name}_ptr + ({self.operand(off)}) * {view.name}_s0")
+        for cond, view, off in reversed(picks[:-1]):
+            w(f"{base} = tl.where({self.operand(cond)}, {view.name}_ptr + ({self.operand(off)}) * {view.name}_s0, {base})")
+        mask = self.mask_expr(first, index, op.attrs["limits"])
+        addr = base + self._address(first, index)[len(f"{first.name}_ptr"):]
+        w(f"{self.name(op.result)} = tl.load({addr}, mask={mask}, other=0.0).to(tl.float32)")
+
     def op_prefetch(self, op: Op, w: Writer):
         # one address per 64 elements (a 128-byte line in bf16) of the last range, every
         # index clamped into the view: a prefetch must never name memory outside it
@@ -218,7 +232,7 @@ class TritonEmitter(Walker):
             # store or loop may not (it could read what the previous kernel writes)
             body = list(stage.body)
             lead = 0
-            while lead < len(body) and not isinstance(body[lead], Loop) and body[lead].name not in ("load", "store"):
+            while lead < len(body) and not isinstance(body[lead], Loop) and body[lead].name not in ("load", "load_pick", "store"):
                 lead += 1
             self.block(body[:lead], w)
             w("if USE_PDL:  # launched early: wait until the previous kernel's writes are visible")
@@ -227,6 +241,15 @@ class TritonEmitter(Walker):
                 w("tl.extra.cuda.gdc_launch_dependents()")
             self.block(body[lead:], w)
         w()
+
+    def _pick_pairs(self) -> list[tuple[str, str]]:
+        pairs = []
+        for stage in self.ir.stages:
+            for op in ops_in(stage.body):
+                if op.name == "load_pick":
+                    views = [v.name for _, v, _ in op.args[0]]
+                    pairs += [(views[0], o) for o in views[1:] if (views[0], o) not in pairs]
+        return pairs
 
     def launch(self, w: Writer):
         ins = [v.name for v in self.ir.arguments]
@@ -245,6 +268,11 @@ class TritonEmitter(Walker):
                     w(f"if {v.name}.dtype != {first}.dtype:")
                     with w.indent():
                         w(f'raise TypeError(f"{self.ir.name}: {v.name} is {{{v.name}.dtype}}, expected {{{first}.dtype}} like {first}")')
+            for first, other in self._pick_pairs():
+                w(f"if {other}.stride() != {first}.stride():")
+                with w.indent():
+                    w(f'raise ValueError(f"{self.ir.name}: {other} has strides {{{other}.stride()}}, '
+                      f'{first} {{{first}.stride()}}; they are read through one pointer")')
             for v in self.ir.views:
                 if v.role in ("output", "inout") and v.dtype in _TORCH_DTYPE:
                     w(f"if {v.name}.dtype != {_TORCH_DTYPE[v.dtype]}:")

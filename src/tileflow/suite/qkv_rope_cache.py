@@ -10,8 +10,9 @@ tensors that need not agree); with ``ROPE_KIND`` 3 the frequencies come from ``i
 A program owns one head of the stacked [q heads | k heads | v heads] and ``BLOCK_J``
 rotation pairs ``(j, j + DH/2)`` of it, so both halves of every rotated pair are summed
 by the same program and RoPE happens in registers. Each program reads only its own
-weight (loads and stores ``when`` its head kind matches; the others are predicated
-off), so the three weights stay where transformers keeps them, unconcatenated.
+weight, through one pointer picked by its head kind (``load_pick``; its stores are
+``when`` the kind matches), so the three weights stay where transformers keeps them,
+unconcatenated.
 """
 
 from tileflow.suite import rms_norm
@@ -52,10 +53,10 @@ def define(k, p):
         hk = k.minimum(k.maximum(head - nh, 0), nkv - 1)
         hv = k.maximum(head - nh - nkv, 0)
         kinds = ((wq, hq, is_q), (wk, hk, is_k), (wv, hv, is_v))
-        lo_rows = [k.range(h * dh + j0, "BLOCK_J") for _, h, _ in kinds]
-        hi_rows = [k.range(h * dh + half + j0, "BLOCK_J") for _, h, _ in kinds]
-        lo_lim = [h * dh + half for _, h, _ in kinds]
-        hi_lim = [h * dh + dh for _, h, _ in kinds]
+        # the program's rows relative to its head: j0.. (first halves of the rotated
+        # pairs) and DH/2 + j0..; each weight read through one pointer picked by kind
+        j, jh = k.range(j0, "BLOCK_J"), k.range(half + j0, "BLOCK_J")
+        w_pick = [(when, w, h * dh) for w, h, when in kinds]
 
         # the norm's rstd scales the sums afterwards (sum(w * x * g) * rstd ==
         # sum(w * (x * rstd) * g)), its sum of squares gathered on the way: the weight
@@ -63,28 +64,25 @@ def define(k, p):
         # weights are no earlier kernel's output: the first tile of this program's rows
         # (of each weight, as the kind is only known at run time) heads for L2 early
         first = k.range(0, "BLOCK_K", aligned=True)
-        for (w, _, _), lo, hi in zip(kinds, lo_rows, hi_rows):
-            k.prefetch(w, (lo, first))
-            k.prefetch(w, (hi, first))
+        for w, h, _ in kinds:
+            k.prefetch(w, (k.range(h * dh + j0, "BLOCK_J"), first))
+            k.prefetch(w, (k.range(h * dh + half + j0, "BLOCK_J"), first))
         acc0 = [k.full(("BLOCK_J", "BLOCK_K"), 0.0) for _ in range(2)] + [k.full(("BLOCK_K",), 0.0)]
         with k.loop(0, kdim, "BLOCK_K", carry=acc0) as lp:
             cols = k.range(lp.index, "BLOCK_K", aligned=True)
             xraw = k.load(x, (row, cols))
             xv = xraw * k.load(ln_w, (cols,))
             acc_lo, acc_hi, ss = lp.carry
-            for (w, _, when), lo, hi, llo, lhi in zip(kinds, lo_rows, hi_rows, lo_lim, hi_lim):
-                acc_lo = acc_lo + k.load(w, (lo, cols), limits={0: llo}, when=when) * xv[None, :]
-                acc_hi = acc_hi + k.load(w, (hi, cols), limits={0: lhi}, when=when) * xv[None, :]
+            acc_lo = acc_lo + k.load_pick(w_pick, (j, cols), limits={0: half}) * xv[None, :]
+            acc_hi = acc_hi + k.load_pick(w_pick, (jh, cols), limits={0: dh}) * xv[None, :]
             lp.next(acc_lo, acc_hi, ss + xraw * xraw)
         sum_lo, sum_hi, ss = lp.results
         scale = rsqrt_mean(k, ss, kdim, eps)
         y_lo, y_hi = (k.sum(a, axis=1) * scale for a in (sum_lo, sum_hi))
         if p["HAS_BIAS"]:
-            for b, (_, _, when), lo, hi, llo, lhi in zip((bq, bk, bv), kinds, lo_rows, hi_rows, lo_lim, hi_lim):
-                y_lo = y_lo + k.load(b, (lo,), limits={0: llo}, when=when)
-                y_hi = y_hi + k.load(b, (hi,), limits={0: lhi}, when=when)
-
-        j = k.range(j0, "BLOCK_J")
+            b_pick = [(when, b, h * dh) for b, (_, h, when) in zip((bq, bk, bv), kinds)]
+            y_lo = y_lo + k.load_pick(b_pick, (j,), limits={0: half})
+            y_hi = y_hi + k.load_pick(b_pick, (jh,), limits={0: dh})
         p_int = k.load(pos, (row,))
         inv = k.load(inv_freq, (j,), limits={0: half}) if kind == TABLE else inv_freq_tile(k, kind, j.index, dh)
         ang = k.cast(p_int, "f32") * inv
@@ -92,7 +90,6 @@ def define(k, p):
         c, s = k.cos(ang), k.sin(ang)
         o_lo = k.where(is_v, y_lo, y_lo * c - y_hi * s)
         o_hi = k.where(is_v, y_hi, y_hi * c + y_lo * s)
-        jh = k.range(half + j0, "BLOCK_J")
         k.store(q_out, (row, hq, j), o_lo, limits={2: half}, when=is_q)
         k.store(q_out, (row, hq, jh), o_hi, when=is_q)
         for cache, h, when in ((k_cache, hk, is_k), (v_cache, hv, is_v)):

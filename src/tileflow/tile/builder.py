@@ -366,6 +366,49 @@ class TileBuilder:
             raise TileDefinitionError(f"storing a {vshape} tile into a {shape} block of {view.name}")
         self._emit("store", None, (view, index, value), limits=dict(limits or {}), when=self._guard(when))
 
+    def load_pick(self, picks: Sequence[tuple], index: Sequence, limits: dict) -> Value:
+        """Load the block at ``index`` of one of several inputs chosen at run time.
+
+        ``picks`` is ``((cond, view, row_offset), ...)``: scalar-bool conditions of which
+        exactly one holds, and the offset of the chosen view's rows (axis 0 of
+        ``index``, which is relative to it). The views must share rank, dtype, the sizes
+        of every axis but the first, and (checked at launch) their strides. ``limits``
+        must bound axis 0 (relative); reads past a limit give 0.
+
+        Triton selects the base pointer, so one load is issued where predicated loads
+        of every view would issue one each (a program of qkv_rope_cache serves q, k or
+        v by its program id); other targets run the ``fallback`` the op carries: each
+        view read under its condition, the reads summed.
+        """
+        picks = [(self._guard(c), v, self._operand(off)) for c, v, off in picks]
+        first = picks[0][1]
+        for c, v, _ in picks:
+            if c is None:
+                raise TileDefinitionError("load_pick: every pick needs its condition")
+            if v.role != "input" or (v.rank, v.dtype, v.shape[1:]) != (first.rank, first.dtype, first.shape[1:]):
+                raise TileDefinitionError(f"load_pick: {v.name} is not an input shaped like {first.name}")
+        if 0 not in (limits or {}):
+            raise TileDefinitionError("load_pick: axis 0 needs a (relative) limit")
+        index = self._check_index(first, index)
+        rel = index[0]
+        parent, fallback = self._block, []
+        self._block = fallback
+        try:
+            total = None
+            for c, v, off in picks:
+                if isinstance(rel, _RangeValue):
+                    row = self.range(rel.start + off if rel.start != 0 else off, rel.block)
+                else:
+                    row = rel + off
+                part = self.load(v, (row,) + tuple(index[1:]), limits={**limits, 0: limits[0] + off}, when=c)
+                total = part if total is None else total + part
+        finally:
+            self._block = parent
+        shape = tuple(i.block for i in index if isinstance(i, _RangeValue))
+        res = self._new("f32", shape, first.name)
+        return self._emit("load_pick", res, (tuple(picks), index), limits=dict(limits),
+                          fallback=fallback, fallback_result=total)
+
     def prefetch(self, view: View, index: Sequence) -> None:
         """A hint: bring the block of the input ``view`` at ``index`` into L2 before the
         program waits for the kernel before it (programmatic dependent launch), so a

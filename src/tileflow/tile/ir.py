@@ -170,6 +170,18 @@ class Loop:
     results: tuple = ()
 
 
+def ops_in(seq):
+    """Every op of a block, depth first: loop bodies, and the ``fallback`` block an op
+    such as ``load_pick`` carries for targets that do not write it natively."""
+    for op in seq:
+        if isinstance(op, Loop):
+            yield from ops_in(op.body)
+        else:
+            yield op
+            if "fallback" in op.attrs:
+                yield from ops_in(op.attrs["fallback"])
+
+
 @dataclass
 class Stage:
     """One launch: a grid (tuple of host expressions) and a body."""
