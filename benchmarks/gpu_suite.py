@@ -95,13 +95,18 @@ class Workload:
         return calls, label
 
 
-def pick_candidates(kernel, case, limit: int) -> list[dict]:
+def pick_candidates(kernel, case, limit: int, device: str = "") -> list[dict]:
+    """The defaults, the parameters tuned before on this device (so a retune can only keep
+    or beat them), and an even sample of the rest of the kernel's candidates."""
     base = kernel.params_for(case)
-    cands = [c for c in kernel.candidates(case.sizes) if c != base]
-    if len(cands) > limit - 1:
-        step = len(cands) / (limit - 1)
-        cands = [cands[int(i * step)] for i in range(limit - 1)]
-    return [base] + cands
+    tuned = autotune.lookup(kernel.name, case.sizes, "bf16", device) if device else None
+    known = [t for t in ([{**base, **tuned}] if tuned else []) if t != base]
+    cands = [c for c in kernel.candidates(case.sizes) if c != base and c not in known]
+    room = limit - 1 - len(known)
+    if len(cands) > room:
+        step = len(cands) / room
+        cands = [cands[int(i * step)] for i in range(room)]
+    return [base] + known + cands
 
 
 def pallas_on_gpu(timing: bool = True) -> dict:
@@ -162,7 +167,7 @@ def main(argv=None) -> int:
                 def time_us(params):
                     return graph_time_us(wl.tileflow_calls(params))
 
-                best, trials = autotune.tune(pick_candidates(k, case, args.max_candidates), time_us)
+                best, trials = autotune.tune(pick_candidates(k, case, args.max_candidates, device), time_us)
                 trials_n = len(trials)
                 v1 = verify(k, case, "bf16", "triton", best, device="cuda")
                 best_us = trials[0]["us"]

@@ -16,6 +16,7 @@ KERNEL = register(SuiteKernel(
         Case("tiny", dict(M=1, N=32, K=128)),
         Case("odd", dict(M=1, N=29, K=333)),
         Case("splitk", dict(M=1, N=64, K=2000), params=dict(SPLIT_K=4, BLOCK_K=256)),
+        Case("pipeline", dict(M=1, N=29, K=1000), params=dict(PIPELINE=1, BLOCK_K=128)),
     ],
     decode_cases=lambda c: [Case("down", dict(M=1, N=c["D"], K=c["INTER"]))],
     candidates=lambda s: matvec_candidates(s["N"], s["K"]),

@@ -24,7 +24,7 @@ from typing import Callable
 
 from tileflow.suite.registry import next_pow2
 
-MATVEC_PARAMS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "BLOCK_R", "num_warps", "num_stages")
+MATVEC_PARAMS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "BLOCK_R", "PIPELINE", "num_warps", "num_stages")
 
 
 @dataclass(frozen=True)
@@ -105,16 +105,34 @@ def define_matvec(form: MatvecForm, k, p) -> None:
         acc0 = [k.full(("BLOCK_N", "BLOCK_K"), 0.0) for _ in ws]
         if gather_ss:
             acc0.append(k.full(("BLOCK_K",), 0.0))
+        # PIPELINE: each round loads the next weight tiles before it multiplies the ones the
+        # previous round loaded (carried in registers), so a program keeps two tiles in
+        # flight; Triton does not software-pipeline loads that feed no dot (no cp.async in
+        # the sm_90 PTX), and a short grid cannot hide the round trips with occupancy
+        pipeline = p.get("PIPELINE", 0)
+        if pipeline:
+            first = k.range(lo, "BLOCK_K", aligned=True)
+            acc0 += [k.load(w, (rows, first), limits={1: hi}) for w in ws]
         with k.loop(lo, hi, "BLOCK_K", carry=acc0) as lp:
             cols = k.range(lp.index, "BLOCK_K", aligned=True)
-            xv = k.load(x, (row, cols), limits={1: hi})
             carry = list(lp.carry)
+            if pipeline:
+                # not "aligned": the last round's look-ahead lies past the row (masked off),
+                # so padding targets (Pallas) pad one block more
+                ahead = k.range(lp.index + k.param("BLOCK_K"), "BLOCK_K")
+                tiles = carry[-len(ws):]
+                carry = carry[:-len(ws)]
+                nxt = [k.load(w, (rows, ahead), limits={1: hi}) for w in ws]
+            xv = k.load(x, (row, cols), limits={1: hi})
             ss = [carry.pop() + xv * xv] if gather_ss else []
             if form.norm:
                 xv = xv * k.load(ln_w, (cols,), limits={0: hi})
-            lp.next(*[a + k.load(w, (rows, cols), limits={1: hi}) * xv[None, :]
-                      for a, w in zip(carry, ws)], *ss)
+            if not pipeline:
+                tiles = [k.load(w, (rows, cols), limits={1: hi}) for w in ws]
+            lp.next(*[a + t * xv[None, :] for a, t in zip(carry, tiles)], *ss, *(nxt if pipeline else []))
         results = list(lp.results)
+        if pipeline:
+            results = results[:-len(ws)]
         if gather_ss:
             scale = rsqrt_mean(k, results.pop(), kdim, eps)
         elif form.norm:
@@ -171,7 +189,8 @@ def matvec_params(n: int, k_: int, block_n: int = 0, block_k: int = 0, split_k: 
 def matvec_candidates(n: int, k_: int, **extra) -> list[dict]:
     """The parameter sets the autotuner tries for an N x K matvec: tiles of 1k-16k
     elements (a whole K row per tile included, so short rows need one round trip),
-    enough programs to cover the multiprocessors, split-K where rows are few."""
+    enough programs to cover the multiprocessors, split-K where rows are few, and the
+    register-pipelined K loop (``PIPELINE``) wherever there are two rounds or more."""
     out = []
     for block_n in (2, 4, 8, 16, 32):
         for block_k in (256, 512, 1024, 2048, 4096):
@@ -182,10 +201,13 @@ def matvec_candidates(n: int, k_: int, **extra) -> list[dict]:
                 programs = -(-n // block_n) * split_k
                 if not 128 <= programs <= 16384 or (split_k > 1 and k_ / split_k < block_k / 2):
                     continue
+                rounds = -(-k_ // split_k) // block_k
                 for num_warps in (4, 8):
                     if tile // (num_warps * 32) < 8:  # under one 16-byte load per thread
                         continue
                     out.append(matvec_params(n, k_, block_n, block_k, split_k, num_warps, **extra))
+                    if rounds >= 2:  # a K loop to pipeline
+                        out.append(matvec_params(n, k_, block_n, block_k, split_k, num_warps, PIPELINE=1, **extra))
     return out
 
 

@@ -28,6 +28,8 @@ KERNEL = register(SuiteKernel(
         Case("odd", dict(M=1, N=99, K=61), dict(eps=1e-5)),
         Case("loopk", dict(M=2, N=37, K=600), dict(eps=1e-6), params=dict(BLOCK_K=256)),
         Case("splitk", dict(M=2, N=50, K=600), dict(eps=1e-6), params=dict(SPLIT_K=2, BLOCK_K=256)),
+        Case("pipeline", dict(M=1, N=37, K=600), dict(eps=1e-6), params=dict(PIPELINE=1, BLOCK_K=128)),
+        Case("pipe-splitk", dict(M=2, N=50, K=700), dict(eps=1e-6), params=dict(PIPELINE=1, SPLIT_K=3, BLOCK_K=128)),
     ],
     decode_cases=lambda c: [Case("gate_up", dict(M=1, N=c["INTER"], K=c["D"]), dict(eps=1e-6))],
     candidates=lambda s: matvec_candidates(s["N"], s["K"]),
