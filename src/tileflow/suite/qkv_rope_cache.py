@@ -68,15 +68,30 @@ def define(k, p):
             k.prefetch(w, (k.range(h * dh + j0, "BLOCK_J"), first))
             k.prefetch(w, (k.range(h * dh + half + j0, "BLOCK_J"), first))
         acc0 = [k.full(("BLOCK_J", "BLOCK_K"), 0.0) for _ in range(2)] + [k.full(("BLOCK_K",), 0.0)]
+
+        def tiles(cols):
+            return [k.load_pick(w_pick, (j, cols), limits={0: half, 1: kdim}),
+                    k.load_pick(w_pick, (jh, cols), limits={0: dh, 1: kdim})]
+
+        # PIPELINE: the next K tiles are requested before this round's products (as in
+        # matvec.py): a grid of a few hundred programs cannot hide the round trips
+        pipeline = p.get("PIPELINE", 0)
+        if pipeline:
+            acc0 += tiles(k.range(0, "BLOCK_K", aligned=True))
         with k.loop(0, kdim, "BLOCK_K", carry=acc0) as lp:
             cols = k.range(lp.index, "BLOCK_K", aligned=True)
+            if pipeline:  # not "aligned": the last look-ahead is past the row, masked off
+                acc_lo, acc_hi, ss, w_lo, w_hi = lp.carry
+                nxt = tiles(k.range(lp.index + k.param("BLOCK_K"), "BLOCK_K"))
+            else:
+                acc_lo, acc_hi, ss = lp.carry
             xraw = k.load(x, (row, cols))
             xv = xraw * k.load(ln_w, (cols,))
-            acc_lo, acc_hi, ss = lp.carry
-            acc_lo = acc_lo + k.load_pick(w_pick, (j, cols), limits={0: half}) * xv[None, :]
-            acc_hi = acc_hi + k.load_pick(w_pick, (jh, cols), limits={0: dh}) * xv[None, :]
-            lp.next(acc_lo, acc_hi, ss + xraw * xraw)
-        sum_lo, sum_hi, ss = lp.results
+            if not pipeline:
+                w_lo, w_hi = tiles(cols)
+            lp.next(acc_lo + w_lo * xv[None, :], acc_hi + w_hi * xv[None, :], ss + xraw * xraw,
+                    *(nxt if pipeline else []))
+        sum_lo, sum_hi, ss = lp.results[:3]
         scale = rsqrt_mean(k, ss, kdim, eps)
         y_lo, y_hi = (k.sum(a, axis=1) * scale for a in (sum_lo, sum_hi))
         if p["HAS_BIAS"]:
@@ -123,9 +138,10 @@ def default_params(s):
 
 def candidates(s):
     base = default_params(s)
-    return [{**base, "BLOCK_J": bj, "BLOCK_K": bk, "num_warps": nw}
-            for bj in (1, 2, 4, 8) for bk in (512, 1024, 2048, 4096) for nw in (2, 4, 8)
-            if bk <= next_pow2(s["K"]) and 1024 <= 2 * bj * bk <= 16384 and bj <= s["DH"] // 2]
+    return [{**base, "BLOCK_J": bj, "BLOCK_K": bk, "num_warps": nw, **({"PIPELINE": 1} if piped else {})}
+            for bj in (1, 2, 4, 8) for bk in (512, 1024, 2048, 4096) for nw in (2, 4, 8) for piped in (0, 1)
+            if bk <= next_pow2(s["K"]) and 1024 <= 2 * bj * bk <= 16384 and bj <= s["DH"] // 2
+            and (not piped or s["K"] >= 2 * bk)]  # pipelining needs two K rounds
 
 
 def _sizes(c, S=4096):
@@ -151,6 +167,7 @@ KERNEL = register(SuiteKernel(
         _case("llama3-nobias", 1, 64, 2, 2, 32, 20, dict(eps=1e-5, **LLAMA3), HAS_BIAS=0, ROPE_KIND=2),
         _case("table-cachepos", 1, 48, 4, 2, 16, 24, {}, dict(BLOCK_J=2), ROPE_KIND=3, CACHE_POS=1, HALF=8),
         _case("table-nobias", 2, 40, 2, 1, 32, 11, dict(eps=1e-5), HAS_BIAS=0, ROPE_KIND=3, CACHE_POS=1, HALF=16),
+        _case("pipeline", 1, 300, 4, 2, 16, 9, dict(theta=10000.0), dict(BLOCK_K=128, BLOCK_J=4, PIPELINE=1)),
     ],
     decode_cases=lambda c: [Case("qkv", _sizes(c), dict(eps=1e-6, theta=10000.0))],
     candidates=candidates,

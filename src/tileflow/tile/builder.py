@@ -397,7 +397,7 @@ class TileBuilder:
             total = None
             for c, v, off in picks:
                 if isinstance(rel, _RangeValue):
-                    row = self.range(rel.start + off if rel.start != 0 else off, rel.block)
+                    row = self.range(off if isinstance(rel.start, int) and rel.start == 0 else rel.start + off, rel.block)
                 else:
                     row = rel + off
                 part = self.load(v, (row,) + tuple(index[1:]), limits={**limits, 0: limits[0] + off}, when=c)
