@@ -130,9 +130,10 @@ class TritonEmitter(Walker):
     def op_trans(self, op: Op, w: Writer):
         w(f"{self.name(op.result)} = tl.trans({self.operand(op.args[0])})")
 
-    def _address(self, view, index, range_expr=None) -> str:
+    def _address(self, view, index, range_expr=None, base: str = "") -> str:
         """Pointer tile of ``view`` at ``index``; ``range_expr(axis, range)`` may give
-        another index expression for a range axis (the prefetch's line addresses)."""
+        another index expression for a range axis (the prefetch's line addresses), and
+        ``base`` another base pointer with the view's strides (a picked one)."""
         ranges = [i for i in index if isinstance(i, _RangeValue)]
         terms, pos = [], 0
         for axis, i in enumerate(index):
@@ -142,7 +143,7 @@ class TritonEmitter(Walker):
                 pos += 1
             elif not (isinstance(i, int) and i == 0):
                 terms.append(f"{self.operand(i)} * {view.name}_s{axis}")
-        return f"{view.name}_ptr + " + (" + ".join(terms) if terms else "0")
+        return f"{base or view.name + '_ptr'} + " + (" + ".join(terms) if terms else "0")
 
     def _guarded(self, mask: str, op: Op) -> str:
         when = op.attrs.get("when")
@@ -170,13 +171,13 @@ class TritonEmitter(Walker):
         picks, index = op.args
         first = picks[0][1]
         base = f"base{op.result.id}"
-        cond, view, off = picks[-1]
+        _, view, off = picks[-1]
         w(f"{base} = {view.name}_ptr + ({self.operand(off)}) * {view.name}_s0")
         for cond, view, off in reversed(picks[:-1]):
             w(f"{base} = tl.where({self.operand(cond)}, {view.name}_ptr + ({self.operand(off)}) * {view.name}_s0, {base})")
         mask = self.mask_expr(first, index, op.attrs["limits"])
-        addr = base + self._address(first, index)[len(f"{first.name}_ptr"):]
-        w(f"{self.name(op.result)} = tl.load({addr}, mask={mask}, other=0.0).to(tl.float32)")
+        w(f"{self.name(op.result)} = tl.load({self._address(first, index, base=base)}, mask={mask}, other=0.0)"
+          ".to(tl.float32)")
 
     def op_prefetch(self, op: Op, w: Writer):
         # one address per 64 elements (a 128-byte line in bf16) of the last range, every
