@@ -69,6 +69,36 @@ def rms_scale(k, x, row, kdim, eps):
     return rsqrt_mean(k, lp.results[0], kdim, eps)
 
 
+def stream_k(k, lo, hi, carry, load_tiles, body, pipeline: bool) -> list:
+    """The K loop of a weight-streaming kernel: ``for`` rounds of ``BLOCK_K`` columns from
+    ``lo`` to ``hi``, ``body(cols, carry, tiles)`` returning the new carry, where
+    ``tiles()`` gives the round's weight tiles (``load_tiles(cols)``). Returns the carry
+    at exit.
+
+    With ``pipeline`` (a kernel's ``PIPELINE`` parameter) each round requests the next
+    round's tiles before its products and carries them in registers, so a program keeps
+    two tiles in flight: Triton does not software-pipeline loads that feed no dot (no
+    cp.async in the sm_90 PTX), and a short grid cannot hide the round trips with
+    occupancy."""
+    carry = list(carry)
+    n = len(carry)
+    if pipeline:
+        carry += load_tiles(k.range(lo, "BLOCK_K", aligned=True))
+    with k.loop(lo, hi, "BLOCK_K", carry=carry) as lp:
+        cols = k.range(lp.index, "BLOCK_K", aligned=True)
+        if pipeline:
+            held = list(lp.carry[n:])
+            # not "aligned": the last round's look-ahead lies past the row (masked off),
+            # so padding targets (Pallas) pad one block more
+            ahead = load_tiles(k.range(lp.index + k.param("BLOCK_K"), "BLOCK_K"))
+            new = body(cols, list(lp.carry[:n]), lambda: held)
+        else:
+            ahead = []
+            new = body(cols, list(lp.carry), lambda: load_tiles(cols))
+        lp.next(*new, *ahead)
+    return list(lp.results[:n])
+
+
 def define_matvec(form: MatvecForm, k, p) -> None:
     x = k.input("x", ("M", "K"))
     ln_w = k.input("ln_w", ("K",)) if form.norm else None
@@ -105,34 +135,16 @@ def define_matvec(form: MatvecForm, k, p) -> None:
         acc0 = [k.full(("BLOCK_N", "BLOCK_K"), 0.0) for _ in ws]
         if gather_ss:
             acc0.append(k.full(("BLOCK_K",), 0.0))
-        # PIPELINE: each round loads the next weight tiles before it multiplies the ones the
-        # previous round loaded (carried in registers), so a program keeps two tiles in
-        # flight; Triton does not software-pipeline loads that feed no dot (no cp.async in
-        # the sm_90 PTX), and a short grid cannot hide the round trips with occupancy
-        pipeline = p.get("PIPELINE", 0)
-        if pipeline:
-            first = k.range(lo, "BLOCK_K", aligned=True)
-            acc0 += [k.load(w, (rows, first), limits={1: hi}) for w in ws]
-        with k.loop(lo, hi, "BLOCK_K", carry=acc0) as lp:
-            cols = k.range(lp.index, "BLOCK_K", aligned=True)
-            carry = list(lp.carry)
-            if pipeline:
-                # not "aligned": the last round's look-ahead lies past the row (masked off),
-                # so padding targets (Pallas) pad one block more
-                ahead = k.range(lp.index + k.param("BLOCK_K"), "BLOCK_K")
-                tiles = carry[-len(ws):]
-                carry = carry[:-len(ws)]
-                nxt = [k.load(w, (rows, ahead), limits={1: hi}) for w in ws]
+
+        def body(cols, carry, tiles):
             xv = k.load(x, (row, cols), limits={1: hi})
             ss = [carry.pop() + xv * xv] if gather_ss else []
             if form.norm:
                 xv = xv * k.load(ln_w, (cols,), limits={0: hi})
-            if not pipeline:
-                tiles = [k.load(w, (rows, cols), limits={1: hi}) for w in ws]
-            lp.next(*[a + t * xv[None, :] for a, t in zip(carry, tiles)], *ss, *(nxt if pipeline else []))
-        results = list(lp.results)
-        if pipeline:
-            results = results[:-len(ws)]
+            return [a + t * xv[None, :] for a, t in zip(carry, tiles())] + ss
+
+        results = stream_k(k, lo, hi, acc0, lambda cols: [k.load(w, (rows, cols), limits={1: hi}) for w in ws],
+                           body, p.get("PIPELINE", 0))
         if gather_ss:
             scale = rsqrt_mean(k, results.pop(), kdim, eps)
         elif form.norm:

@@ -17,7 +17,7 @@ unconcatenated.
 
 from tileflow.suite import rms_norm
 from tileflow.suite.inputs import linear_weight, positions, rope_frequencies
-from tileflow.suite.matvec import rsqrt_mean
+from tileflow.suite.matvec import rsqrt_mean, stream_k
 from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
 from tileflow.suite.rope import LLAMA3, ROPE_SCALARS, TABLE, inv_freq_tile, rope_reference
 
@@ -73,25 +73,15 @@ def define(k, p):
             return [k.load_pick(w_pick, (j, cols), limits={0: half, 1: kdim}),
                     k.load_pick(w_pick, (jh, cols), limits={0: dh, 1: kdim})]
 
-        # PIPELINE: the next K tiles are requested before this round's products (as in
-        # matvec.py): a grid of a few hundred programs cannot hide the round trips
-        pipeline = p.get("PIPELINE", 0)
-        if pipeline:
-            acc0 += tiles(k.range(0, "BLOCK_K", aligned=True))
-        with k.loop(0, kdim, "BLOCK_K", carry=acc0) as lp:
-            cols = k.range(lp.index, "BLOCK_K", aligned=True)
-            if pipeline:  # not "aligned": the last look-ahead is past the row, masked off
-                acc_lo, acc_hi, ss, w_lo, w_hi = lp.carry
-                nxt = tiles(k.range(lp.index + k.param("BLOCK_K"), "BLOCK_K"))
-            else:
-                acc_lo, acc_hi, ss = lp.carry
+        def body(cols, carry, round_tiles):
+            acc_lo, acc_hi, ss = carry
             xraw = k.load(x, (row, cols))
             xv = xraw * k.load(ln_w, (cols,))
-            if not pipeline:
-                w_lo, w_hi = tiles(cols)
-            lp.next(acc_lo + w_lo * xv[None, :], acc_hi + w_hi * xv[None, :], ss + xraw * xraw,
-                    *(nxt if pipeline else []))
-        sum_lo, sum_hi, ss = lp.results[:3]
+            w_lo, w_hi = round_tiles()
+            return [acc_lo + w_lo * xv[None, :], acc_hi + w_hi * xv[None, :], ss + xraw * xraw]
+
+        # PIPELINE (see stream_k): a grid of a few hundred programs cannot hide the round trips
+        sum_lo, sum_hi, ss = stream_k(k, 0, kdim, acc0, tiles, body, p.get("PIPELINE", 0))
         scale = rsqrt_mean(k, ss, kdim, eps)
         y_lo, y_hi = (k.sum(a, axis=1) * scale for a in (sum_lo, sum_hi))
         if p["HAS_BIAS"]:
