@@ -8,6 +8,9 @@
 # (env: REPEATS, BENCH_LIMIT seconds a bench, BREAKDOWN=1 per-kernel-class step profile,
 #  SUITE_KERNELS="a b" to tune only those, SUITE_LIMIT seconds a suite step)
 # tuned                            use $OUT/autotune.json (or TUNED=<file>) for later steps
+# env:NAME=VALUE                   set an environment variable for later steps (an A/B in one call,
+#                                  e.g. env:TILEFLOW_EARLY=0)
+# Each bench writes under $OUT/<step number>-bench/, so two benches of one model do not collide.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 # pass TILEFLOW_COMMIT=<hash> from the calling machine: the device checkout's git metadata is stale
@@ -19,12 +22,14 @@ export TILEFLOW_CACHE_DIR=${TILEFLOW_CACHE_DIR:-/tmp/tileflow-cache}
 mkdir -p "$TILEFLOW_CACHE_DIR" "$OUT"
 [ -n "${TUNED:-}" ] && cp "$TUNED" "$TILEFLOW_CACHE_DIR/autotune.json"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader || true
+n=0
 for step in ${STEPS:-bench:deepseek-r1-distill-qwen-1.5b:128 suite}; do
+  n=$((n + 1))
   echo "=== $step ($(date +%T))"
   IFS=: read -r kind model prompt paths <<<"$step"
   case $kind in
     bench)
-      args=(--model "$model" --prompt "$prompt" --out "$OUT")
+      args=(--model "$model" --prompt "$prompt" --out "$OUT/$n-bench")
       [ -n "${paths:-}" ] && args+=(--paths ${paths//,/ })
       [ -n "${REPEATS:-}" ] && args+=(--repeats "$REPEATS")
       [ -n "${BREAKDOWN:-}" ] && args+=(--breakdown)
@@ -38,6 +43,8 @@ for step in ${STEPS:-bench:deepseek-r1-distill-qwen-1.5b:128 suite}; do
       timeout "${SUITE_LIMIT:-900}" python3 benchmarks/gpu_suite.py "${sargs[@]}" 2>&1 | tail -40 ;;
     tuned)
       cp "${TUNED:-$OUT/autotune.json}" "$TILEFLOW_CACHE_DIR/autotune.json" ;;
+    env)
+      export "$model" ;;
   esac
 done
 echo "=== done ($(date +%T))"

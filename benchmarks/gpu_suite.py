@@ -97,11 +97,17 @@ class Workload:
 
 def pick_candidates(kernel, case, limit: int, device: str = "") -> list[dict]:
     """The defaults, the parameters tuned before on this device (so a retune can only keep
-    or beat them), and an even sample of the rest of the kernel's candidates."""
+    or beat them), their pipelined twins (``PIPELINE=1``, where the kernel has the
+    parameter: the one-change comparison an even sample could miss), and an even
+    sample of the rest of the kernel's candidates."""
     base = kernel.params_for(case)
     tuned = autotune.lookup(kernel.name, case.sizes, "bf16", device) if device else None
     known = [t for t in ([{**base, **tuned}] if tuned else []) if t != base]
-    cands = [c for c in kernel.candidates(case.sizes) if c != base and c not in known]
+    every = kernel.candidates(case.sizes) if kernel.candidates else []
+    if any("PIPELINE" in c for c in every):
+        known += [twin for t in [base] + known if not t.get("PIPELINE")
+                  for twin in [{**t, "PIPELINE": 1}] if twin not in known and twin != base]
+    cands = [c for c in every if c != base and c not in known]
     room = limit - 1 - len(known)
     if len(cands) > room:
         step = len(cands) / room

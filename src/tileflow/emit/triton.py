@@ -15,6 +15,8 @@ tensor methods, so each is wrapped with ``tl.full((), x, tl.float32)`` at entry.
 On Hopper and newer, kernels are launched with programmatic dependent launch: each
 may start while its predecessor drains, and waits (``gdc_wait``) before touching
 memory, so every kernel still sees all earlier writes (``TILEFLOW_PDL=0`` turns it off).
+Weight loads a definition marks ``k.before_wait()`` are issued before that wait when
+they come first in a stage (``TILEFLOW_EARLY=0`` keeps them after it).
 Index arithmetic and a definition's weight prefetches (``k.prefetch``: L2 hints for
 inputs no earlier kernel writes; qkv_rope_cache has them, the matvecs measured slower
 with them) run before that wait (``TILEFLOW_PREFETCH=0`` drops the hints).
@@ -72,7 +74,8 @@ class TritonEmitter(Walker):
         names = [k for k in sorted(self.ir.params) if k not in LAUNCH_OPTIONS]
         if self.uses("dot"):
             names += ["DOT_PREC", "UPCAST"]
-        return names + ["USE_PDL"] + (["PREFETCH"] if self.uses("prefetch") else [])
+        return (names + ["USE_PDL"] + (["PREFETCH"] if self.uses("prefetch") else [])
+                + (["EARLY"] if self._uses_early() else []))
 
     def signature(self) -> list[str]:
         args = [f"{v.name}_ptr" for v in self.ir.views]
@@ -229,19 +232,46 @@ class TritonEmitter(Walker):
             for s in self.ir.scalars:
                 if s.dtype == "f32":
                     w(f"{s.name} = tl.full((), {s.name}, tl.float32)")
-            # index arithmetic and prefetches may run before the wait; the first load,
-            # store or loop may not (it could read what the previous kernel writes)
-            body = list(stage.body)
-            lead = 0
-            while lead < len(body) and not isinstance(body[lead], Loop) and body[lead].name not in ("load", "load_pick", "store"):
-                lead += 1
-            self.block(body[:lead], w)
-            w("if USE_PDL:  # launched early: wait until the previous kernel's writes are visible")
-            with w.indent():
-                w("tl.extra.cuda.gdc_wait()")
-                w("tl.extra.cuda.gdc_launch_dependents()")
+            # index arithmetic, prefetches and weight loads (k.before_wait) may run before
+            # the wait; any other load, a store or a loop may not (it could read what the
+            # previous kernel writes)
+            body, lead = self._lead(stage)
+            if self._early(body[:lead]):
+                w("if USE_PDL and not EARLY:")
+                with w.indent():
+                    w("tl.extra.cuda.gdc_wait()")
+                self.block(body[:lead], w)
+                w("if USE_PDL:  # launched early: weights are in flight; now wait for the previous kernel's writes")
+                with w.indent():
+                    w("if EARLY:")
+                    with w.indent():
+                        w("tl.extra.cuda.gdc_wait()")
+                    w("tl.extra.cuda.gdc_launch_dependents()")
+            else:
+                self.block(body[:lead], w)
+                w("if USE_PDL:  # launched early: wait until the previous kernel's writes are visible")
+                with w.indent():
+                    w("tl.extra.cuda.gdc_wait()")
+                    w("tl.extra.cuda.gdc_launch_dependents()")
             self.block(body[lead:], w)
         w()
+
+    @staticmethod
+    def _lead(stage: Stage) -> tuple[list, int]:
+        """The stage's body and how many of its first ops may precede the PDL wait."""
+        body = list(stage.body)
+        lead = 0
+        while lead < len(body) and not isinstance(body[lead], Loop) and (
+                body[lead].name not in ("load", "load_pick", "store") or body[lead].attrs.get("early")):
+            lead += 1
+        return body, lead
+
+    @staticmethod
+    def _early(ops: list) -> bool:
+        return any(isinstance(op, Op) and op.attrs.get("early") for op in ops)
+
+    def _uses_early(self) -> bool:
+        return any(self._early(body[:lead]) for body, lead in map(self._lead, self.ir.stages))
 
     def _pick_pairs(self) -> list[tuple[str, str]]:
         pairs = []
@@ -293,6 +323,8 @@ class TritonEmitter(Walker):
             w(f"USE_PDL = _use_pdl({ins[0]})")
             if self.uses("prefetch"):  # only useful, and only tested, with dependent launch
                 w('PREFETCH = USE_PDL and os.environ.get("TILEFLOW_PREFETCH") != "0"')
+            if self._uses_early():
+                w('EARLY = USE_PDL and os.environ.get("TILEFLOW_EARLY") != "0"')
             call = [v.name for v in self.ir.views]
             call += [f"{v.name}.stride({a})" for v in self.ir.views for a in range(v.rank)]
             call += list(self.ir.dims) + scal

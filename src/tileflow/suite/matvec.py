@@ -79,11 +79,17 @@ def stream_k(k, lo, hi, carry, load_tiles, body, pipeline: bool) -> list:
     round's tiles before its products and carries them in registers, so a program keeps
     two tiles in flight: Triton does not software-pipeline loads that feed no dot (no
     cp.async in the sm_90 PTX), and a short grid cannot hide the round trips with
-    occupancy."""
+    occupancy. The first round's tiles are loaded before the dependent-launch wait
+    (:meth:`~tileflow.tile.builder.TileBuilder.before_wait`), which pays even with a
+    single round: the tiles arrive during the previous kernel's tail. The tiles must be
+    of inputs no earlier kernel of the step writes."""
     carry = list(carry)
     n = len(carry)
     if pipeline:
-        carry += load_tiles(k.range(lo, "BLOCK_K", aligned=True))
+        # weights are no earlier kernel's output: the first round's tiles are requested
+        # before the dependent-launch wait, while the previous kernel drains
+        with k.before_wait():
+            carry += load_tiles(k.range(lo, "BLOCK_K", aligned=True))
     with k.loop(lo, hi, "BLOCK_K", carry=carry) as lp:
         cols = k.range(lp.index, "BLOCK_K", aligned=True)
         if pipeline:
@@ -201,8 +207,8 @@ def matvec_params(n: int, k_: int, block_n: int = 0, block_k: int = 0, split_k: 
 def matvec_candidates(n: int, k_: int, **extra) -> list[dict]:
     """The parameter sets the autotuner tries for an N x K matvec: tiles of 1k-16k
     elements (a whole K row per tile included, so short rows need one round trip),
-    enough programs to cover the multiprocessors, split-K where rows are few, and the
-    register-pipelined K loop (``PIPELINE``) wherever there are two rounds or more."""
+    enough programs to cover the multiprocessors, split-K where rows are few, and each
+    with the register-pipelined K loop (``PIPELINE``, first tiles before the PDL wait)."""
     out = []
     for block_n in (2, 4, 8, 16, 32):
         for block_k in (256, 512, 1024, 2048, 4096):
@@ -213,13 +219,12 @@ def matvec_candidates(n: int, k_: int, **extra) -> list[dict]:
                 programs = -(-n // block_n) * split_k
                 if not 128 <= programs <= 16384 or (split_k > 1 and k_ / split_k < block_k / 2):
                     continue
-                rounds = -(-k_ // split_k) // block_k
                 for num_warps in (4, 8):
                     if tile // (num_warps * 32) < 8:  # under one 16-byte load per thread
                         continue
                     out.append(matvec_params(n, k_, block_n, block_k, split_k, num_warps, **extra))
-                    if rounds >= 2:  # a K loop to pipeline
-                        out.append(matvec_params(n, k_, block_n, block_k, split_k, num_warps, PIPELINE=1, **extra))
+                    # pipelined: the first tiles load before the PDL wait, one round or more
+                    out.append(matvec_params(n, k_, block_n, block_k, split_k, num_warps, PIPELINE=1, **extra))
     return out
 
 

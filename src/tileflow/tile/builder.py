@@ -75,6 +75,8 @@ class TileBuilder:
         self._block: Optional[list] = None
         self._next_id = 0
         self._named: dict[str, Value] = {}
+        self._early = False
+        self._stage_body: Optional[list] = None
 
     # ----------------------------------------------------------------- values
     def _new(self, dtype: str, shape: tuple, hint: str = "v") -> Value:
@@ -86,6 +88,15 @@ class TileBuilder:
     def _emit(self, opname: str, result, args: tuple = (), **attrs):
         if self._block is None:
             raise TileDefinitionError(f"op {opname!r} outside of a stage")
+        if self._early:
+            if opname in ("load", "load_pick"):
+                views = [v for _, v, _ in args[0]] if opname == "load_pick" else [args[0]]
+                bad = [v.name for v in views if v.role != "input"]
+                if bad:
+                    raise TileDefinitionError(f"before_wait: {bad[0]} is not an input; only weights load early")
+                attrs["early"] = True
+            elif opname == "store":
+                raise TileDefinitionError("before_wait: no store before the wait")
         self._block.append(Op(opname, result, args, attrs))
         return result
 
@@ -163,7 +174,7 @@ class TileBuilder:
         if self._block is not None:
             raise TileDefinitionError("stages do not nest")
         stage = Stage(name, tuple(grid), [])
-        self._block = stage.body
+        self._block = self._stage_body = stage.body
         try:
             yield stage
         finally:
@@ -421,6 +432,23 @@ class TileBuilder:
         if not index or not isinstance(index[-1], _RangeValue):
             raise TileDefinitionError("prefetch: the last index must be a range (lines along the row)")
         self._emit("prefetch", None, (view, index))
+
+    @contextlib.contextmanager
+    def before_wait(self):
+        """Loads recorded inside may be issued before the program waits for the kernel
+        before it (programmatic dependent launch), so a weight stream starts while the
+        predecessor drains instead of after it. Only for inputs no earlier kernel of the
+        step writes (model weights), which the definition vouches for; only loads,
+        never stores. Results are the same on every target; Triton places these loads
+        ahead of ``gdc_wait`` when they precede the stage's first other memory access
+        (``TILEFLOW_EARLY=0`` keeps them after it)."""
+        if self._block is None or self._block is not self._stage_body:
+            raise TileDefinitionError("before_wait: only at a stage's top level, before its loops")
+        self._early = True
+        try:
+            yield
+        finally:
+            self._early = False
 
     def _guard(self, when: Optional[Value]) -> Optional[Value]:
         if when is not None and (not isinstance(when, Value) or when.shape != () or when.dtype != "bool"):
