@@ -119,3 +119,30 @@ def test_shared_residual_kernel_is_charged_both_projections_bytes():
     assert bd.fold_shared_kernels(table, compiled) == {"o_proj_residual": 40, "rms_norm_matvec": 5}
     assert bd.fold_shared_kernels(table, patched) == table
     assert table["o_proj_residual"] == 10  # not changed in place
+
+
+def test_divergence_records_eager_margin_and_deviation():
+    from tileflow.bench.decode import Path, _eager_step, run_path
+
+    model = build_model("tiny", torch.device("cpu"), torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    eager = Path("eager", "dynamic", _eager_step)
+    ref, ref_logits = run_path(eager, model, ids, 6, 1, None, None)
+
+    def nudged(m):  # the third decode step's runner-up pushed just past eager's choice
+        inner, calls = _eager_step(m), [0]
+
+        def step(tok, pos, cache):
+            out = inner(tok, pos, cache).clone()
+            calls[0] += 1
+            if calls[0] % 5 == 3:  # warm-up and the run each take 5 steps
+                top2 = out[0].topk(2)
+                out[0, top2.indices[1]] = top2.values[0] + 1e-3
+            return out
+        return step
+
+    res, _ = run_path(Path("nudged", "dynamic", nudged), model, ids, 6, 1, ref, ref_logits)
+    assert res.first_divergence == 3
+    top2 = ref_logits[2][0].topk(2).values
+    assert abs(res.divergence_gap - (top2[0] - top2[1]).item()) < 1e-6
+    assert res.divergence_max_abs_err > res.divergence_gap > 0

@@ -424,8 +424,71 @@ def rewrite_decode_graph(gm: fx.GraphModule, report: Report) -> None:
             _replace_norm_fused(graph, node, tf.rms_norm_linear.default, m, (m["w"],))
             report.match(rms_norm.NAME)
             report.match("matvec")
+    _batch_cache_counters(graph, report)
     _drop_dead(graph)
     gm.recompile()
+
+
+def _counter_increment(c: fx.Node) -> Optional[fx.Node]:
+    """The one ``c.add_(n)`` (int ``n``, result unused) of a 0-d int64 graph input ``c``,
+    as ``StaticLayer.update`` counts tokens, or None."""
+    ev = _ev(c)
+    if c.op != "placeholder" or not isinstance(ev, torch.Tensor) or ev.dim() != 0 or ev.dtype != torch.int64:
+        return None
+    adds = [u for u in c.users if _meth(u, "add_")]
+    if len(adds) != 1:
+        return None
+    a = adds[0]
+    ok = a.args[0] is c and len(a.args) == 2 and type(a.args[1]) is int and not a.kwargs and not a.users
+    return a if ok else None
+
+
+def _batch_cache_counters(graph: fx.Graph, report: Report) -> None:
+    """Every layer's cache counter read and advanced by one op at the top of the step.
+
+    Traced, each layer computes its write row ``arange(1) + counter`` and then
+    ``counter.add_(1)``: one small inductor kernel a layer, which breaks the chain of
+    dependent launches between that layer's kernels. When every read of every counter
+    comes before its increment and all increments are equal, ``cache_rows_advance``
+    returns the counters' values before the step (one [layers] tensor) and advances
+    them; each ``arange(1) + counter`` becomes a one-row slice of that tensor and any
+    other read its element: the same values, as the reads happened before the adds."""
+    nodes = list(graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    counters = [(c, a) for c in nodes for a in [_counter_increment(c)] if a is not None]
+    if len(counters) < 2:
+        return
+    steps = {a.args[1] for _, a in counters}
+    devices = {_ev(c).device for c, _ in counters}
+    for c, a in counters:
+        late = [u for u in c.users if u is not a and order[u] > order[a]]
+        mutating = [u for u in c.users if u is not a and (u.op == "output" or str(u.target).endswith("_"))]
+        if late or mutating or len(steps) != 1 or len(devices) != 1:
+            why = ("a read after the increment" if late else "another use that mutates or returns it" if mutating
+                   else "increments or devices differ")
+            report.fallback("cache_counters", where(a), f"counters kept per layer: {why}")
+            return
+    last_input = [n for n in nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last_input):
+        rows = graph.call_function(torch.ops.tileflow.cache_rows_advance.default,
+                                   ([c for c, _ in counters], steps.pop()))
+    for i, (c, a) in enumerate(counters):
+        graph.erase_node(a)
+        for u in list(c.users):
+            if u is rows:
+                continue
+            other = u.args[0] if len(u.args) == 2 and u.args[1] is c else u.args[1] if len(u.args) == 2 else None
+            if (_fn(u, operator.add) and not u.kwargs and _fn(other, torch.arange) and other.args == (1,)
+                    and _ev(u) is not None and _ev(u).dtype == torch.int64):
+                with graph.inserting_before(u):
+                    row = graph.call_function(operator.getitem, (rows, slice(i, i + 1)))
+                u.replace_all_uses_with(row)
+                graph.erase_node(u)
+            else:
+                with graph.inserting_before(u):
+                    elem = graph.call_function(operator.getitem, (rows, i))
+                u.replace_input_with(c, elem)
+    report.match("cache_counters", len(counters))
 
 
 def _drop_dead(graph: fx.Graph) -> None:

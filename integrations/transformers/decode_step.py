@@ -113,11 +113,13 @@ def cache_row(cache) -> Optional[torch.Tensor]:
 
 def _advance(cache, n: int) -> None:
     """What ``StaticLayer.update`` does besides writing: count the tokens (transformers
-    keeps the count as a device tensor, so this is capturable)."""
-    for layer in cache.layers:
-        counter = getattr(layer, "cumulative_length", None)
-        if isinstance(counter, torch.Tensor):
-            counter.add_(n)
+    keeps the count as a device tensor, so this is capturable). One ``_foreach_add_``:
+    a launch per layer's counter cost ~1.5 us each on an H200 (28 a token for the 1.5B
+    model, 45 us of a 1.25 ms step, seen in the step breakdown)."""
+    counters = [c for c in (getattr(layer, "cumulative_length", None) for layer in cache.layers)
+                if isinstance(c, torch.Tensor)]
+    if counters:
+        torch._foreach_add_(counters, n)
 
 
 def static_cache_problem(cache) -> str:

@@ -52,6 +52,7 @@ def test_explain_reports_every_layer_and_tokens_match_eager(kind, cpu_target):  
     assert report.matches["gate_up_silu"] == layers
     assert report.matches["matvec_residual"] == 2 * layers
     assert report.matches["matvec"] == 3 * layers + 1  # q, k, v per layer + lm_head
+    assert report.matches["cache_counters"] == layers  # one counter op for the step
     assert not report.fallbacks, report
     assert "gqa_attention" in str(report)
     compiled = torch.compile(model.forward, backend="tileflow", mode="default")

@@ -140,6 +140,8 @@ def _write(record: dict, out_dir: str, console) -> None:
     for name, v in record["paths"].items():
         div = v.get("first_divergence")
         agree = "-" if name == "eager" else ("all" if div is None else f"first {div}")
+        if v.get("divergence_gap") is not None:  # eager's margin there vs this path's deviation
+            agree += f" (gap {v['divergence_gap']:.2g} / err {v['divergence_max_abs_err']:.2g})"
         err = v.get("max_rel_logit_err")
         mem = v.get("peak_memory_gb")
         table.add_row(name, f"{v['decode_tok_s']:.1f}", f"{100 * v['fraction_of_roofline']:.1f}",

@@ -25,6 +25,11 @@ class PathResult:
     tokens: list = field(default_factory=list)
     first_divergence: Optional[int] = None  # index of the first new token differing from eager
     max_rel_logit_err: Optional[float] = None  # over the first decode steps, vs eager
+    # at the first divergence (when within the kept steps): eager's logit of its own token
+    # minus its logit of this path's token, and this path's largest logit deviation from
+    # eager there; a gap under twice the deviation is a near-tie that rounding can flip
+    divergence_gap: Optional[float] = None
+    divergence_max_abs_err: Optional[float] = None
     note: str = ""
     error: str = ""
     runs_tok_s: list = field(default_factory=list)
@@ -190,6 +195,11 @@ def run_path(path: Path, model, ids, new_tokens: int, repeats: int, reference: O
                 n = min(len(ref_logits), len(logits), (diff[0] if diff else len(logits)))
                 errs = [((a - b).norm() / b.norm()).item() for a, b in zip(logits[:n], ref_logits[:n])]
                 res.max_rel_logit_err = max(errs) if errs else None
+                d = diff[0] if diff else None
+                if d is not None and 1 <= d <= min(len(ref_logits), len(logits)):
+                    ref, got = ref_logits[d - 1][0], logits[d - 1][0]  # token d came from step d - 1
+                    res.divergence_gap = (ref[reference.tokens[d]] - ref[toks[d]]).item()
+                    res.divergence_max_abs_err = (got - ref).abs().max().item()
         return res, logits
     except Exception as e:  # a path that fails is reported, the others still run
         res.error = f"{type(e).__name__}: {e}"[:800]

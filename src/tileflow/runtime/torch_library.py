@@ -97,3 +97,20 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 @attention_decode.register_fake
 def _(q, k_cache, v_cache, lengths, scale, key_mask=None):
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("tileflow::cache_rows_advance", mutates_args=("counters",))
+def cache_rows_advance(counters: list[torch.Tensor], n: int) -> torch.Tensor:
+    """The static cache's per-layer token counters (0-d int64) before the step, as one
+    [layers] tensor, and each counter advanced by ``n``: two launches (a stack and one
+    ``_foreach_add_``) where the traced step has a small kernel per layer (its
+    ``arange(1) + counter`` and ``counter.add_(1)``), each breaking the chain of
+    dependent launches between the layer's kernels."""
+    rows = torch.stack([c.reshape(()) for c in counters])
+    torch._foreach_add_(counters, n)
+    return rows
+
+
+@cache_rows_advance.register_fake
+def _(counters, n):
+    return counters[0].new_empty((len(counters),))
