@@ -95,18 +95,32 @@ class Workload:
         return calls, label
 
 
+# parameters whose effect a one-change comparison shows best: the tuned tiles with it on
+TWIN_SWITCHES = ("PIPELINE", "ONE_LAUNCH")
+
+
+def _twin(params: dict, key: str, every: list[dict]) -> dict:
+    """``params`` with ``key`` on: the candidate that adds it (and what it brings, e.g.
+    ONE_LAUNCH's GROUP_C) to exactly these parameters, else ``{**params, key: 1}``."""
+    for c in every:
+        if c.get(key) and all(c.get(k) == v for k, v in params.items() if k != key):
+            return c
+    return {**params, key: 1}
+
+
 def pick_candidates(kernel, case, limit: int, device: str = "") -> list[dict]:
     """The defaults, the parameters tuned before on this device (so a retune can only keep
-    or beat them), their pipelined twins (``PIPELINE=1``, where the kernel has the
-    parameter: the one-change comparison an even sample could miss), and an even
+    or beat them), their twins with each of ``TWIN_SWITCHES`` on (where the kernel has
+    it: the one-change comparison an even sample could miss), and an even
     sample of the rest of the kernel's candidates."""
     base = kernel.params_for(case)
     tuned = autotune.lookup(kernel.name, case.sizes, "bf16", device) if device else None
     known = [t for t in ([{**base, **tuned}] if tuned else []) if t != base]
     every = kernel.candidates(case.sizes) if kernel.candidates else []
-    if any("PIPELINE" in c for c in every):
-        known += [twin for t in [base] + known if not t.get("PIPELINE")
-                  for twin in [{**t, "PIPELINE": 1}] if twin not in known and twin != base]
+    for key in TWIN_SWITCHES:
+        if any(key in c for c in every):
+            known += [twin for t in [base] + known if not t.get(key)
+                      for twin in [_twin(t, key, every)] if twin not in known and twin != base]
     cands = [c for c in every if c != base and c not in known]
     room = limit - 1 - len(known)
     if len(cands) > room:

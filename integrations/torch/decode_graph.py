@@ -324,7 +324,10 @@ def _rows(graph, x: fx.Node) -> fx.Node:
     return graph.call_method("reshape", (x, (1, _ev(x).shape[-1])))
 
 
-def _rewrite_attention(graph: fx.Graph, sdpa: fx.Node, m: dict) -> None:
+def _rewrite_attention(graph: fx.Graph, sdpa: fx.Node, m: dict, lengths_of: dict) -> None:
+    """``lengths_of`` keeps each query position's ``q + 1`` across layers: computed per
+    layer it was a one-element inductor kernel in every layer (AOT's CSE did not merge
+    them), breaking the layer's chain of dependent launches."""
     tf = torch.ops.tileflow
     first = next(n for n in graph.nodes if n in m["writes"])
     with graph.inserting_before(first):
@@ -336,11 +339,16 @@ def _rewrite_attention(graph: fx.Graph, sdpa: fx.Node, m: dict) -> None:
                   m["bk"], m["bv"], pos, cpos, inv, m["k_cache"], m["v_cache"])
     with graph.inserting_before(sdpa):
         if m["qpos"] is not None:
-            lengths = _call(graph, operator.add, m["qpos"], 1)
+            lengths = lengths_of.get(m["qpos"])
+            if lengths is None:
+                lengths = lengths_of[m["qpos"]] = _call(graph, operator.add, m["qpos"], 1)
         else:  # a mask from outside the graph: every row, the key mask decides
             kc = _ev(m["k_cache"])
-            lengths = graph.call_function(torch.full, ((1,), kc.shape[2]),
-                                          {"dtype": torch.int64, "device": kc.device})
+            key = ("every row", kc.shape[2], kc.device)
+            lengths = lengths_of.get(key)
+            if lengths is None:
+                lengths = lengths_of[key] = graph.call_function(torch.full, ((1,), kc.shape[2]),
+                                                                {"dtype": torch.int64, "device": kc.device})
         key_mask = None
         for term in m["key_terms"]:
             key_mask = term if key_mask is None else _call(graph, operator.and_, key_mask, term)
@@ -393,6 +401,7 @@ def _replace_norm_fused(graph: fx.Graph, node: fx.Node, target, m: dict, weights
 def rewrite_decode_graph(gm: fx.GraphModule, report: Report) -> None:
     """Apply the dynamo-level decode patterns to ``gm`` in place; record what happened."""
     graph, tf = gm.graph, torch.ops.tileflow
+    lengths_of: dict = {}
     for node in list(graph.nodes):
         if _fn(node, *_SDPA):
             try:
@@ -400,7 +409,7 @@ def rewrite_decode_graph(gm: fx.GraphModule, report: Report) -> None:
             except NoMatch as e:
                 report.fallback(gqa_attention.NAME, where(node), str(e))
                 continue
-            _rewrite_attention(graph, node, m)
+            _rewrite_attention(graph, node, m, lengths_of)
             for name, n in ((rms_norm.NAME, 1), (rope.NAME, 1), (gqa_attention.NAME, 1), ("matvec", 3)):
                 report.match(name, n)
     for node in list(graph.nodes):

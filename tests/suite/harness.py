@@ -14,6 +14,8 @@ def kernel_matrix(name: str):
     params = []
     for case in kernel.test_cases:
         for target in TARGETS:
+            if case.targets and target not in case.targets:
+                continue
             for dtype in DTYPES:
                 if case.dtypes and dtype not in case.dtypes:
                     continue

@@ -297,6 +297,10 @@ class PallasEmitter(Walker):
             w("return (" + ", ".join(outs) + ",)")
 
     def module(self) -> str:
+        counters = [v.name for v in self.ir.workspaces if v.persistent]
+        if counters:  # the grid's programs cannot signal one another (sequential on TPU)
+            raise NotImplementedError(f"{self.ir.name}: counters ({', '.join(counters)}) and atomics are "
+                                      "Triton only; use the parameters without them (e.g. ONE_LAUNCH=0)")
         w = Writer()
         for line in self.banner().splitlines():
             w(line)

@@ -54,6 +54,15 @@ def cdiv(a, b):
 
 _PDL_LAUNCH = {"launch_pdl": True}
 _PDL_DEVICES = {}
+_COUNTERS = {}
+
+
+def _counters(name, shape, device):
+    """A kernel's persistent int32 counters: zeroed once, put back to zero by each launch."""
+    key = (name, shape, device)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(shape, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
 
 
 def _use_pdl(t):
@@ -156,10 +165,22 @@ class TritonEmitter(Walker):
         # which it then refuses as a mask
         return f"(({self.operand(when)}) & {mask}) != 0" if mask else self.operand(when)
 
+    def op_atomic_add(self, op: Op, w: Writer):
+        view, index = op.args
+        # the barrier first: every thread's earlier stores happen before the one atomic
+        # (acq_rel at device scope), which releases them to the program that counts last
+        w("tl.debug_barrier()")
+        w(f'{self.name(op.result)} = tl.atomic_add({self._address(view, index)}, {op.attrs["value"]}, '
+          'sem="acq_rel", scope="gpu")')
+
     def op_load(self, op: Op, w: Writer):
         view, index = op.args
         mask = self._guarded(self.mask_expr(view, index, op.attrs["limits"]), op)
         extra = f", mask={mask}, other={literal(op.attrs['other'])}" if mask else ""
+        if view.role == "workspace" and not view.persistent and self._counting:
+            # written by other programs of this launch: read past L1, which may hold
+            # lines of the same buffer from an earlier launch
+            extra += ', cache_modifier=".cg"'
         conv = ".to(tl.float32)" if view.dtype in ("T", "f32") and op.result.dtype == "f32" else ""
         name = self.name(op.result)
         w(f"{name} = tl.load({self._address(view, index)}{extra}){conv}")
@@ -221,6 +242,7 @@ class TritonEmitter(Walker):
 
     # module ---------------------------------------------------------------
     def stage_kernel(self, stage: Stage, w: Writer):
+        self._counting = any(op.name == "atomic_add" for op in ops_in(stage.body))
         args = self.signature() + [f"{c}: tl.constexpr" for c in self.constexprs()]
         w("@triton.jit")
         w(f"def {self.ir.name}_{stage.name}(")
@@ -314,6 +336,9 @@ class TritonEmitter(Walker):
             dev = ins[0]
             for v in self.ir.workspaces:
                 shape = ", ".join(v.shape) + ("," if v.rank == 1 else "")
+                if v.persistent:
+                    w(f'{v.name} = _counters("{v.name}", ({shape}), {dev}.device)')
+                    continue
                 # torch.empty: every element a later stage reads was written by an earlier one
                 w(f"{v.name} = torch.empty(({shape}), device={dev}.device, dtype={_TORCH_DTYPE[v.dtype]})")
             if self.uses("dot"):

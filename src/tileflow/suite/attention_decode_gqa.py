@@ -10,6 +10,10 @@ cache, grouped-query (``G = NH / NKV`` query heads share each K/V head).
 - Online softmax in fp32 over ``BLOCK_N`` positions at a time. With ``SPLITS > 1`` the
   context is cut into chunks (flash-decoding) written as (max, sum, acc) partials,
   then a second stage combines them; with ``SPLITS == 1`` the first stage finishes.
+- With ``ONE_LAUNCH`` (Triton) there is no second stage: each (KV head, split) program
+  counts itself done on a counter that outlives the launch, and the last of a group to
+  finish combines the group's partials (every query head of it at once) and puts the
+  counter back to zero. One launch boundary a layer less.
 - With ``HAS_MASK`` a key mask ``key_mask[b, j]`` (int, 0 = hidden) further hides cache
   rows, e.g. transformers' padding mask; a block hidden entirely adds nothing (its
   running max stays -inf and is read as 0), a row hidden entirely is NaN, as in SDPA.
@@ -29,10 +33,13 @@ def define(k, p):
     out = k.output("out", ("B", "NH", "DH"))
     scale = k.scalar("scale")
     split = p["SPLITS"] > 1
+    one_launch = split and p.get("ONE_LAUNCH", 0)
     if split:
         ws_m = k.workspace("part_m", ("B", "NKV", "SPLITS", "GROUP_BLOCK"))
         ws_l = k.workspace("part_l", ("B", "NKV", "SPLITS", "GROUP_BLOCK"))
         ws_acc = k.workspace("part_acc", ("B", "NKV", "SPLITS", "GROUP_BLOCK", "BLOCK_DH"))
+    if one_launch:
+        done = k.counter("done", ("B", "NKV"))
 
     def group_rows(kvh):
         g = k.dim("NH") // k.dim("NKV")
@@ -76,10 +83,12 @@ def define(k, p):
             k.store(ws_m, (b, kvh, sp, rows), m, limits={3: g})
             k.store(ws_l, (b, kvh, sp, rows), l, limits={3: g})
             k.store(ws_acc, (b, kvh, sp, rows, d), acc, limits={3: g})
+            if one_launch:
+                combine_last(k, p, b, kvh, g, d, ws_m, ws_l, ws_acc, done, out)
         else:
             k.store(out, (b, heads, d), acc / l[:, None], limits={1: heads_end})
 
-    if not split:
+    if not split or one_launch:
         return
     # One program per query head loads every split of its partials at once: a loop
     # over splits would serialise SPLITS round trips to L2.
@@ -98,6 +107,25 @@ def define(k, p):
         k.store(out, (b, h, d), acc / l)
 
 
+def combine_last(k, p, b, kvh, g, d, ws_m, ws_l, ws_acc, done, out):
+    """The group's last program to finish combines every split of every head of the
+    group in one round of loads ([SPLITS_BLOCK, GROUP_C(, BLOCK_DH)] tiles, GROUP_C the
+    group size to a power of two) and resets the group's counter; the others' loads and
+    stores are predicated off."""
+    nsp = k.param("SPLITS")
+    last = k.eq(k.atomic_add(done, (b, kvh), 1), nsp - 1)
+    sp = k.range(0, "SPLITS_BLOCK", aligned=True)
+    rows = k.range(0, "GROUP_C", aligned=True)
+    lim = {2: nsp, 3: g}
+    m = k.load(ws_m, (b, kvh, sp, rows), limits=lim, other=float("-inf"), when=last)
+    wgt = k.exp(m - k.max(m, axis=0)[None, :])  # empty splits hold m = -inf: weight 0
+    l = k.sum(wgt * k.load(ws_l, (b, kvh, sp, rows), limits=lim, when=last), axis=0)
+    acc = k.sum(wgt[:, :, None] * k.load(ws_acc, (b, kvh, sp, rows, d), limits=lim, when=last), axis=0)
+    heads = k.range(kvh * g, "GROUP_C")
+    k.store(out, (b, heads, d), acc / l[:, None], limits={1: kvh * g + g}, when=last)
+    k.store(done, (b, kvh), 0, when=last)
+
+
 def reference(xp, q, k_cache, v_cache, lengths, scale, key_mask=None):
     bsz, nh, dh = q.shape
     nkv, s = k_cache.shape[1], k_cache.shape[2]
@@ -114,7 +142,7 @@ def reference(xp, q, k_cache, v_cache, lengths, scale, key_mask=None):
     return {"out": xp.reshape(pr @ v_cache, (bsz, nh, dh))}
 
 
-def attention_params(s, block_n: int = 64, splits: int = 0, num_warps: int = 4) -> dict:
+def attention_params(s, block_n: int = 64, splits: int = 0, num_warps: int = 4, one_launch: int = 0) -> dict:
     """Parameters for cache capacity ``S`` (the filled length is a runtime value: the
     chunk per split grows with it). By default SPLITS fills about two waves of 132
     multiprocessors with (KV head, split) programs, never more than S / BLOCK_N."""
@@ -123,7 +151,8 @@ def attention_params(s, block_n: int = 64, splits: int = 0, num_warps: int = 4) 
         splits = 1 if s["S"] <= 256 else max(1, min(264 // (s.get("B", 1) * s["NKV"]), -(-s["S"] // block_n)))
     return {"HAS_MASK": s.get("HAS_MASK", 0), "BLOCK_N": block_n, "GROUP_BLOCK": max(16, next_pow2(g)), "BLOCK_DH": max(16, next_pow2(s["DH"])),
             "SPLITS": splits, "SPLITS_BLOCK": next_pow2(splits), "BLOCK_DC": min(32, max(16, next_pow2(s["DH"]))),
-            "num_warps": num_warps, "num_stages": 2}
+            "num_warps": num_warps, "num_stages": 2,
+            **({"ONE_LAUNCH": 1, "GROUP_C": next_pow2(g)} if one_launch and splits > 1 else {})}
 
 
 def default_params(s):
@@ -138,6 +167,8 @@ def candidates(s):
                 continue
             for nw in (2, 4, 8):
                 out.append(attention_params(s, bn, splits, nw))
+                if splits > 1:  # Triton: the combine in the same launch
+                    out.append(attention_params(s, bn, splits, nw, one_launch=1))
     return out
 
 
@@ -181,6 +212,10 @@ KERNEL = register(SuiteKernel(
              params=dict(BLOCK_N=16)),
         Case("mask_split", dict(B=1, NH=6, NKV=2, DH=32, S=300, L=259, HAS_MASK=1), dict(scale=0.17),
              params=dict(SPLITS=4, SPLITS_BLOCK=4, BLOCK_N=16)),
+        Case("one_launch", dict(B=2, NH=12, NKV=2, DH=32, S=300, L=259, HAS_MASK=1), dict(scale=0.17),
+             params=dict(SPLITS=4, SPLITS_BLOCK=4, BLOCK_N=16, ONE_LAUNCH=1, GROUP_C=8), targets=("triton",)),
+        Case("one_launch_empty", dict(B=1, NH=4, NKV=2, DH=16, S=100, L=20), dict(scale=0.25),
+             params=dict(SPLITS=8, SPLITS_BLOCK=8, BLOCK_N=16, ONE_LAUNCH=1, GROUP_C=2), targets=("triton",)),
     ],
     # decode looks parameters up by the cache capacity bucketed to a power of two
     # (ops.attention_decode), never by the filled length: cases are (capacity bucket,

@@ -40,6 +40,7 @@ class Case:
     scalars: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)  # overrides of the default parameters
     dtypes: tuple = ()  # storage dtypes this case is checked in; () = all
+    targets: tuple = ()  # targets that have what its parameters use (e.g. Triton's atomics); () = all
 
 
 @dataclass

@@ -122,12 +122,12 @@ class TileBuilder:
         return x.shape if isinstance(x, Value) else ()
 
     # ------------------------------------------------------------- signature
-    def _add_view(self, name: str, shape: Sequence[str], dtype: str, role: str) -> View:
+    def _add_view(self, name: str, shape: Sequence[str], dtype: str, role: str, persistent: bool = False) -> View:
         if any(v.name == name for v in self._views):
             raise TileDefinitionError(f"view {name!r} declared twice")
         if dtype not in DTYPES or dtype == "bool":
             raise TileDefinitionError(f"view dtype {dtype!r}")
-        view = View(name, tuple(shape), dtype, role)
+        view = View(name, tuple(shape), dtype, role, persistent)
         self._views.append(view)
         for d in view.shape:
             if role != "workspace" and d not in self._dims and d not in self.params:
@@ -154,6 +154,29 @@ class TileBuilder:
             if d not in self.params and d not in self._dims and "(" not in d:
                 raise TileDefinitionError(f"workspace size {d!r} is neither a size nor a parameter")
         return self._add_view(name, shape, dtype, "workspace")
+
+    def counter(self, name: str, shape: Sequence[str]) -> View:
+        """int32 counters that outlive a launch (the launcher keeps them per device):
+        zero whenever a launch starts, so a launch that counts with
+        :meth:`atomic_add` must store zero back before it ends. Lets the last program
+        of a group to finish see that it is last (one launch instead of a second
+        stage). Triton only; launches of one kernel must not run concurrently."""
+        view = self.workspace(name, shape, "i32")
+        self._views[-1] = view = View(view.name, view.shape, view.dtype, view.role, persistent=True)
+        return view
+
+    def atomic_add(self, view: View, index: Sequence, value: int) -> Value:
+        """Add ``value`` to one element of a :meth:`counter` and return what it held,
+        atomically, after every store this program made before it is visible to the
+        program that reads the count (acquire-release at device scope)."""
+        if not view.persistent:
+            raise TileDefinitionError(f"atomic_add on {view.name}: only counters (k.counter)")
+        index = self._check_index(view, index)
+        if any(isinstance(i, _RangeValue) for i in index):
+            raise TileDefinitionError("atomic_add: one element (scalar indices)")
+        if self._early:
+            raise TileDefinitionError("before_wait: no atomic_add before the wait")
+        return self._emit("atomic_add", self._new("i32", (), view.name), (view, index), value=int(value))
 
     def scalar(self, name: str, dtype: str = "f32") -> Value:
         """A runtime scalar parameter: never baked into the generated source."""

@@ -39,6 +39,9 @@ class View:
     shape: tuple[str, ...]
     dtype: str
     role: str
+    # a workspace that outlives the launch: zero when a launch starts, and put back to
+    # zero by the launch that changed it (the counters of ``TileBuilder.counter``)
+    persistent: bool = False
 
     @property
     def rank(self) -> int:
