@@ -87,7 +87,7 @@ def cmd_verify(args) -> int:
         for case in k.test_cases:
             for target in args.targets:
                 for dtype in args.dtypes:
-                    if case.dtypes and dtype not in case.dtypes:
+                    if (case.dtypes and dtype not in case.dtypes) or not case.runs_on(target):
                         continue
                     r = verify(k, case, dtype, target, device=device)
                     failed += not r.ok

@@ -14,7 +14,7 @@ def kernel_matrix(name: str):
     params = []
     for case in kernel.test_cases:
         for target in TARGETS:
-            if case.targets and target not in case.targets:
+            if not case.runs_on(target):
                 continue
             for dtype in DTYPES:
                 if case.dtypes and dtype not in case.dtypes:

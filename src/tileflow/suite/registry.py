@@ -42,6 +42,10 @@ class Case:
     dtypes: tuple = ()  # storage dtypes this case is checked in; () = all
     targets: tuple = ()  # targets that have what its parameters use (e.g. Triton's atomics); () = all
 
+    def runs_on(self, target: str) -> bool:
+        """Whether this case is checked on ``target``."""
+        return not self.targets or target in self.targets
+
 
 @dataclass
 class SuiteKernel:
