@@ -486,7 +486,7 @@ def _batch_cache_counters(graph: fx.Graph, report: Report) -> None:
         for u in list(c.users):
             if u is rows:
                 continue
-            other = u.args[0] if len(u.args) == 2 and u.args[1] is c else u.args[1] if len(u.args) == 2 else None
+            other = (u.args[1] if u.args[0] is c else u.args[0]) if len(u.args) == 2 else None
             if (_fn(u, operator.add) and not u.kwargs and _fn(other, torch.arange) and other.args == (1,)
                     and _ev(u) is not None and _ev(u).dtype == torch.int64):
                 with graph.inserting_before(u):

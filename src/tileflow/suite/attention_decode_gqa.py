@@ -13,7 +13,8 @@ cache, grouped-query (``G = NH / NKV`` query heads share each K/V head).
 - With ``ONE_LAUNCH`` (Triton) there is no second stage: each (KV head, split) program
   counts itself done on a counter that outlives the launch, and the last of a group to
   finish combines the group's partials (every query head of it at once) and puts the
-  counter back to zero. One launch boundary a layer less.
+  counter back to zero. One launch boundary a layer less, but measured slower on an
+  H200 (alone, and 3x in the decode step): a candidate the tuner may pick, not a default.
 - With ``HAS_MASK`` a key mask ``key_mask[b, j]`` (int, 0 = hidden) further hides cache
   rows, e.g. transformers' padding mask; a block hidden entirely adds nothing (its
   running max stays -inf and is read as 0), a row hidden entirely is NaN, as in SDPA.
@@ -84,7 +85,7 @@ def define(k, p):
             k.store(ws_l, (b, kvh, sp, rows), l, limits={3: g})
             k.store(ws_acc, (b, kvh, sp, rows, d), acc, limits={3: g})
             if one_launch:
-                combine_last(k, p, b, kvh, g, d, ws_m, ws_l, ws_acc, done, out)
+                combine_last(k, b, kvh, g, d, ws_m, ws_l, ws_acc, done, out)
         else:
             k.store(out, (b, heads, d), acc / l[:, None], limits={1: heads_end})
 
@@ -107,7 +108,7 @@ def define(k, p):
         k.store(out, (b, h, d), acc / l)
 
 
-def combine_last(k, p, b, kvh, g, d, ws_m, ws_l, ws_acc, done, out):
+def combine_last(k, b, kvh, g, d, ws_m, ws_l, ws_acc, done, out):
     """The group's last program to finish combines every split of every head of the
     group in one round of loads ([SPLITS_BLOCK, GROUP_C(, BLOCK_DH)] tiles, GROUP_C the
     group size to a power of two) and resets the group's counter; the others' loads and

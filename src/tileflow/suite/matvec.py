@@ -80,9 +80,10 @@ def stream_k(k, lo, hi, carry, load_tiles, body, pipeline: bool) -> list:
     two tiles in flight: Triton does not software-pipeline loads that feed no dot (no
     cp.async in the sm_90 PTX), and a short grid cannot hide the round trips with
     occupancy. The first round's tiles are loaded before the dependent-launch wait
-    (:meth:`~tileflow.tile.builder.TileBuilder.before_wait`), which pays even with a
-    single round: the tiles arrive during the previous kernel's tail. The tiles must be
-    of inputs no earlier kernel of the step writes."""
+    (:meth:`~tileflow.tile.builder.TileBuilder.before_wait`), so even with a single
+    round they can arrive during the previous kernel's tail (on the H200 the tuner kept
+    this form only for o_proj; NOTES.md). The tiles must be of inputs no earlier kernel
+    of the step writes."""
     carry = list(carry)
     n = len(carry)
     if pipeline:

@@ -150,10 +150,13 @@ class TileBuilder:
         """An intermediate between stages. Its sizes are sizes, parameters, or host
         expressions over them such as ``"cdiv(V, BLOCK_V)"``; accesses along an
         expression-sized dim must pass an explicit limit."""
+        return self._workspace(name, shape, dtype, persistent=False)
+
+    def _workspace(self, name: str, shape: Sequence[str], dtype: str, persistent: bool) -> View:
         for d in shape:
             if d not in self.params and d not in self._dims and "(" not in d:
                 raise TileDefinitionError(f"workspace size {d!r} is neither a size nor a parameter")
-        return self._add_view(name, shape, dtype, "workspace")
+        return self._add_view(name, shape, dtype, "workspace", persistent)
 
     def counter(self, name: str, shape: Sequence[str]) -> View:
         """int32 counters that outlive a launch (the launcher keeps them per device):
@@ -161,9 +164,7 @@ class TileBuilder:
         :meth:`atomic_add` must store zero back before it ends. Lets the last program
         of a group to finish see that it is last (one launch instead of a second
         stage). Triton only; launches of one kernel must not run concurrently."""
-        view = self.workspace(name, shape, "i32")
-        self._views[-1] = view = View(view.name, view.shape, view.dtype, view.role, persistent=True)
-        return view
+        return self._workspace(name, shape, "i32", persistent=True)
 
     def atomic_add(self, view: View, index: Sequence, value: int) -> Value:
         """Add ``value`` to one element of a :meth:`counter` and return what it held,
