@@ -40,12 +40,19 @@ def test_every_matvec_candidate_has_a_pipelined_twin():
     assert any(c["BLOCK_K"] == 2048 and c.get("PIPELINE") for c in cands)
 
 
-def test_leaderboard_retries_tuned_parameters(tmp_path, monkeypatch):
+@pytest.fixture
+def gpu_suite(tmp_path, monkeypatch):
+    """benchmarks/gpu_suite.py, imported fresh over an empty tuning cache."""
     pytest.importorskip("torch")
     monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path))
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
     sys.modules.pop("gpu_suite", None)
     import gpu_suite
+
+    return gpu_suite
+
+
+def test_leaderboard_retries_tuned_parameters(gpu_suite):
     from tileflow.emit import autotune
 
     kernel = KERNELS["down_proj_residual"]
@@ -65,11 +72,7 @@ def test_leaderboard_retries_tuned_parameters(tmp_path, monkeypatch):
     assert len({tuple(sorted(p.items())) for p in picked}) == 6
 
 
-def test_leaderboard_tries_the_tuned_attention_in_one_launch(tmp_path, monkeypatch):
-    monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path))
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    sys.modules.pop("gpu_suite", None)
-    import gpu_suite
+def test_leaderboard_tries_the_tuned_attention_in_one_launch(gpu_suite):
     from tileflow.emit import autotune
 
     kernel = KERNELS["attention_decode_gqa"]
