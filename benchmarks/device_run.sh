@@ -4,6 +4,8 @@
 # call that runs out of time still returns the finished ones.
 #   STEPS="bench:deepseek-r1-distill-qwen-1.5b:128 suite" bash benchmarks/device_run.sh
 # bench:<model>:<prompt>[:paths]  `tileflow bench` (paths comma-separated, default all)
+# jaxbench:<model>:<prompt>[:paths] `tileflow bench --framework jax` (paths comma-separated)
+# pytest:<test file>[:<-k expression>]  pytest on the GPU (e.g. the compiled jax_triton primitives)
 # suite[:model]                    benchmarks/gpu_suite.py (tunes; autotune.json to $OUT)
 # (env: REPEATS, BENCH_LIMIT seconds a bench, BREAKDOWN=1 per-kernel-class step profile,
 #  SUITE_KERNELS="a b" to tune only those, SUITE_LIMIT seconds a suite step)
@@ -35,6 +37,15 @@ for step in ${STEPS:-bench:deepseek-r1-distill-qwen-1.5b:128 suite}; do
       [ -n "${BREAKDOWN:-}" ] && args+=(--breakdown)
       timeout "${BENCH_LIMIT:-900}" python3 benchmarks/run_cli_uninstalled.py bench "${args[@]}" 2>&1 \
         | grep --line-buffered -v -E "Warning|warn\(|^\s*$" ;;
+    jaxbench)
+      args=(--framework jax --model "$model" --prompt "$prompt" --out "$OUT/$n-jaxbench")
+      [ -n "${paths:-}" ] && args+=(--paths ${paths//,/ })
+      [ -n "${REPEATS:-}" ] && args+=(--repeats "$REPEATS")
+      timeout "${BENCH_LIMIT:-900}" python3 benchmarks/run_cli_uninstalled.py bench "${args[@]}" 2>&1 \
+        | grep --line-buffered -v -E "Warning|warn\(|^\s*$" ;;
+    pytest)  # pytest:<file>[:<-k expression>]; the expression's spaces written as commas
+      kexpr=${prompt:+-k "${prompt//,/ }"}
+      timeout "${BENCH_LIMIT:-900}" bash -c "python3 benchmarks/pytest_uninstalled.py -q -x -p no:cacheprovider $model $kexpr" 2>&1 | tail -25 ;;
     suite)  # suite[:model]: another built-in config's shapes, Triton only (Pallas is shape-independent)
       sargs=(--out "$OUT")
       [ -n "${SUITE_KERNELS:-}" ] && sargs+=(--kernels $SUITE_KERNELS)

@@ -23,14 +23,15 @@ import jax
 
 from tileflow.integrations.jax.ops import (argmax, attention_decode, down_proj_residual, embedding,  # noqa: F401
                                            gate_up_silu, kv_proj, linear, o_proj_residual, residual_add,
-                                           rms_norm, rope, rope_k_into_cache, rope_scalars, silu_mul)
+                                           qkv_rope_cache, rms_norm, rms_norm_gate_up_silu, rope,
+                                           rope_k_into_cache, rope_scalars, silu_mul)
 from tileflow.integrations.jax.lowering import keep_xla_reason
 from tileflow.integrations.jax.primitives import PRIMITIVES, jax_target, primitive  # noqa: F401
 from tileflow.report import Report
 
 __all__ = ["optimize", "explain", "Optimized", "rms_norm", "embedding", "linear", "kv_proj", "o_proj_residual",
            "down_proj_residual", "gate_up_silu", "silu_mul", "residual_add", "rope", "rope_k_into_cache",
-           "attention_decode", "argmax", "primitive", "jax_target", "rope_scalars"]
+           "qkv_rope_cache", "rms_norm_gate_up_silu", "attention_decode", "argmax", "primitive", "jax_target", "rope_scalars"]
 
 
 class _Program:

@@ -6,6 +6,10 @@
 - CPU: the kernel's array-API reference in jax.numpy with fp32 arithmetic, rounded
   once to the storage dtype (what the torch CPU path does), or, with
   ``TILEFLOW_JAX_TARGET=pallas``, the generated Pallas code under the interpreter.
+- ``TILEFLOW_JAX_TARGET=triton`` (CUDA / ROCm): the kernel's generated *Triton* code,
+  the same kernels and tuned launch parameters the torch integrations run, as XLA custom
+  calls through ``jax_triton`` (``tileflow.runtime.triton_xla``). No such lowering on
+  CPU or TPU: binding it there is an error that says so.
 - ``TILEFLOW_JAX_TARGET=reference`` runs the reference on every platform.
 
 :func:`keep_xla_reason`: where the generated kernels measured slower than XLA's own code
@@ -88,15 +92,65 @@ def pallas_impl(name: str, interpret: bool):
     return impl
 
 
+def triton_impl(name: str, call=None, empty=None, interpret: bool = False):
+    """The generated Triton kernel's ``launch_xla`` on the primitive's operands, with the
+    launch parameters measured for this GPU and shape (else the defaults). ``call`` /
+    ``empty`` bind a stage and allocate a workspace (default: jax_triton, ``lax.empty``;
+    the CPU test passes the interpreter's)."""
+    from tileflow.emit import autotune
+    from tileflow.integrations.jax.primitives import output_avals, storage_dtype
+    from tileflow.runtime import triton_xla
+
+    call = call or triton_xla.jax_call
+    empty = empty or triton_xla.jax_empty
+
+    kernel = KERNELS[name]
+
+    def impl(*ops, sizes, scalars, target):
+        s = dict(sizes)
+        storage = storage_dtype(name, sizes, ops)
+        dname = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[jnp.dtype(storage).name]
+        tuned = autotune.lookup(name, s, dname, jax.devices()[0].device_kind) or {}
+        ir = kernel.build({**kernel.default_params(s), **tuned, **kernel.structural_sizes(s)})
+        it = iter(ops)
+        outs = iter(output_avals(name, sizes, storage))
+        args = []
+        for v in ir.arguments:
+            if v.role in ("input", "inout"):
+                args.append(next(it))
+                if v.role == "inout":
+                    next(outs)
+            else:
+                a = next(outs)
+                args.append(jax.lax.empty(a.shape, a.dtype))
+        scal = dict(scalars)
+        return list(triton_xla.xla_launcher(ir, interpret)(call, empty, *args, *[scal[x.name] for x in ir.scalars]))
+
+    return impl
+
+
+def _no_triton(name: str, platform: str):
+    def rule(ctx, *args, **params):
+        raise NotImplementedError(
+            f"tileflow_{name}: TILEFLOW_JAX_TARGET=triton runs the generated Triton kernels on CUDA / ROCm "
+            f"GPUs only (this is {platform}); use auto, pallas or reference")
+
+    return rule
+
+
 def _rule(name: str, platform: str):
     ref = mlir.lower_fun(reference_impl(name), multiple_results=True)
     interp = mlir.lower_fun(pallas_impl(name, interpret=True), multiple_results=True)
     compiled = mlir.lower_fun(pallas_impl(name, interpret=False), multiple_results=True)
+    gpu = platform in ("cuda", "rocm")
+    triton = mlir.lower_fun(triton_impl(name), multiple_results=True) if gpu else _no_triton(name, platform)
 
     def rule(ctx, *args, sizes, scalars, target):
         params = dict(sizes=sizes, scalars=scalars, target=target)
         if target == "reference" or (platform == "cpu" and target == "auto"):
             return ref(ctx, *args, **params)
+        if target == "triton":
+            return triton(ctx, *args, **params)
         if platform == "cpu" or _interpret_on_accelerator():
             return interp(ctx, *args, **params)
         return compiled(ctx, *args, **params)

@@ -223,8 +223,9 @@ def decode_step(cfg: DecodeConfig, params: Params, token, cache: Cache, pos):
 
 
 def decode_step_tileflow(cfg: DecodeConfig, params: Params, token, cache: Cache, pos):
-    """``decode_step`` with the suite's primitives called directly (fused RoPE + cache
-    write, K and V projections in one launch)."""
+    """``decode_step`` with the suite's primitives called directly: per layer the torch
+    patch path's six launches (norm + q/k/v + RoPE + cache write, attention's two
+    stages, o + residual, norm + gate/up + SiLU, down + residual)."""
     from tileflow.integrations.jax import ops
 
     b = token.shape[0]
@@ -233,18 +234,14 @@ def decode_step_tileflow(cfg: DecodeConfig, params: Params, token, cache: Cache,
     lengths = positions + 1
     new_cache = []
     for layer, kv in zip(params["layers"], cache):
-        x = ops.rms_norm(h, layer["ln1"], cfg.eps)
-        q = ops.linear(x, layer["wq"], layer.get("bq"))
-        k, v = ops.kv_proj(x, layer["wk"], layer["wv"], layer.get("bk"), layer.get("bv"))
-        q = ops.rope(q.reshape(b, cfg.heads, cfg.head_dim), positions, cfg.theta, cfg.scaling)
-        k_cache, v_cache = ops.rope_k_into_cache(k.reshape(b, cfg.kv_heads, cfg.head_dim),
-                                                 v.reshape(b, cfg.kv_heads, cfg.head_dim), positions,
+        q, k_cache, v_cache = ops.qkv_rope_cache(h, layer["ln1"], cfg.eps, layer["wq"], layer["wk"], layer["wv"],
+                                                 layer.get("bq"), layer.get("bk"), layer.get("bv"), positions,
                                                  kv["k"], kv["v"], cfg.theta, cfg.scaling)
         new_cache.append({"k": k_cache, "v": v_cache})
         attn = ops.attention_decode(q, k_cache, v_cache, lengths, cfg.head_dim ** -0.5)
         h = ops.o_proj_residual(attn.reshape(b, cfg.heads * cfg.head_dim), layer["wo"], h)
-        x = ops.rms_norm(h, layer["ln2"], cfg.eps)
-        h = ops.down_proj_residual(ops.gate_up_silu(x, layer["wg"], layer["wu"]), layer["wd"], h)
+        x = ops.rms_norm_gate_up_silu(h, layer["ln2"], cfg.eps, layer["wg"], layer["wu"])
+        h = ops.down_proj_residual(x, layer["wd"], h)
     h = ops.rms_norm(h, params["norm"], cfg.eps)
     return ops.linear(h, params["lm_head"]).astype(jnp.float32), new_cache
 

@@ -83,6 +83,30 @@ def gate_up_silu(x: Array, wg: Array, wu: Array) -> Array:
     return out.reshape(x.shape[:-1] + (n,))
 
 
+def rms_norm_gate_up_silu(x: Array, ln_w: Array, eps: float, wg: Array, wu: Array) -> Array:
+    """``silu(n @ wg.T) * (n @ wu.T)`` with ``n = rms_norm(x, ln_w, eps)``, one launch."""
+    n, k = wg.shape
+    m = _rows(x)
+    (out,) = bind("rms_norm_gate_up_silu", [x.reshape(m, k), ln_w, wg, wu], {"M": m, "N": n, "K": k}, {"eps": eps})
+    return out.reshape(x.shape[:-1] + (n,))
+
+
+def qkv_rope_cache(x: Array, ln_w: Array, eps: float, wq: Array, wk: Array, wv: Array, bq: Optional[Array],
+                   bk: Optional[Array], bv: Optional[Array], pos: Array, k_cache: Array, v_cache: Array,
+                   theta: float, scaling: Optional[dict] = None) -> tuple[Array, Array, Array]:
+    """The attention input of a decode layer in one launch: RMSNorm of ``x`` [M, D], the
+    q/k/v projections (+ biases), RoPE at ``pos`` [M], K and V written into row ``pos``
+    of the caches [M, NKV, S, DH]. Returns (q [M, NH, DH], k_cache, v_cache)."""
+    m, nkv, s, dh = k_cache.shape
+    nq = wq.shape[0]
+    kind, scal = rope_scalars(theta, scaling)
+    sizes = {"M": m, "K": x.shape[-1], "NH": nq // dh, "NKV": nkv, "DH": dh, "NQ": nq, "NKD": nkv * dh, "S": s,
+             "HAS_BIAS": int(bq is not None), "ROPE_KIND": kind}
+    ops = [x.reshape(m, x.shape[-1]), ln_w, wq, wk, wv] + ([bq, bk, bv] if bq is not None else [])
+    q, kc, vc = bind("qkv_rope_cache", ops + [pos, k_cache, v_cache], sizes, {"eps": eps, **scal})
+    return q, kc, vc
+
+
 def _elementwise(name: str, a: Array, b: Array) -> Array:
     n = a.shape[-1]
     m = _rows(a)

@@ -30,14 +30,16 @@ except ImportError:  # pragma: no cover
     from jax._src.core import ShapedArray
 
 TARGET_ENV = "TILEFLOW_JAX_TARGET"
-TARGETS = ("auto", "pallas", "reference")
+TARGETS = ("auto", "pallas", "triton", "reference")
 MATVEC_KERNELS = ("q_proj_matvec", "kv_proj_matvec", "o_proj_residual", "down_proj_residual", "mlp_gate_up_silu")
 
 
 def jax_target() -> str:
     """``auto`` (Pallas compiled on GPU/TPU, the reference on CPU), ``pallas`` (also on
-    CPU, under the Pallas interpreter: how the tests run the generated kernels) or
-    ``reference`` (the jax.numpy reference everywhere), from ``TILEFLOW_JAX_TARGET``."""
+    CPU, under the Pallas interpreter: how the tests run the generated kernels),
+    ``triton`` (CUDA / ROCm: the generated Triton kernels with the torch side's tuned
+    launch parameters, as custom calls through jax_triton) or ``reference`` (the
+    jax.numpy reference everywhere), from ``TILEFLOW_JAX_TARGET``."""
     t = os.environ.get(TARGET_ENV, "auto") or "auto"
     if t not in TARGETS:
         raise ValueError(f"{TARGET_ENV}={t!r}: expected one of {TARGETS}")

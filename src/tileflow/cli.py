@@ -102,7 +102,8 @@ def cmd_bench(args) -> int:
     if args.framework == "jax":
         from tileflow.bench.jax_decode import run_jax_bench
 
-        rec = run_jax_bench(args.model, args.prompt, args.new, args.repeats, args.out, args.dtype)
+        rec = run_jax_bench(args.model, args.prompt, args.new, args.repeats, args.out, args.dtype,
+                            paths=args.paths or None)
         return 1 if any(v.get("error") for v in rec["paths"].values()) else 0
     from tileflow.bench import run_bench
 
@@ -140,7 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "'tiny' on CPU)")
     ben.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128 on GPU, 32 on CPU)")
     ben.add_argument("--new", type=int, default=None, help="new tokens (default 256 on GPU, 32 on CPU)")
-    ben.add_argument("--paths", nargs="*", choices=path_names, help="subset of paths (eager always runs)")
+    from tileflow.bench.jax_decode import PATHS as JAX_PATHS
+
+    ben.add_argument("--paths", nargs="*", choices=path_names + [p for p in JAX_PATHS if p not in path_names],
+                     help="subset of paths (eager, or jax_jit with --framework jax, always runs)")
     ben.add_argument("--repeats", type=int, default=3)
     ben.add_argument("--out", default="benchmarks/results")
     ben.add_argument("--device", default=None)

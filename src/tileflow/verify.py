@@ -115,6 +115,16 @@ def run_target(kernel: SuiteKernel, ir: KernelIR, target: str, inputs: dict, out
         device_type = next(iter(inputs.values())).device.type
         triton_launcher(ir, device_type)(*args, *scal)
         return outputs
+    if target == "triton_xla":  # the custom-call form (JAX on GPUs), here on torch tensors
+        import functools
+
+        from tileflow.runtime.torch_triton import use_interpreter_if_no_gpu
+        from tileflow.runtime.triton_xla import torch_call, torch_empty, xla_launcher
+
+        device = next(iter(inputs.values())).device
+        res = xla_launcher(ir, interpret=use_interpreter_if_no_gpu())(
+            torch_call, functools.partial(torch_empty, device=device), *args, *scal)
+        return dict(zip(order_out, res))
     if target == "pallas":
         return _run_pallas(ir, args, outputs, scal)
     if target == "reference":

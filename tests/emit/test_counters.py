@@ -39,7 +39,7 @@ def test_repeated_launches_stay_right_and_leave_counters_at_zero():
 def test_stores_then_barrier_then_atomic():
     _, _, ir = _one_launch()
     src = generate(ir, "triton")
-    assert src.count("@triton.jit") == 1  # no combine stage
+    assert src.count("@triton.jit") - src.count("_xla(\n") == 1  # no combine stage (beside its XLA-order twin)
     last_partial = src.rindex("tl.store(part_acc_ptr")
     barrier, atomic = src.index("tl.debug_barrier()"), src.index("tl.atomic_add(")
     assert last_partial < barrier < atomic

@@ -71,7 +71,18 @@ def _matrix():
                     continue
                 out.append(pytest.param(name, case, dtype, "reference", id=f"{name}-{case.label}-ref-{dtype}"))
                 out.append(pytest.param(name, case, dtype, "pallas", id=f"{name}-{case.label}-pallas-{dtype}"))
+                if _TRITON_ON_GPU and not case.targets:  # compiled, through jax_triton (the GPU machine)
+                    out.append(pytest.param(name, case, dtype, "triton", id=f"{name}-{case.label}-triton-{dtype}"))
     return out
+
+
+def _triton_on_gpu() -> bool:
+    from tileflow.runtime.triton_xla import jax_triton_missing
+
+    return jax.default_backend() in ("gpu", "cuda", "rocm") and not jax_triton_missing()
+
+
+_TRITON_ON_GPU = _triton_on_gpu()
 
 
 def primitives_names():
@@ -165,3 +176,56 @@ def test_compiled_lowering_allocates_outputs_instead_of_filling(monkeypatch):
         lowering.pallas_impl("o_proj_residual", interpret)(x, w, r, sizes=sizes, scalars=(), target="pallas")
     assert empties == [((1, 8), jnp.dtype(jnp.float32))]
     assert np.isnan(np.asarray(seen[True][-1])).all()
+
+
+def _torch_stage_call(kernel, grid, reads, writes, scalars, meta):
+    """A stage of ``launch_xla`` on JAX arrays, launched by Triton's own launcher on torch
+    copies (the interpreter without a GPU), in place of jax_triton's custom call."""
+    from tileflow.runtime.triton_xla import torch_call
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    to_t = [_to_torch(a).to(dev) for a in reads], [_to_torch(a).to(dev) for a in writes]
+    outs = torch_call(kernel, grid, *to_t, scalars, meta)
+    return tuple(jnp.asarray(o.cpu().numpy()).astype(w.dtype) for o, w in zip(outs, writes))
+
+
+def _poisoned_empty(shape, dtype, **kw):
+    dtype = jnp.dtype({"f32": "float32", "i32": "int32", "i64": "int64"}.get(dtype, dtype))
+    return jnp.full(shape, jnp.nan if jnp.issubdtype(dtype, jnp.floating) else -1, dtype)
+
+
+@pytest.mark.parametrize("name", primitives_names())
+def test_triton_target_lowering_runs_the_triton_kernel(name, monkeypatch):
+    """``TILEFLOW_JAX_TARGET=triton`` (CUDA / ROCm) lowers to the generated Triton
+    kernel's ``launch_xla``; here the custom call is replaced by Triton's own launcher
+    (the interpreter on CPU), with the primitive's outputs and workspaces poisoned,
+    against the float64 reference. The compiled custom calls are the matrix's ``triton``
+    cases, on a GPU with jax_triton."""
+    from tileflow.integrations.jax import lowering
+    from tileflow.runtime.torch_triton import use_interpreter_if_no_gpu
+
+    interpret = use_interpreter_if_no_gpu()
+    monkeypatch.setattr(jax.lax, "empty", _poisoned_empty)
+    kernel = KERNELS[name]
+    case = next(c for c in kernel.test_cases if not c.targets)
+    sizes = _sizes(kernel, case)
+    key = tuple(sorted(sizes.items()))
+    ir = kernel.build(kernel.params_for(case))
+    seed = secrets.randbits(31)
+    inputs = make_inputs(kernel, ir, case, torch.float32, torch.Generator().manual_seed(seed))
+    ops = [_to_jax(inputs[v.name]) for v in primitives.input_views(name, key)]
+    impl = lowering.triton_impl(name, call=_torch_stage_call, empty=_poisoned_empty, interpret=interpret)
+    outs = impl(*ops, sizes=key, scalars=tuple(sorted(case.scalars.items())), target="triton")
+    ref = reference_outputs(kernel, inputs, dict(case.scalars))
+    for v, got in zip(primitives.kernel_ir(name, key).outputs, outs):
+        err, problem = compare(_to_torch(got), ref[v.name])
+        assert not problem and (got.dtype in (jnp.int32, jnp.int64) or err <= BOUNDS["fp32"]), (name, seed, v.name,
+                                                                                                err, problem)
+
+
+def test_triton_target_is_refused_on_cpu(monkeypatch):
+    monkeypatch.setenv("TILEFLOW_JAX_TARGET", "triton")
+    cpu = jax.devices("cpu")[0]
+    x, w = jax.device_put(jnp.ones((1, 16)), cpu), jax.device_put(jnp.ones((16,)), cpu)
+    with jax.default_device(cpu), pytest.raises(NotImplementedError, match="CUDA / ROCm GPUs only"):
+        jax.jit(lambda a, b: primitives.bind("rms_norm", (a, b), {"M": 1, "D": 16}, {"eps": 1e-6}))(x, w)

@@ -65,6 +65,15 @@ def _counters(name, shape, device):
     return _COUNTERS[key]
 
 
+def _rowmajor(shape):
+    """Element strides of a contiguous row-major array (what XLA hands a custom call)."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return strides[::-1]
+
+
 def _use_pdl(t):
     """Programmatic dependent launch: Hopper or newer, compiled, not disabled (TILEFLOW_PDL=0)."""
     if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("TILEFLOW_PDL") == "0":
@@ -363,6 +372,78 @@ class TritonEmitter(Walker):
                     w(", ".join(kw) + ", **(_PDL_LAUNCH if USE_PDL else {}),")
                 w(")")
 
+    def xla_wrappers(self, w: Writer):
+        """Per stage, the same kernel with its pointers reordered for an XLA custom call
+        (jax_triton's ``triton_call``): inputs, the written views as aliased operands
+        (the same buffers as the outputs; unused), the scalars, then the written views."""
+        writes = [v for v in self.ir.views if v.role != "input"]
+        tail = self.signature()[len(self.ir.views):]
+        for stage in self.ir.stages:
+            params = ([f"{v.name}_ptr" for v in self.ir.inputs] + [f"{v.name}_alias" for v in writes]
+                      + tail + [f"{v.name}_ptr" for v in writes] + [f"{c}: tl.constexpr" for c in self.constexprs()])
+            w("@triton.jit")
+            w(f"def {self.ir.name}_{stage.name}_xla(")
+            with w.indent():
+                for a in params:
+                    w(a + ",")
+            w("):")
+            with w.indent():
+                w(f"{self.ir.name}_{stage.name}(")
+                with w.indent():
+                    w(", ".join(self.signature()) + ",")
+                    w(", ".join(self.constexprs()) + ",")
+                w(")")
+            w()
+
+    def launch_xla(self, w: Writer):
+        """``launch_xla(call, empty, *arguments, *scalars)``: every stage through ``call``
+        (the caller's custom-call binding), on arrays that are values, not buffers: the
+        written views thread from stage to stage and come back as the outputs."""
+        ins = [v.name for v in self.ir.arguments]
+        scal = [s.name for s in self.ir.scalars]
+        w(f"def launch_xla(call, empty, {', '.join(ins + scal)}):")
+        with w.indent():
+            w(f'"""{self.ir.name} as custom calls: ``call(kernel, grid, reads, writes, scalars, meta)``')
+            w("returns the new ``writes``; ``empty(shape, dtype)`` allocates a workspace. Contiguous")
+            w('arrays, no dependent launch (XLA launches the kernels). Returns the outputs."""')
+            self.bind_dims(w, "{view}.shape[{axis}]")
+            for k in sorted(self.ir.params):
+                w(f"{k} = {literal(self.ir.params[k])}")
+            for v in self.ir.workspaces:
+                shape = ", ".join(v.shape) + ("," if v.rank == 1 else "")
+                if v.persistent:
+                    w(f'raise NotImplementedError("{self.ir.name}: persistent counters ({v.name}) '
+                      f'have no XLA launch; use a variant without them")')
+                    break
+                w(f'{v.name} = empty(({shape}), "{v.dtype}")')
+            tviews = [v for v in self.ir.views if v.role != "workspace" and v.dtype == "T"]
+            if self.uses("dot"):
+                w(f'DOT_PREC = "ieee" if str({tviews[0].name}.dtype).endswith("float32") else "tf32"')
+                w('UPCAST = os.environ.get("TRITON_INTERPRET") == "1"')
+            w("USE_PDL = False")
+            if self.uses("prefetch"):
+                w("PREFETCH = False")
+            if self._uses_early():
+                w("EARLY = False")
+            strides = []
+            for v in self.ir.views:
+                shape = ", ".join(f"{v.name}.shape[{a}]" if v.role != "workspace" else v.shape[a]
+                                  for a in range(v.rank)) + ("," if v.rank == 1 else "")
+                strides.append(f"*_rowmajor(({shape}))")
+            reads = [v.name for v in self.ir.inputs]
+            writes = [v.name for v in self.ir.views if v.role != "input"]
+            w(f"scalars = ({', '.join(strides + list(self.ir.dims) + scal)},)")
+            meta = [f'"{c}": {c}' for c in self.constexprs()]
+            meta += [f'"{o}": {o}' for o in LAUNCH_OPTIONS if o in self.ir.params]
+            w(f"meta = {{{', '.join(meta)}}}")
+            wtuple = ", ".join(writes) + ","
+            for stage in self.ir.stages:
+                grid = ", ".join(stage.grid) + ("," if len(stage.grid) == 1 else "")
+                w(f"{wtuple} = call({self.ir.name}_{stage.name}_xla, ({grid}), "
+                  f"({', '.join(reads)}{',' if len(reads) == 1 else ''}), ({wtuple}), scalars, meta)")
+            outs = ", ".join(v.name for v in self.ir.outputs) + ","
+            w(f"return ({outs})")
+
     def module(self) -> str:
         w = Writer()
         for line in self.banner().splitlines():
@@ -374,6 +455,9 @@ class TritonEmitter(Walker):
             self.stage_kernel(stage, w)
             w()
         self.launch(w)
+        w()
+        self.xla_wrappers(w)
+        self.launch_xla(w)
         return w.text()
 
 
