@@ -3,8 +3,9 @@
 The generated module's ``launch_xla(call, empty, *arguments, *scalars)`` computes the
 grids and launch parameters once, for any array type, and hands each stage to ``call``:
 
-- :func:`jax_call` binds it with ``jax_triton.triton_call`` (the written views aliased
-  from operand to result, so XLA updates them in place and the stages thread);
+- :func:`jax_call` binds it as an XLA custom call (jaxlib's Triton launcher, the kernel
+  compiled by jax_triton; the written views aliased from operand to result, so XLA
+  updates them in place and the stages thread);
 - :func:`torch_call` launches the same stage kernel on torch tensors, which on a machine
   without a GPU is the Triton interpreter: how CI checks the custom-call argument order
   (``tileflow.verify`` target ``triton_xla``) without jax_triton or a GPU.
@@ -41,20 +42,111 @@ def _launch_options(meta: dict) -> tuple[dict, dict]:
     return meta, opts
 
 
-def jax_call(kernel, grid: tuple, reads: Sequence, writes: Sequence, scalars: Sequence, meta: dict) -> tuple:
-    """One stage as a ``jax_triton.triton_call``: ``writes`` go in aliased to the results."""
+# The custom-call target the stages lower to: jaxlib's own typed-FFI Triton launcher,
+# registered once more under this name with XLA's COMMAND_BUFFER_COMPATIBLE trait, so
+# that XLA records the launches into its command buffers (CUDA graphs) with the fused
+# code around them instead of launching each from the host. jaxlib registers it
+# without the trait; a compiled call only ever runs cuLaunchKernel (its module loads
+# in the handler's initialize stage), which stream capture records and replays.
+# TILEFLOW_JAX_COMMAND_BUFFER=0 uses jaxlib's registration as it is (the A/B).
+_TARGET = "tileflow_triton_kernel_call"
+_JAXLIB_TARGET = "triton_kernel_call_ffi"
+_registered: set = set()
+
+
+def _custom_call_target(platform: str) -> str:
+    import os
+
+    if os.environ.get("TILEFLOW_JAX_COMMAND_BUFFER") == "0":
+        return _JAXLIB_TARGET
+    if platform not in _registered:
+        import jax
+        from jax._src.lib import gpu_triton
+        from jaxlib.xla_client import CustomCallTargetTraits
+
+        lib = gpu_triton._cuda_triton if platform == "cuda" else gpu_triton._hip_triton
+        jax.ffi.register_ffi_target(_TARGET, lib.registrations()[_JAXLIB_TARGET], platform=platform.upper(),
+                                    api_version=1, traits=CustomCallTargetTraits.COMMAND_BUFFER_COMPATIBLE)
+        _registered.add(platform)
+    return _TARGET
+
+
+_call_p = None
+
+
+def _primitive():
+    """``tileflow_triton_call``: one Triton kernel launch, its written operands aliased to
+    its results (built on first use: jax_triton and a GPU jaxlib are imported here)."""
+    global _call_p
+    if _call_p is not None:
+        return _call_p
     import jax
-    import jax_triton as jt
+    from jax.extend.core import Primitive
+    from jax.interpreters import mlir
+
+    p = Primitive("tileflow_triton_call")
+    p.multiple_results = True
+    p.def_abstract_eval(lambda *avals, out_avals, **_: list(out_avals))
+    p.def_impl(lambda *args, **params: jax.jit(lambda *a: p.bind(*a, **params))(*args))
+    for platform in ("cuda", "rocm"):
+        mlir.register_lowering(p, _lowering(platform), platform=platform)
+    _call_p = p
+    return p
+
+
+def _lowering(platform: str):
+    def rule(ctx, *arrays, kernel, grid, scalars, meta, num_warps, num_stages, n_reads, out_avals):
+        import zlib
+
+        import jax
+        from jax._src.lib import gpu_triton
+        from jax_triton import triton_lib as jtl
+
+        # kernel parameters: the arrays (reads, then the written views as aliased
+        # operands), the scalars, then the results (the same buffers as those operands)
+        args = list(ctx.avals_in) + list(scalars) + list(ctx.avals_out)
+        dtypes = [jtl.get_triton_type(a) for a in args]
+        n_in = len(ctx.avals_in)
+        scalar_args = tuple((n_in + i, dtypes[n_in + i], v) for i, v in enumerate(scalars))
+        init = jtl.get_cuda_backend if platform == "cuda" else jtl.get_hip_backend
+        compiled, attrs = jtl.get_or_create_triton_kernel(
+            init, platform, kernel, dtypes, scalar_args, num_warps=num_warps, num_stages=num_stages, num_ctas=1,
+            compute_capability=None, enable_fp_fusion=True, metaparams=dict(meta), dump=False)
+        params = []
+        for i, (a, t) in enumerate(zip(args, dtypes)):
+            if t.startswith("*"):
+                params.append(gpu_triton.create_array_parameter(0, 16 if ["tt.divisibility", 16] in attrs[(i,)] else 0))
+            elif a != 1:  # a scalar equal to 1 is specialised into the kernel, as Triton does
+                params.append(gpu_triton.create_scalar_parameter(a, t))
+        gx, gy, gz = (tuple(grid) + (1, 1))[:3]
+        call = gpu_triton.TritonKernelCall(compiled, gx, gy, gz, params)
+        name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+        aliases = {n_reads + i: i for i in range(len(ctx.avals_out))}
+        lower = jax.ffi.ffi_lowering(_custom_call_target(platform), api_version=4, operand_output_aliases=aliases)
+        return lower(ctx, *arrays, opaque=zlib.compress(call.to_proto(name, b"")))
+
+    return rule
+
+
+def _shaped(shape, dtype):
+    try:  # public in jax 0.10; jax.core keeps shedding names
+        from jax.core import ShapedArray
+    except ImportError:  # pragma: no cover
+        from jax._src.core import ShapedArray
+    return ShapedArray(tuple(shape), dtype)
+
+
+def jax_call(kernel, grid: tuple, reads: Sequence, writes: Sequence, scalars: Sequence, meta: dict) -> tuple:
+    """One stage as a ``tileflow_triton_call``: ``writes`` go in aliased to the results."""
     import numpy as np
 
     meta, opts = _launch_options(meta)
     # Python floats would reach the kernel as fp64; the torch launcher passes fp32
-    scal = [np.float32(s) if isinstance(s, float) else int(s) for s in scalars]
-    first = len(reads)
-    outs = jt.triton_call(
-        *reads, *writes, *scal, kernel=kernel, grid=tuple(int(g) for g in grid),
-        out_shape=[jax.ShapeDtypeStruct(w.shape, w.dtype) for w in writes],
-        input_output_aliases={first + i: i for i in range(len(writes))}, **opts, **meta)
+    scal = tuple(np.float32(s) if isinstance(s, float) else int(s) for s in scalars)
+    outs = _primitive().bind(
+        *reads, *writes, kernel=kernel, grid=tuple(int(g) for g in grid), scalars=scal,
+        meta=tuple(sorted(meta.items())), num_warps=opts.get("num_warps", 4), num_stages=opts.get("num_stages", 3),
+        n_reads=len(reads), out_avals=tuple(_shaped(w.shape, w.dtype) for w in writes))
     return tuple(outs)
 
 
