@@ -45,7 +45,7 @@ for step in ${STEPS:-bench:deepseek-r1-distill-qwen-1.5b:128 suite}; do
         | grep --line-buffered -v -E "Warning|warn\(|^\s*$" ;;
     pytest)  # pytest:<file>[:<-k expression>]; the expression's spaces written as commas
       kexpr=${prompt:+-k "${prompt//,/ }"}
-      timeout "${BENCH_LIMIT:-900}" bash -c "python3 benchmarks/pytest_uninstalled.py -q -x -p no:cacheprovider $model $kexpr" 2>&1 | tail -25 ;;
+      timeout "${BENCH_LIMIT:-900}" bash -c "python3 benchmarks/pytest_uninstalled.py -q -p no:cacheprovider $model $kexpr" 2>&1 | tail -25 ;;
     suite)  # suite[:model]: another built-in config's shapes, Triton only (Pallas is shape-independent)
       sargs=(--out "$OUT")
       [ -n "${SUITE_KERNELS:-}" ] && sargs+=(--kernels $SUITE_KERNELS)

@@ -16,7 +16,8 @@ except ImportError:  # pragma: no cover
     pass
 os.environ.setdefault("TILEFLOW_CACHE_DIR", tempfile.mkdtemp(prefix="tileflow-test-cache-"))
 # compiled Triton's own cache: the GPU machine's pytest found no usable default for it
-os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="triton-test-cache-"))
+if not os.environ.get("TRITON_CACHE_DIR"):
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-test-cache-")
 
 RESULTS = []
 

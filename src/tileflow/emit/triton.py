@@ -373,14 +373,18 @@ class TritonEmitter(Walker):
                 w(")")
 
     def xla_wrappers(self, w: Writer):
-        """Per stage, the same kernel with its pointers reordered for an XLA custom call
-        (jax_triton's ``triton_call``): inputs, the written views as aliased operands
-        (the same buffers as the outputs; unused), the scalars, then the written views."""
+        """Per stage, the same kernel with its pointers reordered for an XLA custom call:
+        inputs, the written views as aliased operands (the same buffers as the outputs;
+        unused), the runtime scalars, then the written views. Strides and sizes are
+        compile-time constants: an XLA program has static shapes, and a constant stride
+        is what lets Triton prove 16-byte alignment (XLA's launcher, unlike Triton's own,
+        passes no divisibility hints for integer arguments)."""
         writes = [v for v in self.ir.views if v.role != "input"]
-        tail = self.signature()[len(self.ir.views):]
+        static = self.signature()[len(self.ir.views):len(self.signature()) - len(self.ir.scalars)]
         for stage in self.ir.stages:
             params = ([f"{v.name}_ptr" for v in self.ir.inputs] + [f"{v.name}_alias" for v in writes]
-                      + tail + [f"{v.name}_ptr" for v in writes] + [f"{c}: tl.constexpr" for c in self.constexprs()])
+                      + [s.name for s in self.ir.scalars] + [f"{v.name}_ptr" for v in writes]
+                      + [f"{c}: tl.constexpr" for c in static + self.constexprs()])
             w("@triton.jit")
             w(f"def {self.ir.name}_{stage.name}_xla(")
             with w.indent():
@@ -425,15 +429,16 @@ class TritonEmitter(Walker):
                 w("PREFETCH = False")
             if self._uses_early():
                 w("EARLY = False")
-            strides = []
             for v in self.ir.views:
                 shape = ", ".join(f"{v.name}.shape[{a}]" if v.role != "workspace" else v.shape[a]
                                   for a in range(v.rank)) + ("," if v.rank == 1 else "")
-                strides.append(f"*_rowmajor(({shape}))")
+                names = ", ".join(f"{v.name}_s{a}" for a in range(v.rank)) + ("," if v.rank == 1 else "")
+                w(f"{names} = _rowmajor(({shape}))")
             reads = [v.name for v in self.ir.inputs]
             writes = [v.name for v in self.ir.views if v.role != "input"]
-            w(f"scalars = ({', '.join(strides + list(self.ir.dims) + scal)},)")
-            meta = [f'"{c}": {c}' for c in self.constexprs()]
+            w(f"scalars = ({', '.join(scal)}{',' if len(scal) == 1 else ''})")
+            static = self.signature()[len(self.ir.views):len(self.signature()) - len(self.ir.scalars)]
+            meta = [f'"{c}": {c}' for c in static + self.constexprs()]
             meta += [f'"{o}": {o}' for o in LAUNCH_OPTIONS if o in self.ir.params]
             w(f"meta = {{{', '.join(meta)}}}")
             wtuple = ", ".join(writes) + ","
