@@ -1,8 +1,10 @@
 """What a tileflow primitive lowers to, per platform.
 
-- TPU, CUDA (and ROCm): the kernel's generated Pallas code, compiled
-  (``interpret=False``; on GPUs Pallas compiles through its Triton backend, so no
-  ``jax_triton`` is needed). ``TILEFLOW_PALLAS_INTERPRET=1`` forces the interpreter.
+- CUDA (and ROCm) with ``jax_triton`` importable: the kernel's generated Triton code
+  (below, ``triton``), the fastest measured on an H200.
+- TPU, and CUDA / ROCm without ``jax_triton``: the kernel's generated Pallas code,
+  compiled (``interpret=False``; on GPUs Pallas compiles through its Triton backend).
+  ``TILEFLOW_PALLAS_INTERPRET=1`` forces the interpreter.
 - CPU: the kernel's array-API reference in jax.numpy with fp32 arithmetic, rounded
   once to the storage dtype (what the torch CPU path does), or, with
   ``TILEFLOW_JAX_TARGET=pallas``, the generated Pallas code under the interpreter.
@@ -13,8 +15,9 @@
 - ``TILEFLOW_JAX_TARGET=reference`` runs the reference on every platform.
 
 :func:`keep_xla_reason`: where the generated kernels measured slower than XLA's own code
-(CUDA, through Pallas's Triton backend), ``optimize`` leaves the function as written
-under the ``auto`` target and says why; primitives called directly still lower to Pallas.
+(CUDA without jax_triton, through Pallas's Triton backend), ``optimize`` leaves the
+function as written under the ``auto`` target and says why; primitives called directly
+still lower to Pallas.
 
 The target is a static parameter of each call (read from the environment when the
 primitive is bound), so programs traced under different settings never share a
@@ -149,7 +152,7 @@ def _rule(name: str, platform: str):
         params = dict(sizes=sizes, scalars=scalars, target=target)
         if target == "reference" or (platform == "cpu" and target == "auto"):
             return ref(ctx, *args, **params)
-        if target == "triton":
+        if target == "triton" or (gpu and target == "auto" and not _interpret_on_accelerator() and triton_available()):
             return triton(ctx, *args, **params)
         if platform == "cpu" or _interpret_on_accelerator():
             return interp(ctx, *args, **params)
@@ -164,22 +167,33 @@ def register(prim, name: str) -> None:
         mlir.register_lowering(prim, _rule(name, platform), platform=platform)
 
 
-# H100, DeepSeek-R1-Distill-Qwen-1.5B shape, bf16, decode loop inside one jit (2026-11-24,
-# benchmarks/results/2026-11-24-NVIDIA-H100-80GB-HBM3-jax-decode-*.json)
-_CUDA_MEASURED = ("jax.jit 554 tok/s, tileflow.jax.optimize with the Pallas (Triton backend) kernels 399 tok/s "
-                  "on an H100 (1.5B shape, bf16)")
+def triton_available() -> bool:
+    """Whether the generated Triton kernels can run under JAX here (jax_triton importable)."""
+    from tileflow.runtime.triton_xla import jax_triton_missing
+
+    return not jax_triton_missing()
+
+
+# H200, DeepSeek-R1-Distill-Qwen-1.5B shape, bf16, decode loop inside one jit (2026-12-02,
+# benchmarks/results/2026-12-02-NVIDIA-H200-jax-decode-*.json): jax.jit 644 tok/s; the
+# step written with the primitives 454 through Pallas's Triton backend, 836 through the
+# generated Triton kernels (jax_triton); tileflow.jax.optimize 655 with the latter.
+_CUDA_MEASURED = ("jax.jit 644 tok/s, tileflow.jax.optimize with the Pallas (Triton backend) kernels slower "
+                  "(H100: 399 vs 554; H200, primitives by hand: 454 vs 644), with the generated Triton kernels "
+                  "through jax_triton 655 (H200, 1.5B shape, bf16)")
 
 
 def keep_xla_reason() -> str:
     """Why ``optimize`` keeps XLA's own code on the default backend, or "" to rewrite.
 
-    Only under the ``auto`` target: ``TILEFLOW_JAX_TARGET=pallas`` (or ``reference``)
-    rewrites everywhere."""
+    Only under the ``auto`` target on CUDA / ROCm without jax_triton (where the kernels
+    would run through Pallas's Triton backend, measured slower than XLA):
+    ``TILEFLOW_JAX_TARGET=pallas`` (or ``triton``, ``reference``) rewrites everywhere."""
     from tileflow.integrations.jax.primitives import jax_target
 
     if jax_target() != "auto":
         return ""
-    if jax.default_backend() == "gpu":
-        return (f"on CUDA the generated kernels measured slower than XLA ({_CUDA_MEASURED}); "
-                "TILEFLOW_JAX_TARGET=pallas swaps them in anyway")
+    if jax.default_backend() in ("gpu", "cuda", "rocm") and not triton_available():
+        return (f"on CUDA without jax_triton the generated kernels run through Pallas, measured slower than XLA "
+                f"({_CUDA_MEASURED}); install jax-triton, or TILEFLOW_JAX_TARGET=pallas swaps them in anyway")
     return ""

@@ -35,7 +35,8 @@ MATVEC_KERNELS = ("q_proj_matvec", "kv_proj_matvec", "o_proj_residual", "down_pr
 
 
 def jax_target() -> str:
-    """``auto`` (Pallas compiled on GPU/TPU, the reference on CPU), ``pallas`` (also on
+    """``auto`` (on CUDA / ROCm the generated Triton kernels where jax_triton is
+    importable, else Pallas compiled; Pallas on TPU; the reference on CPU), ``pallas`` (also on
     CPU, under the Pallas interpreter: how the tests run the generated kernels),
     ``triton`` (CUDA / ROCm: the generated Triton kernels with the torch side's tuned
     launch parameters, as custom calls through jax_triton) or ``reference`` (the

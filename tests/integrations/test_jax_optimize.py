@@ -147,13 +147,19 @@ def test_bf16_logits_close_to_plain():
 
 
 def test_on_cuda_auto_keeps_xla_with_the_measured_reason(monkeypatch):
-    """Where the generated kernels measured slower than XLA (CUDA), ``optimize`` under
-    the auto target swaps nothing and says why; an explicit target still rewrites."""
+    """Where the generated kernels measured slower than XLA (CUDA without jax_triton:
+    Pallas's Triton backend), ``optimize`` under the auto target swaps nothing and says
+    why; an explicit target still rewrites, and so does auto where jax_triton runs the
+    generated Triton kernels."""
     from tileflow.integrations.jax import lowering
 
     cfg, params = M.from_transformers(tiny("qwen2"))
     monkeypatch.delenv("TILEFLOW_JAX_TARGET", raising=False)
     monkeypatch.setattr(lowering.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(lowering, "triton_available", lambda: True)
+    report = tfj.explain(functools.partial(M.decode_step, cfg), *step_args(cfg, params))
+    assert report.matches["gqa_attention"] == cfg.layers and not report.fallbacks, str(report)
+    monkeypatch.setattr(lowering, "triton_available", lambda: False)
     report = tfj.explain(functools.partial(M.decode_step, cfg), *step_args(cfg, params))
     assert not report.matches and report.fallbacks, str(report)
     assert all("slower than XLA" in reason and "tok/s" in reason for _, _, reason in report.fallbacks)

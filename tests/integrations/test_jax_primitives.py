@@ -179,10 +179,12 @@ def test_compiled_lowering_allocates_outputs_instead_of_filling(monkeypatch):
 
 
 def _torch_stage_call(kernel, grid, reads, writes, scalars, meta):
-    """A stage of ``launch_xla`` on JAX arrays, launched by Triton's own launcher on torch
-    copies (the interpreter without a GPU), in place of jax_triton's custom call."""
-    from tileflow.runtime.triton_xla import torch_call
+    """A stage of ``launch_xla`` on JAX arrays: on a GPU with jax_triton the real custom
+    call (eagerly), else Triton's own launcher on torch copies (the interpreter on CPU)."""
+    from tileflow.runtime.triton_xla import jax_call, jax_triton_missing, torch_call
 
+    if jax.default_backend() != "cpu" and not jax_triton_missing():
+        return jax_call(kernel, grid, reads, writes, scalars, meta)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     to_t = [_to_torch(a).to(dev) for a in reads], [_to_torch(a).to(dev) for a in writes]
     outs = torch_call(kernel, grid, *to_t, scalars, meta)

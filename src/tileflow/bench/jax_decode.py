@@ -4,10 +4,9 @@ DeepSeek decoder (``tileflow.integrations.jax.model``), side by side in one proc
 - ``jax_jit``: ``jax.jit`` of the plain step (what a JAX user starts from);
 - ``tileflow_jax_direct``: the step written with tileflow primitives by hand;
 - ``tileflow_jax_optimize``: ``jax.jit(tileflow.jax.optimize(step))``;
-- on a CUDA / ROCm GPU with jax_triton, ``tileflow_jax_triton`` and
-  ``tileflow_jax_optimize_triton``: the same two under ``TILEFLOW_JAX_TARGET=triton``
-  (the generated Triton kernels with the torch side's tuned launch parameters, as XLA
-  custom calls) where the others run the default target (Pallas on GPUs).
+- on a GPU or TPU, ``tileflow_jax_direct_pallas``: the direct step under
+  ``TILEFLOW_JAX_TARGET=pallas`` (on CUDA with jax_triton the default target runs the
+  generated Triton kernels; this is the Pallas form beside it).
 
 Each path is timed twice: a Python loop calling the jitted step per token (as most JAX
 decode loops are written), and all decode steps inside one jit (``lax.fori_loop``),
@@ -31,8 +30,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-PATHS = ("jax_jit", "tileflow_jax_direct", "tileflow_jax_optimize", "tileflow_jax_triton",
-         "tileflow_jax_optimize_triton")
+PATHS = ("jax_jit", "tileflow_jax_direct", "tileflow_jax_optimize", "tileflow_jax_direct_pallas")
 
 
 def _under_target(fn: Callable, target: str) -> Callable:
@@ -55,29 +53,32 @@ def _under_target(fn: Callable, target: str) -> Callable:
     return run
 
 
-def triton_paths_missing() -> str:
-    """Why the ``*_triton`` paths do not run here, or "" when they do."""
+def _step_fns(cfg) -> dict:
     import jax
 
-    from tileflow.runtime.triton_xla import jax_triton_missing
-
-    if jax.default_backend() not in ("gpu", "cuda", "rocm"):
-        return f"the Triton target needs a CUDA / ROCm GPU (JAX backend here: {jax.default_backend()})"
-    return jax_triton_missing()
-
-
-def _step_fns(cfg) -> dict:
     from tileflow import jax as tfj
     from tileflow.integrations.jax import model as M
 
     fns = {"jax_jit": functools.partial(M.decode_step, cfg),
            "tileflow_jax_direct": functools.partial(M.decode_step_tileflow, cfg),
            "tileflow_jax_optimize": tfj.optimize(functools.partial(M.decode_step, cfg))}
-    if not triton_paths_missing():
-        fns["tileflow_jax_triton"] = _under_target(functools.partial(M.decode_step_tileflow, cfg), "triton")
-        fns["tileflow_jax_optimize_triton"] = _under_target(
-            tfj.optimize(functools.partial(M.decode_step, cfg)), "triton")
+    if jax.default_backend() != "cpu":
+        fns["tileflow_jax_direct_pallas"] = _under_target(functools.partial(M.decode_step_tileflow, cfg), "pallas")
     return fns
+
+
+def default_target_kernels() -> str:
+    """What the ``auto`` target runs here (recorded with the results)."""
+    import jax
+
+    from tileflow.integrations.jax.lowering import triton_available
+
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "the jax.numpy reference"
+    if backend in ("gpu", "cuda", "rocm") and triton_available():
+        return "the generated Triton kernels (XLA custom calls, kernels compiled by jax_triton)"
+    return "the generated Pallas kernels"
 
 
 def _decode_once(step: Callable, prefill: Callable, params, ids, cache, new_tokens: int, keep_logits: int = 0):
@@ -251,10 +252,9 @@ def run_jax_bench(model_name: Optional[str] = None, prompt: int = 128, new_token
         "cache_capacity": max_len, "copy_bandwidth_gbs": bw, "bytes_per_token": nbytes,
         "roofline_tok_s": bw * 1e9 / nbytes["total"],
         "notes": "prefill is a lax.scan of the decode step (TTFT not comparable with the torch bench's); "
-                 "tileflow_jax_direct / _optimize run the default target (the generated Pallas kernels on GPU/TPU, "
-                 "the jnp reference on CPU unless TILEFLOW_JAX_TARGET=pallas); the *_triton paths the generated "
-                 "Triton kernels as XLA custom calls (jax_triton); long-context point not measured here",
-        "triton_paths_missing": triton_paths_missing(),
+                 "device_loop_tok_s (all steps inside one jit) is the measure of the kernels, decode_tok_s (a "
+                 "Python loop) is bound by dispatching the parameter pytree; long-context point not measured here",
+        "default_target_runs": default_target_kernels(),
         "paths": {},
     }
     reference = None
@@ -264,13 +264,10 @@ def run_jax_bench(model_name: Optional[str] = None, prompt: int = 128, new_token
         res = _run_path(name, fn, cfg, params, ids, new_tokens, repeats, max_len, jdtype, reference, say)
         if name == "jax_jit":
             reference = res
-        if name.startswith("tileflow_jax_optimize") and not res["error"]:
+        if name == "tileflow_jax_optimize" and not res["error"]:
             from tileflow import jax as tfj
 
-            # a *_triton path's optimize is wrapped to trace under its target: explain it there
-            triton = name.endswith("_triton")
-            explain = _under_target(tfj.explain, "triton") if triton else tfj.explain
-            rep = explain(fn.__wrapped__ if triton else fn, params, ids[:, 0], M.init_cache(cfg, 1, max_len, jdtype),
+            rep = tfj.explain(fn, params, ids[:, 0], M.init_cache(cfg, 1, max_len, jdtype),
                           jnp.int32(prompt))
             res["matches"] = dict(rep.matches)
             res["fallbacks"] = [list(f) for f in rep.fallbacks]
