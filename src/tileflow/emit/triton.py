@@ -74,6 +74,11 @@ def _rowmajor(shape):
     return strides[::-1]
 
 
+def _strides(t, shape):
+    """Element strides: a torch tensor's own (it may be a view), else row-major (XLA's arrays)."""
+    return list(t.stride()) if hasattr(t, "stride") else _rowmajor(shape)
+
+
 def _use_pdl(t):
     """Programmatic dependent launch: Hopper or newer, compiled, not disabled (TILEFLOW_PDL=0)."""
     if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("TILEFLOW_PDL") == "0":
@@ -405,11 +410,12 @@ class TritonEmitter(Walker):
         written views thread from stage to stage and come back as the outputs."""
         ins = [v.name for v in self.ir.arguments]
         scal = [s.name for s in self.ir.scalars]
-        w(f"def launch_xla(call, empty, {', '.join(ins + scal)}):")
+        w(f"def launch_xla(call, empty, {', '.join(ins + scal)}, *, pdl=False):")
         with w.indent():
             w(f'"""{self.ir.name} as custom calls: ``call(kernel, grid, reads, writes, scalars, meta)``')
             w("returns the new ``writes``; ``empty(shape, dtype)`` allocates a workspace. Contiguous")
-            w('arrays, no dependent launch (XLA launches the kernels). Returns the outputs."""')
+            w("arrays, strides and sizes compiled in as constants; ``pdl``: the stages may use dependent")
+            w('launch (a torch caller on Hopper; XLA\'s launcher has none). Returns the outputs."""')
             self.bind_dims(w, "{view}.shape[{axis}]")
             for k in sorted(self.ir.params):
                 w(f"{k} = {literal(self.ir.params[k])}")
@@ -424,16 +430,16 @@ class TritonEmitter(Walker):
             if self.uses("dot"):
                 w(f'DOT_PREC = "ieee" if str({tviews[0].name}.dtype).endswith("float32") else "tf32"')
                 w('UPCAST = os.environ.get("TRITON_INTERPRET") == "1"')
-            w("USE_PDL = False")
+            w("USE_PDL = pdl")
             if self.uses("prefetch"):
-                w("PREFETCH = False")
+                w('PREFETCH = USE_PDL and os.environ.get("TILEFLOW_PREFETCH") != "0"')
             if self._uses_early():
-                w("EARLY = False")
+                w('EARLY = USE_PDL and os.environ.get("TILEFLOW_EARLY") != "0"')
             for v in self.ir.views:
                 shape = ", ".join(f"{v.name}.shape[{a}]" if v.role != "workspace" else v.shape[a]
                                   for a in range(v.rank)) + ("," if v.rank == 1 else "")
                 names = ", ".join(f"{v.name}_s{a}" for a in range(v.rank)) + ("," if v.rank == 1 else "")
-                w(f"{names} = _rowmajor(({shape}))")
+                w(f"{names} = _strides({v.name}, ({shape}))")
             reads = [v.name for v in self.ir.inputs]
             writes = [v.name for v in self.ir.views if v.role != "input"]
             w(f"scalars = ({', '.join(scal)}{',' if len(scal) == 1 else ''})")

@@ -51,6 +51,11 @@ def _launcher(name: str, sizes: dict, dtype: torch.dtype, device: torch.device) 
         params = {**kernel.default_params(sizes), **tuned, **kernel.structural_sizes(sizes)}
         ir = kernel.build(params)
         fn = triton_launcher(ir, device.type)
+        if os.environ.get("TILEFLOW_STATIC_SHAPES") == "1" and not any(v.persistent for v in ir.workspaces):
+            from tileflow.runtime.torch_triton import use_interpreter_if_no_gpu
+            from tileflow.runtime.triton_xla import torch_static_launcher
+
+            fn = torch_static_launcher(ir, use_interpreter_if_no_gpu())
     _LAUNCHERS[key] = fn
     return fn
 

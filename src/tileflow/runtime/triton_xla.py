@@ -162,10 +162,35 @@ def jax_empty(shape: tuple, dtype: str):
 
 
 def torch_call(kernel, grid: tuple, reads: Sequence, writes: Sequence, scalars: Sequence, meta: dict) -> tuple:
-    """One stage launched on torch tensors, written in place (the interpreter on CPU)."""
+    """One stage launched on torch tensors, written in place (the interpreter on CPU),
+    with programmatic dependent launch where the stage was generated for it."""
     meta, opts = _launch_options(meta)
+    if meta.get("USE_PDL"):
+        opts["launch_pdl"] = True
     kernel[tuple(grid)](*reads, *writes, *scalars, *writes, **meta, **opts)
     return tuple(writes)
+
+
+def torch_static_launcher(ir: KernelIR, interpret: bool) -> Callable:
+    """``launch``'s drop-in for torch tensors through ``launch_xla``: the same kernels with
+    every stride and size compiled in (``TILEFLOW_STATIC_SHAPES=1``, an experiment; the
+    decode shapes are fixed per model). Workspaces are plain ``torch.empty``."""
+    import torch
+
+    launch = xla_launcher(ir, interpret)
+    pdl = {}
+
+    def run(*args):
+        first = args[0]
+        if first.device not in pdl:
+            pdl[first.device] = (first.is_cuda and not interpret and __import__("os").environ.get("TILEFLOW_PDL") != "0"
+                                 and torch.cuda.get_device_capability(first.device)[0] >= 9)
+        empty = lambda shape, dtype: torch.empty(  # noqa: E731
+            tuple(int(n) for n in shape), device=first.device,
+            dtype={"f32": torch.float32, "i32": torch.int32, "i64": torch.int64}[dtype])
+        launch(torch_call, empty, *args, pdl=pdl[first.device])
+
+    return run
 
 
 def torch_empty(shape: tuple, dtype: str, device="cpu"):
