@@ -1,5 +1,5 @@
 """``launch_xla``: each generated Triton kernel's stages with their pointers reordered
-for an XLA custom call (jax_triton). Run here on torch tensors under the Triton
+for an XLA custom call (the JAX Triton target). Run here on torch tensors under the Triton
 interpreter (target ``triton_xla`` of ``tileflow.verify``): every kernel's first case,
 against the float64 reference with poisoned outputs and workspaces, and bit for bit
 against the torch ``launch`` of the same kernel on the same inputs."""
@@ -23,10 +23,27 @@ def test_custom_call_form_matches_launch(name, case):
     assert got.errors == same.errors, (got.errors, same.errors)
 
 
-def test_counters_have_no_custom_call_form():
-    from tileflow.verify import make_inputs, poisoned_outputs
+def test_static_launch_keeps_a_torch_views_strides():
+    """``TILEFLOW_STATIC_SHAPES``: torch tensors may be views; their own strides are
+    compiled in (row-major is only what XLA hands over)."""
     import torch
 
+    from tileflow.runtime.torch_triton import triton_launcher, use_interpreter_if_no_gpu
+    from tileflow.runtime.triton_xla import torch_static_launcher
+
+    kernel = KERNELS["o_proj_residual"]
+    sizes = {"M": 1, "N": 32, "K": 64}
+    ir = kernel.build({**kernel.default_params(sizes), **kernel.structural_sizes(sizes)})
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 2 * 64, generator=gen)[:, ::2]  # stride 2 along K
+    w, r = torch.randn(32, 64, generator=gen), torch.randn(1, 32, generator=gen)
+    want, got = torch.full((1, 32), float("nan")), torch.full((1, 32), float("nan"))
+    triton_launcher(ir, "cpu")(x, w, r, want)
+    torch_static_launcher(ir, use_interpreter_if_no_gpu())(x, w, r, got)
+    assert torch.equal(got, want) and torch.allclose(want, x @ w.T + r, atol=1e-4)
+
+
+def test_counters_have_no_custom_call_form():
     kernel = KERNELS["attention_decode_gqa"]
     case = next(c for c in kernel.test_cases if c.label == "one_launch")
     ir = kernel.build(kernel.params_for(case))
