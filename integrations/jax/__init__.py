@@ -101,9 +101,9 @@ def optimize(fn: Callable) -> Optimized:
     their exactness conditions, and the jaxpr is evaluated with the matched
     subgraphs swapped; everything else runs as written. Use it under ``jax.jit``
     (the rewrite then happens once per compilation). With no match, ``fn`` itself
-    runs. On CUDA, where the generated kernels measured slower than XLA's own code,
-    nothing is swapped under the default target and ``explain`` says why
-    (``TILEFLOW_JAX_TARGET=pallas`` swaps anyway). Arguments must be pytrees of
+    runs. On CUDA without jax_triton, where the generated kernels run through Pallas
+    and measured slower than XLA's own code, nothing is swapped under the default
+    target and ``explain`` says why (``TILEFLOW_JAX_TARGET=pallas`` swaps anyway). Arguments must be pytrees of
     arrays (bind static ones with ``functools.partial``)."""
     return Optimized(fn)
 
