@@ -16,6 +16,7 @@ less programmatic dependent launch: XLA launches them, not Triton's launcher.
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 from tileflow.emit.cache import load_generated
@@ -55,8 +56,6 @@ _registered: set = set()
 
 
 def _custom_call_target(platform: str) -> str:
-    import os
-
     if os.environ.get("TILEFLOW_JAX_COMMAND_BUFFER") == "0":
         return _JAXLIB_TARGET
     if platform not in _registered:
@@ -183,7 +182,7 @@ def torch_static_launcher(ir: KernelIR, interpret: bool) -> Callable:
     def run(*args):
         first = args[0]
         if first.device not in pdl:
-            pdl[first.device] = (first.is_cuda and not interpret and __import__("os").environ.get("TILEFLOW_PDL") != "0"
+            pdl[first.device] = (first.is_cuda and not interpret and os.environ.get("TILEFLOW_PDL") != "0"
                                  and torch.cuda.get_device_capability(first.device)[0] >= 9)
         empty = lambda shape, dtype: torch.empty(  # noqa: E731
             tuple(int(n) for n in shape), device=first.device,
