@@ -257,13 +257,8 @@ class TritonEmitter(Walker):
     # module ---------------------------------------------------------------
     def stage_kernel(self, stage: Stage, w: Writer):
         self._counting = any(op.name == "atomic_add" for op in ops_in(stage.body))
-        args = self.signature() + [f"{c}: tl.constexpr" for c in self.constexprs()]
-        w("@triton.jit")
-        w(f"def {self.ir.name}_{stage.name}(")
-        with w.indent():
-            for a in args:
-                w(a + ",")
-        w("):")
+        self._jit_def(w, f"{self.ir.name}_{stage.name}",
+                      self.signature() + [f"{c}: tl.constexpr" for c in self.constexprs()])
         with w.indent():
             for s in self.ir.scalars:
                 if s.dtype == "f32":
@@ -377,6 +372,20 @@ class TritonEmitter(Walker):
                     w(", ".join(kw) + ", **(_PDL_LAUNCH if USE_PDL else {}),")
                 w(")")
 
+    @staticmethod
+    def _jit_def(w: Writer, name: str, params: list) -> None:
+        w("@triton.jit")
+        w(f"def {name}(")
+        with w.indent():
+            for a in params:
+                w(a + ",")
+        w("):")
+
+    def _static_args(self) -> list[str]:
+        """The strides and sizes of the signature (between the pointers and the scalars)."""
+        sig = self.signature()
+        return sig[len(self.ir.views):len(sig) - len(self.ir.scalars)]
+
     def xla_wrappers(self, w: Writer):
         """Per stage, the same kernel with its pointers reordered for an XLA custom call:
         inputs, the written views as aliased operands (the same buffers as the outputs;
@@ -385,17 +394,11 @@ class TritonEmitter(Walker):
         is what lets Triton prove 16-byte alignment (XLA's launcher, unlike Triton's own,
         passes no divisibility hints for integer arguments)."""
         writes = [v for v in self.ir.views if v.role != "input"]
-        static = self.signature()[len(self.ir.views):len(self.signature()) - len(self.ir.scalars)]
         for stage in self.ir.stages:
             params = ([f"{v.name}_ptr" for v in self.ir.inputs] + [f"{v.name}_alias" for v in writes]
                       + [s.name for s in self.ir.scalars] + [f"{v.name}_ptr" for v in writes]
-                      + [f"{c}: tl.constexpr" for c in static + self.constexprs()])
-            w("@triton.jit")
-            w(f"def {self.ir.name}_{stage.name}_xla(")
-            with w.indent():
-                for a in params:
-                    w(a + ",")
-            w("):")
+                      + [f"{c}: tl.constexpr" for c in self._static_args() + self.constexprs()])
+            self._jit_def(w, f"{self.ir.name}_{stage.name}_xla", params)
             with w.indent():
                 w(f"{self.ir.name}_{stage.name}(")
                 with w.indent():
@@ -413,8 +416,8 @@ class TritonEmitter(Walker):
         w(f"def launch_xla(call, empty, {', '.join(ins + scal)}, *, pdl=False):")
         with w.indent():
             w(f'"""{self.ir.name} as custom calls: ``call(kernel, grid, reads, writes, scalars, meta)``')
-            w("returns the new ``writes``; ``empty(shape, dtype)`` allocates a workspace. Contiguous")
-            w("arrays, strides and sizes compiled in as constants; ``pdl``: the stages may use dependent")
+            w("returns the new ``writes``; ``empty(shape, dtype)`` allocates a workspace. Strides (a")
+            w("tensor's own, else row-major) and sizes compiled in as constants; ``pdl``: the stages may use dependent")
             w('launch (a torch caller on Hopper; XLA\'s launcher has none). Returns the outputs."""')
             self.bind_dims(w, "{view}.shape[{axis}]")
             for k in sorted(self.ir.params):
@@ -443,8 +446,7 @@ class TritonEmitter(Walker):
             reads = [v.name for v in self.ir.inputs]
             writes = [v.name for v in self.ir.views if v.role != "input"]
             w(f"scalars = ({', '.join(scal)}{',' if len(scal) == 1 else ''})")
-            static = self.signature()[len(self.ir.views):len(self.signature()) - len(self.ir.scalars)]
-            meta = [f'"{c}": {c}' for c in static + self.constexprs()]
+            meta = [f'"{c}": {c}' for c in self._static_args() + self.constexprs()]
             meta += [f'"{o}": {o}' for o in LAUNCH_OPTIONS if o in self.ir.params]
             w(f"meta = {{{', '.join(meta)}}}")
             wtuple = ", ".join(writes) + ","
