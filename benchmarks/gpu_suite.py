@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tileflow.bench import versions  # noqa: E402
 from tileflow.bench.roofline import copy_bandwidth_gbs  # noqa: E402
 from tileflow.emit import autotune  # noqa: E402
-from tileflow.runtime.torch_triton import triton_launcher  # noqa: E402
+from tileflow.runtime.torch_triton import torch_launcher  # noqa: E402
 from tileflow.suite import KERNELS  # noqa: E402
 from tileflow.suite.registry import QWEN_1_5B  # noqa: E402
 from tileflow.verify import DTYPES, make_inputs, poisoned_outputs, verify  # noqa: E402
@@ -82,7 +82,7 @@ class Workload:
 
     def tileflow_calls(self, params):
         ir = self.kernel.build(params)
-        launch = triton_launcher(ir, "cuda")
+        launch = torch_launcher(ir, "cuda", self.case.sizes)  # as the integrations launch it
         scal = [self.case.scalars[s.name] for s in ir.scalars]
         names = [v.name for v in ir.arguments]
         return [(lambda t=t: launch(*[t[n] for n in names], *scal)) for t in self.sets]

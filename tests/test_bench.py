@@ -74,6 +74,10 @@ def test_step_breakdown_charges_each_kernel_from_its_predecessor_end():
     assert bd.kernel_class("rms_norm_matvec_matvec") == "rms_norm_matvec"
     assert bd.kernel_class("rms_norm_rows") == "rms_norm"
     assert bd.kernel_class("sm90_xmma_gemm_bf16bf16_bf16f32") == "cuBLAS matmul"
+    gaps = bd.idle_gaps(timeline, 2)  # the host's 9 us between steps first, then the launch gap
+    assert gaps[0] == {"after": "inductor kernels", "before": "qkv_rope_cache", "us": 4.5, "gaps": 0.5}
+    assert gaps[1] == {"after": "attention_decode_gqa", "before": "rms_norm_gate_up_silu", "us": 0.25, "gaps": 0.5}
+    assert len(gaps) == 2 and abs(sum(g["us"] for g in gaps) - rows[bd.IDLE].us) < 1e-9
 
 
 def test_suite_bytes_add_up_to_the_roofline_weights():

@@ -50,3 +50,23 @@ def test_counters_have_no_custom_call_form():
     assert "def launch_xla(" in generate(ir, "triton")
     with pytest.raises(NotImplementedError, match="persistent counters"):
         verify(kernel, case, "fp32", "triton_xla", seed=1)
+
+
+def test_decode_launches_compile_their_shapes_in(monkeypatch):
+    """One-row launches take the constant-shape form; prefill-sized ones, kernels with
+    persistent counters, and ``TILEFLOW_STATIC_SHAPES=0`` keep the generic launcher."""
+    from tileflow.runtime.torch_triton import static_shapes_wanted
+
+    mv = KERNELS["o_proj_residual"]
+    one, many = {"M": 1, "N": 32, "K": 64}, {"M": 7, "N": 32, "K": 64}
+    build = lambda k, s: k.build({**k.default_params(s), **k.structural_sizes(s)})  # noqa: E731
+    monkeypatch.delenv("TILEFLOW_STATIC_SHAPES", raising=False)
+    assert static_shapes_wanted(build(mv, one), one)
+    assert not static_shapes_wanted(build(mv, many), many)
+    att = KERNELS["attention_decode_gqa"]
+    case = next(c for c in att.test_cases if c.label == "one_launch")
+    assert not static_shapes_wanted(att.build(att.params_for(case)), {"B": 1})
+    monkeypatch.setenv("TILEFLOW_STATIC_SHAPES", "1")
+    assert static_shapes_wanted(build(mv, many), many)
+    monkeypatch.setenv("TILEFLOW_STATIC_SHAPES", "0")
+    assert not static_shapes_wanted(build(mv, one), one)

@@ -172,6 +172,10 @@ def _print_breakdown(name: str, entry: dict, console) -> None:
         t.add_row(r["class"], f"{r['us']:.1f}", f"{100 * r['us'] / total:.1f}", f"{r['launches']:.0f}",
                   f"{r['bytes'] / 1e6:.1f}" if r["bytes"] else "-", "-" if r["gbs"] is None else f"{r['gbs']:.0f}")
     console.print(t)
+    gaps = entry.get("idle_gaps") or []
+    if gaps:
+        console.print("idle: " + ", ".join(f"{g['after']} -> {g['before']} {g['us']:.1f} us ({g['gaps']:.1f} gaps)"
+                                           for g in gaps))
 
 
 def _plot(record: dict, png: Path) -> None:

@@ -122,6 +122,21 @@ def breakdown(timeline: list[tuple[str, float, float]], steps: int, byte_table: 
     return sorted(out, key=lambda c: -c.us)
 
 
+def idle_gaps(timeline: list[tuple[str, float, float]], steps: int, top: int = 8) -> list[dict]:
+    """Where the idle device time sits: per (class that ended, class that started next),
+    the idle us and gaps per token, largest first (``top`` of them). Tells a launch gap
+    inside the graph (two suite kernels) from the host's work around a replay (copies,
+    the caller's argmax)."""
+    acc: dict[tuple[str, str], list[float]] = {}
+    for (prev, _, prev_end), (name, start, _) in zip(timeline, timeline[1:]):
+        if start > prev_end:
+            a = acc.setdefault((kernel_class(prev), kernel_class(name)), [0.0, 0])
+            a[0] += start - prev_end
+            a[1] += 1
+    rows = sorted(acc.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"after": a, "before": b, "us": round(us / steps, 2), "gaps": n / steps} for (a, b), (us, n) in rows]
+
+
 def as_records(rows: list[ClassTime]) -> list[dict]:
     """JSON-ready rows: class, us, busy_us, launches, bytes, GB/s (per token)."""
     return [{"class": r.name, "us": round(r.us, 2), "busy_us": round(r.busy_us, 2), "launches": r.launches,

@@ -38,6 +38,7 @@ class PathResult:
     peak_memory_gb: Optional[float] = None
     # CUDA, static-cache paths, when asked: per kernel class of one decode step (breakdown.py)
     breakdown: list = field(default_factory=list)
+    idle_gaps: list = field(default_factory=list)  # the step's idle time by neighbouring classes
 
 
 @dataclass
@@ -127,9 +128,10 @@ def decode_once(model, step, ids, new_tokens: int, cache, keep_logits: int = 0):
     return t1 - t0, t2 - t1, torch.cat(toks, dim=1)[0].tolist(), logits_kept
 
 
-def profile_decode(model, step, ids, cache, steps: int = 32) -> list:
-    """The per-class breakdown (``breakdown.as_records``) of ``steps`` decode steps right
-    after a prefill of ``ids`` into the (reset) static ``cache``."""
+def profile_decode(model, step, ids, cache, steps: int = 32) -> tuple[list, list]:
+    """The per-class breakdown (``breakdown.as_records``) and the idle gaps
+    (``breakdown.idle_gaps``) of ``steps`` decode steps right after a prefill of ``ids``
+    into the (reset) static ``cache``."""
     from tileflow.bench import breakdown as bd
 
     cache.reset()
@@ -145,7 +147,8 @@ def profile_decode(model, step, ids, cache, steps: int = 32) -> list:
 
         timeline = bd.device_timeline(run)
     table = bd.suite_bytes(model.config, n + steps // 2, model.get_input_embeddings().weight.element_size())
-    return bd.as_records(bd.breakdown(timeline, steps, bd.fold_shared_kernels(table, timeline)))
+    rows = bd.breakdown(timeline, steps, bd.fold_shared_kernels(table, timeline))
+    return bd.as_records(rows), bd.idle_gaps(timeline, steps)
 
 
 def run_path(path: Path, model, ids, new_tokens: int, repeats: int, reference: Optional[PathResult],
@@ -185,7 +188,7 @@ def run_path(path: Path, model, ids, new_tokens: int, repeats: int, reference: O
         if breakdown and cuda and path.cache == "static":
             progress(f"{path.name}: step breakdown")
             try:
-                res.breakdown = profile_decode(model, step, ids, cache)
+                res.breakdown, res.idle_gaps = profile_decode(model, step, ids, cache)
             except Exception as e:  # noqa: BLE001 - a profiler problem must not lose the timing
                 res.note = (res.note + f" breakdown failed: {type(e).__name__}: {e}")[:400]
         if reference is not None:

@@ -44,18 +44,13 @@ def _launcher(name: str, sizes: dict, dtype: torch.dtype, device: torch.device) 
         fn = _reference_launcher(kernel, sizes)
     else:
         from tileflow.emit import autotune
-        from tileflow.runtime.torch_triton import triton_launcher
+        from tileflow.runtime.torch_triton import torch_launcher
 
         dname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
         tuned = autotune.lookup(name, sizes, dname, _device_name(device)) or {}
         params = {**kernel.default_params(sizes), **tuned, **kernel.structural_sizes(sizes)}
         ir = kernel.build(params)
-        fn = triton_launcher(ir, device.type)
-        if os.environ.get("TILEFLOW_STATIC_SHAPES") == "1" and not any(v.persistent for v in ir.workspaces):
-            from tileflow.runtime.torch_triton import use_interpreter_if_no_gpu
-            from tileflow.runtime.triton_xla import torch_static_launcher
-
-            fn = torch_static_launcher(ir, use_interpreter_if_no_gpu())
+        fn = torch_launcher(ir, device.type, sizes)
     _LAUNCHERS[key] = fn
     return fn
 

@@ -172,8 +172,8 @@ def torch_call(kernel, grid: tuple, reads: Sequence, writes: Sequence, scalars: 
 
 def torch_static_launcher(ir: KernelIR, interpret: bool) -> Callable:
     """``launch``'s drop-in for torch tensors through ``launch_xla``: the same kernels with
-    every stride and size compiled in (``TILEFLOW_STATIC_SHAPES=1``, an experiment; the
-    decode shapes are fixed per model). Workspaces are plain ``torch.empty``."""
+    every stride and size compiled in (the decode launches' default,
+    :func:`tileflow.runtime.torch_triton.torch_launcher`). Workspaces are plain ``torch.empty``."""
     import torch
 
     launch = xla_launcher(ir, interpret)
