@@ -23,7 +23,7 @@ import jax
 
 from tileflow.integrations.jax.ops import (argmax, attention_decode, down_proj_residual, embedding,  # noqa: F401
                                            gate_up_silu, kv_proj, linear, o_proj_residual, residual_add,
-                                           qkv_rope_cache, rms_norm, rms_norm_gate_up_silu, rope,
+                                           qkv_rope_cache, rms_norm, rms_norm_gate_up_silu, rms_norm_linear, rope,
                                            rope_k_into_cache, rope_scalars, silu_mul)
 from tileflow.integrations.jax.lowering import keep_xla_reason
 from tileflow.integrations.jax.primitives import PRIMITIVES, jax_target, primitive  # noqa: F401
@@ -31,7 +31,7 @@ from tileflow.report import Report
 
 __all__ = ["optimize", "explain", "Optimized", "rms_norm", "embedding", "linear", "kv_proj", "o_proj_residual",
            "down_proj_residual", "gate_up_silu", "silu_mul", "residual_add", "rope", "rope_k_into_cache",
-           "qkv_rope_cache", "rms_norm_gate_up_silu", "attention_decode", "argmax", "primitive", "jax_target", "rope_scalars"]
+           "qkv_rope_cache", "rms_norm_gate_up_silu", "rms_norm_linear", "attention_decode", "argmax", "primitive", "jax_target", "rope_scalars"]
 
 
 class _Program:
@@ -99,7 +99,10 @@ def optimize(fn: Callable) -> Optimized:
     traced to a jaxpr, the catalogue's patterns (``tileflow.patterns``: rms_norm,
     rope, gqa_attention, gate_up_silu, matvec_residual, matvec) are matched under
     their exactness conditions, and the jaxpr is evaluated with the matched
-    subgraphs swapped; everything else runs as written. Use it under ``jax.jit``
+    subgraphs swapped; everything else runs as written. Where a norm's only readers are
+    the matvecs after it, the fused kernels the torch path runs are swapped in instead
+    (qkv_rope_cache, rms_norm_gate_up_silu, rms_norm_matvec: five launches a layer).
+    Use it under ``jax.jit``
     (the rewrite then happens once per compilation). With no match, ``fn`` itself
     runs. On CUDA without jax_triton, where the generated kernels run through Pallas
     and measured slower than XLA's own code, nothing is swapped under the default

@@ -59,11 +59,15 @@ class Node:
 
 @dataclass
 class Replacement:
-    """Equation ``anchor``'s outputs come from ``fn(values of inputs)`` instead."""
+    """Equation ``anchor``'s outputs come from ``fn(values of inputs)`` instead; or, with
+    ``outs``, those values do (a fused subgraph with several results, K and V caches
+    and q: ``anchor`` is then the last equation producing one of them, so every input is
+    computed before it, and the rewrite checks that no equation reads a result earlier)."""
 
     anchor: int
     inputs: list  # atoms read from the graph
     fn: Callable[..., list]
+    outs: Optional[list] = None  # the Values fn returns; None: the anchor's outputs
 
 
 @dataclass
@@ -196,22 +200,32 @@ class Graph:
             else:
                 outs = _bind(n, [read(a) for a in n.ins])
                 outs = outs if n.prim.multiple_results else [outs]
-            for o, v in zip(n.outs, outs):
+            for o, v in zip(_provided(n, rep), outs):
                 env[o] = v
         return [read(a) for a in self.outvars]
 
     def _live(self, replacements: dict) -> set:
+        """The equations to run. A value is needed until the (reverse) walk reaches what
+        provides it: a replacement providing values of earlier equations (``outs``)
+        leaves those equations dead."""
         needed = {a for a in self.outvars if isinstance(a, Value)}
         live = set()
         for n in reversed(self.nodes):
-            if not any(o in needed for o in n.outs) and not _effectful(n):
+            rep = replacements.get(n.idx)
+            outs = _provided(n, rep)
+            if not any(o in needed for o in outs) and not _effectful(n):
                 continue
             live.add(n.idx)
-            rep = replacements.get(n.idx)
+            needed.difference_update(outs)
             for a in (rep.inputs if rep is not None else n.ins):
                 if isinstance(a, Value):
                     needed.add(a)
         return live
+
+
+def _provided(n: Node, rep: Optional[Replacement]) -> list:
+    """The values evaluating ``n`` (or its replacement) sets."""
+    return rep.outs if rep is not None and rep.outs is not None else n.outs
 
 
 def _bind(n: Node, args: list):

@@ -91,19 +91,33 @@ def rms_norm_gate_up_silu(x: Array, ln_w: Array, eps: float, wg: Array, wu: Arra
     return out.reshape(x.shape[:-1] + (n,))
 
 
+def rms_norm_linear(x: Array, ln_w: Array, eps: float, w: Array, b: Optional[Array] = None) -> Array:
+    """``rms_norm(x, ln_w, eps) @ w.T (+ b)`` in one launch (the final norm and the lm_head);
+    the normalized row never reaches memory."""
+    n, k = w.shape
+    m = _rows(x)
+    ops = [x.reshape(m, k), ln_w, w] + ([b] if b is not None else [])
+    (out,) = bind("rms_norm_matvec", ops, {"M": m, "N": n, "K": k, "HAS_BIAS": int(b is not None)}, {"eps": eps})
+    return out.reshape(x.shape[:-1] + (n,))
+
+
 def qkv_rope_cache(x: Array, ln_w: Array, eps: float, wq: Array, wk: Array, wv: Array, bq: Optional[Array],
                    bk: Optional[Array], bv: Optional[Array], pos: Array, k_cache: Array, v_cache: Array,
-                   theta: float, scaling: Optional[dict] = None) -> tuple[Array, Array, Array]:
+                   theta: Optional[float] = None, scaling: Optional[dict] = None, *, rope: Optional[tuple] = None,
+                   cache_pos: Optional[Array] = None) -> tuple[Array, Array, Array]:
     """The attention input of a decode layer in one launch: RMSNorm of ``x`` [M, D], the
     q/k/v projections (+ biases), RoPE at ``pos`` [M], K and V written into row ``pos``
-    of the caches [M, NKV, S, DH]. Returns (q [M, NH, DH], k_cache, v_cache)."""
+    (or ``cache_pos`` [M], when given) of the caches [M, NKV, S, DH]. Returns
+    (q [M, NH, DH], k_cache, v_cache). The rotation is ``theta`` and a transformers-style
+    ``scaling`` dict, or ``rope=(ROPE_KIND, scalars)`` as the rewrite fits them."""
     m, nkv, s, dh = k_cache.shape
     nq = wq.shape[0]
-    kind, scal = rope_scalars(theta, scaling)
+    kind, scal = rope if rope is not None else rope_scalars(theta, scaling)
     sizes = {"M": m, "K": x.shape[-1], "NH": nq // dh, "NKV": nkv, "DH": dh, "NQ": nq, "NKD": nkv * dh, "S": s,
-             "HAS_BIAS": int(bq is not None), "ROPE_KIND": kind}
+             "HAS_BIAS": int(bq is not None), "ROPE_KIND": kind, **({"CACHE_POS": 1} if cache_pos is not None else {})}
     ops = [x.reshape(m, x.shape[-1]), ln_w, wq, wk, wv] + ([bq, bk, bv] if bq is not None else [])
-    q, kc, vc = bind("qkv_rope_cache", ops + [pos, k_cache, v_cache], sizes, {"eps": eps, **scal})
+    ops += [pos] + ([cache_pos] if cache_pos is not None else [])
+    q, kc, vc = bind("qkv_rope_cache", ops + [k_cache, v_cache], sizes, {"eps": eps, **scal})
     return q, kc, vc
 
 

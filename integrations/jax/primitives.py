@@ -31,7 +31,8 @@ except ImportError:  # pragma: no cover
 
 TARGET_ENV = "TILEFLOW_JAX_TARGET"
 TARGETS = ("auto", "pallas", "triton", "reference")
-MATVEC_KERNELS = ("q_proj_matvec", "kv_proj_matvec", "o_proj_residual", "down_proj_residual", "mlp_gate_up_silu")
+MATVEC_KERNELS = ("q_proj_matvec", "kv_proj_matvec", "o_proj_residual", "down_proj_residual", "mlp_gate_up_silu",
+                  "rms_norm_gate_up_silu", "rms_norm_matvec")
 
 
 def jax_target() -> str:

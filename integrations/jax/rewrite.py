@@ -4,11 +4,12 @@ Implements the catalogue (``tileflow.patterns``: rms_norm, rope, gqa_attention,
 gate_up_silu, matvec_residual, matvec) on the flattened jaxpr of a function
 (``graph.py``). Each matcher starts from a cheap trigger equation (an ``rsqrt``, a
 rotate-half ``concatenate``, a softmax ``div``, a ``logistic``, an ``add`` or a
-``dot_general``), walks the dataflow around it and either returns a Replacement or
-a reason. A reason is recorded only once the trigger has proved the subgraph is
-the pattern's (a ``logistic`` that is not SiLU-times-up is not news), so the report
-lists the near misses a user can act on. Patterns run in catalogue order; an
-equation claimed by one match is not matched again.
+``dot_general``), walks the dataflow around it and either claims a Match (the
+equations it replaces, and what the fusion pass needs to know) or gives a reason. A
+reason is recorded only once the trigger has proved the subgraph is the pattern's (a
+``logistic`` that is not SiLU-times-up is not news), so the report lists the near
+misses a user can act on. Patterns run in catalogue order; an equation claimed by one
+match is not matched again.
 
 Exactness conditions on the jaxpr (beyond the catalogue's descriptions):
 
@@ -33,12 +34,40 @@ Exactness conditions on the jaxpr (beyond the catalogue's descriptions):
   x / W / result of one dtype; SiLU as ``g * logistic(g)`` (``jax.nn.silu``); the
   residual of the product's shape and dtype and not a broadcast bias; a bias is a
   [N] vector broadcast along the last axis.
+
+Fusion, after the catalogue (``Rewriter.fuse``): an rms_norm match and the matches that
+read its normalized value become one norm-fused kernel, reported by the kernel's name
+in place of its parts (the catalogue names count what stays unfused):
+
+- rms_norm_gate_up_silu: the gate and up matvecs of one gate_up_silu are the only
+  readers of the normalized value.
+- rms_norm_matvec: one matvec (+ bias) is its only reader (the final norm, lm_head).
+- qkv_rope_cache: three matvecs are its only readers, all with or all without a bias,
+  each reshaped (row-major) to heads [M, H, DH]; two are the x of rope matches at one
+  position with one fitted frequency set; the rotated k and the v heads are each,
+  through reshapes / broadcasts that keep the element count, the [M, NKV, 1, DH]
+  update of a ``dynamic_update_slice`` into a [M, NKV, S, DH] cache in x's dtype at
+  (0, 0, row, 0), one row for both ("one" position or row: one equation, or copies of
+  one, as each ``dynamic_update_slice`` normalizes its start on its own). The kernel
+  gets that row as its
+  ``cache_pos`` clamped to [0, S - 1], as XLA clamps the update's start (a position
+  past the cache writes where plain JAX writes, RoPE still at the position itself).
+  No value between the normalized x and the three results (q, K cache, V cache) is
+  read outside the subgraph or returned, and no equation reads a result before the
+  last of them is computed.
+
+Another reader of a value the fused kernel keeps to itself would need the unfused
+computation anyway: the parts stay, and the reason is reported under the fused name.
+The fused kernels keep the normalized row (and qkv_rope_cache the projections before
+RoPE) in fp32 where the unfused kernels round it to the storage dtype in between:
+equal in fp32 up to summation order, a rounding fewer in bf16.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -112,16 +141,51 @@ def _dot(g: Graph, a) -> Optional[Node]:
 # ---------------------------------------------------------------------- patterns
 
 
+@dataclass(eq=False)
+class Match:
+    """One matched subgraph: ``anchor``'s outputs (or ``outs``) come from ``fn(inputs)``.
+    ``nodes`` are the equations it claims, ``fields`` what the fusion pass reads of it
+    (its input x, weights, output value, ...)."""
+
+    pattern: str
+    anchor: Node
+    inputs: list
+    fn: Callable
+    nodes: list
+    fields: dict = field(default_factory=dict)
+    outs: Optional[list] = None
+
+    def __getitem__(self, key):
+        return self.fields[key]
+
+
+class _Branch(NamedTuple):
+    """One of the q / k / v projections of an attention input: its matvec match, the
+    reshape to heads and the rope match rotating them (None for v)."""
+
+    mv: Match
+    heads: Node
+    rope: Optional[Match]
+
+
 class Rewriter:
     def __init__(self, g: Graph, report: Report):
         self.g, self.report = g, report
         self.claimed: set[int] = set()
-        self.replacements: dict[int, Replacement] = {}
+        self.matches: dict[int, Match] = {}  # anchor index -> match
+        self.owner: dict[int, Match] = {}  # claimed equation index -> its match
 
-    def _claim(self, pattern: str, nodes: list, anchor: Node, inputs: list, fn: Callable) -> None:
-        self.claimed.update(n.idx for n in nodes)
-        self.replacements[anchor.idx] = Replacement(anchor.idx, inputs, fn)
-        self.report.match(pattern)
+    def _claim(self, pattern: str, nodes: list, anchor: Node, inputs: list, fn: Callable, **fields) -> None:
+        self._add(Match(pattern, anchor, inputs, fn, nodes, fields))
+
+    def _add(self, m: Match) -> None:
+        self.claimed.update(n.idx for n in m.nodes)
+        self.owner.update((n.idx, m) for n in m.nodes)
+        self.matches[m.anchor.idx] = m
+
+    def _drop(self, m: Match) -> None:
+        """Forget ``m`` (a fused match takes its place; its equations stay claimed)."""
+        del self.matches[m.anchor.idx]
 
     def _free(self, *nodes) -> bool:
         return not any(n.idx in self.claimed for n in nodes)
@@ -140,7 +204,10 @@ class Rewriter:
                 except Miss as e:
                     if str(e):
                         self.report.fallback(name, n.where(), str(e))
-        return self.replacements
+        self.fuse()
+        for m in self.matches.values():  # counted after fusion: a fused match counts once, by its name
+            self.report.match(m.pattern)
+        return {i: Replacement(i, m.inputs, m.fn, m.outs) for i, m in self.matches.items()}
 
     # -------------------------------------------------------------- rms_norm
     def rms_norm(self, r: Node) -> None:
@@ -197,7 +264,7 @@ class Rewriter:
             raise Miss(f"dtypes x={_dt(x0)} w={_dt(w)} out={_dt(final.outs[0])}: the kernel keeps one storage dtype")
         shape = _shape(final.outs[0])
         self._claim("rms_norm", [r, final], final, [x0, w],
-                    lambda xv, wv: [ops.rms_norm(xv, wv, eps).reshape(shape)])
+                    lambda xv, wv: [ops.rms_norm(xv, wv, eps).reshape(shape)], x=x0, w=w, eps=eps, out=final.outs[0])
 
     def _through(self, a) -> list:
         """Users of ``a``, looking through broadcasts and reshapes."""
@@ -282,7 +349,8 @@ class Rewriter:
                               {"M": 1, "NH": rows, "DH": dh, "ROPE_KIND": kind}, scalars)
             return [out.reshape(shape)]
 
-        self._claim("rope", [cat, m1, m2, add], add, [x, pos], build)
+        self._claim("rope", [lo, hi, neg, cat, m1, m2, add], add, [x, pos], build, x=x, pos=pos, kind=kind,
+                    scalars=scalars, out=add.outs[0])
 
     # --------------------------------------------------------- gqa_attention
     def gqa_attention(self, div: Node) -> None:
@@ -402,7 +470,7 @@ class Rewriter:
             raise Miss("the gate or up product is used elsewhere")
         shape = _shape(prod.outs[0])
         self._claim("gate_up_silu", [sig, silu, prod, gd, ud], prod, [xg, wg, wu],
-                    lambda x, a, b: [ops.gate_up_silu(x, a, b).reshape(shape)])
+                    lambda x, a, b: [ops.gate_up_silu(x, a, b).reshape(shape)], x=xg, wg=wg, wu=wu, dots=(gd, ud))
 
     # ------------------------------------------------------- matvec_residual
     def matvec_residual(self, add: Node) -> None:
@@ -444,11 +512,223 @@ class Rewriter:
             if _shape(b) == (_shape(w)[0],) and _dt(b) == _dt(out) and _last_axis_kept(path) and path:
                 anchor, bias = user, b
         shape = _shape(anchor.outs[0])
+        fields = dict(x=x, w=w, bias=bias, dot=d, out=anchor.outs[0])
         if bias is None:
-            self._claim("matvec", [d], d, [x, w], lambda xv, wv: [ops.linear(xv, wv).reshape(shape)])
+            self._claim("matvec", [d], d, [x, w], lambda xv, wv: [ops.linear(xv, wv).reshape(shape)], **fields)
         else:
             self._claim("matvec", [d, anchor], anchor, [x, w, bias],
-                        lambda xv, wv, bv: [ops.linear(xv, wv, bv).reshape(shape)])
+                        lambda xv, wv, bv: [ops.linear(xv, wv, bv).reshape(shape)], **fields)
+
+    # ---------------------------------------------------------------- fusion
+    def fuse(self) -> None:
+        """Norm-fused kernels in place of an rms_norm match and the matches it feeds.
+
+        A norm whose normalized value only the matvecs of other matches read fuses with
+        them: the gate / up of one gate_up_silu (``rms_norm_gate_up_silu``), the q / k / v
+        matvecs of an attention input (``qkv_rope_cache``) or one matvec
+        (``rms_norm_matvec``: the final norm and the lm_head). Another reader of the
+        normalized value would need it computed anyway (the norm twice): the unfused
+        matches stay, and the reason goes to the report under the fused name."""
+        for norm in [m for m in self.matches.values() if m.pattern == "rms_norm"]:
+            fed = {}
+            for u in self.g.uses(norm["out"]):
+                m = self.owner.get(u.idx)
+                if m is not None and m.anchor.idx in self.matches and m.fields.get("x") is norm["out"]:
+                    fed[m.anchor.idx] = m
+            gate_up = [m for m in fed.values() if m.pattern == "gate_up_silu"]
+            mvs = [m for m in fed.values() if m.pattern == "matvec"]
+            if len(gate_up) == 1:
+                name, fuse, fed_by = "rms_norm_gate_up_silu", self._fuse_gate_up, gate_up[0]
+            elif len(mvs) == 3 and not gate_up:
+                name, fuse, fed_by = "qkv_rope_cache", self._fuse_qkv, mvs
+            elif len(mvs) == 1 and not gate_up:
+                name, fuse, fed_by = "rms_norm_matvec", self._fuse_head, mvs[0]
+            else:
+                continue
+            try:
+                fuse(norm, fed_by)
+            except Miss as e:
+                if str(e):
+                    self.report.fallback(name, norm.anchor.where(), str(e))
+
+    def _fused(self, pattern: str, parts: list, anchor: Node, inputs: list, fn: Callable,
+               outs: Optional[list] = None) -> None:
+        """One match ``pattern`` in place of the matches ``parts``."""
+        for m in parts:
+            self._drop(m)
+        self._add(Match(pattern, anchor, inputs, fn, [n for m in parts for n in m.nodes], outs=outs))
+
+    def _other_reader(self, a, readers) -> Optional[str]:
+        """A reader of ``a`` besides ``readers`` (or the function's output), described."""
+        if a in self.g.outvars:
+            return "the function's output"
+        extra = [u for u in self.g.uses(a) if all(u is not r for r in readers)]
+        return extra[0].where() if extra else None
+
+    def _fuse_gate_up(self, norm: Match, gu: Match) -> None:
+        """``silu(n @ Wg.T) * (n @ Wu.T)``, n the norm: one ``rms_norm_gate_up_silu``."""
+        other = self._other_reader(norm["out"], gu["dots"])
+        if other:
+            raise Miss(f"the normalized x is also read by {other}: the norm stays, unfused")
+        eps, shape = norm["eps"], _shape(gu.anchor.outs[0])
+        self._fused("rms_norm_gate_up_silu", [norm, gu], gu.anchor, [norm["x"], norm["w"], gu["wg"], gu["wu"]],
+                    lambda x, lw, a, b: [ops.rms_norm_gate_up_silu(x, lw, eps, a, b).reshape(shape)])
+
+    def _fuse_head(self, norm: Match, mv: Match) -> None:
+        """``n @ W.T (+ b)``, n the norm (the final norm and the lm_head): one ``rms_norm_matvec``."""
+        other = self._other_reader(norm["out"], [mv["dot"]])
+        if other:
+            raise Miss(f"the normalized x is also read by {other}: the norm stays, unfused")
+        eps, shape, bias = norm["eps"], _shape(mv.anchor.outs[0]), mv["bias"]
+        inputs = [norm["x"], norm["w"], mv["w"]] + ([bias] if bias is not None else [])
+        self._fused("rms_norm_matvec", [norm, mv], mv.anchor, inputs,
+                    lambda x, lw, w, *b: [ops.rms_norm_linear(x, lw, eps, w, *b).reshape(shape)])
+
+    def _fuse_qkv(self, norm: Match, mvs: list) -> None:
+        """The attention input, one ``qkv_rope_cache``: three matvecs of the norm, each
+        reshaped to heads; two rotated (rope matches) and of those one, k, written with
+        the third, v, into static caches by ``dynamic_update_slice``. Rows are written
+        where XLA writes them (the update's start clamped into the cache: the kernel's
+        own ``cache_pos``), rotated at the rope's position."""
+        g = self.g
+        ropes = {m["x"]: m for m in self.matches.values() if m.pattern == "rope"}
+        branches = []
+        for mv in mvs:
+            r = next((u for u in g.uses(mv["out"]) if u.name == "reshape" and u.params.get("dimensions") is None),
+                     None)
+            if r is None:
+                raise Miss("")
+            branches.append(_Branch(mv, r, ropes.get(r.outs[0])))
+        roped = [b for b in branches if b.rope is not None]
+        plain = [b for b in branches if b.rope is None]
+        if len(roped) != 2 or len(plain) != 1:
+            raise Miss("")
+        writes = [self._written(b.rope["out"]) for b in roped]
+        if writes[0] is not None:
+            roped, writes = roped[::-1], writes[::-1]
+        (q, k), (v,) = roped, plain
+        vw = self._written(v.heads.outs[0])
+        if writes[0] is not None or writes[1] is None or vw is None:
+            raise Miss("")
+        # norm -> q, k, v matvecs, q and k rotated, k and v written into caches: from here
+        # on the subgraph is the attention input and a failed condition is reported
+        (dk, kpath), (dv, vpath) = writes[1], vw
+        m_rows = math.prod(_shape(norm["x"])[:-1])
+        qh, kh, vh = (_shape(b.heads.outs[0]) for b in (q, k, v))
+        if len(qh) != 3 or qh[0] != m_rows or kh != vh or kh[0] != m_rows or qh[2] != kh[2]:
+            raise Miss(f"heads q {qh}, k {kh}, v {vh} are not [M={m_rows}, heads, DH] of one DH")
+        row_k, row_v = self._cache_row(dk, kh), self._cache_row(dv, vh)
+        if not _same(g, row_k, row_v):
+            raise Miss("K and V are written at different rows")
+        if not _same(g, q.rope["pos"], k.rope["pos"]):
+            raise Miss("q and k are rotated at different positions")
+        if (q.rope["kind"], q.rope["scalars"]) != (k.rope["kind"], k.rope["scalars"]):
+            raise Miss("q and k are rotated with different frequencies")
+        biases = [b.mv["bias"] for b in (q, k, v)]
+        has_bias = biases[0] is not None
+        if any((b is not None) != has_bias for b in biases):
+            raise Miss("some of q, k, v have a bias, some not")
+        kc, vc = dk.ins[0], dv.ins[0]
+        if {_dt(kc), _dt(vc)} != {_dt(norm["x"])}:
+            raise Miss(f"caches {_dt(kc)} / {_dt(vc)} and x {_dt(norm['x'])}: the kernel keeps one storage dtype")
+        other = self._other_reader(norm["out"], [b.mv["dot"] for b in branches])
+        if other:
+            raise Miss(f"the normalized x is also read by {other}: the norm stays, unfused")
+        parts = [norm] + [b.mv for b in branches] + [q.rope, k.rope]
+        body = [n for m in parts[1:] for n in m.nodes] + [b.heads for b in branches] + kpath + vpath + [dk, dv]
+        outs = [q.rope["out"], dk.outs[0], dv.outs[0]]
+        leak = _leak(g, body, outs)
+        if leak:
+            raise Miss(f"an intermediate of q / k / v is also read by {leak}")
+        anchor = max((g.prod(o) for o in outs), key=lambda n: n.idx)
+        early = [u for o in outs for u in g.uses(o) if u.idx <= anchor.idx]
+        if early:
+            raise Miss(f"{early[0].where()} reads q or a cache before the last of them is written")
+        eps, rope, s_len = norm["eps"], (q.rope["kind"], q.rope["scalars"]), _shape(kc)[2]
+        inputs = [norm["x"], norm["w"]] + [b.mv["w"] for b in (q, k, v)] + (biases if has_bias else []) + \
+            [q.rope["pos"], row_k, kc, vc]
+
+        def build(x, lw, wq, wk, wv, *rest):
+            bq, bk, bv = rest[:3] if has_bias else (None, None, None)
+            pv, row, kcv, vcv = rest[-4:]
+            pos = jnp.broadcast_to(pv.reshape(()), (m_rows,))
+            at = jnp.broadcast_to(jnp.clip(row.reshape(()), 0, s_len - 1), (m_rows,))  # XLA's clamp
+            qv, kn, vn = ops.qkv_rope_cache(x, lw, eps, wq, wk, wv, bq, bk, bv, pos, kcv, vcv, rope=rope,
+                                            cache_pos=at)
+            return [qv.reshape(qh), kn, vn]
+
+        self._fused("qkv_rope_cache", parts, anchor, inputs, build, outs)
+
+    def _written(self, a) -> Optional[tuple]:
+        """(dynamic_update_slice, shape ops passed) when ``a`` is the update of a
+        ``dynamic_update_slice`` through reshapes and broadcasts that keep its element
+        count (so its elements in order: a row inserted as ``k[:, :, None, :]``)."""
+        path = []
+        while True:
+            us = self.g.uses(a)
+            dus = next((u for u in us if u.name == "dynamic_update_slice" and u.ins[1] is a), None)
+            if dus is not None:
+                return dus, path
+            nxt = next((u for u in us if u.name in _SHAPE_OPS and u.params.get("dimensions") is None
+                        and math.prod(_shape(u.outs[0])) == math.prod(_shape(a))), None)
+            if nxt is None:
+                return None
+            path.append(nxt)
+            a = nxt.outs[0]
+
+    def _cache_row(self, dus: Node, heads: tuple):
+        """The row index of a one-row write of ``heads`` [M, NKV, DH] into a cache
+        [M, NKV, S, DH] at (0, 0, row, 0); else Miss."""
+        g = self.g
+        cache, upd, *idx = dus.ins
+        m, nkv, dh = heads
+        cs = _shape(cache)
+        if len(cs) != 4 or (cs[0], cs[1], cs[3]) != (m, nkv, dh) or _shape(upd) != (m, nkv, 1, dh):
+            raise Miss(f"the write {_shape(upd)} is not one row [M, NKV, 1, DH] of a cache [M, NKV, S, DH] {cs}")
+        zeros = [g.const(i) for i in (idx[0], idx[1], idx[3])]
+        if any(z is None or int(z) != 0 for z in zeros):
+            raise Miss("the cache is not written at (0, 0, row, 0)")
+        if math.prod(_shape(idx[2])) != 1:
+            raise Miss("the cache row is not one integer")
+        return idx[2]
+
+
+def _same(g: Graph, a, b, depth: int = 8) -> bool:
+    """Whether ``a`` and ``b`` are one value: the same, equal constants, or the same
+    effect-free equation of the same inputs (each dynamic_update_slice normalizes its
+    start index on its own; two such copies are one value)."""
+    if a is b:
+        return True
+    ca, cb = g.const(a), g.const(b)
+    if ca is not None or cb is not None:
+        return ca is not None and cb is not None and ca.dtype == cb.dtype and ca.shape == cb.shape and \
+            bool(np.array_equal(ca, cb))
+    na, nb = g.prod(a), g.prod(b)
+    if depth == 0 or na is None or nb is None or na.prim is not nb.prim or na.effects or nb.effects or \
+            len(na.ins) != len(nb.ins) or na.outs.index(a) != nb.outs.index(b):
+        return False
+    try:
+        if na.params != nb.params:
+            return False
+    except (TypeError, ValueError):  # params holding arrays: not worth comparing
+        return False
+    return all(_same(g, x, y, depth - 1) for x, y in zip(na.ins, nb.ins))
+
+
+def _leak(g: Graph, body: list, exits: list) -> Optional[str]:
+    """An equation outside ``body`` (or the function's output) reading a value of
+    ``body`` other than ``exits``: a fused kernel would leave it to be computed anyway."""
+    inside = {n.idx for n in body}
+    for n in body:
+        for o in n.outs:
+            if any(o is e for e in exits):
+                continue
+            if o in g.outvars:
+                return "the function's output"
+            out = next((u for u in g.uses(o) if u.idx not in inside), None)
+            if out is not None:
+                return out.where()
+    return None
 
 
 def _last_axis_kept(path: list) -> bool:

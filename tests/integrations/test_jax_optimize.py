@@ -1,10 +1,15 @@
 """tileflow.jax.optimize on the plain-JAX DeepSeek decode (tiny Qwen2 and Llama
-configs, random weights): every decode pattern swapped, greedy tokens identical to
-plain jax.jit and to the torch eager model in fp32, through the reference lowering
-and through the generated Pallas kernels (interpreter); near misses reported with
-their reason; a function with no decode pattern comes back unchanged."""
+configs, random weights): every decode pattern swapped, the norms fused into the
+kernels they feed (qkv_rope_cache, rms_norm_gate_up_silu, rms_norm_matvec: the
+hand-written step's launches), greedy tokens identical to plain jax.jit and to the
+torch eager model in fp32, through the reference lowering and through the generated
+Pallas kernels (interpreter); near misses reported with their reason (a normalized
+value read elsewhere keeps the unfused kernels); a function with no decode pattern
+comes back unchanged."""
 
+import collections
 import functools
+import re
 
 import numpy as np
 import pytest
@@ -67,8 +72,10 @@ def test_every_decode_pattern_matches(kind, monkeypatch):
     cfg, params = M.from_transformers(tiny(kind))
     report = tfj.explain(functools.partial(M.decode_step, cfg), *step_args(cfg, params))
     n = cfg.layers
-    assert dict(report.matches) == {"rms_norm": 2 * n + 1, "rope": 2 * n, "gqa_attention": n, "gate_up_silu": n,
-                                    "matvec_residual": 2 * n, "matvec": 3 * n + 1}, str(report)
+    # per layer: norm + q/k/v + RoPE + cache writes, attention, o + residual, norm +
+    # gate/up + SiLU, down + residual; then the final norm with the lm_head
+    assert dict(report.matches) == {"qkv_rope_cache": n, "gqa_attention": n, "matvec_residual": 2 * n,
+                                    "rms_norm_gate_up_silu": n, "rms_norm_matvec": 1}, str(report)
     assert report.fallbacks == [], str(report)
 
 
@@ -93,10 +100,15 @@ def test_optimized_logits_close_and_primitives_in_the_program():
     fast, _ = jax.jit(optimized(cfg))(*args)
     np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-4)
     text = str(jax.make_jaxpr(optimized(cfg))(*args))
-    for prim in ("tileflow_rms_norm", "tileflow_rope_q", "tileflow_attention_decode_gqa",
-                 "tileflow_mlp_gate_up_silu", "tileflow_o_proj_residual", "tileflow_q_proj_matvec"):
-        assert prim in text
-    assert "logistic" not in text and "rsqrt" not in text  # the originals are gone, not just bypassed
+    n = cfg.layers
+    assert primitive_counts(text) == {"qkv_rope_cache": n, "attention_decode_gqa": n, "o_proj_residual": n,
+                                      "rms_norm_gate_up_silu": n, "down_proj_residual": n, "rms_norm_matvec": 1}
+    # the originals are gone, not just bypassed
+    assert not re.search(r"= (logistic|rsqrt|dot_general|dynamic_update_slice|cos|sin)\b", text)
+
+
+def primitive_counts(text: str) -> dict:
+    return dict(collections.Counter(re.findall(r"tileflow_(\w+)", text)))
 
 
 def test_no_decode_pattern_comes_back_unchanged():
@@ -166,3 +178,107 @@ def test_on_cuda_auto_keeps_xla_with_the_measured_reason(monkeypatch):
     monkeypatch.setenv("TILEFLOW_JAX_TARGET", "pallas")
     report = tfj.explain(functools.partial(M.decode_step, cfg), *step_args(cfg, params))
     assert report.matches["gqa_attention"] == cfg.layers and not report.fallbacks
+
+
+# ------------------------------------------------------------------ norm fusion
+
+def _attention_input(cfg, h, layer, kv, pos, *, leak=False, v_row=0):
+    """A decode layer's attention input as model.decode_step writes it; ``leak`` also
+    returns k before RoPE, ``v_row`` writes V that many rows after K."""
+    b = h.shape[0]
+    cos, sin = M.rope_cos_sin(cfg, jnp.full((b,), pos, jnp.int32), h.dtype)
+    x = M.rms_norm(h, layer["ln1"], cfg.eps)
+    q, k, v = x @ layer["wq"].T + layer["bq"], x @ layer["wk"].T + layer["bk"], x @ layer["wv"].T + layer["bv"]
+    q = q.reshape(b, cfg.heads, cfg.head_dim)
+    k0 = k.reshape(b, cfg.kv_heads, cfg.head_dim)
+    v = v.reshape(b, cfg.kv_heads, cfg.head_dim)
+    q = q * cos + M.rotate_half(q) * sin
+    k = k0 * cos + M.rotate_half(k0) * sin
+    k_cache = jax.lax.dynamic_update_slice(kv["k"], k[:, :, None, :], (0, 0, pos, 0))
+    v_cache = jax.lax.dynamic_update_slice(kv["v"], v[:, :, None, :], (0, 0, pos + v_row if v_row else pos, 0))
+    return (q, k_cache, v_cache) + ((k0,) if leak else ())
+
+
+def _qwen_layer():
+    cfg, params = M.from_transformers(tiny("qwen2"))
+    kv = {"k": jax.random.normal(jax.random.key(2), (1, cfg.kv_heads, 32, cfg.head_dim)),
+          "v": jax.random.normal(jax.random.key(3), (1, cfg.kv_heads, 32, cfg.head_dim))}
+    return cfg, params["layers"][0], kv, jax.random.normal(jax.random.key(4), (1, cfg.hidden))
+
+
+@pytest.mark.parametrize("pos", [0, 5, 31, 40, -1])
+def test_qkv_rope_cache_writes_where_dynamic_update_slice_does(pos):
+    """One qkv_rope_cache: q and both caches equal plain JAX's, also where XLA clamps
+    the row into the cache (40) or counts it from the end (-1), rotated at pos itself."""
+    cfg, layer, kv, h = _qwen_layer()
+    fn = functools.partial(_attention_input, cfg)
+    args = (h, layer, kv, jnp.int32(pos))
+    report = tfj.explain(fn, *args)
+    assert dict(report.matches) == {"qkv_rope_cache": 1} and not report.fallbacks, str(report)
+    assert primitive_counts(str(jax.make_jaxpr(tfj.optimize(fn))(*args))) == {"qkv_rope_cache": 1}
+    for got, want in zip(jax.jit(tfj.optimize(fn))(*args), jax.jit(fn)(*args)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_qkv_with_a_leaked_intermediate_or_two_rows_stays_unfused():
+    cfg, layer, kv, h = _qwen_layer()
+    args = (h, layer, kv, jnp.int32(3))
+    for kw, reason in ((dict(leak=True), "also read by the function's output"),
+                       (dict(v_row=1), "different rows")):
+        fn = functools.partial(_attention_input, cfg, **kw)
+        report = tfj.explain(fn, *args)
+        assert dict(report.matches) == {"rms_norm": 1, "matvec": 3, "rope": 2}, str(report)
+        assert [(p, r) for p, _, r in report.fallbacks if reason in r] and \
+            all(p == "qkv_rope_cache" for p, _, _ in report.fallbacks), str(report)
+        for got, want in zip(jax.jit(tfj.optimize(fn))(*args), jax.jit(fn)(*args)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_read_elsewhere_keeps_the_unfused_kernels():
+    """rms_norm + gate/up fuse only when the gate and up matvecs are all that read the
+    normalized x, the final norm + lm_head only when the head is: here the normalized x
+    is also returned, so it is computed anyway and both stay unfused, with the reason."""
+    k = jax.random.split(jax.random.key(5), 4)
+    h, ln = jax.random.normal(k[0], (1, 64)), jax.random.normal(k[1], (64,))
+    wg, wu = jax.random.normal(k[2], (96, 64)), jax.random.normal(k[3], (96, 64))
+
+    def mlp(h, ln, wg, wu, probe):
+        x = M.rms_norm(h, ln, 1e-6)
+        y = jax.nn.silu(x @ wg.T) * (x @ wu.T)
+        return (y, x) if probe else y
+
+    def head(h, ln, w, probe):
+        x = M.rms_norm(h, ln, 1e-6)
+        return (x @ w.T, x) if probe else x @ w.T
+
+    cases = ((mlp, (h, ln, wg, wu), "rms_norm_gate_up_silu", "gate_up_silu", "mlp_gate_up_silu"),
+             (head, (h, ln, wg), "rms_norm_matvec", "matvec", "q_proj_matvec"))
+    for f, args, fused, part, prim in cases:
+        fn = functools.partial(f, probe=False)
+        assert dict(tfj.explain(fn, *args).matches) == {fused: 1}
+        assert primitive_counts(str(jax.make_jaxpr(tfj.optimize(fn))(*args))) == {fused: 1}
+        np.testing.assert_allclose(jax.jit(tfj.optimize(fn))(*args), fn(*args), rtol=1e-5, atol=1e-4)
+        fn = functools.partial(f, probe=True)
+        report = tfj.explain(fn, *args)
+        assert dict(report.matches) == {"rms_norm": 1, part: 1}, str(report)
+        assert [(p, "also read by the function's output" in r) for p, _, r in report.fallbacks] == [(fused, True)]
+        assert primitive_counts(str(jax.make_jaxpr(tfj.optimize(fn))(*args))) == {"rms_norm": 1, prim: 1}
+        for got, want in zip(jax.jit(tfj.optimize(fn))(*args), fn(*args)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("target", ["reference", "pallas"])
+def test_rms_norm_linear_primitive(target, monkeypatch):
+    """ops.rms_norm_linear (the suite's rms_norm_matvec) against float64, with a bias and
+    several rows."""
+    from tileflow.integrations.jax import ops
+
+    monkeypatch.setenv("TILEFLOW_JAX_TARGET", target)
+    k = jax.random.split(jax.random.key(6), 4)
+    x, ln = jax.random.normal(k[0], (3, 50)), jax.random.normal(k[1], (50,))
+    w, b = jax.random.normal(k[2], (37, 50)), jax.random.normal(k[3], (37,))
+    xf, lf, wf, bf = (np.asarray(a, np.float64) for a in (x, ln, w, b))
+    want = xf / np.sqrt((xf * xf).mean(-1, keepdims=True) + 1e-5) * lf @ wf.T + bf
+    np.testing.assert_allclose(jax.jit(ops.rms_norm_linear, static_argnums=2)(x, ln, 1e-5, w, b), want,
+                               rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(ops.rms_norm_linear(x, ln, 1e-5, w), want - bf, rtol=2e-5, atol=2e-5)
