@@ -2,7 +2,8 @@
 
 A one-token step on a transformers ``StaticCache`` runs as one program of suite
 kernels, replayed from a CUDA graph on a GPU (``decode_step.py``); other decode steps
-(a dynamic cache, say) run layer by layer as below.
+(a dynamic cache, say) run layer by layer as below. A prompt into an empty cache runs
+the model's arithmetic as a lean PyTorch program (``prefill.py``), graphed on a GPU.
 
 Each decoder layer of a Qwen2 or Llama model gets a forward that, for a decode step
 (one new token, batch 1, a cache that returns the full K/V history), runs::
@@ -20,6 +21,7 @@ reason in the report; an unsupported model comes back unchanged.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,6 +29,7 @@ import torch
 
 from tileflow.integrations.transformers.decode_step import (DecodeProgram, GraphedDecode, cache_argument,
                                                             decode_request)
+from tileflow.integrations.transformers.prefill import GraphedPrefill, PrefillProgram, prefill_request
 from tileflow.report import Report
 from tileflow.runtime import ops
 
@@ -232,7 +235,8 @@ def _lm_head_forward(lm_head, report: PatchReport):
     return _guarded(fast, lm_head.forward, report, "matvec", "lm_head")
 
 
-def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport):
+def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport,
+                        prefill: Optional[GraphedPrefill] = None):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     original = model.forward
@@ -242,6 +246,16 @@ def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport):
     @functools.wraps(original)  # generate inspects forward's signature to choose its kwargs
     def forward(*args, **kwargs):
         tok, pos, cache, mask, why = decode_request(args, kwargs, runner.program.takes_any_position)
+        if why == "not a one-token step" and prefill is not None:
+            ids, cache, keep, why_not = prefill_request(args, kwargs)
+            if not why_not and (model.training or torch.is_grad_enabled()):
+                why_not = "training or gradients enabled (the program keeps no autograd graph)"
+            if not why_not:
+                logits = prefill(ids, cache, keep)
+                return CausalLMOutputWithPast(logits=logits, **{_cache_field(): cache})
+            if why_not not in seen and why_not != "not a batch-1 prompt":
+                seen.add(why_not)
+                report.fallbacks.append(("prefill", type(model).__name__, f"ran the model's forward: {why_not}"))
         if why:
             if why not in seen and why != "not a one-token step" and not why.startswith("cache not"):
                 seen.add(why)
@@ -258,11 +272,16 @@ def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport):
             report.fallbacks.append(("decode_step", type(model).__name__,
                                      f"disabled after an error: {type(exc).__name__}: {exc}"[:300]))
             return original(*args, **kwargs)
-        # the output's cache field is ``cache`` from transformers 5.24, ``past_key_values`` before
-        field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-        return CausalLMOutputWithPast(logits=logits.view(1, 1, -1), **{field: cache})
+        return CausalLMOutputWithPast(logits=logits.view(1, 1, -1), **{_cache_field(): cache})
 
     return forward
+
+
+def _cache_field() -> str:
+    """The output's cache field: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def patch(model) -> PatchReport:
@@ -308,9 +327,13 @@ def patch(model) -> PatchReport:
         report.matches["matvec"] += 1
     if len(patched) == len(layers) + 2 and lm_head.bias is None:
         # every piece qualifies: whole decode steps on a static cache run as one program
-        model.forward = _whole_step_forward(model, GraphedDecode(DecodeProgram(model, rope_cfg)), report)
+        # TILEFLOW_PREFILL=0 leaves prompts to the model's forward (to measure what the program buys)
+        prefill = GraphedPrefill(PrefillProgram(model)) if os.environ.get("TILEFLOW_PREFILL", "1") != "0" else None
+        model.forward = _whole_step_forward(model, GraphedDecode(DecodeProgram(model, rope_cfg)), report, prefill)
         patched.append(model)
         report.matches["embedding"] += 1
+        if prefill is not None:
+            report.matches["prefill"] += 1
     else:
         report.fallbacks.append(("decode_step", type(model).__name__,
                                  "not every layer qualifies: decode runs layer by layer"))

@@ -34,6 +34,9 @@ class PathResult:
     error: str = ""
     runs_tok_s: list = field(default_factory=list)
     runs_ttft_s: list = field(default_factory=list)
+    # the warm-up's prompt pass: the first prompt of its length (a patched model graphs
+    # a prompt length from its second sighting on; the repeats replay it)
+    warmup_ttft_s: float = float("nan")
     # CUDA only: peak bytes allocated while this path ran (weights, cache, its graphs and
     # workspaces), in GB; compared with eager's by the bench
     peak_memory_gb: Optional[float] = None
@@ -167,7 +170,7 @@ def run_path(path: Path, model, ids, new_tokens: int, repeats: int, reference: O
         cache = make_cache(path.cache, model, max_len)
         progress(f"{path.name}: warm-up (compile)")
         t0 = time.perf_counter()
-        decode_once(model, step, ids, new_tokens, cache)
+        res.warmup_ttft_s = decode_once(model, step, ids, new_tokens, cache)[0]
         warm = time.perf_counter() - t0
         best = None
         for r in range(repeats):
