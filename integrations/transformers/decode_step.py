@@ -14,6 +14,7 @@ buffers, the cache tensors never move.
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -33,16 +34,7 @@ class DecodeProgram:
         base = model.model
         self.dh = base.layers[0].self_attn.head_dim
         self.embed = base.embed_tokens.weight
-        self.layers = []
-        for layer in base.layers:
-            a, m = layer.self_attn, layer.mlp
-            self.layers.append((
-                layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
-                a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.v_proj.weight, a.k_proj.bias, a.v_proj.bias,
-                a.o_proj.weight, a.scaling,
-                layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
-                m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight,
-            ))
+        self.layers = [layer_weights(layer) for layer in base.layers]
         self.norm_w, self.norm_eps = base.norm.weight, base.norm.variance_epsilon
         self.lm_head_w = model.lm_head.weight
 
@@ -95,6 +87,18 @@ class DecodeProgram:
             x = ops.down_proj_residual(ops.rms_norm_gate_up_silu(x, ln2, eps2, wg, wu), wd, x)
         _advance(cache, 1)
         return ops.rms_norm_linear(x, self.norm_w, self.norm_eps, self.lm_head_w)
+
+
+def layer_weights(layer) -> tuple:
+    """A decoder layer's tensors and constants where they lie, in the order the decode and
+    prompt programs unpack them: ln1, eps1, wq, bq, wk, wv, bk, bv, wo, scale, ln2, eps2,
+    wg, wu, wd."""
+    a, m = layer.self_attn, layer.mlp
+    return (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
+            a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.v_proj.weight, a.k_proj.bias, a.v_proj.bias,
+            a.o_proj.weight, a.scaling,
+            layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
+            m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)
 
 
 def _key_mask(mask: torch.Tensor, cache) -> torch.Tensor:
@@ -154,12 +158,16 @@ class GraphedDecode:
             return self.program.run(tok, pos, cache, None if mask is None else _key_mask(mask, cache))
         key = (id(cache), cache.layers[0].keys.data_ptr(), mask is not None)
         entry = self.graphs.get(key)
+        if entry is not None and entry[0]() is not cache:
+            # a new cache where a freed one was: the graph would count on the old counters
+            del self.graphs[key]
+            entry = None
         if entry is None:
             entry = self._capture(tok, pos, cache, None if mask is None else _key_mask(mask, cache))
             if len(self.graphs) >= self.max_graphs:
                 self.graphs.pop(next(iter(self.graphs)))
             self.graphs[key] = entry
-        graph, tok_buf, pos_buf, mask_buf, logits = entry
+        _, graph, tok_buf, pos_buf, mask_buf, logits = entry
         tok_buf.copy_(tok.reshape(1, 1))
         pos_buf.copy_(pos.reshape(1, 1))
         if mask is not None:
@@ -180,7 +188,7 @@ class GraphedDecode:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             logits = self.program.run(tok_buf, pos_buf, cache, mask_buf)
-        return graph, tok_buf, pos_buf, mask_buf, logits
+        return weakref.ref(cache), graph, tok_buf, pos_buf, mask_buf, logits
 
 
 def cache_argument(kwargs: dict, default=None):
@@ -214,6 +222,15 @@ def mask_row(mask, capacity: int) -> tuple[Optional[torch.Tensor], str]:
     return mask, ""
 
 
+def unsupported_request(kwargs: dict) -> str:
+    """What a forward call asks for that the programs do not give (extra outputs, inputs
+    embedded by the caller, a loss, a tuple), or ""."""
+    for flag in ("output_attentions", "output_hidden_states", "inputs_embeds", "labels"):
+        if kwargs.get(flag):
+            return f"{flag} requested"
+    return "return_dict=False" if kwargs.get("return_dict") is False else ""
+
+
 def decode_request(args, kwargs, any_position: bool = False
                    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], object, Optional[torch.Tensor], str]:
     """(tok, pos, cache, mask, "") when a CausalLM forward call is a plain one-token
@@ -231,11 +248,9 @@ def decode_request(args, kwargs, any_position: bool = False
     none = (None, None, None, None)
     if input_ids is None or input_ids.dim() != 2 or tuple(input_ids.shape) != (1, 1):
         return (*none, "not a one-token step")
-    for flag in ("output_attentions", "output_hidden_states", "inputs_embeds", "labels"):
-        if kwargs.get(flag):
-            return (*none, f"{flag} requested")
-    if kwargs.get("return_dict") is False:
-        return (*none, "return_dict=False")
+    why = unsupported_request(kwargs)
+    if why:
+        return (*none, why)
     if cache is None:
         return (*none, "no cache")
     why = static_cache_problem(cache)

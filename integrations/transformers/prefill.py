@@ -28,6 +28,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from tileflow.integrations.transformers.decode_step import cache_argument, layer_weights, unsupported_request
+
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Qwen2RMSNorm / LlamaRMSNorm's arithmetic, cast for cast."""
@@ -47,16 +49,7 @@ class PrefillProgram:
         self.rotary_emb = base.rotary_emb
         self.embed = base.embed_tokens.weight
         self.dh = attn0.head_dim
-        self.layers = []
-        for layer in base.layers:
-            a, m = layer.self_attn, layer.mlp
-            self.layers.append((
-                layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
-                a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias, a.v_proj.weight, a.v_proj.bias,
-                a.o_proj.weight, a.scaling,
-                layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
-                m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight,
-            ))
+        self.layers = [layer_weights(layer) for layer in base.layers]
         self.norm_w, self.norm_eps = base.norm.weight, base.norm.variance_epsilon
         self.lm_head_w = model.lm_head.weight
 
@@ -68,7 +61,7 @@ class PrefillProgram:
         x = F.embedding(ids, self.embed)
         positions = torch.arange(t, device=ids.device).unsqueeze(0)
         cos, sin = self.rotary_emb(x, positions)
-        for i, (ln1, eps1, wq, bq, wk, bk, wv, bv, wo, scale, ln2, eps2, wg, wu, wd) in enumerate(self.layers):
+        for i, (ln1, eps1, wq, bq, wk, wv, bk, bv, wo, scale, ln2, eps2, wg, wu, wd) in enumerate(self.layers):
             h = _rms_norm(x, ln1, eps1)
             q = F.linear(h, wq, bq).view(1, t, -1, dh).transpose(1, 2)
             k = F.linear(h, wk, bk).view(1, t, -1, dh).transpose(1, 2)
@@ -92,18 +85,14 @@ def prefill_request(args, kwargs) -> tuple[Optional[torch.Tensor], object, int, 
     pass (batch 1, several tokens, no padding, positions from 0) into an empty cache,
     else (None, None, 0, why not). Reads the cache length back (one host sync, before
     any prompt kernel is queued)."""
-    from tileflow.integrations.transformers.decode_step import cache_argument
-
     ids = kwargs.get("input_ids", args[0] if args else None)
     cache = cache_argument(kwargs)
     no = (None, None, 0)
     if ids is None or ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 2:
         return (*no, "not a batch-1 prompt")
-    for flag in ("output_attentions", "output_hidden_states", "inputs_embeds", "labels"):
-        if kwargs.get(flag):
-            return (*no, f"{flag} requested")
-    if kwargs.get("return_dict") is False:
-        return (*no, "return_dict=False")
+    why = unsupported_request(kwargs)
+    if why:
+        return (*no, why)
     if cache is None or not kwargs.get("use_cache", True):
         return (*no, "no cache")
     layers = getattr(cache, "layers", None)
@@ -121,7 +110,7 @@ def prefill_request(args, kwargs) -> tuple[Optional[torch.Tensor], object, int, 
             return (*no, "a precomputed attention mask")
         mask = None
     if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(ids.shape)):
-        return (*no, "attention mask not of the prompt's shape")
+        return (*no, "attention mask not of the prompt's [1, T] shape")
     for name in ("position_ids", "cache_position"):
         given = kwargs.get(name)
         if given is not None and not torch.equal(given.reshape(-1).cpu(),

@@ -141,7 +141,10 @@ def test_unfused_program_checks_positions_on_the_host(monkeypatch):
     report = tileflow.patch(model)
     assert torch.equal(greedy(model, ids), expected)
     assert any("padded sequence" in r for _, _, r in report.fallbacks)
-    assert len(report.fallbacks) == 3  # the whole step once, each layer once: not one line per step
+    decode = [f for f in report.fallbacks if f[0] != "prefill"]
+    assert len(decode) == 3  # the whole step once, each layer once: not one line per step
+    assert [why for p, _, why in report.fallbacks if p == "prefill"] == [
+        "ran the model's forward: attention mask not of the prompt's [1, T] shape"]  # the padded prompt, once
 
 
 def test_unrelated_model_is_left_unchanged():
