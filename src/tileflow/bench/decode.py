@@ -34,8 +34,9 @@ class PathResult:
     error: str = ""
     runs_tok_s: list = field(default_factory=list)
     runs_ttft_s: list = field(default_factory=list)
-    # the warm-up's prompt pass: the first prompt of its length (a patched model graphs
-    # a prompt length from its second sighting on; the repeats replay it)
+    # the warm-up's prompt pass. A patched model's prompt graph is keyed by the cache, which
+    # the warm-up's prompt finds uninitialised: the first repeat runs the program directly,
+    # the second captures, the third on replay (so REPEATS >= 3 to time the replay)
     warmup_ttft_s: float = float("nan")
     # CUDA only: peak bytes allocated while this path ran (weights, cache, its graphs and
     # workspaces), in GB; compared with eager's by the bench
