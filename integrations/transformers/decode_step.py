@@ -37,6 +37,12 @@ class DecodeProgram:
         self.layers = [layer_weights(layer) for layer in base.layers]
         self.norm_w, self.norm_eps = base.norm.weight, base.norm.variance_epsilon
         self.lm_head_w = model.lm_head.weight
+        # each layer's down projection brings the next layer's attention weights and
+        # norms into L2 (TILEFLOW_AHEAD=0 turns it off): the small q/k/v/o matvecs are
+        # latency-bound reading memory, the long down projection leaves bandwidth over
+        self.ahead = [next_layer_ahead(nxt) for nxt in self.layers[1:]] + [(self.norm_w,)]
+        if os.environ.get("TILEFLOW_AHEAD", "1") == "0":
+            self.ahead = [()] * len(self.layers)
 
     @property
     def takes_any_position(self) -> bool:
@@ -79,14 +85,22 @@ class DecodeProgram:
         down+residual) instead of eleven; the norms run inside the matvecs."""
         nh, dh = self.nh, self.dh
         for i, (ln1, eps1, wq, bq, wk, wv, bk, bv, wo, scale, ln2, eps2, wg, wu, wd) in enumerate(self.layers):
-            layer = cache.layers[i]
+            # the reference path (CPU) has no L2 to fill; the interpreter runs the same launch
+            layer, ahead = cache.layers[i], self.ahead[i] if x.is_cuda or ops.cpu_target() == "triton" else ()
             q = ops.qkv_rope_cache(x, ln1, eps1, wq, wk, wv, bq, bk, bv, p, layer.keys, layer.values, self.rope_cfg,
                                    cache_pos=None if row is p else row)
             o = ops.attention_decode(q, layer.keys, layer.values, lengths, scale, key_mask=key_mask)
             x = ops.o_proj_residual(o.view(1, nh * dh), wo, x)
-            x = ops.down_proj_residual(ops.rms_norm_gate_up_silu(x, ln2, eps2, wg, wu), wd, x)
+            x = ops.down_proj_residual(ops.rms_norm_gate_up_silu(x, ln2, eps2, wg, wu), wd, x, ahead=ahead)
         _advance(cache, 1)
         return ops.rms_norm_linear(x, self.norm_w, self.norm_eps, self.lm_head_w)
+
+
+def next_layer_ahead(weights: tuple) -> tuple:
+    """What a down projection prefetches of the next layer (its ``layer_weights``): the
+    norms, the q/k/v weights and biases, the o weight, in the order they are read."""
+    ln1, _, wq, bq, wk, wv, bk, bv, wo, _, ln2 = weights[:11]
+    return tuple(t for t in (ln1, wq, wk, wv, bq, bk, bv, wo, ln2) if t is not None)
 
 
 def layer_weights(layer) -> tuple:

@@ -20,8 +20,9 @@ pytest.importorskip("triton")
 _PTR = {"T": "*bf16", "f32": "*fp32", "i32": "*i32", "i64": "*i64"}
 
 
-def _build(name: str) -> list[dict]:
-    """Child side: compile each stage of ``name``'s first decode case for sm_90."""
+def _build(name: str, label: str = "") -> list[dict]:
+    """Child side: compile each stage of ``name``'s first decode case (or its test case
+    ``label``) for sm_90."""
     import importlib.util
     import tempfile
     from pathlib import Path
@@ -34,8 +35,8 @@ def _build(name: str) -> list[dict]:
     from tileflow.suite.registry import QWEN_1_5B
 
     kernel = KERNELS[name]
-    case = kernel.decode_cases(QWEN_1_5B)[0]
-    params = kernel.params_for(case)
+    case = next(c for c in kernel.test_cases if c.label == label) if label else kernel.decode_cases(QWEN_1_5B)[0]
+    params = {**kernel.params_for(case), **kernel.structural_sizes(case.sizes)}
     ir = kernel.build(params)
     path = Path(tempfile.mkdtemp()) / f"{ir.name}_sm90.py"
     path.write_text(generate(ir, "triton"))
@@ -81,20 +82,25 @@ def _names():
     return list(KERNELS)
 
 
-@pytest.mark.parametrize("name", _names())
-def test_builds_for_sm90_with_prefetch_before_the_wait(name):
+# test cases whose parameters add prefetches the decode case lacks
+_PREFETCHING_CASES = [("down_proj_residual", "ahead")]
+
+
+@pytest.mark.parametrize("name,label", [(n, "") for n in _names()] + _PREFETCHING_CASES)
+def test_builds_for_sm90_with_prefetch_before_the_wait(name, label):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, __file__, name], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run([sys.executable, __file__, name, label], capture_output=True, text=True, env=env,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     for st in json.loads(done.stdout.strip().splitlines()[-1]):
-        where = f"{name}/{st['stage']}"
+        where = f"{name}{'/' + label if label else ''}/{st['stage']}"
         assert st["cubin_bytes"] > 0, where
         assert st["wait"] >= 0, f"{where}: no griddepcontrol.wait"
         assert st["wait"] < st["first_access"], f"{where}: a global load or store before the wait"
-        if st["prefetch_in_source"]:
+        if st["prefetch_in_source"] or label:
             assert st["prefetches"], f"{where}: the prefetch was dropped"
         assert all(p < st["wait"] for p in st["prefetches"]), f"{where}: a prefetch after the wait"
 
 
 if __name__ == "__main__":
-    print(json.dumps(_build(sys.argv[1])))
+    print(json.dumps(_build(*sys.argv[1:])))

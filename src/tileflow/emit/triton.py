@@ -221,6 +221,8 @@ class TritonEmitter(Walker):
         # one address per 64 elements (a 128-byte line in bf16) of the last range, every
         # index clamped into the view: a prefetch must never name memory outside it
         view, index = op.args
+        if op.attrs.get("share"):
+            return self._prefetch_share(op, view, w)
         last = index[-1]
         block = self.ir.params[last.block]
         lines = max(1, block // 64)
@@ -234,6 +236,26 @@ class TritonEmitter(Walker):
         with w.indent():
             w(f"tl.inline_asm_elementwise(\"prefetch.global.L2 [$1]; mov.u32 $0, 0;\", \"=r,l\", "
               f"[{self._address(view, index, clamped)}], dtype=tl.int32, is_pure=False, pack=1)")
+
+    def _prefetch_share(self, op: Op, view, w: Writer):
+        # the stage's programs in row-major order, each with one contiguous share of the
+        # view, rounds of ``block`` lines; an address past the view is clamped into it
+        axes = range(len(self._stage.grid))
+        n = " * ".join(f"tl.num_programs({a})" for a in axes)
+        pid = " + ".join(f"tl.program_id({a})" + "".join(f" * tl.num_programs({b})" for b in range(a))
+                         for a in axes)
+        size, block, t = view.shape[0], op.attrs["share"], f"pf_{view.name}"
+        w(f"if PREFETCH:  # this program's share of {view.name} into L2, for a later kernel")
+        with w.indent():
+            w(f"{t}_line = 1024 // {view.name}_ptr.dtype.element_ty.primitive_bitwidth")
+            w(f"{t}_step = {block} * {t}_line")
+            w(f"{t}_share = tl.cdiv(tl.cdiv({size}, {n}), {t}_step) * {t}_step")
+            w(f"{t}_lo = ({pid}) * {t}_share")
+            w(f"for {t}_s in range({t}_lo, tl.minimum({t}_lo + {t}_share, {size}), {t}_step):")
+            with w.indent():
+                w(f"tl.inline_asm_elementwise(\"prefetch.global.L2 [$1]; mov.u32 $0, 0;\", \"=r,l\", "
+                  f"[{view.name}_ptr + tl.minimum({t}_s + tl.arange(0, {block}) * {t}_line, {size} - 1) * {view.name}_s0], "
+                  "dtype=tl.int32, is_pure=False, pack=1)")
 
     def op_store(self, op: Op, w: Writer):
         view, index, value = op.args
@@ -257,6 +279,7 @@ class TritonEmitter(Walker):
     # module ---------------------------------------------------------------
     def stage_kernel(self, stage: Stage, w: Writer):
         self._counting = any(op.name == "atomic_add" for op in ops_in(stage.body))
+        self._stage = stage
         self._jit_def(w, f"{self.ir.name}_{stage.name}",
                       self.signature() + [f"{c}: tl.constexpr" for c in self.constexprs()])
         with w.indent():

@@ -26,6 +26,12 @@ from tileflow.suite.registry import next_pow2
 
 MATVEC_PARAMS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "BLOCK_R", "PIPELINE", "num_warps", "num_stages")
 
+# ``AHEAD`` (a size, not a tuned parameter): how many 1-D inputs ``ahead0..`` (sizes
+# ``A0..``) the launch brings into L2 for the kernels after it (``k.prefetch_share``),
+# ``AHEAD_BLOCK`` lines per round. The decode step passes the next layer's q/k/v/o
+# weights to each down projection: those small matvecs are latency-bound reading memory.
+AHEAD_PARAMS = {"AHEAD": 0, "AHEAD_BLOCK": 256}
+
 
 @dataclass(frozen=True)
 class MatvecForm:
@@ -51,8 +57,9 @@ RESIDUAL_FORM = MatvecForm(
 )
 
 
-def residual_reference(xp, x, w, r):
-    """``x @ w.T + r`` (the o_proj and down_proj kernels)."""
+def residual_reference(xp, x, w, r, **ahead):
+    """``x @ w.T + r`` (the o_proj and down_proj kernels); ``ahead`` inputs are only
+    prefetched, never read."""
     return {"out": x @ xp.matrix_transpose(w) + r}
 
 
@@ -114,6 +121,7 @@ def define_matvec(form: MatvecForm, k, p) -> None:
     outs = [k.output(o, ("M", "N")) for o in form.outputs]
     eps = k.scalar("eps") if form.norm else None
     split = p["SPLIT_K"]
+    ahead = [k.input(f"ahead{i}", (f"A{i}",)) for i in range(p.get("AHEAD", 0))]
     parts = [k.workspace(f"part_{w}", ("SPLIT_K", "M", "N")) for w in form.weights] if split > 1 else []
 
     def load_extras(row, rows):
@@ -124,6 +132,8 @@ def define_matvec(form: MatvecForm, k, p) -> None:
         return got
 
     with k.stage("matvec", grid=("cdiv(N, BLOCK_N)", "SPLIT_K", "M")):
+        for view in ahead:
+            k.prefetch_share(view, "AHEAD_BLOCK")
         row = k.program_id(2)
         rows = k.range(k.program_id(0) * k.param("BLOCK_N"), "BLOCK_N", aligned=True)
         kdim = k.dim("K")

@@ -1,0 +1,72 @@
+"""The decode step's L2 look-ahead: each layer's down projection is handed the next
+layer's attention weights and norms (the last layer's, the final norm) to prefetch.
+On CPU the generated Triton text runs under the interpreter with those extra inputs
+(the prefetch itself is a GPU hint the interpreter skips): the tokens must not change,
+and ``TILEFLOW_AHEAD=0`` must hand nothing over."""
+
+import pytest
+import torch
+
+import tileflow
+from tileflow.integrations.transformers.decode_step import layer_weights, next_layer_ahead
+from tileflow.runtime import ops
+
+from .test_transformers_patch import greedy, prompt, tiny
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    monkeypatch.setenv("TILEFLOW_CPU_TARGET", "triton")
+    ops._LAUNCHERS.clear()
+    yield
+    ops._LAUNCHERS.clear()
+
+
+def _spy(monkeypatch) -> list:
+    handed = []
+    real = ops.down_proj_residual
+    monkeypatch.setattr(ops, "down_proj_residual",
+                        lambda x, w, r, ahead=(): handed.append((w, tuple(ahead))) or real(x, w, r, ahead=ahead))
+    return handed
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_down_projections_prefetch_the_next_layer_and_tokens_stay(kind, interpreted, monkeypatch):
+    model, ids = tiny(kind), prompt()
+    expected = greedy(model, ids)
+    handed = _spy(monkeypatch)
+    tileflow.patch(model)
+    got = greedy(model, ids)
+    tileflow.unpatch(model)
+    assert torch.equal(got, expected)
+    layers = model.model.layers
+    assert handed, "no decode step ran"
+    for w, ahead in handed:
+        i = next(j for j, layer in enumerate(layers) if layer.mlp.down_proj.weight is w)
+        want = next_layer_ahead(layer_weights(layers[i + 1])) if i + 1 < len(layers) else (model.model.norm.weight,)
+        assert len(ahead) == len(want) and all(a is b for a, b in zip(ahead, want))
+    biases = 3 if kind == "qwen2" else 0
+    assert len(handed[0][1]) == 6 + biases  # ln1, wq, wk, wv, (bq, bk, bv,) wo, ln2
+
+
+def test_ahead_off_hands_nothing(interpreted, monkeypatch):
+    monkeypatch.setenv("TILEFLOW_AHEAD", "0")
+    model, ids = tiny("qwen2"), prompt()
+    expected = greedy(model, ids)
+    handed = _spy(monkeypatch)
+    tileflow.patch(model)
+    got = greedy(model, ids)
+    tileflow.unpatch(model)
+    assert torch.equal(got, expected)
+    assert handed and all(ahead == () for _, ahead in handed)
+
+
+def test_the_launch_with_ahead_inputs_computes_the_same(interpreted):
+    g = torch.Generator().manual_seed(3)
+    x, w, r = (torch.randn(s, generator=g) for s in ((1, 320), (48, 320), (1, 48)))
+    extra = [torch.randn(1000, generator=g), torch.randn(7, 11, generator=g)]
+    plain = ops.down_proj_residual(x, w, r)
+    torch.testing.assert_close(plain, x @ w.T + r, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ops.down_proj_residual(x, w, r, ahead=extra), plain)
+    # a non-contiguous tensor is not a flat range of memory: left out, not an error
+    assert torch.equal(ops.down_proj_residual(x, w, r, ahead=[extra[1].T]), plain)
