@@ -40,7 +40,9 @@ class DecodeProgram:
         # each layer's down projection brings the next layer's attention weights and
         # norms into L2 (TILEFLOW_AHEAD=0 turns it off): the small q/k/v/o matvecs are
         # latency-bound reading memory, the long down projection leaves bandwidth over
+        # (TILEFLOW_AHEAD=keep marks the prefetched lines evict-last)
         self.ahead = [next_layer_ahead(nxt) for nxt in self.layers[1:]] + [(self.norm_w,)]
+        self.ahead_keep = os.environ.get("TILEFLOW_AHEAD") == "keep"
         if os.environ.get("TILEFLOW_AHEAD", "1") == "0":
             self.ahead = [()] * len(self.layers)
 
@@ -91,7 +93,8 @@ class DecodeProgram:
                                    cache_pos=None if row is p else row)
             o = ops.attention_decode(q, layer.keys, layer.values, lengths, scale, key_mask=key_mask)
             x = ops.o_proj_residual(o.view(1, nh * dh), wo, x)
-            x = ops.down_proj_residual(ops.rms_norm_gate_up_silu(x, ln2, eps2, wg, wu), wd, x, ahead=ahead)
+            x = ops.down_proj_residual(ops.rms_norm_gate_up_silu(x, ln2, eps2, wg, wu), wd, x, ahead=ahead,
+                                       keep=self.ahead_keep)
         _advance(cache, 1)
         return ops.rms_norm_linear(x, self.norm_w, self.norm_eps, self.lm_head_w)
 

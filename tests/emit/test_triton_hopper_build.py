@@ -83,7 +83,7 @@ def _names():
 
 
 # test cases whose parameters add prefetches the decode case lacks
-_PREFETCHING_CASES = [("down_proj_residual", "ahead")]
+_PREFETCHING_CASES = [("down_proj_residual", "ahead"), ("down_proj_residual", "ahead_keep")]
 
 
 @pytest.mark.parametrize("name,label", [(n, "") for n in _names()] + _PREFETCHING_CASES)

@@ -26,7 +26,8 @@ def _spy(monkeypatch) -> list:
     handed = []
     real = ops.down_proj_residual
     monkeypatch.setattr(ops, "down_proj_residual",
-                        lambda x, w, r, ahead=(): handed.append((w, tuple(ahead))) or real(x, w, r, ahead=ahead))
+                        lambda x, w, r, ahead=(), keep=False: handed.append((w, tuple(ahead)))
+                        or real(x, w, r, ahead=ahead, keep=keep))
     return handed
 
 

@@ -253,7 +253,8 @@ class TritonEmitter(Walker):
             w(f"{t}_lo = ({pid}) * {t}_share")
             w(f"for {t}_s in range({t}_lo, tl.minimum({t}_lo + {t}_share, {size}), {t}_step):")
             with w.indent():
-                w(f"tl.inline_asm_elementwise(\"prefetch.global.L2 [$1]; mov.u32 $0, 0;\", \"=r,l\", "
+                hint = "prefetch.global.L2::evict_last" if op.attrs.get("keep") else "prefetch.global.L2"
+                w(f"tl.inline_asm_elementwise(\"{hint} [$1]; mov.u32 $0, 0;\", \"=r,l\", "
                   f"[{view.name}_ptr + tl.minimum({t}_s + tl.arange(0, {block}) * {t}_line, {size} - 1) * {view.name}_s0], "
                   "dtype=tl.int32, is_pure=False, pack=1)")
 

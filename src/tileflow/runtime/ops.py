@@ -119,16 +119,18 @@ def o_proj_residual(x, w, r) -> torch.Tensor:
     return _matvec_residual("o_proj_residual", x, w, r)
 
 
-def down_proj_residual(x, w, r, ahead: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+def down_proj_residual(x, w, r, ahead: Sequence[torch.Tensor] = (), keep: bool = False) -> torch.Tensor:
     """``x @ w.T + r``: MLP down projection with the residual. The contiguous tensors of
     ``ahead`` (e.g. the next layer's attention weights) are brought into L2 by the same
-    launch on a GPU, for the kernels after it; they change nothing computed."""
+    launch on a GPU, for the kernels after it (with ``keep``, marked evict-last); they
+    change nothing computed."""
     ahead = [t.view(-1) for t in ahead if t.is_contiguous()]
     if not ahead:
         return _matvec_residual("down_proj_residual", x, w, r)
     n, k = w.shape
     out = _out((x.shape[0], n), x)
-    sizes = {"M": x.shape[0], "N": n, "K": k, "AHEAD": len(ahead), **{f"A{i}": t.numel() for i, t in enumerate(ahead)}}
+    sizes = {"M": x.shape[0], "N": n, "K": k, "AHEAD": len(ahead), "AHEAD_KEEP": int(keep),
+             **{f"A{i}": t.numel() for i, t in enumerate(ahead)}}
     _launcher("down_proj_residual", sizes, x.dtype, x.device)(x, w, r, out, *ahead)
     return out
 

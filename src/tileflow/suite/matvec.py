@@ -30,7 +30,8 @@ MATVEC_PARAMS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "BLOCK_R", "PIPELINE", "num_wa
 # ``A0..``) the launch brings into L2 for the kernels after it (``k.prefetch_share``),
 # ``AHEAD_BLOCK`` lines per round. The decode step passes the next layer's q/k/v/o
 # weights to each down projection: those small matvecs are latency-bound reading memory.
-AHEAD_PARAMS = {"AHEAD": 0, "AHEAD_BLOCK": 256}
+# ``AHEAD_KEEP`` marks the prefetched lines evict-last.
+AHEAD_PARAMS = {"AHEAD": 0, "AHEAD_BLOCK": 256, "AHEAD_KEEP": 0}
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ def define_matvec(form: MatvecForm, k, p) -> None:
 
     with k.stage("matvec", grid=("cdiv(N, BLOCK_N)", "SPLIT_K", "M")):
         for view in ahead:
-            k.prefetch_share(view, "AHEAD_BLOCK")
+            k.prefetch_share(view, "AHEAD_BLOCK", keep=p.get("AHEAD_KEEP", 0))
         row = k.program_id(2)
         rows = k.range(k.program_id(0) * k.param("BLOCK_N"), "BLOCK_N", aligned=True)
         kdim = k.dim("K")
