@@ -37,13 +37,14 @@ class DecodeProgram:
         self.layers = [layer_weights(layer) for layer in base.layers]
         self.norm_w, self.norm_eps = base.norm.weight, base.norm.variance_epsilon
         self.lm_head_w = model.lm_head.weight
-        # each layer's down projection brings the next layer's attention weights and
-        # norms into L2 (TILEFLOW_AHEAD=0 turns it off): the small q/k/v/o matvecs are
-        # latency-bound reading memory, the long down projection leaves bandwidth over
-        # (TILEFLOW_AHEAD=keep marks the prefetched lines evict-last)
+        # TILEFLOW_AHEAD=1 (=keep: evict-last lines): each layer's down projection brings
+        # the next layer's attention weights and norms into L2. Off by default: on an H200
+        # (1.5B, NOTES.md, 2026-12-03) q/k/v and o ran 5-8 us a token faster, the step
+        # no faster (856-868 vs 867 tok/s): those matvecs wait on launch and ramp, not memory
+        mode = os.environ.get("TILEFLOW_AHEAD", "0")
         self.ahead = [next_layer_ahead(nxt) for nxt in self.layers[1:]] + [(self.norm_w,)]
-        self.ahead_keep = os.environ.get("TILEFLOW_AHEAD") == "keep"
-        if os.environ.get("TILEFLOW_AHEAD", "1") == "0":
+        self.ahead_keep = mode == "keep"
+        if mode == "0":
             self.ahead = [()] * len(self.layers)
 
     @property

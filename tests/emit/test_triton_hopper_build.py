@@ -48,12 +48,15 @@ def _build(name: str, label: str = "") -> list[dict]:
     views = {v.name: v for v in ir.views}
     scalars = {s.name: s for s in ir.scalars}
     out = []
-    for stage in ir.stages:
-        fn = getattr(module, f"{ir.name}_{stage.name}")
+    stages = [st.name for st in ir.stages] + (["persistent"] if hasattr(module, f"{ir.name}_persistent") else [])
+    for stage in stages:
+        fn = getattr(module, f"{ir.name}_{stage}")
         sig, constexprs = {}, {}
         for arg in fn.arg_names:
             if arg in consts:
                 sig[arg], constexprs[arg] = "constexpr", consts[arg]
+            elif arg == "barrier_ptr":  # the persistent launch's grid barrier
+                sig[arg] = "*i32"
             elif arg.endswith("_ptr"):
                 sig[arg] = _PTR[views[arg[:-4]].dtype]
             elif arg in scalars:
@@ -67,7 +70,9 @@ def _build(name: str, label: str = "") -> list[dict]:
         ptx = compiled.asm["ptx"]
         body = ptx[ptx.index(".entry"):]
         out.append({
-            "stage": stage.name, "cubin_bytes": len(compiled.asm["cubin"]),
+            "stage": stage, "cubin_bytes": len(compiled.asm["cubin"]),
+            # the grid barrier's memory operations: atomics, and an atomic add of 0 lowered to an acquire load
+            "atomics": len(re.findall(r"\b(?:atom|red)\.global|ld\.global\.gpu\.acquire", body)),
             "wait": body.find("griddepcontrol.wait"),
             "first_access": min((m.start() for m in re.finditer(r"\b(ld|st)\.global", body)), default=len(body)),
             "prefetches": [m.start() for m in re.finditer(r"prefetch\.global\.L2", body)],
@@ -82,11 +87,13 @@ def _names():
     return list(KERNELS)
 
 
-# test cases whose parameters add prefetches the decode case lacks
+# test cases whose parameters change the generated text: L2 look-ahead prefetches, the
+# persistent launch (its grid barrier's atomics)
 _PREFETCHING_CASES = [("down_proj_residual", "ahead"), ("down_proj_residual", "ahead_keep")]
+_PERSISTENT_CASES = [("attention_decode_gqa", "persistent")]
 
 
-@pytest.mark.parametrize("name,label", [(n, "") for n in _names()] + _PREFETCHING_CASES)
+@pytest.mark.parametrize("name,label", [(n, "") for n in _names()] + _PREFETCHING_CASES + _PERSISTENT_CASES)
 def test_builds_for_sm90_with_prefetch_before_the_wait(name, label):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, __file__, name, label], capture_output=True, text=True, env=env,
@@ -97,8 +104,11 @@ def test_builds_for_sm90_with_prefetch_before_the_wait(name, label):
         assert st["cubin_bytes"] > 0, where
         assert st["wait"] >= 0, f"{where}: no griddepcontrol.wait"
         assert st["wait"] < st["first_access"], f"{where}: a global load or store before the wait"
-        if st["prefetch_in_source"] or label:
+        if st["prefetch_in_source"] or (name, label) in _PREFETCHING_CASES:
             assert st["prefetches"], f"{where}: the prefetch was dropped"
+        if (name, label) in _PERSISTENT_CASES and st["stage"] == "persistent":
+            # generation read, arrival, reset, release, the wait's reads
+            assert st["atomics"] >= 5, f"{where}: the grid barrier's atomics are missing ({st['atomics']})"
         assert all(p < st["wait"] for p in st["prefetches"]), f"{where}: a prefetch after the wait"
 
 

@@ -1,8 +1,8 @@
 """The decode step's L2 look-ahead: each layer's down projection is handed the next
 layer's attention weights and norms (the last layer's, the final norm) to prefetch.
 On CPU the generated Triton text runs under the interpreter with those extra inputs
-(the prefetch itself is a GPU hint the interpreter skips): the tokens must not change,
-and ``TILEFLOW_AHEAD=0`` must hand nothing over."""
+(the prefetch itself is a GPU hint the interpreter skips): with ``TILEFLOW_AHEAD=1``
+the tokens must not change; by default (off) nothing is handed over."""
 
 import pytest
 import torch
@@ -33,6 +33,7 @@ def _spy(monkeypatch) -> list:
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
 def test_down_projections_prefetch_the_next_layer_and_tokens_stay(kind, interpreted, monkeypatch):
+    monkeypatch.setenv("TILEFLOW_AHEAD", "1")
     model, ids = tiny(kind), prompt()
     expected = greedy(model, ids)
     handed = _spy(monkeypatch)
@@ -50,8 +51,8 @@ def test_down_projections_prefetch_the_next_layer_and_tokens_stay(kind, interpre
     assert len(handed[0][1]) == 6 + biases  # ln1, wq, wk, wv, (bq, bk, bv,) wo, ln2
 
 
-def test_ahead_off_hands_nothing(interpreted, monkeypatch):
-    monkeypatch.setenv("TILEFLOW_AHEAD", "0")
+def test_ahead_off_by_default_hands_nothing(interpreted, monkeypatch):
+    monkeypatch.delenv("TILEFLOW_AHEAD", raising=False)
     model, ids = tiny("qwen2"), prompt()
     expected = greedy(model, ids)
     handed = _spy(monkeypatch)

@@ -79,6 +79,20 @@ def _strides(t, shape):
     return list(t.stride()) if hasattr(t, "stride") else _rowmajor(shape)
 
 
+_SM_COUNT = {}
+
+
+def _resident_programs(t):
+    """How many programs of a persistent launch are surely resident at once: one per
+    multiprocessor on a GPU; one under the interpreter, which runs programs one after
+    another (a single program runs every phase in turn, so the barrier never waits)."""
+    if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return 1
+    if t.device.index not in _SM_COUNT:
+        _SM_COUNT[t.device.index] = torch.cuda.get_device_properties(t.device).multi_processor_count
+    return _SM_COUNT[t.device.index]
+
+
 def _use_pdl(t):
     """Programmatic dependent launch: Hopper or newer, compiled, not disabled (TILEFLOW_PDL=0)."""
     if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("TILEFLOW_PDL") == "0":
@@ -89,6 +103,25 @@ def _use_pdl(t):
 
 
 '''
+
+# The barrier between the phases of a persistent launch (sense reversal: the last to
+# arrive resets the count, then moves the generation on; the others wait for that move),
+# so one counter pair serves every launch, CUDA-graph replays included.
+_GRID_BARRIER = '''
+@triton.jit
+def _grid_barrier(bar_ptr, n):
+    tl.debug_barrier()
+    gen = tl.atomic_add(bar_ptr + 1, 0, sem="acquire")
+    if tl.atomic_add(bar_ptr, 1, sem="acq_rel") == n - 1:
+        tl.atomic_xchg(bar_ptr, 0, sem="relaxed")
+        tl.atomic_add(bar_ptr + 1, 1, sem="release")
+    else:
+        while tl.atomic_add(bar_ptr + 1, 0, sem="acquire") == gen:
+            pass
+    tl.debug_barrier()
+
+'''
+
 
 class TritonEmitter(Walker):
     target = "triton"
@@ -109,6 +142,9 @@ class TritonEmitter(Walker):
 
     # ops ------------------------------------------------------------------
     def op_program_id(self, op: Op, w: Writer):
+        if self._virtual_pids:  # a phase of a persistent launch: the grid-stride loop's program
+            self.bind(op.result, self._virtual_pids[op.attrs["axis"]])
+            return
         w(f"{self.name(op.result)} = tl.program_id({op.attrs['axis']})")
 
     def op_range(self, op: Op, w: Writer):
@@ -191,7 +227,7 @@ class TritonEmitter(Walker):
         view, index = op.args
         mask = self._guarded(self.mask_expr(view, index, op.attrs["limits"]), op)
         extra = f", mask={mask}, other={literal(op.attrs['other'])}" if mask else ""
-        if view.role == "workspace" and not view.persistent and self._counting:
+        if view.role == "workspace" and not view.persistent and (self._counting or self._virtual_pids):
             # written by other programs of this launch: read past L1, which may hold
             # lines of the same buffer from an earlier launch
             extra += ', cache_modifier=".cg"'
@@ -278,6 +314,53 @@ class TritonEmitter(Walker):
             self.bind(r, self.name(c))
 
     # module ---------------------------------------------------------------
+    _virtual_pids: tuple = ()
+
+    def persistent(self) -> bool:
+        """``PERSISTENT``: the stages also run as one launch, separated by grid-wide
+        barriers instead of launch boundaries (``persistent_kernel``)."""
+        return bool(self.ir.params.get("PERSISTENT")) and len(self.ir.stages) > 1
+
+    def _grid_args(self) -> list[str]:
+        return [f"G{s}_{a}" for s, st in enumerate(self.ir.stages) for a in range(len(st.grid))]
+
+    def persistent_kernel(self, w: Writer):
+        """All stages in one program set: each stage a grid-stride loop over its own
+        grid's programs (decoded row-major from one index), a grid barrier between
+        stages. The launch has at most one program per multiprocessor, so all are
+        resident and the barrier cannot wait on a program that never starts."""
+        self.reset_names()
+        self._jit_def(w, f"{self.ir.name}_persistent", self.signature() + self._grid_args() + ["barrier_ptr"]
+                      + [f"{c}: tl.constexpr" for c in self.constexprs()])
+        with w.indent():
+            for sc in self.ir.scalars:
+                if sc.dtype == "f32":
+                    w(f"{sc.name} = tl.full((), {sc.name}, tl.float32)")
+            w("if USE_PDL:  # launched early: wait until the previous kernel's writes are visible")
+            with w.indent():
+                w("tl.extra.cuda.gdc_wait()")
+                w("tl.extra.cuda.gdc_launch_dependents()")
+            for si, stage in enumerate(self.ir.stages):
+                if si:
+                    w(f"_grid_barrier(barrier_ptr, tl.num_programs(0))  # {stage.name} reads what the stage before wrote")
+                dims = [f"G{si}_{a}" for a in range(len(stage.grid))]
+                w(f"for vp{si} in range(tl.program_id(0), {' * '.join(dims)}, tl.num_programs(0)):  # {stage.name}")
+                with w.indent():
+                    pids = []
+                    for a in range(len(stage.grid)):
+                        inner = " * ".join(dims[:a])
+                        flat = f"(vp{si} // ({inner}))" if inner else f"vp{si}"
+                        w(f"vp{si}_{a} = {flat} % {dims[a]}" if a < len(dims) - 1 else f"vp{si}_{a} = {flat}")
+                        pids.append(f"vp{si}_{a}")
+                    self._stage = stage
+                    self._counting = any(op.name == "atomic_add" for op in ops_in(stage.body))
+                    self._virtual_pids = tuple(pids)
+                    try:
+                        self.block(stage.body, w)
+                    finally:
+                        self._virtual_pids = ()
+        w()
+
     def stage_kernel(self, stage: Stage, w: Writer):
         self._counting = any(op.name == "atomic_add" for op in ops_in(stage.body))
         self._stage = stage
@@ -388,6 +471,9 @@ class TritonEmitter(Walker):
             call += list(self.ir.dims) + scal
             kw = [f"{c}={c}" for c in self.constexprs()]
             kw += [f"{o}={o}" for o in LAUNCH_OPTIONS if o in self.ir.params]
+            if self.persistent():
+                self._launch_persistent(w, call, kw, dev)
+                return
             for stage in self.ir.stages:
                 grid = ", ".join(stage.grid) + ("," if len(stage.grid) == 1 else "")
                 w(f"{self.ir.name}_{stage.name}[({grid})](")
@@ -395,6 +481,19 @@ class TritonEmitter(Walker):
                     w(", ".join(call) + ",")
                     w(", ".join(kw) + ", **(_PDL_LAUNCH if USE_PDL else {}),")
                 w(")")
+
+    def _launch_persistent(self, w: Writer, call: list, kw: list, dev: str):
+        grids = self._grid_args()
+        values = [g for st in self.ir.stages for g in st.grid]
+        w(f"{', '.join(grids)} = {', '.join(values)}")
+        totals = [" * ".join(f"G{s}_{a}" for a in range(len(st.grid))) for s, st in enumerate(self.ir.stages)]
+        w(f"programs = min(max({', '.join(totals)}), _resident_programs({dev}))")
+        w(f'barrier = _counters("{self.ir.name}_barrier", (2,), {dev}.device)  # arrivals, generation')
+        w(f"{self.ir.name}_persistent[(programs,)](")
+        with w.indent():
+            w(", ".join(call + grids + ["barrier"]) + ",")
+            w(", ".join(kw) + ", **(_PDL_LAUNCH if USE_PDL else {}),")
+        w(")")
 
     @staticmethod
     def _jit_def(w: Writer, name: str, params: list) -> None:
@@ -487,10 +586,15 @@ class TritonEmitter(Walker):
             w(line)
         for line in _PRELUDE.splitlines():
             w(line)
+        if self.persistent():
+            for line in _GRID_BARRIER.splitlines():
+                w(line)
         for stage in self.ir.stages:
             self.reset_names()
             self.stage_kernel(stage, w)
             w()
+        if self.persistent():
+            self.persistent_kernel(w)
         self.launch(w)
         w()
         self.xla_wrappers(w)

@@ -44,10 +44,11 @@ def static_shapes_wanted(ir: KernelIR, sizes: dict) -> bool:
     model, so the one compile per shape is paid once; a prefill's row count changes
     with every prompt, and each new count would be a compile. Kernels with persistent
     workspaces (counters that outlive a launch) keep the generic launcher, which owns
-    them. ``TILEFLOW_STATIC_SHAPES=0`` turns it off (the A/B), ``=1`` forces it on for
+    them, as do persistent launches (one launch for every stage, which ``launch_xla``
+    does not make). ``TILEFLOW_STATIC_SHAPES=0`` turns it off (the A/B), ``=1`` forces it on for
     any row count."""
     mode = os.environ.get("TILEFLOW_STATIC_SHAPES", "")
-    if mode == "0" or any(v.persistent for v in ir.workspaces):
+    if mode == "0" or any(v.persistent for v in ir.workspaces) or ir.params.get("PERSISTENT"):
         return False
     return mode == "1" or all(sizes.get(n, 1) == 1 for n in ("M", "B"))
 

@@ -15,6 +15,9 @@ cache, grouped-query (``G = NH / NKV`` query heads share each K/V head).
   finish combines the group's partials (every query head of it at once) and puts the
   counter back to zero. One launch boundary a layer less, but measured slower on an
   H200 (alone, and 3x in the decode step): a candidate the tuner may pick, not a default.
+- With ``PERSISTENT`` (Triton on a GPU) both stages run in one launch of at most one
+  program per multiprocessor, a grid-wide barrier between them (the emitter's
+  persistent kernel); the interpreter runs that kernel as a single program.
 - With ``HAS_MASK`` a key mask ``key_mask[b, j]`` (int, 0 = hidden) further hides cache
   rows, e.g. transformers' padding mask; a block hidden entirely adds nothing (its
   running max stays -inf and is read as 0), a row hidden entirely is NaN, as in SDPA.
@@ -143,7 +146,8 @@ def reference(xp, q, k_cache, v_cache, lengths, scale, key_mask=None):
     return {"out": xp.reshape(pr @ v_cache, (bsz, nh, dh))}
 
 
-def attention_params(s, block_n: int = 64, splits: int = 0, num_warps: int = 4, one_launch: int = 0) -> dict:
+def attention_params(s, block_n: int = 64, splits: int = 0, num_warps: int = 4, one_launch: int = 0,
+                     persistent: int = 0) -> dict:
     """Parameters for cache capacity ``S`` (the filled length is a runtime value: the
     chunk per split grows with it). By default SPLITS fills about two waves of 132
     multiprocessors with (KV head, split) programs, never more than S / BLOCK_N."""
@@ -153,7 +157,8 @@ def attention_params(s, block_n: int = 64, splits: int = 0, num_warps: int = 4, 
     return {"HAS_MASK": s.get("HAS_MASK", 0), "BLOCK_N": block_n, "GROUP_BLOCK": max(16, next_pow2(g)), "BLOCK_DH": max(16, next_pow2(s["DH"])),
             "SPLITS": splits, "SPLITS_BLOCK": next_pow2(splits), "BLOCK_DC": min(32, max(16, next_pow2(s["DH"]))),
             "num_warps": num_warps, "num_stages": 2,
-            **({"ONE_LAUNCH": 1, "GROUP_C": next_pow2(g)} if one_launch and splits > 1 else {})}
+            **({"ONE_LAUNCH": 1, "GROUP_C": next_pow2(g)} if one_launch and splits > 1 else {}),
+            **({"PERSISTENT": 1} if persistent and splits > 1 and not one_launch else {})}
 
 
 def default_params(s):
@@ -168,8 +173,9 @@ def candidates(s):
                 continue
             for nw in (2, 4, 8):
                 out.append(attention_params(s, bn, splits, nw))
-                if splits > 1:  # Triton: the combine in the same launch
+                if splits > 1:  # Triton: the combine in the same launch (last program / grid barrier)
                     out.append(attention_params(s, bn, splits, nw, one_launch=1))
+                    out.append(attention_params(s, bn, splits, nw, persistent=1))
     return out
 
 
@@ -215,6 +221,8 @@ KERNEL = register(SuiteKernel(
              params=dict(SPLITS=4, SPLITS_BLOCK=4, BLOCK_N=16)),
         Case("one_launch", dict(B=2, NH=12, NKV=2, DH=32, S=300, L=259, HAS_MASK=1), dict(scale=0.17),
              params=dict(SPLITS=4, SPLITS_BLOCK=4, BLOCK_N=16, ONE_LAUNCH=1, GROUP_C=8), targets=("triton",)),
+        Case("persistent", dict(B=2, NH=12, NKV=2, DH=32, S=300, L=259, HAS_MASK=1), dict(scale=0.17),
+             params=dict(SPLITS=4, SPLITS_BLOCK=4, BLOCK_N=16, PERSISTENT=1)),
         Case("one_launch_empty", dict(B=1, NH=4, NKV=2, DH=16, S=100, L=20), dict(scale=0.25),
              params=dict(SPLITS=8, SPLITS_BLOCK=8, BLOCK_N=16, ONE_LAUNCH=1, GROUP_C=2), targets=("triton",)),
     ],
