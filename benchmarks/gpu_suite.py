@@ -96,7 +96,7 @@ class Workload:
 
 
 # parameters whose effect a one-change comparison shows best: the tuned tiles with it on
-TWIN_SWITCHES = ("PIPELINE", "ONE_LAUNCH")
+TWIN_SWITCHES = ("PIPELINE", "ONE_LAUNCH", "PERSISTENT")
 
 
 def _twin(params: dict, key: str, every: list[dict]) -> dict:
@@ -201,14 +201,20 @@ def main(argv=None) -> int:
                     gbs=nbytes / best_us / 1e3, pct_bw=100 * nbytes / best_us / 1e3 / bw,
                     vendor=vlabel, vendor_us=vendor_us, vendor_gbs=nbytes / vendor_us / 1e3,
                     speedup=vendor_us / best_us, bytes=nbytes, rotation_sets=wl.n_sets,
-                    errors=[t["error"] for t in trials if t["error"]][:3])
-                autotune.record(name, case.sizes, "bf16", device, best, best_us, path=out / "autotune.json")
-                tuned[f"{name}/{case.label}"] = best
+                    errors=[t["error"] for t in trials if t["error"]][:3],
+                    # the best trial with and without each switch: what one change is worth
+                    switches={key: {state: min((t["us"] for t in trials if bool(t["params"].get(key)) == on
+                                                and not t["error"]), default=None)
+                                    for state, on in (("on", True), ("off", False))}
+                              for key in TWIN_SWITCHES if any(key in t["params"] for t in trials)})
+                if v1.ok:  # a winner that fails verification is never what a later step uses
+                    autotune.record(name, case.sizes, "bf16", device, best, best_us, path=out / "autotune.json")
+                    tuned[f"{name}/{case.label}"] = best
             except Exception as e:  # noqa: BLE001
                 row.update(ok=False, detail=f"{type(e).__name__}: {e}"[:500])
             rows.append(row)
             print(json.dumps({k_: row.get(k_) for k_ in ("kernel", "case", "ok", "rel_err", "us", "gbs",
-                                                         "vendor_us", "detail")}), flush=True)
+                                                         "vendor_us", "switches", "detail")}), flush=True)
             torch.cuda.empty_cache()
     pallas = {} if args.no_pallas else pallas_on_gpu(timing=not args.no_pallas_timing)
     record = {
