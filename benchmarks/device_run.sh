@@ -8,7 +8,8 @@
 # pytest:<test file>[:<-k expression>]  pytest on the GPU (e.g. the compiled jax_triton primitives)
 # suite[:model]                    benchmarks/gpu_suite.py (tunes; autotune.json to $OUT)
 # (env: REPEATS, BENCH_LIMIT seconds a bench, BREAKDOWN=1 per-kernel-class step profile,
-#  SUITE_KERNELS="a b" to tune only those, SUITE_LIMIT seconds a suite step)
+#  SUITE_KERNELS="a b" to tune only those, SUITE_MAX candidates a kernel (default 24),
+#  SUITE_LIMIT seconds a suite step)
 # tuned                            use $OUT/autotune.json (or TUNED=<file>) for later steps
 # env:NAME=VALUE                   set an environment variable for later steps (an A/B in one call,
 #                                  e.g. env:TILEFLOW_EARLY=0)
@@ -49,6 +50,7 @@ for step in ${STEPS:-bench:deepseek-r1-distill-qwen-1.5b:128 suite}; do
     suite)  # suite[:model]: another built-in config's shapes, Triton only (Pallas is shape-independent)
       sargs=(--out "$OUT")
       [ -n "${SUITE_KERNELS:-}" ] && sargs+=(--kernels $SUITE_KERNELS)
+      [ -n "${SUITE_MAX:-}" ] && sargs+=(--max-candidates "$SUITE_MAX")
       if [ -n "${model:-}" ]; then sargs+=(--model "$model" --no-pallas); else sargs+=(--no-pallas-timing); fi
       # the leaderboard records each tuned kernel as it goes, so a step cut by its limit keeps those
       timeout "${SUITE_LIMIT:-900}" python3 benchmarks/gpu_suite.py "${sargs[@]}" 2>&1 | tail -40 ;;

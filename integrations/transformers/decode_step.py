@@ -14,11 +14,11 @@ buffers, the cache tensors never move.
 from __future__ import annotations
 
 import os
-import weakref
 from typing import Optional
 
 import torch
 
+from tileflow.integrations.transformers.graph_table import GraphTable
 from tileflow.runtime import ops
 
 
@@ -165,8 +165,7 @@ class GraphedDecode:
 
     def __init__(self, program: DecodeProgram, max_graphs: int = 2):
         self.program = program
-        self.graphs: dict[tuple, tuple] = {}
-        self.max_graphs = max_graphs
+        self.graphs = GraphTable(max_graphs)
 
     def __call__(self, tok: torch.Tensor, pos: torch.Tensor, cache, mask: Optional[torch.Tensor] = None
                  ) -> torch.Tensor:
@@ -175,16 +174,8 @@ class GraphedDecode:
         if tok.device.type != "cuda":
             return self.program.run(tok, pos, cache, None if mask is None else _key_mask(mask, cache))
         key = (id(cache), cache.layers[0].keys.data_ptr(), mask is not None)
-        entry = self.graphs.get(key)
-        if entry is not None and entry[0]() is not cache:
-            # a new cache where a freed one was: the graph would count on the old counters
-            del self.graphs[key]
-            entry = None
-        if entry is None:
-            entry = self._capture(tok, pos, cache, None if mask is None else _key_mask(mask, cache))
-            if len(self.graphs) >= self.max_graphs:
-                self.graphs.pop(next(iter(self.graphs)))
-            self.graphs[key] = entry
+        entry = self.graphs.get(key, cache) or self.graphs.put(
+            key, cache, lambda: self._capture(tok, pos, cache, None if mask is None else _key_mask(mask, cache)))
         _, graph, tok_buf, pos_buf, mask_buf, logits = entry
         tok_buf.copy_(tok.reshape(1, 1))
         pos_buf.copy_(pos.reshape(1, 1))
@@ -206,7 +197,7 @@ class GraphedDecode:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             logits = self.program.run(tok_buf, pos_buf, cache, mask_buf)
-        return weakref.ref(cache), graph, tok_buf, pos_buf, mask_buf, logits
+        return graph, tok_buf, pos_buf, mask_buf, logits
 
 
 def cache_argument(kwargs: dict, default=None):

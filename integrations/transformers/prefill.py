@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import os
 import sys
-import weakref
-from collections import OrderedDict
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from tileflow.integrations.transformers.decode_step import cache_argument, layer_weights, unsupported_request
+from tileflow.integrations.transformers.graph_table import GraphTable
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -132,8 +131,8 @@ class GraphedPrefill:
 
     def __init__(self, program: PrefillProgram, max_graphs: int = 4, max_tokens: int = 512):
         self.program = program
-        self.max_graphs, self.max_tokens = max_graphs, max_tokens
-        self.graphs: OrderedDict = OrderedDict()
+        self.max_tokens = max_tokens
+        self.graphs = GraphTable(max_graphs)
         self.seen: set = set()
         # TILEFLOW_PREFILL_GRAPHS=0 runs every prompt directly (to measure what graphs buy)
         self.enabled = os.environ.get("TILEFLOW_PREFILL_GRAPHS", "1") != "0"
@@ -145,19 +144,12 @@ class GraphedPrefill:
         if not (self.enabled and static and ids.device.type == "cuda" and ids.shape[1] <= self.max_tokens):
             return self.program.run(ids, cache, logits_to_keep)
         key = (id(cache), layers[0].keys.data_ptr(), ids.shape[1], logits_to_keep)
-        entry = self.graphs.get(key)
-        if entry is not None and entry[0]() is not cache:  # a new cache where a freed one was
-            del self.graphs[key]
-            entry = None
+        entry = self.graphs.get(key, cache)
         if entry is None:
             if key not in self.seen:  # a length seen once may be a one-off: no capture yet
                 self.seen.add(key)
                 return self.program.run(ids, cache, logits_to_keep)
-            entry = self._capture(ids, cache, logits_to_keep)
-            if len(self.graphs) >= self.max_graphs:
-                self.graphs.popitem(last=False)
-            self.graphs[key] = entry
-        self.graphs.move_to_end(key)
+            entry = self.graphs.put(key, cache, lambda: self._capture(ids, cache, logits_to_keep))
         _, graph, ids_buf, logits = entry
         ids_buf.copy_(ids)
         graph.replay()
@@ -170,4 +162,4 @@ class GraphedPrefill:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             logits = self.program.run(ids_buf, cache, logits_to_keep)
-        return weakref.ref(cache), graph, ids_buf, logits
+        return graph, ids_buf, logits
