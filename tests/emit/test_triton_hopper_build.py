@@ -2,7 +2,8 @@
 with programmatic dependent launch on: no GPU needed (Triton's own ptxas builds the
 cubin). CI's interpreter never takes the ``USE_PDL`` branches, so this is where the
 L2 prefetch and the wait placement are checked: the weight prefetches come before
-``griddepcontrol.wait``, and no global load or store does.
+``griddepcontrol.wait``, no store does, and no load either unless the definition marks
+it ``k.before_wait`` (weights, or inputs the caller vouches for with ``EARLY_INPUTS``).
 
 The build runs in a child process: the interpreter, once on in this one (conftest),
 cannot be turned off again."""
@@ -44,7 +45,7 @@ def _build(name: str, label: str = "") -> list[dict]:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     consts = {k: v for k, v in params.items() if k not in ("num_warps", "num_stages")}
-    consts.update(USE_PDL=True, PREFETCH=True, UPCAST=False, DOT_PREC="tf32")
+    consts.update(USE_PDL=True, PREFETCH=True, EARLY=True, UPCAST=False, DOT_PREC="tf32")
     views = {v.name: v for v in ir.views}
     scalars = {s.name: s for s in ir.scalars}
     out = []
@@ -75,8 +76,10 @@ def _build(name: str, label: str = "") -> list[dict]:
             "atomics": len(re.findall(r"\b(?:atom|red)\.global|ld\.global\.gpu\.acquire", body)),
             "wait": body.find("griddepcontrol.wait"),
             "first_access": min((m.start() for m in re.finditer(r"\b(ld|st)\.global", body)), default=len(body)),
+            "first_store": min((m.start() for m in re.finditer(r"\bst\.global", body)), default=len(body)),
             "prefetches": [m.start() for m in re.finditer(r"prefetch\.global\.L2", body)],
             "prefetch_in_source": "prefetch.global" in fn.src,
+            "early_in_source": "EARLY" in fn.arg_names,  # loads the definition marks k.before_wait
         })
     return out
 
@@ -91,9 +94,13 @@ def _names():
 # persistent launch (its grid barrier's atomics)
 _PREFETCHING_CASES = [("down_proj_residual", "ahead"), ("down_proj_residual", "ahead_keep")]
 _PERSISTENT_CASES = [("attention_decode_gqa", "persistent")]
+# and loads issued before the wait (EARLY_INPUTS: positions, lengths, the residual)
+_EARLY_CASES = [("qkv_rope_cache", "early"), ("attention_decode_gqa", "early"), ("o_proj_residual", "early"),
+                ("down_proj_residual", "early")]
 
 
-@pytest.mark.parametrize("name,label", [(n, "") for n in _names()] + _PREFETCHING_CASES + _PERSISTENT_CASES)
+@pytest.mark.parametrize("name,label", [(n, "") for n in _names()] + _PREFETCHING_CASES + _PERSISTENT_CASES
+                         + _EARLY_CASES)
 def test_builds_for_sm90_with_prefetch_before_the_wait(name, label):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, __file__, name, label], capture_output=True, text=True, env=env,
@@ -103,7 +110,11 @@ def test_builds_for_sm90_with_prefetch_before_the_wait(name, label):
         where = f"{name}{'/' + label if label else ''}/{st['stage']}"
         assert st["cubin_bytes"] > 0, where
         assert st["wait"] >= 0, f"{where}: no griddepcontrol.wait"
-        assert st["wait"] < st["first_access"], f"{where}: a global load or store before the wait"
+        assert st["wait"] < st["first_store"], f"{where}: a store before the wait"
+        if (name, label) in _EARLY_CASES and st["stage"] != "combine":
+            assert st["first_access"] < st["wait"], f"{where}: the early loads come after the wait"
+        elif not st["early_in_source"]:
+            assert st["wait"] < st["first_access"], f"{where}: a global load before the wait"
         if st["prefetch_in_source"] or (name, label) in _PREFETCHING_CASES:
             assert st["prefetches"], f"{where}: the prefetch was dropped"
         if (name, label) in _PERSISTENT_CASES and st["stage"] == "persistent":

@@ -107,30 +107,41 @@ def kv_proj(x, wk, wv, bk=None, bv=None) -> tuple[torch.Tensor, torch.Tensor]:
     return ko, vo
 
 
-def _matvec_residual(name: str, x, w, r) -> torch.Tensor:
+def _early(sizes: dict, early: bool) -> dict:
+    """``EARLY_INPUTS`` in ``sizes`` when the caller vouches for it: the kernel's inputs
+    other than its main activation were written two or more kernels back (never by the
+    kernel just before), so they may load before the dependent-launch wait."""
+    if early:
+        sizes["EARLY_INPUTS"] = 1
+    return sizes
+
+
+def _matvec_residual(name: str, x, w, r, early: bool = False) -> torch.Tensor:
     n, k = w.shape
     out = _out((x.shape[0], n), x)
-    _launcher(name, {"M": x.shape[0], "N": n, "K": k}, x.dtype, x.device)(x, w, r, out)
+    _launcher(name, _early({"M": x.shape[0], "N": n, "K": k}, early), x.dtype, x.device)(x, w, r, out)
     return out
 
 
-def o_proj_residual(x, w, r) -> torch.Tensor:
-    """``x @ w.T + r``: attention output projection with the residual."""
-    return _matvec_residual("o_proj_residual", x, w, r)
+def o_proj_residual(x, w, r, early: bool = False) -> torch.Tensor:
+    """``x @ w.T + r``: attention output projection with the residual (``early``: the
+    caller vouches that ``r`` is not the previous kernel's output, see ``_early``)."""
+    return _matvec_residual("o_proj_residual", x, w, r, early)
 
 
-def down_proj_residual(x, w, r, ahead: Sequence[torch.Tensor] = (), keep: bool = False) -> torch.Tensor:
+def down_proj_residual(x, w, r, ahead: Sequence[torch.Tensor] = (), keep: bool = False,
+                       early: bool = False) -> torch.Tensor:
     """``x @ w.T + r``: MLP down projection with the residual. The contiguous tensors of
     ``ahead`` (e.g. the next layer's attention weights) are brought into L2 by the same
     launch on a GPU, for the kernels after it (with ``keep``, marked evict-last); they
-    change nothing computed."""
+    change nothing computed. ``early``: as for :func:`o_proj_residual`."""
     ahead = [t.view(-1) for t in ahead if t.is_contiguous()]
     if not ahead:
-        return _matvec_residual("down_proj_residual", x, w, r)
+        return _matvec_residual("down_proj_residual", x, w, r, early)
     n, k = w.shape
     out = _out((x.shape[0], n), x)
-    sizes = {"M": x.shape[0], "N": n, "K": k, "AHEAD": len(ahead), "AHEAD_KEEP": int(keep),
-             **{f"A{i}": t.numel() for i, t in enumerate(ahead)}}
+    sizes = _early({"M": x.shape[0], "N": n, "K": k, "AHEAD": len(ahead), "AHEAD_KEEP": int(keep),
+                    **{f"A{i}": t.numel() for i, t in enumerate(ahead)}}, early)
     _launcher("down_proj_residual", sizes, x.dtype, x.device)(x, w, r, out, *ahead)
     return out
 
@@ -162,10 +173,11 @@ def rope(x: torch.Tensor, pos: torch.Tensor, cfg: RopeConfig) -> torch.Tensor:
 
 
 def attention_decode(q, k_cache, v_cache, lengths, scale: float,
-                     key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     key_mask: Optional[torch.Tensor] = None, early: bool = False) -> torch.Tensor:
     """GQA decode attention of ``q`` [B, NH, DH] over the first ``lengths[b]``
     positions of the caches [B, NKV, S, DH]; with ``key_mask`` [B, S] (int32), only
-    over the positions where it is nonzero."""
+    over the positions where it is nonzero. ``early``: the caller vouches that
+    ``lengths`` is not the previous kernel's output (``_early``)."""
     b, nh, dh = q.shape
     nkv, s = k_cache.shape[1], k_cache.shape[2]
     out = _out(q.shape, q)
@@ -174,7 +186,7 @@ def attention_decode(q, k_cache, v_cache, lengths, scale: float,
     sizes = {"B": b, "NH": nh, "NKV": nkv, "DH": dh, "S": 1 << max(0, (s - 1).bit_length())}
     if key_mask is not None:
         sizes["HAS_MASK"] = 1
-    fn = _launcher("attention_decode_gqa", sizes, q.dtype, q.device)
+    fn = _launcher("attention_decode_gqa", _early(sizes, early), q.dtype, q.device)
     if key_mask is not None:
         fn(q, k_cache, v_cache, lengths, key_mask, out, scale)
     else:
@@ -238,14 +250,15 @@ def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Te
                    wv: torch.Tensor, bq: Optional[torch.Tensor], bk: Optional[torch.Tensor],
                    bv: Optional[torch.Tensor], pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    cfg: Optional[RopeConfig] = None, cache_pos: Optional[torch.Tensor] = None,
-                   inv_freq: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   inv_freq: Optional[torch.Tensor] = None, early: bool = False) -> torch.Tensor:
     """The attention input of a decode layer in one launch: RMSNorm of ``x`` [M, D], the
     q/k/v projections (+ biases), RoPE at ``pos`` [M]; K and V are written into row
     ``pos`` of the caches [M, NKV, S, DH] in place; returns q [M, NH, DH].
 
     The rotation's frequencies come from ``cfg`` or, as a compiled transformers graph
     has them, from ``inv_freq`` [DH/2] (fp32); ``cache_pos`` [M], when given, is the row
-    K and V go to (the graph writes at the cache's own count, rotates at ``pos``)."""
+    K and V go to (the graph writes at the cache's own count, rotates at ``pos``).
+    ``early``: the caller vouches that the positions are not the previous kernel's output."""
     m, nkv, s, dh = k_cache.shape
     nq = wq.shape[0]
     q = _out((m, nq // dh, dh), x)
@@ -258,7 +271,7 @@ def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Te
     if inv_freq is not None:
         sizes["HALF"] = dh // 2
         extra.append(inv_freq)
-    fn = _launcher("qkv_rope_cache", sizes, x.dtype, x.device)
+    fn = _launcher("qkv_rope_cache", _early(sizes, early), x.dtype, x.device)
     biases = (bq, bk, bv) if bq is not None else ()
     fn(x, ln_w, wq, wk, wv, *biases, pos, *extra, q, k_cache, v_cache, eps, *(() if inv_freq is not None else cfg.scalars))
     return q

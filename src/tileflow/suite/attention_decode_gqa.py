@@ -18,6 +18,8 @@ cache, grouped-query (``G = NH / NKV`` query heads share each K/V head).
 - With ``PERSISTENT`` (Triton on a GPU) both stages run in one launch of at most one
   program per multiprocessor, a grid-wide barrier between them (the emitter's
   persistent kernel); the interpreter runs that kernel as a single program.
+- With ``EARLY_INPUTS`` the lengths load before the dependent-launch wait (the caller
+  vouches that the kernel just before does not write them).
 - With ``HAS_MASK`` a key mask ``key_mask[b, j]`` (int, 0 = hidden) further hides cache
   rows, e.g. transformers' padding mask; a block hidden entirely adds nothing (its
   running max stays -inf and is read as 0), a row hidden entirely is NaN, as in SDPA.
@@ -53,8 +55,12 @@ def define(k, p):
         kvh, sp, b = k.program_id(0), k.program_id(1), k.program_id(2)
         heads, heads_end = group_rows(kvh)
         d = k.range(0, "BLOCK_DH", aligned=True)
+        if p.get("EARLY_INPUTS", 0):  # the caller vouches: lengths is not the previous kernel's output
+            with k.before_wait():
+                length = k.cast(k.load(lengths, (b,)), "i32")
         qt = k.load(q, (b, heads, d), limits={1: heads_end}, for_dot=True)
-        length = k.cast(k.load(lengths, (b,)), "i32")
+        if not p.get("EARLY_INPUTS", 0):
+            length = k.cast(k.load(lengths, (b,)), "i32")
         bn = k.param("BLOCK_N")
         chunk = k.cdiv(k.cdiv(length, k.param("SPLITS")), bn) * bn
         lo = sp * chunk
@@ -154,7 +160,7 @@ def attention_params(s, block_n: int = 64, splits: int = 0, num_warps: int = 4, 
     g = s["NH"] // s["NKV"]
     if not splits:
         splits = 1 if s["S"] <= 256 else max(1, min(264 // (s.get("B", 1) * s["NKV"]), -(-s["S"] // block_n)))
-    return {"HAS_MASK": s.get("HAS_MASK", 0), "BLOCK_N": block_n, "GROUP_BLOCK": max(16, next_pow2(g)), "BLOCK_DH": max(16, next_pow2(s["DH"])),
+    return {"HAS_MASK": s.get("HAS_MASK", 0), "EARLY_INPUTS": s.get("EARLY_INPUTS", 0), "BLOCK_N": block_n, "GROUP_BLOCK": max(16, next_pow2(g)), "BLOCK_DH": max(16, next_pow2(s["DH"])),
             "SPLITS": splits, "SPLITS_BLOCK": next_pow2(splits), "BLOCK_DC": min(32, max(16, next_pow2(s["DH"]))),
             "num_warps": num_warps, "num_stages": 2,
             **({"ONE_LAUNCH": 1, "GROUP_C": next_pow2(g)} if one_launch and splits > 1 else {}),
@@ -221,6 +227,8 @@ KERNEL = register(SuiteKernel(
              params=dict(SPLITS=4, SPLITS_BLOCK=4, BLOCK_N=16)),
         Case("one_launch", dict(B=2, NH=12, NKV=2, DH=32, S=300, L=259, HAS_MASK=1), dict(scale=0.17),
              params=dict(SPLITS=4, SPLITS_BLOCK=4, BLOCK_N=16, ONE_LAUNCH=1, GROUP_C=8), targets=("triton",)),
+        Case("early", dict(B=1, NH=6, NKV=2, DH=32, S=300, L=259, EARLY_INPUTS=1), dict(scale=0.17),
+             params=dict(SPLITS=4, SPLITS_BLOCK=4, BLOCK_N=16)),
         Case("persistent", dict(B=2, NH=12, NKV=2, DH=32, S=300, L=259, HAS_MASK=1), dict(scale=0.17),
              params=dict(SPLITS=4, SPLITS_BLOCK=4, BLOCK_N=16, PERSISTENT=1)),
         Case("one_launch_empty", dict(B=1, NH=4, NKV=2, DH=16, S=100, L=20), dict(scale=0.25),

@@ -34,6 +34,14 @@ MATVEC_PARAMS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "BLOCK_R", "PIPELINE", "num_wa
 AHEAD_PARAMS = {"AHEAD": 0, "AHEAD_BLOCK": 256, "AHEAD_KEEP": 0}
 
 
+def residual_params(s: dict) -> dict:
+    """The parameters of a residual matvec (o_proj, down_proj) that are sizes: what it
+    prefetches ahead, and ``EARLY_INPUTS`` (the residual loads before the dependent-launch
+    wait, where the caller vouches that the kernel just before does not write it)."""
+    return {**AHEAD_PARAMS, "AHEAD": s.get("AHEAD", 0), "AHEAD_KEEP": s.get("AHEAD_KEEP", 0),
+            "EARLY_INPUTS": s.get("EARLY_INPUTS", 0)}
+
+
 @dataclass(frozen=True)
 class MatvecForm:
     """Which matvec: weight names, output names, extra inputs, and the epilogue.
@@ -148,6 +156,13 @@ def define_matvec(form: MatvecForm, k, p) -> None:
         # afterwards, so the weight stream does not wait for the norm's reduction; without
         # split-K the loop sees all of x and gathers the sum of squares on the way
         gather_ss = form.norm and split == 1
+        # EARLY_INPUTS: the caller vouches that the extra inputs (the residual) were written
+        # two or more kernels back, so they load before the dependent-launch wait instead
+        # of as a round trip after the K loop
+        early = None
+        if p.get("EARLY_INPUTS", 0) and split == 1:
+            with k.before_wait():
+                early = load_extras(row, rows)
         # no k.prefetch of the first weight tile here: measured on an H200 (NOTES.md,
         # 2026-12-02) it slowed gate_up 18.1 -> 21.0 us and down 8.2 -> 9.5 us a layer
         acc0 = [k.full(("BLOCK_N", "BLOCK_K"), 0.0) for _ in ws]
@@ -174,7 +189,7 @@ def define_matvec(form: MatvecForm, k, p) -> None:
             for part, s in zip(parts, sums):
                 k.store(part, (k.program_id(1), row, rows), s)
         else:
-            for out, y in zip(outs, form.epilogue(k, sums, load_extras(row, rows))):
+            for out, y in zip(outs, form.epilogue(k, sums, early or load_extras(row, rows))):
                 k.store(out, (row, rows), y)
 
     if split > 1:

@@ -476,9 +476,12 @@ class TileBuilder:
     def before_wait(self):
         """Loads recorded inside may be issued before the program waits for the kernel
         before it (programmatic dependent launch), so a weight stream starts while the
-        predecessor drains instead of after it. Only for inputs no earlier kernel of the
-        step writes (model weights), which the definition vouches for; only loads,
-        never stores. Results are the same on every target; Triton places these loads
+        predecessor drains instead of after it. Only for inputs the kernel just before
+        does not write: model weights, which the definition vouches for, or tensors
+        written two or more kernels back where the caller vouches for the order (a
+        kernel launched early starts only once its predecessor passed its own wait, so
+        everything before that predecessor is complete and visible); only loads, never
+        stores. Results are the same on every target; Triton places these loads
         ahead of ``gdc_wait`` when they precede the stage's first other memory access
         (``TILEFLOW_EARLY=0`` keeps them after it)."""
         if self._block is None or self._block is not self._stage_body:

@@ -1,8 +1,11 @@
-"""The decode step's L2 look-ahead: each layer's down projection is handed the next
-layer's attention weights and norms (the last layer's, the final norm) to prefetch.
-On CPU the generated Triton text runs under the interpreter with those extra inputs
-(the prefetch itself is a GPU hint the interpreter skips): with ``TILEFLOW_AHEAD=1``
-the tokens must not change; by default (off) nothing is handed over."""
+"""The decode step's launch hints, which change when memory is read, never what is
+computed. L2 look-ahead (``TILEFLOW_AHEAD=1``): each layer's down projection is handed
+the next layer's attention weights and norms (the last layer's, the final norm) to
+prefetch; off by default. Early inputs (``TILEFLOW_EARLY_INPUTS``, on by default): the
+step vouches that positions, lengths and residuals come from before the kernel just
+ahead, so those kernels load them before the dependent-launch wait. On CPU the
+generated Triton text runs under the interpreter (the hints are GPU-only branches):
+the tokens must equal eager's either way."""
 
 import pytest
 import torch
@@ -26,8 +29,8 @@ def _spy(monkeypatch) -> list:
     handed = []
     real = ops.down_proj_residual
     monkeypatch.setattr(ops, "down_proj_residual",
-                        lambda x, w, r, ahead=(), keep=False: handed.append((w, tuple(ahead)))
-                        or real(x, w, r, ahead=ahead, keep=keep))
+                        lambda x, w, r, ahead=(), keep=False, early=False: handed.append((w, tuple(ahead)))
+                        or real(x, w, r, ahead=ahead, keep=keep, early=early))
     return handed
 
 
@@ -72,3 +75,22 @@ def test_the_launch_with_ahead_inputs_computes_the_same(interpreted):
     assert torch.equal(ops.down_proj_residual(x, w, r, ahead=extra), plain)
     # a non-contiguous tensor is not a flat range of memory: left out, not an error
     assert torch.equal(ops.down_proj_residual(x, w, r, ahead=[extra[1].T]), plain)
+
+
+def test_the_step_vouches_for_early_inputs_unless_told_not_to(interpreted, monkeypatch):
+    calls = []
+    for name in ("qkv_rope_cache", "attention_decode", "o_proj_residual", "down_proj_residual"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _n=name, _r=real, **k: calls.append((_n, k.get("early")))
+                            or _r(*a, **k))
+    model, ids = tiny("llama"), prompt()
+    expected = greedy(model, ids)
+    for env, want in (("1", True), ("0", False)):
+        monkeypatch.setenv("TILEFLOW_EARLY_INPUTS", env)
+        calls.clear()
+        tileflow.patch(model)
+        got = greedy(model, ids)
+        tileflow.unpatch(model)
+        assert torch.equal(got, expected)
+        assert {n for n, _ in calls} == {"qkv_rope_cache", "attention_decode", "o_proj_residual", "down_proj_residual"}
+        assert all(e is want for _, e in calls), (env, calls[:4])
