@@ -41,8 +41,9 @@ class DecodeProgram:
         # the next layer's attention weights and norms into L2. Off by default: on an H200
         # (1.5B, NOTES.md, 2026-12-03) q/k/v and o ran 5-8 us a token faster, the step
         # no faster (856-868 vs 867 tok/s): those matvecs wait on launch and ramp, not memory
-        # the step's order vouches for EARLY_INPUTS: the positions, lengths and residuals a
-        # kernel reads were written two or more kernels before it (TILEFLOW_EARLY_INPUTS=0: off)
+        # the step's order vouches for EARLY_INPUTS: the positions, lengths and residual that
+        # qkv, attention and o read were written two or more kernels before them
+        # (TILEFLOW_EARLY_INPUTS=0: off)
         self.early = os.environ.get("TILEFLOW_EARLY_INPUTS", "1") != "0"
         mode = os.environ.get("TILEFLOW_AHEAD", "0")
         self.ahead = [next_layer_ahead(nxt) for nxt in self.layers[1:]] + [(self.norm_w,)]
@@ -93,14 +94,16 @@ class DecodeProgram:
         for i, (ln1, eps1, wq, bq, wk, wv, bk, bv, wo, scale, ln2, eps2, wg, wu, wd) in enumerate(self.layers):
             # the reference path (CPU) has no L2 to fill; the interpreter runs the same launch
             layer, ahead = cache.layers[i], self.ahead[i] if x.is_cuda or ops.cpu_target() == "triton" else ()
-            # early=: each kernel's positions / lengths / residual come from before the kernel
-            # just ahead of it (embedding, the step's counters, the previous residual matvec)
+            # early=: the positions / lengths / residual come from before the kernel just
+            # ahead (the step's counters and inputs, the previous layer's down projection)
             q = ops.qkv_rope_cache(x, ln1, eps1, wq, wk, wv, bq, bk, bv, p, layer.keys, layer.values, self.rope_cfg,
                                    cache_pos=None if row is p else row, early=early)
             o = ops.attention_decode(q, layer.keys, layer.values, lengths, scale, key_mask=key_mask, early=early)
             x = ops.o_proj_residual(o.view(1, nh * dh), wo, x, early=early)
+            # not early=: down's residual loaded before the wait measured 10.4 -> 13.7 us a
+            # layer on an H200 (NOTES.md, 2026-12-03), cause not found
             x = ops.down_proj_residual(ops.rms_norm_gate_up_silu(x, ln2, eps2, wg, wu), wd, x, ahead=ahead,
-                                       keep=self.ahead_keep, early=early)
+                                       keep=self.ahead_keep)
         _advance(cache, 1)
         return ops.rms_norm_linear(x, self.norm_w, self.norm_eps, self.lm_head_w)
 

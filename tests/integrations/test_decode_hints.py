@@ -2,8 +2,8 @@
 computed. L2 look-ahead (``TILEFLOW_AHEAD=1``): each layer's down projection is handed
 the next layer's attention weights and norms (the last layer's, the final norm) to
 prefetch; off by default. Early inputs (``TILEFLOW_EARLY_INPUTS``, on by default): the
-step vouches that positions, lengths and residuals come from before the kernel just
-ahead, so those kernels load them before the dependent-launch wait. On CPU the
+step vouches that the positions, lengths and residual of qkv, attention and o come from
+before the kernel just ahead, so those kernels load them before the dependent-launch wait. On CPU the
 generated Triton text runs under the interpreter (the hints are GPU-only branches):
 the tokens must equal eager's either way."""
 
@@ -79,7 +79,7 @@ def test_the_launch_with_ahead_inputs_computes_the_same(interpreted):
 
 def test_the_step_vouches_for_early_inputs_unless_told_not_to(interpreted, monkeypatch):
     calls = []
-    for name in ("qkv_rope_cache", "attention_decode", "o_proj_residual", "down_proj_residual"):
+    for name in ("qkv_rope_cache", "attention_decode", "o_proj_residual"):
         real = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *a, _n=name, _r=real, **k: calls.append((_n, k.get("early")))
                             or _r(*a, **k))
@@ -92,5 +92,5 @@ def test_the_step_vouches_for_early_inputs_unless_told_not_to(interpreted, monke
         got = greedy(model, ids)
         tileflow.unpatch(model)
         assert torch.equal(got, expected)
-        assert {n for n, _ in calls} == {"qkv_rope_cache", "attention_decode", "o_proj_residual", "down_proj_residual"}
+        assert {n for n, _ in calls} == {"qkv_rope_cache", "attention_decode", "o_proj_residual"}
         assert all(e is want for _, e in calls), (env, calls[:4])
