@@ -34,16 +34,21 @@ def _spy(monkeypatch) -> list:
     return handed
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama"])
-def test_down_projections_prefetch_the_next_layer_and_tokens_stay(kind, interpreted, monkeypatch):
-    monkeypatch.setenv("TILEFLOW_AHEAD", "1")
-    model, ids = tiny(kind), prompt()
+def _patched_equals_eager(model) -> None:
+    """Greedy tokens of the patched model equal eager's (the spies see only the patch)."""
+    ids = prompt()
     expected = greedy(model, ids)
-    handed = _spy(monkeypatch)
     tileflow.patch(model)
     got = greedy(model, ids)
     tileflow.unpatch(model)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_down_projections_prefetch_the_next_layer_and_tokens_stay(kind, interpreted, monkeypatch):
+    monkeypatch.setenv("TILEFLOW_AHEAD", "1")
+    model, handed = tiny(kind), _spy(monkeypatch)
+    _patched_equals_eager(model)
     layers = model.model.layers
     assert handed, "no decode step ran"
     for w, ahead in handed:
@@ -56,13 +61,8 @@ def test_down_projections_prefetch_the_next_layer_and_tokens_stay(kind, interpre
 
 def test_ahead_off_by_default_hands_nothing(interpreted, monkeypatch):
     monkeypatch.delenv("TILEFLOW_AHEAD", raising=False)
-    model, ids = tiny("qwen2"), prompt()
-    expected = greedy(model, ids)
     handed = _spy(monkeypatch)
-    tileflow.patch(model)
-    got = greedy(model, ids)
-    tileflow.unpatch(model)
-    assert torch.equal(got, expected)
+    _patched_equals_eager(tiny("qwen2"))
     assert handed and all(ahead == () for _, ahead in handed)
 
 
@@ -83,14 +83,10 @@ def test_the_step_vouches_for_early_inputs_unless_told_not_to(interpreted, monke
         real = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *a, _n=name, _r=real, **k: calls.append((_n, k.get("early")))
                             or _r(*a, **k))
-    model, ids = tiny("llama"), prompt()
-    expected = greedy(model, ids)
+    model = tiny("llama")
     for env, want in (("1", True), ("0", False)):
         monkeypatch.setenv("TILEFLOW_EARLY_INPUTS", env)
         calls.clear()
-        tileflow.patch(model)
-        got = greedy(model, ids)
-        tileflow.unpatch(model)
-        assert torch.equal(got, expected)
+        _patched_equals_eager(model)
         assert {n for n, _ in calls} == {"qkv_rope_cache", "attention_decode", "o_proj_residual"}
         assert all(e is want for _, e in calls), (env, calls[:4])
