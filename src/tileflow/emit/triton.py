@@ -19,7 +19,13 @@ Weight loads a definition marks ``k.before_wait()`` are issued before that wait 
 they come first in a stage (``TILEFLOW_EARLY=0`` keeps them after it).
 Index arithmetic and a definition's weight prefetches (``k.prefetch``: L2 hints for
 inputs no earlier kernel writes; qkv_rope_cache has them, the matvecs measured slower
-with them) run before that wait (``TILEFLOW_PREFETCH=0`` drops the hints).
+with them) run before that wait (``TILEFLOW_PREFETCH=0`` drops the hints); ``k.prefetch_share``
+splits a whole input between a launch's programs, as L2 hints for a later kernel.
+
+With ``PERSISTENT`` a multi-stage kernel also gets one ``<name>_persistent`` kernel: every
+stage a grid-stride loop over its own grid, a grid barrier between stages, at most one
+program per multiprocessor (measured slower than the separate launches for attention on
+an H200; a tuner candidate, not a default).
 """
 
 from __future__ import annotations
