@@ -116,10 +116,12 @@ def _early(sizes: dict, early: bool) -> dict:
     return sizes
 
 
-def _matvec_residual(name: str, x, w, r, early: bool = False) -> torch.Tensor:
+def _matvec_residual(name: str, x, w, r, early: bool = False, extra: Optional[dict] = None,
+                     ahead: Sequence[torch.Tensor] = ()) -> torch.Tensor:
     n, k = w.shape
     out = _out((x.shape[0], n), x)
-    _launcher(name, _early({"M": x.shape[0], "N": n, "K": k}, early), x.dtype, x.device)(x, w, r, out)
+    sizes = _early({"M": x.shape[0], "N": n, "K": k, **(extra or {})}, early)
+    _launcher(name, sizes, x.dtype, x.device)(x, w, r, out, *ahead)
     return out
 
 
@@ -136,14 +138,8 @@ def down_proj_residual(x, w, r, ahead: Sequence[torch.Tensor] = (), keep: bool =
     launch on a GPU, for the kernels after it (with ``keep``, marked evict-last); they
     change nothing computed. ``early``: as for :func:`o_proj_residual`."""
     ahead = [t.view(-1) for t in ahead if t.is_contiguous()]
-    if not ahead:
-        return _matvec_residual("down_proj_residual", x, w, r, early)
-    n, k = w.shape
-    out = _out((x.shape[0], n), x)
-    sizes = _early({"M": x.shape[0], "N": n, "K": k, "AHEAD": len(ahead), "AHEAD_KEEP": int(keep),
-                    **{f"A{i}": t.numel() for i, t in enumerate(ahead)}}, early)
-    _launcher("down_proj_residual", sizes, x.dtype, x.device)(x, w, r, out, *ahead)
-    return out
+    extra = {"AHEAD": len(ahead), "AHEAD_KEEP": int(keep), **{f"A{i}": t.numel() for i, t in enumerate(ahead)}}
+    return _matvec_residual("down_proj_residual", x, w, r, early, extra if ahead else None, ahead)
 
 
 def gate_up_silu(x, wg, wu) -> torch.Tensor:

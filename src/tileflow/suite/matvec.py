@@ -28,9 +28,9 @@ MATVEC_PARAMS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "BLOCK_R", "PIPELINE", "num_wa
 
 # ``AHEAD`` (a size, not a tuned parameter): how many 1-D inputs ``ahead0..`` (sizes
 # ``A0..``) the launch brings into L2 for the kernels after it (``k.prefetch_share``),
-# ``AHEAD_BLOCK`` lines per round. The decode step passes the next layer's q/k/v/o
-# weights to each down projection: those small matvecs are latency-bound reading memory.
-# ``AHEAD_KEEP`` marks the prefetched lines evict-last.
+# ``AHEAD_BLOCK`` lines per round; ``AHEAD_KEEP`` marks the prefetched lines evict-last.
+# With ``TILEFLOW_AHEAD=1`` the decode step passes the next layer's q/k/v/o weights to
+# each down projection (measured no faster on an H200, NOTES.md 2026-12-03: off by default).
 AHEAD_PARAMS = {"AHEAD": 0, "AHEAD_BLOCK": 256, "AHEAD_KEEP": 0}
 
 
