@@ -150,3 +150,12 @@ def test_divergence_records_eager_margin_and_deviation():
     top2 = ref_logits[2][0].topk(2).values
     assert abs(res.divergence_gap - (top2[0] - top2[1]).item()) < 1e-6
     assert res.divergence_max_abs_err > res.divergence_gap > 0
+
+
+def test_the_record_names_the_switches_of_an_ab_run(monkeypatch):
+    from tileflow.bench import settings
+
+    monkeypatch.setenv("TILEFLOW_MLP_AHEAD", "o=8")
+    monkeypatch.setenv("TILEFLOW_COMMIT", "abc1234")
+    got = settings()
+    assert got["TILEFLOW_MLP_AHEAD"] == "o=8" and "TILEFLOW_COMMIT" not in got

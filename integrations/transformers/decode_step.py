@@ -50,6 +50,10 @@ class DecodeProgram:
         self.ahead_keep = mode == "keep"
         if mode == "0":
             self.ahead = [()] * len(self.layers)
+        # TILEFLOW_MLP_AHEAD="qkv=4,attention=8,o=8[,keep]": those kernels of each layer bring
+        # that many MB of the start of its gate-up weights into L2 (mlp_ahead)
+        shares, self.mlp_keep = parse_mlp_ahead(os.environ.get("TILEFLOW_MLP_AHEAD", ""))
+        self.mlp_ahead = [mlp_ahead(shares, w[12], w[13]) for w in self.layers]
 
     @property
     def takes_any_position(self) -> bool:
@@ -93,19 +97,57 @@ class DecodeProgram:
         nh, dh, early = self.nh, self.dh, self.early
         for i, (ln1, eps1, wq, bq, wk, wv, bk, bv, wo, scale, ln2, eps2, wg, wu, wd) in enumerate(self.layers):
             # the reference path (CPU) has no L2 to fill; the interpreter runs the same launch
-            layer, ahead = cache.layers[i], self.ahead[i] if x.is_cuda or ops.cpu_target() == "triton" else ()
+            prefetching = x.is_cuda or ops.cpu_target() == "triton"
+            layer, ahead = cache.layers[i], self.ahead[i] if prefetching else ()
+            mlp = self.mlp_ahead[i] if prefetching else {}
+            keep = self.mlp_keep
             # early=: the positions / lengths / residual come from before the kernel just
             # ahead (the step's counters and inputs, the previous layer's down projection)
             q = ops.qkv_rope_cache(x, ln1, eps1, wq, wk, wv, bq, bk, bv, p, layer.keys, layer.values, self.rope_cfg,
-                                   cache_pos=None if row is p else row, early=early)
-            o = ops.attention_decode(q, layer.keys, layer.values, lengths, scale, key_mask=key_mask, early=early)
-            x = ops.o_proj_residual(o.view(1, nh * dh), wo, x, early=early)
+                                   cache_pos=None if row is p else row, early=early, ahead=mlp.get("qkv", ()),
+                                   keep=keep)
+            o = ops.attention_decode(q, layer.keys, layer.values, lengths, scale, key_mask=key_mask, early=early,
+                                     ahead=mlp.get("attention", ()), keep=keep)
+            x = ops.o_proj_residual(o.view(1, nh * dh), wo, x, early=early, ahead=mlp.get("o", ()), keep=keep)
             # not early=: down's residual loaded before the wait measured 10.4 -> 13.7 us a
             # layer on an H200 (NOTES.md, 2026-12-03), cause not found
             x = ops.down_proj_residual(ops.rms_norm_gate_up_silu(x, ln2, eps2, wg, wu), wd, x, ahead=ahead,
                                        keep=self.ahead_keep)
         _advance(cache, 1)
         return ops.rms_norm_linear(x, self.norm_w, self.norm_eps, self.lm_head_w)
+
+
+MLP_AHEAD_KERNELS = ("qkv", "attention", "o")
+
+
+def parse_mlp_ahead(spec: str) -> tuple[dict, bool]:
+    """``"qkv=4,attention=8,o=8[,keep]"`` -> ({kernel: MB}, keep). Raises ValueError on
+    a kernel name outside ``MLP_AHEAD_KERNELS`` or a share that is not a number."""
+    shares, keep = {}, False
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        if item == "keep":
+            keep = True
+            continue
+        name, _, mb = item.partition("=")
+        if name not in MLP_AHEAD_KERNELS:
+            raise ValueError(f"TILEFLOW_MLP_AHEAD: {name!r} is not one of {', '.join(MLP_AHEAD_KERNELS)}")
+        shares[name] = float(mb)
+    return shares, keep
+
+
+def mlp_ahead(shares: dict, wg: torch.Tensor, wu: torch.Tensor) -> dict:
+    """Which rows of a layer's gate and up weights each of its attention-side kernels
+    prefetches: consecutive row blocks from row 0, ``shares[kernel]`` MB of both weights
+    together for each, in the order the kernels run. Gate-up's programs take rows in
+    order, so its first programs find their rows in L2. A kernel with no share is absent."""
+    row_bytes = wg[0].numel() * wg.element_size() + wu[0].numel() * wu.element_size()
+    out, lo = {}, 0
+    for name in MLP_AHEAD_KERNELS:
+        rows = min(int(shares.get(name, 0) * 2**20) // row_bytes, wg.shape[0] - lo)
+        if rows > 0:
+            out[name] = (wg[lo:lo + rows], wu[lo:lo + rows])
+            lo += rows
+    return out
 
 
 def next_layer_ahead(weights: tuple) -> tuple:

@@ -1,7 +1,8 @@
 """The decode step's launch hints, which change when memory is read, never what is
 computed. L2 look-ahead (``TILEFLOW_AHEAD=1``): each layer's down projection is handed
 the next layer's attention weights and norms (the last layer's, the final norm) to
-prefetch; off by default. Early inputs (``TILEFLOW_EARLY_INPUTS``, on by default): the
+prefetch; off by default. MLP look-ahead (``TILEFLOW_MLP_AHEAD``): qkv, attention and o
+are handed consecutive row blocks of their layer's gate and up weights. Early inputs (``TILEFLOW_EARLY_INPUTS``, on by default): the
 step vouches that the positions, lengths and residual of qkv, attention and o come from
 before the kernel just ahead, so those kernels load them before the dependent-launch wait. On CPU the
 generated Triton text runs under the interpreter (the hints are GPU-only branches):
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 import tileflow
-from tileflow.integrations.transformers.decode_step import layer_weights, next_layer_ahead
+from tileflow.integrations.transformers.decode_step import (layer_weights, mlp_ahead, next_layer_ahead,
+                                                             parse_mlp_ahead)
 from tileflow.runtime import ops
 
 from .test_transformers_patch import greedy, prompt, tiny
@@ -90,3 +92,49 @@ def test_the_step_vouches_for_early_inputs_unless_told_not_to(interpreted, monke
         _patched_equals_eager(model)
         assert {n for n, _ in calls} == {"qkv_rope_cache", "attention_decode", "o_proj_residual"}
         assert all(e is want for _, e in calls), (env, calls[:4])
+
+
+def test_mlp_ahead_spec_and_row_blocks():
+    assert parse_mlp_ahead("") == ({}, False)
+    assert parse_mlp_ahead("attention=8, o=2.5,keep") == ({"attention": 8.0, "o": 2.5}, True)
+    with pytest.raises(ValueError, match="down"):
+        parse_mlp_ahead("down=4")
+    wg, wu = torch.empty(100, 64, dtype=torch.bfloat16), torch.empty(100, 64, dtype=torch.bfloat16)
+    row = 2 * 64 * 2  # bytes of one gate row and one up row
+    got = mlp_ahead({"qkv": 10 * row / 2**20, "o": 200 * row / 2**20}, wg, wu)
+    assert set(got) == {"qkv", "o"}
+    (g0, u0), (g1, u1) = got["qkv"], got["o"]
+    assert g0.data_ptr() == wg.data_ptr() and g0.shape[0] == u0.shape[0] == 10
+    # the next share starts where the last ended and stops at the last row
+    assert g1.data_ptr() == wg[10].data_ptr() and u1.data_ptr() == wu[10].data_ptr() and g1.shape[0] == 90
+    assert mlp_ahead({"attention": 0.5 * row / 2**20}, wg, wu) == {}
+
+
+def test_attention_side_kernels_prefetch_gate_up_rows_and_tokens_stay(interpreted, monkeypatch):
+    monkeypatch.setenv("TILEFLOW_MLP_AHEAD", "qkv=0.001,attention=0.002,o=0.001,keep")
+    handed = []
+    for name in ("qkv_rope_cache", "attention_decode", "o_proj_residual"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _n=name, _r=real, **k: handed.append((_n, k.get("ahead"), k.get("keep")))
+                            or _r(*a, **k))
+    model = tiny("qwen2")
+    _patched_equals_eager(model)
+    assert {n for n, _, _ in handed} == {"qkv_rope_cache", "attention_decode", "o_proj_residual"}
+    gate_rows = {layer.mlp.gate_proj.weight.data_ptr(): layer.mlp.gate_proj.weight for layer in model.model.layers}
+    for name, ahead, keep in handed:
+        assert keep is True and len(ahead) == 2, name
+        gate, up = ahead
+        base = next(w for p, w in gate_rows.items() if p <= gate.data_ptr() < p + w.numel() * w.element_size())
+        assert gate.shape[1] == base.shape[1] and up.shape == gate.shape
+
+
+def test_launches_with_ahead_inputs_compute_the_same(interpreted):
+    g = torch.Generator().manual_seed(5)
+    extra = [torch.randn(900, generator=g), torch.randn(33, generator=g)]
+    x, w, r = (torch.randn(s, generator=g) for s in ((1, 96), (40, 96), (1, 40)))
+    assert torch.equal(ops.o_proj_residual(x, w, r, ahead=extra, keep=True), ops.o_proj_residual(x, w, r))
+    q = torch.randn(1, 6, 32, generator=g)
+    kc, vc = torch.randn(1, 2, 64, 32, generator=g), torch.randn(1, 2, 64, 32, generator=g)
+    lengths = torch.tensor([41])
+    plain = ops.attention_decode(q, kc, vc, lengths, 0.17)
+    assert torch.equal(ops.attention_decode(q, kc, vc, lengths, 0.17, ahead=extra), plain)

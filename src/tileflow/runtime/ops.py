@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from tileflow.suite import KERNELS
+from tileflow.suite.ahead import ahead_sizes
 from tileflow.suite.rope import ROPE_SCALARS
 
 _LAUNCHERS: dict[tuple, Callable] = {}
@@ -125,21 +126,29 @@ def _matvec_residual(name: str, x, w, r, early: bool = False, extra: Optional[di
     return out
 
 
-def o_proj_residual(x, w, r, early: bool = False) -> torch.Tensor:
+def _ahead(ahead: Sequence[torch.Tensor], keep: bool) -> tuple[list, dict]:
+    """What a launch passes for its look-ahead tensors (``suite.ahead``) and the sizes
+    that say so: the contiguous ones are brought into L2 by the launch on a GPU, for the
+    kernels after it (with ``keep``, marked evict-last); they change nothing computed."""
+    flat, sizes = ahead_sizes(ahead)
+    return flat, ({**sizes, "AHEAD_KEEP": int(keep)} if flat else {})
+
+
+def o_proj_residual(x, w, r, early: bool = False, ahead: Sequence[torch.Tensor] = (),
+                    keep: bool = False) -> torch.Tensor:
     """``x @ w.T + r``: attention output projection with the residual (``early``: the
-    caller vouches that ``r`` is not the previous kernel's output, see ``_early``)."""
-    return _matvec_residual("o_proj_residual", x, w, r, early)
+    caller vouches that ``r`` is not the previous kernel's output, see ``_early``;
+    ``ahead``, ``keep``: tensors to bring into L2 for later kernels, see ``_ahead``)."""
+    flat, extra = _ahead(ahead, keep)
+    return _matvec_residual("o_proj_residual", x, w, r, early, extra, flat)
 
 
 def down_proj_residual(x, w, r, ahead: Sequence[torch.Tensor] = (), keep: bool = False,
                        early: bool = False) -> torch.Tensor:
-    """``x @ w.T + r``: MLP down projection with the residual. The contiguous tensors of
-    ``ahead`` (e.g. the next layer's attention weights) are brought into L2 by the same
-    launch on a GPU, for the kernels after it (with ``keep``, marked evict-last); they
-    change nothing computed. ``early``: as for :func:`o_proj_residual`."""
-    ahead = [t.view(-1) for t in ahead if t.is_contiguous()]
-    extra = {"AHEAD": len(ahead), "AHEAD_KEEP": int(keep), **{f"A{i}": t.numel() for i, t in enumerate(ahead)}}
-    return _matvec_residual("down_proj_residual", x, w, r, early, extra if ahead else None, ahead)
+    """``x @ w.T + r``: MLP down projection with the residual. ``ahead`` (e.g. the next
+    layer's attention weights) and ``keep``: as for :func:`o_proj_residual`."""
+    flat, extra = _ahead(ahead, keep)
+    return _matvec_residual("down_proj_residual", x, w, r, early, extra, flat)
 
 
 def gate_up_silu(x, wg, wu) -> torch.Tensor:
@@ -169,11 +178,13 @@ def rope(x: torch.Tensor, pos: torch.Tensor, cfg: RopeConfig) -> torch.Tensor:
 
 
 def attention_decode(q, k_cache, v_cache, lengths, scale: float,
-                     key_mask: Optional[torch.Tensor] = None, early: bool = False) -> torch.Tensor:
+                     key_mask: Optional[torch.Tensor] = None, early: bool = False,
+                     ahead: Sequence[torch.Tensor] = (), keep: bool = False) -> torch.Tensor:
     """GQA decode attention of ``q`` [B, NH, DH] over the first ``lengths[b]``
     positions of the caches [B, NKV, S, DH]; with ``key_mask`` [B, S] (int32), only
     over the positions where it is nonzero. ``early``: the caller vouches that
-    ``lengths`` is not the previous kernel's output (``_early``)."""
+    ``lengths`` is not the previous kernel's output (``_early``); ``ahead``, ``keep``:
+    tensors to bring into L2 for later kernels (``_ahead``)."""
     b, nh, dh = q.shape
     nkv, s = k_cache.shape[1], k_cache.shape[2]
     out = _out(q.shape, q)
@@ -182,11 +193,10 @@ def attention_decode(q, k_cache, v_cache, lengths, scale: float,
     sizes = {"B": b, "NH": nh, "NKV": nkv, "DH": dh, "S": 1 << max(0, (s - 1).bit_length())}
     if key_mask is not None:
         sizes["HAS_MASK"] = 1
-    fn = _launcher("attention_decode_gqa", _early(sizes, early), q.dtype, q.device)
-    if key_mask is not None:
-        fn(q, k_cache, v_cache, lengths, key_mask, out, scale)
-    else:
-        fn(q, k_cache, v_cache, lengths, out, scale)
+    flat, extra = _ahead(ahead, keep)
+    fn = _launcher("attention_decode_gqa", _early({**sizes, **extra}, early), q.dtype, q.device)
+    masks = (key_mask,) if key_mask is not None else ()
+    fn(q, k_cache, v_cache, lengths, *masks, out, *flat, scale)
     return out
 
 
@@ -246,7 +256,8 @@ def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Te
                    wv: torch.Tensor, bq: Optional[torch.Tensor], bk: Optional[torch.Tensor],
                    bv: Optional[torch.Tensor], pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    cfg: Optional[RopeConfig] = None, cache_pos: Optional[torch.Tensor] = None,
-                   inv_freq: Optional[torch.Tensor] = None, early: bool = False) -> torch.Tensor:
+                   inv_freq: Optional[torch.Tensor] = None, early: bool = False,
+                   ahead: Sequence[torch.Tensor] = (), keep: bool = False) -> torch.Tensor:
     """The attention input of a decode layer in one launch: RMSNorm of ``x`` [M, D], the
     q/k/v projections (+ biases), RoPE at ``pos`` [M]; K and V are written into row
     ``pos`` of the caches [M, NKV, S, DH] in place; returns q [M, NH, DH].
@@ -254,7 +265,8 @@ def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Te
     The rotation's frequencies come from ``cfg`` or, as a compiled transformers graph
     has them, from ``inv_freq`` [DH/2] (fp32); ``cache_pos`` [M], when given, is the row
     K and V go to (the graph writes at the cache's own count, rotates at ``pos``).
-    ``early``: the caller vouches that the positions are not the previous kernel's output."""
+    ``early``: the caller vouches that the positions are not the previous kernel's output;
+    ``ahead``, ``keep``: tensors to bring into L2 for later kernels (``_ahead``)."""
     m, nkv, s, dh = k_cache.shape
     nq = wq.shape[0]
     q = _out((m, nq // dh, dh), x)
@@ -267,9 +279,11 @@ def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Te
     if inv_freq is not None:
         sizes["HALF"] = dh // 2
         extra.append(inv_freq)
-    fn = _launcher("qkv_rope_cache", _early(sizes, early), x.dtype, x.device)
+    flat, ahead_extra = _ahead(ahead, keep)
+    fn = _launcher("qkv_rope_cache", _early({**sizes, **ahead_extra}, early), x.dtype, x.device)
     biases = (bq, bk, bv) if bq is not None else ()
-    fn(x, ln_w, wq, wk, wv, *biases, pos, *extra, q, k_cache, v_cache, eps, *(() if inv_freq is not None else cfg.scalars))
+    fn(x, ln_w, wq, wk, wv, *biases, pos, *extra, q, k_cache, v_cache, *flat, eps,
+       *(() if inv_freq is not None else cfg.scalars))
     return q
 
 

@@ -20,11 +20,14 @@ cache, grouped-query (``G = NH / NKV`` query heads share each K/V head).
   persistent kernel); the interpreter runs that kernel as a single program.
 - With ``EARLY_INPUTS`` the lengths load before the dependent-launch wait (the caller
   vouches that the kernel just before does not write them).
+- With ``AHEAD`` the partial stage's programs also bring the inputs ``ahead0..`` into L2
+  (``suite.ahead``): attention leaves the memory bandwidth nearly idle.
 - With ``HAS_MASK`` a key mask ``key_mask[b, j]`` (int, 0 = hidden) further hides cache
   rows, e.g. transformers' padding mask; a block hidden entirely adds nothing (its
   running max stays -inf and is read as 0), a row hidden entirely is NaN, as in SDPA.
 """
 
+from tileflow.suite.ahead import ahead_inputs, ahead_params, prefetch_ahead
 from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
 
 
@@ -37,6 +40,7 @@ def define(k, p):
     if masked:
         key_mask = k.input("key_mask", ("B", "S"), dtype="i32")
     out = k.output("out", ("B", "NH", "DH"))
+    ahead = ahead_inputs(k, p)
     scale = k.scalar("scale")
     split = p["SPLITS"] > 1
     one_launch = split and p.get("ONE_LAUNCH", 0)
@@ -52,6 +56,7 @@ def define(k, p):
         return k.range(kvh * g, "GROUP_BLOCK"), kvh * g + g
 
     with k.stage("partial", grid=("NKV", "SPLITS", "B")):
+        prefetch_ahead(k, ahead, p)
         kvh, sp, b = k.program_id(0), k.program_id(1), k.program_id(2)
         heads, heads_end = group_rows(kvh)
         d = k.range(0, "BLOCK_DH", aligned=True)
@@ -136,7 +141,7 @@ def combine_last(k, b, kvh, g, d, ws_m, ws_l, ws_acc, done, out):
     k.store(done, (b, kvh), 0, when=last)
 
 
-def reference(xp, q, k_cache, v_cache, lengths, scale, key_mask=None):
+def reference(xp, q, k_cache, v_cache, lengths, scale, key_mask=None, **ahead):
     bsz, nh, dh = q.shape
     nkv, s = k_cache.shape[1], k_cache.shape[2]
     g = nh // nkv
@@ -160,7 +165,8 @@ def attention_params(s, block_n: int = 64, splits: int = 0, num_warps: int = 4, 
     g = s["NH"] // s["NKV"]
     if not splits:
         splits = 1 if s["S"] <= 256 else max(1, min(264 // (s.get("B", 1) * s["NKV"]), -(-s["S"] // block_n)))
-    return {"HAS_MASK": s.get("HAS_MASK", 0), "EARLY_INPUTS": s.get("EARLY_INPUTS", 0), "BLOCK_N": block_n, "GROUP_BLOCK": max(16, next_pow2(g)), "BLOCK_DH": max(16, next_pow2(s["DH"])),
+    return {"HAS_MASK": s.get("HAS_MASK", 0), "EARLY_INPUTS": s.get("EARLY_INPUTS", 0), **ahead_params(s),
+            "BLOCK_N": block_n, "GROUP_BLOCK": max(16, next_pow2(g)), "BLOCK_DH": max(16, next_pow2(s["DH"])),
             "SPLITS": splits, "SPLITS_BLOCK": next_pow2(splits), "BLOCK_DC": min(32, max(16, next_pow2(s["DH"]))),
             "num_warps": num_warps, "num_stages": 2,
             **({"ONE_LAUNCH": 1, "GROUP_C": next_pow2(g)} if one_launch and splits > 1 else {}),
@@ -229,6 +235,8 @@ KERNEL = register(SuiteKernel(
              params=dict(SPLITS=4, SPLITS_BLOCK=4, BLOCK_N=16, ONE_LAUNCH=1, GROUP_C=8), targets=("triton",)),
         Case("early", dict(B=1, NH=6, NKV=2, DH=32, S=300, L=259, EARLY_INPUTS=1), dict(scale=0.17),
              params=dict(SPLITS=4, SPLITS_BLOCK=4, BLOCK_N=16)),
+        Case("ahead", dict(B=1, NH=6, NKV=2, DH=32, S=300, L=259, AHEAD=2, A0=1500, A1=70), dict(scale=0.17),
+             params=dict(SPLITS=4, SPLITS_BLOCK=4, BLOCK_N=16, AHEAD_BLOCK=8)),
         Case("persistent", dict(B=2, NH=12, NKV=2, DH=32, S=300, L=259, HAS_MASK=1), dict(scale=0.17),
              params=dict(SPLITS=4, SPLITS_BLOCK=4, BLOCK_N=16, PERSISTENT=1)),
         Case("one_launch_empty", dict(B=1, NH=4, NKV=2, DH=16, S=100, L=20), dict(scale=0.25),

@@ -3,7 +3,7 @@ the intermediate size, the longest reduction of the layer) with the residual add
 
 With ``AHEAD`` > 0 its programs also bring the inputs ``ahead0..`` (the next layer's
 attention weights, in the decode step) into L2 while the long down projection streams
-(see ``matvec.AHEAD_PARAMS``)."""
+(see ``suite.ahead``)."""
 
 from tileflow.suite.inputs import linear_weight
 from tileflow.suite.matvec import (RESIDUAL_FORM, define_matvec, matvec_bytes, matvec_candidates,

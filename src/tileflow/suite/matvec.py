@@ -22,24 +22,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from tileflow.suite.ahead import ahead_inputs, ahead_params, prefetch_ahead
 from tileflow.suite.registry import next_pow2
 
 MATVEC_PARAMS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "BLOCK_R", "PIPELINE", "num_warps", "num_stages")
 
-# ``AHEAD`` (a size, not a tuned parameter): how many 1-D inputs ``ahead0..`` (sizes
-# ``A0..``) the launch brings into L2 for the kernels after it (``k.prefetch_share``),
-# ``AHEAD_BLOCK`` lines per round; ``AHEAD_KEEP`` marks the prefetched lines evict-last.
-# With ``TILEFLOW_AHEAD=1`` the decode step passes the next layer's q/k/v/o weights to
-# each down projection (measured no faster on an H200, NOTES.md 2026-12-03: off by default).
-AHEAD_PARAMS = {"AHEAD": 0, "AHEAD_BLOCK": 256, "AHEAD_KEEP": 0}
-
 
 def residual_params(s: dict) -> dict:
     """The parameters of a residual matvec (o_proj, down_proj) that are sizes: what it
-    prefetches ahead, and ``EARLY_INPUTS`` (the residual loads before the dependent-launch
+    prefetches ahead (``suite.ahead``), and ``EARLY_INPUTS`` (the residual loads before the dependent-launch
     wait, where the caller vouches that the kernel just before does not write it)."""
-    return {**AHEAD_PARAMS, "AHEAD": s.get("AHEAD", 0), "AHEAD_KEEP": s.get("AHEAD_KEEP", 0),
-            "EARLY_INPUTS": s.get("EARLY_INPUTS", 0)}
+    return {**ahead_params(s), "EARLY_INPUTS": s.get("EARLY_INPUTS", 0)}
 
 
 @dataclass(frozen=True)
@@ -130,7 +123,7 @@ def define_matvec(form: MatvecForm, k, p) -> None:
     outs = [k.output(o, ("M", "N")) for o in form.outputs]
     eps = k.scalar("eps") if form.norm else None
     split = p["SPLIT_K"]
-    ahead = [k.input(f"ahead{i}", (f"A{i}",)) for i in range(p.get("AHEAD", 0))]
+    ahead = ahead_inputs(k, p)
     parts = [k.workspace(f"part_{w}", ("SPLIT_K", "M", "N")) for w in form.weights] if split > 1 else []
 
     def load_extras(row, rows):
@@ -141,8 +134,7 @@ def define_matvec(form: MatvecForm, k, p) -> None:
         return got
 
     with k.stage("matvec", grid=("cdiv(N, BLOCK_N)", "SPLIT_K", "M")):
-        for view in ahead:
-            k.prefetch_share(view, "AHEAD_BLOCK", keep=p.get("AHEAD_KEEP", 0))
+        prefetch_ahead(k, ahead, p)
         row = k.program_id(2)
         rows = k.range(k.program_id(0) * k.param("BLOCK_N"), "BLOCK_N", aligned=True)
         kdim = k.dim("K")

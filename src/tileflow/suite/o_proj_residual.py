@@ -1,11 +1,13 @@
 """o_proj_residual: ``out = attn @ wo.T + residual``: the output projection with the
 residual add fused, so the hidden state is read and written once. With ``EARLY_INPUTS``
 the residual loads before the dependent-launch wait, where the caller vouches that the
-kernel just before does not write it."""
+kernel just before does not write it; with ``AHEAD`` its programs also bring the inputs
+``ahead0..`` (in the decode step: the start of the MLP's gate-up weights) into L2
+(``suite.ahead``)."""
 
 from tileflow.suite.inputs import linear_weight
 from tileflow.suite.matvec import (RESIDUAL_FORM, define_matvec, matvec_bytes, matvec_candidates,
-                                   matvec_params, residual_reference)
+                                   matvec_params, residual_params, residual_reference)
 from tileflow.suite.registry import Case, SuiteKernel, register
 
 KERNEL = register(SuiteKernel(
@@ -13,16 +15,17 @@ KERNEL = register(SuiteKernel(
     summary="attention output projection + residual add",
     define=lambda k, p: define_matvec(RESIDUAL_FORM, k, p),
     reference=residual_reference,
-    default_params=lambda s: {**matvec_params(s["N"], s["K"]), "EARLY_INPUTS": s.get("EARLY_INPUTS", 0)},
+    default_params=lambda s: {**matvec_params(s["N"], s["K"]), **residual_params(s)},
     test_cases=[
         Case("tiny", dict(M=1, N=64, K=64)),
         Case("odd", dict(M=1, N=45, K=91)),
         Case("splitk", dict(M=2, N=30, K=900), params=dict(SPLIT_K=4, BLOCK_K=256)),
         Case("early", dict(M=1, N=45, K=91, EARLY_INPUTS=1), params=dict(PIPELINE=1)),
+        Case("ahead", dict(M=1, N=45, K=91, AHEAD=2, A0=700, A1=33), params=dict(BLOCK_N=4, AHEAD_BLOCK=4)),
     ],
     decode_cases=lambda c: [Case("o", dict(M=1, N=c["D"], K=c["NH"] * c["DH"]))],
-    candidates=lambda s: [{**c, "EARLY_INPUTS": s.get("EARLY_INPUTS", 0)} for c in matvec_candidates(s["N"], s["K"])],
-    tune_keys=("M", "N", "K"),  # loading the residual early does not change the tiles
+    candidates=lambda s: [{**c, **residual_params(s)} for c in matvec_candidates(s["N"], s["K"])],
+    tune_keys=("M", "N", "K"),  # what is prefetched ahead, or loaded early, does not change the tiles
     input_makers={"w": linear_weight},
     min_bytes=matvec_bytes(1, 0, 1, 1),
     module=__name__,
