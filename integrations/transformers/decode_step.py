@@ -51,7 +51,9 @@ class DecodeProgram:
         if mode == "0":
             self.ahead = [()] * len(self.layers)
         # TILEFLOW_MLP_AHEAD="qkv=4,attention=8,o=8[,keep]": those kernels of each layer bring
-        # that many MB of the start of its gate-up weights into L2 (mlp_ahead)
+        # that many MB of the start of its gate-up weights into L2 (mlp_ahead). Off by
+        # default: on an H200 (1.5B, NOTES.md 2026-12-04) the issuing kernels slowed by
+        # about the prefetch's bytes at copy speed (o=8: 885 -> 856 tok/s), gate-up barely moved
         shares, self.mlp_keep = parse_mlp_ahead(os.environ.get("TILEFLOW_MLP_AHEAD", ""))
         self.mlp_ahead = [mlp_ahead(shares, w[12], w[13]) for w in self.layers]
 

@@ -8,6 +8,11 @@ kernel (q/k/v, attention, o) leaves most of the memory bandwidth idle while it r
 and what it prefetches the bandwidth-bound kernel after it (gate-up) reads from L2.
 ``AHEAD`` and the ``A*`` sizes are sizes, not tuned parameters: what is prefetched does
 not change a kernel's tiles.
+
+Measured on an H200 (NOTES.md, 2026-12-03 and 2026-12-04): no step got faster. A program
+does not retire before its prefetch requests are taken, so the issuing kernel slows by
+about the prefetched bytes at copy speed, and the reader gains less than that. The decode
+step uses look-ahead only when asked (``TILEFLOW_AHEAD``, ``TILEFLOW_MLP_AHEAD``).
 """
 
 from __future__ import annotations
