@@ -126,20 +126,12 @@ def _matvec_residual(name: str, x, w, r, early: bool = False, extra: Optional[di
     return out
 
 
-def _ahead(ahead: Sequence[torch.Tensor], keep: bool) -> tuple[list, dict]:
-    """What a launch passes for its look-ahead tensors (``suite.ahead``) and the sizes
-    that say so: the contiguous ones are brought into L2 by the launch on a GPU, for the
-    kernels after it (with ``keep``, marked evict-last); they change nothing computed."""
-    flat, sizes = ahead_sizes(ahead)
-    return flat, ({**sizes, "AHEAD_KEEP": int(keep)} if flat else {})
-
-
 def o_proj_residual(x, w, r, early: bool = False, ahead: Sequence[torch.Tensor] = (),
                     keep: bool = False) -> torch.Tensor:
     """``x @ w.T + r``: attention output projection with the residual (``early``: the
     caller vouches that ``r`` is not the previous kernel's output, see ``_early``;
-    ``ahead``, ``keep``: tensors to bring into L2 for later kernels, see ``_ahead``)."""
-    flat, extra = _ahead(ahead, keep)
+    ``ahead``, ``keep``: tensors to bring into L2 for later kernels, see ``suite.ahead.ahead_sizes``)."""
+    flat, extra = ahead_sizes(ahead, keep)
     return _matvec_residual("o_proj_residual", x, w, r, early, extra, flat)
 
 
@@ -147,7 +139,7 @@ def down_proj_residual(x, w, r, ahead: Sequence[torch.Tensor] = (), keep: bool =
                        early: bool = False) -> torch.Tensor:
     """``x @ w.T + r``: MLP down projection with the residual. ``ahead`` (e.g. the next
     layer's attention weights) and ``keep``: as for :func:`o_proj_residual`."""
-    flat, extra = _ahead(ahead, keep)
+    flat, extra = ahead_sizes(ahead, keep)
     return _matvec_residual("down_proj_residual", x, w, r, early, extra, flat)
 
 
@@ -184,7 +176,7 @@ def attention_decode(q, k_cache, v_cache, lengths, scale: float,
     positions of the caches [B, NKV, S, DH]; with ``key_mask`` [B, S] (int32), only
     over the positions where it is nonzero. ``early``: the caller vouches that
     ``lengths`` is not the previous kernel's output (``_early``); ``ahead``, ``keep``:
-    tensors to bring into L2 for later kernels (``_ahead``)."""
+    tensors to bring into L2 for later kernels (``suite.ahead.ahead_sizes``)."""
     b, nh, dh = q.shape
     nkv, s = k_cache.shape[1], k_cache.shape[2]
     out = _out(q.shape, q)
@@ -193,7 +185,7 @@ def attention_decode(q, k_cache, v_cache, lengths, scale: float,
     sizes = {"B": b, "NH": nh, "NKV": nkv, "DH": dh, "S": 1 << max(0, (s - 1).bit_length())}
     if key_mask is not None:
         sizes["HAS_MASK"] = 1
-    flat, extra = _ahead(ahead, keep)
+    flat, extra = ahead_sizes(ahead, keep)
     fn = _launcher("attention_decode_gqa", _early({**sizes, **extra}, early), q.dtype, q.device)
     masks = (key_mask,) if key_mask is not None else ()
     fn(q, k_cache, v_cache, lengths, *masks, out, *flat, scale)
@@ -266,7 +258,7 @@ def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Te
     has them, from ``inv_freq`` [DH/2] (fp32); ``cache_pos`` [M], when given, is the row
     K and V go to (the graph writes at the cache's own count, rotates at ``pos``).
     ``early``: the caller vouches that the positions are not the previous kernel's output;
-    ``ahead``, ``keep``: tensors to bring into L2 for later kernels (``_ahead``)."""
+    ``ahead``, ``keep``: tensors to bring into L2 for later kernels (``suite.ahead.ahead_sizes``)."""
     m, nkv, s, dh = k_cache.shape
     nq = wq.shape[0]
     q = _out((m, nq // dh, dh), x)
@@ -279,7 +271,7 @@ def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Te
     if inv_freq is not None:
         sizes["HALF"] = dh // 2
         extra.append(inv_freq)
-    flat, ahead_extra = _ahead(ahead, keep)
+    flat, ahead_extra = ahead_sizes(ahead, keep)
     fn = _launcher("qkv_rope_cache", _early({**sizes, **ahead_extra}, early), x.dtype, x.device)
     biases = (bq, bk, bv) if bq is not None else ()
     fn(x, ln_w, wq, wk, wv, *biases, pos, *extra, q, k_cache, v_cache, *flat, eps,

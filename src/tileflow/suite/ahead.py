@@ -37,8 +37,11 @@ def prefetch_ahead(k, views, p) -> None:
         k.prefetch_share(view, "AHEAD_BLOCK", keep=p.get("AHEAD_KEEP", 0))
 
 
-def ahead_sizes(ahead) -> tuple[list, dict]:
+def ahead_sizes(ahead, keep: bool = False) -> tuple[list, dict]:
     """The flat views a launch passes for the tensors ``ahead`` (contiguous ones only: a
-    prefetch names whole lines of one span) and the sizes that say so."""
+    prefetch names whole lines of one span) and the sizes that say so (with ``keep``, the
+    lines are marked evict-last). They change nothing computed."""
     flat = [t.reshape(-1) for t in ahead if t.is_contiguous()]
-    return flat, ({"AHEAD": len(flat), **{f"A{i}": t.numel() for i, t in enumerate(flat)}} if flat else {})
+    if not flat:
+        return flat, {}
+    return flat, {"AHEAD": len(flat), "AHEAD_KEEP": int(keep), **{f"A{i}": t.numel() for i, t in enumerate(flat)}}
