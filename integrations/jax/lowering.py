@@ -50,7 +50,7 @@ def reference_impl(name: str):
         storage = storage_dtype(name, sizes, ops)
         inputs = {v.name: (x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x)
                   for v, x in zip(views, ops)}
-        res = kernel.reference(jnp, **inputs, **dict(scalars))
+        res = kernel.run_reference(jnp, **inputs, **dict(scalars))
         avals = output_avals(name, sizes, storage)
         outs = kernel_outputs(name, sizes)
         return [res[n].astype(a.dtype) for n, a in zip(outs, avals)]

@@ -99,7 +99,7 @@ def reference_outputs(kernel: SuiteKernel, inputs: dict, scalars: dict, compute=
 
     args = {k: (v.to(compute) if v.is_floating_point() else v) for k, v in inputs.items()}
     xp = array_api_compat.array_namespace(*args.values())
-    return kernel.reference(xp, **args, **scalars)
+    return kernel.run_reference(xp, **args, **scalars)
 
 
 def run_target(kernel: SuiteKernel, ir: KernelIR, target: str, inputs: dict, outputs: dict,

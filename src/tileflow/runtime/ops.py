@@ -71,7 +71,7 @@ def _reference_launcher(kernel, sizes: dict) -> Callable:
         scalars = dict(zip(scalar_names, args[len(names):]))
         inputs = {n: (t.float() if t.is_floating_point() else t) for n, t in tensors.items() if n in read}
         xp = array_api_compat.array_namespace(*inputs.values())
-        for n, r in kernel.reference(xp, **inputs, **scalars).items():
+        for n, r in kernel.run_reference(xp, **inputs, **scalars).items():
             tensors[n].copy_(r)
 
     return launch

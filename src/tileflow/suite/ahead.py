@@ -20,6 +20,12 @@ from __future__ import annotations
 AHEAD_PARAMS = {"AHEAD": 0, "AHEAD_BLOCK": 256, "AHEAD_KEEP": 0}
 
 
+def is_ahead_input(name: str) -> bool:
+    """Whether ``name`` is a look-ahead input (``ahead0..``): prefetched, never read, so no
+    reference takes it."""
+    return name.startswith("ahead") and name[5:].isdigit()
+
+
 def ahead_params(s: dict) -> dict:
     """The look-ahead parameters of a launch with sizes ``s`` (none unless it has ``AHEAD``)."""
     return {**AHEAD_PARAMS, "AHEAD": s.get("AHEAD", 0), "AHEAD_KEEP": s.get("AHEAD_KEEP", 0)}

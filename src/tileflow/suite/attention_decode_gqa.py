@@ -141,7 +141,7 @@ def combine_last(k, b, kvh, g, d, ws_m, ws_l, ws_acc, done, out):
     k.store(done, (b, kvh), 0, when=last)
 
 
-def reference(xp, q, k_cache, v_cache, lengths, scale, key_mask=None, **ahead):
+def reference(xp, q, k_cache, v_cache, lengths, scale, key_mask=None):
     bsz, nh, dh = q.shape
     nkv, s = k_cache.shape[1], k_cache.shape[2]
     g = nh // nkv

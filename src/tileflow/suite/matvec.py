@@ -59,9 +59,8 @@ RESIDUAL_FORM = MatvecForm(
 )
 
 
-def residual_reference(xp, x, w, r, **ahead):
-    """``x @ w.T + r`` (the o_proj and down_proj kernels); ``ahead`` inputs are only
-    prefetched, never read."""
+def residual_reference(xp, x, w, r):
+    """``x @ w.T + r`` (the o_proj and down_proj kernels)."""
     return {"out": x @ xp.matrix_transpose(w) + r}
 
 

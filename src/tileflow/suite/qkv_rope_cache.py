@@ -123,7 +123,6 @@ def define(k, p):
 
 def reference(xp, x, ln_w, wq, wk, wv, pos, k_cache, v_cache, eps, bq=None, bk=None, bv=None, cache_pos=None,
               **rope):
-    rope = {n: v for n, v in rope.items() if not n.startswith("ahead")}  # only prefetched, never read
     m, nkv, s, dh = k_cache.shape
     n = rms_norm.reference(xp, x, ln_w, eps)["out"]
     q, kk, v = (n @ xp.matrix_transpose(w) for w in (wq, wk, wv))

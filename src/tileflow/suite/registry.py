@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from tileflow.suite.ahead import is_ahead_input
 from tileflow.tile.builder import TileBuilder
 from tileflow.tile.ir import KernelIR
 
@@ -78,6 +79,11 @@ class SuiteKernel:
     def params_for(self, case: Case) -> dict:
         """Default parameters at ``case``'s sizes, with the case's overrides."""
         return {**self.default_params(case.sizes), **case.params}
+
+    def run_reference(self, xp, **args) -> dict:
+        """The reference's outputs for the kernel's inputs and scalars ``args``; inputs the
+        kernel only prefetches for a later kernel (``suite.ahead``) are not the reference's."""
+        return self.reference(xp, **{n: v for n, v in args.items() if not is_ahead_input(n)})
 
     def build(self, params: dict) -> KernelIR:
         """The tile IR for these parameters (a pure function of them)."""
