@@ -37,8 +37,9 @@ def pytest_terminal_summary(terminalreporter):
         key = (r.kernel, r.target, r.dtype)
         if key not in worst or not (r.max_error <= worst[key].max_error):
             worst[key] = r
-    tr.write_line(f"{'kernel':<22}{'target':<10}{'dtype':<6}{'worst rel. error':>17}{'bound':>8}  cases")
+    w = max(22, 2 + max(len(k) for k, _, _ in worst))
+    tr.write_line(f"{'kernel':<{w}}{'target':<10}{'dtype':<6}{'worst rel. error':>17}{'bound':>8}  cases")
     for (kernel, target, dtype), r in sorted(worst.items()):
         n = sum(1 for x in RESULTS if (x.kernel, x.target, x.dtype) == (kernel, target, dtype))
-        tr.write_line(f"{kernel:<22}{target:<10}{dtype:<6}{r.max_error:>17.2e}{r.bound:>8.0e}  {n}"
+        tr.write_line(f"{kernel:<{w}}{target:<10}{dtype:<6}{r.max_error:>17.2e}{r.bound:>8.0e}  {n}"
                       + ("" if r.ok else "  FAIL"))

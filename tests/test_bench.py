@@ -125,6 +125,16 @@ def test_shared_residual_kernel_is_charged_both_projections_bytes():
     assert table["o_proj_residual"] == 10  # not changed in place
 
 
+def test_fused_attention_o_proj_is_charged_attention_and_o_bytes():
+    from tileflow.bench import breakdown as bd
+
+    table = {"attention_decode_gqa": 4, "o_proj_residual": 10, "down_proj_residual": 30}
+    fused = [("attention_o_proj_residual_partial", 0.0, 1.0), ("attention_o_proj_residual_o_proj", 1.0, 2.0),
+             ("down_proj_residual_matvec", 2.0, 3.0)]
+    assert bd.kernel_class(fused[0][0]) == "attention_o_proj_residual"
+    assert bd.fold_shared_kernels(table, fused) == {"attention_o_proj_residual": 14, "down_proj_residual": 30}
+
+
 def test_divergence_records_eager_margin_and_deviation():
     from tileflow.bench.decode import Path, _eager_step, run_path
 

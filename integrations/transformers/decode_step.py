@@ -54,6 +54,9 @@ class DecodeProgram:
         # that many MB of the start of its gate-up weights into L2 (mlp_ahead). Off by
         # default: on an H200 (1.5B, NOTES.md 2026-12-04) the issuing kernels slowed by
         # about the prefetch's bytes at copy speed (o=8: 885 -> 856 tok/s), gate-up barely moved
+        # TILEFLOW_ATTENTION_O=1: attention and o_proj+residual as one fused suite kernel
+        # (two launches instead of three: o_proj's programs combine attention's splits)
+        self.attention_o = os.environ.get("TILEFLOW_ATTENTION_O", "0") != "0"
         shares, self.mlp_keep = parse_mlp_ahead(os.environ.get("TILEFLOW_MLP_AHEAD", ""))
         self.mlp_ahead = [mlp_ahead(shares, w[12], w[13]) for w in self.layers]
 
@@ -108,9 +111,14 @@ class DecodeProgram:
             q = ops.qkv_rope_cache(x, ln1, eps1, wq, wk, wv, bq, bk, bv, p, layer.keys, layer.values, self.rope_cfg,
                                    cache_pos=None if row is p else row, early=early, ahead=mlp.get("qkv", ()),
                                    keep=keep)
-            o = ops.attention_decode(q, layer.keys, layer.values, lengths, scale, key_mask=key_mask, early=early,
-                                     ahead=mlp.get("attention", ()), keep=keep)
-            x = ops.o_proj_residual(o.view(1, nh * dh), wo, x, early=early, ahead=mlp.get("o", ()), keep=keep)
+            if self.attention_o:
+                x = ops.attention_o_proj_residual(q, layer.keys, layer.values, lengths, wo, x, scale,
+                                                  key_mask=key_mask, early=early,
+                                                  ahead=mlp.get("attention", ()) + mlp.get("o", ()), keep=keep)
+            else:
+                o = ops.attention_decode(q, layer.keys, layer.values, lengths, scale, key_mask=key_mask,
+                                         early=early, ahead=mlp.get("attention", ()), keep=keep)
+                x = ops.o_proj_residual(o.view(1, nh * dh), wo, x, early=early, ahead=mlp.get("o", ()), keep=keep)
             # not early=: down's residual loaded before the wait measured 10.4 -> 13.7 us a
             # layer on an H200 (NOTES.md, 2026-12-03), cause not found
             x = ops.down_proj_residual(ops.rms_norm_gate_up_silu(x, ln2, eps2, wg, wu), wd, x, ahead=ahead,

@@ -93,11 +93,12 @@ def _names():
 # test cases whose parameters change the generated text: L2 look-ahead prefetches, the
 # persistent launch (its grid barrier's atomics)
 _PREFETCHING_CASES = [("down_proj_residual", "ahead"), ("down_proj_residual", "ahead_keep"),
-                      ("o_proj_residual", "ahead"), ("qkv_rope_cache", "ahead"), ("attention_decode_gqa", "ahead")]
+                      ("o_proj_residual", "ahead"), ("qkv_rope_cache", "ahead"), ("attention_decode_gqa", "ahead"),
+                      ("attention_o_proj_residual", "ahead")]
 _PERSISTENT_CASES = [("attention_decode_gqa", "persistent")]
 # and loads issued before the wait (EARLY_INPUTS: positions, lengths, the residual)
 _EARLY_CASES = [("qkv_rope_cache", "early"), ("attention_decode_gqa", "early"), ("o_proj_residual", "early"),
-                ("down_proj_residual", "early")]
+                ("down_proj_residual", "early"), ("attention_o_proj_residual", "early")]
 
 
 @pytest.mark.parametrize("name,label", [(n, "") for n in _names()] + _PREFETCHING_CASES + _PERSISTENT_CASES

@@ -61,13 +61,17 @@ def suite_bytes(config, context: int, elem: int) -> dict[str, int]:
 
 
 def fold_shared_kernels(table: dict[str, int], timeline: list[tuple[str, float, float]]) -> dict[str, int]:
-    """``table`` with down_proj's bytes added to o_proj's when the timeline has no
-    ``down_proj_residual`` launch: the compiled graph runs both projections through the
-    one residual-matvec kernel (``ops.o_proj_residual``)."""
-    if any(kernel_class(name) == "down_proj_residual" for name, _, _ in timeline):
-        return table
+    """``table`` with the bytes of kernels one launch serves charged to it: attention's and
+    o_proj's to ``attention_o_proj_residual`` when the timeline has it; otherwise
+    down_proj's added to o_proj's when the timeline has no ``down_proj_residual`` launch
+    (the compiled graph runs both projections through the one residual-matvec kernel,
+    ``ops.o_proj_residual``)."""
     table = dict(table)
-    table["o_proj_residual"] += table.pop("down_proj_residual")
+    seen = {kernel_class(name) for name, _, _ in timeline}
+    if "attention_o_proj_residual" in seen:  # the fused decode step's attention + o_proj
+        table["attention_o_proj_residual"] = table.pop("attention_decode_gqa") + table.pop("o_proj_residual")
+    elif "down_proj_residual" not in seen:
+        table["o_proj_residual"] += table.pop("down_proj_residual")
     return table
 
 

@@ -192,6 +192,27 @@ def attention_decode(q, k_cache, v_cache, lengths, scale: float,
     return out
 
 
+def attention_o_proj_residual(q, k_cache, v_cache, lengths, wo, r, scale: float,
+                              key_mask: Optional[torch.Tensor] = None, early: bool = False,
+                              ahead: Sequence[torch.Tensor] = (), keep: bool = False) -> torch.Tensor:
+    """``attention_decode(q, ...).view(B, -1) @ wo.T + r`` in two launches (the fused
+    suite kernel): ``wo`` [N, NH * DH] is o_proj's weight, ``r`` [B, N] the residual.
+    ``key_mask``, ``early``, ``ahead``, ``keep``: as for :func:`attention_decode`
+    (``early`` vouches for ``r`` too)."""
+    b, nh, dh = q.shape
+    nkv, s = k_cache.shape[1], k_cache.shape[2]
+    n = wo.shape[0]
+    out = _out((b, n), r)
+    sizes = {"B": b, "NH": nh, "NKV": nkv, "DH": dh, "S": 1 << max(0, (s - 1).bit_length()), "N": n}
+    if key_mask is not None:
+        sizes["HAS_MASK"] = 1
+    flat, extra = ahead_sizes(ahead, keep)
+    fn = _launcher("attention_o_proj_residual", _early({**sizes, **extra}, early), q.dtype, q.device)
+    masks = (key_mask,) if key_mask is not None else ()
+    fn(q, k_cache, v_cache, lengths, *masks, wo.view(n, nh, dh), r, out, *flat, scale)
+    return out
+
+
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """Greedy tokens of 2-D logits (int64), ties to the lowest index."""
     out = _out((logits.shape[0],), logits, torch.int64)

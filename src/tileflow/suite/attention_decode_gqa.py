@@ -31,14 +31,65 @@ from tileflow.suite.ahead import ahead_inputs, ahead_params, prefetch_ahead
 from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
 
 
-def define(k, p):
-    q = k.input("q", ("B", "NH", "DH"))
-    k_cache = k.input("k_cache", ("B", "NKV", "S", "DH"))
-    v_cache = k.input("v_cache", ("B", "NKV", "S", "DH"))
-    lengths = k.input("lengths", ("B",), dtype="i64")
+def attention_inputs(k, p) -> dict:
+    """Declares the attention inputs (``q``, the caches, ``lengths``, ``key_mask`` with
+    ``HAS_MASK``), shared with the kernels that fuse this attention."""
+    views = {"q": k.input("q", ("B", "NH", "DH")), "k_cache": k.input("k_cache", ("B", "NKV", "S", "DH")),
+             "v_cache": k.input("v_cache", ("B", "NKV", "S", "DH")),
+             "lengths": k.input("lengths", ("B",), dtype="i64")}
+    if p.get("HAS_MASK", 0):
+        views["key_mask"] = k.input("key_mask", ("B", "S"), dtype="i32")
+    return views
+
+
+def split_pass(k, p, views: dict, scale):
+    """Inside a stage over grid (NKV, SPLITS, B): program (kvh, sp, b) runs the online
+    softmax of KV head ``kvh``'s query group over split ``sp`` of the filled cache.
+    Returns (b, kvh, sp, heads, heads_end, d, m, l, acc): the group's query-head range
+    and its end, the head-dim range, and the split's running max, sum and fp32 output."""
+    q, k_cache, v_cache, lengths = (views[n] for n in ("q", "k_cache", "v_cache", "lengths"))
     masked = p.get("HAS_MASK", 0)
-    if masked:
-        key_mask = k.input("key_mask", ("B", "S"), dtype="i32")
+    kvh, sp, b = k.program_id(0), k.program_id(1), k.program_id(2)
+    g = k.dim("NH") // k.dim("NKV")
+    heads, heads_end = k.range(kvh * g, "GROUP_BLOCK"), kvh * g + g
+    d = k.range(0, "BLOCK_DH", aligned=True)
+    if p.get("EARLY_INPUTS", 0):  # the caller vouches: lengths is not the previous kernel's output
+        with k.before_wait():
+            length = k.cast(k.load(lengths, (b,)), "i32")
+    qt = k.load(q, (b, heads, d), limits={1: heads_end}, for_dot=True)
+    if not p.get("EARLY_INPUTS", 0):
+        length = k.cast(k.load(lengths, (b,)), "i32")
+    bn = k.param("BLOCK_N")
+    chunk = k.cdiv(k.cdiv(length, k.param("SPLITS")), bn) * bn
+    lo = sp * chunk
+    hi = k.minimum(lo + chunk, length)
+    m0 = k.full(("GROUP_BLOCK",), float("-inf"))
+    l0 = k.full(("GROUP_BLOCK",), 0.0)
+    a0 = k.full(("GROUP_BLOCK", "BLOCK_DH"), 0.0)
+    with k.loop(lo, hi, "BLOCK_N", carry=(m0, l0, a0)) as lp:
+        m, l, acc = lp.carry
+        n = k.range(lp.index, "BLOCK_N", aligned=True)
+        kt = k.load(k_cache, (b, kvh, n, d), limits={2: hi}, for_dot=True)
+        vt = k.load(v_cache, (b, kvh, n, d), limits={2: hi}, for_dot=True)
+        s = k.dot(qt, k.trans(kt)) * scale
+        live = n.index < hi
+        if masked:
+            live = live & (k.load(views["key_mask"], (b, n), limits={1: hi}) > 0)
+        s = k.where(live[None, :], s, float("-inf"))
+        m_new = k.maximum(m, k.max(s, axis=1))
+        if masked:  # rows with nothing live yet: exp(-inf - -inf) would be NaN
+            m_use = k.where(m_new > float("-inf"), m_new, 0.0)
+        else:
+            m_use = m_new
+        alpha = k.exp(m - m_use)
+        pr = k.exp(s - m_use[:, None])
+        lp.next(m_new, l * alpha + k.sum(pr, axis=1), acc * alpha[:, None] + k.dot(pr, vt))
+    m, l, acc = lp.results
+    return b, kvh, sp, heads, heads_end, d, m, l, acc
+
+
+def define(k, p):
+    views = attention_inputs(k, p)
     out = k.output("out", ("B", "NH", "DH"))
     ahead = ahead_inputs(k, p)
     scale = k.scalar("scale")
@@ -51,47 +102,9 @@ def define(k, p):
     if one_launch:
         done = k.counter("done", ("B", "NKV"))
 
-    def group_rows(kvh):
-        g = k.dim("NH") // k.dim("NKV")
-        return k.range(kvh * g, "GROUP_BLOCK"), kvh * g + g
-
     with k.stage("partial", grid=("NKV", "SPLITS", "B")):
         prefetch_ahead(k, ahead, p)
-        kvh, sp, b = k.program_id(0), k.program_id(1), k.program_id(2)
-        heads, heads_end = group_rows(kvh)
-        d = k.range(0, "BLOCK_DH", aligned=True)
-        if p.get("EARLY_INPUTS", 0):  # the caller vouches: lengths is not the previous kernel's output
-            with k.before_wait():
-                length = k.cast(k.load(lengths, (b,)), "i32")
-        qt = k.load(q, (b, heads, d), limits={1: heads_end}, for_dot=True)
-        if not p.get("EARLY_INPUTS", 0):
-            length = k.cast(k.load(lengths, (b,)), "i32")
-        bn = k.param("BLOCK_N")
-        chunk = k.cdiv(k.cdiv(length, k.param("SPLITS")), bn) * bn
-        lo = sp * chunk
-        hi = k.minimum(lo + chunk, length)
-        m0 = k.full(("GROUP_BLOCK",), float("-inf"))
-        l0 = k.full(("GROUP_BLOCK",), 0.0)
-        a0 = k.full(("GROUP_BLOCK", "BLOCK_DH"), 0.0)
-        with k.loop(lo, hi, "BLOCK_N", carry=(m0, l0, a0)) as lp:
-            m, l, acc = lp.carry
-            n = k.range(lp.index, "BLOCK_N", aligned=True)
-            kt = k.load(k_cache, (b, kvh, n, d), limits={2: hi}, for_dot=True)
-            vt = k.load(v_cache, (b, kvh, n, d), limits={2: hi}, for_dot=True)
-            s = k.dot(qt, k.trans(kt)) * scale
-            live = n.index < hi
-            if masked:
-                live = live & (k.load(key_mask, (b, n), limits={1: hi}) > 0)
-            s = k.where(live[None, :], s, float("-inf"))
-            m_new = k.maximum(m, k.max(s, axis=1))
-            if masked:  # rows with nothing live yet: exp(-inf - -inf) would be NaN
-                m_use = k.where(m_new > float("-inf"), m_new, 0.0)
-            else:
-                m_use = m_new
-            alpha = k.exp(m - m_use)
-            pr = k.exp(s - m_use[:, None])
-            lp.next(m_new, l * alpha + k.sum(pr, axis=1), acc * alpha[:, None] + k.dot(pr, vt))
-        m, l, acc = lp.results
+        b, kvh, sp, heads, heads_end, d, m, l, acc = split_pass(k, p, views, scale)
         if split:  # only the group's real rows: padded rows would be pure write traffic
             rows = k.range(0, "GROUP_BLOCK", aligned=True)
             g = k.dim("NH") // k.dim("NKV")
