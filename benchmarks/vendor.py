@@ -92,4 +92,9 @@ def vendor_call(name: str, t: dict, scalars: dict):
             t["v_cache"].index_copy_(2, pos, v.unsqueeze(2))
             return q
         return qkv, "F.rms_norm + F.linear on [wq;wk;wv] + eager RoPE + index_copy_"
+    if name == "attention_o_proj_residual":
+        attend, label = vendor_call("attention_decode_gqa", t, scalars)
+        wt = t["wo"].reshape(t["wo"].shape[0], -1).t()
+        b = t["r"].shape[0]
+        return (lambda: torch.addmm(t["r"], attend().reshape(b, -1), wt)), label + " + addmm (cuBLAS)"
     raise KeyError(name)
