@@ -55,7 +55,9 @@ class DecodeProgram:
         # default: on an H200 (1.5B, NOTES.md 2026-12-04) the issuing kernels slowed by
         # about the prefetch's bytes at copy speed (o=8: 885 -> 856 tok/s), gate-up barely moved
         # TILEFLOW_ATTENTION_O=1: attention and o_proj+residual as one fused suite kernel
-        # (two launches instead of three: o_proj's programs combine attention's splits)
+        # (two launches instead of three: o_proj's programs combine attention's splits).
+        # Off by default: on an H200 (1.5B, NOTES.md 2026-12-04) 676 against 882 tok/s, the
+        # o_proj programs' re-reads of the partials cost more than the launch saved
         self.attention_o = os.environ.get("TILEFLOW_ATTENTION_O", "0") != "0"
         shares, self.mlp_keep = parse_mlp_ahead(os.environ.get("TILEFLOW_MLP_AHEAD", ""))
         self.mlp_ahead = [mlp_ahead(shares, w[12], w[13]) for w in self.layers]

@@ -18,6 +18,12 @@ instead of three (attention's partial and combine stages, then o_proj_residual).
   kernel just before. ``o_proj``'s weight tile always loads before its wait (a weight
   is no kernel's output), so it streams while the partial stage runs. ``AHEAD``: as
   for attention (``suite.ahead``).
+
+Measured on an H200 (NOTES.md, 2026-12-04): slower than the three launches it replaces
+(best 11.0 us alone against 3.3 + 3.1; in the 1.5B step 676 against 882 tok/s). Per stage,
+o_proj took 3.7 us with one split, 16.2 with four (BLOCK_O 8), 36.7 with four at BLOCK_O 2:
+its programs' re-reads of the same partials grow far faster than their bytes. Kept as a
+tested, tuned opt-in (``TILEFLOW_ATTENTION_O=1``), not the default.
 """
 
 from tileflow.suite import attention_decode_gqa
