@@ -14,7 +14,15 @@ output would remove it. GPU only; timed as the suite's leaderboard times launche
 2. ``sweep``: the same kernel over tiles, warps and the K loop's software-pipelining
 depth (``tl.range(..., num_stages=S)``), at the down projection's shape.
 
-    python benchmarks/matvec_probe.py [hot|sweep]
+3. ``flags``: the MLP's two phases (gate-up-SiLU into ``h``, then down + residual) as two
+dependent launches (programmatic dependent launch, as the suite runs them) against one
+launch whose down programs poll per-chunk ready counters that the gate-up programs bump
+after writing their rows of ``h`` (no grid barrier: a down program waits only for the
+chunk of ``h`` its next K round reads, and loads its first weight tiles before waiting).
+Does overlapping the second phase's ramp with the first's tail pay, before building it
+into the suite?
+
+    python benchmarks/matvec_probe.py [hot|sweep|flags]
 """
 
 from __future__ import annotations
@@ -70,6 +78,135 @@ def time_us(n: int, k: int, copies: int, block_n: int, block_k: int, warps: int,
     return sorted(times)[len(times) // 2]
 
 
+@triton.jit
+def gate_up_phase(pid, wg_ptr, wu_ptr, x_ptr, h_ptr, D: tl.constexpr, BLOCK_A: tl.constexpr, BK_A: tl.constexpr):
+    rows = pid * BLOCK_A + tl.arange(0, BLOCK_A)
+    ag = tl.zeros((BLOCK_A, BK_A), tl.float32)
+    au = tl.zeros((BLOCK_A, BK_A), tl.float32)
+    for k0 in range(0, D, BK_A):
+        cols = k0 + tl.arange(0, BK_A)
+        x = tl.load(x_ptr + cols).to(tl.float32)
+        ag += tl.load(wg_ptr + rows[:, None] * D + cols[None, :]).to(tl.float32) * x[None, :]
+        au += tl.load(wu_ptr + rows[:, None] * D + cols[None, :]).to(tl.float32) * x[None, :]
+    g, u = tl.sum(ag, axis=1), tl.sum(au, axis=1)
+    tl.store(h_ptr + rows, (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty))
+
+
+@triton.jit
+def down_phase(pid, wd_ptr, h_ptr, r_ptr, y_ptr, flags_ptr, I: tl.constexpr, BLOCK_B: tl.constexpr,
+               BK_B: tl.constexpr, PER_CHUNK: tl.constexpr, POLL: tl.constexpr):
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    acc = tl.zeros((BLOCK_B, BK_B), tl.float32)
+    cols = tl.arange(0, BK_B)
+    w = tl.load(wd_ptr + rows[:, None] * I + cols[None, :], mask=cols[None, :] < I, other=0.0).to(tl.float32)
+    for k0 in range(0, I, BK_B):
+        cols = k0 + tl.arange(0, BK_B)
+        if POLL:  # wait until every gate-up program of this chunk of h has written it
+            need = tl.minimum(PER_CHUNK, (I - k0 + (BK_B // PER_CHUNK) - 1) // (BK_B // PER_CHUNK))
+            done = tl.atomic_add(flags_ptr + k0 // BK_B, 0, sem="acquire")
+            while done < need:
+                done = tl.atomic_add(flags_ptr + k0 // BK_B, 0, sem="acquire")
+        h = tl.load(h_ptr + cols, mask=cols < I, other=0.0, cache_modifier=".cg").to(tl.float32)
+        nxt = k0 + BK_B + tl.arange(0, BK_B)
+        w_next = tl.load(wd_ptr + rows[:, None] * I + nxt[None, :], mask=nxt[None, :] < I, other=0.0).to(tl.float32)
+        acc += w * h[None, :]
+        w = w_next
+    tl.store(y_ptr + rows, tl.sum(acc, axis=1) + tl.load(r_ptr + rows).to(tl.float32))
+
+
+@triton.jit
+def gate_up_kernel(wg_ptr, wu_ptr, x_ptr, h_ptr, D: tl.constexpr, BLOCK_A: tl.constexpr, BK_A: tl.constexpr,
+                   USE_PDL: tl.constexpr = True):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    gate_up_phase(tl.program_id(0), wg_ptr, wu_ptr, x_ptr, h_ptr, D, BLOCK_A, BK_A)
+
+
+@triton.jit
+def down_kernel(wd_ptr, h_ptr, r_ptr, y_ptr, I: tl.constexpr, BLOCK_B: tl.constexpr, BK_B: tl.constexpr,
+                USE_PDL: tl.constexpr = True):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    down_phase(tl.program_id(0), wd_ptr, h_ptr, r_ptr, y_ptr, h_ptr, I, BLOCK_B, BK_B, 1, False)
+
+
+@triton.jit
+def mlp_flags_kernel(wg_ptr, wu_ptr, x_ptr, h_ptr, wd_ptr, r_ptr, y_ptr, flags_ptr, D: tl.constexpr,
+                     I: tl.constexpr, NA: tl.constexpr, BLOCK_A: tl.constexpr, BK_A: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BK_B: tl.constexpr, USE_PDL: tl.constexpr = True):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    pid = tl.program_id(0)
+    if pid < NA:
+        gate_up_phase(pid, wg_ptr, wu_ptr, x_ptr, h_ptr, D, BLOCK_A, BK_A)
+        tl.debug_barrier()  # every thread's rows of h are written before the count says so
+        tl.atomic_add(flags_ptr + (pid * BLOCK_A) // BK_B, 1, sem="release")
+    else:
+        down_phase(pid - NA, wd_ptr, h_ptr, r_ptr, y_ptr, flags_ptr, I, BLOCK_B, BK_B, BK_B // BLOCK_A, True)
+
+
+FLAG_CONFIGS = (  # gate-up (rows, K tile, warps), down (rows, K tile, warps)
+    (8, 256, 4, 2, 1024, 4), (4, 256, 4, 2, 2048, 8), (4, 512, 4, 2, 1024, 4), (8, 256, 4, 4, 1024, 4),
+    (16, 256, 8, 2, 1024, 8), (4, 256, 4, 1, 1024, 4), (8, 512, 8, 2, 2048, 8))
+
+
+def flags(d: int = 1536, inter: int = 8960, sets: int = 3, launches: int = 30) -> None:
+    dev, bf = "cuda", torch.bfloat16
+    mk = lambda *s: torch.randn(*s, device=dev, dtype=bf) / s[-1] ** 0.5  # noqa: E731
+    weights = [(mk(inter, d), mk(inter, d), mk(d, inter)) for _ in range(sets)]
+    x, r = torch.randn(d, device=dev, dtype=bf), torch.randn(d, device=dev, dtype=bf)
+    h, y = torch.empty(inter, device=dev, dtype=bf), torch.empty(d, device=dev, dtype=torch.float32)
+    mb = (2 * inter * d + d * inter) * 2 / 1e6
+    print(f"a layer's MLP, {mb:.1f} MB: {mb / 4.2e3 * 1e3:.2f} us at 4.2 TB/s")
+    print(f"{'gate-up tiles':<16}{'down tiles':<16}{'two launches':>13}{'one, warps A':>13}{'one, warps B':>13}")
+
+    def expected(wg, wu, wd):
+        g, u = wg.float() @ x.float(), wu.float() @ x.float()
+        return wd.float() @ (g * torch.sigmoid(g) * u).to(bf).float() + r.float()
+
+    def timed(fn) -> float:
+        fn(0, *weights[0])
+        torch.cuda.synchronize()
+        torch.testing.assert_close(y, expected(*weights[0]), rtol=2e-2, atol=2e-2)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for i in range(launches):
+                fn(i, *weights[i % sets])
+        times = []
+        for _ in range(10):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            g.replay()
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e) * 1e3 / launches)
+        return sorted(times)[len(times) // 2]
+
+    for block_a, bk_a, wa, block_b, bk_b, wb in FLAG_CONFIGS:
+        chunks = -(-inter // bk_b)
+        flag_rows = torch.zeros(launches, chunks, device=dev, dtype=torch.int32)
+        na, nb = inter // block_a, d // block_b
+
+        def two(i, wg, wu, wd):
+            gate_up_kernel[(na,)](wg, wu, x, h, d, block_a, bk_a, num_warps=wa, launch_pdl=True)
+            down_kernel[(nb,)](wd, h, r, y, inter, block_b, bk_b, num_warps=wb, launch_pdl=True)
+
+        def one(warps):
+            def run(i, wg, wu, wd):
+                if i == 0:  # the graph's first launch: every launch's counters start at zero
+                    flag_rows.zero_()
+                mlp_flags_kernel[(na + nb,)](wg, wu, x, h, wd, r, y, flag_rows[i], d, inter, na, block_a, bk_a,
+                                             block_b, bk_b, num_warps=warps, launch_pdl=True)
+            return run
+
+        cells = [timed(two), timed(one(wa)), timed(one(wb)) if wb != wa else float("nan")]
+        print(f"{f'{block_a}x{bk_a} w{wa}':<16}{f'{block_b}x{bk_b} w{wb}':<16}"
+              + "".join(f"{c:>13.2f}" for c in cells), flush=True)
+
+
 def hot() -> None:
     shapes = [("down 1536x8960", 1536, 8960, 2, 2048, 8), ("o 1536x1536", 1536, 1536, 2, 2048, 8),
               ("gate_up-like 17920x1536", 17920, 1536, 8, 256, 4)]
@@ -102,4 +239,4 @@ def sweep(n: int = 1536, k: int = 8960) -> None:
 
 
 if __name__ == "__main__":
-    (sweep if sys.argv[1:2] == ["sweep"] else hot)()
+    {"sweep": sweep, "flags": flags}.get(sys.argv[1] if sys.argv[1:] else "hot", hot)()
