@@ -49,6 +49,24 @@ def matvec_copies(w_ptr, x_ptr, y_ptr, N: tl.constexpr, K: tl.constexpr, R: tl.c
     tl.store(y_ptr + rows, tl.sum(acc, axis=1))
 
 
+def graph_us(run, launches: int) -> float:
+    """Median µs a launch of ``run(i)`` for i in range(launches), captured back to back in
+    one CUDA graph (10 replays)."""
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(launches):
+            run(i)
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3 / launches)
+    return sorted(times)[len(times) // 2]
+
+
 def time_us(n: int, k: int, copies: int, block_n: int, block_k: int, warps: int, stages: int = 1, sets: int = 4,
             launches: int = 40) -> float:
     """Median µs a launch inside a CUDA graph of ``launches`` back-to-back launches that
@@ -63,19 +81,7 @@ def time_us(n: int, k: int, copies: int, block_n: int, block_k: int, warps: int,
 
     run(0)
     torch.testing.assert_close(y, ws[0].float() @ x[0].float(), rtol=2e-2, atol=2e-2)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(launches):
-            run(i)
-    times = []
-    for _ in range(10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / launches)
-    return sorted(times)[len(times) // 2]
+    return graph_us(run, launches)
 
 
 @triton.jit
@@ -171,19 +177,7 @@ def flags(d: int = 1536, inter: int = 8960, sets: int = 3, launches: int = 30) -
         fn(0, *weights[0])
         torch.cuda.synchronize()
         torch.testing.assert_close(y, expected(*weights[0]), rtol=2e-2, atol=2e-2)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for i in range(launches):
-                fn(i, *weights[i % sets])
-        times = []
-        for _ in range(10):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            g.replay()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e) * 1e3 / launches)
-        return sorted(times)[len(times) // 2]
+        return graph_us(lambda i: fn(i, *weights[i % sets]), launches)
 
     for block_a, bk_a, wa, block_b, bk_b, wb in FLAG_CONFIGS:
         chunks = -(-inter // bk_b)
