@@ -177,19 +177,27 @@ def attention_decode(q, k_cache, v_cache, lengths, scale: float,
     over the positions where it is nonzero. ``early``: the caller vouches that
     ``lengths`` is not the previous kernel's output (``_early``); ``ahead``, ``keep``:
     tensors to bring into L2 for later kernels (``suite.ahead.ahead_sizes``)."""
+    out = _out(q.shape, q)
+    sizes, masks, flat = _attention_launch(q, k_cache, key_mask, early, ahead, keep)
+    _launcher("attention_decode_gqa", sizes, q.dtype, q.device)(q, k_cache, v_cache, lengths, *masks, out,
+                                                                *flat, scale)
+    return out
+
+
+def _attention_launch(q, k_cache, key_mask, early: bool, ahead: Sequence[torch.Tensor], keep: bool,
+                      **extra) -> tuple[dict, tuple, list]:
+    """The sizes, the mask argument and the look-ahead views of a launch whose first stage
+    is attention's (``attention_decode_gqa`` and the kernels fusing it); ``extra``: more sizes."""
     b, nh, dh = q.shape
     nkv, s = k_cache.shape[1], k_cache.shape[2]
-    out = _out(q.shape, q)
     # launch parameters depend on the capacity only through SPLITS: bucket it to a power
     # of two so a growing (dynamic) cache does not build a launcher per length
-    sizes = {"B": b, "NH": nh, "NKV": nkv, "DH": dh, "S": 1 << max(0, (s - 1).bit_length())}
+    sizes = {"B": b, "NH": nh, "NKV": nkv, "DH": dh, "S": 1 << max(0, (s - 1).bit_length()), **extra}
     if key_mask is not None:
         sizes["HAS_MASK"] = 1
-    flat, extra = ahead_sizes(ahead, keep)
-    fn = _launcher("attention_decode_gqa", _early({**sizes, **extra}, early), q.dtype, q.device)
+    flat, ahead_extra = ahead_sizes(ahead, keep)
     masks = (key_mask,) if key_mask is not None else ()
-    fn(q, k_cache, v_cache, lengths, *masks, out, *flat, scale)
-    return out
+    return _early({**sizes, **ahead_extra}, early), masks, flat
 
 
 def attention_o_proj_residual(q, k_cache, v_cache, lengths, wo, r, scale: float,
@@ -200,16 +208,11 @@ def attention_o_proj_residual(q, k_cache, v_cache, lengths, wo, r, scale: float,
     ``key_mask``, ``early``, ``ahead``, ``keep``: as for :func:`attention_decode`
     (``early`` vouches for ``r`` too)."""
     b, nh, dh = q.shape
-    nkv, s = k_cache.shape[1], k_cache.shape[2]
     n = wo.shape[0]
     out = _out((b, n), r)
-    sizes = {"B": b, "NH": nh, "NKV": nkv, "DH": dh, "S": 1 << max(0, (s - 1).bit_length()), "N": n}
-    if key_mask is not None:
-        sizes["HAS_MASK"] = 1
-    flat, extra = ahead_sizes(ahead, keep)
-    fn = _launcher("attention_o_proj_residual", _early({**sizes, **extra}, early), q.dtype, q.device)
-    masks = (key_mask,) if key_mask is not None else ()
-    fn(q, k_cache, v_cache, lengths, *masks, wo.view(n, nh, dh), r, out, *flat, scale)
+    sizes, masks, flat = _attention_launch(q, k_cache, key_mask, early, ahead, keep, N=n)
+    _launcher("attention_o_proj_residual", sizes, q.dtype, q.device)(
+        q, k_cache, v_cache, lengths, *masks, wo.view(n, nh, dh), r, out, *flat, scale)
     return out
 
 
