@@ -21,8 +21,13 @@ after writing their rows of ``h`` (no grid barrier: a down program waits only fo
 chunk of ``h`` its next K round reads, and loads its first weight tiles before waiting).
 Does overlapping the second phase's ramp with the first's tail pay, before building it
 into the suite?
+4. ``ready``: the same counters between two *separate* dependent launches: the down kernel
+skips ``gdc_wait`` and polls the chunk counters instead (the counters count rows of ``h``
+written; gate-up's program 0 clears the next layer's row of counters, so nothing resets
+them on the critical path). If this keeps the one-launch gain, the suite needs no programs
+of two roles in one grid, only a signal epilogue and a wait before a chunk's load.
 
-    python benchmarks/matvec_probe.py [hot|sweep|flags]
+    python benchmarks/matvec_probe.py [hot|sweep|flags|ready]
 """
 
 from __future__ import annotations
@@ -201,6 +206,105 @@ def flags(d: int = 1536, inter: int = 8960, sets: int = 3, launches: int = 30) -
               + "".join(f"{c:>13.2f}" for c in cells), flush=True)
 
 
+@triton.jit
+def gate_up_signal_kernel(wg_ptr, wu_ptr, x_ptr, h_ptr, ready_ptr, clear_ptr, D: tl.constexpr, I: tl.constexpr,
+                          BLOCK_A: tl.constexpr, BK_A: tl.constexpr, CHUNK: tl.constexpr, NCHUNK: tl.constexpr):
+    tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()
+    pid = tl.program_id(0)
+    gate_up_phase(pid, wg_ptr, wu_ptr, x_ptr, h_ptr, D, BLOCK_A, BK_A)
+    if pid == 0:  # the next layer's counters, cleared before this program's count is released,
+        # so the down kernel (which the next layer's gate-up waits on) cannot finish before it
+        c = tl.arange(0, NCHUNK)
+        tl.store(clear_ptr + c, tl.zeros((NCHUNK,), tl.int32), mask=c < cdiv_i(I, CHUNK))
+    tl.debug_barrier()  # every thread's rows of h are stored before the count says so
+    tl.atomic_add(ready_ptr + (pid * BLOCK_A) // CHUNK, BLOCK_A, sem="release", scope="gpu")
+
+
+@triton.jit
+def cdiv_i(a, b):
+    return (a + b - 1) // b
+
+
+@triton.jit
+def down_ready_kernel(wd_ptr, h_ptr, r_ptr, y_ptr, ready_ptr, I: tl.constexpr, BLOCK_B: tl.constexpr,
+                      BK_B: tl.constexpr, CHUNK: tl.constexpr, WAIT: tl.constexpr):
+    # no gdc_wait: every value this kernel reads from gate-up arrives behind a chunk counter
+    tl.extra.cuda.gdc_launch_dependents()
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    acc = tl.zeros((BLOCK_B, BK_B), tl.float32)
+    cols = tl.arange(0, BK_B)
+    w = tl.load(wd_ptr + rows[:, None] * I + cols[None, :], mask=cols[None, :] < I, other=0.0).to(tl.float32)
+    if WAIT:
+        tl.extra.cuda.gdc_wait()
+    for k0 in range(0, I, BK_B):
+        cols = k0 + tl.arange(0, BK_B)
+        if not WAIT:
+            for c in range(k0 // CHUNK, cdiv_i(tl.minimum(k0 + BK_B, I), CHUNK)):
+                need = tl.minimum(CHUNK, I - c * CHUNK)
+                while tl.atomic_add(ready_ptr + c, 0, sem="acquire", scope="gpu") < need:
+                    pass
+        h = tl.load(h_ptr + cols, mask=cols < I, other=0.0, cache_modifier=".cg").to(tl.float32)
+        nxt = k0 + BK_B + tl.arange(0, BK_B)
+        w_next = tl.load(wd_ptr + rows[:, None] * I + nxt[None, :], mask=nxt[None, :] < I, other=0.0).to(tl.float32)
+        acc += w * h[None, :]
+        w = w_next
+    tl.store(y_ptr + rows, tl.sum(acc, axis=1) + tl.load(r_ptr + rows).to(tl.float32))
+
+
+READY_CONFIGS = (  # gate-up (rows, K tile, warps), down (rows, K tile, warps), chunk of h per counter
+    (2, 512, 4, 2, 2048, 8, 2048), (2, 512, 4, 2, 2048, 8, 512), (4, 256, 4, 2, 2048, 8, 2048),
+    (4, 256, 4, 1, 1024, 4, 1024), (8, 256, 4, 2, 1024, 4, 1024))
+
+
+def ready(d: int = 1536, inter: int = 8960, sets: int = 3, launches: int = 28) -> None:
+    dev, bf = "cuda", torch.bfloat16
+    mk = lambda *s: torch.randn(*s, device=dev, dtype=bf) / s[-1] ** 0.5  # noqa: E731
+    weights = [(mk(inter, d), mk(inter, d), mk(d, inter)) for _ in range(sets)]
+    x, r = torch.randn(d, device=dev, dtype=bf), torch.randn(d, device=dev, dtype=bf)
+    h, y = torch.empty(inter, device=dev, dtype=bf), torch.empty(d, device=dev, dtype=torch.float32)
+    print(f"{'gate-up tiles':<16}{'down tiles':<16}{'chunk':>6}{'gdc_wait':>10}{'counters':>10}{'one launch':>11}")
+
+    def expected(wg, wu, wd):
+        g, u = wg.float() @ x.float(), wu.float() @ x.float()
+        return wd.float() @ (g * torch.sigmoid(g) * u).to(bf).float() + r.float()
+
+    def timed(fn) -> float:
+        for i in range(3):  # three layers eagerly: the counters' rows cycle as in the graph
+            y.fill_(float("nan"))
+            fn(i, *weights[i % sets])
+            torch.cuda.synchronize()
+            torch.testing.assert_close(y, expected(*weights[i % sets]), rtol=2e-2, atol=2e-2)
+        return graph_us(lambda i: fn(i, *weights[i % sets]), launches)
+
+    for block_a, bk_a, wa, block_b, bk_b, wb, chunk in READY_CONFIGS:
+        nchunk = -(-inter // chunk)
+        rows = torch.zeros(launches, nchunk, device=dev, dtype=torch.int32)
+        na, nb = inter // block_a, d // block_b
+
+        def two(wait):
+            def run(i, wg, wu, wd):
+                i %= launches
+                gate_up_signal_kernel[(na,)](wg, wu, x, h, rows[i], rows[(i + 1) % launches], d, inter, block_a, bk_a,
+                                             chunk, triton.next_power_of_2(nchunk), num_warps=wa, launch_pdl=True)
+                down_ready_kernel[(nb,)](wd, h, r, y, rows[i], inter, block_b, bk_b, chunk, wait, num_warps=wb,
+                                         launch_pdl=True)
+            return run
+
+        flag_rows = torch.zeros(launches, -(-inter // bk_b), device=dev, dtype=torch.int32)
+
+        def one(i, wg, wu, wd):
+            if i == 0:
+                flag_rows.zero_()
+            mlp_flags_kernel[(na + nb,)](wg, wu, x, h, wd, r, y, flag_rows[i], d, inter, na, block_a, bk_a,
+                                         block_b, bk_b, num_warps=wb, launch_pdl=True)
+
+        cells = [timed(two(True)), timed(two(False)), timed(one) if bk_b % block_a == 0 else float("nan")]
+        print(f"{f'{block_a}x{bk_a} w{wa}':<16}{f'{block_b}x{bk_b} w{wb}':<16}{chunk:>6}"
+              + "".join(f"{c:>10.2f}" for c in cells[:2]) + f"{cells[2]:>11.2f}", flush=True)
+
+
 def hot() -> None:
     shapes = [("down 1536x8960", 1536, 8960, 2, 2048, 8), ("o 1536x1536", 1536, 1536, 2, 2048, 8),
               ("gate_up-like 17920x1536", 17920, 1536, 8, 256, 4)]
@@ -233,4 +337,4 @@ def sweep(n: int = 1536, k: int = 8960) -> None:
 
 
 if __name__ == "__main__":
-    {"sweep": sweep, "flags": flags}.get(sys.argv[1] if sys.argv[1:] else "hot", hot)()
+    {"sweep": sweep, "flags": flags, "ready": ready}.get(sys.argv[1] if sys.argv[1:] else "hot", hot)()
