@@ -14,6 +14,7 @@ buffers, the cache tensors never move.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -59,6 +60,11 @@ class DecodeProgram:
         # Off by default: on an H200 (1.5B, NOTES.md 2026-12-04) 676 against 882 tok/s, the
         # o_proj programs' re-reads of the partials cost more than the launch saved
         self.attention_o = os.environ.get("TILEFLOW_ATTENTION_O", "0") != "0"
+        # TILEFLOW_READY=1: each layer's down projection waits on per-chunk ready counters
+        # that gate-up bumps (suite.ready) instead of for the whole gate-up launch
+        self.ready = os.environ.get("TILEFLOW_READY", "0") != "0"
+        self.ready_table: Optional[torch.Tensor] = None
+        self.ready_why = ""
         shares, self.mlp_keep = parse_mlp_ahead(os.environ.get("TILEFLOW_MLP_AHEAD", ""))
         self.mlp_ahead = [mlp_ahead(shares, w[12], w[13]) for w in self.layers]
 
@@ -102,6 +108,7 @@ class DecodeProgram:
         (qkv_rope_cache, attention's two stages, o_proj+residual, rms_norm_gate_up_silu,
         down+residual) instead of eleven; the norms run inside the matvecs."""
         nh, dh, early = self.nh, self.dh, self.early
+        links = self.ready_links(x)
         for i, (ln1, eps1, wq, bq, wk, wv, bk, bv, wo, scale, ln2, eps2, wg, wu, wd) in enumerate(self.layers):
             # the reference path (CPU) has no L2 to fill; the interpreter runs the same launch
             prefetching = x.is_cuda or ops.cpu_target() == "triton"
@@ -123,10 +130,36 @@ class DecodeProgram:
                 x = ops.o_proj_residual(o.view(1, nh * dh), wo, x, early=early, ahead=mlp.get("o", ()), keep=keep)
             # not early=: down's residual loaded before the wait measured 10.4 -> 13.7 us a
             # layer on an H200 (NOTES.md, 2026-12-03), cause not found
-            x = ops.down_proj_residual(ops.rms_norm_gate_up_silu(x, ln2, eps2, wg, wu), wd, x, ahead=ahead,
-                                       keep=self.ahead_keep)
+            x = ops.down_proj_residual(ops.rms_norm_gate_up_silu(x, ln2, eps2, wg, wu, ready=links[i]), wd, x,
+                                       ahead=ahead, keep=self.ahead_keep, ready=links[i])
         _advance(cache, 1)
         return ops.rms_norm_linear(x, self.norm_w, self.norm_eps, self.lm_head_w)
+
+    def ready_links(self, x: torch.Tensor) -> list:
+        """Per layer, the ready counters between its gate-up and down launches (with
+        ``TILEFLOW_READY=1``), else None each. Layer ``i`` counts in row ``i`` of one table
+        and clears row ``i + 1`` (the last clears row 0 for the next step), so no launch
+        of the step clears counters; :meth:`reset_ready` zeroes the table (before a capture)."""
+        none = [None] * len(self.layers)
+        if not self.ready:
+            return none
+        wg, wd = self.layers[0][12], self.layers[0][14]
+        if self.ready_table is None or self.ready_table.device != x.device:
+            chunk, self.ready_why = ops.ready_chunk(wg.shape[0], wg.shape[1], x.dtype, x.device)
+            if not chunk:
+                warnings.warn(f"tileflow: TILEFLOW_READY=1 ignored: {self.ready_why}", stacklevel=2)
+                self.ready = False
+                return none
+            self.ready_chunk = chunk
+            nc = -(-wd.shape[1] // chunk)
+            self.ready_table = torch.zeros(len(self.layers), nc, dtype=torch.int32, device=x.device)
+        t, n = self.ready_table, len(self.layers)
+        return [ops.ReadyLink(t[i], t[(i + 1) % n], self.ready_chunk) for i in range(n)]
+
+    def reset_ready(self) -> None:
+        """Zero the ready counters (a step cut short could leave row 0 counted)."""
+        if self.ready_table is not None:
+            self.ready_table.zero_()
 
 
 MLP_AHEAD_KERNELS = ("qkv", "attention", "o")
@@ -250,6 +283,7 @@ class GraphedDecode:
     def _capture(self, tok, pos, cache, key_mask) -> tuple:
         tok_buf, pos_buf = tok.reshape(1, 1).clone(), pos.reshape(1, 1).clone()
         mask_buf = None if key_mask is None else key_mask.clone()
+        self.program.reset_ready()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # compiles every kernel; writes the next row (rewritten identically below)

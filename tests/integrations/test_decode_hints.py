@@ -31,8 +31,8 @@ def _spy(monkeypatch) -> list:
     handed = []
     real = ops.down_proj_residual
     monkeypatch.setattr(ops, "down_proj_residual",
-                        lambda x, w, r, ahead=(), keep=False, early=False: handed.append((w, tuple(ahead)))
-                        or real(x, w, r, ahead=ahead, keep=keep, early=early))
+                        lambda x, w, r, ahead=(), keep=False, early=False, ready=None: handed.append((w, tuple(ahead)))
+                        or real(x, w, r, ahead=ahead, keep=keep, early=early, ready=ready))
     return handed
 
 
@@ -138,3 +138,32 @@ def test_launches_with_ahead_inputs_compute_the_same(interpreted):
     lengths = torch.tensor([41])
     plain = ops.attention_decode(q, kc, vc, lengths, 0.17)
     assert torch.equal(ops.attention_decode(q, kc, vc, lengths, 0.17, ahead=extra), plain)
+
+
+@pytest.mark.parametrize("target", ["triton", "reference"])
+def test_ready_counters_between_gate_up_and_down_keep_the_tokens(target, monkeypatch):
+    """TILEFLOW_READY=1: each layer's down projection waits on the chunk counters its
+    gate-up bumps (suite.ready). The tokens stay eager's, every down launch gets its
+    layer's row of one table, and after a step the counters hold what the launches
+    left: row i > 0 complete (counted after layer i - 1 cleared it), row 0 cleared by the
+    last layer for the next step."""
+    monkeypatch.setenv("TILEFLOW_CPU_TARGET", target)
+    monkeypatch.setenv("TILEFLOW_READY", "1")
+    ops._LAUNCHERS.clear()
+    links, real = [], ops.down_proj_residual
+    monkeypatch.setattr(ops, "down_proj_residual", lambda *a, ready=None, **k: links.append(ready) or real(
+        *a, ready=ready, **k))
+    model = tiny("qwen2")
+    _patched_equals_eager(model)
+    ops._LAUNCHERS.clear()
+    layers = len(model.model.layers)
+    assert links and all(link is not None for link in links)
+    table = links[0].counters.untyped_storage()
+    assert all(link.counters.untyped_storage().data_ptr() == table.data_ptr() for link in links)
+    counts = torch.stack([link.counters for link in links[:layers]])
+    inter = model.config.intermediate_size
+    chunk = links[0].chunk
+    want = torch.tensor([min(chunk, inter - c * chunk) for c in range(counts.shape[1])], dtype=torch.int32)
+    assert torch.equal(counts[0], torch.zeros_like(want))
+    for row in counts[1:]:
+        assert torch.equal(row, want)

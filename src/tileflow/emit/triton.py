@@ -229,13 +229,31 @@ class TritonEmitter(Walker):
         w(f'{self.name(op.result)} = tl.atomic_add({self._address(view, index)}, {op.attrs["value"]}, '
           'sem="acq_rel", scope="gpu")')
 
+    def op_signal(self, op: Op, w: Writer):
+        view, index, value = op.args
+        # the barrier first: every thread's stores happen before the one release
+        w("tl.debug_barrier()")
+        w(f'tl.atomic_add({self._address(view, index)}, {self.operand(value)}, sem="release", scope="gpu")')
+
+    def op_wait_ready(self, op: Op, w: Writer):
+        view, lo, hi, chunk, total, rows = (op.args[0], *(self.operand(a) for a in op.args[1:]))
+        c = f"chunk_c{self._stage_ops.index(op)}"
+        w(f"for {c} in range(({lo}) // ({chunk}), tl.cdiv({hi}, {chunk})):")
+        with w.indent():
+            need = f"({rows}) * tl.minimum({chunk}, ({total}) - {c} * ({chunk}))"
+            # an atomic that adds nothing: an acquire load the compiler cannot hoist
+            w(f'while tl.atomic_add({view.name}_ptr + {c} * {view.name}_s0, 0, sem="acquire", scope="gpu") < {need}:')
+            with w.indent():
+                w("pass")
+
     def op_load(self, op: Op, w: Writer):
         view, index = op.args
         mask = self._guarded(self.mask_expr(view, index, op.attrs["limits"]), op)
         extra = f", mask={mask}, other={literal(op.attrs['other'])}" if mask else ""
-        if view.role == "workspace" and not view.persistent and (self._counting or self._virtual_pids):
-            # written by other programs of this launch: read past L1, which may hold
-            # lines of the same buffer from an earlier launch
+        if (view.role == "workspace" and not view.persistent and (self._counting or self._virtual_pids)
+                or view.name in self._guarded_views):
+            # written by other programs of this launch (or of the launch just before, behind
+            # ready counters): read past L1, which may hold stale lines of the same buffer
             extra += ', cache_modifier=".cg"'
         conv = ".to(tl.float32)" if view.dtype in ("T", "f32") and op.result.dtype == "f32" else ""
         name = self.name(op.result)
@@ -367,9 +385,17 @@ class TritonEmitter(Walker):
                         self._virtual_pids = ()
         w()
 
+    _guarded_views: frozenset = frozenset()
+
     def stage_kernel(self, stage: Stage, w: Writer):
         self._counting = any(op.name == "atomic_add" for op in ops_in(stage.body))
         self._stage = stage
+        self._stage_ops = list(ops_in(stage.body))
+        waits = [op for op in self._stage_ops if op.name == "wait_ready"]
+        self._guarded_views = frozenset(op.attrs["guards"] for op in waits)
+        # behind ready counters every read of the previous launch's output waits for its
+        # chunk: the stage starts without waiting for the whole launch
+        gdc_wait = "pass  # ready counters instead of gdc_wait" if waits else "tl.extra.cuda.gdc_wait()"
         self._jit_def(w, f"{self.ir.name}_{stage.name}",
                       self.signature() + [f"{c}: tl.constexpr" for c in self.constexprs()])
         with w.indent():
@@ -381,21 +407,22 @@ class TritonEmitter(Walker):
             # previous kernel writes)
             body, lead = self._lead(stage)
             if self._early(body[:lead]):
-                w("if USE_PDL and not EARLY:")
-                with w.indent():
-                    w("tl.extra.cuda.gdc_wait()")
+                if not waits:
+                    w("if USE_PDL and not EARLY:")
+                    with w.indent():
+                        w(gdc_wait)
                 self.block(body[:lead], w)
                 w("if USE_PDL:  # launched early: weights are in flight; now wait for the previous kernel's writes")
                 with w.indent():
                     w("if EARLY:")
                     with w.indent():
-                        w("tl.extra.cuda.gdc_wait()")
+                        w(gdc_wait)
                     w("tl.extra.cuda.gdc_launch_dependents()")
             else:
                 self.block(body[:lead], w)
                 w("if USE_PDL:  # launched early: wait until the previous kernel's writes are visible")
                 with w.indent():
-                    w("tl.extra.cuda.gdc_wait()")
+                    w(gdc_wait)
                     w("tl.extra.cuda.gdc_launch_dependents()")
             self.block(body[lead:], w)
         w()

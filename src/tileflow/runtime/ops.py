@@ -35,6 +35,20 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def launch_params(name: str, sizes: dict, dtype: torch.dtype, device: torch.device) -> dict:
+    """The parameters a launch of suite kernel ``name`` at ``sizes`` uses on ``device``:
+    the measured ones for this device and shape, else the definition's defaults (the
+    reference path on CPU takes the defaults)."""
+    kernel = KERNELS[name]
+    if device.type == "cpu" and cpu_target() == "reference":
+        return kernel.default_params(sizes)
+    from tileflow.emit import autotune
+
+    dname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    tuned = autotune.lookup(name, sizes, dname, _device_name(device)) or {}
+    return {**kernel.default_params(sizes), **tuned, **kernel.structural_sizes(sizes)}
+
+
 def _launcher(name: str, sizes: dict, dtype: torch.dtype, device: torch.device) -> Callable:
     key = (name, tuple(sorted(sizes.items())), dtype, device.type, device.index)
     fn = _LAUNCHERS.get(key)
@@ -44,13 +58,9 @@ def _launcher(name: str, sizes: dict, dtype: torch.dtype, device: torch.device) 
     if device.type == "cpu" and cpu_target() == "reference":
         fn = _reference_launcher(kernel, sizes)
     else:
-        from tileflow.emit import autotune
         from tileflow.runtime.torch_triton import torch_launcher
 
-        dname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-        tuned = autotune.lookup(name, sizes, dname, _device_name(device)) or {}
-        params = {**kernel.default_params(sizes), **tuned, **kernel.structural_sizes(sizes)}
-        ir = kernel.build(params)
+        ir = kernel.build(launch_params(name, sizes, dtype, device))
         fn = torch_launcher(ir, device.type, sizes)
     _LAUNCHERS[key] = fn
     return fn
@@ -118,11 +128,12 @@ def _early(sizes: dict, early: bool) -> dict:
 
 
 def _matvec_residual(name: str, x, w, r, early: bool = False, extra: Optional[dict] = None,
-                     ahead: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+                     ahead: Sequence[torch.Tensor] = (), tail: tuple = ()) -> torch.Tensor:
+    """``tail``: the launch's last arguments (ready counters and their chunk)."""
     n, k = w.shape
     out = _out((x.shape[0], n), x)
     sizes = _early({"M": x.shape[0], "N": n, "K": k, **(extra or {})}, early)
-    _launcher(name, sizes, x.dtype, x.device)(x, w, r, out, *ahead)
+    _launcher(name, sizes, x.dtype, x.device)(x, w, r, out, *ahead, *tail)
     return out
 
 
@@ -135,12 +146,28 @@ def o_proj_residual(x, w, r, early: bool = False, ahead: Sequence[torch.Tensor] 
     return _matvec_residual("o_proj_residual", x, w, r, early, extra, flat)
 
 
+@dataclass(frozen=True)
+class ReadyLink:
+    """Ready counters between a producer launch and the consumer right after it
+    (``suite.ready``): ``counters`` [NC] (int32) count the producer's stored rows per
+    ``chunk`` rows; the producer clears ``next_counters`` (the next pair's) for the caller."""
+
+    counters: torch.Tensor
+    next_counters: torch.Tensor
+    chunk: int
+
+
 def down_proj_residual(x, w, r, ahead: Sequence[torch.Tensor] = (), keep: bool = False,
-                       early: bool = False) -> torch.Tensor:
+                       early: bool = False, ready: Optional[ReadyLink] = None) -> torch.Tensor:
     """``x @ w.T + r``: MLP down projection with the residual. ``ahead`` (e.g. the next
-    layer's attention weights) and ``keep``: as for :func:`o_proj_residual`."""
+    layer's attention weights) and ``keep``: as for :func:`o_proj_residual`. ``ready``: the
+    launch just before (:func:`rms_norm_gate_up_silu` with the same link) wrote ``x`` and
+    counts it in chunks; each K round waits only for its chunks (``r`` must then be older)."""
     flat, extra = ahead_sizes(ahead, keep)
-    return _matvec_residual("down_proj_residual", x, w, r, early, extra, flat)
+    if ready is None:
+        return _matvec_residual("down_proj_residual", x, w, r, early, extra, flat)
+    extra.update(READY_WAIT=1, NC=ready.counters.shape[0])
+    return _matvec_residual("down_proj_residual", x, w, r, early, extra, flat, (ready.counters, ready.chunk))
 
 
 def gate_up_silu(x, wg, wu) -> torch.Tensor:
@@ -259,13 +286,33 @@ def rms_norm_linear(x: torch.Tensor, ln_w: torch.Tensor, eps: float, w: torch.Te
 
 
 def rms_norm_gate_up_silu(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wg: torch.Tensor,
-                          wu: torch.Tensor) -> torch.Tensor:
-    """``silu(n @ wg.T) * (n @ wu.T)`` with ``n = rms_norm(x, ln_w, eps)``, one launch."""
+                          wu: torch.Tensor, ready: Optional[ReadyLink] = None) -> torch.Tensor:
+    """``silu(n @ wg.T) * (n @ wu.T)`` with ``n = rms_norm(x, ln_w, eps)``, one launch.
+    ``ready``: also count the stored rows per chunk for the consumer launched next
+    (:func:`down_proj_residual` with the same link), and clear the next pair's counters."""
     n, k = wg.shape
     out = _out((x.shape[0], n), x)
-    _launcher("rms_norm_gate_up_silu", {"M": x.shape[0], "N": n, "K": k}, x.dtype, x.device)(
-        x, ln_w, wg, wu, out, eps)
+    sizes = {"M": x.shape[0], "N": n, "K": k}
+    if ready is None:
+        _launcher("rms_norm_gate_up_silu", sizes, x.dtype, x.device)(x, ln_w, wg, wu, out, eps)
+        return out
+    sizes.update(READY_SIGNAL=1, NC=ready.counters.shape[0])
+    _launcher("rms_norm_gate_up_silu", sizes, x.dtype, x.device)(
+        x, ln_w, wg, wu, out, ready.counters, ready.next_counters, eps, ready.chunk)
     return out
+
+
+def ready_chunk(inter: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple[int, str]:
+    """The chunk of ``h`` [1, inter] per ready counter between the MLP's gate-up and down
+    launches (down's K round, so each round polls one counter), or (0, why not)."""
+    up = launch_params("rms_norm_gate_up_silu", {"M": 1, "N": inter, "K": d}, dtype, device)
+    down = launch_params("down_proj_residual", {"M": 1, "N": d, "K": inter}, dtype, device)
+    if up.get("SPLIT_K", 1) > 1 or down.get("SPLIT_K", 1) > 1:
+        return 0, "split-K launches (partials in a second stage) have no ready counters"
+    chunk = down["BLOCK_K"]
+    if chunk % up["BLOCK_N"]:
+        return 0, f"down's K round {chunk} is not a multiple of gate-up's {up['BLOCK_N']} rows a program"
+    return chunk, ""
 
 
 def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Tensor, wk: torch.Tensor,

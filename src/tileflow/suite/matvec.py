@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from tileflow.suite.ahead import ahead_inputs, ahead_params, prefetch_ahead
+from tileflow.suite.ready import ready_params
 from tileflow.suite.registry import next_pow2
+from tileflow.tile.builder import TileDefinitionError
 
 MATVEC_PARAMS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "BLOCK_R", "PIPELINE", "num_warps", "num_stages")
 
@@ -32,7 +34,7 @@ def residual_params(s: dict) -> dict:
     """The parameters of a residual matvec (o_proj, down_proj) that are sizes: what it
     prefetches ahead (``suite.ahead``), and ``EARLY_INPUTS`` (the residual loads before the dependent-launch
     wait, where the caller vouches that the kernel just before does not write it)."""
-    return {**ahead_params(s), "EARLY_INPUTS": s.get("EARLY_INPUTS", 0)}
+    return {**ahead_params(s), "EARLY_INPUTS": s.get("EARLY_INPUTS", 0), **ready_params(s)}
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,16 @@ def define_matvec(form: MatvecForm, k, p) -> None:
     split = p["SPLIT_K"]
     ahead = ahead_inputs(k, p)
     parts = [k.workspace(f"part_{w}", ("SPLIT_K", "M", "N")) for w in form.weights] if split > 1 else []
+    # ready counters (suite.ready): the producer counts its stored rows per chunk, the
+    # consumer waits per K round for the chunks of x it reads
+    signal, wait = p.get("READY_SIGNAL", 0), p.get("READY_WAIT", 0)
+    if (signal or wait) and split > 1:
+        raise TileDefinitionError("ready counters need SPLIT_K = 1 (one stage, every program the whole K)")
+    if signal:
+        ready, ready_next = k.inout("ready", ("NC",), "i32"), k.inout("ready_next", ("NC",), "i32")
+    elif wait:
+        ready = k.input("ready", ("NC",), "i32")
+    ready_chunk = k.scalar("ready_chunk", "i32") if signal or wait else None
 
     def load_extras(row, rows):
         got = {}
@@ -161,6 +173,9 @@ def define_matvec(form: MatvecForm, k, p) -> None:
             acc0.append(k.full(("BLOCK_K",), 0.0))
 
         def body(cols, carry, tiles):
+            if wait:
+                k.wait_ready(ready, cols.start, k.minimum(cols.start + k.param("BLOCK_K"), hi), ready_chunk,
+                             kdim, k.dim("M"), guards=x)
             xv = k.load(x, (row, cols), limits={1: hi})
             ss = [carry.pop() + xv * xv] if gather_ss else []
             if form.norm:
@@ -182,6 +197,13 @@ def define_matvec(form: MatvecForm, k, p) -> None:
         else:
             for out, y in zip(outs, form.epilogue(k, sums, early or load_extras(row, rows))):
                 k.store(out, (row, rows), y)
+            if signal:
+                first = k.program_id(0) * k.param("BLOCK_N")
+                # cleared before this program's count is released: the next layer's pair
+                # starts only after the consumer saw that count
+                k.store(ready_next, (k.range(0, "READY_BLOCK", aligned=True),), k.full(("READY_BLOCK",), 0, "i32"),
+                        when=k.eq(k.program_id(0) + k.program_id(2), 0))
+                k.signal(ready, (first // ready_chunk,), k.minimum(k.param("BLOCK_N"), k.dim("N") - first))
 
     if split > 1:
         with k.stage("reduce", grid=("cdiv(N, BLOCK_R)", "M")):

@@ -179,6 +179,38 @@ class TileBuilder:
             raise TileDefinitionError("before_wait: no atomic_add before the wait")
         return self._emit("atomic_add", self._new("i32", (), view.name), (view, index), value=int(value))
 
+    def signal(self, view: View, index: Sequence, value: Operand) -> None:
+        """Add ``value`` to one int32 element of the in-place ``view`` (a ready counter the
+        caller owns) after every store this program made, with release semantics at
+        device scope: a program of a *later* launch that sees the count with
+        :meth:`wait_ready` sees those stores. Lets that launch skip the dependent-launch
+        wait and start on each chunk of this one's output as soon as it is complete."""
+        if view.role != "inout" or view.dtype != "i32":
+            raise TileDefinitionError(f"signal on {view.name}: only int32 in-place views (ready counters)")
+        index = self._check_index(view, index)
+        if any(isinstance(i, _RangeValue) for i in index):
+            raise TileDefinitionError("signal: one element (scalar indices)")
+        if self._early:
+            raise TileDefinitionError("before_wait: no signal before the wait")
+        self._emit("signal", None, (view, index, self._operand(value)))
+
+    def wait_ready(self, view: View, lo: Operand, hi: Operand, chunk: Operand, total: Operand,
+                   rows: Operand, guards: View) -> None:
+        """Wait until every chunk ``c`` of ``chunk`` elements that overlaps ``[lo, hi)`` is
+        complete: ``view[c] >= rows * min(chunk, total - c * chunk)`` (what the producer's
+        :meth:`signal` calls add up to once they all ran). A stage that waits this way
+        does not wait for the whole previous launch (no ``gdc_wait``): the definition
+        vouches that ``guards`` is the only input the launch just before writes, and
+        loads ``guards`` only after the wait that covers it (they read past L1). Triton
+        only: the programs of the two launches must run concurrently, or one after the
+        other in order (the interpreter)."""
+        if view.role != "input" or view.dtype != "i32" or view.rank != 1:
+            raise TileDefinitionError(f"wait_ready on {view.name}: only a 1-D int32 input (ready counters)")
+        if self._early:
+            raise TileDefinitionError("before_wait: no wait_ready before the wait")
+        args = tuple(self._operand(a) for a in (lo, hi, chunk, total, rows))
+        self._emit("wait_ready", None, (view, *args), guards=guards.name)
+
     def scalar(self, name: str, dtype: str = "f32") -> Value:
         """A runtime scalar parameter: never baked into the generated source."""
         if dtype not in ("f32", "i32"):
