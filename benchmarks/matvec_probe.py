@@ -26,8 +26,18 @@ skips ``gdc_wait`` and polls the chunk counters instead (the counters count rows
 written; gate-up's program 0 clears the next layer's row of counters, so nothing resets
 them on the critical path). If this keeps the one-launch gain, the suite needs no programs
 of two roles in one grid, only a signal epilogue and a wait before a chunk's load.
+5. ``fused``: the whole MLP (norm, gate-up, SiLU, down, residual) as one launch with no
+dependency between its programs: program ``p`` owns ``BI`` rows of the intermediate
+activation ``h``, computes them from its rows of the gate and up weights, multiplies them
+into the matching ``BI`` columns of the down weight and adds its partial ``[D]`` row into
+an fp32 accumulator with relaxed atomics; the last program to finish (an atomic ticket)
+rounds the sum, adds the residual, writes the output and leaves the accumulator and the
+ticket at zero for the next launch. Against the suite's own two launches (ops) in the
+same graph harness. The down weight read as stored (``[D, I]``, ``BI`` contiguous
+elements a row) or column-major (``[I, D]`` contiguous: the same tensor re-laid-out in
+place, so no extra memory).
 
-    python benchmarks/matvec_probe.py [hot|sweep|flags|ready]
+    python benchmarks/matvec_probe.py [hot|sweep|flags|ready|fused]
 """
 
 from __future__ import annotations
@@ -336,5 +346,125 @@ def sweep(n: int = 1536, k: int = 8960) -> None:
     print("best:", " | ".join(f"BN{b} BK{kk} w{w} s{st}: {us:.2f} us" for us, b, kk, w, st in sorted(rows)[:5]))
 
 
+@triton.jit
+def fused_mlp_kernel(x_ptr, lnw_ptr, wg_ptr, wu_ptr, wd_ptr, r_ptr, acc_ptr, ticket_ptr, out_ptr, eps,
+                     D: tl.constexpr, I: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+                     COLUMN_MAJOR: tl.constexpr, NP: tl.constexpr, USE_PDL: tl.constexpr = True):
+    pid = tl.program_id(0)
+    rows = pid * BI + tl.arange(0, BI)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    ag = tl.zeros((BI, BK), tl.float32)
+    au = tl.zeros((BI, BK), tl.float32)
+    ss = tl.zeros((BK,), tl.float32)
+    for k0 in range(0, D, BK):
+        cols = k0 + tl.arange(0, BK)
+        xv = tl.load(x_ptr + cols).to(tl.float32)
+        ss += xv * xv
+        xw = (xv * tl.load(lnw_ptr + cols).to(tl.float32))[None, :]
+        ag += tl.load(wg_ptr + rows[:, None] * D + cols[None, :]).to(tl.float32) * xw
+        au += tl.load(wu_ptr + rows[:, None] * D + cols[None, :]).to(tl.float32) * xw
+    rstd = tl.rsqrt(tl.sum(ss, axis=0) / D + eps)
+    g = (tl.sum(ag, axis=1) * rstd).to(tl.bfloat16).to(tl.float32)
+    u = (tl.sum(au, axis=1) * rstd).to(tl.bfloat16).to(tl.float32)
+    h = ((g * tl.sigmoid(g)).to(tl.bfloat16).to(tl.float32) * u).to(tl.bfloat16).to(tl.float32)
+    for d0 in range(0, D, BD):
+        dc = d0 + tl.arange(0, BD)
+        if COLUMN_MAJOR:  # element (d, i) at i * D + d
+            w = tl.load(wd_ptr + rows[:, None] * D + dc[None, :], mask=dc[None, :] < D, other=0.0)
+        else:
+            w = tl.load(wd_ptr + dc[None, :] * I + rows[:, None], mask=dc[None, :] < D, other=0.0)
+        part = tl.sum(w.to(tl.float32) * h[:, None], axis=0)
+        tl.atomic_add(acc_ptr + dc, part, mask=dc < D, sem="relaxed")
+    tl.debug_barrier()  # every thread's adds are issued before the ticket says this program is done
+    t = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+    if t == NP - 1:
+        for d0 in range(0, D, BD):
+            dc = d0 + tl.arange(0, BD)
+            # read at L2, where the adds were performed; then zero for the next launch
+            a = tl.atomic_add(acc_ptr + dc, tl.zeros((BD,), tl.float32), mask=dc < D, sem="acquire")
+            tl.store(acc_ptr + dc, tl.zeros((BD,), tl.float32), mask=dc < D)
+            y = tl.load(r_ptr + dc, mask=dc < D).to(tl.float32) + a.to(tl.bfloat16).to(tl.float32)
+            tl.store(out_ptr + dc, y.to(out_ptr.dtype.element_ty), mask=dc < D)
+        tl.atomic_xchg(ticket_ptr, 0)
+
+
+FUSED_CONFIGS = (  # rows of h a program, warps, column-major down weight
+    (8, 4, True), (16, 4, True), (16, 8, True), (32, 4, True), (32, 8, True), (64, 8, True),
+    (16, 4, False), (32, 4, False), (32, 8, False))
+
+
+def fused(d: int = 1536, inter: int = 8960, sets: int = 3, launches: int = 28) -> None:
+    from tileflow.runtime import ops
+
+    dev, bf = "cuda", torch.bfloat16
+    mk = lambda *s: torch.randn(*s, device=dev, dtype=bf) / s[-1] ** 0.5  # noqa: E731
+    weights = [(mk(inter, d), mk(inter, d), mk(d, inter)) for _ in range(sets)]
+    column_major = [wd.t().contiguous() for _, _, wd in weights]  # [I, D]: wd's column-major storage
+    x, r, ln_w = torch.randn(d, device=dev, dtype=bf), torch.randn(d, device=dev, dtype=bf), mk(d) + 1
+    acc = torch.zeros(d, device=dev, dtype=torch.float32)
+    ticket = torch.zeros(1, device=dev, dtype=torch.int32)
+    y = torch.empty(d, device=dev, dtype=bf)
+    eps = 1e-6
+    mb = (3 * inter * d) * 2 / 1e6
+    print(f"a layer's MLP, {mb:.1f} MB: {mb / 4.2e3 * 1e3:.2f} us at 4.2 TB/s")
+
+    def expected(wg, wu, wd):
+        n = (x.float() * torch.rsqrt(x.float().pow(2).mean() + eps)).to(bf) * ln_w
+        g, u = (wg @ n).float(), (wu @ n).float()
+        return (r.float() + (wd.float() @ (torch.nn.functional.silu(g.to(bf)) * u.to(bf)).float()).to(bf).float())
+
+    def timed(fn, label) -> tuple[float, float]:
+        worst = 0.0
+        for i in range(3):
+            y.fill_(float("nan"))
+            fn(i)
+            torch.cuda.synchronize()
+            ref = expected(*weights[i % sets])
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            assert err < 2e-2 and not y.isnan().any(), (label, err)
+            worst = max(worst, err)
+        return graph_us(fn, launches), worst
+
+    def suite_pair(i):
+        wg, wu, wd = weights[i % sets]
+        y.copy_(ops.down_proj_residual(ops.rms_norm_gate_up_silu(x[None], ln_w, eps, wg, wu), wd, r[None])[0])
+
+    def suite_only(i):
+        wg, wu, wd = weights[i % sets]
+        ops.down_proj_residual(ops.rms_norm_gate_up_silu(x[None], ln_w, eps, wg, wu), wd, r[None])
+
+    suite_pair(0)
+    torch.cuda.synchronize()
+    ref = expected(*weights[0])
+    print(f"suite pair rel err {((y.float() - ref).norm() / ref.norm()).item():.2e}")
+    print(f"{'form':<34}{'us a layer':>11}{'rel err':>10}")
+    print(f"{'suite: two launches':<34}{graph_us(suite_only, launches):>11.2f}", flush=True)
+
+    def suite_fused(i):  # the suite's rms_norm_mlp_residual, default parameters
+        wg, wu, _ = weights[i % sets]
+        y.copy_(ops.rms_norm_mlp_residual(x[None], ln_w, eps, wg, wu, column_major[i % sets].t())[0])
+
+    def suite_fused_only(i):
+        wg, wu, _ = weights[i % sets]
+        ops.rms_norm_mlp_residual(x[None], ln_w, eps, wg, wu, column_major[i % sets].t())
+
+    label = "suite: rms_norm_mlp_residual"
+    _, err = timed(suite_fused, label)  # checked with the copy out, timed without it
+    print(f"{label:<34}{graph_us(suite_fused_only, launches):>11.2f}{err:>10.1e}", flush=True)
+    for bi, warps, cm in FUSED_CONFIGS:
+        bk, bd = max(32, 2048 // bi), min(512, 8192 // bi)
+        np_ = inter // bi
+
+        def one(i):
+            wg, wu, wd = weights[i % sets]
+            fused_mlp_kernel[(np_,)](x, ln_w, wg, wu, column_major[i % sets] if cm else wd, r, acc, ticket, y, eps,
+                                     d, inter, bi, bk, bd, cm, np_, num_warps=warps, launch_pdl=True)
+        label = f"fused BI{bi} BK{bk} BD{bd} w{warps} {'cm' if cm else 'rm'}"
+        us, err = timed(one, label)
+        print(f"{label:<34}{us:>11.2f}{err:>10.1e}", flush=True)
+
+
 if __name__ == "__main__":
-    {"sweep": sweep, "flags": flags, "ready": ready}.get(sys.argv[1] if sys.argv[1:] else "hot", hot)()
+    {"sweep": sweep, "flags": flags, "ready": ready, "fused": fused}.get(sys.argv[1] if sys.argv[1:] else "hot", hot)()

@@ -64,7 +64,14 @@ class DecodeProgram:
         # that gate-up bumps (suite.ready) instead of for the whole gate-up launch
         self.ready = os.environ.get("TILEFLOW_READY", "0") != "0"
         self.ready_table: Optional[torch.Tensor] = None
-        self.ready_why = ""
+        self._links: list = []
+        # TILEFLOW_MLP_FUSED=1: each layer's MLP block (norm, gate-up, SiLU, down, residual) as
+        # one launch of rms_norm_mlp_residual, its programs summing partial rows with atomics;
+        # the down weights are re-laid-out column-major in place for it
+        self.mlp_fused = self.fused and os.environ.get("TILEFLOW_MLP_FUSED", "0") != "0"
+        if self.mlp_fused:
+            for w in self.layers:
+                ops.column_major_(w[14])
         shares, self.mlp_keep = parse_mlp_ahead(os.environ.get("TILEFLOW_MLP_AHEAD", ""))
         self.mlp_ahead = [mlp_ahead(shares, w[12], w[13]) for w in self.layers]
 
@@ -128,6 +135,9 @@ class DecodeProgram:
                 o = ops.attention_decode(q, layer.keys, layer.values, lengths, scale, key_mask=key_mask,
                                          early=early, ahead=mlp.get("attention", ()), keep=keep)
                 x = ops.o_proj_residual(o.view(1, nh * dh), wo, x, early=early, ahead=mlp.get("o", ()), keep=keep)
+            if self.mlp_fused:
+                x = ops.rms_norm_mlp_residual(x, ln2, eps2, wg, wu, wd)
+                continue
             # not early=: down's residual loaded before the wait measured 10.4 -> 13.7 us a
             # layer on an H200 (NOTES.md, 2026-12-03), cause not found
             x = ops.down_proj_residual(ops.rms_norm_gate_up_silu(x, ln2, eps2, wg, wu, ready=links[i]), wd, x,
@@ -140,21 +150,19 @@ class DecodeProgram:
         ``TILEFLOW_READY=1``), else None each. Layer ``i`` counts in row ``i`` of one table
         and clears row ``i + 1`` (the last clears row 0 for the next step), so no launch
         of the step clears counters; :meth:`reset_ready` zeroes the table (before a capture)."""
-        none = [None] * len(self.layers)
+        n = len(self.layers)
         if not self.ready:
-            return none
-        wg, wd = self.layers[0][12], self.layers[0][14]
+            return [None] * n
         if self.ready_table is None or self.ready_table.device != x.device:
-            chunk, self.ready_why = ops.ready_chunk(wg.shape[0], wg.shape[1], x.dtype, x.device)
+            wg = self.layers[0][12]
+            chunk, why = ops.ready_chunk(wg.shape[0], wg.shape[1], x.dtype, x.device)
             if not chunk:
-                warnings.warn(f"tileflow: TILEFLOW_READY=1 ignored: {self.ready_why}", stacklevel=2)
+                warnings.warn(f"tileflow: TILEFLOW_READY=1 ignored: {why}", stacklevel=2)
                 self.ready = False
-                return none
-            self.ready_chunk = chunk
-            nc = -(-wd.shape[1] // chunk)
-            self.ready_table = torch.zeros(len(self.layers), nc, dtype=torch.int32, device=x.device)
-        t, n = self.ready_table, len(self.layers)
-        return [ops.ReadyLink(t[i], t[(i + 1) % n], self.ready_chunk) for i in range(n)]
+                return [None] * n
+            t = self.ready_table = torch.zeros(n, -(-wg.shape[0] // chunk), dtype=torch.int32, device=x.device)
+            self._links = [ops.ReadyLink(t[i], t[(i + 1) % n], chunk) for i in range(n)]
+        return self._links
 
     def reset_ready(self) -> None:
         """Zero the ready counters (a step cut short could leave row 0 counted)."""

@@ -167,3 +167,28 @@ def test_ready_counters_between_gate_up_and_down_keep_the_tokens(target, monkeyp
     assert torch.equal(counts[0], torch.zeros_like(want))
     for row in counts[1:]:
         assert torch.equal(row, want)
+
+
+@pytest.mark.parametrize("target", ["triton", "reference"])
+def test_fused_mlp_keeps_the_tokens_and_leaves_its_sums_at_zero(target, monkeypatch):
+    """TILEFLOW_MLP_FUSED=1: each layer's MLP block is one rms_norm_mlp_residual launch
+    (no gate-up or down launch), the down weights are re-laid-out column-major in place
+    (same values), the greedy tokens stay eager's and the shared accumulator and count are
+    back at zero after every launch."""
+    monkeypatch.setenv("TILEFLOW_CPU_TARGET", target)
+    monkeypatch.setenv("TILEFLOW_MLP_FUSED", "1")
+    ops._LAUNCHERS.clear()
+    calls, real = [], ops.rms_norm_mlp_residual
+    monkeypatch.setattr(ops, "rms_norm_mlp_residual", lambda *a: calls.append(a) or real(*a))
+    unfused = []
+    monkeypatch.setattr(ops, "down_proj_residual", lambda *a, **k: unfused.append(a))
+    model = tiny("qwen2")
+    before = [layer.mlp.down_proj.weight.detach().clone() for layer in model.model.layers]
+    _patched_equals_eager(model)
+    ops._LAUNCHERS.clear()
+    assert calls and not unfused
+    for layer, old in zip(model.model.layers, before):
+        w = layer.mlp.down_proj.weight
+        assert w.t().is_contiguous() and torch.equal(w, old)
+    for acc, done in ops._MLP_SUMS.values():
+        assert int(done.abs().sum()) == 0 and float(acc.abs().sum()) == 0.0

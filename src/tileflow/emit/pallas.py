@@ -301,6 +301,9 @@ class PallasEmitter(Walker):
         if counters:  # the grid's programs cannot signal one another (sequential on TPU)
             raise NotImplementedError(f"{self.ir.name}: counters ({', '.join(counters)}) and atomics are "
                                       "Triton only; use the parameters without them (e.g. ONE_LAUNCH=0)")
+        if self.uses("accumulate"):  # a sum over the grid's programs in one buffer, by atomics
+            raise NotImplementedError(f"{self.ir.name}: atomic accumulation is Triton only; "
+                                      "run the unfused kernels on this target")
         if self.uses("signal") or self.uses("wait_ready"):  # programs of two launches at once
             raise NotImplementedError(f"{self.ir.name}: ready counters are Triton only; "
                                       "use the parameters without them (READY_SIGNAL=0, READY_WAIT=0)")

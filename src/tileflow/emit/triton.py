@@ -229,6 +229,14 @@ class TritonEmitter(Walker):
         w(f'{self.name(op.result)} = tl.atomic_add({self._address(view, index)}, {op.attrs["value"]}, '
           'sem="acq_rel", scope="gpu")')
 
+    def op_accumulate(self, op: Op, w: Writer):
+        view, index, value = op.args
+        mask = self._guarded(self.mask_expr(view, index, op.attrs["limits"]), op)
+        extra = f", mask={mask}" if mask else ""
+        # relaxed: the count that says a program is last (atomic_add, acq_rel after a
+        # barrier) orders every program's adds before the last one reads the sums
+        w(f'tl.atomic_add({self._address(view, index)}, {self.operand(value)}{extra}, sem="relaxed", scope="gpu")')
+
     def op_signal(self, op: Op, w: Writer):
         view, index, value = op.args
         # the barrier first: every thread's stores happen before the one release
@@ -251,9 +259,10 @@ class TritonEmitter(Walker):
         mask = self._guarded(self.mask_expr(view, index, op.attrs["limits"]), op)
         extra = f", mask={mask}, other={literal(op.attrs['other'])}" if mask else ""
         if (view.role == "workspace" and not view.persistent and (self._counting or self._virtual_pids)
-                or view.name in self._guarded_views):
+                or view.name in self._guarded_views or view.name in self._accumulated_views):
             # written by other programs of this launch (or of the launch just before, behind
-            # ready counters): read past L1, which may hold stale lines of the same buffer
+            # ready counters; or summed at L2 by atomics): read past L1, which may hold
+            # stale lines of the same buffer
             extra += ', cache_modifier=".cg"'
         conv = ".to(tl.float32)" if view.dtype in ("T", "f32") and op.result.dtype == "f32" else ""
         name = self.name(op.result)
@@ -386,6 +395,7 @@ class TritonEmitter(Walker):
         w()
 
     _guarded_views: frozenset = frozenset()
+    _accumulated_views: frozenset = frozenset()
 
     def stage_kernel(self, stage: Stage, w: Writer):
         self._counting = any(op.name == "atomic_add" for op in ops_in(stage.body))
@@ -393,6 +403,7 @@ class TritonEmitter(Walker):
         self._stage_ops = list(ops_in(stage.body))
         waits = [op for op in self._stage_ops if op.name == "wait_ready"]
         self._guarded_views = frozenset(op.attrs["guards"] for op in waits)
+        self._accumulated_views = frozenset(op.args[0].name for op in self._stage_ops if op.name == "accumulate")
         # behind ready counters every read of the previous launch's output waits for its
         # chunk: the stage starts without waiting for the whole launch
         gdc_wait = "pass  # ready counters instead of gdc_wait" if waits else "tl.extra.cuda.gdc_wait()"

@@ -302,6 +302,42 @@ def rms_norm_gate_up_silu(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wg: t
     return out
 
 
+_MLP_SUMS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def mlp_sums(m: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 accumulator [m, d] and the int32 count [m] that :func:`rms_norm_mlp_residual`
+    sums into: zero, and put back to zero by every launch, so launches on one stream (and
+    every layer of a CUDA graph) share them. Allocated on first use: warm up before a
+    capture."""
+    key = (m, d, device.type, device.index)
+    if key not in _MLP_SUMS:
+        _MLP_SUMS[key] = (torch.zeros(m, d, dtype=torch.float32, device=device),
+                          torch.zeros(m, dtype=torch.int32, device=device))
+    return _MLP_SUMS[key]
+
+
+def rms_norm_mlp_residual(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wg: torch.Tensor, wu: torch.Tensor,
+                          wd: torch.Tensor) -> torch.Tensor:
+    """``x + down(silu(gate(n)) * up(n))`` with ``n = rms_norm(x, ln_w, eps)``: a layer's whole
+    MLP in one launch (``suite.rms_norm_mlp_residual``). ``wd`` is the ``[D, I]`` down weight;
+    it streams fastest stored column-major (:func:`column_major_`)."""
+    inter, d = wg.shape
+    out = _out(x.shape, x)
+    acc, done = mlp_sums(x.shape[0], d, x.device)
+    sizes = {"M": x.shape[0], "I": inter, "D": d}
+    _launcher("rms_norm_mlp_residual", sizes, x.dtype, x.device)(x, ln_w, wg, wu, wd.t(), out, acc, done, eps)
+    return out
+
+
+def column_major_(w: torch.Tensor) -> None:
+    """Re-lay ``w`` (a 2-D parameter) out column-major in place: the same values and shape
+    to every reader, but ``w.t()`` is contiguous, so :func:`rms_norm_mlp_residual` reads each
+    program's columns of the down weight as whole rows."""
+    if w.dim() == 2 and w.stride() != (1, w.shape[0]):
+        w.data = w.data.t().contiguous().t()
+
+
 def ready_chunk(inter: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple[int, str]:
     """The chunk of ``h`` [1, inter] per ready counter between the MLP's gate-up and down
     launches (down's K round, so each round polls one counter), or (0, why not)."""

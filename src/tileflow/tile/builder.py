@@ -167,17 +167,38 @@ class TileBuilder:
         return self._workspace(name, shape, "i32", persistent=True)
 
     def atomic_add(self, view: View, index: Sequence, value: int) -> Value:
-        """Add ``value`` to one element of a :meth:`counter` and return what it held,
+        """Add ``value`` to one element of a :meth:`counter` (or of an int32 in-place view
+        that the caller keeps at zero between launches) and return what it held,
         atomically, after every store this program made before it is visible to the
         program that reads the count (acquire-release at device scope)."""
-        if not view.persistent:
-            raise TileDefinitionError(f"atomic_add on {view.name}: only counters (k.counter)")
+        if not (view.persistent or view.role == "inout" and view.dtype == "i32"):
+            raise TileDefinitionError(f"atomic_add on {view.name}: only counters (k.counter, or int32 "
+                                      "in-place views the caller keeps at zero between launches)")
         index = self._check_index(view, index)
         if any(isinstance(i, _RangeValue) for i in index):
             raise TileDefinitionError("atomic_add: one element (scalar indices)")
         if self._early:
             raise TileDefinitionError("before_wait: no atomic_add before the wait")
         return self._emit("atomic_add", self._new("i32", (), view.name), (view, index), value=int(value))
+
+    def accumulate(self, view: View, index: Sequence, value: Value, limits: Optional[dict] = None,
+                   when: Optional[Value] = None) -> None:
+        """Add the fp32 tile ``value`` into the block of the fp32 in-place ``view`` at
+        ``index``, atomically per element and in no particular order: the programs of one
+        launch sum their partial results into one buffer without a second stage. The
+        caller hands the buffer in at zero; the program that finds itself last (an
+        :meth:`atomic_add` count) reads the sums (past L1) and stores zero back. The sum's
+        order varies from run to run (fp32 rounding only). Triton only."""
+        if view.role != "inout" or view.dtype != "f32":
+            raise TileDefinitionError(f"accumulate on {view.name}: only fp32 in-place views (accumulators)")
+        index = self._check_index(view, index)
+        shape = tuple(i.block for i in index if isinstance(i, _RangeValue))
+        value = self._operand(value)
+        if self._shape_of(value) != shape:
+            raise TileDefinitionError(f"accumulating a {self._shape_of(value)} tile into a {shape} block of {view.name}")
+        if self._early:
+            raise TileDefinitionError("before_wait: no accumulate before the wait")
+        self._emit("accumulate", None, (view, index, value), limits=dict(limits or {}), when=self._guard(when))
 
     def signal(self, view: View, index: Sequence, value: Operand) -> None:
         """Add ``value`` to one int32 element of the in-place ``view`` (a ready counter the

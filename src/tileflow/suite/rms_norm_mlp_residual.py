@@ -1,0 +1,143 @@
+"""rms_norm_mlp_residual (fused): a decode layer's whole MLP block in one launch,
+``out = x + (silu(n @ wg.T) * (n @ wu.T)) @ wd.T`` with ``n = rms_norm(x, ln_w, eps)``.
+
+The unfused pair (``rms_norm_gate_up_silu``, then ``down_proj_residual``) pays two
+launches' ramp and drain a layer, and the down launch cannot start multiplying before the
+whole intermediate row ``h`` exists. Here no program waits for another: program ``p`` owns
+``BLOCK_I`` rows of ``h``, computes them from its rows of the gate and up weights (the
+norm's scale gathered on the way, as in the matvec family), multiplies them into the
+matching ``BLOCK_I`` rows of ``wd_t`` (the down weight transposed, ``[I, D]``) and adds its
+partial ``[D]`` row into the fp32 accumulator ``acc`` with atomics
+(:meth:`~tileflow.tile.builder.TileBuilder.accumulate`). The program that counts itself
+last on ``done`` adds the residual, writes ``out`` and puts ``acc`` and ``done`` back to
+zero, so the caller hands both in at zero and gets them back at zero.
+
+``wd_t`` rows are contiguous when the model's ``down_proj.weight`` is stored column-major:
+the decode step re-lays it out once, in place (the same ``[D, I]`` tensor to every other
+reader, no extra memory). The sum's order over programs varies between runs (fp32
+rounding). Triton only: TPU programs cannot add into one buffer, so Pallas targets run the
+unfused pair.
+"""
+
+from tileflow.suite import rms_norm_gate_up_silu
+from tileflow.suite.inputs import linear_weight
+from tileflow.suite.matvec import rsqrt_mean, stream_k
+from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
+
+PARAMS = ("BLOCK_I", "BLOCK_K", "BLOCK_D", "PIPELINE", "num_warps", "num_stages")
+
+
+def define(k, p):
+    x = k.input("x", ("M", "D"))
+    ln_w = k.input("ln_w", ("D",))
+    wg, wu = k.input("wg", ("I", "D")), k.input("wu", ("I", "D"))
+    wd_t = k.input("wd_t", ("I", "D"))
+    out = k.output("out", ("M", "D"))
+    acc = k.inout("acc", ("M", "D"), "f32")
+    done = k.inout("done", ("M",), "i32")
+    eps = k.scalar("eps")
+
+    with k.stage("mlp", grid=("cdiv(I, BLOCK_I)", "M")):
+        row = k.program_id(1)
+        rows = k.range(k.program_id(0) * k.param("BLOCK_I"), "BLOCK_I", aligned=True)
+        ddim = k.dim("D")
+
+        def body(cols, carry, tiles):
+            xv = k.load(x, (row, cols))
+            ss = carry.pop() + xv * xv
+            xv = xv * k.load(ln_w, (cols,))
+            return [a + t * xv[None, :] for a, t in zip(carry, tiles())] + [ss]
+
+        acc0 = [k.full(("BLOCK_I", "BLOCK_K"), 0.0), k.full(("BLOCK_I", "BLOCK_K"), 0.0), k.full(("BLOCK_K",), 0.0)]
+        sums = stream_k(k, 0, ddim, acc0, lambda cols: [k.load(wg, (rows, cols)), k.load(wu, (rows, cols))],
+                        body, p.get("PIPELINE", 0))
+        scale = rsqrt_mean(k, sums.pop(), ddim, eps)
+        g = k.sum(sums[0], axis=1) * scale
+        h = g * k.sigmoid(g) * (k.sum(sums[1], axis=1) * scale)  # rows past I: zero weights, h = 0
+
+        with k.loop(0, ddim, "BLOCK_D", carry=[]) as lp:
+            cols = k.range(lp.index, "BLOCK_D", aligned=True)
+            k.accumulate(acc, (row, cols), k.sum(k.load(wd_t, (rows, cols)) * h[:, None], axis=0))
+            lp.next()
+
+        last = k.eq(k.atomic_add(done, (row,), 1), k.cdiv(k.dim("I"), k.param("BLOCK_I")) - 1)
+        with k.loop(0, ddim, "BLOCK_D", carry=[]) as lp:
+            cols = k.range(lp.index, "BLOCK_D", aligned=True)
+            total = k.load(acc, (row, cols), when=last)
+            k.store(out, (row, cols), k.load(x, (row, cols), when=last) + total, when=last)
+            k.store(acc, (row, cols), k.full(("BLOCK_D",), 0.0), when=last)
+            lp.next()
+        k.store(done, (row,), 0, when=last)
+
+
+def reference(xp, x, ln_w, wg, wu, wd_t, acc, done, eps):
+    h = rms_norm_gate_up_silu.reference(xp, x, ln_w, wg, wu, eps)["out"]
+    return {"out": x + h @ wd_t, "acc": xp.zeros_like(acc), "done": xp.zeros_like(done)}
+
+
+def mlp_params(i: int, d: int, block_i: int = 16, block_k: int = 0, block_d: int = 0, num_warps: int = 4,
+               pipeline: int = 0, num_stages: int = 2) -> dict:
+    """Launch parameters for an MLP of intermediate size ``i`` and width ``d``: tiles of
+    about 2k elements a weight in the gate-up loop and 8k in the down loop."""
+    block_k = block_k or min(next_pow2(d), max(32, 2048 // block_i))
+    block_d = block_d or min(next_pow2(d), 512, max(32, 8192 // block_i))
+    return {"BLOCK_I": block_i, "BLOCK_K": block_k, "BLOCK_D": block_d, "PIPELINE": pipeline,
+            "num_warps": num_warps, "num_stages": num_stages}
+
+
+def mlp_candidates(s: dict) -> list[dict]:
+    """What the autotuner tries: rows of h a program, warps, the pipelined gate-up loop."""
+    out = []
+    for block_i in (8, 16, 32, 64):
+        if -(-s["I"] // block_i) < 64:
+            continue
+        for num_warps in (4, 8):
+            for pipeline in (0, 1):
+                out.append(mlp_params(s["I"], s["D"], block_i, num_warps=num_warps, pipeline=pipeline))
+    return out
+
+
+def zeros(gen, shape, sizes):
+    """Input maker for ``acc`` / ``done``: the caller hands them in at zero."""
+    import torch
+
+    return torch.zeros(shape)
+
+
+def zero_counts(gen, shape, sizes):
+    import torch
+
+    return torch.zeros(shape, dtype=torch.int32)
+
+
+def mlp_bytes(s: dict, b: int) -> int:
+    """Each weight once, x read, out written (the accumulator stays in L2)."""
+    m, i, d = s.get("M", 1), s["I"], s["D"]
+    return b * (3 * i * d + 2 * m * d + d)
+
+
+ATOMICS = ("triton", "reference")  # no cross-program adds on TPU
+
+KERNEL = register(SuiteKernel(
+    name="rms_norm_mlp_residual",
+    summary="fused: RMSNorm, gate/up SiLU, down projection and residual, one launch (atomic split over I)",
+    define=define,
+    reference=reference,
+    default_params=lambda s: mlp_params(s["I"], s["D"]),
+    test_cases=[
+        Case("tiny", dict(M=1, I=64, D=32), dict(eps=1e-6), targets=ATOMICS),
+        Case("odd", dict(M=1, I=99, D=61), dict(eps=1e-5), targets=ATOMICS),
+        Case("loops", dict(M=2, I=37, D=600), dict(eps=1e-6), params=dict(BLOCK_I=8, BLOCK_K=128, BLOCK_D=256),
+             targets=ATOMICS),
+        Case("pipeline", dict(M=1, I=50, D=300), dict(eps=1e-6), params=dict(PIPELINE=1, BLOCK_K=64, BLOCK_D=128),
+             targets=ATOMICS),
+    ],
+    decode_cases=lambda c: [Case("mlp", dict(M=1, I=c["INTER"], D=c["D"]), dict(eps=1e-6), targets=ATOMICS)],
+    candidates=mlp_candidates,
+    tune_keys=("M", "I", "D"),
+    input_makers={"wg": linear_weight, "wu": linear_weight, "wd_t": lambda g, shape, s: linear_weight(
+        g, shape[::-1], s).T.contiguous(), "acc": zeros, "done": zero_counts},
+    min_bytes=mlp_bytes,
+    fused=True,
+    module=__name__,
+))
