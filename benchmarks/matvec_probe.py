@@ -450,9 +450,14 @@ def fused(d: int = 1536, inter: int = 8960, sets: int = 3, launches: int = 28) -
         wg, wu, _ = weights[i % sets]
         ops.rms_norm_mlp_residual(x[None], ln_w, eps, wg, wu, column_major[i % sets].t())
 
-    label = "suite: rms_norm_mlp_residual"
+    def suite_fused_row_major(i):
+        wg, wu, wd = weights[i % sets]
+        ops.rms_norm_mlp_residual(x[None], ln_w, eps, wg, wu, wd)
+
+    label = "suite: rms_norm_mlp_residual cm"
     _, err = timed(suite_fused, label)  # checked with the copy out, timed without it
     print(f"{label:<34}{graph_us(suite_fused_only, launches):>11.2f}{err:>10.1e}", flush=True)
+    print(f"{'suite: rms_norm_mlp_residual rm':<34}{graph_us(suite_fused_row_major, launches):>11.2f}", flush=True)
     for bi, warps, cm in FUSED_CONFIGS:
         bk, bd = max(32, 2048 // bi), min(512, 8192 // bi)
         np_ = inter // bi

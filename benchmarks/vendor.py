@@ -98,7 +98,7 @@ def vendor_call(name: str, t: dict, scalars: dict):
         b = t["r"].shape[0]
         return (lambda: torch.addmm(t["r"], attend().reshape(b, -1), wt)), label + " + addmm (cuBLAS)"
     if name == "rms_norm_mlp_residual":
-        x, ln, wd_t = t["x"], t["ln_w"], t["wd_t"]
+        x, ln, wd_t = t["x"], t["ln_w"], t["wd"].t()
 
         def mlp():
             n = F.rms_norm(x, (x.shape[-1],), ln, scalars["eps"])

@@ -320,20 +320,20 @@ def mlp_sums(m: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.
 def rms_norm_mlp_residual(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wg: torch.Tensor, wu: torch.Tensor,
                           wd: torch.Tensor) -> torch.Tensor:
     """``x + down(silu(gate(n)) * up(n))`` with ``n = rms_norm(x, ln_w, eps)``: a layer's whole
-    MLP in one launch (``suite.rms_norm_mlp_residual``). ``wd`` is the ``[D, I]`` down weight;
-    it streams fastest stored column-major (:func:`column_major_`)."""
+    MLP in one launch (``suite.rms_norm_mlp_residual``). ``wd`` is the ``[D, I]`` down weight,
+    any strides (stored column-major, :func:`column_major_`, each program's columns are whole rows)."""
     inter, d = wg.shape
     out = _out(x.shape, x)
     acc, done = mlp_sums(x.shape[0], d, x.device)
     sizes = {"M": x.shape[0], "I": inter, "D": d}
-    _launcher("rms_norm_mlp_residual", sizes, x.dtype, x.device)(x, ln_w, wg, wu, wd.t(), out, acc, done, eps)
+    _launcher("rms_norm_mlp_residual", sizes, x.dtype, x.device)(x, ln_w, wg, wu, wd, out, acc, done, eps)
     return out
 
 
 def column_major_(w: torch.Tensor) -> None:
     """Re-lay ``w`` (a 2-D parameter) out column-major in place: the same values and shape
-    to every reader, but ``w.t()`` is contiguous, so :func:`rms_norm_mlp_residual` reads each
-    program's columns of the down weight as whole rows."""
+    to every reader, but its columns are contiguous, so :func:`rms_norm_mlp_residual` reads
+    each program's columns of the down weight as whole rows."""
     if w.dim() == 2 and w.stride() != (1, w.shape[0]):
         w.data = w.data.t().contiguous().t()
 

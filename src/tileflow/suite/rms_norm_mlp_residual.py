@@ -6,15 +6,17 @@ launches' ramp and drain a layer, and the down launch cannot start multiplying b
 whole intermediate row ``h`` exists. Here no program waits for another: program ``p`` owns
 ``BLOCK_I`` rows of ``h``, computes them from its rows of the gate and up weights (the
 norm's scale gathered on the way, as in the matvec family), multiplies them into the
-matching ``BLOCK_I`` rows of ``wd_t`` (the down weight transposed, ``[I, D]``) and adds its
+matching ``BLOCK_I`` columns of the down weight ``wd`` (``[D, I]``, the ``nn.Linear``
+layout, any strides) and adds its
 partial ``[D]`` row into the fp32 accumulator ``acc`` with atomics
 (:meth:`~tileflow.tile.builder.TileBuilder.accumulate`). The program that counts itself
 last on ``done`` adds the residual, writes ``out`` and puts ``acc`` and ``done`` back to
 zero, so the caller hands both in at zero and gets them back at zero.
 
-``wd_t`` rows are contiguous when the model's ``down_proj.weight`` is stored column-major:
-the decode step re-lays it out once, in place (the same ``[D, I]`` tensor to every other
-reader, no extra memory). The sum's order over programs varies between runs (fp32
+A program's columns of ``wd`` are whole contiguous rows when the weight is stored
+column-major: the torch decode step re-lays it out once, in place (the same ``[D, I]``
+tensor to every other reader, no extra memory); row-major, each row gives ``BLOCK_I``
+contiguous elements. The sum's order over programs varies between runs (fp32
 rounding). Triton only: TPU programs cannot add into one buffer, so Pallas targets run the
 unfused pair.
 """
@@ -31,7 +33,7 @@ def define(k, p):
     x = k.input("x", ("M", "D"))
     ln_w = k.input("ln_w", ("D",))
     wg, wu = k.input("wg", ("I", "D")), k.input("wu", ("I", "D"))
-    wd_t = k.input("wd_t", ("I", "D"))
+    wd = k.input("wd", ("D", "I"))
     out = k.output("out", ("M", "D"))
     acc = k.inout("acc", ("M", "D"), "f32")
     done = k.inout("done", ("M",), "i32")
@@ -57,7 +59,7 @@ def define(k, p):
 
         with k.loop(0, ddim, "BLOCK_D", carry=[]) as lp:
             cols = k.range(lp.index, "BLOCK_D", aligned=True)
-            k.accumulate(acc, (row, cols), k.sum(k.load(wd_t, (rows, cols)) * h[:, None], axis=0))
+            k.accumulate(acc, (row, cols), k.sum(k.load(wd, (cols, rows)) * h[None, :], axis=1))
             lp.next()
 
         last = k.eq(k.atomic_add(done, (row,), 1), k.cdiv(k.dim("I"), k.param("BLOCK_I")) - 1)
@@ -70,9 +72,9 @@ def define(k, p):
         k.store(done, (row,), 0, when=last)
 
 
-def reference(xp, x, ln_w, wg, wu, wd_t, acc, done, eps):
+def reference(xp, x, ln_w, wg, wu, wd, acc, done, eps):
     h = rms_norm_gate_up_silu.reference(xp, x, ln_w, wg, wu, eps)["out"]
-    return {"out": x + h @ wd_t, "acc": xp.zeros_like(acc), "done": xp.zeros_like(done)}
+    return {"out": x + h @ xp.matrix_transpose(wd), "acc": xp.zeros_like(acc), "done": xp.zeros_like(done)}
 
 
 def mlp_params(i: int, d: int, block_i: int = 16, block_k: int = 0, block_d: int = 0, num_warps: int = 4,
@@ -135,8 +137,7 @@ KERNEL = register(SuiteKernel(
     decode_cases=lambda c: [Case("mlp", dict(M=1, I=c["INTER"], D=c["D"]), dict(eps=1e-6), targets=ATOMICS)],
     candidates=mlp_candidates,
     tune_keys=("M", "I", "D"),
-    input_makers={"wg": linear_weight, "wu": linear_weight, "wd_t": lambda g, shape, s: linear_weight(
-        g, shape[::-1], s).T.contiguous(), "acc": zeros, "done": zero_counts},
+    input_makers={"wg": linear_weight, "wu": linear_weight, "wd": linear_weight, "acc": zeros, "done": zero_counts},
     min_bytes=mlp_bytes,
     fused=True,
     module=__name__,
