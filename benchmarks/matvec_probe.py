@@ -349,34 +349,42 @@ def sweep(n: int = 1536, k: int = 8960) -> None:
 @triton.jit
 def fused_mlp_kernel(x_ptr, lnw_ptr, wg_ptr, wu_ptr, wd_ptr, r_ptr, acc_ptr, ticket_ptr, out_ptr, eps,
                      D: tl.constexpr, I: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-                     COLUMN_MAJOR: tl.constexpr, NP: tl.constexpr, USE_PDL: tl.constexpr = True):
+                     COLUMN_MAJOR: tl.constexpr, NP: tl.constexpr, USE_PDL: tl.constexpr = True,
+                     MODE: tl.constexpr = 0):
+    # MODE (ablations, wrong results by design except 0 and 4): 0 the kernel; 1 partial rows
+    # stored to a scratch row each, no atomics, no ticket; 2 gate-up only (h stored);
+    # 3 down only (h from x, no gate-up weights); 4 the kernel with the first down tile
+    # requested before the gate-up loop
     pid = tl.program_id(0)
     rows = pid * BI + tl.arange(0, BI)
+    if MODE == 4:
+        dc0 = tl.arange(0, BD)
+        w_first = tl.load(wd_ptr + rows[:, None] * D + dc0[None, :], mask=dc0[None, :] < D, other=0.0)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    ag = tl.zeros((BI, BK), tl.float32)
-    au = tl.zeros((BI, BK), tl.float32)
-    ss = tl.zeros((BK,), tl.float32)
-    for k0 in range(0, D, BK):
-        cols = k0 + tl.arange(0, BK)
-        xv = tl.load(x_ptr + cols).to(tl.float32)
-        ss += xv * xv
-        xw = (xv * tl.load(lnw_ptr + cols).to(tl.float32))[None, :]
-        ag += tl.load(wg_ptr + rows[:, None] * D + cols[None, :]).to(tl.float32) * xw
-        au += tl.load(wu_ptr + rows[:, None] * D + cols[None, :]).to(tl.float32) * xw
-    rstd = tl.rsqrt(tl.sum(ss, axis=0) / D + eps)
-    g = (tl.sum(ag, axis=1) * rstd).to(tl.bfloat16).to(tl.float32)
-    u = (tl.sum(au, axis=1) * rstd).to(tl.bfloat16).to(tl.float32)
-    h = ((g * tl.sigmoid(g)).to(tl.bfloat16).to(tl.float32) * u).to(tl.bfloat16).to(tl.float32)
+    if MODE == 3:
+        h = tl.load(x_ptr + rows % D).to(tl.float32)
+    else:
+        h = _fused_gate_up(x_ptr, lnw_ptr, wg_ptr, wu_ptr, rows, eps, D, BI, BK)
+    if MODE == 2:
+        tl.store(acc_ptr + rows, h)
+        return
     for d0 in range(0, D, BD):
         dc = d0 + tl.arange(0, BD)
-        if COLUMN_MAJOR:  # element (d, i) at i * D + d
+        if MODE == 4 and d0 == 0:
+            w = w_first
+        elif COLUMN_MAJOR:  # element (d, i) at i * D + d
             w = tl.load(wd_ptr + rows[:, None] * D + dc[None, :], mask=dc[None, :] < D, other=0.0)
         else:
             w = tl.load(wd_ptr + dc[None, :] * I + rows[:, None], mask=dc[None, :] < D, other=0.0)
         part = tl.sum(w.to(tl.float32) * h[:, None], axis=0)
-        tl.atomic_add(acc_ptr + dc, part, mask=dc < D, sem="relaxed")
+        if MODE == 1:
+            tl.store(acc_ptr + pid * D + dc, part, mask=dc < D)
+        else:
+            tl.atomic_add(acc_ptr + dc, part, mask=dc < D, sem="relaxed")
+    if MODE == 1:
+        return
     tl.debug_barrier()  # every thread's adds are issued before the ticket says this program is done
     t = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
     if t == NP - 1:
@@ -390,9 +398,56 @@ def fused_mlp_kernel(x_ptr, lnw_ptr, wg_ptr, wu_ptr, wd_ptr, r_ptr, acc_ptr, tic
         tl.atomic_xchg(ticket_ptr, 0)
 
 
+@triton.jit
+def _fused_gate_up(x_ptr, lnw_ptr, wg_ptr, wu_ptr, rows, eps, D: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr):
+    ag = tl.zeros((BI, BK), tl.float32)
+    au = tl.zeros((BI, BK), tl.float32)
+    ss = tl.zeros((BK,), tl.float32)
+    for k0 in range(0, D, BK):
+        cols = k0 + tl.arange(0, BK)
+        xv = tl.load(x_ptr + cols).to(tl.float32)
+        ss += xv * xv
+        xw = (xv * tl.load(lnw_ptr + cols).to(tl.float32))[None, :]
+        ag += tl.load(wg_ptr + rows[:, None] * D + cols[None, :]).to(tl.float32) * xw
+        au += tl.load(wu_ptr + rows[:, None] * D + cols[None, :]).to(tl.float32) * xw
+    rstd = tl.rsqrt(tl.sum(ss, axis=0) / D + eps)
+    g = (tl.sum(ag, axis=1) * rstd).to(tl.bfloat16).to(tl.float32)
+    u = (tl.sum(au, axis=1) * rstd).to(tl.bfloat16).to(tl.float32)
+    return ((g * tl.sigmoid(g)).to(tl.bfloat16).to(tl.float32) * u).to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
+def fused_mlp_stride_kernel(x_ptr, lnw_ptr, wg_ptr, wu_ptr, wd_ptr, r_ptr, acc_ptr, ticket_ptr, out_ptr, eps,
+                            D: tl.constexpr, I: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr,
+                            BDA: tl.constexpr, NPROG: tl.constexpr, USE_PDL: tl.constexpr = True):
+    """One wave of NPROG programs, each taking row blocks pid, pid + NPROG, ... of h and
+    keeping its partial [D] row in registers across them (BDA >= D columns of the
+    column-major down weight a block): one set of atomic adds a program, no tail wave."""
+    pid = tl.program_id(0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    dc = tl.arange(0, BDA)
+    part = tl.zeros((BDA,), tl.float32)
+    for blk in range(pid, I // BI, NPROG):
+        rows = blk * BI + tl.arange(0, BI)
+        h = _fused_gate_up(x_ptr, lnw_ptr, wg_ptr, wu_ptr, rows, eps, D, BI, BK)
+        w = tl.load(wd_ptr + rows[:, None] * D + dc[None, :], mask=dc[None, :] < D, other=0.0)
+        part += tl.sum(w.to(tl.float32) * h[:, None], axis=0)
+    tl.atomic_add(acc_ptr + dc, part, mask=dc < D, sem="relaxed")
+    tl.debug_barrier()
+    t = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+    if t == NPROG - 1:
+        a = tl.atomic_add(acc_ptr + dc, tl.zeros((BDA,), tl.float32), mask=dc < D, sem="acquire")
+        tl.store(acc_ptr + dc, tl.zeros((BDA,), tl.float32), mask=dc < D)
+        y = tl.load(r_ptr + dc, mask=dc < D).to(tl.float32) + a.to(tl.bfloat16).to(tl.float32)
+        tl.store(out_ptr + dc, y.to(out_ptr.dtype.element_ty), mask=dc < D)
+        tl.atomic_xchg(ticket_ptr, 0)
+
+
 FUSED_CONFIGS = (  # rows of h a program, warps, column-major down weight
-    (8, 4, True), (16, 4, True), (16, 8, True), (32, 4, True), (32, 8, True), (64, 8, True),
-    (16, 4, False), (32, 4, False), (32, 8, False))
+    (8, 4, True), (16, 4, True), (16, 8, True), (32, 4, True), (16, 4, False), (32, 4, False))
+ABLATIONS = {1: "no atomics (rows to scratch)", 2: "gate-up only", 3: "down only (+atomics)", 4: "first down tile early"}
 
 
 def fused(d: int = 1536, inter: int = 8960, sets: int = 3, launches: int = 28) -> None:
@@ -402,8 +457,10 @@ def fused(d: int = 1536, inter: int = 8960, sets: int = 3, launches: int = 28) -
     mk = lambda *s: torch.randn(*s, device=dev, dtype=bf) / s[-1] ** 0.5  # noqa: E731
     weights = [(mk(inter, d), mk(inter, d), mk(d, inter)) for _ in range(sets)]
     column_major = [wd.t().contiguous() for _, _, wd in weights]  # [I, D]: wd's column-major storage
-    x, r, ln_w = torch.randn(d, device=dev, dtype=bf), torch.randn(d, device=dev, dtype=bf), mk(d) + 1
+    x, ln_w = torch.randn(d, device=dev, dtype=bf), mk(d) + 1
+    r = x  # the MLP block's residual is its input (what the suite kernel adds)
     acc = torch.zeros(d, device=dev, dtype=torch.float32)
+    scratch = torch.zeros(inter // 8, d, device=dev, dtype=torch.float32)  # MODE 1: a partial row a program
     ticket = torch.zeros(1, device=dev, dtype=torch.int32)
     y = torch.empty(d, device=dev, dtype=bf)
     eps = 1e-6
@@ -469,6 +526,33 @@ def fused(d: int = 1536, inter: int = 8960, sets: int = 3, launches: int = 28) -
         label = f"fused BI{bi} BK{bk} BD{bd} w{warps} {'cm' if cm else 'rm'}"
         us, err = timed(one, label)
         print(f"{label:<34}{us:>11.2f}{err:>10.1e}", flush=True)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for bi, warps, per_sm in ((4, 8, 2), (4, 8, 4), (8, 8, 2), (8, 8, 4), (4, 4, 4), (2, 4, 8)):
+        nprog, bk = sms * per_sm, max(64, 2048 // bi)
+
+        def one(i):
+            wg, wu, _ = weights[i % sets]
+            fused_mlp_stride_kernel[(nprog,)](x, ln_w, wg, wu, column_major[i % sets], r, acc, ticket, y, eps, d, inter,
+                                              bi, bk, triton.next_power_of_2(d), nprog, num_warps=warps,
+                                              launch_pdl=True)
+        label = f"one wave {nprog} BI{bi} BK{bk} w{warps}"
+        us, err = timed(one, label)
+        print(f"{label:<34}{us:>11.2f}{err:>10.1e}", flush=True)
+    for bi in (8, 16, 32):  # where the fused launch's time goes: each stage left out in turn
+        bk, bd = max(32, 2048 // bi), min(512, 8192 // bi)
+        np_ = inter // bi
+        for mode, what in ABLATIONS.items():
+            def one(i, mode=mode):
+                wg, wu, _ = weights[i % sets]
+                fused_mlp_kernel[(np_,)](x, ln_w, wg, wu, column_major[i % sets], r, scratch if mode in (1, 2) else acc,
+                                         ticket, y, eps, d, inter, bi, bk, bd, True, np_, MODE=mode, num_warps=4,
+                                         launch_pdl=True)
+            label = f"BI{bi} w4 cm: {what}"
+            if mode == 4:
+                us, err = timed(one, label)
+                print(f"{label:<34}{us:>11.2f}{err:>10.1e}", flush=True)
+            else:
+                print(f"{label:<34}{graph_us(one, launches):>11.2f}", flush=True)
 
 
 if __name__ == "__main__":
