@@ -526,6 +526,24 @@ def fused(d: int = 1536, inter: int = 8960, sets: int = 3, launches: int = 28) -
         label = f"fused BI{bi} BK{bk} BD{bd} w{warps} {'cm' if cm else 'rm'}"
         us, err = timed(one, label)
         print(f"{label:<34}{us:>11.2f}{err:>10.1e}", flush=True)
+    from tileflow.runtime.torch_triton import torch_launcher
+    from tileflow.suite import KERNELS
+    from tileflow.suite.rms_norm_mlp_residual import mlp_params
+
+    kernel, sizes = KERNELS["rms_norm_mlp_residual"], {"M": 1, "I": inter, "D": d}
+    sums = ops.mlp_sums(1, d, x.device)
+    for extra in (dict(), dict(wave=264, block_i=4, num_warps=8), dict(wave=528, block_i=4, num_warps=8),
+                  dict(wave=264, block_i=8, num_warps=8), dict(wave=132, block_i=8, num_warps=8),
+                  dict(wave=528, block_i=2, num_warps=4)):
+        params = mlp_params(inter, d, **extra)
+        launch = torch_launcher(kernel.build(params), "cuda", sizes)
+
+        def one(i, launch=launch):
+            wg, wu, _ = weights[i % sets]
+            launch(x[None], ln_w, wg, wu, column_major[i % sets].t(), y[None], *sums, eps)
+        label = "suite " + (f"wave {params['WAVE']} BI{params['BLOCK_I']} w{params['num_warps']}" if extra else "defaults")
+        us, err = timed(one, label)
+        print(f"{label:<34}{us:>11.2f}{err:>10.1e}", flush=True)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for bi, warps, per_sm in ((4, 8, 2), (4, 8, 4), (8, 8, 2), (8, 8, 4), (4, 4, 4), (2, 4, 8)):
         nprog, bk = sms * per_sm, max(64, 2048 // bi)

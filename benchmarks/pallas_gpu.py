@@ -35,6 +35,8 @@ def check_test_cases(kernels: dict) -> dict:
     for name, k in kernels.items():
         try:  # every test case: odd shapes and padded head groups are where GPU programs collide
             rs = [verify(k, case, "bf16", "pallas") for case in k.test_cases if case.runs_on("pallas")]
+            if not rs:  # Triton only (atomics): nothing for Pallas to check
+                continue
             bad = [r for r in rs if not r.ok]
             res[name] = {"ok": not bad, "rel_err": max(r.max_error for r in rs), "cases": len(rs),
                          "detail": "; ".join(f"{r.case}: {r.detail}" for r in bad)}

@@ -25,8 +25,9 @@ from tileflow.suite import rms_norm_gate_up_silu
 from tileflow.suite.inputs import linear_weight
 from tileflow.suite.matvec import rsqrt_mean, stream_k
 from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
+from tileflow.tile.builder import TileDefinitionError
 
-PARAMS = ("BLOCK_I", "BLOCK_K", "BLOCK_D", "PIPELINE", "num_warps", "num_stages")
+PARAMS = ("BLOCK_I", "BLOCK_K", "BLOCK_D", "PIPELINE", "WAVE", "num_warps", "num_stages")
 
 
 def define(k, p):
@@ -38,31 +39,52 @@ def define(k, p):
     acc = k.inout("acc", ("M", "D"), "f32")
     done = k.inout("done", ("M",), "i32")
     eps = k.scalar("eps")
+    wave = p.get("WAVE", 0)
+    if wave and p.get("PIPELINE", 0):
+        raise TileDefinitionError("WAVE runs its row blocks in a loop: no PIPELINE (loads before the wait)")
 
-    with k.stage("mlp", grid=("cdiv(I, BLOCK_I)", "M")):
+    # WAVE > 0: one wave of WAVE programs, each taking row blocks pid, pid + WAVE, ... and
+    # keeping its partial row (BLOCK_D >= D) in registers across them: one set of adds a
+    # program, and no tail wave of a few programs
+    with k.stage("mlp", grid=("WAVE" if wave else "cdiv(I, BLOCK_I)", "M")):
         row = k.program_id(1)
-        rows = k.range(k.program_id(0) * k.param("BLOCK_I"), "BLOCK_I", aligned=True)
         ddim = k.dim("D")
+        blocks = k.cdiv(k.dim("I"), k.param("BLOCK_I"))
 
-        def body(cols, carry, tiles):
-            xv = k.load(x, (row, cols))
-            ss = carry.pop() + xv * xv
-            xv = xv * k.load(ln_w, (cols,))
-            return [a + t * xv[None, :] for a, t in zip(carry, tiles())] + [ss]
+        def h_rows(rows, pipeline):
+            """``silu(gate) * up`` of ``rows`` of h (rows past I: zero weights, h = 0)."""
+            def body(cols, carry, tiles):
+                xv = k.load(x, (row, cols))
+                ss = carry.pop() + xv * xv
+                xv = xv * k.load(ln_w, (cols,))
+                return [a + t * xv[None, :] for a, t in zip(carry, tiles())] + [ss]
 
-        acc0 = [k.full(("BLOCK_I", "BLOCK_K"), 0.0), k.full(("BLOCK_I", "BLOCK_K"), 0.0), k.full(("BLOCK_K",), 0.0)]
-        sums = stream_k(k, 0, ddim, acc0, lambda cols: [k.load(wg, (rows, cols)), k.load(wu, (rows, cols))],
-                        body, p.get("PIPELINE", 0))
-        scale = rsqrt_mean(k, sums.pop(), ddim, eps)
-        g = k.sum(sums[0], axis=1) * scale
-        h = g * k.sigmoid(g) * (k.sum(sums[1], axis=1) * scale)  # rows past I: zero weights, h = 0
+            acc0 = [k.full(("BLOCK_I", "BLOCK_K"), 0.0), k.full(("BLOCK_I", "BLOCK_K"), 0.0),
+                    k.full(("BLOCK_K",), 0.0)]
+            sums = stream_k(k, 0, ddim, acc0, lambda cols: [k.load(wg, (rows, cols)), k.load(wu, (rows, cols))],
+                            body, pipeline)
+            scale = rsqrt_mean(k, sums.pop(), ddim, eps)
+            g = k.sum(sums[0], axis=1) * scale
+            return g * k.sigmoid(g) * (k.sum(sums[1], axis=1) * scale)
 
-        with k.loop(0, ddim, "BLOCK_D", carry=[]) as lp:
-            cols = k.range(lp.index, "BLOCK_D", aligned=True)
-            k.accumulate(acc, (row, cols), k.sum(k.load(wd, (cols, rows)) * h[None, :], axis=1))
-            lp.next()
+        if wave:
+            cols = k.range(0, "BLOCK_D", aligned=True)
+            with k.loop(k.program_id(0), blocks, "WAVE", carry=[k.full(("BLOCK_D",), 0.0)]) as blk:
+                rows = k.range(blk.index * k.param("BLOCK_I"), "BLOCK_I", aligned=True)
+                h = h_rows(rows, 0)
+                blk.next(blk.carry[0] + k.sum(k.load(wd, (cols, rows)) * h[None, :], axis=1))
+            k.accumulate(acc, (row, cols), blk.results[0])
+            programs = k.param("WAVE")
+        else:
+            rows = k.range(k.program_id(0) * k.param("BLOCK_I"), "BLOCK_I", aligned=True)
+            h = h_rows(rows, p.get("PIPELINE", 0))
+            with k.loop(0, ddim, "BLOCK_D", carry=[]) as lp:
+                cols = k.range(lp.index, "BLOCK_D", aligned=True)
+                k.accumulate(acc, (row, cols), k.sum(k.load(wd, (cols, rows)) * h[None, :], axis=1))
+                lp.next()
+            programs = blocks
 
-        last = k.eq(k.atomic_add(done, (row,), 1), k.cdiv(k.dim("I"), k.param("BLOCK_I")) - 1)
+        last = k.eq(k.atomic_add(done, (row,), 1), programs - 1)
         with k.loop(0, ddim, "BLOCK_D", carry=[]) as lp:
             cols = k.range(lp.index, "BLOCK_D", aligned=True)
             total = k.load(acc, (row, cols), when=last)
@@ -78,12 +100,15 @@ def reference(xp, x, ln_w, wg, wu, wd, acc, done, eps):
 
 
 def mlp_params(i: int, d: int, block_i: int = 16, block_k: int = 0, block_d: int = 0, num_warps: int = 4,
-               pipeline: int = 0, num_stages: int = 2) -> dict:
+               pipeline: int = 0, num_stages: int = 2, wave: int = 0) -> dict:
     """Launch parameters for an MLP of intermediate size ``i`` and width ``d``: tiles of
-    about 2k elements a weight in the gate-up loop and 8k in the down loop."""
+    about 2k elements a weight in the gate-up loop and 8k in the down loop; with ``wave``
+    programs, the whole row of D in one tile."""
     block_k = block_k or min(next_pow2(d), max(32, 2048 // block_i))
+    if wave:
+        block_d = next_pow2(d)
     block_d = block_d or min(next_pow2(d), 512, max(32, 8192 // block_i))
-    return {"BLOCK_I": block_i, "BLOCK_K": block_k, "BLOCK_D": block_d, "PIPELINE": pipeline,
+    return {"BLOCK_I": block_i, "BLOCK_K": block_k, "BLOCK_D": block_d, "PIPELINE": pipeline, "WAVE": wave,
             "num_warps": num_warps, "num_stages": num_stages}
 
 
@@ -96,6 +121,10 @@ def mlp_candidates(s: dict) -> list[dict]:
         for num_warps in (4, 8):
             for pipeline in (0, 1):
                 out.append(mlp_params(s["I"], s["D"], block_i, num_warps=num_warps, pipeline=pipeline))
+    for wave in (132, 264, 528):  # one wave: 1, 2, 4 programs on each of an H100 / H200's 132 SMs
+        for block_i in (2, 4, 8):
+            if block_i * next_pow2(s["D"]) <= 16384 and -(-s["I"] // block_i) >= wave:
+                out.append(mlp_params(s["I"], s["D"], block_i, num_warps=8 if block_i >= 4 else 4, wave=wave))
     return out
 
 
@@ -133,6 +162,12 @@ KERNEL = register(SuiteKernel(
              targets=ATOMICS),
         Case("pipeline", dict(M=1, I=50, D=300), dict(eps=1e-6), params=dict(PIPELINE=1, BLOCK_K=64, BLOCK_D=128),
              targets=ATOMICS),
+        # one wave of 3 programs over 13 row blocks of 4 (the last partial), D in one tile
+        Case("wave", dict(M=2, I=50, D=300), dict(eps=1e-6), params=dict(WAVE=3, BLOCK_I=4, BLOCK_K=64, BLOCK_D=512),
+             targets=ATOMICS),
+        # more programs than row blocks: the idle ones still add (zeros) and count
+        Case("wave-idle", dict(M=1, I=12, D=40), dict(eps=1e-5), params=dict(WAVE=5, BLOCK_I=4, BLOCK_K=32,
+                                                                               BLOCK_D=64), targets=ATOMICS),
     ],
     decode_cases=lambda c: [Case("mlp", dict(M=1, I=c["INTER"], D=c["D"]), dict(eps=1e-6), targets=ATOMICS)],
     candidates=mlp_candidates,
