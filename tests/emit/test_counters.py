@@ -66,3 +66,27 @@ def test_atomic_misuse_fails_at_build_time():
             with k.before_wait():
                 k.load(w, (k.range(0, "BLOCK"),))
                 k.atomic_add(c, (0,), 1)
+
+
+def test_accumulate_adds_then_counts_then_reads_past_l1():
+    """``k.accumulate`` (rms_norm_mlp_residual): relaxed adds of every program's partial row,
+    then the barrier and the acq_rel count, and the last program's reads of the sums past L1;
+    Pallas refuses it; only fp32 in-place views accumulate."""
+    kernel = KERNELS["rms_norm_mlp_residual"]
+    ir = kernel.build(kernel.params_for(kernel.test_cases[0]))
+    src = generate(ir, "triton")
+    add = src.index('tl.atomic_add(acc_ptr')
+    barrier, count = src.index("tl.debug_barrier()"), src.index("tl.atomic_add(done_ptr")
+    assert add < barrier < count and 'sem="relaxed"' in src[add:barrier]
+    read = src.index("tl.load(acc_ptr")
+    assert count < read and 'cache_modifier=".cg"' in src[read:src.index("\n", read)]
+    with pytest.raises(NotImplementedError, match="Triton only"):
+        generate(ir, "pallas")
+    k = TileBuilder("bad", {"BLOCK": 4})
+    ints = k.inout("ints", ("N",), "i32")
+    out = k.output("out", ("N",), "f32")
+    with k.stage("main", grid=("1",)):
+        tile = k.full(("BLOCK",), 1.0)
+        for view in (ints, out):
+            with pytest.raises(TileDefinitionError, match="only fp32 in-place views"):
+                k.accumulate(view, (k.range(0, "BLOCK"),), tile)
