@@ -225,8 +225,8 @@ def decode_step(cfg: DecodeConfig, params: Params, token, cache: Cache, pos):
 def decode_step_tileflow(cfg: DecodeConfig, params: Params, token, cache: Cache, pos):
     """``decode_step`` with the suite's primitives called directly: per layer the torch
     patch path's launches (norm + q/k/v + RoPE + cache write, attention's two stages,
-    o + residual, and the whole MLP as one ``rms_norm_mlp_residual`` where it lowers, else
-    norm + gate/up + SiLU and down + residual)."""
+    o + residual, norm + gate/up + SiLU and down + residual; with ``TILEFLOW_MLP_FUSED=1`` the
+    whole MLP as one ``rms_norm_mlp_residual`` where it lowers)."""
     from tileflow.integrations.jax import ops
 
     b = token.shape[0]
@@ -234,7 +234,8 @@ def decode_step_tileflow(cfg: DecodeConfig, params: Params, token, cache: Cache,
     positions = jnp.full((b,), pos, jnp.int32)
     lengths = positions + 1
     new_cache = []
-    fused_mlp, sums = ops.mlp_fuses(), None
+    # TILEFLOW_MLP_FUSED=1, as on the torch side: opt-in, measured slower there (NOTES.md 2026-12-06)
+    fused_mlp, sums = os.environ.get("TILEFLOW_MLP_FUSED", "0") != "0" and ops.mlp_fuses(), None
     for layer, kv in zip(params["layers"], cache):
         q, k_cache, v_cache = ops.qkv_rope_cache(h, layer["ln1"], cfg.eps, layer["wq"], layer["wk"], layer["wv"],
                                                  layer.get("bq"), layer.get("bk"), layer.get("bv"), positions,

@@ -93,6 +93,18 @@ def test_greedy_tokens_identical_fp32(kind, target, monkeypatch):
     assert decode(kind, M.decode_step_tileflow) == expected
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_fused_mlp_step_keeps_the_tokens(kind, monkeypatch):
+    """``TILEFLOW_MLP_FUSED=1``: the by-hand step runs each MLP as one rms_norm_mlp_residual
+    (the reference on CPU) and its greedy tokens stay eager's."""
+    monkeypatch.setenv("TILEFLOW_JAX_TARGET", "reference")
+    monkeypatch.setenv("TILEFLOW_MLP_FUSED", "1")
+    cfg, params = M.from_transformers(tiny(kind))
+    program = str(jax.make_jaxpr(functools.partial(M.decode_step_tileflow, cfg))(*step_args(cfg, params)))
+    assert program.count("tileflow_rms_norm_mlp_residual") == cfg.layers
+    assert decode(kind, M.decode_step_tileflow) == eager_tokens(kind)
+
+
 def test_optimized_logits_close_and_primitives_in_the_program():
     cfg, params = M.from_transformers(tiny("qwen2"))
     args = step_args(cfg, params)
