@@ -113,7 +113,8 @@ class DecodeProgram:
     def _run_fused(self, x, p, row, lengths, cache, key_mask) -> torch.Tensor:
         """The same step with the suite's fused kernels: six launches a layer
         (qkv_rope_cache, attention's two stages, o_proj+residual, rms_norm_gate_up_silu,
-        down+residual) instead of eleven; the norms run inside the matvecs."""
+        down+residual) instead of eleven, five with ``TILEFLOW_MLP_FUSED=1`` (the MLP as one
+        rms_norm_mlp_residual); the norms run inside the matvecs."""
         nh, dh, early = self.nh, self.dh, self.early
         links = self.ready_links(x)
         for i, (ln1, eps1, wq, bq, wk, wv, bk, bv, wo, scale, ln2, eps2, wg, wu, wd) in enumerate(self.layers):
