@@ -386,6 +386,13 @@ def fused_mlp_kernel(x_ptr, lnw_ptr, wg_ptr, wu_ptr, wd_ptr, r_ptr, acc_ptr, tic
             tl.atomic_add(acc_ptr + dc, part, mask=dc < D, sem="relaxed")
     if MODE == 1:
         return
+    _fused_finish(acc_ptr, ticket_ptr, r_ptr, out_ptr, NP, D, BD)
+
+
+@triton.jit
+def _fused_finish(acc_ptr, ticket_ptr, r_ptr, out_ptr, NP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+    """The count; the last of NP programs rounds the sums, adds the residual, writes the
+    output and leaves the sums and the count at zero."""
     tl.debug_barrier()  # every thread's adds are issued before the ticket says this program is done
     t = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
     if t == NP - 1:
@@ -436,14 +443,7 @@ def fused_mlp_stride_kernel(x_ptr, lnw_ptr, wg_ptr, wu_ptr, wd_ptr, r_ptr, acc_p
         w = tl.load(wd_ptr + rows[:, None] * D + dc[None, :], mask=dc[None, :] < D, other=0.0)
         part += tl.sum(w.to(tl.float32) * h[:, None], axis=0)
     tl.atomic_add(acc_ptr + dc, part, mask=dc < D, sem="relaxed")
-    tl.debug_barrier()
-    t = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
-    if t == NPROG - 1:
-        a = tl.atomic_add(acc_ptr + dc, tl.zeros((BDA,), tl.float32), mask=dc < D, sem="acquire")
-        tl.store(acc_ptr + dc, tl.zeros((BDA,), tl.float32), mask=dc < D)
-        y = tl.load(r_ptr + dc, mask=dc < D).to(tl.float32) + a.to(tl.bfloat16).to(tl.float32)
-        tl.store(out_ptr + dc, y.to(out_ptr.dtype.element_ty), mask=dc < D)
-        tl.atomic_xchg(ticket_ptr, 0)
+    _fused_finish(acc_ptr, ticket_ptr, r_ptr, out_ptr, NPROG, D, BDA)
 
 
 FUSED_CONFIGS = (  # rows of h a program, warps, column-major down weight
