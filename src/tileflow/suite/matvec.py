@@ -79,6 +79,22 @@ def rms_scale(k, x, row, kdim, eps):
     return rsqrt_mean(k, lp.results[0], kdim, eps)
 
 
+def products_body(k, x, row, ln_w=None, gather_ss: bool = False, hi=None, before=None):
+    """The ``body`` of :func:`stream_k` for products with a row of ``x``: the carried fp32
+    accumulators gain ``tile * x[cols]`` (times the norm's gamma ``ln_w`` where given), and
+    with ``gather_ss`` a last carried value gathers x^2 for the norm's scale. ``hi`` limits
+    the columns read (a split-K chunk); ``before(cols)`` runs first in each round."""
+    def body(cols, carry, tiles):
+        if before is not None:
+            before(cols)
+        xv = k.load(x, (row, cols), limits=None if hi is None else {1: hi})
+        ss = [carry.pop() + xv * xv] if gather_ss else []
+        if ln_w is not None:
+            xv = xv * k.load(ln_w, (cols,), limits=None if hi is None else {0: hi})
+        return [a + t * xv[None, :] for a, t in zip(carry, tiles())] + ss
+    return body
+
+
 def stream_k(k, lo, hi, carry, load_tiles, body, pipeline: bool) -> list:
     """The K loop of a weight-streaming kernel: ``for`` rounds of ``BLOCK_K`` columns from
     ``lo`` to ``hi``, ``body(cols, carry, tiles)`` returning the new carry, where
@@ -172,16 +188,11 @@ def define_matvec(form: MatvecForm, k, p) -> None:
         if gather_ss:
             acc0.append(k.full(("BLOCK_K",), 0.0))
 
-        def body(cols, carry, tiles):
-            if wait:
-                k.wait_ready(ready, cols.start, k.minimum(cols.start + k.param("BLOCK_K"), hi), ready_chunk,
-                             kdim, k.dim("M"), guards=x)
-            xv = k.load(x, (row, cols), limits={1: hi})
-            ss = [carry.pop() + xv * xv] if gather_ss else []
-            if form.norm:
-                xv = xv * k.load(ln_w, (cols,), limits={0: hi})
-            return [a + t * xv[None, :] for a, t in zip(carry, tiles())] + ss
+        def wait_for(cols):
+            k.wait_ready(ready, cols.start, k.minimum(cols.start + k.param("BLOCK_K"), hi), ready_chunk,
+                         kdim, k.dim("M"), guards=x)
 
+        body = products_body(k, x, row, ln_w, gather_ss, hi, wait_for if wait else None)
         results = stream_k(k, lo, hi, acc0, lambda cols: [k.load(w, (rows, cols), limits={1: hi}) for w in ws],
                            body, p.get("PIPELINE", 0))
         if gather_ss:

@@ -23,7 +23,7 @@ unfused pair.
 
 from tileflow.suite import rms_norm_gate_up_silu
 from tileflow.suite.inputs import linear_weight
-from tileflow.suite.matvec import rsqrt_mean, stream_k
+from tileflow.suite.matvec import products_body, rsqrt_mean, stream_k
 from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
 from tileflow.tile.builder import TileDefinitionError
 
@@ -53,12 +53,7 @@ def define(k, p):
 
         def h_rows(rows, pipeline):
             """``silu(gate) * up`` of ``rows`` of h (rows past I: zero weights, h = 0)."""
-            def body(cols, carry, tiles):
-                xv = k.load(x, (row, cols))
-                ss = carry.pop() + xv * xv
-                xv = xv * k.load(ln_w, (cols,))
-                return [a + t * xv[None, :] for a, t in zip(carry, tiles())] + [ss]
-
+            body = products_body(k, x, row, ln_w, gather_ss=True)
             acc0 = [k.full(("BLOCK_I", "BLOCK_K"), 0.0), k.full(("BLOCK_I", "BLOCK_K"), 0.0),
                     k.full(("BLOCK_K",), 0.0)]
             sums = stream_k(k, 0, ddim, acc0, lambda cols: [k.load(wg, (rows, cols)), k.load(wu, (rows, cols))],
