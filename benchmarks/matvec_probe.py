@@ -37,7 +37,16 @@ same graph harness. The down weight read as stored (``[D, I]``, ``BI`` contiguou
 elements a row) or column-major (``[I, D]`` contiguous: the same tensor re-laid-out in
 place, so no extra memory).
 
-    python benchmarks/matvec_probe.py [hot|sweep|flags|ready|fused]
+6. ``split``: the down projection (long rows: 1536 x 8960) with its K range split over
+``SPLIT`` programs a row block in *one* launch: each program stores its partial sums to a
+workspace, then takes an acq_rel ticket of its row block; the last of the block's programs
+adds the partials and the residual and writes the rows (no second launch, no device-wide
+atomics: one ticket a row block). More programs with shorter K loops put more bytes in
+flight early (``step_ceiling.py``: a pure read of down's bytes runs fastest as ~3400
+programs of two rounds, against the suite's 768 programs of five). Timed after the
+suite's gate-up (as in the step) and alone.
+
+    python benchmarks/matvec_probe.py [hot|sweep|flags|ready|fused|split]
 """
 
 from __future__ import annotations
@@ -582,5 +591,89 @@ def fused(d: int = 1536, inter: int = 8960, sets: int = 3, launches: int = 28) -
                 print(f"{label:<34}{graph_us(one, launches):>11.2f}", flush=True)
 
 
+@triton.jit
+def down_split_kernel(w_ptr, h_ptr, r_ptr, y_ptr, ws_ptr, ticket_ptr, N: tl.constexpr, K: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = 1):
+    pid, s = tl.program_id(0), tl.program_id(1)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    KS: tl.constexpr = K // SPLIT
+    if PDL:  # off only under the CPU interpreter
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for k0 in range(0, KS, BLOCK_K):
+        cols = s * KS + k0 + tl.arange(0, BLOCK_K)
+        live = k0 + tl.arange(0, BLOCK_K) < KS
+        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=live[None, :], other=0.0)
+        x = tl.load(h_ptr + cols, mask=live, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    part = tl.sum(acc, axis=1)
+    if SPLIT == 1:
+        tl.store(y_ptr + rows, (part + tl.load(r_ptr + rows).to(tl.float32)).to(y_ptr.dtype.element_ty))
+    else:
+        tl.store(ws_ptr + s * N + rows, part)
+        tl.debug_barrier()
+        t = tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel")
+        if t == SPLIT - 1:
+            parts = tl.load(ws_ptr + tl.arange(0, SPLIT)[:, None] * N + rows[None, :], cache_modifier=".cg")
+            y = tl.sum(parts, axis=0) + tl.load(r_ptr + rows).to(tl.float32)
+            tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty))
+            tl.store(ticket_ptr + pid, 0)
+
+
+SPLIT_CONFIGS = (  # (BLOCK_N, BLOCK_K, SPLIT, warps); K = 8960 = 2^8 x 35
+    (2, 2048, 1, 8), (2, 2048, 2, 8), (2, 1024, 4, 4), (2, 2048, 4, 8), (2, 1024, 5, 4), (2, 2048, 5, 8),
+    (2, 1024, 7, 4), (2, 2048, 7, 8), (2, 1024, 8, 4), (1, 2048, 4, 4), (1, 2048, 5, 4), (1, 2048, 7, 8),
+    (4, 1024, 4, 8), (4, 1024, 5, 8), (4, 2048, 5, 8), (4, 512, 8, 4), (8, 512, 5, 8), (2, 512, 10, 2),
+)
+
+
+def split(d: int = 1536, inter: int = 8960, sets: int = 3, launches: int = 28) -> None:
+    from tileflow.runtime import ops
+
+    dev, bf = "cuda", torch.bfloat16
+    mk = lambda *s: torch.randn(*s, device=dev, dtype=bf) / s[-1] ** 0.5  # noqa: E731
+    weights = [(mk(inter, d), mk(inter, d), mk(d, inter)) for _ in range(sets)]
+    x, ln_w, eps = torch.randn(d, device=dev, dtype=bf), mk(d) + 1, 1e-6
+    h = ops.rms_norm_gate_up_silu(x[None], ln_w, eps, *weights[0][:2])
+    y = torch.empty(d, device=dev, dtype=bf)
+    ws = torch.zeros(16, d, device=dev, dtype=torch.float32)
+    tickets = torch.zeros(d, device=dev, dtype=torch.int32)
+    print(f"down {d}x{inter} ({d * inter * 2 / 1e6:.1f} MB), {torch.cuda.get_device_name()}")
+
+    def suite_down(i, hh=h):
+        y.copy_(ops.down_proj_residual(hh, weights[i % sets][2], x[None])[0])
+
+    def check(fn, label):
+        for i in range(3):
+            y.fill_(float("nan"))
+            fn(i)
+            torch.cuda.synchronize()
+            ref = x.float() + weights[i % sets][2].float() @ h[0].float()
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            assert err < 1e-2 and not y.isnan().any(), (label, err)
+        return err
+
+    forms = {"suite down_proj_residual": lambda i, hh=h: ops.down_proj_residual(hh, weights[i % sets][2], x[None])}
+    check(suite_down, "suite")
+    for bn, bk, sp, warps in SPLIT_CONFIGS:
+        def one(i, hh=h, bn=bn, bk=bk, sp=sp, warps=warps):
+            down_split_kernel[(d // bn, sp)](weights[i % sets][2], hh, x, y, ws, tickets, d, inter, bn, bk, sp,
+                                             num_warps=warps, launch_pdl=True)
+        label = f"split BN{bn} BK{bk} S{sp} w{warps}"
+        try:
+            check(one, label)
+        except AssertionError as exc:
+            print(f"{label:<30} WRONG {exc}", flush=True)
+            continue
+        forms[label] = one
+    print(f"{'form':<30}{'alone us':>10}{'after gate-up us':>18}")
+    for label, fn in forms.items():
+        def pair(i, fn=fn):
+            wg, wu, _ = weights[i % sets]
+            fn(i, ops.rms_norm_gate_up_silu(x[None], ln_w, eps, wg, wu))
+        print(f"{label:<30}{graph_us(fn, launches):>10.2f}{graph_us(pair, launches):>18.2f}", flush=True)
+
+
 if __name__ == "__main__":
-    {"sweep": sweep, "flags": flags, "ready": ready, "fused": fused}.get(sys.argv[1] if sys.argv[1:] else "hot", hot)()
+    {"sweep": sweep, "flags": flags, "ready": ready, "fused": fused, "split": split}.get(sys.argv[1] if sys.argv[1:] else "hot", hot)()

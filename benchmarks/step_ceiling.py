@@ -9,6 +9,8 @@ Three forms of the same sequence:
 - ``no-pdl``: plain stream order; a launch starts when its predecessor has finished.
 - ``wait-first``: dependent launch, every kernel waits (``gdc_wait``) before its first
   load, as the suite's kernels do: the ceiling of the present structure.
+- ``first-block``: dependent launch, each program loads its first block, then waits (the
+  suite's ``PIPELINE`` tiles loaded before the wait).
 - ``wait-last``: dependent launch, every kernel streams its bytes first and waits only
   before its one store: as if each kernel's weights never waited for its predecessor
   (what a persistent kernel with ready flags aims at), still one launch per kernel.
@@ -30,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-WAIT_NONE, WAIT_FIRST, WAIT_LAST = 0, 1, 2
-FORMS = {"no-pdl": WAIT_NONE, "wait-first": WAIT_FIRST, "wait-last": WAIT_LAST}
+WAIT_NONE, WAIT_FIRST, WAIT_LAST, WAIT_SECOND = 0, 1, 2, 3
+FORMS = {"no-pdl": WAIT_NONE, "wait-first": WAIT_FIRST, "first-block": WAIT_SECOND, "wait-last": WAIT_LAST}
 
 
 @triton.jit
@@ -44,7 +46,13 @@ def stream_read(w_ptr, out_ptr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, WAIT: 
     base = w_ptr + pid.to(tl.int64) * CHUNK
     acc = tl.zeros((BLOCK,), tl.float32)
     for k in range(0, CHUNK, BLOCK):
+        if WAIT == 3:
+            if k == BLOCK:
+                tl.extra.cuda.gdc_wait()
         acc += tl.load(base + k + tl.arange(0, BLOCK)).to(tl.float32)
+    if WAIT == 3:
+        if CHUNK == BLOCK:
+            tl.extra.cuda.gdc_wait()
     if WAIT == 2:
         tl.extra.cuda.gdc_wait()
     tl.store(out_ptr + pid, tl.sum(acc))
