@@ -593,7 +593,7 @@ def fused(d: int = 1536, inter: int = 8960, sets: int = 3, launches: int = 28) -
 
 @triton.jit
 def down_split_kernel(w_ptr, h_ptr, r_ptr, y_ptr, ws_ptr, ticket_ptr, N: tl.constexpr, K: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = 1):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, SP2: tl.constexpr, PDL: tl.constexpr = 1):
     pid, s = tl.program_id(0), tl.program_id(1)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     KS: tl.constexpr = K // SPLIT
@@ -615,7 +615,9 @@ def down_split_kernel(w_ptr, h_ptr, r_ptr, y_ptr, ws_ptr, ticket_ptr, N: tl.cons
         tl.debug_barrier()
         t = tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel")
         if t == SPLIT - 1:
-            parts = tl.load(ws_ptr + tl.arange(0, SPLIT)[:, None] * N + rows[None, :], cache_modifier=".cg")
+            sp = tl.arange(0, SP2)
+            parts = tl.load(ws_ptr + sp[:, None] * N + rows[None, :], mask=sp[:, None] < SPLIT, other=0.0,
+                            cache_modifier=".cg")
             y = tl.sum(parts, axis=0) + tl.load(r_ptr + rows).to(tl.float32)
             tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty))
             tl.store(ticket_ptr + pid, 0)
@@ -659,7 +661,7 @@ def split(d: int = 1536, inter: int = 8960, sets: int = 3, launches: int = 28) -
     for bn, bk, sp, warps in SPLIT_CONFIGS:
         def one(i, hh=h, bn=bn, bk=bk, sp=sp, warps=warps):
             down_split_kernel[(d // bn, sp)](weights[i % sets][2], hh, x, y, ws, tickets, d, inter, bn, bk, sp,
-                                             num_warps=warps, launch_pdl=True)
+                                             triton.next_power_of_2(sp), num_warps=warps, launch_pdl=True)
         label = f"split BN{bn} BK{bk} S{sp} w{warps}"
         try:
             check(one, label)
