@@ -95,13 +95,13 @@ def products_body(k, x, row, ln_w=None, gather_ss: bool = False, hi=None, before
     return body
 
 
-def stream_k(k, lo, hi, carry, load_tiles, body, pipeline: bool) -> list:
+def stream_k(k, lo, hi, carry, load_tiles, body, pipeline: int) -> list:
     """The K loop of a weight-streaming kernel: ``for`` rounds of ``BLOCK_K`` columns from
     ``lo`` to ``hi``, ``body(cols, carry, tiles)`` returning the new carry, where
     ``tiles()`` gives the round's weight tiles (``load_tiles(cols)``). Returns the carry
     at exit.
 
-    With ``pipeline`` (a kernel's ``PIPELINE`` parameter) each round requests the next
+    With ``pipeline`` 1 (a kernel's ``PIPELINE`` parameter) each round requests the next
     round's tiles before its products and carries them in registers, so a program keeps
     two tiles in flight: Triton does not software-pipeline loads that feed no dot (no
     cp.async in the sm_90 PTX), and a short grid cannot hide the round trips with
@@ -109,14 +109,24 @@ def stream_k(k, lo, hi, carry, load_tiles, body, pipeline: bool) -> list:
     (:meth:`~tileflow.tile.builder.TileBuilder.before_wait`), so even with a single
     round they can arrive during the previous kernel's tail (on the H200 the tuner kept
     this form only for o_proj; NOTES.md). The tiles must be of inputs no earlier kernel
-    of the step writes."""
+    of the step writes. With ``pipeline`` 2 only the first round's tiles come before the
+    wait; the other rounds run as without pipelining."""
     carry = list(carry)
     n = len(carry)
     if pipeline:
         # weights are no earlier kernel's output: the first round's tiles are requested
         # before the dependent-launch wait, while the previous kernel drains
         with k.before_wait():
-            carry += load_tiles(k.range(lo, "BLOCK_K", aligned=True))
+            first = load_tiles(k.range(lo, "BLOCK_K", aligned=True))
+        if pipeline == 2:
+            # PIPELINE=2: only the first round ahead of the wait, peeled off the loop, which
+            # then holds one round's tiles as the plain loop does (no look-ahead registers):
+            # pure weight reads of the 1.5B step gained 7.5% from this alone on an H100
+            # (benchmarks/step_ceiling.py, NOTES.md 2026-12-06)
+            carry = body(k.range(lo, "BLOCK_K", aligned=True), carry, lambda: first)
+            lo, pipeline = lo + k.param("BLOCK_K"), 0
+        else:
+            carry += first
     with k.loop(lo, hi, "BLOCK_K", carry=carry) as lp:
         cols = k.range(lp.index, "BLOCK_K", aligned=True)
         if pipeline:

@@ -21,6 +21,7 @@ KERNEL = register(SuiteKernel(
         Case("odd", dict(M=1, N=45, K=91)),
         Case("splitk", dict(M=2, N=30, K=900), params=dict(SPLIT_K=4, BLOCK_K=256)),
         Case("early", dict(M=1, N=45, K=91, EARLY_INPUTS=1), params=dict(PIPELINE=1)),
+        Case("first-round", dict(M=1, N=45, K=300, EARLY_INPUTS=1), params=dict(PIPELINE=2, BLOCK_K=64)),
         Case("ahead", dict(M=1, N=45, K=91, AHEAD=2, A0=700, A1=33), params=dict(BLOCK_N=4, AHEAD_BLOCK=4)),
     ],
     decode_cases=lambda c: [Case("o", dict(M=1, N=c["D"], K=c["NH"] * c["DH"]))],

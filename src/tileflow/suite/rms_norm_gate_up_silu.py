@@ -31,6 +31,7 @@ KERNEL = register(SuiteKernel(
         Case("splitk", dict(M=2, N=50, K=600), dict(eps=1e-6), params=dict(SPLIT_K=2, BLOCK_K=256)),
         Case("pipeline", dict(M=1, N=37, K=600), dict(eps=1e-6), params=dict(PIPELINE=1, BLOCK_K=128)),
         Case("pipe-splitk", dict(M=2, N=50, K=700), dict(eps=1e-6), params=dict(PIPELINE=1, SPLIT_K=3, BLOCK_K=128)),
+        Case("first-round", dict(M=2, N=37, K=600), dict(eps=1e-6), params=dict(PIPELINE=2, BLOCK_K=128)),
         # counts its rows per chunk of 8 for the down projection after it (suite.ready)
         Case("signal", dict(M=2, N=37, K=64, READY_SIGNAL=1, NC=5), dict(eps=1e-6, ready_chunk=8),
              params=dict(BLOCK_N=4), targets=("triton", "reference")),

@@ -27,6 +27,7 @@ KERNEL = register(SuiteKernel(
         Case("odd", dict(M=3, N=37, K=50, HAS_BIAS=1), dict(eps=1e-5)),
         Case("loopk", dict(M=1, N=70, K=1100, HAS_BIAS=0), dict(eps=1e-6), params=dict(BLOCK_K=256)),
         Case("pipeline", dict(M=1, N=70, K=1100, HAS_BIAS=1), dict(eps=1e-6), params=dict(BLOCK_K=256, PIPELINE=1)),
+        Case("first-round", dict(M=1, N=70, K=1100, HAS_BIAS=1), dict(eps=1e-6), params=dict(BLOCK_K=256, PIPELINE=2)),
     ],
     decode_cases=lambda c: [Case("lm_head", dict(M=1, N=c["VOCAB"], K=c["D"], HAS_BIAS=0), dict(eps=1e-6))],
     candidates=lambda s: matvec_candidates(s["N"], s["K"], HAS_BIAS=s.get("HAS_BIAS", 0)),
