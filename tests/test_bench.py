@@ -169,3 +169,16 @@ def test_the_record_names_the_switches_of_an_ab_run(monkeypatch):
     monkeypatch.setenv("TILEFLOW_COMMIT", "abc1234")
     got = settings()
     assert got["TILEFLOW_MLP_AHEAD"] == "o=8" and "TILEFLOW_COMMIT" not in got
+
+
+def test_the_record_names_the_user_tuning_of_an_ab_run(monkeypatch, tmp_path):
+    # an A/B through a tuning file (benchmarks/tuned/) differs only in the user's entries
+    import json
+
+    from tileflow.bench import _user_autotune
+
+    monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path))
+    assert _user_autotune() == {}
+    key = "Some GPU|down_proj_residual|bf16|K=8960,M=1,N=1536"
+    (tmp_path / "autotune.json").write_text(json.dumps({key: {"params": {"PIPELINE": 2}, "us": 0.0}}))
+    assert _user_autotune() == {key: {"PIPELINE": 2}}

@@ -59,6 +59,14 @@ def settings() -> dict:
             if k.startswith("TILEFLOW_") and k not in ("TILEFLOW_COMMIT", "TILEFLOW_CACHE_DIR")}
 
 
+def _user_autotune() -> dict:
+    """The user tuning entries in effect (key -> parameters): an A/B through a tuning
+    file differs only in these, so the record names them."""
+    from tileflow.emit import autotune
+
+    return {k: v.get("params", v) for k, v in sorted(autotune.user_table().items()) if isinstance(v, dict)}
+
+
 def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: int = 256,
               paths: Optional[list[str]] = None, repeats: int = 3, out_dir: str = "benchmarks/results",
               device: Optional[str] = None, dtype: Optional[str] = None, breakdown: bool = False) -> dict:
@@ -82,7 +90,7 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
         "what": "batch-1 greedy decode, side by side in one process",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        "versions": versions(), "commit": _commit(), "settings": settings(), "model": model_name, "dtype": str(tdtype).split(".")[-1],
+        "versions": versions(), "commit": _commit(), "settings": settings(), "user_autotune": _user_autotune(), "model": model_name, "dtype": str(tdtype).split(".")[-1],
         "prompt_tokens": prompt, "new_tokens": new_tokens, "repeats": repeats, "paths": {},
     }
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,

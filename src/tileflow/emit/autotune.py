@@ -39,6 +39,12 @@ def _read(path) -> dict:
         return {}
 
 
+def user_table() -> dict:
+    """The user's own measured entries (``$TILEFLOW_CACHE_DIR/autotune.json``), which win
+    over the shipped ones; empty when there are none."""
+    return _read(_user_file())
+
+
 def shipped_table() -> dict:
     try:
         return json.loads(resources.files("tileflow").joinpath("data/autotune.json").read_text())
