@@ -121,10 +121,15 @@ def pick_candidates(kernel, case, limit: int, device: str = "") -> list[dict]:
         if any(key in c for c in every):
             known += [twin for t in [base] + known if not t.get(key)
                       for twin in [_twin(t, key, every)] if twin not in known and twin != base]
+    if any("PIPELINE" in c for c in every):
+        # PIPELINE=2 (only the first round before the wait) is no candidate of its own (a
+        # third more of every list); the unpipelined default's and tuned tiles' twins try it
+        known += [twin for t in [base] + known if not t.get("PIPELINE")
+                  for twin in [{**t, "PIPELINE": 2}] if twin not in known]
     cands = [c for c in every if c != base and c not in known]
-    room = limit - 1 - len(known)
+    room = max(0, limit - 1 - len(known))
     if len(cands) > room:
-        step = len(cands) / room
+        step = len(cands) / max(room, 1)
         cands = [cands[int(i * step)] for i in range(room)]
     return [base] + known + cands
 
@@ -203,9 +208,11 @@ def main(argv=None) -> int:
                     speedup=vendor_us / best_us, bytes=nbytes, rotation_sets=wl.n_sets,
                     errors=[t["error"] for t in trials if t["error"]][:3],
                     # the best trial with and without each switch: what one change is worth
-                    switches={key: {state: min((t["us"] for t in trials if bool(t["params"].get(key)) == on
+                    # (PIPELINE also by value: 1 look-ahead loop, 2 first round only)
+                    switches={key: {state: min((t["us"] for t in trials if want(t["params"].get(key, 0))
                                                 and not t["error"]), default=None)
-                                    for state, on in (("on", True), ("off", False))}
+                                    for state, want in (("on", bool), ("off", lambda v: not v))
+                                    + ((("1", lambda v: v == 1), ("2", lambda v: v == 2)) if key == "PIPELINE" else ())}
                               for key in TWIN_SWITCHES if any(key in t["params"] for t in trials)})
                 if v1.ok:  # a winner that fails verification is never what a later step uses
                     autotune.record(name, case.sizes, "bf16", device, best, best_us, path=out / "autotune.json")

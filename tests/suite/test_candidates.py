@@ -70,6 +70,9 @@ def test_leaderboard_retries_tuned_parameters(gpu_suite):
     # the one-change comparison: the default's and the winner's pipelined twins
     assert {**kernel.params_for(case), "PIPELINE": 1} in picked
     assert {**kernel.params_for(case), **winner, "PIPELINE": 1} in picked
+    # and the first-round-only twin (PIPELINE=2), which no candidate list holds
+    assert {**kernel.params_for(case), "PIPELINE": 2} in picked
+    assert {**kernel.params_for(case), **winner, "PIPELINE": 2} in picked
     assert len({tuple(sorted(p.items())) for p in picked}) == 6
 
 
