@@ -71,3 +71,15 @@ def test_decode_launches_compile_their_shapes_in(monkeypatch):
     assert static_shapes_wanted(build(mv, many), many)
     monkeypatch.setenv("TILEFLOW_STATIC_SHAPES", "0")
     assert not static_shapes_wanted(build(mv, one), one)
+
+
+# the shipped H100 tables run down and qkv with PIPELINE=2 (first round before the wait),
+# which the JAX step looks up too
+FIRST_ROUND = [(name, next(c for c in KERNELS[name].test_cases if c.label == "first-round"))
+               for name in ("down_proj_residual", "qkv_rope_cache")]
+
+
+@pytest.mark.parametrize("name,case", FIRST_ROUND, ids=[n for n, _ in FIRST_ROUND])
+def test_custom_call_form_of_the_first_round_form(name, case):
+    got = verify(KERNELS[name], case, "fp32", "triton_xla", seed=99)
+    assert got.ok, got.line()
