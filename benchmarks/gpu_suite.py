@@ -19,7 +19,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from tileflow.runtime.torch_triton import torch_launcher  # noqa: E402
 from tileflow.suite import KERNELS  # noqa: E402
 from tileflow.suite.registry import QWEN_1_5B  # noqa: E402
 from tileflow.verify import DTYPES, make_inputs, poisoned_outputs, verify  # noqa: E402
+from graph_timing import replay_us  # noqa: E402
 from rotation import rotation_sets  # noqa: E402
 from vendor import vendor_call  # noqa: E402
 
@@ -52,16 +52,9 @@ def graph_time_us(calls: list, launches: int = 240, reps: int = 12) -> float:
                 c()
     g.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / (inner * len(calls)))
+    us = replay_us(g, reps) / (inner * len(calls))
     del g
-    return statistics.median(times)
+    return us
 
 
 class Workload:

@@ -57,6 +57,7 @@ import sys
 import torch
 import triton
 import triton.language as tl
+from graph_timing import replay_us
 
 
 @triton.jit
@@ -81,15 +82,7 @@ def graph_us(run, launches: int) -> float:
     with torch.cuda.graph(g):
         for i in range(launches):
             run(i)
-    times = []
-    for _ in range(10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / launches)
-    return sorted(times)[len(times) // 2]
+    return replay_us(g) / launches
 
 
 def time_us(n: int, k: int, copies: int, block_n: int, block_k: int, warps: int, stages: int = 1, sets: int = 4,

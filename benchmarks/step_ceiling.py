@@ -31,6 +31,7 @@ import sys
 import torch
 import triton
 import triton.language as tl
+from graph_timing import replay_us
 
 WAIT_NONE, WAIT_FIRST, WAIT_LAST, WAIT_SECOND = 0, 1, 2, 3
 FORMS = {"no-pdl": WAIT_NONE, "wait-first": WAIT_FIRST, "first-block": WAIT_SECOND, "wait-last": WAIT_LAST}
@@ -99,15 +100,7 @@ def graph_us(run, reps: int = 10) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         run()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return replay_us(g, reps)
 
 
 def best_plan(bufs: list[torch.Tensor], out: torch.Tensor) -> tuple[tuple, float]:
