@@ -10,6 +10,8 @@
 # (env: REPEATS, BENCH_LIMIT seconds a bench, BREAKDOWN=1 per-kernel-class step profile,
 #  SUITE_KERNELS="a b" to tune only those, SUITE_MAX candidates a kernel (default 24),
 #  SUITE_LIMIT seconds a suite step)
+# ab:<model>:<prompt>:<file>[,<file>...] the patch path once per tuning file, each in a fresh
+#                                  tuning cache ("-" = the shipped tables alone): an A/B in one call
 # tuned                            use $OUT/autotune.json (or TUNED=<file>) for later steps
 # env:NAME=VALUE                   set an environment variable for later steps (an A/B in one call,
 #                                  e.g. env:TILEFLOW_EARLY=0)
@@ -21,7 +23,9 @@ OUT=${OUT:-benchmarks/results}
 # with `pip download array-api-compat --no-deps -d .whl` and pass carry=[".whl"]): importable as zips
 WHEELS=$(ls .whl/*.whl 2>/dev/null | tr '\n' ':')
 export PYTHONPATH=src:${WHEELS}${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TILEFLOW_COMMIT=${TILEFLOW_COMMIT:-unknown}
-export TILEFLOW_CACHE_DIR=${TILEFLOW_CACHE_DIR:-/tmp/tileflow-cache}
+# a fresh tuning cache per call: the device keeps /tmp between calls on one host, and a tuning
+# left there by an earlier call's `suite` step once leaked into a later call's baseline
+export TILEFLOW_CACHE_DIR=${TILEFLOW_CACHE_DIR:-$(mktemp -d /tmp/tileflow-cache.XXXXXX)}
 mkdir -p "$TILEFLOW_CACHE_DIR" "$OUT"
 [ -n "${TUNED:-}" ] && cp "$TUNED" "$TILEFLOW_CACHE_DIR/autotune.json"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader || true
@@ -54,6 +58,17 @@ for step in ${STEPS:-bench:deepseek-r1-distill-qwen-1.5b:128 suite}; do
       if [ -n "${model:-}" ]; then sargs+=(--model "$model" --no-pallas); else sargs+=(--no-pallas-timing); fi
       # the leaderboard records each tuned kernel as it goes, so a step cut by its limit keeps those
       timeout "${SUITE_LIMIT:-900}" python3 benchmarks/gpu_suite.py "${sargs[@]}" 2>&1 | tail -40 ;;
+    ab)
+      for f in ${paths//,/ }; do
+        cache=$(mktemp -d /tmp/tileflow-ab.XXXXXX)
+        [ "$f" != "-" ] && cp "$f" "$cache/autotune.json"
+        echo "--- arm: $f"
+        args=(--model "$model" --prompt "$prompt" --out "$OUT/$n-ab-$(basename "$f" .json)" --paths tileflow_patch)
+        [ -n "${REPEATS:-}" ] && args+=(--repeats "$REPEATS")
+        [ -n "${BREAKDOWN:-}" ] && args+=(--breakdown)
+        TILEFLOW_CACHE_DIR=$cache timeout "${BENCH_LIMIT:-900}" python3 benchmarks/run_cli_uninstalled.py bench "${args[@]}" 2>&1 \
+          | grep --line-buffered -v -E "Warning|warn\(|^\s*$"
+      done ;;
     tuned)
       cp "${TUNED:-$OUT/autotune.json}" "$TILEFLOW_CACHE_DIR/autotune.json" ;;
     env)
