@@ -12,6 +12,9 @@
 #  SUITE_LIMIT seconds a suite step)
 # ab:<model>:<prompt>:<file>[,<file>...] the patch path once per tuning file, each in a fresh
 #                                  tuning cache ("-" = the shipped tables alone): an A/B in one call
+# steptune[:model]                 `tileflow tune`: the patched decode step tuned by whole-step timing;
+#                                  the winners stay in this call's tuning cache for later steps and
+#                                  are copied to $OUT/autotune-step.json
 # tuned                            use $OUT/autotune.json (or TUNED=<file>) for later steps
 # env:NAME=VALUE                   set an environment variable for later steps (an A/B in one call,
 #                                  e.g. env:TILEFLOW_EARLY=0)
@@ -69,6 +72,12 @@ for step in ${STEPS:-bench:deepseek-r1-distill-qwen-1.5b:128 suite}; do
         TILEFLOW_CACHE_DIR=$cache timeout "${BENCH_LIMIT:-900}" python3 benchmarks/run_cli_uninstalled.py bench "${args[@]}" 2>&1 \
           | grep --line-buffered -v -E "Warning|warn\(|^\s*$"
       done ;;
+    steptune)
+      targs=(--out "$OUT")
+      [ -n "${model:-}" ] && targs+=(--model "$model")
+      timeout "${BENCH_LIMIT:-900}" python3 benchmarks/run_cli_uninstalled.py tune "${targs[@]}" 2>&1 \
+        | grep --line-buffered -v -E "Warning|warn\(|^\s*$"
+      cp "$TILEFLOW_CACHE_DIR/autotune.json" "$OUT/autotune-step.json" 2>/dev/null || true ;;
     tuned)
       cp "${TUNED:-$OUT/autotune.json}" "$TILEFLOW_CACHE_DIR/autotune.json" ;;
     env)

@@ -113,6 +113,18 @@ def cmd_bench(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_tune(args) -> int:
+    from tileflow.bench.step_tune import run_tune
+
+    try:
+        run_tune(args.model, args.prompt, args.tokens, args.repeats, args.max_variants, args.threshold, args.out,
+                 dry_run=args.dry_run)
+    except RuntimeError as exc:
+        print(f"tileflow tune: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tileflow", description="Decode-time kernel suite for DeepSeek models")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -154,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--framework", choices=["torch", "jax"], default="torch",
                      help="torch: the paths above; jax: plain jax.jit vs tileflow primitives vs tileflow.jax.optimize")
     ben.set_defaults(fn=cmd_bench)
+    tune = sub.add_parser("tune", help="tune the patched decode step on this GPU by timing whole steps")
+    tune.add_argument("--model", default=None, help="built-in config name or local checkpoint folder (default: the 1.5B shape)")
+    tune.add_argument("--prompt", type=int, default=128)
+    tune.add_argument("--tokens", type=int, default=128, help="decode steps a timing")
+    tune.add_argument("--repeats", type=int, default=3, help="timings a trial (median)")
+    tune.add_argument("--max-variants", type=int, default=6, help="variants tried a kernel")
+    tune.add_argument("--threshold", type=float, default=0.005, help="least step gain that keeps a variant (0.005: 0.5%%)")
+    tune.add_argument("--out", default="benchmarks/results")
+    tune.add_argument("--dry-run", action="store_true", help="do not record the winners in the user tuning table")
+    tune.set_defaults(fn=cmd_tune)
     return ap
 
 

@@ -9,6 +9,7 @@ measurements go to ``$TILEFLOW_CACHE_DIR/autotune.json``, which wins.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from importlib import resources
@@ -65,10 +66,29 @@ def _same_chip(device: str) -> list[str]:
     return []
 
 
+# entries in force for this process only, ahead of every table (the step tuner's trials)
+_OVERRIDES: dict[str, dict] = {}
+
+
+@contextlib.contextmanager
+def overriding(entries: dict[str, dict]):
+    """Within the block, :func:`lookup` answers ``entries`` (tune key -> parameters) first.
+    Launchers already built keep their parameters: the caller rebuilds what it times."""
+    saved = dict(_OVERRIDES)
+    _OVERRIDES.update(entries)
+    try:
+        yield
+    finally:
+        _OVERRIDES.clear()
+        _OVERRIDES.update(saved)
+
+
 def lookup(kernel: str, sizes: dict, dtype: str, device: str) -> Optional[dict]:
     """Measured parameters for this shape on this device (else on a device of the same
     chip, see ``SAME_CHIP``), or None."""
     key = tune_key(kernel, sizes, dtype, device)
+    if key in _OVERRIDES:
+        return dict(_OVERRIDES[key])
     tables = (_read(_user_file()), shipped_table())
     for table in tables:
         if key in table:

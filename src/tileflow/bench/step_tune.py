@@ -1,0 +1,245 @@
+"""Tuning a patched model's decode step by timing the whole step (``tileflow tune``).
+
+The kernel leaderboard (``benchmarks/gpu_suite.py``) times each kernel after launches of
+itself. In the decode step a kernel follows a different one, and programmatic dependent
+launch overlaps its start with that predecessor's tail, so the fastest kernel alone is not
+always the fastest in the step: on an H100 the leaderboard's attention splits ran 40 µs a
+token slower in the step, and loading the first weight round before the wait
+(``PIPELINE=2``) paid on down and qkv but not on gate-up and o (``benchmarks/NOTES.md``,
+2026-12-06).
+
+This tunes what the step runs: coordinate descent over the suite kernels one decode step
+launches. For each in turn, a few variants of its current parameters one change away
+(``PIPELINE`` 0 / 1 / 2 first, then the kernel's candidate tiles that differ in one
+parameter) are timed as whole decode steps, every other kernel as it stands; a variant is
+kept only when the step is faster than the incumbent, timed just before it, by more than
+``threshold``. The winners go to the user's tuning table, which wins over the shipped one.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from tileflow.emit import autotune
+from tileflow.runtime import ops
+from tileflow.suite import KERNELS
+
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A suite kernel the step launches: name, sizes (structural ones included), dtype, device."""
+
+    name: str
+    sizes: tuple  # sorted (size, value) pairs, as the launcher cache keys them
+    dtype: torch.dtype
+    device: torch.device
+
+    def _args(self) -> tuple:
+        return self.name, dict(self.sizes), DTYPE_NAMES[self.dtype], ops._device_name(self.device)
+
+    @property
+    def key(self) -> str:
+        return autotune.tune_key(*self._args())
+
+    def params(self) -> dict:
+        """The parameters it launches with on a GPU now: defaults, then the tables
+        (overrides first), then the structural sizes."""
+        kernel, sizes = KERNELS[self.name], dict(self.sizes)
+        return {**kernel.default_params(sizes), **(autotune.lookup(*self._args()) or {}),
+                **kernel.structural_sizes(sizes)}
+
+
+def launches_in_order() -> list[Launch]:
+    """The launches whose launchers exist now, in the order they were first built (clear
+    ``ops._LAUNCHERS`` and run one freshly captured step first)."""
+    out = []
+    for name, sizes, dtype, dev_type, dev_index in ops._LAUNCHERS:
+        launch = Launch(name, sizes, dtype, torch.device(dev_type, dev_index))
+        if launch not in out:
+            out.append(launch)
+    return out
+
+
+def neighbours(launch: Launch, limit: int) -> list[dict]:
+    """Up to ``limit`` variants of the launch's current parameters, one change away:
+    the other ``PIPELINE`` modes first (where the kernel takes the parameter), then the
+    kernel's candidates that differ in exactly one tuned parameter."""
+    kernel, sizes = KERNELS[launch.name], dict(launch.sizes)
+    current = launch.params()
+    cands = kernel.candidates(sizes) if kernel.candidates else []
+    out = []
+    # a kernel takes PIPELINE if its candidates or its verified test cases set it
+    if any("PIPELINE" in c for c in cands) or any("PIPELINE" in case.params for case in kernel.test_cases):
+        out += [{**current, "PIPELINE": v} for v in (0, 1, 2) if current.get("PIPELINE", 0) != v]
+    for c in cands:
+        variant = {**current, **c, **kernel.structural_sizes(sizes)}
+        changed = [k for k in variant if variant[k] != current.get(k, 0 if k == "PIPELINE" else None)]
+        if len(changed) == 1 and changed[0] != "PIPELINE" and variant not in out:
+            out.append(variant)
+    return out[:limit]
+
+
+@dataclass
+class StepTrial:
+    kernel: str
+    change: str  # "baseline", or "PARAM: old -> new"
+    us: float  # µs a decode step
+    kept: bool = False
+
+
+@dataclass
+class StepTuneResult:
+    baseline_us: float
+    final_us: float
+    trials: list = field(default_factory=list)  # StepTrial
+    chosen: dict = field(default_factory=dict)  # tune key -> parameters (the changed ones)
+
+
+def _change(old: dict, new: dict) -> str:
+    return ", ".join(f"{k}: {old.get(k, 0 if k == 'PIPELINE' else None)} -> {v}"
+                     for k, v in new.items() if v != old.get(k, 0 if k == "PIPELINE" else None))
+
+
+def tune_step(rebuild: Callable[[], None], time_step: Callable[[], float], max_variants: int = 6,
+              threshold: float = 0.005, progress: Callable[[str], None] = lambda s: None) -> StepTuneResult:
+    """Coordinate descent over the kernels of one decode step.
+
+    ``rebuild()`` must drop what was built with the old parameters and run one step
+    afresh (so ``ops._LAUNCHERS`` lists the step's launches); ``time_step()`` returns µs a
+    step with the parameters in force. Trials run under :func:`autotune.overriding`, so
+    nothing is written; the caller records ``chosen``."""
+    chosen: dict[str, dict] = {}
+    trials: list[StepTrial] = []
+
+    def timed() -> float:
+        with autotune.overriding(chosen):
+            rebuild()
+            return time_step()
+
+    with autotune.overriding({}):
+        rebuild()
+        order = launches_in_order()
+    baseline = timed()
+    trials.append(StepTrial("", "baseline", baseline, True))
+    for launch in order:
+        with autotune.overriding(chosen):
+            current, variants = launch.params(), neighbours(launch, max_variants)
+        if not variants:
+            continue
+        incumbent = timed()  # re-timed next to its challengers: the machine drifts
+        best = (incumbent, None)
+        for variant in variants:
+            progress(f"{launch.name}: {_change(current, variant)}")
+            change = _change(current, variant)
+            try:
+                with autotune.overriding({**chosen, launch.key: variant}):
+                    rebuild()
+                    us = time_step()
+            except Exception as exc:  # a variant that does not build or run is no candidate
+                us, change = float("inf"), f"{change} (failed: {type(exc).__name__}: {str(exc)[:120]})"
+            trials.append(StepTrial(launch.name, change, us))
+            if us < best[0]:
+                best = (us, variant, trials[-1])
+        if best[1] is not None and best[0] < incumbent * (1 - threshold):
+            chosen[launch.key] = best[1]
+            best[2].kept = True
+    final = timed() if chosen else baseline
+    return StepTuneResult(baseline, final, trials, chosen)
+
+
+def decode_step_us(model, ids: torch.Tensor, cache, tokens: int = 128, reps: int = 3) -> float:
+    """Median µs a greedy decode step of ``model`` (patched) over ``reps`` runs of
+    ``tokens`` new tokens after a prompt ``ids`` (one warm-up run captures the step)."""
+    from tileflow.bench.decode import _eager_step, decode_once
+
+    step = _eager_step(model)
+    runs = []
+    for i in range(reps + 1):
+        cache.reset()
+        _, seconds, _, _ = decode_once(model, step, ids, tokens, cache)
+        if i:
+            runs.append(seconds / (tokens - 1) * 1e6)
+    return statistics.median(runs)
+
+
+def patched_step_rebuilder(model, ids: torch.Tensor, cache) -> Callable[[], None]:
+    """``rebuild`` for :func:`tune_step` on a transformers model: patch it afresh (so the
+    decode step is captured again with the parameters now in force), run the prompt,
+    then one decode step with only the step's launchers built."""
+    import tileflow
+
+    def rebuild():
+        tileflow.unpatch(model)
+        ops._LAUNCHERS.clear()
+        tileflow.patch(model)
+        cache.reset()
+        with torch.no_grad():
+            tok = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            ops._LAUNCHERS.clear()  # the prompt pass's launches are not the step's
+            pos = torch.full((1, 1), ids.shape[1], device=ids.device, dtype=torch.long)
+            model(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True)
+    return rebuild
+
+
+def run_tune(model_name: Optional[str] = None, prompt: int = 128, tokens: int = 128, reps: int = 3,
+             max_variants: int = 6, threshold: float = 0.005, out_dir: str = "benchmarks/results",
+             dry_run: bool = False) -> dict:
+    """``tileflow tune``: tune the patched decode step of a built-in config (or a local
+    checkpoint) on this GPU, record the winners in the user's tuning table (unless
+    ``dry_run``) and write a JSON record. Raises RuntimeError without a CUDA GPU: on CPU the
+    kernels run as the reference, whose speed no launch parameter changes."""
+    import datetime as dt
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from tileflow.bench import _commit, _json_path, versions
+    from tileflow.bench.decode import make_cache
+    from tileflow.bench.models import build_model
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("tileflow tune needs a CUDA GPU: on CPU the suite kernels run as the reference "
+                           "(or the Triton interpreter), whose speed no launch parameter changes")
+    console = Console(width=150)
+    dev = torch.device("cuda")
+    model_name = model_name or "deepseek-r1-distill-qwen-1.5b"
+    model = build_model(model_name, dev, torch.bfloat16)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0)).to(dev)
+    cache = make_cache("static", model, prompt + tokens + 8)
+    rebuild = patched_step_rebuilder(model, ids, cache)
+    with console.status("tuning the decode step") as status:
+        result = tune_step(rebuild, lambda: decode_step_us(model, ids, cache, tokens, reps), max_variants, threshold,
+                           progress=lambda s: status.update(f"tuning the decode step: {s}"))
+    table = Table(title=f"{model_name} decode step on {torch.cuda.get_device_name(dev)}: µs a token")
+    for col in ("kernel", "change", "µs", "kept"):
+        table.add_column(col, justify="right" if col == "µs" else "left")
+    for t in result.trials:
+        table.add_row(t.kernel or "-", t.change, f"{t.us:.1f}", "yes" if t.kept else "")
+    console.print(table)
+    console.print(f"step {result.baseline_us:.1f} -> {result.final_us:.1f} µs "
+                  f"({1e6 / result.baseline_us:.1f} -> {1e6 / result.final_us:.1f} tok/s), "
+                  f"{len(result.chosen)} entr{'y' if len(result.chosen) == 1 else 'ies'} "
+                  + ("not recorded (dry run)" if dry_run else f"recorded in {autotune._user_file()}"))
+    if not dry_run:
+        for launch in launches_in_order():
+            if launch.key in result.chosen:
+                autotune.record(launch.name, dict(launch.sizes), DTYPE_NAMES[launch.dtype],
+                                ops._device_name(launch.device), result.chosen[launch.key], result.final_us)
+    record = {"what": "decode step tuned by whole-step timing (tileflow tune)",
+              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "device": torch.cuda.get_device_name(dev), "versions": versions(), "commit": _commit(),
+              "model": model_name, "dtype": "bfloat16", "prompt_tokens": prompt, "new_tokens": tokens, "repeats": reps,
+              "baseline_us": result.baseline_us, "final_us": result.final_us, "chosen": result.chosen,
+              "trials": [t.__dict__ for t in result.trials], "recorded": not dry_run}
+    path = _json_path(record, out_dir)
+    path = path.with_name(path.name.replace("-decode-", "-step-tune-"))
+    path.write_text(json.dumps(record, indent=1, default=str))
+    console.print(f"wrote {path}")
+    return record

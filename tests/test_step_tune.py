@@ -1,0 +1,91 @@
+"""``tileflow tune``: coordinate descent over the kernels of a patched decode step, timed as
+whole steps. On CPU the step runs (reference target) but its speed does not depend on the
+launch parameters, so a stand-in timer that charges the parameters in force plays the GPU:
+the tests check that trials really change what the rebuilt step would launch, that only a
+gain above the threshold is kept, and that nothing is written unless recorded."""
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+import tileflow
+from tileflow.bench import step_tune
+from tileflow.bench.decode import make_cache
+from tileflow.emit import autotune
+
+
+@pytest.fixture
+def patched_step(tmp_path, monkeypatch):
+    monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TILEFLOW_CPU_TARGET", "reference")
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=128,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=64)).eval()
+    ids = torch.randint(1, 128, (1, 7), generator=torch.Generator().manual_seed(1))
+    cache = make_cache("static", model, 16)
+    yield model, step_tune.patched_step_rebuilder(model, ids, cache)
+    tileflow.unpatch(model)
+
+
+def charge(costs: dict) -> float:
+    """A stand-in step time: 1000 µs plus ``costs[(kernel, PIPELINE)]`` for each launch of
+    the freshly built step, with the parameters in force."""
+    return 1000.0 + sum(costs.get((launch.name, launch.params().get("PIPELINE", 0)), 0.0)
+                        for launch in step_tune.launches_in_order())
+
+
+def test_the_rebuilt_step_lists_its_decode_kernels(patched_step):
+    _, rebuild = patched_step
+    rebuild()
+    names = [launch.name for launch in step_tune.launches_in_order()]
+    assert {"qkv_rope_cache", "attention_decode_gqa", "o_proj_residual", "rms_norm_gate_up_silu",
+            "down_proj_residual", "rms_norm_matvec"} <= set(names), names
+
+
+def test_keeps_only_the_variants_that_pay(patched_step):
+    _, rebuild = patched_step
+    # down gains 30 us with the first round before the wait, qkv 2 (under the 0.5% threshold),
+    # gate-up loses 40
+    costs = {("down_proj_residual", 2): -30.0, ("qkv_rope_cache", 2): -2.0, ("rms_norm_gate_up_silu", 2): 40.0}
+    result = step_tune.tune_step(rebuild, lambda: charge(costs), max_variants=3)
+    assert result.baseline_us == 1000.0 and result.final_us == 970.0
+    kept = {k.split("|")[1]: v for k, v in result.chosen.items()}
+    assert list(kept) == ["down_proj_residual"] and kept["down_proj_residual"]["PIPELINE"] == 2
+    assert [t.change for t in result.trials if t.kept] == ["baseline", "PIPELINE: 0 -> 2"]
+    # the trials ran under overrides only: the user's table is untouched, and the step
+    # rebuilt now launches its old parameters again
+    assert autotune.user_table() == {}
+    rebuild()
+    assert all(launch.params().get("PIPELINE", 0) == 0 for launch in step_tune.launches_in_order())
+
+
+def test_neighbours_are_one_change_away():
+    launch = step_tune.Launch("down_proj_residual", tuple(sorted(dict(M=1, N=1536, K=8960).items())),
+                              torch.bfloat16, torch.device("cpu"))
+    with autotune.overriding({launch.key: {**launch.params(), "PIPELINE": 2}}):
+        current = launch.params()
+        variants = step_tune.neighbours(launch, limit=8)
+    assert current["PIPELINE"] == 2 and len(variants) == 8
+    assert [v["PIPELINE"] for v in variants[:2]] == [0, 1]
+    for v in variants:
+        assert v != current and sum(v[k] != current.get(k) for k in v) == 1, v
+
+
+def test_overrides_win_and_are_undone(tmp_path, monkeypatch):
+    monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path))
+    sizes = dict(M=1, N=64, K=128)
+    autotune.record("down_proj_residual", sizes, "bf16", "Some GPU", {"BLOCK_K": 64}, 1.0)
+    key = autotune.tune_key("down_proj_residual", sizes, "bf16", "Some GPU")
+    with autotune.overriding({key: {"BLOCK_K": 32}}):
+        assert autotune.lookup("down_proj_residual", sizes, "bf16", "Some GPU") == {"BLOCK_K": 32}
+    assert autotune.lookup("down_proj_residual", sizes, "bf16", "Some GPU") == {"BLOCK_K": 64}
+
+
+def test_cli_says_why_it_cannot_tune_without_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: the no-GPU message does not apply")
+    from tileflow.cli import main
+
+    assert main(["tune", "--model", "tiny"]) == 1
+    assert "needs a CUDA GPU" in capsys.readouterr().err
