@@ -168,6 +168,35 @@ def main() -> None:
     out_dir = os.environ.get("OUT", ".")
     with open(os.path.join(out_dir, f"step-ceiling-{name}.json"), "w") as f:
         json.dump(record, f, indent=1)
+    plot(record, os.path.join(out_dir, f"step-ceiling-{name}.png"))
+
+
+def plot(record: dict, png: str, measured: dict | None = None) -> None:
+    """Bars of tok/s for each form of the sequence (and ``measured``: label -> tok/s of
+    real decode steps on the same device), against the copy-bandwidth roofline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = {f"pure reads: {f}": 1e6 / us for f, us in record["forms_us"].items()}
+    bars.update(measured or {})
+    fig, ax = plt.subplots(figsize=(9, 4))
+    drawn = ax.bar(list(bars), list(bars.values()), color=["#999" if k.startswith("pure") else "#1f77b4" for k in bars])
+    for b, v in zip(drawn, bars.values()):
+        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.0f}\n{100 * v / record['roofline_tok_s']:.0f}%",
+                ha="center", va="bottom", fontsize=8)
+    ax.axhline(record["roofline_tok_s"], color="k", ls="--", lw=1, label=f"roofline {record['roofline_tok_s']:.0f} tok/s")
+    ax.axhline(0.8 * record["roofline_tok_s"], color="r", ls=":", lw=1, label="80% of the roofline")
+    ax.set_ylabel("tok/s (batch 1)")
+    ax.set_title(f"{record['model']}: the step's launch sequence as pure reads vs real steps, {record['device']}",
+                 fontsize=9)
+    ax.set_ylim(0, 1.25 * max(bars.values()))
+    ax.legend(fontsize=8, loc="upper left")
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
