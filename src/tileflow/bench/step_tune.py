@@ -133,7 +133,7 @@ def tune_step(rebuild: Callable[[], None], time_step: Callable[[], float], max_v
         if not variants:
             continue
         incumbent = timed()  # re-timed next to its challengers: the machine drifts
-        best = (incumbent, None)
+        best: Optional[tuple[float, dict, StepTrial]] = None
         for variant in variants:
             progress(f"{launch.name}: {_change(current, variant)}")
             change = _change(current, variant)
@@ -144,9 +144,9 @@ def tune_step(rebuild: Callable[[], None], time_step: Callable[[], float], max_v
             except Exception as exc:  # a variant that does not build or run is no candidate
                 us, change = float("inf"), f"{change} (failed: {type(exc).__name__}: {str(exc)[:120]})"
             trials.append(StepTrial(launch.name, change, us))
-            if us < best[0]:
+            if best is None or us < best[0]:
                 best = (us, variant, trials[-1])
-        if best[1] is not None and best[0] < incumbent * (1 - threshold):
+        if best is not None and best[0] < incumbent * (1 - threshold):
             chosen[launch.key] = best[1]
             best[2].kept = True
     final = timed() if chosen else baseline
@@ -223,15 +223,14 @@ def run_tune(model_name: Optional[str] = None, prompt: int = 128, tokens: int = 
     for t in result.trials:
         table.add_row(t.kernel or "-", t.change, f"{t.us:.1f}", "yes" if t.kept else "")
     console.print(table)
+    where = "not recorded (dry run)"
+    if not dry_run:
+        for key, params in result.chosen.items():
+            where = f"recorded in {autotune.record_entry(key, params, result.final_us)}"
     console.print(f"step {result.baseline_us:.1f} -> {result.final_us:.1f} µs "
                   f"({1e6 / result.baseline_us:.1f} -> {1e6 / result.final_us:.1f} tok/s), "
-                  f"{len(result.chosen)} entr{'y' if len(result.chosen) == 1 else 'ies'} "
-                  + ("not recorded (dry run)" if dry_run else f"recorded in {autotune._user_file()}"))
-    if not dry_run:
-        for launch in launches_in_order():
-            if launch.key in result.chosen:
-                autotune.record(launch.name, dict(launch.sizes), DTYPE_NAMES[launch.dtype],
-                                ops._device_name(launch.device), result.chosen[launch.key], result.final_us)
+                  + (f"{len(result.chosen)} entr{'y' if len(result.chosen) == 1 else 'ies'} {where}"
+                     if result.chosen else "no change kept"))
     record = {"what": "decode step tuned by whole-step timing (tileflow tune)",
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name(dev), "versions": versions(), "commit": _commit(),

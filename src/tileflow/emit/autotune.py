@@ -89,7 +89,7 @@ def lookup(kernel: str, sizes: dict, dtype: str, device: str) -> Optional[dict]:
     key = tune_key(kernel, sizes, dtype, device)
     if key in _OVERRIDES:
         return dict(_OVERRIDES[key])
-    tables = (_read(_user_file()), shipped_table())
+    tables = (user_table(), shipped_table())
     for table in tables:
         if key in table:
             return dict(table[key]["params"])
@@ -105,13 +105,19 @@ def lookup(kernel: str, sizes: dict, dtype: str, device: str) -> Optional[dict]:
 def record(kernel: str, sizes: dict, dtype: str, device: str, params: dict, us: float,
            path: Optional[os.PathLike] = None) -> None:
     """Store a measurement (the user cache unless ``path`` names another table)."""
+    record_entry(tune_key(kernel, sizes, dtype, device), params, us, path)
+
+
+def record_entry(key: str, params: dict, us: float, path: Optional[os.PathLike] = None) -> Path:
+    """Store ``params`` under a tune key (:func:`tune_key`); returns the table's path."""
     path = Path(path) if path else _user_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     table = _read(path)
-    table[tune_key(kernel, sizes, dtype, device)] = {"params": params, "us": round(us, 3)}
+    table[key] = {"params": params, "us": round(us, 3)}
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
     os.replace(tmp, path)
+    return path
 
 
 def tune(candidates: list[dict], time_us: Callable[[dict], float],
