@@ -89,3 +89,22 @@ def test_cli_says_why_it_cannot_tune_without_a_gpu(capsys):
 
     assert main(["tune", "--model", "tiny"]) == 1
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_the_command_records_what_it_kept(tmp_path, monkeypatch):
+    # the whole `tileflow tune` path (model, rebuilds, table, user table, JSON record), with
+    # the tiny config on CPU standing in for a GPU and the stand-in timer
+    import json
+
+    monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TILEFLOW_CPU_TARGET", "reference")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    costs = {("down_proj_residual", 2): -30.0}
+    rec = step_tune.run_tune("tiny", prompt=5, tokens=4, max_variants=2, out_dir=str(tmp_path / "out"),
+                             device="cpu", time_step=lambda: charge(costs))
+    assert rec["baseline_us"] == 1000.0 and rec["final_us"] == 970.0 and rec["recorded"]
+    (key, params), = rec["chosen"].items()
+    assert "|down_proj_residual|bf16|" in key and params["PIPELINE"] == 2
+    assert autotune.user_table()[key]["params"] == params
+    written, = (tmp_path / "out").glob("*-step-tune-tiny-p5.json")
+    assert json.loads(written.read_text())["chosen"] == rec["chosen"]

@@ -189,11 +189,13 @@ def patched_step_rebuilder(model, ids: torch.Tensor, cache) -> Callable[[], None
 
 def run_tune(model_name: Optional[str] = None, prompt: int = 128, tokens: int = 128, reps: int = 3,
              max_variants: int = 6, threshold: float = 0.005, out_dir: str = "benchmarks/results",
-             dry_run: bool = False) -> dict:
+             dry_run: bool = False, device: str = "cuda",
+             time_step: Optional[Callable[[], float]] = None) -> dict:
     """``tileflow tune``: tune the patched decode step of a built-in config (or a local
     checkpoint) on this GPU, record the winners in the user's tuning table (unless
     ``dry_run``) and write a JSON record. Raises RuntimeError without a CUDA GPU: on CPU the
-    kernels run as the reference, whose speed no launch parameter changes."""
+    kernels run as the reference, whose speed no launch parameter changes. (``device`` and
+    ``time_step``, a stand-in timer, let the tests run the whole command on CPU.)"""
     import datetime as dt
     import json
 
@@ -208,16 +210,17 @@ def run_tune(model_name: Optional[str] = None, prompt: int = 128, tokens: int = 
         raise RuntimeError("tileflow tune needs a CUDA GPU: on CPU the suite kernels run as the reference "
                            "(or the Triton interpreter), whose speed no launch parameter changes")
     console = Console(width=150)
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     model_name = model_name or "deepseek-r1-distill-qwen-1.5b"
     model = build_model(model_name, dev, torch.bfloat16)
+    gpu_name = torch.cuda.get_device_name() if dev.type == "cuda" else str(dev)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0)).to(dev)
     cache = make_cache("static", model, prompt + tokens + 8)
     rebuild = patched_step_rebuilder(model, ids, cache)
     with console.status("tuning the decode step") as status:
-        result = tune_step(rebuild, lambda: decode_step_us(model, ids, cache, tokens, reps), max_variants, threshold,
-                           progress=lambda s: status.update(f"tuning the decode step: {s}"))
-    table = Table(title=f"{model_name} decode step on {torch.cuda.get_device_name(dev)}: µs a token")
+        result = tune_step(rebuild, time_step or (lambda: decode_step_us(model, ids, cache, tokens, reps)),
+                           max_variants, threshold, progress=lambda s: status.update(f"tuning the decode step: {s}"))
+    table = Table(title=f"{model_name} decode step on {gpu_name}: µs a token")
     for col in ("kernel", "change", "µs", "kept"):
         table.add_column(col, justify="right" if col == "µs" else "left")
     for t in result.trials:
@@ -233,7 +236,7 @@ def run_tune(model_name: Optional[str] = None, prompt: int = 128, tokens: int = 
                      if result.chosen else "no change kept"))
     record = {"what": "decode step tuned by whole-step timing (tileflow tune)",
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "device": torch.cuda.get_device_name(dev), "versions": versions(), "commit": _commit(),
+              "device": gpu_name, "versions": versions(), "commit": _commit(),
               "model": model_name, "dtype": "bfloat16", "prompt_tokens": prompt, "new_tokens": tokens, "repeats": reps,
               "baseline_us": result.baseline_us, "final_us": result.final_us, "chosen": result.chosen,
               "trials": [t.__dict__ for t in result.trials], "recorded": not dry_run}
