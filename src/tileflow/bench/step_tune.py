@@ -28,8 +28,6 @@ from tileflow.emit import autotune
 from tileflow.runtime import ops
 from tileflow.suite import KERNELS
 
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
 
 @dataclass(frozen=True)
 class Launch:
@@ -40,19 +38,14 @@ class Launch:
     dtype: torch.dtype
     device: torch.device
 
-    def _args(self) -> tuple:
-        return self.name, dict(self.sizes), DTYPE_NAMES[self.dtype], ops._device_name(self.device)
-
     @property
     def key(self) -> str:
-        return autotune.tune_key(*self._args())
+        return autotune.tune_key(self.name, dict(self.sizes), ops.DTYPE_NAMES[self.dtype],
+                                 ops._device_name(self.device))
 
     def params(self) -> dict:
-        """The parameters it launches with on a GPU now: defaults, then the tables
-        (overrides first), then the structural sizes."""
-        kernel, sizes = KERNELS[self.name], dict(self.sizes)
-        return {**kernel.default_params(sizes), **(autotune.lookup(*self._args()) or {}),
-                **kernel.structural_sizes(sizes)}
+        """The parameters it launches with on a GPU now (overrides first)."""
+        return ops.tuned_params(self.name, dict(self.sizes), self.dtype, self.device)
 
 
 def launches_in_order() -> list[Launch]:
@@ -66,6 +59,11 @@ def launches_in_order() -> list[Launch]:
     return out
 
 
+def _value(params: dict, key: str):
+    """``params[key]``; an absent ``PIPELINE`` is 0 (the kernels' default)."""
+    return params.get(key, 0 if key == "PIPELINE" else None)
+
+
 def neighbours(launch: Launch, limit: int) -> list[dict]:
     """Up to ``limit`` variants of the launch's current parameters, one change away:
     the other ``PIPELINE`` modes first (where the kernel takes the parameter), then the
@@ -76,10 +74,10 @@ def neighbours(launch: Launch, limit: int) -> list[dict]:
     out = []
     # a kernel takes PIPELINE if its candidates or its verified test cases set it
     if any("PIPELINE" in c for c in cands) or any("PIPELINE" in case.params for case in kernel.test_cases):
-        out += [{**current, "PIPELINE": v} for v in (0, 1, 2) if current.get("PIPELINE", 0) != v]
+        out += [{**current, "PIPELINE": v} for v in (0, 1, 2) if _value(current, "PIPELINE") != v]
     for c in cands:
         variant = {**current, **c, **kernel.structural_sizes(sizes)}
-        changed = [k for k in variant if variant[k] != current.get(k, 0 if k == "PIPELINE" else None)]
+        changed = [k for k in variant if variant[k] != _value(current, k)]
         if len(changed) == 1 and changed[0] != "PIPELINE" and variant not in out:
             out.append(variant)
     return out[:limit]
@@ -98,12 +96,11 @@ class StepTuneResult:
     baseline_us: float
     final_us: float
     trials: list = field(default_factory=list)  # StepTrial
-    chosen: dict = field(default_factory=dict)  # tune key -> parameters (the changed ones)
+    chosen: dict = field(default_factory=dict)  # tune key -> the kept variant's whole parameter set
 
 
 def _change(old: dict, new: dict) -> str:
-    return ", ".join(f"{k}: {old.get(k, 0 if k == 'PIPELINE' else None)} -> {v}"
-                     for k, v in new.items() if v != old.get(k, 0 if k == "PIPELINE" else None))
+    return ", ".join(f"{k}: {_value(old, k)} -> {v}" for k, v in new.items() if v != _value(old, k))
 
 
 def tune_step(rebuild: Callable[[], None], time_step: Callable[[], float], max_variants: int = 6,
@@ -135,8 +132,8 @@ def tune_step(rebuild: Callable[[], None], time_step: Callable[[], float], max_v
         incumbent = timed()  # re-timed next to its challengers: the machine drifts
         best: Optional[tuple[float, dict, StepTrial]] = None
         for variant in variants:
-            progress(f"{launch.name}: {_change(current, variant)}")
             change = _change(current, variant)
+            progress(f"{launch.name}: {change}")
             try:
                 with autotune.overriding({**chosen, launch.key: variant}):
                     rebuild()

@@ -35,18 +35,25 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def launch_params(name: str, sizes: dict, dtype: torch.dtype, device: torch.device) -> dict:
-    """The parameters a launch of suite kernel ``name`` at ``sizes`` uses on ``device``:
-    the measured ones for this device and shape, else the definition's defaults (the
-    reference path on CPU takes the defaults)."""
-    kernel = KERNELS[name]
-    if device.type == "cpu" and cpu_target() == "reference":
-        return kernel.default_params(sizes)
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def tuned_params(name: str, sizes: dict, dtype: torch.dtype, device: torch.device) -> dict:
+    """The definition's defaults, then the measured parameters for this device and shape
+    (``emit.autotune.lookup``), then the structural sizes."""
     from tileflow.emit import autotune
 
-    dname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-    tuned = autotune.lookup(name, sizes, dname, _device_name(device)) or {}
+    kernel = KERNELS[name]
+    tuned = autotune.lookup(name, sizes, DTYPE_NAMES[dtype], _device_name(device)) or {}
     return {**kernel.default_params(sizes), **tuned, **kernel.structural_sizes(sizes)}
+
+
+def launch_params(name: str, sizes: dict, dtype: torch.dtype, device: torch.device) -> dict:
+    """The parameters a launch of suite kernel ``name`` at ``sizes`` uses on ``device``:
+    :func:`tuned_params` (the reference path on CPU takes the defaults)."""
+    if device.type == "cpu" and cpu_target() == "reference":
+        return KERNELS[name].default_params(sizes)
+    return tuned_params(name, sizes, dtype, device)
 
 
 def _launcher(name: str, sizes: dict, dtype: torch.dtype, device: torch.device) -> Callable:
