@@ -12,7 +12,8 @@
 #  SUITE_LIMIT seconds a suite step)
 # ab:<model>:<prompt>:<file>[,<file>...] the patch path once per tuning file, each in a fresh
 #                                  tuning cache ("-" = the shipped tables alone): an A/B in one call
-# steptune[:model]                 `tileflow tune`: the patched decode step tuned by whole-step timing;
+# steptune[:model]                 `tileflow tune` (extra arguments in TUNE_ARGS, e.g. "--max-variants 10"):
+#                                  the patched decode step tuned by whole-step timing;
 #                                  the winners stay in this call's tuning cache for later steps and
 #                                  are copied to $OUT/autotune-step.json
 # tuned                            use $OUT/autotune.json (or TUNED=<file>) for later steps
@@ -75,6 +76,7 @@ for step in ${STEPS:-bench:deepseek-r1-distill-qwen-1.5b:128 suite}; do
     steptune)
       targs=(--out "$OUT")
       [ -n "${model:-}" ] && targs+=(--model "$model")
+      targs+=(${TUNE_ARGS:-})
       timeout "${BENCH_LIMIT:-900}" python3 benchmarks/run_cli_uninstalled.py tune "${targs[@]}" 2>&1 \
         | grep --line-buffered -v -E "Warning|warn\(|^\s*$"
       cp "$TILEFLOW_CACHE_DIR/autotune.json" "$OUT/autotune-step.json" 2>/dev/null || true ;;

@@ -53,11 +53,34 @@ def test_keeps_only_the_variants_that_pay(patched_step):
     kept = {k.split("|")[1]: v for k, v in result.chosen.items()}
     assert list(kept) == ["down_proj_residual"] and kept["down_proj_residual"]["PIPELINE"] == 2
     assert [t.change for t in result.trials if t.kept] == ["baseline", "PIPELINE: 0 -> 2"]
+    # each kernel's incumbent was timed before its challengers, down's at the old 1000 µs
+    incumbents = {t.kernel: t.us for t in result.trials if t.change == "incumbent"}
+    assert incumbents["down_proj_residual"] == 1000.0 and incumbents["rms_norm_matvec"] == 970.0
     # the trials ran under overrides only: the user's table is untouched, and the step
     # rebuilt now launches its old parameters again
     assert autotune.user_table() == {}
     rebuild()
     assert all(launch.params().get("PIPELINE", 0) == 0 for launch in step_tune.launches_in_order())
+
+
+def test_a_second_pass_finds_what_a_neighbour_s_change_opened(patched_step):
+    # qkv's first-round mode pays only once down has taken its own (the charge depends on
+    # both): one pass misses it (qkv is tried before down), two find it, a third is not run
+    _, rebuild = patched_step
+
+    def costs_now():
+        pipelined = {launch.name for launch in step_tune.launches_in_order() if launch.params().get("PIPELINE") == 2}
+        return 1000.0 - 30.0 * ("down_proj_residual" in pipelined) \
+            - 20.0 * ({"down_proj_residual", "qkv_rope_cache"} <= pipelined) \
+            + 20.0 * ("qkv_rope_cache" in pipelined and "down_proj_residual" not in pipelined)
+
+    one = step_tune.tune_step(rebuild, costs_now, max_variants=3, passes=1)
+    two = step_tune.tune_step(rebuild, costs_now, max_variants=3, passes=3)
+    assert one.final_us == 970.0 and two.final_us == 950.0
+    assert sorted(k.split("|")[1] for k in two.chosen) == ["down_proj_residual", "qkv_rope_cache"]
+    kernels = len({t.kernel for t in two.trials if t.change == "incumbent"})
+    incumbents = sum(t.change == "incumbent" for t in two.trials)
+    assert incumbents == 3 * kernels  # pass 2 kept qkv, so pass 3 ran and kept nothing
 
 
 def test_neighbours_are_one_change_away():

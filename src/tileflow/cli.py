@@ -118,7 +118,7 @@ def cmd_tune(args) -> int:
 
     try:
         run_tune(args.model, args.prompt, args.tokens, args.repeats, args.max_variants, args.threshold, args.out,
-                 dry_run=args.dry_run)
+                 dry_run=args.dry_run, passes=args.passes)
     except RuntimeError as exc:
         print(f"tileflow tune: {exc}", file=sys.stderr)
         return 1
@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--repeats", type=int, default=3, help="timings a trial (median)")
     tune.add_argument("--max-variants", type=int, default=6, help="variants tried a kernel")
     tune.add_argument("--threshold", type=float, default=0.005, help="least step gain that keeps a variant (0.005: 0.5%%)")
+    tune.add_argument("--passes", type=int, default=2,
+                      help="rounds over the step's kernels, while the last one kept a change")
     tune.add_argument("--out", default="benchmarks/results")
     tune.add_argument("--dry-run", action="store_true", help="do not record the winners in the user tuning table")
     tune.set_defaults(fn=cmd_tune)

@@ -104,13 +104,18 @@ def _change(old: dict, new: dict) -> str:
 
 
 def tune_step(rebuild: Callable[[], None], time_step: Callable[[], float], max_variants: int = 6,
-              threshold: float = 0.005, progress: Callable[[str], None] = lambda s: None) -> StepTuneResult:
-    """Coordinate descent over the kernels of one decode step.
+              threshold: float = 0.005, progress: Callable[[str], None] = lambda s: None,
+              passes: int = 1) -> StepTuneResult:
+    """Coordinate descent over the kernels of one decode step, up to ``passes`` times
+    over them (a later pass only while the one before kept something: a kernel's best
+    tiles can move once its neighbours changed).
 
     ``rebuild()`` must drop what was built with the old parameters and run one step
     afresh (so ``ops._LAUNCHERS`` lists the step's launches); ``time_step()`` returns µs a
     step with the parameters in force. Trials run under :func:`autotune.overriding`, so
-    nothing is written; the caller records ``chosen``."""
+    nothing is written; the caller records ``chosen``. Each kernel's incumbent, re-timed
+    before its challengers, is a trial too (change ``"incumbent"``): the spread between
+    incumbents is the noise a kept gain must clear."""
     chosen: dict[str, dict] = {}
     trials: list[StepTrial] = []
 
@@ -124,28 +129,33 @@ def tune_step(rebuild: Callable[[], None], time_step: Callable[[], float], max_v
         order = launches_in_order()
     baseline = timed()
     trials.append(StepTrial("", "baseline", baseline, True))
-    for launch in order:
-        with autotune.overriding(chosen):
-            current, variants = launch.params(), neighbours(launch, max_variants)
-        if not variants:
-            continue
-        incumbent = timed()  # re-timed next to its challengers: the machine drifts
-        best: Optional[tuple[float, dict, StepTrial]] = None
-        for variant in variants:
-            change = _change(current, variant)
-            progress(f"{launch.name}: {change}")
-            try:
-                with autotune.overriding({**chosen, launch.key: variant}):
-                    rebuild()
-                    us = time_step()
-            except Exception as exc:  # a variant that does not build or run is no candidate
-                us, change = float("inf"), f"{change} (failed: {type(exc).__name__}: {str(exc)[:120]})"
-            trials.append(StepTrial(launch.name, change, us))
-            if best is None or us < best[0]:
-                best = (us, variant, trials[-1])
-        if best is not None and best[0] < incumbent * (1 - threshold):
-            chosen[launch.key] = best[1]
-            best[2].kept = True
+    for _ in range(passes):
+        kept_this_pass = False
+        for launch in order:
+            with autotune.overriding(chosen):
+                current, variants = launch.params(), neighbours(launch, max_variants)
+            if not variants:
+                continue
+            incumbent = timed()  # re-timed next to its challengers: the machine drifts
+            trials.append(StepTrial(launch.name, "incumbent", incumbent))
+            best: Optional[tuple[float, dict, StepTrial]] = None
+            for variant in variants:
+                change = _change(current, variant)
+                progress(f"{launch.name}: {change}")
+                try:
+                    with autotune.overriding({**chosen, launch.key: variant}):
+                        rebuild()
+                        us = time_step()
+                except Exception as exc:  # a variant that does not build or run is no candidate
+                    us, change = float("inf"), f"{change} (failed: {type(exc).__name__}: {str(exc)[:120]})"
+                trials.append(StepTrial(launch.name, change, us))
+                if best is None or us < best[0]:
+                    best = (us, variant, trials[-1])
+            if best is not None and best[0] < incumbent * (1 - threshold):
+                chosen[launch.key] = best[1]
+                best[2].kept = kept_this_pass = True
+        if not kept_this_pass:
+            break
     final = timed() if chosen else baseline
     return StepTuneResult(baseline, final, trials, chosen)
 
@@ -187,7 +197,7 @@ def patched_step_rebuilder(model, ids: torch.Tensor, cache) -> Callable[[], None
 def run_tune(model_name: Optional[str] = None, prompt: int = 128, tokens: int = 128, reps: int = 3,
              max_variants: int = 6, threshold: float = 0.005, out_dir: str = "benchmarks/results",
              dry_run: bool = False, device: str = "cuda",
-             time_step: Optional[Callable[[], float]] = None) -> dict:
+             time_step: Optional[Callable[[], float]] = None, passes: int = 2) -> dict:
     """``tileflow tune``: tune the patched decode step of a built-in config (or a local
     checkpoint) on this GPU, record the winners in the user's tuning table (unless
     ``dry_run``) and write a JSON record. Raises RuntimeError without a CUDA GPU: on CPU the
@@ -216,7 +226,8 @@ def run_tune(model_name: Optional[str] = None, prompt: int = 128, tokens: int = 
     rebuild = patched_step_rebuilder(model, ids, cache)
     with console.status("tuning the decode step") as status:
         result = tune_step(rebuild, time_step or (lambda: decode_step_us(model, ids, cache, tokens, reps)),
-                           max_variants, threshold, progress=lambda s: status.update(f"tuning the decode step: {s}"))
+                           max_variants, threshold, progress=lambda s: status.update(f"tuning the decode step: {s}"),
+                           passes=passes)
     table = Table(title=f"{model_name} decode step on {gpu_name}: µs a token")
     for col in ("kernel", "change", "µs", "kept"):
         table.add_column(col, justify="right" if col == "µs" else "left")
@@ -235,6 +246,7 @@ def run_tune(model_name: Optional[str] = None, prompt: int = 128, tokens: int = 
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "device": gpu_name, "versions": versions(), "commit": _commit(),
               "model": model_name, "dtype": "bfloat16", "prompt_tokens": prompt, "new_tokens": tokens, "repeats": reps,
+              "passes": passes, "threshold": threshold,
               "baseline_us": result.baseline_us, "final_us": result.final_us, "chosen": result.chosen,
               "trials": [t.__dict__ for t in result.trials], "recorded": not dry_run}
     path = _json_path(record, out_dir)
