@@ -23,8 +23,9 @@
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 # pass TILEFLOW_COMMIT=<hash> from the calling machine: the device checkout's git metadata is stale
-# pure-Python wheels the GPU image lacks (array_api_compat), carried in .whl/ (git-ignored: fill it
-# with `pip download array-api-compat --no-deps -d .whl` and pass carry=[".whl"]): importable as zips
+# pure-Python wheels the GPU image lacks (array_api_compat; jax-triton==0.3.1 and absl-py for the JAX
+# paths' Triton kernels), carried in .whl/ (git-ignored: fill it with
+# `pip download array-api-compat jax-triton==0.3.1 absl-py --no-deps -d .whl` and pass carry=[".whl"]): importable as zips
 WHEELS=$(ls .whl/*.whl 2>/dev/null | tr '\n' ':')
 export PYTHONPATH=src:${WHEELS}${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TILEFLOW_COMMIT=${TILEFLOW_COMMIT:-unknown}
 # a fresh tuning cache per call: the device keeps /tmp between calls on one host, and a tuning
@@ -47,6 +48,10 @@ for step in ${STEPS:-bench:deepseek-r1-distill-qwen-1.5b:128 suite}; do
       timeout "${BENCH_LIMIT:-900}" python3 benchmarks/run_cli_uninstalled.py bench "${args[@]}" 2>&1 \
         | grep --line-buffered -v -E "Warning|warn\(|^\s*$" ;;
     jaxbench)
+      # without jax_triton the JAX paths run the Pallas kernels (optimize keeps XLA's code):
+      # a different measurement, so say so loudly (carry .whl/ with jax_triton and absl-py)
+      python3 -c "import jax_triton" 2>/dev/null \
+        || echo "!!! jax_triton is not importable: JAX paths run through Pallas, not the Triton kernels (.whl/ lacks jax_triton / absl-py wheels?)"
       args=(--framework jax --model "$model" --prompt "$prompt" --out "$OUT/$n-jaxbench")
       [ -n "${paths:-}" ] && args+=(--paths ${paths//,/ })
       [ -n "${REPEATS:-}" ] && args+=(--repeats "$REPEATS")
