@@ -95,6 +95,32 @@ def test_neighbours_are_one_change_away():
         assert v != current and sum(v[k] != current.get(k) for k in v) == 1, v
 
 
+def test_neighbours_keep_the_warps_and_try_nearest_values_first():
+    from tileflow.suite import KERNELS
+
+    # the H100's gate-up pick: 4 x 2048 tiles at 2 warps, where no candidate has 2 warps
+    launch = step_tune.Launch("rms_norm_gate_up_silu", tuple(sorted(dict(M=1, N=8960, K=1536).items())),
+                              torch.bfloat16, torch.device("cpu"))
+    with autotune.overriding({launch.key: {**launch.params(), "BLOCK_N": 4, "BLOCK_K": 2048, "num_warps": 2}}):
+        current = launch.params()
+        variants = step_tune.neighbours(launch, limit=50)
+    changes = [step_tune._change(current, v) for v in variants]
+    assert "BLOCK_N: 4 -> 8" in changes and "BLOCK_N: 4 -> 2" in changes
+    assert changes.index("BLOCK_K: 2048 -> 1024") < changes.index("BLOCK_K: 2048 -> 512") \
+        < changes.index("BLOCK_K: 2048 -> 256")
+    # attention's coupled parameters (SPLITS with SPLITS_BLOCK) change only as a candidate has them
+    sizes = dict(B=1, DH=128, NH=12, NKV=2, S=512)
+    attention = step_tune.Launch("attention_decode_gqa", tuple(sorted(sizes.items())), torch.bfloat16,
+                                 torch.device("cpu"))
+    cands = KERNELS["attention_decode_gqa"].candidates(sizes)
+    current = attention.params()
+    for v in step_tune.neighbours(attention, limit=50):
+        changed = [k for k in v if v[k] != step_tune._value(current, k)]
+        if changed[0] in ("PIPELINE", "num_warps"):
+            continue
+        assert any(all(v.get(k) == c[k] for k in c if k != "num_warps") for c in cands), changed
+
+
 def test_overrides_win_and_are_undone(tmp_path, monkeypatch):
     monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path))
     sizes = dict(M=1, N=64, K=128)

@@ -68,7 +68,9 @@ def neighbours(launch: Launch, limit: int) -> list[dict]:
     """Up to ``limit`` variants of the launch's current parameters, one change away:
     the other ``PIPELINE`` modes first (where the kernel takes the parameter), half and
     twice the warps, then the kernel's candidates that differ in exactly one tuned
-    parameter."""
+    parameter, nearest values first. A candidate is also taken with the current warps
+    (warps never change what a kernel computes; other parameters may be coupled, such as
+    attention's ``SPLITS`` and ``SPLITS_BLOCK``, so they change only as a candidate has them)."""
     kernel, sizes = KERNELS[launch.name], dict(launch.sizes)
     current = launch.params()
     cands = kernel.candidates(sizes) if kernel.candidates else []
@@ -82,11 +84,24 @@ def neighbours(launch: Launch, limit: int) -> list[dict]:
     if "num_warps" in current:
         out += [{**current, "num_warps": w} for w in (current["num_warps"] // 2, current["num_warps"] * 2)
                 if 1 <= w <= 16 and w != current["num_warps"]]
+    tiles = []  # (changed parameter, variant)
     for c in cands:
-        variant = {**current, **c, **kernel.structural_sizes(sizes)}
-        changed = [k for k in variant if variant[k] != _value(current, k)]
-        if len(changed) == 1 and changed[0] != "PIPELINE" and variant not in out:
-            out.append(variant)
+        for base in (c, {**c, "num_warps": current["num_warps"]} if "num_warps" in current else c):
+            variant = {**current, **base, **kernel.structural_sizes(sizes)}
+            changed = [k for k in variant if variant[k] != _value(current, k)]
+            if len(changed) == 1 and changed[0] != "PIPELINE" and variant not in out \
+                    and variant not in [v for _, v in tiles]:
+                tiles.append((changed[0], variant))
+
+    def distance(item) -> tuple:
+        # how many of the values tried for that parameter lie between the current one and this
+        key, variant = item
+        values = sorted({v[key] for k, v in tiles if k == key} | {current[key]}) if key in current \
+            else sorted({v[key] for k, v in tiles if k == key})
+        here = values.index(current[key]) if key in current else 0
+        return (abs(values.index(variant[key]) - here),)
+
+    out += [v for _, v in sorted(tiles, key=distance)]
     return out[:limit]
 
 
