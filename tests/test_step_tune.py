@@ -157,3 +157,4 @@ def test_the_command_records_what_it_kept(tmp_path, monkeypatch):
     assert autotune.user_table()[key]["params"] == params
     written, = (tmp_path / "out").glob("*-step-tune-tiny-p5.json")
     assert json.loads(written.read_text())["chosen"] == rec["chosen"]
+    assert written.with_suffix(".png").stat().st_size > 10_000  # the trials' chart

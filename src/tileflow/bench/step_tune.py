@@ -274,5 +274,44 @@ def run_tune(model_name: Optional[str] = None, prompt: int = 128, tokens: int = 
     path = _json_path(record, out_dir)
     path = path.with_name(path.name.replace("-decode-", "-step-tune-"))
     path.write_text(json.dumps(record, indent=1, default=str))
-    console.print(f"wrote {path}")
+    plot_tune(record, path.with_suffix(".png"))
+    console.print(f"wrote {path} (and .png)")
     return record
+
+
+def plot_tune(record: dict, png) -> None:
+    """Every trial of a ``tileflow tune`` record as µs a step in the order run, one colour
+    a kernel, the kept changes starred, the incumbent as a step line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trials = record["trials"]
+    kernels = list(dict.fromkeys(t["kernel"] for t in trials if t["kernel"]))
+    colours = {k: plt.cm.tab10(i % 10) for i, k in enumerate(kernels)}
+    finite = [t["us"] for t in trials if t["us"] != float("inf")]
+    top = min(max(finite), 1.15 * record["baseline_us"])  # a few far-off trials would flatten the rest
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    best, line = record["baseline_us"], []
+    for i, t in enumerate(trials):
+        best = t["us"] if t["kept"] else best
+        line.append(best)
+        if not t["kernel"]:
+            continue
+        y = min(t["us"], top)
+        ax.scatter(i, y, s=90 if t["kept"] else 18, marker="*" if t["kept"] else ("^" if y < t["us"] else "o"),
+                   color=colours[t["kernel"]], edgecolors="k" if t["kept"] else "none", zorder=3,
+                   label=t["kernel"] if t["kernel"] not in ax.get_legend_handles_labels()[1] else None)
+        if t["kept"]:
+            ax.annotate(t["change"], (i, y), textcoords="offset points", xytext=(4, -12), fontsize=7)
+    ax.step(range(len(trials)), line, where="post", color="k", lw=1, label="kept so far")
+    ax.set_ylim(top=top * 1.005)
+    ax.set_xlabel("trial (in the order run; triangles: off the top)")
+    ax.set_ylabel("µs a decode step")
+    ax.set_title(f"tileflow tune: {record['model']} on {record['device']}: "
+                 f"{record['baseline_us']:.1f} -> {record['final_us']:.1f} µs a step", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
