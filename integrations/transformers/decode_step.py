@@ -107,8 +107,9 @@ class DecodeProgram:
             x = ops.o_proj_residual(o.view(1, nh * dh), wo, x)
             g = ops.gate_up_silu(ops.rms_norm(x, ln2, eps2), wg, wu)
             x = ops.down_proj_residual(g, wd, x)
+        logits = ops.linear(ops.rms_norm(x, self.norm_w, self.norm_eps), self.lm_head_w)
         _advance(cache, 1)
-        return ops.linear(ops.rms_norm(x, self.norm_w, self.norm_eps), self.lm_head_w)
+        return logits
 
     def _run_fused(self, x, p, row, lengths, cache, key_mask) -> torch.Tensor:
         """The same step with the suite's fused kernels: six launches a layer
@@ -143,8 +144,11 @@ class DecodeProgram:
             # layer on an H200 (NOTES.md, 2026-12-03), cause not found
             x = ops.down_proj_residual(ops.rms_norm_gate_up_silu(x, ln2, eps2, wg, wu, ready=links[i]), wd, x,
                                        ahead=ahead, keep=self.ahead_keep, ready=links[i])
+        # the count after lm_head (which does not read it), not between the last down
+        # projection and lm_head, whose dependent launch would then follow an aten kernel
+        logits = ops.rms_norm_linear(x, self.norm_w, self.norm_eps, self.lm_head_w)
         _advance(cache, 1)
-        return ops.rms_norm_linear(x, self.norm_w, self.norm_eps, self.lm_head_w)
+        return logits
 
     def ready_links(self, x: torch.Tensor) -> list:
         """Per layer, the ready counters between its gate-up and down launches (with
