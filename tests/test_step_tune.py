@@ -114,7 +114,13 @@ def test_neighbours_keep_the_warps_and_try_nearest_values_first():
                                  torch.device("cpu"))
     cands = KERNELS["attention_decode_gqa"].candidates(sizes)
     current = attention.params()
-    for v in step_tune.neighbours(attention, limit=50):
+    variants = step_tune.neighbours(attention, limit=50)
+    changes = [step_tune._change(current, v) for v in variants]
+    assert "SPLITS: 8 -> 16, SPLITS_BLOCK: 8 -> 16" in changes and "SPLITS: 8 -> 4, SPLITS_BLOCK: 8 -> 4" in changes
+    assert changes.index("SPLITS: 8 -> 4, SPLITS_BLOCK: 8 -> 4") < changes.index("SPLITS: 8 -> 1, SPLITS_BLOCK: 8 -> 1")
+    # two parameters that can each change alone are not paired (coordinate descent takes them in turn)
+    assert not any(c.count("->") == 2 and "SPLITS" not in c and "ONE_LAUNCH" not in c for c in changes), changes
+    for v in variants:
         changed = [k for k in v if v[k] != step_tune._value(current, k)]
         if changed[0] in ("PIPELINE", "num_warps"):
             continue

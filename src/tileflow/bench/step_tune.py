@@ -65,12 +65,13 @@ def _value(params: dict, key: str):
 
 
 def neighbours(launch: Launch, limit: int) -> list[dict]:
-    """Up to ``limit`` variants of the launch's current parameters, one change away:
-    the other ``PIPELINE`` modes first (where the kernel takes the parameter), half and
-    twice the warps, then the kernel's candidates that differ in exactly one tuned
-    parameter, nearest values first. A candidate is also taken with the current warps
-    (warps never change what a kernel computes; other parameters may be coupled, such as
-    attention's ``SPLITS`` and ``SPLITS_BLOCK``, so they change only as a candidate has them)."""
+    """Up to ``limit`` variants of the launch's current parameters, one or two changes
+    away: the other ``PIPELINE`` modes first (where the kernel takes the parameter), half and
+    twice the warps, then the kernel's candidates that differ in one tuned parameter, then
+    those that differ in two, nearest values first. A candidate is also taken with the
+    current warps (warps never change what a kernel computes; other parameters may be
+    coupled, such as attention's ``SPLITS`` and ``SPLITS_BLOCK``, so they change only as a
+    candidate has them)."""
     kernel, sizes = KERNELS[launch.name], dict(launch.sizes)
     current = launch.params()
     cands = kernel.candidates(sizes) if kernel.candidates else []
@@ -84,24 +85,32 @@ def neighbours(launch: Launch, limit: int) -> list[dict]:
     if "num_warps" in current:
         out += [{**current, "num_warps": w} for w in (current["num_warps"] // 2, current["num_warps"] * 2)
                 if 1 <= w <= 16 and w != current["num_warps"]]
-    tiles = []  # (changed parameter, variant)
+    singles, pairs = [], []  # (changed parameters, variant)
     for c in cands:
         for base in (c, {**c, "num_warps": current["num_warps"]} if "num_warps" in current else c):
             variant = {**current, **base, **kernel.structural_sizes(sizes)}
-            changed = [k for k in variant if variant[k] != _value(current, k)]
-            if len(changed) == 1 and changed[0] != "PIPELINE" and variant not in out \
-                    and variant not in [v for _, v in tiles]:
-                tiles.append((changed[0], variant))
+            changed = tuple(k for k in variant if variant[k] != _value(current, k))
+            if not changed or "PIPELINE" in changed or variant in out or \
+                    any(variant == v for _, v in singles + pairs):
+                continue
+            (singles if len(changed) == 1 else pairs if len(changed) == 2 else []).append((changed, variant))
+    values: dict = {}  # parameter -> the values tried for it and the current one
+    for changed, variant in singles + pairs:
+        for k in changed:
+            values.setdefault(k, {current.get(k)}).add(variant[k])
 
-    def distance(item) -> tuple:
-        # how many of the values tried for that parameter lie between the current one and this
-        key, variant = item
-        values = sorted({v[key] for k, v in tiles if k == key} | {current[key]}) if key in current \
-            else sorted({v[key] for k, v in tiles if k == key})
-        here = values.index(current[key]) if key in current else 0
-        return (abs(values.index(variant[key]) - here),)
+    def distance(item) -> int:
+        # how many of the values tried for a parameter lie between the current one and this
+        changed, variant = item
+        order = {k: sorted(values[k], key=lambda v: (v is None, v)) for k in changed}
+        return sum(abs(order[k].index(variant[k]) - order[k].index(current.get(k))) for k in changed)
 
-    out += [v for _, v in sorted(tiles, key=distance)]
+    # then two changes at once where a parameter never changes alone in the candidates:
+    # coupled ones (attention's SPLITS with SPLITS_BLOCK, ONE_LAUNCH with GROUP_C); two
+    # that can each change alone are left to coordinate descent, one at a time
+    alone = {k for changed, _ in singles for k in changed} | {"num_warps"}
+    pairs = [(changed, v) for changed, v in pairs if not set(changed) <= alone]
+    out += [v for _, v in sorted(singles, key=distance)] + [v for _, v in sorted(pairs, key=distance)]
     return out[:limit]
 
 
