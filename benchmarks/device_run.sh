@@ -12,7 +12,7 @@
 #  SUITE_LIMIT seconds a suite step)
 # ab:<model>:<prompt>:<file>[,<file>...] the patch path once per tuning file, each in a fresh
 #                                  tuning cache ("-" = the shipped tables alone): an A/B in one call
-# steptune[:model]                 `tileflow tune` (extra arguments in TUNE_ARGS, e.g. "--max-variants 10"):
+# steptune[:model]                 `tileflow tune` (extra arguments in TUNE_ARGS, e.g. "--passes 3"):
 #                                  the patched decode step tuned by whole-step timing;
 #                                  the winners stay in this call's tuning cache for later steps and
 #                                  are copied to $OUT/autotune-step.json

@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--prompt", type=int, default=128)
     tune.add_argument("--tokens", type=int, default=128, help="decode steps a timing")
     tune.add_argument("--repeats", type=int, default=3, help="timings a trial (median)")
-    tune.add_argument("--max-variants", type=int, default=6, help="variants tried a kernel")
+    tune.add_argument("--max-variants", type=int, default=12,
+                      help="variants tried a kernel a round (an H100 run kept one found 10th)")
     tune.add_argument("--threshold", type=float, default=0.003, help="least step gain that keeps a variant (0.003: 0.3%%; incumbents re-timed in one H100 run spread 0.14%%)")
     tune.add_argument("--passes", type=int, default=2,
                       help="rounds over the step's kernels, while the last one kept a change")

@@ -90,10 +90,10 @@ def neighbours(launch: Launch, limit: int) -> list[dict]:
         for base in (c, {**c, "num_warps": current["num_warps"]} if "num_warps" in current else c):
             variant = {**current, **base, **kernel.structural_sizes(sizes)}
             changed = tuple(k for k in variant if variant[k] != _value(current, k))
-            if not changed or "PIPELINE" in changed or variant in out or \
+            if not changed or len(changed) > 2 or "PIPELINE" in changed or variant in out or \
                     any(variant == v for _, v in singles + pairs):
                 continue
-            (singles if len(changed) == 1 else pairs if len(changed) == 2 else []).append((changed, variant))
+            (singles if len(changed) == 1 else pairs).append((changed, variant))
     values: dict = {}  # parameter -> the values tried for it and the current one
     for changed, variant in singles + pairs:
         for k in changed:
@@ -134,9 +134,9 @@ def _change(old: dict, new: dict) -> str:
     return ", ".join(f"{k}: {_value(old, k)} -> {v}" for k, v in new.items() if v != _value(old, k))
 
 
-def tune_step(rebuild: Callable[[], None], time_step: Callable[[], float], max_variants: int = 6,
-              threshold: float = 0.005, progress: Callable[[str], None] = lambda s: None,
-              passes: int = 1) -> StepTuneResult:
+def tune_step(rebuild: Callable[[], None], time_step: Callable[[], float], max_variants: int = 12,
+              threshold: float = 0.003, progress: Callable[[str], None] = lambda s: None,
+              passes: int = 2) -> StepTuneResult:
     """Coordinate descent over the kernels of one decode step, up to ``passes`` times
     over them (a later pass only while the one before kept something: a kernel's best
     tiles can move once its neighbours changed).
@@ -226,7 +226,7 @@ def patched_step_rebuilder(model, ids: torch.Tensor, cache) -> Callable[[], None
 
 
 def run_tune(model_name: Optional[str] = None, prompt: int = 128, tokens: int = 128, reps: int = 3,
-             max_variants: int = 6, threshold: float = 0.003, out_dir: str = "benchmarks/results",
+             max_variants: int = 12, threshold: float = 0.003, out_dir: str = "benchmarks/results",
              dry_run: bool = False, device: str = "cuda",
              time_step: Optional[Callable[[], float]] = None, passes: int = 2) -> dict:
     """``tileflow tune``: tune the patched decode step of a built-in config (or a local
