@@ -302,7 +302,7 @@ def plot_tune(record: dict, png) -> None:
     finite = [t["us"] for t in trials if t["us"] != float("inf")]
     top = min(max(finite), 1.15 * record["baseline_us"])  # a few far-off trials would flatten the rest
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    best, line = record["baseline_us"], []
+    best, line, labelled = record["baseline_us"], [], set()
     for i, t in enumerate(trials):
         best = t["us"] if t["kept"] else best
         line.append(best)
@@ -311,7 +311,8 @@ def plot_tune(record: dict, png) -> None:
         y = min(t["us"], top)
         ax.scatter(i, y, s=90 if t["kept"] else 18, marker="*" if t["kept"] else ("^" if y < t["us"] else "o"),
                    color=colours[t["kernel"]], edgecolors="k" if t["kept"] else "none", zorder=3,
-                   label=t["kernel"] if t["kernel"] not in ax.get_legend_handles_labels()[1] else None)
+                   label=None if t["kernel"] in labelled else t["kernel"])
+        labelled.add(t["kernel"])
         if t["kept"]:
             ax.annotate(t["change"], (i, y), textcoords="offset points", xytext=(4, -12), fontsize=7)
     ax.step(range(len(trials)), line, where="post", color="k", lw=1, label="kept so far")
