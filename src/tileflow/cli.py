@@ -118,8 +118,8 @@ def cmd_tune(args) -> int:
 
     try:
         run_tune(args.model, args.prompt, args.tokens, args.repeats, args.max_variants, args.threshold, args.out,
-                 dry_run=args.dry_run, passes=args.passes)
-    except RuntimeError as exc:
+                 dry_run=args.dry_run, passes=args.passes, tries=args.tries)
+    except (RuntimeError, ValueError) as exc:
         print(f"tileflow tune: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--threshold", type=float, default=0.003, help="least step gain that keeps a variant (0.003: 0.3%%; incumbents re-timed in one H100 run spread 0.14%%)")
     tune.add_argument("--passes", type=int, default=2,
                       help="rounds over the step's kernels, while the last one kept a change")
+    tune.add_argument("--try", dest="tries", action="append", default=[], metavar="KERNEL:P=V,...[;KERNEL:P=V]",
+                      help="a variant timed first against the baseline (repeatable), e.g. "
+                           "attention_decode_gqa:ONE_LAUNCH=1,GROUP_C=8; --passes 0 runs only these")
     tune.add_argument("--out", default="benchmarks/results")
     tune.add_argument("--dry-run", action="store_true", help="do not record the winners in the user tuning table")
     tune.set_defaults(fn=cmd_tune)

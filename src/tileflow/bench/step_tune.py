@@ -134,9 +134,32 @@ def _change(old: dict, new: dict) -> str:
     return ", ".join(f"{k}: {_value(old, k)} -> {v}" for k, v in new.items() if v != _value(old, k))
 
 
+def parse_try(text: str) -> dict[str, dict]:
+    """A ``--try`` variant, ``"kernel:P=V,P=V[;kernel:P=V]"``, as {kernel: {param: value}}
+    (values are ints where they read as ints). Raises ValueError on an unknown kernel."""
+    out: dict[str, dict] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, assigns = part.partition(":")
+        if name not in KERNELS:
+            raise ValueError(f"--try {text!r}: no suite kernel {name!r}")
+        params = out.setdefault(name, {})
+        for a in filter(None, assigns.split(",")):
+            key, eq, value = a.partition("=")
+            if not eq:
+                raise ValueError(f"--try {text!r}: {a!r} is not PARAM=VALUE")
+            params[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    return out
+
+
+def tried_entries(changes: dict[str, dict], order: list) -> dict[str, dict]:
+    """The tuning entries of a ``--try`` variant: each launch of a named kernel in the step
+    (``order``) with its parameters now in force, changed as asked."""
+    return {launch.key: {**launch.params(), **changes[launch.name]} for launch in order if launch.name in changes}
+
+
 def tune_step(rebuild: Callable[[], None], time_step: Callable[[], float], max_variants: int = 12,
               threshold: float = 0.003, progress: Callable[[str], None] = lambda s: None,
-              passes: int = 2) -> StepTuneResult:
+              passes: int = 2, tries: Optional[list[str]] = None) -> StepTuneResult:
     """Coordinate descent over the kernels of one decode step, up to ``passes`` times
     over them (a later pass only while the one before kept something: a kernel's best
     tiles can move once its neighbours changed).
@@ -146,7 +169,12 @@ def tune_step(rebuild: Callable[[], None], time_step: Callable[[], float], max_v
     step with the parameters in force. Trials run under :func:`autotune.overriding`, so
     nothing is written; the caller records ``chosen``. Each kernel's incumbent, re-timed
     before its challengers, is a trial too (change ``"incumbent"``): the spread between
-    incumbents is the noise a kept gain must clear."""
+    incumbents is the noise a kept gain must clear.
+
+    ``tries`` (``parse_try`` texts) are timed first, each as one trial against the
+    baseline: changes more than one step away from the tables, or parameters no candidate
+    list holds yet (an experiment). The best that clears ``threshold`` is kept before the
+    descent starts; with ``passes=0`` only the tries run."""
     chosen: dict[str, dict] = {}
     trials: list[StepTrial] = []
 
@@ -160,6 +188,27 @@ def tune_step(rebuild: Callable[[], None], time_step: Callable[[], float], max_v
         order = launches_in_order()
     baseline = timed()
     trials.append(StepTrial("", "baseline", baseline, True))
+    best_try: Optional[tuple[float, dict, StepTrial]] = None
+    for text in tries or []:
+        with autotune.overriding(chosen):
+            entries = tried_entries(parse_try(text), order)
+        if not entries:
+            trials.append(StepTrial("", f"try {text} (no launch of it in the step)", float("inf")))
+            continue
+        progress(f"try {text}")
+        try:
+            with autotune.overriding(entries):
+                rebuild()
+                us = time_step()
+            label = f"try {text}"
+        except Exception as exc:
+            us, label = float("inf"), f"try {text} (failed: {type(exc).__name__}: {str(exc)[:120]})"
+        trials.append(StepTrial(",".join(sorted({k.split("|")[1] for k in entries})), label, us))
+        if best_try is None or us < best_try[0]:
+            best_try = (us, entries, trials[-1])
+    if best_try is not None and best_try[0] < baseline * (1 - threshold):
+        chosen.update(best_try[1])
+        best_try[2].kept = True
     for _ in range(passes):
         kept_this_pass = False
         for launch in order:
@@ -228,7 +277,8 @@ def patched_step_rebuilder(model, ids: torch.Tensor, cache) -> Callable[[], None
 def run_tune(model_name: Optional[str] = None, prompt: int = 128, tokens: int = 128, reps: int = 3,
              max_variants: int = 12, threshold: float = 0.003, out_dir: str = "benchmarks/results",
              dry_run: bool = False, device: str = "cuda",
-             time_step: Optional[Callable[[], float]] = None, passes: int = 2) -> dict:
+             time_step: Optional[Callable[[], float]] = None, passes: int = 2,
+             tries: Optional[list[str]] = None) -> dict:
     """``tileflow tune``: tune the patched decode step of a built-in config (or a local
     checkpoint) on this GPU, record the winners in the user's tuning table (unless
     ``dry_run``) and write a JSON record. Raises RuntimeError without a CUDA GPU: on CPU the
@@ -244,6 +294,8 @@ def run_tune(model_name: Optional[str] = None, prompt: int = 128, tokens: int = 
     from tileflow.bench.decode import make_cache
     from tileflow.bench.models import build_model
 
+    for text in tries or []:
+        parse_try(text)  # a typo is reported before the model is built
     if not torch.cuda.is_available():
         raise RuntimeError("tileflow tune needs a CUDA GPU: on CPU the suite kernels run as the reference "
                            "(or the Triton interpreter), whose speed no launch parameter changes")
@@ -258,7 +310,7 @@ def run_tune(model_name: Optional[str] = None, prompt: int = 128, tokens: int = 
     with console.status("tuning the decode step") as status:
         result = tune_step(rebuild, time_step or (lambda: decode_step_us(model, ids, cache, tokens, reps)),
                            max_variants, threshold, progress=lambda s: status.update(f"tuning the decode step: {s}"),
-                           passes=passes)
+                           passes=passes, tries=tries)
     table = Table(title=f"{model_name} decode step on {gpu_name}: µs a token")
     for col in ("kernel", "change", "µs", "kept"):
         table.add_column(col, justify="right" if col == "µs" else "left")
@@ -277,7 +329,7 @@ def run_tune(model_name: Optional[str] = None, prompt: int = 128, tokens: int = 
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "device": gpu_name, "versions": versions(), "commit": _commit(),
               "model": model_name, "dtype": "bfloat16", "prompt_tokens": prompt, "new_tokens": tokens, "repeats": reps,
-              "passes": passes, "threshold": threshold,
+              "passes": passes, "threshold": threshold, "tries": list(tries or []),
               "baseline_us": result.baseline_us, "final_us": result.final_us, "chosen": result.chosen,
               "trials": [t.__dict__ for t in result.trials], "recorded": not dry_run}
     path = _json_path(record, out_dir)

@@ -155,6 +155,9 @@ class PallasEmitter(Walker):
     def op_prefetch(self, op: Op, w: Writer):
         """No dependent launch on this target: nothing to overlap."""
 
+    def op_launch_dependents(self, op: Op, w: Writer):
+        """No dependent launch on this target."""
+
     def op_load(self, op: Op, w: Writer):
         view, index = op.args
         conv = ".astype(jnp.float32)" if view.dtype in ("T", "f32") and op.result.dtype == "f32" else ""

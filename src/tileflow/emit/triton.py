@@ -243,6 +243,13 @@ class TritonEmitter(Walker):
         w("tl.debug_barrier()")
         w(f'tl.atomic_add({self._address(view, index)}, {self.operand(value)}, sem="release", scope="gpu")')
 
+    def op_launch_dependents(self, op: Op, w: Writer):
+        if self._virtual_pids:  # a persistent launch lets its dependents go at its start
+            return
+        w("if USE_PDL:  # from here the next launch's programs may start (k.launch_dependents)")
+        with w.indent():
+            w("tl.extra.cuda.gdc_launch_dependents()")
+
     def op_wait_ready(self, op: Op, w: Writer):
         view, lo, hi, chunk, total, rows = (op.args[0], *(self.operand(a) for a in op.args[1:]))
         c = f"chunk_c{self._stage_ops.index(op)}"
@@ -407,6 +414,9 @@ class TritonEmitter(Walker):
         # behind ready counters every read of the previous launch's output waits for its
         # chunk: the stage starts without waiting for the whole launch
         gdc_wait = "pass  # ready counters instead of gdc_wait" if waits else "tl.extra.cuda.gdc_wait()"
+        # a definition that places k.launch_dependents itself: no launch right after the wait
+        launch = "pass" if any(op.name == "launch_dependents" for op in self._stage_ops) \
+            else "tl.extra.cuda.gdc_launch_dependents()"
         self._jit_def(w, f"{self.ir.name}_{stage.name}",
                       self.signature() + [f"{c}: tl.constexpr" for c in self.constexprs()])
         with w.indent():
@@ -428,13 +438,13 @@ class TritonEmitter(Walker):
                     w("if EARLY:")
                     with w.indent():
                         w(gdc_wait)
-                    w("tl.extra.cuda.gdc_launch_dependents()")
+                    w(launch)
             else:
                 self.block(body[:lead], w)
                 w("if USE_PDL:  # launched early: wait until the previous kernel's writes are visible")
                 with w.indent():
                     w(gdc_wait)
-                    w("tl.extra.cuda.gdc_launch_dependents()")
+                    w(launch)
             self.block(body[lead:], w)
         w()
 
@@ -444,7 +454,8 @@ class TritonEmitter(Walker):
         body = list(stage.body)
         lead = 0
         while lead < len(body) and not isinstance(body[lead], Loop) and (
-                body[lead].name not in ("load", "load_pick", "store") or body[lead].attrs.get("early")):
+                body[lead].name not in ("load", "load_pick", "store", "launch_dependents")
+                or body[lead].attrs.get("early")):
             lead += 1
         return body, lead
 

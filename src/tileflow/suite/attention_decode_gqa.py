@@ -15,6 +15,8 @@ cache, grouped-query (``G = NH / NKV`` query heads share each K/V head).
   finish combines the group's partials (every query head of it at once) and puts the
   counter back to zero. One launch boundary a layer less, but measured slower on an
   H200 (alone, and 3x in the decode step): a candidate the tuner may pick, not a default.
+  With ``LATE_LAUNCH`` too the next kernel's programs are let in only once every program
+  has stored its partials (``k.launch_dependents``), not while the splits still read K/V.
 - With ``PERSISTENT`` (Triton on a GPU) both stages run in one launch of at most one
   program per multiprocessor, a grid-wide barrier between them (the emitter's
   persistent kernel); the interpreter runs that kernel as a single program.
@@ -112,6 +114,8 @@ def define(k, p):
             k.store(ws_l, (b, kvh, sp, rows), l, limits={3: g})
             k.store(ws_acc, (b, kvh, sp, rows, d), acc, limits={3: g})
             if one_launch:
+                if p.get("LATE_LAUNCH", 0):  # the next kernel arrives for the combine only
+                    k.launch_dependents()
                 combine_last(k, b, kvh, g, d, ws_m, ws_l, ws_acc, done, out)
         else:
             k.store(out, (b, heads, d), acc / l[:, None], limits={1: heads_end})
@@ -171,7 +175,7 @@ def reference(xp, q, k_cache, v_cache, lengths, scale, key_mask=None):
 
 
 def attention_params(s, block_n: int = 64, splits: int = 0, num_warps: int = 4, one_launch: int = 0,
-                     persistent: int = 0) -> dict:
+                     persistent: int = 0, late_launch: int = 0) -> dict:
     """Parameters for cache capacity ``S`` (the filled length is a runtime value: the
     chunk per split grows with it). By default SPLITS fills about two waves of 132
     multiprocessors with (KV head, split) programs, never more than S / BLOCK_N."""
@@ -183,6 +187,7 @@ def attention_params(s, block_n: int = 64, splits: int = 0, num_warps: int = 4, 
             "SPLITS": splits, "SPLITS_BLOCK": next_pow2(splits), "BLOCK_DC": min(32, max(16, next_pow2(s["DH"]))),
             "num_warps": num_warps, "num_stages": 2,
             **({"ONE_LAUNCH": 1, "GROUP_C": next_pow2(g)} if one_launch and splits > 1 else {}),
+            **({"LATE_LAUNCH": 1} if one_launch and late_launch and splits > 1 else {}),
             **({"PERSISTENT": 1} if persistent and splits > 1 and not one_launch else {})}
 
 
@@ -200,6 +205,7 @@ def candidates(s):
                 out.append(attention_params(s, bn, splits, nw))
                 if splits > 1:  # Triton: the combine in the same launch (last program / grid barrier)
                     out.append(attention_params(s, bn, splits, nw, one_launch=1))
+                    out.append(attention_params(s, bn, splits, nw, one_launch=1, late_launch=1))
                     out.append(attention_params(s, bn, splits, nw, persistent=1))
     return out
 
@@ -252,6 +258,9 @@ KERNEL = register(SuiteKernel(
              params=dict(SPLITS=4, SPLITS_BLOCK=4, BLOCK_N=16, AHEAD_BLOCK=8)),
         Case("persistent", dict(B=2, NH=12, NKV=2, DH=32, S=300, L=259, HAS_MASK=1), dict(scale=0.17),
              params=dict(SPLITS=4, SPLITS_BLOCK=4, BLOCK_N=16, PERSISTENT=1)),
+        Case("one_launch_late", dict(B=1, NH=6, NKV=2, DH=32, S=300, L=259), dict(scale=0.17),
+             params=dict(SPLITS=4, SPLITS_BLOCK=4, BLOCK_N=16, ONE_LAUNCH=1, GROUP_C=4, LATE_LAUNCH=1),
+             targets=("triton",)),
         Case("one_launch_empty", dict(B=1, NH=4, NKV=2, DH=16, S=100, L=20), dict(scale=0.25),
              params=dict(SPLITS=8, SPLITS_BLOCK=8, BLOCK_N=16, ONE_LAUNCH=1, GROUP_C=2), targets=("triton",)),
     ],

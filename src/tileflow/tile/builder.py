@@ -525,6 +525,21 @@ class TileBuilder:
             raise TileDefinitionError(f"block size {block!r} is not a parameter")
         self._emit("prefetch", None, (view, ()), share=block, keep=bool(keep))
 
+    def launch_dependents(self) -> None:
+        """A hint: the next launch's programs may start from here on (programmatic
+        dependent launch) instead of right after this stage's wait. For a stage whose
+        early part should have the memory system to itself, e.g. a one-launch attention
+        whose last program combines the splits: the next kernel's programs arrive only
+        once every program has passed this point. At a stage's top level, after the
+        wait; targets without dependent launch ignore it, and results never change."""
+        if self._block is None or self._block is not self._stage_body:
+            raise TileDefinitionError("launch_dependents: only at a stage's top level, outside loops")
+        if self._early:
+            raise TileDefinitionError("launch_dependents: not before the wait")
+        if any(op.name == "launch_dependents" for op in self._stage_body if not isinstance(op, Loop)):
+            raise TileDefinitionError("launch_dependents: once a stage")
+        self._emit("launch_dependents", None)
+
     @contextlib.contextmanager
     def before_wait(self):
         """Loads recorded inside may be issued before the program waits for the kernel
