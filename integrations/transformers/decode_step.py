@@ -285,8 +285,8 @@ class GraphedDecode:
         entry = self.graphs.get(key, cache) or self.graphs.put(
             key, cache, lambda: self._capture(tok, pos, cache, None if mask is None else _key_mask(mask, cache)))
         _, graph, tok_buf, pos_buf, mask_buf, logits = entry
-        tok_buf.copy_(tok.reshape(1, 1))
-        pos_buf.copy_(pos.reshape(1, 1))
+        # one multi-tensor launch for both (two copies cost a launch and a gap each, ~2 us)
+        torch._foreach_copy_([tok_buf, pos_buf], [tok.reshape(1, 1), pos.reshape(1, 1)])
         if mask is not None:
             mask_buf[:, mask.shape[1]:].zero_()
             mask_buf[:, :mask.shape[1]].copy_(mask)
