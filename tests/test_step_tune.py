@@ -172,15 +172,21 @@ def test_the_command_records_what_it_kept(tmp_path, monkeypatch):
 def test_tries_run_first_and_the_best_that_pays_is_kept(patched_step):
     _, rebuild = patched_step
     costs = {("down_proj_residual", 2): -30.0, ("qkv_rope_cache", 2): -2.0, ("rms_norm_gate_up_silu", 2): 40.0}
+    costs[("o_proj_residual", 2)] = -10.0
     tries = ["rms_norm_gate_up_silu:PIPELINE=2", "down_proj_residual:PIPELINE=2;qkv_rope_cache:PIPELINE=2",
-             "argmax_greedy:BLOCK_V=64"]  # argmax is not in the step
+             "argmax_greedy:BLOCK_V=64",  # argmax is not in the step
+             "down_proj_residual:PIPELINE=2", "o_proj_residual:PIPELINE=2"]
     result = step_tune.tune_step(rebuild, lambda: charge(costs), max_variants=3, passes=0, tries=tries)
     changes = [(t.change, t.us, t.kept) for t in result.trials]
     assert changes[1] == ("try rms_norm_gate_up_silu:PIPELINE=2", 1040.0, False)
     assert changes[2] == ("try down_proj_residual:PIPELINE=2;qkv_rope_cache:PIPELINE=2", 968.0, True)
     assert "no launch of it" in changes[3][0] and not changes[3][2]
-    assert len(changes) == 4 and result.final_us == 968.0  # passes=0: no descent after the tries
-    assert sorted(k.split("|")[1] for k in result.chosen) == ["down_proj_residual", "qkv_rope_cache"]
+    # down alone pays too, but the faster try already holds down; o's try touches other kernels
+    assert changes[4] == ("try down_proj_residual:PIPELINE=2", 970.0, False)
+    assert changes[5] == ("try o_proj_residual:PIPELINE=2", 990.0, True)
+    assert len(changes) == 6 and result.final_us == 958.0  # passes=0: no descent after the tries
+    assert sorted(k.split("|")[1] for k in result.chosen) == ["down_proj_residual", "o_proj_residual",
+                                                               "qkv_rope_cache"]
     # the kept entries are whole parameter sets: the launch's own ones, changed as asked
     down = next(v for k, v in result.chosen.items() if "down_proj_residual" in k)
     assert down["PIPELINE"] == 2 and "BLOCK_K" in down
