@@ -184,6 +184,15 @@ def tune_step(rebuild: Callable[[], None], time_step: Callable[[], float], max_v
             rebuild()
             return time_step()
 
+    def trial(entries: dict, change: str) -> tuple[float, str]:
+        """µs a step with ``entries`` in force, and ``change`` (with why, if it failed)."""
+        try:
+            with autotune.overriding(entries):
+                rebuild()
+                return time_step(), change
+        except Exception as exc:  # a variant that does not build or run is no candidate
+            return float("inf"), f"{change} (failed: {type(exc).__name__}: {str(exc)[:120]})"
+
     with autotune.overriding({}):
         rebuild()
         order = launches_in_order()
@@ -197,13 +206,7 @@ def tune_step(rebuild: Callable[[], None], time_step: Callable[[], float], max_v
             trials.append(StepTrial("", f"try {text} (no launch of it in the step)", float("inf")))
             continue
         progress(f"try {text}")
-        try:
-            with autotune.overriding(entries):
-                rebuild()
-                us = time_step()
-            label = f"try {text}"
-        except Exception as exc:
-            us, label = float("inf"), f"try {text} (failed: {type(exc).__name__}: {str(exc)[:120]})"
+        us, label = trial(entries, f"try {text}")
         trials.append(StepTrial(",".join(sorted({k.split("|")[1] for k in entries})), label, us))
         tried.append((us, entries, trials[-1]))
     # the fastest try that pays is kept, then the next fastest whose launches none kept
@@ -225,12 +228,7 @@ def tune_step(rebuild: Callable[[], None], time_step: Callable[[], float], max_v
             for variant in variants:
                 change = _change(current, variant)
                 progress(f"{launch.name}: {change}")
-                try:
-                    with autotune.overriding({**chosen, launch.key: variant}):
-                        rebuild()
-                        us = time_step()
-                except Exception as exc:  # a variant that does not build or run is no candidate
-                    us, change = float("inf"), f"{change} (failed: {type(exc).__name__}: {str(exc)[:120]})"
+                us, change = trial({**chosen, launch.key: variant}, change)
                 trials.append(StepTrial(launch.name, change, us))
                 if best is None or us < best[0]:
                     best = (us, variant, trials[-1])
