@@ -186,8 +186,8 @@ def attention_params(s, block_n: int = 64, splits: int = 0, num_warps: int = 4, 
             "BLOCK_N": block_n, "GROUP_BLOCK": max(16, next_pow2(g)), "BLOCK_DH": max(16, next_pow2(s["DH"])),
             "SPLITS": splits, "SPLITS_BLOCK": next_pow2(splits), "BLOCK_DC": min(32, max(16, next_pow2(s["DH"]))),
             "num_warps": num_warps, "num_stages": 2,
-            **({"ONE_LAUNCH": 1, "GROUP_C": next_pow2(g)} if one_launch and splits > 1 else {}),
-            **({"LATE_LAUNCH": 1} if one_launch and late_launch and splits > 1 else {}),
+            **({"ONE_LAUNCH": 1, "GROUP_C": next_pow2(g), **({"LATE_LAUNCH": 1} if late_launch else {})}
+               if one_launch and splits > 1 else {}),
             **({"PERSISTENT": 1} if persistent and splits > 1 and not one_launch else {})}
 
 
