@@ -75,8 +75,11 @@ def test_step_breakdown_charges_each_kernel_from_its_predecessor_end():
     assert bd.kernel_class("rms_norm_rows") == "rms_norm"
     assert bd.kernel_class("sm90_xmma_gemm_bf16bf16_bf16f32") == "cuBLAS matmul"
     gaps = bd.idle_gaps(timeline, 2)  # the host's 9 us between steps first, then the launch gap
-    assert gaps[0] == {"after": "inductor kernels", "before": "qkv_rope_cache", "us": 4.5, "gaps": 0.5}
-    assert gaps[1] == {"after": "attention_decode_gqa", "before": "rms_norm_gate_up_silu", "us": 0.25, "gaps": 0.5}
+    assert gaps[0] == {"after": "inductor kernels", "before": "qkv_rope_cache", "us": 4.5, "gaps": 0.5,
+                       "largest": {"after": "triton_red_fused_argmax_0", "before": "qkv_rope_cache_matvec", "us": 4.5}}
+    assert gaps[1] == {"after": "attention_decode_gqa", "before": "rms_norm_gate_up_silu", "us": 0.25, "gaps": 0.5,
+                       "largest": {"after": "attention_decode_gqa_partial", "before": "rms_norm_gate_up_silu_matvec",
+                                   "us": 0.25}}
     assert len(gaps) == 2 and abs(sum(g["us"] for g in gaps) - rows[bd.IDLE].us) < 1e-9
 
 

@@ -132,15 +132,26 @@ def idle_gaps(timeline: list[tuple[str, float, float]], steps: int, top: int = 8
     """Where the idle device time sits: per (class that ended, class that started next),
     the idle us and gaps per token, largest first (``top`` of them). Tells a launch gap
     inside the graph (two suite kernels) from the host's work around a replay (copies,
-    the caller's argmax)."""
+    the caller's argmax). ``largest`` names the kernel pair of the largest idle share in
+    each row: "other aten kernels" and "copies" hold several kernels a step, and which
+    two a long gap sits between is what decides what to move."""
     acc: dict[tuple[str, str], list[float]] = {}
+    names: dict[tuple[str, str], dict[tuple[str, str], float]] = {}
     for (prev, _, prev_end), (name, start, _) in zip(timeline, timeline[1:]):
         if start > prev_end:
-            a = acc.setdefault((kernel_class(prev), kernel_class(name)), [0.0, 0])
+            key = (kernel_class(prev), kernel_class(name))
+            a = acc.setdefault(key, [0.0, 0])
             a[0] += start - prev_end
             a[1] += 1
+            pair = names.setdefault(key, {})
+            pair[(prev, name)] = pair.get((prev, name), 0.0) + start - prev_end
     rows = sorted(acc.items(), key=lambda kv: -kv[1][0])[:top]
-    return [{"after": a, "before": b, "us": round(us / steps, 2), "gaps": n / steps} for (a, b), (us, n) in rows]
+    out = []
+    for (a, b), (us, n) in rows:
+        (first, then), pair_us = max(names[(a, b)].items(), key=lambda kv: kv[1])
+        out.append({"after": a, "before": b, "us": round(us / steps, 2), "gaps": n / steps,
+                    "largest": {"after": first[:120], "before": then[:120], "us": round(pair_us / steps, 2)}})
+    return out
 
 
 def as_records(rows: list[ClassTime]) -> list[dict]:
