@@ -107,7 +107,14 @@ def optimize(fn: Callable) -> Optimized:
     runs. On CUDA without jax_triton, where the generated kernels run through Pallas
     and measured slower than XLA's own code, nothing is swapped under the default
     target and ``explain`` says why (``TILEFLOW_JAX_TARGET=pallas`` swaps anyway). Arguments must be pytrees of
-    arrays (bind static ones with ``functools.partial``)."""
+    arrays (bind static ones with ``functools.partial``).
+
+    Put the decode loop inside the jit (``lax.fori_loop`` / ``lax.scan``) where you can:
+    on an H100 a Python loop calling the jitted step once a token ran the swapped step
+    slower than plain ``jax.jit`` (180.2 against 273.4 tok/s; 681.3 against 562.2 with the
+    loop inside the jit); with XLA's command buffers off the order flipped (the step
+    by hand: 344.4 against 215.6), so they are the likely cause, not yet confirmed
+    (benchmarks/NOTES.md, seventeenth session)."""
     return Optimized(fn)
 
 
