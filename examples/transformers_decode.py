@@ -19,15 +19,17 @@ from transformers import StaticCache
 import tileflow
 from tileflow.bench.decode import decode_once
 from tileflow.bench.models import build_model
+from tileflow.integrations.transformers.decode_step import cache_keyword
 
 
 def greedy(model, ids: torch.Tensor, new_tokens: int, forward=None) -> tuple[list, float]:
     """Prefill, then ``new_tokens - 1`` one-token steps on a StaticCache (the bench's
     protocol); returns (tokens, decode tok/s)."""
     forward = forward or model.forward
+    kw = cache_keyword(model)
 
     def step(tok, pos, cache):
-        return forward(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+        return forward(input_ids=tok, position_ids=pos, use_cache=True, **{kw: cache}).logits[:, -1]
 
     cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + new_tokens)
     _, seconds, tokens, _ = decode_once(model, step, ids, new_tokens, cache)

@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from tileflow.integrations.transformers.decode_step import cache_field, cache_keyword
+
 # Read back by ``optimize`` (the rotary cache size) and ``Generator`` (cache shapes).
 META_PREFIX = "tileflow."
 
@@ -47,10 +49,10 @@ class _CacheIO(torch.nn.Module):
             start = 0
         seq = input_ids.shape[1]
         position_ids = torch.arange(start, start + seq, device=input_ids.device).unsqueeze(0)
-        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True,
-                         return_dict=True)
+        out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True, return_dict=True,
+                         **{cache_keyword(self.model): cache})
         present = []
-        for layer in out.past_key_values.layers:
+        for layer in getattr(out, cache_field()).layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from tileflow.integrations.transformers.decode_step import (DecodeProgram, GraphedDecode, cache_argument,
-                                                            decode_request)
+                                                            cache_field, decode_request)
 from tileflow.integrations.transformers.prefill import GraphedPrefill, PrefillProgram, prefill_request
 from tileflow.report import Report
 from tileflow.runtime import ops
@@ -252,7 +252,7 @@ def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport,
                 why_not = "training or gradients enabled (the program keeps no autograd graph)"
             if not why_not:
                 logits = prefill(ids, cache, keep)
-                return CausalLMOutputWithPast(logits=logits, **{_cache_field(): cache})
+                return CausalLMOutputWithPast(logits=logits, **{cache_field(): cache})
             if why_not not in seen and why_not != "not a batch-1 prompt":
                 seen.add(why_not)
                 report.fallbacks.append(("prefill", type(model).__name__, f"ran the model's forward: {why_not}"))
@@ -272,16 +272,9 @@ def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport,
             report.fallbacks.append(("decode_step", type(model).__name__,
                                      f"disabled after an error: {type(exc).__name__}: {exc}"[:300]))
             return original(*args, **kwargs)
-        return CausalLMOutputWithPast(logits=logits.view(1, 1, -1), **{_cache_field(): cache})
+        return CausalLMOutputWithPast(logits=logits.view(1, 1, -1), **{cache_field(): cache})
 
     return forward
-
-
-def _cache_field() -> str:
-    """The output's cache field: ``cache`` from transformers 5.24, ``past_key_values`` before."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def patch(model) -> PatchReport:

@@ -15,6 +15,8 @@ from typing import Callable, Optional
 
 import torch
 
+from tileflow.integrations.transformers.decode_step import cache_keyword
+
 
 @dataclass
 class PathResult:
@@ -61,16 +63,19 @@ def _sync(device):
 
 
 def _eager_step(model):
+    kw = cache_keyword(model)
+
     def step(tok, pos, cache):
-        return model(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+        return model(input_ids=tok, position_ids=pos, use_cache=True, **{kw: cache}).logits[:, -1]
     return step
 
 
 def _compiled_step(model, **compile_kwargs):
     forward = torch.compile(model.forward, **compile_kwargs)
+    kw = cache_keyword(model)
 
     def step(tok, pos, cache):
-        return forward(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+        return forward(input_ids=tok, position_ids=pos, use_cache=True, **{kw: cache}).logits[:, -1]
     return step
 
 
@@ -117,7 +122,7 @@ def decode_once(model, step, ids, new_tokens: int, cache, keep_logits: int = 0):
     _sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache}).logits[:, -1]
         tok = logits.argmax(-1, keepdim=True)
         _sync(device)
         t1 = time.perf_counter()
@@ -143,7 +148,8 @@ def profile_decode(model, step, ids, cache, steps: int = 32) -> tuple[list, list
     n = ids.shape[1]
     positions = torch.arange(n, n + steps, device=ids.device).view(-1, 1, 1)
     with torch.no_grad():
-        tok = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        tok = model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache}).logits[:, -1].argmax(-1,
+                                                                                                    keepdim=True)
 
         def run():
             nonlocal tok

@@ -261,17 +261,19 @@ def patched_step_rebuilder(model, ids: torch.Tensor, cache) -> Callable[[], None
     decode step is captured again with the parameters now in force), run the prompt,
     then one decode step with only the step's launchers built."""
     import tileflow
+    from tileflow.integrations.transformers.decode_step import cache_keyword
 
     def rebuild():
         tileflow.unpatch(model)
         ops._LAUNCHERS.clear()
         tileflow.patch(model)
         cache.reset()
+        kw = {cache_keyword(model): cache}
         with torch.no_grad():
-            tok = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            tok = model(input_ids=ids, use_cache=True, **kw).logits[:, -1].argmax(-1, keepdim=True)
             ops._LAUNCHERS.clear()  # the prompt pass's launches are not the step's
             pos = torch.full((1, 1), ids.shape[1], device=ids.device, dtype=torch.long)
-            model(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True)
+            model(input_ids=tok, position_ids=pos, use_cache=True, **kw)
     return rebuild
 
 
