@@ -119,10 +119,11 @@ def decode_once(model, step, ids, new_tokens: int, cache, keep_logits: int = 0):
     n = ids.shape[1]
     positions = torch.arange(n, n + new_tokens, device=device).view(-1, 1, 1)
     logits_kept = []
+    cache_kw = {cache_keyword(model): cache}  # (a signature read: kept off the prefill's clock)
     _sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
-        logits = model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache}).logits[:, -1]
+        logits = model(input_ids=ids, use_cache=True, **cache_kw).logits[:, -1]
         tok = logits.argmax(-1, keepdim=True)
         _sync(device)
         t1 = time.perf_counter()
@@ -148,8 +149,8 @@ def profile_decode(model, step, ids, cache, steps: int = 32) -> tuple[list, list
     n = ids.shape[1]
     positions = torch.arange(n, n + steps, device=ids.device).view(-1, 1, 1)
     with torch.no_grad():
-        tok = model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache}).logits[:, -1].argmax(-1,
-                                                                                                    keepdim=True)
+        tok = model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache}).logits[:, -1]
+        tok = tok.argmax(-1, keepdim=True)
 
         def run():
             nonlocal tok
