@@ -191,7 +191,7 @@ def _print_breakdown(name: str, entry: dict, console) -> None:
     if gaps:
         console.print("idle: " + ", ".join(f"{g['after']} -> {g['before']} {g['us']:.1f} us ({g['gaps']:.1f} gaps)"
                                            for g in gaps))
-        for g in gaps[:3]:  # which kernels the largest gaps sit between (records from before 12-06 lack it)
+        for g in gaps[:3]:  # which kernels the largest gaps sit between (older records lack it)
             if g.get("largest"):
                 big = g["largest"]
                 console.print(f"  {big['us']:.1f} us a token between {big['after'][:60]} and {big['before'][:60]}")
