@@ -13,6 +13,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, StaticCache
 
 import tileflow
+from tileflow.integrations.transformers.decode_step import cache_keyword
 from tests.integrations.test_transformers_patch import cpu_target, prompt, tiny  # noqa: F401  (fixture)
 
 STEPS = 16
@@ -21,11 +22,12 @@ STEPS = 16
 def _decode(step, model, ids, steps=STEPS):
     cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 1)
     with torch.no_grad():
-        tok = model(ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        tok = model(ids, **{cache_keyword(model): cache}, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
         toks = [tok]
         for i in range(steps):
             pos = torch.tensor([[ids.shape[1] + i]])
-            tok = step(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+            tok = step(input_ids=tok, position_ids=pos, use_cache=True, **{cache_keyword(model): cache})
+            tok = tok.logits[:, -1]
             tok = tok.argmax(-1, keepdim=True)
             toks.append(tok)
     return torch.cat(toks, 1)
@@ -34,9 +36,9 @@ def _decode(step, model, ids, steps=STEPS):
 def _explain_step(model, ids, **extra):
     cache = StaticCache(config=model.config, max_cache_len=64)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **{cache_keyword(model): cache}, use_cache=True)
     return tileflow.explain(model.forward, input_ids=ids[:, :1], position_ids=torch.tensor([[ids.shape[1]]]),
-                            past_key_values=cache, use_cache=True, **extra)
+                            **{cache_keyword(model): cache}, use_cache=True, **extra)
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
@@ -66,11 +68,11 @@ def _teacher_forced(step, model, seq, n_prompt, steps=4):
     cache = StaticCache(config=model.config, max_cache_len=n_prompt + steps + 1)
     out = []
     with torch.no_grad():
-        model(seq[:, :n_prompt], past_key_values=cache, use_cache=True)
+        model(seq[:, :n_prompt], **{cache_keyword(model): cache}, use_cache=True)
         for i in range(steps):
             tok = seq[:, n_prompt + i:n_prompt + i + 1]
             pos = torch.tensor([[n_prompt + i]])
-            out.append(step(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True)
+            out.append(step(input_ids=tok, position_ids=pos, **{cache_keyword(model): cache}, use_cache=True)
                        .logits[:, -1].double())
     return out
 
@@ -112,17 +114,17 @@ def test_padding_mask_becomes_the_kernels_key_mask(hole, cpu_target):  # noqa: F
     for fn in (compiled, model.forward):
         cache = StaticCache(config=model.config, max_cache_len=64)
         with torch.no_grad():
-            model(ids, past_key_values=cache, use_cache=True)
+            model(ids, **{cache_keyword(model): cache}, use_cache=True)
             outs.append(fn(input_ids=ids[:, -1:], position_ids=torch.tensor([[ids.shape[1]]]), use_cache=True,
-                           attention_mask=mask, past_key_values=cache).logits)
+                           attention_mask=mask, **{cache_keyword(model): cache}).logits)
     torch._dynamo.reset()
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
     if hole is not None:  # the hole matters: the unmasked step differs
         cache = StaticCache(config=model.config, max_cache_len=64)
         with torch.no_grad():
-            model(ids, past_key_values=cache, use_cache=True)
+            model(ids, **{cache_keyword(model): cache}, use_cache=True)
             open_ = model(input_ids=ids[:, -1:], position_ids=torch.tensor([[ids.shape[1]]]), use_cache=True,
-                          past_key_values=cache).logits
+                          **{cache_keyword(model): cache}).logits
         assert not torch.allclose(open_, outs[1], atol=1e-3)
 
 

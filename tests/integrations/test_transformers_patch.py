@@ -8,6 +8,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import tileflow
+from tileflow.integrations.transformers.decode_step import cache_field, cache_keyword
 
 NEW_TOKENS = 20
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -84,11 +85,11 @@ def test_the_decode_kernels_actually_run(monkeypatch, cache):
 def _teacher_forced_logits(model, seq, n_prompt, steps):
     """Logits of ``steps`` decode steps fed the tokens of ``seq`` (same inputs for all)."""
     with torch.no_grad():
-        cache = model(seq[:, :n_prompt], use_cache=True).past_key_values
+        cache = getattr(model(seq[:, :n_prompt], use_cache=True), cache_field())
         out = []
         for i in range(steps):
             tok = seq[:, n_prompt + i:n_prompt + i + 1]
-            out.append(model(tok, past_key_values=cache, use_cache=True).logits[:, -1].double())
+            out.append(model(tok, **{cache_keyword(model): cache}, use_cache=True).logits[:, -1].double())
     return out
 
 
@@ -216,7 +217,7 @@ def test_a_cache_position_off_the_cache_count_is_not_taken():
     model, ids = tiny("qwen2"), prompt()
     cache = StaticCache(config=model.config, max_cache_len=32)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **{cache_keyword(model): cache}, use_cache=True)
     n, tok = ids.shape[1], ids[:, -1:]
     for at, want in ((n - 2, "cache_position differs from the cache length"), (n, "")):
         _, pos, _, _, why = decode_request((), dict(input_ids=tok, past_key_values=cache,

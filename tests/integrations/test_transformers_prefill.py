@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 import tileflow
+from tileflow.integrations.transformers.decode_step import cache_keyword
 from tileflow.integrations.transformers.prefill import GraphedPrefill, PrefillProgram
 
 from .test_transformers_patch import prompt, tiny
@@ -14,7 +15,7 @@ from .test_transformers_patch import prompt, tiny
 
 def _forward(model, ids, cache, **kw):
     with torch.no_grad():
-        return model(input_ids=ids, past_key_values=cache, use_cache=True, **kw).logits
+        return model(input_ids=ids, **{cache_keyword(model): cache}, use_cache=True, **kw).logits
 
 
 def _cache(kind, model, capacity=32):
@@ -76,7 +77,7 @@ def test_declines_with_the_reason(case, spy):
         ids, spy[:] = ids[:, 4:], []
     report = tileflow.patch(model)
     with torch.set_grad_enabled(case == "grad"):
-        got = model(input_ids=ids, past_key_values=cache, use_cache=True, **kw).logits
+        got = model(input_ids=ids, **{cache_keyword(model): cache}, use_cache=True, **kw).logits
     assert spy == []
     assert any(p == "prefill" and want in why for p, _, why in report.fallbacks), report.fallbacks
     tileflow.unpatch(model)
