@@ -134,25 +134,27 @@ class _DecodeLayer:
     def __call__(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                  use_cache=False, position_embeddings=None, **kwargs):
         cache = cache_argument(kwargs, past_key_values)
+
+        def original():
+            # past_key_values only where the caller gave it: transformers 5.24+ warns when
+            # it comes beside cache= (even as None)
+            given = {} if past_key_values is None else {"past_key_values": past_key_values}
+            return self.original(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=use_cache, position_embeddings=position_embeddings, **given, **kwargs)
+
         reason = self._why_not(hidden_states, position_ids, cache)
         if reason:
             if reason != "prefill":
                 self._fallback(reason)
-            return self.original(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                 past_key_values=past_key_values, use_cache=use_cache,
-                                 position_embeddings=position_embeddings, **kwargs)
+            return original()
         if self.broken:
-            return self.original(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                 past_key_values=past_key_values, use_cache=use_cache,
-                                 position_embeddings=position_embeddings, **kwargs)
+            return original()
         try:
             projected = self.project(hidden_states, position_ids)
         except Exception as exc:  # nothing written yet: the original forward is exact
             self.broken = True
             self._fallback(f"disabled after an error: {type(exc).__name__}: {exc}"[:300])
-            return self.original(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                 past_key_values=past_key_values, use_cache=use_cache,
-                                 position_embeddings=position_embeddings, **kwargs)
+            return original()
         return self.attend_and_mlp(hidden_states, projected, cache)
 
     def _why_not(self, h, position_ids, cache) -> str:
