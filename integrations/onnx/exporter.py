@@ -36,6 +36,8 @@ class _CacheIO(torch.nn.Module):
         super().__init__()
         self.model = model
         self.with_past = with_past
+        # read once here, not in forward: the exporter traces forward
+        self.cache_keyword, self.cache_field = cache_keyword(model), cache_field()
 
     def forward(self, input_ids, *past):
         from transformers import DynamicCache
@@ -50,9 +52,9 @@ class _CacheIO(torch.nn.Module):
         seq = input_ids.shape[1]
         position_ids = torch.arange(start, start + seq, device=input_ids.device).unsqueeze(0)
         out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True, return_dict=True,
-                         **{cache_keyword(self.model): cache})
+                         **{self.cache_keyword: cache})
         present = []
-        for layer in getattr(out, cache_field()).layers:
+        for layer in getattr(out, self.cache_field).layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 
