@@ -12,6 +12,7 @@ from transformers import StaticCache
 import tileflow
 from tests.integrations.test_transformers_patch import prompt, tiny
 from tileflow.integrations.torch import backend
+from tileflow.integrations.transformers.decode_step import cache_keyword
 
 STEPS = 16
 
@@ -19,12 +20,13 @@ STEPS = 16
 def _decode(step, model, ids, steps=STEPS):
     dev = ids.device
     cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 1)
+    kw = cache_keyword(model)  # cache= on transformers 5.24+, past_key_values= before
     with torch.no_grad():
-        tok = model(ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        tok = model(ids, **{kw: cache}, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
         toks = [tok]
         for i in range(steps):
             pos = torch.tensor([[ids.shape[1] + i]], device=dev)
-            logits = step(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True).logits
+            logits = step(input_ids=tok, position_ids=pos, **{kw: cache}, use_cache=True).logits
             tok = logits[:, -1].argmax(-1, keepdim=True)
             toks.append(tok)
     return torch.cat(toks, 1).cpu()
@@ -43,10 +45,11 @@ def test_greedy_tokens_identical_to_eager_cpu(kind, path, monkeypatch):
     model, ids = model.to(dev), ids.to(dev)
 
     cache = StaticCache(config=model.config, max_cache_len=64)
+    kw = cache_keyword(model)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **{kw: cache}, use_cache=True)
     report = tileflow.explain(model.forward, input_ids=ids[:, :1], position_ids=torch.tensor([[9]], device=dev),
-                              past_key_values=cache, use_cache=True)
+                              **{kw: cache}, use_cache=True)
     layers = model.config.num_hidden_layers
     expected_matches = {"gate_up_silu": layers, "matvec_residual": 2 * layers, "matvec": 3 * layers + 1}
     assert dict(report.matches) == expected_matches

@@ -23,6 +23,7 @@ from torch_xla.experimental import custom_kernel
 from tileflow.integrations.torch_xla import pallas_bridge
 from tileflow.integrations.torch_xla.kernels import CALLS
 from tileflow.integrations.torch_xla.report import XlaReport
+from tileflow.integrations.transformers.decode_step import cache_keyword
 from tileflow.runtime.jax_pallas import pallas_launcher
 from tileflow.suite import KERNELS
 
@@ -134,10 +135,11 @@ def test_rewrite_takes_the_tpu_path_for_every_decode_match(monkeypatch):
         return gm
 
     torch._dynamo.reset()
+    kw = cache_keyword(model)  # cache= on transformers 5.24+, past_key_values= before
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **{kw: cache}, use_cache=True)
         torch.compile(model.forward, backend=aot_autograd(fw_compiler=capture))(
-            input_ids=ids[:, :1], position_ids=torch.tensor([[9]], device=dev), past_key_values=cache, use_cache=True)
+            input_ids=ids[:, :1], position_ids=torch.tensor([[9]], device=dev), **{kw: cache}, use_cache=True)
     torch._dynamo.reset()
     assert dict(report.paths) == {("gate_up_silu", "pallas"): 2, ("matvec_residual", "pallas"): 4,
                                   ("matvec", "pallas"): 7}
