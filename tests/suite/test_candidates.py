@@ -112,3 +112,15 @@ def test_every_kernel_has_a_vendor_baseline_that_computes_the_reference(name, mo
     if len(want) == 1 and isinstance(got, torch.Tensor):
         ref = next(iter(want.values()))
         torch.testing.assert_close(got.to(ref.dtype).reshape(ref.shape), ref, rtol=1e-3, atol=1e-3)
+
+
+def test_long_capacities_try_more_than_two_waves_of_splits():
+    # two waves of (KV head, split) programs is the default; only where the capacity holds
+    # a block a split do four and eight waves come in
+    kernel = KERNELS["attention_decode_gqa"]
+    long_ = dict(B=1, NH=12, NKV=2, DH=128, S=65536)
+    splits = {c["SPLITS"] for c in kernel.candidates(long_)}
+    assert kernel.default_params(long_)["SPLITS"] == 132 and {264, 528} <= splits
+    assert all(c["SPLITS_BLOCK"] >= c["SPLITS"] for c in kernel.candidates(long_))
+    short = {c["SPLITS"] for c in kernel.candidates({**long_, "S": 512})}
+    assert max(short) <= 128

@@ -197,8 +197,11 @@ def default_params(s):
 
 def candidates(s):
     out = []
+    # the default fills two waves; at a long capacity fewer splits measured far slower (an
+    # H100 tune at prompt 32768: 132 -> 64 splits +10% a step), so four and eight waves too
+    waves = 264 // (s.get("B", 1) * s["NKV"])
     for bn in (16, 32, 64, 128):
-        for splits in (1, 2, 4, 8, 16, 32, 48, 64, 96, 128):
+        for splits in (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 2 * waves, 4 * waves):
             if splits > 1 and splits * bn > 2 * s["S"]:
                 continue
             for nw in (2, 4, 8):
