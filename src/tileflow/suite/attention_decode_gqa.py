@@ -174,6 +174,15 @@ def reference(xp, q, k_cache, v_cache, lengths, scale, key_mask=None):
     return {"out": xp.reshape(pr @ v_cache, (bsz, nh, dh))}
 
 
+# (KV head, split) programs that fill two waves of an H100 / H200's 132 multiprocessors
+TWO_WAVES = 2 * 132
+
+
+def two_waves(s) -> int:
+    """Splits a (batch, KV head) pair for two waves of programs."""
+    return TWO_WAVES // (s.get("B", 1) * s["NKV"])
+
+
 def attention_params(s, block_n: int = 64, splits: int = 0, num_warps: int = 4, one_launch: int = 0,
                      persistent: int = 0, late_launch: int = 0) -> dict:
     """Parameters for cache capacity ``S`` (the filled length is a runtime value: the
@@ -181,7 +190,7 @@ def attention_params(s, block_n: int = 64, splits: int = 0, num_warps: int = 4, 
     multiprocessors with (KV head, split) programs, never more than S / BLOCK_N."""
     g = s["NH"] // s["NKV"]
     if not splits:
-        splits = 1 if s["S"] <= 256 else max(1, min(264 // (s.get("B", 1) * s["NKV"]), -(-s["S"] // block_n)))
+        splits = 1 if s["S"] <= 256 else max(1, min(two_waves(s), -(-s["S"] // block_n)))
     return {"HAS_MASK": s.get("HAS_MASK", 0), "EARLY_INPUTS": s.get("EARLY_INPUTS", 0), **ahead_params(s),
             "BLOCK_N": block_n, "GROUP_BLOCK": max(16, next_pow2(g)), "BLOCK_DH": max(16, next_pow2(s["DH"])),
             "SPLITS": splits, "SPLITS_BLOCK": next_pow2(splits), "BLOCK_DC": min(32, max(16, next_pow2(s["DH"]))),
@@ -199,9 +208,9 @@ def candidates(s):
     out = []
     # the default fills two waves; at a long capacity fewer splits measured far slower (an
     # H100 tune at prompt 32768: 132 -> 64 splits +10% a step), so four and eight waves too
-    waves = 264 // (s.get("B", 1) * s["NKV"])
+    two = two_waves(s)
     for bn in (16, 32, 64, 128):
-        for splits in (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 2 * waves, 4 * waves):
+        for splits in (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 2 * two, 4 * two):
             if splits > 1 and splits * bn > 2 * s["S"]:
                 continue
             for nw in (2, 4, 8):
