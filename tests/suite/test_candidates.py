@@ -124,3 +124,6 @@ def test_long_capacities_try_more_than_two_waves_of_splits():
     assert all(c["SPLITS_BLOCK"] >= c["SPLITS"] for c in kernel.candidates(long_))
     short = {c["SPLITS"] for c in kernel.candidates({**long_, "S": 512})}
     assert max(short) <= 128
+    # where four waves land on a listed count (8 KV heads, batch 2: 32 and 64) none repeats
+    cands = kernel.candidates({**long_, "B": 2, "NKV": 8, "NH": 32})
+    assert len({tuple(sorted(c.items())) for c in cands}) == len(cands)

@@ -210,7 +210,7 @@ def candidates(s):
     # H100 tune at prompt 32768: 132 -> 64 splits +10% a step), so four and eight waves too
     two = two_waves(s)
     for bn in (16, 32, 64, 128):
-        for splits in (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 2 * two, 4 * two):
+        for splits in sorted({1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 2 * two, 4 * two}):  # a set: 2 * two may be listed
             if splits > 1 and splits * bn > 2 * s["S"]:
                 continue
             for nw in (2, 4, 8):
