@@ -21,13 +21,13 @@ STEPS = 16
 
 def _decode(step, model, ids, steps=STEPS):
     cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 1)
+    kw = {cache_keyword(model): cache}  # a signature read: once, not every step
     with torch.no_grad():
-        tok = model(ids, **{cache_keyword(model): cache}, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        tok = model(ids, **kw, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
         toks = [tok]
         for i in range(steps):
             pos = torch.tensor([[ids.shape[1] + i]])
-            tok = step(input_ids=tok, position_ids=pos, use_cache=True, **{cache_keyword(model): cache})
-            tok = tok.logits[:, -1]
+            tok = step(input_ids=tok, position_ids=pos, use_cache=True, **kw).logits[:, -1]
             tok = tok.argmax(-1, keepdim=True)
             toks.append(tok)
     return torch.cat(toks, 1)
@@ -67,12 +67,13 @@ def test_explain_reports_every_layer_and_tokens_match_eager(kind, cpu_target):  
 def _teacher_forced(step, model, seq, n_prompt, steps=4):
     cache = StaticCache(config=model.config, max_cache_len=n_prompt + steps + 1)
     out = []
+    kw = {cache_keyword(model): cache}
     with torch.no_grad():
-        model(seq[:, :n_prompt], **{cache_keyword(model): cache}, use_cache=True)
+        model(seq[:, :n_prompt], **kw, use_cache=True)
         for i in range(steps):
             tok = seq[:, n_prompt + i:n_prompt + i + 1]
             pos = torch.tensor([[n_prompt + i]])
-            out.append(step(input_ids=tok, position_ids=pos, **{cache_keyword(model): cache}, use_cache=True)
+            out.append(step(input_ids=tok, position_ids=pos, **kw, use_cache=True)
                        .logits[:, -1].double())
     return out
 

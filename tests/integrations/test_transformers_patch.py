@@ -86,10 +86,11 @@ def _teacher_forced_logits(model, seq, n_prompt, steps):
     """Logits of ``steps`` decode steps fed the tokens of ``seq`` (same inputs for all)."""
     with torch.no_grad():
         cache = getattr(model(seq[:, :n_prompt], use_cache=True), cache_field())
+        kw = {cache_keyword(model): cache}
         out = []
         for i in range(steps):
             tok = seq[:, n_prompt + i:n_prompt + i + 1]
-            out.append(model(tok, **{cache_keyword(model): cache}, use_cache=True).logits[:, -1].double())
+            out.append(model(tok, **kw, use_cache=True).logits[:, -1].double())
     return out
 
 
