@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from tileflow.integrations.transformers.graph_table import GraphTable
+from tileflow.integrations.transformers.graph_table import AddressMemo, GraphTable
 from tileflow.runtime import ops
 
 
@@ -274,6 +274,7 @@ class GraphedDecode:
     def __init__(self, program: DecodeProgram, max_graphs: int = 2):
         self.program = program
         self.graphs = GraphTable(max_graphs)
+        self.addresses = AddressMemo()
 
     def __call__(self, tok: torch.Tensor, pos: torch.Tensor, cache, mask: Optional[torch.Tensor] = None
                  ) -> torch.Tensor:
@@ -281,7 +282,7 @@ class GraphedDecode:
         the cache capacity; rows past T are hidden, as transformers pads it)."""
         if tok.device.type != "cuda":
             return self.program.run(tok, pos, cache, None if mask is None else _key_mask(mask, cache))
-        key = (id(cache), cache.layers[0].keys.data_ptr(), mask is not None)
+        key = (self.addresses(cache), mask is not None)
         entry = self.graphs.get(key, cache) or self.graphs.put(
             key, cache, lambda: self._capture(tok, pos, cache, None if mask is None else _key_mask(mask, cache)))
         _, graph, tok_buf, pos_buf, mask_buf, logits = entry

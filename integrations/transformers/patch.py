@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from tileflow.integrations.transformers.decode_step import (DecodeProgram, GraphedDecode, cache_argument,
                                                             cache_field, decode_request)
+from tileflow.integrations.transformers.guards import CacheFill, CacheFullError, WeightWatch, cache_full_message
 from tileflow.integrations.transformers.prefill import GraphedPrefill, PrefillProgram, prefill_request
 from tileflow.report import Report
 from tileflow.runtime import ops
@@ -45,13 +46,17 @@ class PatchReport(Report):
 
     model_type: str = ""
     patched: bool = False
+    notes: list = field(default_factory=list)  # what patch changed besides forwards (generate's defaults)
+    steps: int = 0  # decode steps the whole-step program ran (the fast path, counted)
+    replaced_by: Optional["PatchReport"] = None  # the report of a re-patch after weights were replaced
 
     def __post_init__(self):
         self.title = f"tileflow.patch: {self.model_type}"
 
     def __str__(self) -> str:
-        return super().__str__().replace(self.title, self.title + (": patched" if self.patched else
+        text = super().__str__().replace(self.title, self.title + (": patched" if self.patched else
                                                                    ": left unchanged"), 1)
+        return "\n".join([text] + [f"  note: {n}" for n in self.notes])
 
 
 def _check_model(model) -> list[str]:
@@ -105,6 +110,9 @@ class _StepCheck:
 
     def evaluate(self, position_ids, cache, layer_idx) -> str:
         slot = cache.get_seq_length(layer_idx)
+        capacity = cache.layers[layer_idx].get_max_length()
+        if capacity is not None and capacity >= 0 and int(slot) >= capacity:
+            raise CacheFullError(cache_full_message(int(slot), capacity))
         pos = int(position_ids.reshape(-1)[0])
         self.reason = "" if pos == int(slot) else (
             "padded sequence: the position differs from the cache length, so the mask decides")
@@ -244,6 +252,11 @@ def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport,
     original = model.forward
     seen: set = set()
     state = {"broken": False}
+    fill = CacheFill()
+
+    def fallback(why, *args, **kwargs):
+        fill.forget()  # the original forward may write the cache
+        return original(*args, **kwargs)
 
     @functools.wraps(original)  # generate inspects forward's signature to choose its kwargs
     def forward(*args, **kwargs):
@@ -254,6 +267,7 @@ def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport,
                 why_not = "training or gradients enabled (the program keeps no autograd graph)"
             if not why_not:
                 logits = prefill(ids, cache, keep)
+                fill.set(cache, ids.shape[1])  # prefill_request checked the cache was empty
                 return CausalLMOutputWithPast(logits=logits, **{cache_field(): cache})
             if why_not not in seen and why_not != "not a batch-1 prompt":
                 seen.add(why_not)
@@ -262,9 +276,10 @@ def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport,
             if why not in seen and why != "not a one-token step" and not why.startswith("cache not"):
                 seen.add(why)
                 report.fallbacks.append(("decode_step", type(model).__name__, f"ran layer by layer: {why}"))
-            return original(*args, **kwargs)
+            return fallback(why, *args, **kwargs)
         if state["broken"]:
-            return original(*args, **kwargs)
+            return fallback("broken", *args, **kwargs)
+        fill.check(cache, cache.layers[0].keys.shape[2])  # raises before anything is written
         try:
             logits = runner(tok, pos, cache, mask)
         except Exception as exc:  # e.g. a kernel that does not compile on this device:
@@ -273,10 +288,87 @@ def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport,
             state["broken"] = True
             report.fallbacks.append(("decode_step", type(model).__name__,
                                      f"disabled after an error: {type(exc).__name__}: {exc}"[:300]))
-            return original(*args, **kwargs)
+            return fallback("broken", *args, **kwargs)
+        fill.advanced()
+        report.steps += 1
         return CausalLMOutputWithPast(logits=logits.view(1, 1, -1), **{cache_field(): cache})
 
     return forward
+
+
+def _rebuilding(model, forward):
+    """``forward``, or after the model's weights were replaced (``WeightWatch``) a fresh
+    patch of the model (whose programs read the new tensors) and its forward."""
+    watch = model._tileflow_watch
+
+    @functools.wraps(forward)
+    def checked(*args, **kwargs):
+        if watch.changed:
+            old = model._tileflow_patch
+            unpatch(model)
+            new = patch(model)
+            old.fallbacks.append(("model", type(model).__name__,
+                                  "weights replaced after patch: patched again (see the new report)"))
+            old.replaced_by = new
+            return model.forward(*args, **kwargs)
+        return forward(*args, **kwargs)
+
+    return checked
+
+
+def _no_masks_for_generate(model):
+    """generate builds a 4-D mask per step for a static cache (its compiled forward wants
+    one); the patched step takes the 2-D mask as its key mask, and the model's own
+    forward builds the 4-D one from it when it runs instead."""
+    fallback = getattr(type(model), "create_masks_for_generate", None)
+
+    def create_masks_for_generate(*args, **kwargs):
+        mask = kwargs.get("attention_mask")
+        if (mask is None or isinstance(mask, torch.Tensor) and mask.dim() == 2) or fallback is None:
+            return mask
+        return fallback(model, *args, **kwargs)
+
+    return create_masks_for_generate
+
+
+def _static_by_default(model, prepare):
+    """generate's cache preparation, asking for a static cache where the call names no
+    cache and no ``cache_implementation`` (on generate's own copy of the config)."""
+
+    def _prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs):
+        given = any(model_kwargs.get(k) is not None for k in ("cache", "past_key_values"))
+        if (not given and generation_config.cache_implementation is None and model_kwargs.get("use_cache", True)
+                and getattr(generation_config, "use_cache", True)):
+            generation_config.cache_implementation = "static"
+        return prepare(model, generation_config, model_kwargs, *args, **kwargs)
+
+    return _prepare_cache_for_generation
+
+
+def _generation_defaults(model, report: PatchReport, whole_step: bool) -> dict:
+    """What ``patch`` sets on the instance for ``generate`` (the saved values, for unpatch):
+    no auto-compile (the patched step is already a CUDA graph; a compiled forward
+    around it would trace into the kernels), and a static cache by default where the
+    whole-step program serves it (it writes StaticLayer tensors)."""
+    saved = {}
+
+    def _no_auto_compile(*args, **kwargs):
+        return False
+
+    model._valid_auto_compile_criteria = _no_auto_compile
+    saved["_valid_auto_compile_criteria"] = None
+    gen = getattr(model, "generation_config", None)
+    if whole_step and gen is not None:
+        model.create_masks_for_generate = _no_masks_for_generate(model)
+        saved["create_masks_for_generate"] = None
+        prepare = getattr(type(model), "_prepare_cache_for_generation", None)
+        if prepare is not None:
+            model._prepare_cache_for_generation = _static_by_default(model, prepare)
+            saved["_prepare_cache_for_generation"] = None
+            report.notes.append("generate: a static cache where no cache or cache_implementation is given "
+                                "(the whole-step program writes static caches)")
+    report.notes.append("generate: no auto-compile (the patched step is already a CUDA graph on a GPU)")
+    return saved
 
 
 def patch(model) -> PatchReport:
@@ -325,14 +417,27 @@ def patch(model) -> PatchReport:
         # TILEFLOW_PREFILL=0 leaves prompts to the model's forward (to measure what the program buys)
         prefill = GraphedPrefill(PrefillProgram(model)) if os.environ.get("TILEFLOW_PREFILL", "1") != "0" else None
         model.forward = _whole_step_forward(model, GraphedDecode(DecodeProgram(model, rope_cfg)), report, prefill)
-        patched.append(model)
+        whole_step = True
         report.matches["embedding"] += 1
         if prefill is not None:
             report.matches["prefill"] += 1
     else:
+        whole_step = False
         report.fallbacks.append(("decode_step", type(model).__name__,
                                  "not every layer qualifies: decode runs layer by layer"))
     report.patched = bool(patched)
+    if not patched:
+        return report
+    model._tileflow_watch = WeightWatch(model)
+    # any torch.compile around the patched model (generate's auto-compile, the user's own)
+    # runs the patched forwards as they are rather than tracing into the kernels
+    forward = model.forward if whole_step else type(model).forward.__get__(model)
+    model.forward = torch.compiler.disable(_rebuilding(model, forward), recursive=True)
+    patched.append(model)
+    for layer in layers:
+        if isinstance(layer.__dict__.get("forward"), _DecodeLayer):
+            layer.forward = torch.compiler.disable(layer.forward)
+    model._tileflow_saved = _generation_defaults(model, report, whole_step)
     model._tileflow_patch = report
     model._tileflow_patched_modules = patched
     return report
@@ -343,7 +448,13 @@ def unpatch(model) -> bool:
     if getattr(model, "_tileflow_patch", None) is None:
         return False
     for m in model._tileflow_patched_modules:
-        del m.forward  # the instance attribute; the class's forward shows through again
+        m.__dict__.pop("forward", None)  # the instance attribute; the class's forward shows through again
+    for name, value in model._tileflow_saved.items():
+        if name.startswith("generation_config."):
+            setattr(model.generation_config, name.split(".", 1)[1], value)
+        else:
+            model.__dict__.pop(name, None)
+    model._tileflow_watch.release()
     model._tileflow_patch = None
     model._tileflow_patched_modules = []
     return True

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from tileflow.integrations.transformers.decode_step import cache_argument, layer_weights, unsupported_request
-from tileflow.integrations.transformers.graph_table import GraphTable
+from tileflow.integrations.transformers.graph_table import AddressMemo, GraphTable
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -133,6 +133,7 @@ class GraphedPrefill:
         self.program = program
         self.max_tokens = max_tokens
         self.graphs = GraphTable(max_graphs)
+        self.addresses = AddressMemo()
         self.seen: set = set()
         # TILEFLOW_PREFILL_GRAPHS=0 runs every prompt directly (to measure what graphs buy)
         self.enabled = os.environ.get("TILEFLOW_PREFILL_GRAPHS", "1") != "0"
@@ -143,7 +144,7 @@ class GraphedPrefill:
                      for layer in layers)
         if not (self.enabled and static and ids.device.type == "cuda" and ids.shape[1] <= self.max_tokens):
             return self.program.run(ids, cache, logits_to_keep)
-        key = (id(cache), layers[0].keys.data_ptr(), ids.shape[1], logits_to_keep)
+        key = (self.addresses(cache), ids.shape[1], logits_to_keep)
         entry = self.graphs.get(key, cache)
         if entry is None:
             if key not in self.seen:  # a length seen once may be a one-off: no capture yet

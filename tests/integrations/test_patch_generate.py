@@ -1,0 +1,100 @@
+"""``generate`` on a patched model, as users call it: static cache, the default cache,
+transformers' auto-compile (simulated on CPU with ``_compile_all_devices``) and the
+user's own ``CompileConfig``: tokens equal to the unpatched model's and the whole-step
+program counted as having run. Plus the guards: a cache that would overflow raises
+before writing, replaced weights are followed."""
+
+import pytest
+import torch
+from transformers import StaticCache
+from transformers.generation import CompileConfig
+
+import tileflow
+from tests.integrations.test_transformers_patch import prompt, tiny
+from tileflow.integrations.transformers.decode_step import cache_keyword
+
+NEW = 12
+
+
+def generate(model, ids, **kw):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=NEW, do_sample=False, **kw)
+
+
+def _compile_everywhere(backend="inductor"):
+    cc = CompileConfig(backend=backend, fullgraph=False)
+    cc._compile_all_devices = True  # what makes generate compile on CUDA, here on CPU
+    return cc
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+@pytest.mark.parametrize("how", ["static", "default", "auto_compile"])
+def test_generate_runs_the_whole_step_program(kind, how):
+    model, ids = tiny(kind), prompt()
+    kw = {"static": dict(cache_implementation="static"), "default": {},
+          "auto_compile": dict(cache_implementation="static", compile_config=_compile_everywhere())}[how]
+    expected = generate(model, ids, **kw)
+    torch._dynamo.reset()
+    report = tileflow.patch(model)
+    got = generate(model, ids, **kw)
+    assert torch.equal(got, expected), (got.tolist(), expected.tolist())
+    assert report.steps == NEW - 1, str(report)  # every decode step through the program, none compiled around it
+    tileflow.unpatch(model)
+    assert model.generation_config.cache_implementation is None
+    assert not {"_valid_auto_compile_criteria", "_prepare_cache_for_generation", "forward"} & set(model.__dict__)
+
+
+def test_user_compile_of_a_patched_forward_runs_the_patched_step():
+    model, ids = tiny("qwen2"), prompt()
+    expected = generate(model, ids, cache_implementation="static")
+    report = tileflow.patch(model)
+    model.forward = torch.compile(model.forward, backend="tileflow")
+    got = generate(model, ids, cache_implementation="static")
+    assert torch.equal(got, expected) and report.steps == NEW - 1
+
+
+def test_a_step_past_the_static_cache_raises_before_writing():
+    model, ids = tiny("qwen2"), prompt(9)
+    tileflow.patch(model)
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with pytest.raises(IndexError, match="static cache is full"):
+        model.generate(ids, max_new_tokens=20, do_sample=False, **{cache_keyword(model): cache})
+    assert int(cache.layers[0].cumulative_length) == 16  # nothing written past the end
+
+
+def test_a_step_past_the_static_cache_raises_layer_by_layer(monkeypatch):
+    model, ids = tiny("qwen2"), prompt(9)
+    report = tileflow.patch(model)
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(128))  # not the whole step: layer by layer
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with pytest.raises(IndexError, match="static cache is full"):
+        model.generate(ids, max_new_tokens=20, do_sample=False, **{cache_keyword(model): cache})
+    assert report.replaced_by is not None
+
+
+def test_a_replaced_linear_is_followed():
+    model, ids = tiny("qwen2"), prompt()
+    report = tileflow.patch(model)
+    generate(model, ids, cache_implementation="static")
+    old = model.model.layers[1].mlp.down_proj
+    new = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+    with torch.no_grad():
+        new.weight.copy_(torch.randn_like(old.weight) * 0.3)
+    model.model.layers[1].mlp.down_proj = new
+    got = generate(model, ids, cache_implementation="static")
+    tileflow.unpatch(model)
+    assert torch.equal(got, generate(model, ids, cache_implementation="static"))
+    assert report.replaced_by is not None and report.replaced_by.steps == NEW - 1
+
+
+def test_resized_embeddings_are_followed():
+    model, ids = tiny("qwen2"), prompt()
+    tileflow.patch(model)
+    generate(model, ids, cache_implementation="static")
+    model.resize_token_embeddings(160)
+    with torch.no_grad():
+        out = model(ids)
+        assert out.logits.shape[-1] == 160
+        got = generate(model, ids, cache_implementation="static")
+    tileflow.unpatch(model)
+    assert torch.equal(got, generate(model, ids, cache_implementation="static"))
