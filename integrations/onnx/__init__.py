@@ -33,7 +33,7 @@ def export(model, path: str, *, prefill_path: Optional[str] = None, opset: int =
 def optimize(src: str, dst: Optional[str], *, target: str = "ort", max_positions: Optional[int] = None
              ) -> "OnnxReport":
     """Rewrite the decode patterns of ``src`` for ``target`` (``"ort"`` or ``"opset23"``)
-    into ``dst``; returns the report of what matched and what stayed, with reasons."""
+    into ``dst`` (may be ``src``); returns the report of what matched and what stayed, with reasons."""
     from tileflow.integrations.onnx.optimizer import optimize as _optimize
 
     return _optimize(src, dst, target=target, max_positions=max_positions)

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from tileflow.integrations.onnx.files import Staged, check_destination, data_name
 from tileflow.integrations.transformers.decode_step import cache_field, cache_keyword
 
 # Read back by ``optimize`` (the rotary cache size) and ``Generator`` (cache shapes).
@@ -83,11 +84,8 @@ def _save(program, path: str, metadata: dict) -> None:
         entry = proto.metadata_props.add()
         entry.key, entry.value = META_PREFIX + key, str(value)
     # A 1.5B-shaped model is over protobuf's 2 GiB: weights always go to a side file.
-    data = os.path.basename(path) + ".data"
-    if os.path.exists(os.path.join(os.path.dirname(path) or ".", data)):
-        os.remove(os.path.join(os.path.dirname(path) or ".", data))
-    onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data,
-                    size_threshold=1024)
+    onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name(path), size_threshold=1024)
 
 
 def export(model, path: str, *, prefill_path: Optional[str] = None, opset: int = 18) -> ExportResult:
@@ -97,20 +95,30 @@ def export(model, path: str, *, prefill_path: Optional[str] = None, opset: int =
     ``prefill_path`` the prompt graph is written too (``input_ids`` [1, seq], no past).
 
     The model must be a transformers Qwen2 / Llama causal LM in eval mode, batch 1.
+    Paths are checked before the export runs; each file (and its ``<name>.data``
+    weights) is written under a temp name beside it and renamed at the end.
     """
-    config = model.config
-    if config.model_type not in ("qwen2", "llama"):
-        raise ValueError(f"model_type {config.model_type!r}: tileflow exports qwen2 and llama decoders")
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in ("qwen2", "llama"):
+        raise ValueError(f"model_type {getattr(config, 'model_type', None)!r}: tileflow exports "
+                         "transformers qwen2 and llama decoders")
+    path = check_destination(path, "export path")
+    if prefill_path is not None:
+        prefill_path = check_destination(prefill_path, "export prefill_path")
+        if os.path.abspath(prefill_path) == os.path.abspath(path):
+            raise ValueError(f"export prefill_path {prefill_path!r} is the decode-step path: give another file")
     n, nkv, dh = config.num_hidden_layers, config.num_key_value_heads, _head_dim(config)
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
     past_names, present_names = cache_names(n)
     metadata = {"model_type": config.model_type, "num_layers": n, "num_kv_heads": nkv, "head_dim": dh,
-                "max_position_embeddings": config.max_position_embeddings}
+                "max_position_embeddings": config.max_position_embeddings, "vocab_size": config.vocab_size}
     dim = torch.export.Dim
     past_len = dim("past_len", min=1, max=config.max_position_embeddings - 1)
 
-    with torch.no_grad():
+    with torch.no_grad(), Staged() as staged:
+        step_tmp = staged.path(path)  # here, before the export: an unwritable folder fails now
+        prefill_tmp = staged.path(prefill_path) if prefill_path is not None else None
         ids = torch.zeros(1, 1, dtype=torch.long, device=device)
         past = [torch.zeros(1, nkv, 3, dh, dtype=dtype, device=device) for _ in range(2 * n)]
         program = torch.onnx.export(
@@ -118,7 +126,7 @@ def export(model, path: str, *, prefill_path: Optional[str] = None, opset: int =
             input_names=["input_ids", *past_names], output_names=["logits", *present_names],
             dynamic_shapes=({}, tuple({2: past_len} for _ in past)), verbose=False, optimize=True,
             report=False)
-        _save(program, path, {**metadata, "graph": "decode"})
+        _save(program, step_tmp, {**metadata, "graph": "decode"})
 
         if prefill_path is not None:
             seq = dim("seq_len", min=2, max=config.max_position_embeddings - 1)
@@ -127,5 +135,6 @@ def export(model, path: str, *, prefill_path: Optional[str] = None, opset: int =
                 _CacheIO(model, with_past=False).eval(), (ids,), dynamo=True, opset_version=opset,
                 input_names=["input_ids"], output_names=["logits", *present_names],
                 dynamic_shapes=({1: seq},), verbose=False, optimize=True, report=False)
-            _save(program, prefill_path, {**metadata, "graph": "prefill"})
+            _save(program, prefill_tmp, {**metadata, "graph": "prefill"})
+        staged.commit()
     return ExportResult(path, prefill_path, n, nkv, dh, dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from tileflow.integrations.onnx.files import Staged, check_destination, check_source, data_name
 from tileflow.integrations.onnx.report import ANCHORS, OnnxReport
 
 TARGETS = ("ort", "opset23")
@@ -52,7 +53,8 @@ def optimize(src: str, dst: Optional[str], *, target: str = "ort", max_positions
     ``target="opset23"``: standard RMSNormalization, RotaryEmbedding and Attention
     (the graph is converted to opset 23 first). ``max_positions`` bounds the RoPE
     tables (default: the model's ``max_position_embeddings`` from export metadata).
-    ``dst=None`` only reports (see :func:`explain`).
+    ``dst=None`` only reports (see :func:`explain`). ``dst`` may be ``src``: the result
+    is written under a temp name beside it and renamed over it at the end.
     """
     import onnx_ir as ir
     from onnxscript.rewriter import pattern
@@ -61,6 +63,9 @@ def optimize(src: str, dst: Optional[str], *, target: str = "ort", max_positions
 
     if target not in TARGETS:
         raise ValueError(f"target {target!r}: one of {TARGETS}")
+    src = check_source(src, "optimize src")
+    if dst is not None:
+        dst = check_destination(dst, "optimize dst")
     model = ir.load(src)
     if target == "opset23" and model.opset_imports.get("", 0) < 23:
         from onnxscript import version_converter
@@ -72,9 +77,7 @@ def optimize(src: str, dst: Optional[str], *, target: str = "ort", max_positions
     report.settle()
     _leftovers(model, report)
     if dst is not None:
-        data = os.path.basename(dst) + ".data"
-        full = os.path.join(os.path.dirname(dst) or ".", data)
-        if os.path.exists(full):
-            os.remove(full)
-        ir.save(model, dst, external_data=data)
+        with Staged() as staged:  # src's weights are read while saving: never overwrite them in place
+            ir.save(model, staged.path(dst), external_data=data_name(dst))
+            staged.commit()
     return report
