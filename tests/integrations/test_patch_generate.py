@@ -98,3 +98,51 @@ def test_resized_embeddings_are_followed():
         got = generate(model, ids, cache_implementation="static")
     tileflow.unpatch(model)
     assert torch.equal(got, generate(model, ids, cache_implementation="static"))
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+@pytest.mark.parametrize("bad", [128, -1, 10**6])
+def test_out_of_range_token_ids_raise_like_the_model(bad, target, monkeypatch):
+    from tileflow.runtime import ops
+
+    monkeypatch.setenv("TILEFLOW_CPU_TARGET", target)
+    ops._LAUNCHERS.clear()
+    model, ids = tiny("qwen2"), prompt()
+    tileflow.patch(model)
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    kw = {cache_keyword(model): cache}
+    with torch.no_grad():
+        model(ids, **kw)
+        with pytest.raises(IndexError, match="out of range"):
+            model(torch.tensor([[bad]]), position_ids=torch.tensor([[ids.shape[1]]]), **kw)
+    ops._LAUNCHERS.clear()
+
+
+def test_the_embedding_kernel_never_reads_outside_the_table(monkeypatch):
+    """The GPU path cannot read ids back each token: the kernel itself must be safe."""
+    from tileflow.runtime import ops
+
+    monkeypatch.setenv("TILEFLOW_CPU_TARGET", "triton")
+    ops._LAUNCHERS.clear()
+    table = torch.randn(10, 64)
+    out = torch.full((3, 64), 7.0)
+    ops._launcher("embedding_lookup", {"M": 3, "V": 10, "D": 64}, table.dtype, table.device)(
+        torch.tensor([3, 10**6, -1]), table, out)
+    assert torch.equal(out[0], table[3]) and out[1:].isnan().all()
+    ops._LAUNCHERS.clear()
+
+
+def test_the_cache_write_kernel_never_writes_past_the_end(monkeypatch):
+    from tileflow.runtime import ops
+
+    monkeypatch.setenv("TILEFLOW_CPU_TARGET", "triton")
+    ops._LAUNCHERS.clear()
+    torch.manual_seed(0)
+    x, ln = torch.randn(1, 64), torch.ones(64)
+    wq, wk, wv = torch.randn(64, 64), torch.randn(32, 64), torch.randn(32, 64)
+    kc, vc = torch.zeros(1, 2, 4, 16), torch.zeros(1, 2, 4, 16)  # row 4 of head 0 would land in head 1
+    rope, _ = ops.rope_config_of(tiny("qwen2").config)
+    ops.qkv_rope_cache(x, ln, 1e-6, wq, wk, wv, None, None, None, torch.tensor([4]), kc, vc, rope,
+                       cache_pos=torch.tensor([4]))
+    assert not kc.any() and not vc.any()
+    ops._LAUNCHERS.clear()

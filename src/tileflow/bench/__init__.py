@@ -107,6 +107,7 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
                       roofline_tok_s=bw * 1e9 / nbytes["total"])
         reference: Optional[PathResult] = None
         ref_logits = None
+        tokens: dict = {}
         for path in default_paths(dev):
             if paths and path.name not in paths and path.name != "eager":
                 continue
@@ -115,6 +116,10 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
             if path.name == "eager":
                 reference, ref_logits = res, logits
             entry = {k: v for k, v in res.__dict__.items() if k not in ("name", "tokens")}
+            tokens[path.name] = res.tokens
+            if path.generate is not None and tokens.get("tileflow_patch"):  # the user's call vs our loop
+                diff = [i for i, (a, b) in enumerate(zip(res.tokens, tokens["tileflow_patch"])) if a != b]
+                entry["first_divergence_vs_patch"] = diff[0] if diff else None
             entry["fraction_of_roofline"] = res.decode_tok_s / record["roofline_tok_s"]
             record["paths"][path.name] = entry
             console.print(f"  {path.name:<20} {res.decode_tok_s:9.1f} tok/s  ttft {res.ttft_s * 1e3:8.1f} ms"

@@ -55,6 +55,9 @@ class Path:
     setup: Callable  # (model) -> step(tok, pos, cache) -> logits [1, V]; may patch the model
     teardown: Callable = lambda model: None
     note: str = ""
+    # model.generate's keyword arguments: the path times the user's own call (its decode
+    # part: a run of N new tokens less a run of one, each the best of the repeats)
+    generate: Optional[dict] = None
 
 
 def _sync(device):
@@ -86,6 +89,12 @@ def _patched_step(model):
     return _eager_step(model)
 
 
+def _patch_only(model):
+    import tileflow
+
+    tileflow.patch(model)
+
+
 def _unpatch(model):
     import tileflow
 
@@ -100,6 +109,12 @@ def default_paths(device: torch.device) -> list[Path]:
              note="" if device.type == "cuda" else "no CUDA graphs on CPU: same as inductor"),
         Path("tileflow_compile", "static", lambda m: _compiled_step(m, backend="tileflow")),
         Path("tileflow_patch", "static", _patched_step, _unpatch),
+        Path("tileflow_generate", "static", _patch_only, _unpatch, generate={"cache_implementation": "static"},
+             note="model.generate(ids, max_new_tokens=N, do_sample=False, cache_implementation='static') "
+                  "on the patched model; decode = run(N) - run(1)"),
+        Path("tileflow_generate_default_cache", "static", _patch_only, _unpatch, generate={},
+             note="model.generate(ids, max_new_tokens=N, do_sample=False) on the patched model; "
+                  "decode = run(N) - run(1)"),
     ]
     return paths
 
@@ -163,6 +178,46 @@ def profile_decode(model, step, ids, cache, steps: int = 32) -> tuple[list, list
     return bd.as_records(rows), bd.idle_gaps(timeline, steps)
 
 
+def generate_once(model, ids, new_tokens: int, kwargs: dict) -> tuple[float, list]:
+    """Seconds of ``model.generate`` (greedy, ``new_tokens`` new) and its new tokens."""
+    _sync(ids.device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, **kwargs)
+    _sync(ids.device)
+    return time.perf_counter() - t0, out[0, ids.shape[1]:].tolist()
+
+
+def run_generate_path(path: Path, model, ids, new_tokens: int, repeats: int, res: PathResult,
+                      progress: Callable[[str], None]) -> None:
+    """Time ``model.generate`` itself: decode tok/s = (N - 1) / (best run of N new tokens
+    less best run of one), the one-token run's time as TTFT."""
+    path.setup(model)
+    progress(f"{path.name}: warm-up")
+    t0 = time.perf_counter()
+    warm, _ = generate_once(model, ids, new_tokens, path.generate)
+    generate_once(model, ids, 1, path.generate)
+    res.warmup_ttft_s = warm
+    full, first = [], []
+    toks = []
+    for r in range(repeats):
+        progress(f"{path.name}: run {r + 1}/{repeats}")
+        t, toks = generate_once(model, ids, new_tokens, path.generate)
+        full.append(t)
+        first.append(generate_once(model, ids, 1, path.generate)[0])
+    res.tokens = toks
+    res.ttft_s = min(first)
+    res.runs_ttft_s = first
+    res.runs_tok_s = [(len(toks) - 1) / max(f - res.ttft_s, 1e-9) for f in full]
+    res.decode_tok_s = max(res.runs_tok_s)
+    res.compile_s = max(0.0, time.perf_counter() - t0 - sum(full) - sum(first) - warm)
+    if len(toks) < new_tokens:
+        res.note += f" (stopped at an end-of-sequence token after {len(toks)})"
+    report = getattr(model, "_tileflow_patch", None)
+    if report is not None:
+        res.note += f"; patched steps run: {report.steps}"
+
+
 def run_path(path: Path, model, ids, new_tokens: int, repeats: int, reference: Optional[PathResult],
              ref_logits: Optional[list], progress: Callable[[str], None] = lambda s: None,
              keep_logits: int = 8, breakdown: bool = False) -> tuple[PathResult, list]:
@@ -174,6 +229,14 @@ def run_path(path: Path, model, ids, new_tokens: int, repeats: int, reference: O
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(ids.device)
+        if path.generate is not None:
+            run_generate_path(path, model, ids, new_tokens, repeats, res, progress)
+            if cuda:
+                res.peak_memory_gb = torch.cuda.max_memory_allocated(ids.device) / 1e9
+            if reference is not None:
+                diff = [i for i, (a, b) in enumerate(zip(res.tokens, reference.tokens)) if a != b]
+                res.first_divergence = diff[0] if diff else None
+            return res, []
         step = path.setup(model)
         cache = make_cache(path.cache, model, max_len)
         progress(f"{path.name}: warm-up (compile)")

@@ -394,7 +394,12 @@ def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Te
 
 
 def embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rows of ``table`` for the 1-D int64 ``ids``."""
+    """Rows of ``table`` for the 1-D int64 ``ids``. An id outside ``[0, V)`` raises
+    IndexError on CPU, as the model's embedding does; on a GPU (no host read per token)
+    the kernel gives that row as NaN and reads nothing outside the table."""
+    if ids.device.type == "cpu" and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= table.shape[0]):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise IndexError(f"tileflow: token id {bad} is out of range for an embedding of {table.shape[0]} rows")
     out = _out((ids.shape[0], table.shape[1]), table)
     _launcher("embedding_lookup", {"M": ids.shape[0], "V": table.shape[0], "D": table.shape[1]}, table.dtype,
               table.device)(ids, table, out)

@@ -1,7 +1,7 @@
 """embedding_lookup: ``out[m] = table[ids[m]]``: one row of the embedding per token.
 
-Ids must lie in ``[0, V)``; like a raw gather, the kernel does not check them (the
-integrations pass the model's own token ids)."""
+An id outside ``[0, V)`` gives a row of NaN (the reference raises IndexError, as the
+model's embedding does); no memory outside the table is read."""
 
 from tileflow.suite.inputs import token_ids
 from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
@@ -15,7 +15,11 @@ def define(k, p):
         row = k.program_id(0)
         cols = k.range(k.program_id(1) * k.param("BLOCK_D"), "BLOCK_D", aligned=True)
         tok = k.load(ids, (row,))
-        k.store(out, (row, cols), k.load(table, (tok, cols)))
+        # an id outside [0, V) reads row 0 and yields NaN, never memory past the table:
+        # the integrations check ids where they can (CPU) and NaN shows where they cannot
+        inside = k.binary("and", k.binary("ge", tok, 0), k.binary("lt", tok, k.dim("V")))
+        vals = k.load(table, (k.where(inside, tok, 0), cols))
+        k.store(out, (row, cols), k.where(inside, vals, float("nan")))
 
 
 def reference(xp, ids, table):

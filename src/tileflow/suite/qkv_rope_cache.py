@@ -116,7 +116,10 @@ def define(k, p):
         o_hi = k.where(is_v, y_hi, y_hi * c + y_lo * s)
         k.store(q_out, (row, hq, j), o_lo, limits={2: half}, when=is_q)
         k.store(q_out, (row, hq, jh), o_hi, when=is_q)
+        # a row past the cache's end is never written (the integrations raise before such a step)
+        inside = k.binary("and", k.binary("ge", c_row, 0), k.binary("lt", c_row, k.dim("S")))
         for cache, h, when in ((k_cache, hk, is_k), (v_cache, hv, is_v)):
+            when = k.binary("and", when, inside)
             k.store(cache, (row, h, c_row, j), o_lo, limits={3: half}, when=when)
             k.store(cache, (row, h, c_row, jh), o_hi, when=when)
 
