@@ -15,6 +15,8 @@ try:
 except ImportError:  # pragma: no cover
     pass
 os.environ.setdefault("TILEFLOW_CACHE_DIR", tempfile.mkdtemp(prefix="tileflow-test-cache-"))
+# the tests verify the suite on CPU, where by default tileflow leaves models unchanged
+os.environ.setdefault("TILEFLOW_CPU", "1")
 # compiled Triton's own cache: the GPU machine's pytest found no usable default for it
 if not os.environ.get("TRITON_CACHE_DIR"):
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-test-cache-")

@@ -31,6 +31,7 @@ from tileflow.integrations.transformers.decode_step import (DecodeProgram, Graph
                                                             cache_field, decode_request)
 from tileflow.integrations.transformers.guards import CacheFill, CacheFullError, WeightWatch, cache_full_message
 from tileflow.integrations.transformers.prefill import GraphedPrefill, PrefillProgram, prefill_request
+from tileflow import settings
 from tileflow.report import Report
 from tileflow.runtime import ops
 
@@ -59,7 +60,7 @@ class PatchReport(Report):
         return "\n".join([text] + [f"  note: {n}" for n in self.notes])
 
 
-def _check_model(model) -> list[str]:
+def _check_model(model, options: settings.Options) -> list[str]:
     cfg = model.config
     why = []
     if cfg.model_type not in SUPPORTED_MODEL_TYPES:
@@ -81,6 +82,9 @@ def _check_model(model) -> list[str]:
     device = next(model.parameters()).device
     if device.type not in ("cuda", "cpu"):
         why.append(f"device {device.type!r}")
+    if device.type == "cpu" and not options.cpu:
+        why.append("on CPU the suite runs its verified reference, slower than the model's own code: left "
+                   "unchanged (options={'cpu': True} runs it, to verify)")
     return why
 
 
@@ -296,7 +300,7 @@ def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport,
     return forward
 
 
-def _rebuilding(model, forward):
+def _rebuilding(model, forward, options):
     """``forward``, or after the model's weights were replaced (``WeightWatch``) a fresh
     patch of the model (whose programs read the new tensors) and its forward."""
     watch = model._tileflow_watch
@@ -306,7 +310,7 @@ def _rebuilding(model, forward):
         if watch.changed:
             old = model._tileflow_patch
             unpatch(model)
-            new = patch(model)
+            new = patch(model, options)
             old.fallbacks.append(("model", type(model).__name__,
                                   "weights replaced after patch: patched again (see the new report)"))
             old.replaced_by = new
@@ -371,18 +375,20 @@ def _generation_defaults(model, report: PatchReport, whole_step: bool) -> dict:
     return saved
 
 
-def patch(model) -> PatchReport:
+def patch(model, options=None) -> PatchReport:
     """Route the decode steps of a transformers Qwen2 / Llama model through the suite.
 
     Returns a :class:`PatchReport`. Unsupported models, dtypes, devices or layer
     shapes are left unchanged (the report says why); nothing raises mid-generation.
-    ``tileflow.unpatch(model)`` undoes it.
+    ``options``: a :class:`tileflow.settings.Options` or a mapping of its fields
+    (overriding the environment). ``tileflow.unpatch(model)`` undoes it.
     """
+    options = settings.resolve(options)
     cfg = model.config
     report = PatchReport(model_type=getattr(cfg, "model_type", type(model).__name__))
     if getattr(model, "_tileflow_patch", None) is not None:
         return model._tileflow_patch
-    problems = _check_model(model)
+    problems = _check_model(model, options)
     if problems:
         report.fallbacks += [("model", type(model).__name__, p) for p in problems]
         return report
@@ -432,7 +438,7 @@ def patch(model) -> PatchReport:
     # any torch.compile around the patched model (generate's auto-compile, the user's own)
     # runs the patched forwards as they are rather than tracing into the kernels
     forward = model.forward if whole_step else type(model).forward.__get__(model)
-    model.forward = torch.compiler.disable(_rebuilding(model, forward), recursive=True)
+    model.forward = torch.compiler.disable(_rebuilding(model, forward, options), recursive=True)
     patched.append(model)
     for layer in layers:
         if isinstance(layer.__dict__.get("forward"), _DecodeLayer):

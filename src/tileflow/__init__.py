@@ -8,12 +8,13 @@ backend ``torch.compile(model, backend="tileflow")``.
 __version__ = "0.1.0"
 
 
-def patch(model):
+def patch(model, options=None):
     """Route a transformers Qwen2/Llama model's decode steps through the suite; returns
-    a report of what was patched (see ``tileflow.integrations.transformers.patch``)."""
+    a report of what was patched (see ``tileflow.integrations.transformers.patch``).
+    ``options``: ``tileflow.Options`` or a mapping of its fields (``tileflow.settings``)."""
     from tileflow.integrations.transformers.patch import patch as _patch
 
-    return _patch(model)
+    return _patch(model, options)
 
 
 def unpatch(model) -> bool:
@@ -30,6 +31,8 @@ def explain(fn, *args, **kwargs):
 
     return _explain(fn, *args, **kwargs)
 
+
+from tileflow.settings import Options  # noqa: E402
 
 _SUBPACKAGES = {"jax": "tileflow.integrations.jax", "onnx": "tileflow.integrations.onnx",
                 "torch_xla": "tileflow.integrations.torch_xla"}

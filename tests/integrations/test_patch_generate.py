@@ -50,7 +50,7 @@ def test_user_compile_of_a_patched_forward_runs_the_patched_step():
     report = tileflow.patch(model)
     model.forward = torch.compile(model.forward, backend="tileflow")
     got = generate(model, ids, cache_implementation="static")
-    assert torch.equal(got, expected) and report.steps == NEW - 1
+    assert torch.equal(got, expected) and report.steps == NEW - 1, str(report)
 
 
 def test_a_step_past_the_static_cache_raises_before_writing():
