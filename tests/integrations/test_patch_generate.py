@@ -146,3 +146,21 @@ def test_the_cache_write_kernel_never_writes_past_the_end(monkeypatch):
                        cache_pos=torch.tensor([4]))
     assert not kc.any() and not vc.any()
     ops._LAUNCHERS.clear()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (transformers auto-compiles generate there)")
+@pytest.mark.parametrize("how", ["static", "default", "compile_config"])
+def test_generate_on_the_gpu_runs_the_graphed_step(how):
+    """The crash the CPU cannot show: on CUDA generate compiles the forward itself for a
+    static cache, and its CUDA graphs met the patched step's."""
+    model, ids = tiny("qwen2"), prompt()  # fp32: tokens comparable with eager's
+    model, ids = model.cuda(), ids.cuda()
+    kw = {"static": dict(cache_implementation="static"), "default": {},
+          "compile_config": dict(cache_implementation="static",
+                                 compile_config=CompileConfig(mode="reduce-overhead"))}[how]
+    expected = generate(model, ids, cache_implementation="static", disable_compile=True)  # eager, unpatched
+    report = tileflow.patch(model)
+    for _ in range(2):  # the second call replays the graph captured on the first call's cache
+        got = generate(model, ids, **kw)
+    assert torch.equal(got, expected), (got.tolist(), expected.tolist())
+    assert report.steps == 2 * (NEW - 1), str(report)
