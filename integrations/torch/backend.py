@@ -6,7 +6,8 @@ RoPE + cache write, its attention, the norm-fused MLP input and the final norm +
 become fused suite kernels (``decode_graph.py``); after inductor's decompositions, the
 remaining decode-time linears and residual adds (``rewrite.py``). It takes the ``mode`` and ``options``
 that ``torch.compile`` and transformers' ``CompileConfig`` pass; the default mode is
-``reduce-overhead`` (CUDA graphs for decode, where launches cost most).
+``reduce-overhead`` (CUDA graphs for decode, where launches cost most). A graph that
+may need gradients goes to inductor unchanged (the suite ops have no autograd formula).
 """
 
 from __future__ import annotations
@@ -58,6 +59,18 @@ def register_inductor_fallbacks() -> None:
                 lowering.make_fallback(op, warn=False, override_decomp=True)
 
 
+GRAD_REASON = "gradients enabled: the suite kernels have no autograd formula; inductor's code kept"
+
+
+def needs_grad(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> bool:
+    """Whether AOT autograd may trace a backward for ``gm`` (an input or parameter that
+    requires grad, with grad mode on now or switched on inside the graph)."""
+    wants = any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs) or any(
+        p.requires_grad for p in gm.parameters())
+    switches = any(n.op == "call_function" and n.target is torch._C._set_grad_enabled for n in gm.graph.nodes)
+    return wants and (torch.is_grad_enabled() or switches)
+
+
 def tileflow_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: Optional[str] = None,
                      options: Optional[dict] = None) -> Callable:
     """Compile ``gm``: decode patterns -> suite kernels, everything else -> inductor
@@ -77,11 +90,14 @@ def tileflow_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mo
     patches = dict(list_mode_options(mode)) if mode != "default" else {}
     patches.update(options or {})
     report = Report(title=f"tileflow backend: graph {len(LAST_REPORTS) + 1}")
-    if os.environ.get("TILEFLOW_COMPILE_FUSED", "1") != "0":  # =0 measures what the fused pass buys
-        from tileflow.integrations.torch.decode_graph import rewrite_decode_graph
+    if needs_grad(gm, example_inputs):
+        report.fallback("all patterns", "the whole graph", GRAD_REASON)
+    else:
+        if os.environ.get("TILEFLOW_COMPILE_FUSED", "1") != "0":  # =0 measures what the fused pass buys
+            from tileflow.integrations.torch.decode_graph import rewrite_decode_graph
 
-        rewrite_decode_graph(gm, report)
-    patches["post_grad_custom_post_pass"] = _graph_pass(report)
+            rewrite_decode_graph(gm, report)
+        patches["post_grad_custom_post_pass"] = _graph_pass(report)
     # a cache hit would skip the pass, and with it the report of what was rewritten
     patches["fx_graph_cache"] = False
     LAST_REPORTS.append(report)

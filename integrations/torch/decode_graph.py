@@ -16,7 +16,8 @@ inductor sees it, this pass replaces, per layer,
 - the final ``rms_norm`` + lm_head -> ``tileflow::rms_norm_linear``.
 
 Every condition is checked on the graph (node kinds, constants, example shapes and
-dtypes); anything else stays as traced and the reason goes to the report. The o_proj
+dtypes, and no in-place write between the traced reads and the fused op, ``effects.py``);
+anything else stays as traced and the reason goes to the report. The o_proj
 and down_proj residual adds are left for the post-grad pass (``rewrite.py``).
 """
 
@@ -28,6 +29,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from tileflow.integrations.torch import effects
 from tileflow.integrations.torch.rewrite import where
 from tileflow.patterns import gqa_attention, rms_norm, rope
 from tileflow.report import Report
@@ -112,6 +114,26 @@ def match_rms_norm(out: fx.Node) -> tuple[fx.Node, fx.Node, float]:
 def _one_row(x: fx.Node) -> None:
     xv = _ev(x)
     _need(xv is not None and xv.numel() == xv.shape[-1], f"{tuple(xv.shape)}: not one decode row")
+
+
+def _no_writes_inside(outs: list, inputs: list, until: fx.Node, allowed=()) -> None:
+    """NoMatch when a node from the pattern's first node up to ``until`` (where the fused
+    op reads its inputs) may write memory the pattern reads: the fused op would read it
+    at another moment than the traced code did."""
+    inputs = [n for n in inputs if isinstance(n, fx.Node)]
+    stop, region, todo = set(inputs), set(), list(outs)
+    while todo:
+        n = todo.pop()
+        if isinstance(n, fx.Node) and n not in region and n not in stop and n.op not in ("placeholder", "get_attr"):
+            region.add(n)
+            todo += n.all_input_nodes
+    nodes = list(until.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    targets = region | stop
+    keys = {effects.storage(t) for t in targets} - {None}
+    for n in nodes[min(order[r] for r in region | {until}):order[until]]:
+        if n not in allowed and effects.writes_any(n, targets, keys):
+            raise NoMatch(f"{n.name} writes in place what the pattern reads")
 
 
 # ------------------------------------------------------------ rope, q/k/v
@@ -311,6 +333,8 @@ def match_attention(sdpa: fx.Node) -> dict:
     cache_pos = wk_.args[2]
     _need(_ev(cache_pos) is not None and _ev(cache_pos).dtype == torch.int64 and _ev(cache_pos).numel() == 1,
           "cache position is not one int64")
+    reads = [x, ln_w, wq, wk, wv, bq, bk, bv, pos, inv_freq, cache_pos, k_cache, v_cache, qpos, *key_terms]
+    _no_writes_inside([sdpa, wk_, wv_], reads, sdpa, allowed=(wk_, wv_))
     return dict(x=x, ln_w=ln_w, eps=eps, wq=wq, wk=wk, wv=wv, bq=bq, bk=bk, bv=bv, pos=pos, inv_freq=inv_freq,
                 cache_pos=cache_pos, k_cache=k_cache, v_cache=v_cache, writes=(wk_, wv_), qpos=qpos, key_terms=key_terms,
                 scale=dh ** -0.5 if scale is None else scale, nh=nh, dh=dh)
@@ -375,6 +399,7 @@ def match_gate_up(mul: fx.Node) -> dict:
     _need(all(_arg(n, 2, "bias") is None and _placeholder(n.args[1]) for n in (gate, up)), "biases or non-weights")
     x, ln_w, eps = match_rms_norm(gate.args[0])
     _one_row(x)
+    _no_writes_inside([mul], [x, ln_w, gate.args[1], up.args[1]], mul)
     return dict(x=x, ln_w=ln_w, eps=eps, wg=gate.args[1], wu=up.args[1])
 
 
@@ -386,6 +411,7 @@ def match_head(lin: fx.Node) -> dict:
         n = n.args[0]
     x, ln_w, eps = match_rms_norm(n)
     _one_row(x)
+    _no_writes_inside([lin], [x, ln_w, lin.args[1]], lin)
     return dict(x=x, ln_w=ln_w, eps=eps, w=lin.args[1])
 
 
@@ -452,6 +478,19 @@ def _counter_increment(c: fx.Node) -> Optional[fx.Node]:
     return a if ok else None
 
 
+def _reads(c: fx.Node, increment: fx.Node) -> list:
+    """Every use of ``c`` but ``increment``, directly or through views of it (``c.to(..)``
+    may return ``c`` itself)."""
+    key, uses, todo = effects.storage(c), [], [c]
+    while todo:
+        for u in todo.pop().users:
+            if u is not increment and u not in uses:
+                uses.append(u)
+                if u.op != "output" and key is not None and effects.storage(u) == key:
+                    todo.append(u)
+    return uses
+
+
 def _batch_cache_counters(graph: fx.Graph, report: Report) -> None:
     """Every layer's cache counter read and advanced by one op at the top of the step.
 
@@ -470,8 +509,9 @@ def _batch_cache_counters(graph: fx.Graph, report: Report) -> None:
     steps = {a.args[1] for _, a in counters}
     devices = {_ev(c).device for c, _ in counters}
     for c, a in counters:
-        late = [u for u in c.users if u is not a and order[u] > order[a]]
-        mutating = [u for u in c.users if u is not a and (u.op == "output" or str(u.target).endswith("_"))]
+        uses = _reads(c, a)
+        late = [u for u in uses if order[u] > order[a]]
+        mutating = [u for u in uses if u.op == "output" or not effects.is_functional(u)]
         if late or mutating or len(steps) != 1 or len(devices) != 1:
             why = ("a read after the increment" if late else "another use that mutates or returns it" if mutating
                    else "increments or devices differ")
@@ -501,17 +541,14 @@ def _batch_cache_counters(graph: fx.Graph, report: Report) -> None:
 
 
 def _drop_dead(graph: fx.Graph) -> None:
-    """Remove what the rewrite left unused. Not ``eliminate_dead_code``: FX counts every
-    ``call_method`` as pure, and would drop the cache counter's in-place ``add_``."""
+    """Remove what the rewrite left unused: only functional calls (``effects``), never an
+    in-place op, an ``out=`` call or one whose effects are unknown. Not FX's
+    ``eliminate_dead_code``: it counts every torch-level call as pure."""
     changed = True
     while changed:
         changed = False
         for node in reversed(list(graph.nodes)):
-            if node.users or node.op not in ("call_function", "call_method"):
-                continue
-            if node.op == "call_method" and str(node.target).endswith("_"):
-                continue
-            if node.op == "call_function" and node.is_impure():
+            if node.users or node.op not in ("call_function", "call_method") or not effects.is_functional(node):
                 continue
             graph.erase_node(node)
             changed = True
