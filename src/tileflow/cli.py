@@ -9,20 +9,67 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from pathlib import Path
 from typing import Optional
 
 from tileflow.suite.registry import TARGETS
 
 
-def _parse_assignments(items: list[str]) -> dict:
+class UsageError(Exception):
+    """A misuse found after parsing; ``main`` prints it as one line and exits 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block: the misuse itself is the news
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _int_at_least(low: int, why: str = ""):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}{why}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _parse_assignments(items: list[str], flag: str) -> dict:
     out = {}
     for item in items or []:
-        key, _, value = item.partition("=")
-        if not _:
-            raise SystemExit(f"expected NAME=VALUE, got {item!r}")
-        out[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UsageError(f"{flag}: expected NAME=VALUE, got {item!r}")
+        try:
+            out[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            raise UsageError(f"{flag} {item}: the value must be a number") from None
     return out
+
+
+def _out_folder(out: str) -> None:
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"argument --out: {out} is a file, not a folder") from None
+    except OSError as e:
+        raise UsageError(f"argument --out: cannot create {out}: {e.strerror or e}") from None
 
 
 def cmd_kernels_list(args) -> int:
@@ -52,12 +99,18 @@ def cmd_kernels_show(args) -> int:
     from tileflow.suite.registry import QWEN_1_5B
 
     if args.name not in KERNELS:
-        print(f"unknown kernel {args.name!r}; `tileflow kernels list` names them", file=sys.stderr)
-        return 2
+        raise UsageError(f"unknown kernel {args.name!r}; `tileflow kernels list` names them")
     k = KERNELS[args.name]
     case = k.decode_cases(QWEN_1_5B)[0]
-    sizes = {**case.sizes, **_parse_assignments(args.sizes)}
-    params = {**k.default_params(sizes), **_parse_assignments(args.set)}
+    given = _parse_assignments(args.sizes, "--sizes")
+    flags = k.structural_sizes(case.sizes)  # HAS_BIAS, ROPE_KIND: 0 is a value
+    for key, value in given.items():
+        if key not in case.sizes:  # it would be ignored
+            raise UsageError(f"--sizes {key}: {args.name} has sizes {', '.join(case.sizes)}")
+        if not (isinstance(value, int) and value >= (0 if key in flags else 1)):
+            raise UsageError(f"--sizes {key}={value}: expected an integer >= {0 if key in flags else 1}")
+    sizes = {**case.sizes, **given}
+    params = {**k.default_params(sizes), **_parse_assignments(args.set, "--set")}
     if args.target == "reference":
         import inspect
 
@@ -74,31 +127,39 @@ def cmd_verify(args) -> int:
     from tileflow.suite import KERNELS
     from tileflow.verify import verify
 
-    device = "cpu"
-    if args.device == "cuda":
-        device = "cuda"
+    device = args.device
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: torch sees no CUDA GPU here; use --device cpu")
+    unknown = [n for n in args.names if n not in KERNELS]
+    if unknown:
+        raise UsageError(f"unknown kernel{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; "
+                         "`tileflow kernels list` names them")
     names = args.names or list(KERNELS)
+    jobs = [(name, case, target, dtype) for name in names for case in KERNELS[name].test_cases
+            for target in args.targets for dtype in args.dtypes
+            if not (case.dtypes and dtype not in case.dtypes) and case.runs_on(target)]
+    if not jobs:  # an empty table would read as a pass
+        raise UsageError(f"nothing to verify: no test case of {', '.join(names)} runs on targets "
+                         f"[{', '.join(args.targets)}] in dtypes [{', '.join(args.dtypes)}]")
     table = Table(title=f"verification against the float64 reference ({device})")
     for col in ("kernel", "case", "target", "dtype", "rel. error", "bound", "result"):
         table.add_column(col)
     failed = 0
-    for name in names:
-        k = KERNELS[name]
-        for case in k.test_cases:
-            for target in args.targets:
-                for dtype in args.dtypes:
-                    if (case.dtypes and dtype not in case.dtypes) or not case.runs_on(target):
-                        continue
-                    r = verify(k, case, dtype, target, device=device)
-                    failed += not r.ok
-                    table.add_row(name, case.label, target, dtype, f"{r.max_error:.2e}", f"{r.bound:.0e}",
-                                  "ok" if r.ok else f"FAIL {r.detail}")
+    for name, case, target, dtype in jobs:
+        r = verify(KERNELS[name], case, dtype, target, device=device)
+        failed += not r.ok
+        table.add_row(name, case.label, target, dtype, f"{r.max_error:.2e}", f"{r.bound:.0e}",
+                      "ok" if r.ok else f"FAIL {r.detail}")
     Console(width=140).print(table)
     print(f"{failed} failed")
     return 1 if failed else 0
 
 
 def cmd_bench(args) -> int:
+    _out_folder(args.out)
     if args.framework == "jax":
         from tileflow.bench.jax_decode import run_jax_bench
 
@@ -116,6 +177,7 @@ def cmd_bench(args) -> int:
 def cmd_tune(args) -> int:
     from tileflow.bench.step_tune import run_tune
 
+    _out_folder(args.out)
     try:
         run_tune(args.model, args.prompt, args.tokens, args.repeats, args.max_variants, args.threshold, args.out,
                  dry_run=args.dry_run, passes=args.passes, tries=args.tries)
@@ -126,7 +188,7 @@ def cmd_tune(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="tileflow", description="Decode-time kernel suite for DeepSeek models")
+    ap = _Parser(prog="tileflow", description="Decode-time kernel suite for DeepSeek models")
     sub = ap.add_subparsers(dest="command", required=True)
     kern = sub.add_parser("kernels", help="list the suite or show a generated kernel")
     ksub = kern.add_subparsers(dest="action", required=True)
@@ -151,15 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--model", default=None,
                      help="built-in config name or local checkpoint folder (default: the 1.5B shape on a GPU, "
                           "'tiny' on CPU)")
-    ben.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128 on GPU, 32 on CPU)")
-    ben.add_argument("--new", type=int, default=None, help="new tokens (default 256 on GPU, 32 on CPU)")
+    ben.add_argument("--prompt", type=_int_at_least(1), default=None,
+                     help="prompt tokens (default 128 on GPU, 32 on CPU)")
+    ben.add_argument("--new", type=_int_at_least(2, " (the first new token comes from the prompt pass)"),
+                     default=None, help="new tokens (default 256 on GPU, 32 on CPU)")
     from tileflow.bench.jax_decode import PATHS as JAX_PATHS
 
     ben.add_argument("--paths", nargs="*", choices=path_names + [p for p in JAX_PATHS if p not in path_names],
                      help="subset of paths (eager, or jax_jit with --framework jax, always runs)")
-    ben.add_argument("--repeats", type=int, default=3)
+    ben.add_argument("--repeats", type=_int_at_least(1), default=3)
     ben.add_argument("--out", default="benchmarks/results")
-    ben.add_argument("--device", default=None)
+    ben.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
     ben.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     ben.add_argument("--breakdown", action="store_true",
                      help="also profile one decode step per kernel class (us, bytes, GB/s; CUDA only)")
@@ -168,13 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     ben.set_defaults(fn=cmd_bench)
     tune = sub.add_parser("tune", help="tune the patched decode step on this GPU by timing whole steps")
     tune.add_argument("--model", default=None, help="built-in config name or local checkpoint folder (default: the 1.5B shape)")
-    tune.add_argument("--prompt", type=int, default=128)
-    tune.add_argument("--tokens", type=int, default=128, help="decode steps a timing")
-    tune.add_argument("--repeats", type=int, default=3, help="timings a trial (median)")
-    tune.add_argument("--max-variants", type=int, default=12,
+    tune.add_argument("--prompt", type=_int_at_least(1), default=128)
+    tune.add_argument("--tokens", type=_int_at_least(2, " (the first new token comes from the prompt pass)"),
+                      default=128, help="decode steps a timing")
+    tune.add_argument("--repeats", type=_int_at_least(1), default=3, help="timings a trial (median)")
+    tune.add_argument("--max-variants", type=_int_at_least(1), default=12,
                       help="variants tried a kernel a round (an H100 run kept one found 10th)")
-    tune.add_argument("--threshold", type=float, default=0.003, help="least step gain that keeps a variant (0.003: 0.3%%; incumbents re-timed in one H100 run spread 0.14%%)")
-    tune.add_argument("--passes", type=int, default=2,
+    tune.add_argument("--threshold", type=_fraction, default=0.003, help="least step gain that keeps a variant (0.003: 0.3%%; incumbents re-timed in one H100 run spread 0.14%%)")
+    tune.add_argument("--passes", type=_int_at_least(0), default=2,
                       help="rounds over the step's kernels, while the last one kept a change")
     tune.add_argument("--try", dest="tries", action="append", default=[], metavar="KERNEL:P=V,...[;KERNEL:P=V]",
                       help="a variant timed first against the baseline (repeatable), e.g. "
@@ -191,13 +256,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         import torch
 
         gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-        args.prompt = args.prompt or (128 if gpu else 32)
-        args.new = args.new or (256 if gpu else 32)
+        args.prompt = (128 if gpu else 32) if args.prompt is None else args.prompt
+        args.new = (256 if gpu else 32) if args.new is None else args.new
     if getattr(args, "device", "cpu") == "cpu":
         from tileflow.runtime.torch_triton import use_interpreter_if_no_gpu
 
         use_interpreter_if_no_gpu()
-    return args.fn(args)
+    from tileflow.bench.checks import BenchError
+
+    try:
+        return args.fn(args)
+    except (UsageError, BenchError) as e:
+        print(f"tileflow {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

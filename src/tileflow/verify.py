@@ -28,6 +28,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # bf16 2^-9 = 2.0e-3, fp16 2^-12 = 2.4e-4, fp32 2^-24 = 6e-8 (fp32 sums of K terms).
 BOUNDS = {"bf16": 1e-2, "fp16": 2e-3, "fp32": 2e-5}
 _INDEX_DTYPES = {"i32": torch.int32, "i64": torch.int64}
+# what run_target runs: the suite's targets and the custom-call form of the Triton kernels
+RUN_TARGETS = ("triton", "triton_xla", "pallas", "reference")
 
 
 @dataclass
@@ -175,6 +177,10 @@ def compare(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, str]:
 def verify(kernel: SuiteKernel, case: Case, dtype: str, target: str, params: Optional[dict] = None,
            device="cpu", seed: Optional[int] = None) -> VerifyResult:
     """Check one kernel x case x dtype x target against the float64 reference."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if target not in RUN_TARGETS:
+        raise ValueError(f"target {target!r}: expected one of {', '.join(RUN_TARGETS)}")
     params = dict(params or kernel.params_for(case))
     ir = kernel.build(params)
     seed = secrets.randbits(31) if seed is None else seed

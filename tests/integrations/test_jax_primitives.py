@@ -254,3 +254,32 @@ def test_fused_mlp_only_where_its_atomics_lower(monkeypatch):
     want = x + (jax.nn.silu(n @ wg.T) * (n @ wu.T)) @ wd.T
     assert float(jnp.max(jnp.abs(out - want))) < 1e-4
     assert not bool(jnp.any(acc)) and not bool(jnp.any(done))
+
+
+@pytest.mark.parametrize("call,needle", [
+    (lambda: _tfj().rms_norm(jnp.float32(1.0), jnp.ones(4), 1e-6), "rms_norm: x must have at least 1 dimension"),
+    (lambda: _tfj().rms_norm(jnp.ones((2, 4)), jnp.ones((2, 4)), 1e-6), "rms_norm: w must have 1 dimension"),
+    (lambda: _tfj().embedding(jnp.zeros(2, jnp.int32), jnp.ones(4)), "embedding: table must have 2 dimensions"),
+    (lambda: _tfj().linear(jnp.ones(4), jnp.ones(4)), "linear: w must have 2 dimensions"),
+    (lambda: _tfj().linear(jnp.float32(1.0), jnp.ones((3, 4))), "linear: x must have at least 1 dimension"),
+    (lambda: _tfj().kv_proj(jnp.ones(4), jnp.ones(4), jnp.ones(4)), "kv_proj: wk must have 2 dimensions"),
+    (lambda: _tfj().o_proj_residual(jnp.ones(4), jnp.ones(4), jnp.ones(3)), "o_proj_residual: w must have 2"),
+    (lambda: _tfj().gate_up_silu(jnp.ones(4), jnp.ones(4), jnp.ones((3, 4))), "gate_up_silu: wg must have 2"),
+    (lambda: _tfj().silu_mul(jnp.float32(1.0), jnp.float32(2.0)), "silu_mul: a must have at least 1 dimension"),
+    (lambda: _tfj().residual_add(jnp.ones(3), jnp.ones(4)), "residual_add: a and b have shapes (3,) and (4,)"),
+    (lambda: _tfj().rope(jnp.ones((2, 4)), jnp.zeros(2, jnp.int32), 1e4), "rope: x must have 3 dimensions"),
+    (lambda: _tfj().attention_decode(jnp.ones((2, 4)), jnp.ones((1, 1, 8, 4)), jnp.ones((1, 1, 8, 4)),
+                                     jnp.ones(1, jnp.int32), 0.5), "attention_decode: q must have 3 dimensions"),
+    (lambda: _tfj().argmax(jnp.float32(1.0)), "argmax: logits must have at least 1 dimension"),
+    (lambda: _tfj().rms_norm_linear(jnp.float32(1.0), jnp.ones(4), 1e-6, jnp.ones((3, 4))),
+     "rms_norm_linear: x must have at least 1 dimension"),
+])
+def test_entry_points_name_the_rank_they_expect(call, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        call()
+
+
+def _tfj():
+    from tileflow import jax as tfj
+
+    return tfj

@@ -14,13 +14,16 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from tileflow.bench.decode import PathResult, default_paths, run_path
-from tileflow.bench.models import build_model
+from tileflow.bench import checks
+from tileflow.bench.checks import BenchError, resolve_device
+from tileflow.bench.models import build_model, model_config
 from tileflow.bench.roofline import bytes_per_token, copy_bandwidth_gbs
 
 
@@ -71,16 +74,29 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
               paths: Optional[list[str]] = None, repeats: int = 3, out_dir: str = "benchmarks/results",
               device: Optional[str] = None, dtype: Optional[str] = None, breakdown: bool = False) -> dict:
     """Run the side-by-side decode benchmark; returns the result record (also written).
-    ``breakdown``: also profile each static-cache path's decode step per kernel class (CUDA)."""
+    ``breakdown``: also profile each static-cache path's decode step per kernel class (CUDA).
+    Raises :class:`BenchError` (one line) before building anything it cannot run or fit."""
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     console = Console(width=150)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if prompt < 1 or new_tokens < 2 or repeats < 1:
+        raise BenchError(f"prompt {prompt}, new tokens {new_tokens}, repeats {repeats}: at least 1, 2 and 1")
+    dev = resolve_device(device)
     if model_name is None:
         model_name = "deepseek-r1-distill-qwen-1.5b" if dev.type == "cuda" else "tiny"
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         dtype or ("bf16" if dev.type == "cuda" else "fp32")]
+    config = model_config(model_name)
+    longest = getattr(config, "max_position_embeddings", None)
+    if longest and prompt + new_tokens > longest:
+        raise BenchError(f"prompt {prompt} + {new_tokens} new = {prompt + new_tokens} tokens, more than "
+                         f"{model_name}'s max_position_embeddings {longest}")
+    est = checks.estimate(config, tdtype, dev, prompt + new_tokens)
+    free = checks.available_bytes(dev)
+    checks.check_memory(est, model_name, dev, free)
+    if breakdown and dev.type != "cuda":
+        print("tileflow bench: warning: --breakdown profiles CUDA kernels: nothing to profile on cpu", file=sys.stderr)
     if dev.type == "cpu":
         from tileflow.runtime.torch_triton import use_interpreter_if_no_gpu
 
@@ -93,13 +109,25 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
         "versions": versions(), "commit": _commit(), "settings": settings(), "user_autotune": _user_autotune(), "model": model_name, "dtype": str(tdtype).split(".")[-1],
         "prompt_tokens": prompt, "new_tokens": new_tokens, "repeats": repeats, "paths": {},
     }
+    chosen = [p for p in default_paths(dev) if not paths or p.name in paths or p.name == "eager"]
+    console.print(f"building {model_name}: {config.model_type}, {checks.count_text(est.parameters)} parameters in "
+                  f"{est.dtype}, about {checks.size_text(est.total_bytes)} with the KV cache"
+                  + (f" ({checks.size_text(free)} available on {dev})" if free else ""), markup=False, highlight=False)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True) as progress:
-        task = progress.add_task(f"building {model_name}", total=None)
-        say = lambda s: progress.update(task, description=s)  # noqa: E731
+        task = progress.add_task("measuring copy bandwidth", total=None)
+
+        def say(s):  # no spinner off a terminal: a line, so a long run is never silent
+            progress.update(task, description=s)
+            if not console.is_terminal:
+                console.print(f"  .. {s}", markup=False, highlight=False)
+
+        bw = copy_bandwidth_gbs(dev)  # before the build: the time estimate reads it
+        note = checks.warning(est, model_name, dev, bw, len(chosen) * (repeats + 1) * (new_tokens - 1), free)
+        if note:
+            print(f"tileflow bench: warning: {note}", file=sys.stderr)
+        say(f"building {model_name}")
         model = build_model(model_name, dev, tdtype)
-        say("measuring copy bandwidth")
-        bw = copy_bandwidth_gbs(dev)
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=gen).to(dev)
         nbytes = bytes_per_token(model, prompt + new_tokens // 2)
@@ -108,9 +136,7 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
         reference: Optional[PathResult] = None
         ref_logits = None
         tokens: dict = {}
-        for path in default_paths(dev):
-            if paths and path.name not in paths and path.name != "eager":
-                continue
+        for path in chosen:
             res, logits = run_path(path, model, ids, new_tokens, repeats, reference, ref_logits, say,
                                      breakdown=breakdown)
             if path.name == "eager":

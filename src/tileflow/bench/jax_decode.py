@@ -219,8 +219,19 @@ def run_jax_bench(model_name: Optional[str] = None, prompt: int = 128, new_token
     dev = jax.devices()[0]
     device = dev.device_kind if backend != "cpu" else f"cpu ({os.cpu_count()} cores)"
     say = lambda s: console.print(f"  .. {s}")  # noqa: E731
-    say(f"building {model_name} ({dname})")
-    if os.path.isdir(model_name):
+    from tileflow.bench.checks import BenchError, available_bytes, check_memory, count_text, estimate
+    from tileflow.bench.models import model_config
+
+    config = model_config(model_name)
+    folder = os.path.isdir(model_name)
+    if folder and not any(f.endswith(".safetensors") for f in os.listdir(model_name)):
+        raise BenchError(f"{model_name}: the jax bench reads *.safetensors, and there are none")
+    est = estimate(config, tdtype, torch.device("cpu"), prompt + new_tokens)
+    if not folder and backend == "cpu":  # the torch model and its jax copy, both in host memory
+        est.copies = 2
+    check_memory(est, model_name, torch.device("cpu"), available_bytes(torch.device("cpu")))
+    say(f"building {model_name} ({dname}, {count_text(est.parameters)} parameters)")
+    if folder:
         cfg, params = M.from_checkpoint(model_name, jdtype)  # straight from safetensors: no torch copy
         tmodel = None
     else:

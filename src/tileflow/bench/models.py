@@ -9,6 +9,8 @@ from importlib import resources
 
 import torch
 
+from tileflow.bench.checks import BenchError
+
 # A DeepSeek-R1-Distill-Qwen-shaped model small enough for a 2-core CPU.
 TINY = {"model_type": "qwen2", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,
         "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 2048, "max_position_embeddings": 8192,
@@ -25,20 +27,76 @@ def builtin_configs() -> dict:
     return table
 
 
+# the architectures the decode paths run (tileflow.patch's SUPPORTED_MODEL_TYPES)
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+
+
+def runnable_names() -> list[str]:
+    """The built-in names the bench can run (those of a supported model_type)."""
+    return sorted(k for k, v in builtin_configs().items() if v.get("model_type") in SUPPORTED_MODEL_TYPES)
+
+
+def _unsupported(where: str, model_type: str) -> str:
+    return (f"{where}: model_type {model_type!r} is not supported: the bench runs "
+            f"{' and '.join(SUPPORTED_MODEL_TYPES)} models (the DeepSeek-R1-Distill family)")
+
+
 def builtin_config(name: str):
     """The transformers config of a built-in DeepSeek-shaped model (``builtin_configs``)."""
     from transformers import AutoConfig
 
     table = builtin_configs()
     if name not in table:
-        raise SystemExit(f"unknown model {name!r}: give a local checkpoint folder or one of "
-                         f"{', '.join(sorted(table))}")
+        raise BenchError(f"unknown model {name!r}: give a local checkpoint folder or one of "
+                         f"{', '.join(runnable_names())}")
     fields = {k: v for k, v in table[name].items() if k not in _CONFIG_KEYS_IGNORED}
     model_type = fields.pop("model_type")
-    if model_type not in ("qwen2", "llama"):
-        raise SystemExit(f"{name}: model_type {model_type!r} has no decode path in tileflow yet "
-                         "(the DeepSeek-R1-Distill models are qwen2 and llama)")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise BenchError(_unsupported(name, model_type))
     return AutoConfig.for_model(model_type, **fields)
+
+
+def folder_config(folder: str):
+    """The transformers config of a checkpoint folder, after checking it is one the bench
+    runs: a readable ``config.json`` of a supported model_type, and weight files."""
+    from transformers import AutoConfig
+
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise BenchError(f"{folder} has no config.json: not a checkpoint folder")
+    try:
+        with open(path, encoding="utf-8") as f:
+            fields = json.load(f)
+    except json.JSONDecodeError as e:
+        raise BenchError(f"{path} is not valid JSON: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BenchError(f"{path} cannot be read: {e}") from None
+    model_type = fields.get("model_type") if isinstance(fields, dict) else None
+    if not model_type:
+        raise BenchError(f"{path} names no model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise BenchError(_unsupported(folder, model_type))
+    if not any(f.endswith(".safetensors") or (f.startswith("pytorch_model") and f.endswith(".bin"))
+               for f in os.listdir(folder)):
+        raise BenchError(f"{folder} has config.json but no weights (*.safetensors or pytorch_model*.bin)")
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers' reasons vary; the first line names it
+        raise BenchError(f"{path}: transformers cannot read it: {type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+
+
+def model_config(name_or_dir: str):
+    """The config of a built-in name or a checkpoint folder, checked (BenchError)."""
+    if os.path.isdir(name_or_dir):
+        return folder_config(name_or_dir)
+    if os.path.exists(name_or_dir):
+        raise BenchError(f"{name_or_dir} is not a folder: give a checkpoint folder (config.json and weights) "
+                         "or a model name")
+    if os.sep in name_or_dir or name_or_dir.startswith("."):
+        raise BenchError(f"{name_or_dir}: no such folder (nothing is downloaded: give a local checkpoint folder "
+                         f"or one of {', '.join(runnable_names())})")
+    return builtin_config(name_or_dir)
 
 
 def build_model(name_or_dir: str, device: torch.device, dtype: torch.dtype):
@@ -46,9 +104,9 @@ def build_model(name_or_dir: str, device: torch.device, dtype: torch.dtype):
     random weights (initialised on the device)."""
     from transformers import AutoModelForCausalLM
 
+    config = model_config(name_or_dir)
     if os.path.isdir(name_or_dir):
         return AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype).to(device).eval()
-    config = builtin_config(name_or_dir)
     with torch.device(device):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -295,7 +295,8 @@ def run_tune(model_name: Optional[str] = None, prompt: int = 128, tokens: int = 
 
     from tileflow.bench import _commit, _json_path, versions
     from tileflow.bench.decode import make_cache
-    from tileflow.bench.models import build_model
+    from tileflow.bench.checks import available_bytes, check_memory, count_text, estimate
+    from tileflow.bench.models import build_model, model_config
 
     for text in tries or []:
         parse_try(text)  # a typo is reported before the model is built
@@ -305,6 +306,9 @@ def run_tune(model_name: Optional[str] = None, prompt: int = 128, tokens: int = 
     console = Console(width=150)
     dev = torch.device(device)
     model_name = model_name or "deepseek-r1-distill-qwen-1.5b"
+    est = estimate(model_config(model_name), torch.bfloat16, dev, prompt + tokens + 8)
+    check_memory(est, model_name, dev, available_bytes(dev))  # a one-line refusal, not an OOM mid-build
+    console.print(f"building {model_name} ({count_text(est.parameters)} parameters, bf16)", markup=False)
     model = build_model(model_name, dev, torch.bfloat16)
     gpu_name = torch.cuda.get_device_name() if dev.type == "cuda" else str(dev)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0)).to(dev)
