@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from tileflow import settings
 from tileflow.report import Report
 
 DEFAULT_MODE = "reduce-overhead"
@@ -59,6 +60,8 @@ def register_inductor_fallbacks() -> None:
                 lowering.make_fallback(op, warn=False, override_decomp=True)
 
 
+CPU_REASON = ("on CPU the suite runs its verified reference, slower than inductor's code: inductor's code kept "
+              "(options={'cpu': True} runs the suite, to verify)")
 GRAD_REASON = "gradients enabled: the suite kernels have no autograd formula; inductor's code kept"
 
 
@@ -88,10 +91,15 @@ def tileflow_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mo
 
     mode = mode or DEFAULT_MODE
     patches = dict(list_mode_options(mode)) if mode != "default" else {}
-    patches.update(options or {})
+    ours = settings.names()
+    opts = settings.resolve({k: v for k, v in (options or {}).items() if k in ours})
+    patches.update({k: v for k, v in (options or {}).items() if k not in ours})  # inductor's own options
     report = Report(title=f"tileflow backend: graph {len(LAST_REPORTS) + 1}")
+    on_gpu = any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in example_inputs)
     if needs_grad(gm, example_inputs):
         report.fallback("all patterns", "the whole graph", GRAD_REASON)
+    elif not on_gpu and not opts.cpu:
+        report.fallback("all patterns", "the whole graph", CPU_REASON)
     else:
         if os.environ.get("TILEFLOW_COMPILE_FUSED", "1") != "0":  # =0 measures what the fused pass buys
             from tileflow.integrations.torch.decode_graph import rewrite_decode_graph

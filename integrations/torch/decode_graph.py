@@ -56,6 +56,17 @@ def _ev(n):
     return n.meta.get("example_value") if isinstance(n, fx.Node) else None
 
 
+def _symbolic_float(n) -> bool:
+    """A float the graph computes, not a constant: under ``torch.compile(dynamic=True)``
+    dynamo lifts a module's float attribute (eps, attention_scaling) to an input and reads
+    it with ``.item()``."""
+    return isinstance(_ev(n), torch.SymFloat)
+
+
+_SYMBOLIC = ("is symbolic, not a constant (torch.compile(dynamic=True) makes the model's float attributes "
+             "graph inputs): compile without dynamic=True")
+
+
 def _need(cond, reason: str) -> None:
     if not cond:
         raise NoMatch(reason)
@@ -93,7 +104,9 @@ def match_rms_norm(out: fx.Node) -> tuple[fx.Node, fx.Node, float]:
     _need(hr, "no rsqrt")
     h, r = hr
     add = r.args[0]
-    ve = _pair(add, lambda v: _meth(v, "mean"), lambda e: isinstance(e, float)) if _fn(add, operator.add) else None
+    is_add = _fn(add, operator.add)
+    _need(not (is_add and _pair(add, lambda v: _meth(v, "mean"), _symbolic_float)), f"eps {_SYMBOLIC}")
+    ve = _pair(add, lambda v: _meth(v, "mean"), lambda e: isinstance(e, float)) if is_add else None
     _need(ve, "rsqrt of something other than mean + eps")
     mean, eps = ve
     dims = _arg(mean, 1, "dim")
@@ -175,6 +188,8 @@ def match_cos_sin(cos_u: fx.Node, sin_u: fx.Node, dh: int) -> tuple[fx.Node, fx.
         if _meth(n, "to"):
             n = n.args[0]
         if _fn(n, operator.mul):
+            _need(not _pair(n, lambda t: _meth(t, fn), _symbolic_float),
+                  f"the {fn} table's scale (attention_scaling) {_SYMBOLIC}")
             ts = _pair(n, lambda t: _meth(t, fn), lambda s: isinstance(s, (int, float)))
             _need(ts, f"{fn} table scaled by a tensor")
             _need(ts[1] == 1.0, f"attention_scaling {ts[1]} (the kernel applies none)")
@@ -517,10 +532,13 @@ def _batch_cache_counters(graph: fx.Graph, report: Report) -> None:
                    else "increments or devices differ")
             report.fallback("cache_counters", where(a), f"counters kept per layer: {why}")
             return
+    # the rows of the caches the step writes: a step past them raises before writing
+    caches = [_ev(n.args[12]) for n in nodes if n.target is torch.ops.tileflow.qkv_rope_cache.default]
+    capacity = min((t.shape[2] for t in caches if isinstance(t, torch.Tensor)), default=-1)
     last_input = [n for n in nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(last_input):
         rows = graph.call_function(torch.ops.tileflow.cache_rows_advance.default,
-                                   ([c for c, _ in counters], steps.pop()))
+                                   ([c for c, _ in counters], steps.pop(), capacity))
     for i, (c, a) in enumerate(counters):
         graph.erase_node(a)
         for u in list(c.users):

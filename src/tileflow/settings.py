@@ -57,6 +57,10 @@ def resolve(options: Union[None, Options, Mapping] = None) -> Options:
     return dataclasses.replace(ENVIRONMENT, **dict(options))
 
 
+def names() -> frozenset:
+    return frozenset(f.name for f in fields(Options))
+
+
 def table() -> str:
     """The options as a Markdown table (the docs' table is generated from this)."""
     rows = ["| option | environment | default |", "|---|---|---|"]

@@ -295,3 +295,58 @@ def test_no_grad_still_takes_the_fused_path():
     layers = model.config.num_hidden_layers
     assert report.matches["gqa_attention"] == layers and report.matches["gate_up_silu"] == layers, report
     assert not any(r == backend.GRAD_REASON for _, _, r in report.fallbacks), report
+
+
+def test_on_cpu_the_default_keeps_inductors_code_with_the_reason():
+    torch._dynamo.reset()
+    model, ids = tiny("qwen2"), prompt()
+    inputs = _step_inputs(model, ids)
+    before = len(backend.LAST_REPORTS)
+    with torch.no_grad():
+        torch.compile(model.forward, backend="tileflow", options={"cpu": False})(**inputs)
+    reports = backend.LAST_REPORTS[before:]
+    assert reports and all(not r.matches for r in reports)
+    assert all(any(why == backend.CPU_REASON for _, _, why in r.fallbacks) for r in reports)
+
+
+def test_a_compiled_step_past_the_static_cache_raises_before_writing():
+    torch._dynamo.reset()
+    model, ids = tiny("qwen2"), prompt(9)
+    cache = StaticCache(config=model.config, max_cache_len=10)
+    kw = {cache_keyword(model): cache}
+    step = torch.compile(model.forward, backend="tileflow")
+    with torch.no_grad():
+        model(ids, **kw)
+        step(input_ids=ids[:, :1], position_ids=torch.tensor([[9]]), **kw)  # row 9: the last one
+        keys = cache.layers[0].keys.clone()
+        with pytest.raises(IndexError, match="static cache is full"):
+            step(input_ids=ids[:, :1], position_ids=torch.tensor([[10]]), **kw)
+    assert int(cache.layers[0].cumulative_length) == 10 and torch.equal(cache.layers[0].keys, keys)
+
+
+def test_explain_leaves_the_users_other_compiled_functions_alone():
+    torch._dynamo.reset()
+    compiles = []
+
+    def counting(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+
+    other = torch.compile(lambda x: x.sin() + 1, backend=counting)
+    other(torch.ones(3))
+    model, ids = tiny("qwen2"), prompt()
+    tileflow.explain(model.forward, **_step_inputs(model, ids))
+    other(torch.ones(3))
+    assert len(compiles) == 1  # no recompile after explain
+
+
+def test_dynamic_shapes_name_the_real_cause():
+    torch._dynamo.reset()
+    model, ids = tiny("qwen2"), prompt()
+    inputs = _step_inputs(model, ids)
+    before = len(backend.LAST_REPORTS)
+    with torch.no_grad():
+        torch.compile(model.forward, backend="tileflow", dynamic=True)(**inputs)
+    reasons = [why for r in backend.LAST_REPORTS[before:] for _, _, why in r.fallbacks]
+    assert any("dynamic=True" in why for why in reasons), reasons
+    assert not any(why == "rsqrt of something other than mean + eps" for why in reasons), reasons

@@ -100,17 +100,30 @@ def _(q, k_cache, v_cache, lengths, scale, key_mask=None):
 
 
 @torch.library.custom_op("tileflow::cache_rows_advance", mutates_args=("counters",))
-def cache_rows_advance(counters: list[torch.Tensor], n: int) -> torch.Tensor:
+def cache_rows_advance(counters: list[torch.Tensor], n: int, capacity: int = -1) -> torch.Tensor:
     """The static cache's per-layer token counters (0-d int64) before the step, as one
     [layers] tensor, and each counter advanced by ``n``: two launches (a stack and one
     ``_foreach_add_``) where the traced step has a small kernel per layer (its
     ``arange(1) + counter`` and ``counter.add_(1)``), each breaking the chain of
-    dependent launches between the layer's kernels."""
+    dependent launches between the layer's kernels.
+
+    With ``capacity`` (the cache's rows) a step that would not fit raises before anything
+    is written: on CPU as CacheFullError, on a GPU as a device-side assert (no host read
+    per token), as the model's own index_copy_ does on each."""
     rows = torch.stack([c.reshape(()) for c in counters])
+    if capacity >= 0:
+        if rows.device.type == "cpu":
+            filled = int(rows.max())
+            if filled + n > capacity:
+                from tileflow.errors import CacheFullError, cache_full_message
+
+                raise CacheFullError(cache_full_message(filled, capacity))
+        else:
+            torch._assert_async(rows.max() + n <= capacity, "tileflow: the static cache is full")
     torch._foreach_add_(counters, n)
     return rows
 
 
 @cache_rows_advance.register_fake
-def _(counters, n):
+def _(counters, n, capacity=-1):
     return counters[0].new_empty((len(counters),))
