@@ -18,7 +18,7 @@
 #                                  are copied to $OUT/autotune-step.json
 # tuned                            use $OUT/autotune.json (or TUNED=<file>) for later steps
 # env:NAME=VALUE                   set an environment variable for later steps (an A/B in one call,
-#                                  e.g. env:TILEFLOW_EARLY=0)
+#                                  e.g. env:TILEFLOW_EARLY_INPUTS=0)
 # Each bench writes under $OUT/<step number>-bench/, so two benches of one model do not collide.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}

@@ -89,12 +89,12 @@ class Workload:
 
 
 # parameters whose effect a one-change comparison shows best: the tuned tiles with it on
-TWIN_SWITCHES = ("PIPELINE", "ONE_LAUNCH", "PERSISTENT")
+TWIN_SWITCHES = ("PIPELINE",)
 
 
 def _twin(params: dict, key: str, every: list[dict]) -> dict:
-    """``params`` with ``key`` on: the candidate that adds it (and what it brings, e.g.
-    ONE_LAUNCH's GROUP_C) to exactly these parameters, else ``{**params, key: 1}``."""
+    """``params`` with ``key`` on: the candidate that adds it (and what it brings) to
+    exactly these parameters, else ``{**params, key: 1}``."""
     for c in every:
         if c.get(key) and all(c.get(k) == v for k, v in params.items() if k != key):
             return c

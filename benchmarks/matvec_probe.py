@@ -51,7 +51,6 @@ suite's gate-up (as in the step) and alone.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
@@ -502,22 +501,6 @@ def fused(d: int = 1536, inter: int = 8960, sets: int = 3, launches: int = 28) -
     print(f"{'form':<34}{'us a layer':>11}{'rel err':>10}")
     print(f"{'suite: two launches':<34}{graph_us(suite_only, launches):>11.2f}", flush=True)
 
-    def suite_fused(i):  # the suite's rms_norm_mlp_residual, default parameters
-        wg, wu, _ = weights[i % sets]
-        y.copy_(ops.rms_norm_mlp_residual(x[None], ln_w, eps, wg, wu, column_major[i % sets].t())[0])
-
-    def suite_fused_only(i):
-        wg, wu, _ = weights[i % sets]
-        ops.rms_norm_mlp_residual(x[None], ln_w, eps, wg, wu, column_major[i % sets].t())
-
-    def suite_fused_row_major(i):
-        wg, wu, wd = weights[i % sets]
-        ops.rms_norm_mlp_residual(x[None], ln_w, eps, wg, wu, wd)
-
-    label = "suite: rms_norm_mlp_residual cm"
-    _, err = timed(suite_fused, label)  # checked with the copy out, timed without it
-    print(f"{label:<34}{graph_us(suite_fused_only, launches):>11.2f}{err:>10.1e}", flush=True)
-    print(f"{'suite: rms_norm_mlp_residual rm':<34}{graph_us(suite_fused_row_major, launches):>11.2f}", flush=True)
     for bi, warps, cm in FUSED_CONFIGS:
         bk, bd = max(32, 2048 // bi), min(512, 8192 // bi)
         np_ = inter // bi
@@ -529,32 +512,6 @@ def fused(d: int = 1536, inter: int = 8960, sets: int = 3, launches: int = 28) -
         label = f"fused BI{bi} BK{bk} BD{bd} w{warps} {'cm' if cm else 'rm'}"
         us, err = timed(one, label)
         print(f"{label:<34}{us:>11.2f}{err:>10.1e}", flush=True)
-    from tileflow.runtime.torch_triton import torch_launcher
-    from tileflow.suite import KERNELS
-    from tileflow.suite.rms_norm_mlp_residual import mlp_params
-
-    kernel, sizes = KERNELS["rms_norm_mlp_residual"], {"M": 1, "I": inter, "D": d}
-    sums = ops.mlp_sums(1, d, x.device)
-    best = (float("inf"), None)
-    for extra in (dict(), dict(wave=264, block_i=4, num_warps=8), dict(wave=528, block_i=4, num_warps=8),
-                  dict(wave=264, block_i=8, num_warps=8), dict(wave=132, block_i=8, num_warps=8),
-                  dict(wave=528, block_i=2, num_warps=4)):
-        params = mlp_params(inter, d, **extra)
-        launch = torch_launcher(kernel.build(params), "cuda", sizes)
-
-        def one(i, launch=launch):
-            wg, wu, _ = weights[i % sets]
-            launch(x[None], ln_w, wg, wu, column_major[i % sets].t(), y[None], *sums, eps)
-        label = "suite " + (f"wave {params['WAVE']} BI{params['BLOCK_I']} w{params['num_warps']}" if extra else "defaults")
-        us, err = timed(one, label)
-        best = min(best, (us, params), key=lambda t: t[0])
-        print(f"{label:<34}{us:>11.2f}{err:>10.1e}", flush=True)
-    if os.environ.get("OUT"):  # the fastest suite form, as a tuned entry a later step can use (TUNED=)
-        from tileflow.emit import autotune
-
-        autotune.record(kernel.name, sizes, "bf16", torch.cuda.get_device_name(), best[1], best[0],
-                        path=os.path.join(os.environ["OUT"], "autotune-probe.json"))
-        print(f"fastest suite form: {best[1]} ({best[0]:.2f} us)", flush=True)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for bi, warps, per_sm in ((4, 8, 2), (4, 8, 4), (8, 8, 4)):
         nprog, bk = sms * per_sm, max(64, 2048 // bi)

@@ -92,16 +92,4 @@ def vendor_call(name: str, t: dict, scalars: dict):
             t["v_cache"].index_copy_(2, pos, v.unsqueeze(2))
             return q
         return qkv, "F.rms_norm + F.linear on [wq;wk;wv] + eager RoPE + index_copy_"
-    if name == "attention_o_proj_residual":
-        attend, label = vendor_call("attention_decode_gqa", t, scalars)
-        wt = t["wo"].reshape(t["wo"].shape[0], -1).t()
-        b = t["r"].shape[0]
-        return (lambda: torch.addmm(t["r"], attend().reshape(b, -1), wt)), label + " + addmm (cuBLAS)"
-    if name == "rms_norm_mlp_residual":
-        x, ln, wd_t = t["x"], t["ln_w"], t["wd"].t()
-
-        def mlp():
-            n = F.rms_norm(x, (x.shape[-1],), ln, scalars["eps"])
-            return torch.addmm(x, F.silu(F.linear(n, t["wg"])) * F.linear(n, t["wu"]), wd_t)
-        return mlp, "F.rms_norm + F.linear x2 + F.silu + addmm (cuBLAS)"
     raise KeyError(name)

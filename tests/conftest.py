@@ -25,6 +25,21 @@ RESULTS = []
 
 
 @pytest.fixture
+def tileflow_options(monkeypatch):
+    """Sets tileflow options for one test: ``tileflow_options(cpu_target="triton")``. The
+    environment's options are read once, at import (``tileflow.settings.ENVIRONMENT``), so a
+    test replaces that object rather than setting ``TILEFLOW_*`` variables."""
+    import dataclasses
+
+    from tileflow import settings
+
+    def set_options(**fields):
+        monkeypatch.setattr(settings, "ENVIRONMENT", dataclasses.replace(settings.ENVIRONMENT, **fields))
+
+    return set_options
+
+
+@pytest.fixture
 def record_verification():
     return RESULTS.append
 

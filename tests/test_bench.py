@@ -128,16 +128,6 @@ def test_shared_residual_kernel_is_charged_both_projections_bytes():
     assert table["o_proj_residual"] == 10  # not changed in place
 
 
-def test_fused_attention_o_proj_is_charged_attention_and_o_bytes():
-    from tileflow.bench import breakdown as bd
-
-    table = {"attention_decode_gqa": 4, "o_proj_residual": 10, "down_proj_residual": 30}
-    fused = [("attention_o_proj_residual_partial", 0.0, 1.0), ("attention_o_proj_residual_o_proj", 1.0, 2.0),
-             ("down_proj_residual_matvec", 2.0, 3.0)]
-    assert bd.kernel_class(fused[0][0]) == "attention_o_proj_residual"
-    assert bd.fold_shared_kernels(table, fused) == {"attention_o_proj_residual": 14, "down_proj_residual": 30}
-
-
 def test_divergence_records_eager_margin_and_deviation():
     from tileflow.bench.decode import Path, _eager_step, run_path
 
@@ -165,13 +155,15 @@ def test_divergence_records_eager_margin_and_deviation():
     assert res.divergence_max_abs_err > res.divergence_gap > 0
 
 
-def test_the_record_names_the_switches_of_an_ab_run(monkeypatch):
-    from tileflow.bench import settings
+def test_the_record_names_the_switches_of_an_ab_run(monkeypatch, tileflow_options):
+    from tileflow.bench import _commit, settings
 
-    monkeypatch.setenv("TILEFLOW_MLP_AHEAD", "o=8")
+    tileflow_options(early_inputs=False, jax_target="pallas")
     monkeypatch.setenv("TILEFLOW_COMMIT", "abc1234")
     got = settings()
-    assert got["TILEFLOW_MLP_AHEAD"] == "o=8" and "TILEFLOW_COMMIT" not in got
+    assert got["TILEFLOW_EARLY_INPUTS"] is False and got["TILEFLOW_JAX_TARGET"] == "pallas"
+    assert "TILEFLOW_COMMIT" not in got and "TILEFLOW_PDL" not in got  # only what differs from the defaults
+    assert _commit() == "abc1234"
 
 
 def test_the_record_names_the_user_tuning_of_an_ab_run(monkeypatch, tmp_path):

@@ -13,8 +13,7 @@ SUITE = {"rms_norm", "embedding_lookup", "q_proj_matvec", "kv_proj_matvec", "rop
          "silu_mul_fused", "residual_add", "argmax_greedy"}
 
 
-FUSED = {"qkv_rope_cache", "rms_norm_gate_up_silu", "rms_norm_matvec", "attention_o_proj_residual",
-         "rms_norm_mlp_residual"}
+FUSED = {"qkv_rope_cache", "rms_norm_gate_up_silu", "rms_norm_matvec"}
 
 
 def test_the_suite_has_its_13_kernels():

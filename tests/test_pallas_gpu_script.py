@@ -15,8 +15,8 @@ import pallas_gpu  # noqa: E402
 from tileflow.suite import KERNELS  # noqa: E402
 
 
-def test_checks_and_times_every_case(monkeypatch):
-    monkeypatch.setenv("TILEFLOW_PALLAS_INTERPRET", "1")
+def test_checks_and_times_every_case(tileflow_options):
+    tileflow_options(pallas_interpret="1")
     some = {n: KERNELS[n] for n in ("o_proj_residual", "attention_decode_gqa")}
     checked = pallas_gpu.check_test_cases(some)
     assert set(checked) == set(some) and all(v["ok"] for v in checked.values()), checked

@@ -15,9 +15,9 @@ from tileflow.emit import autotune
 
 
 @pytest.fixture
-def patched_step(tmp_path, monkeypatch):
+def patched_step(tmp_path, monkeypatch, tileflow_options):
     monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("TILEFLOW_CPU_TARGET", "reference")
+    tileflow_options(cpu_target="reference")
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=128,
                                          num_attention_heads=4, num_key_value_heads=2,
@@ -122,7 +122,7 @@ def test_neighbours_keep_the_warps_and_try_nearest_values_first():
     assert "SPLITS: 8 -> 16, SPLITS_BLOCK: 8 -> 16" in changes and "SPLITS: 8 -> 4, SPLITS_BLOCK: 8 -> 4" in changes
     assert changes.index("SPLITS: 8 -> 4, SPLITS_BLOCK: 8 -> 4") < changes.index("SPLITS: 8 -> 1, SPLITS_BLOCK: 8 -> 1")
     # two parameters that can each change alone are not paired (coordinate descent takes them in turn)
-    assert not any(c.count("->") == 2 and "SPLITS" not in c and "ONE_LAUNCH" not in c for c in changes), changes
+    assert not any(c.count("->") == 2 and "SPLITS" not in c for c in changes), changes
     for v in variants:
         changed = [k for k in v if v[k] != step_tune._value(current, k)]
         if changed[0] in ("PIPELINE", "num_warps"):
@@ -149,13 +149,13 @@ def test_cli_says_why_it_cannot_tune_without_a_gpu(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
-def test_the_command_records_what_it_kept(tmp_path, monkeypatch):
+def test_the_command_records_what_it_kept(tmp_path, monkeypatch, tileflow_options):
     # the whole `tileflow tune` path (model, rebuilds, table, user table, JSON record), with
     # the tiny config on CPU standing in for a GPU and the stand-in timer
     import json
 
     monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("TILEFLOW_CPU_TARGET", "reference")
+    tileflow_options(cpu_target="reference")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     costs = {("down_proj_residual", 2): -30.0}
     rec = step_tune.run_tune("tiny", prompt=5, tokens=4, max_variants=2, out_dir=str(tmp_path / "out"),
@@ -193,12 +193,12 @@ def test_tries_run_first_and_the_best_that_pays_is_kept(patched_step):
 
 
 def test_parse_try_reads_kernels_and_values():
-    assert step_tune.parse_try("attention_decode_gqa:ONE_LAUNCH=1,GROUP_C=8;o_proj_residual:PIPELINE=0") == {
-        "attention_decode_gqa": {"ONE_LAUNCH": 1, "GROUP_C": 8}, "o_proj_residual": {"PIPELINE": 0}}
+    assert step_tune.parse_try("attention_decode_gqa:SPLITS=16,SPLITS_BLOCK=16;o_proj_residual:PIPELINE=0") == {
+        "attention_decode_gqa": {"SPLITS": 16, "SPLITS_BLOCK": 16}, "o_proj_residual": {"PIPELINE": 0}}
     with pytest.raises(ValueError, match="no suite kernel"):
-        step_tune.parse_try("attention:ONE_LAUNCH=1")
+        step_tune.parse_try("attention:SPLITS=16")
     with pytest.raises(ValueError, match="PARAM=VALUE"):
-        step_tune.parse_try("attention_decode_gqa:ONE_LAUNCH")
+        step_tune.parse_try("attention_decode_gqa:SPLITS")
 
 
 def test_cli_reports_a_bad_try_before_anything_else(capsys):

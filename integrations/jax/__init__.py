@@ -10,28 +10,32 @@
     print(tfj.explain(decode_step, params, token, cache, pos))
 
 Each primitive lowers to the generated Pallas kernel on TPU and CUDA (compiled), to
-the jax.numpy reference on CPU, or to the Pallas interpreter on CPU with
-``TILEFLOW_JAX_TARGET=pallas`` (see ``lowering.py``).
+the jax.numpy reference on CPU, or to the Pallas interpreter on CPU with the option
+``jax_target="pallas"`` (``TILEFLOW_JAX_TARGET=pallas``, or ``with tfj.targeting("pallas"):``
+around the tracing; see ``lowering.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable
 
 import jax
+
+from tileflow import settings
 
 from tileflow.integrations.jax.ops import (argmax, attention_decode, down_proj_residual, embedding,  # noqa: F401
                                            gate_up_silu, kv_proj, linear, o_proj_residual, residual_add,
                                            qkv_rope_cache, rms_norm, rms_norm_gate_up_silu, rms_norm_linear, rope,
                                            rope_k_into_cache, rope_scalars, silu_mul)
 from tileflow.integrations.jax.lowering import keep_xla_reason
-from tileflow.integrations.jax.primitives import PRIMITIVES, jax_target, primitive  # noqa: F401
+from tileflow.integrations.jax.primitives import PRIMITIVES, jax_target, primitive, targeting  # noqa: F401
 from tileflow.report import Report
 
 __all__ = ["optimize", "explain", "Optimized", "rms_norm", "embedding", "linear", "kv_proj", "o_proj_residual",
            "down_proj_residual", "gate_up_silu", "silu_mul", "residual_add", "rope", "rope_k_into_cache",
-           "qkv_rope_cache", "rms_norm_gate_up_silu", "rms_norm_linear", "attention_decode", "argmax", "primitive", "jax_target", "rope_scalars"]
+           "qkv_rope_cache", "rms_norm_gate_up_silu", "rms_norm_linear", "attention_decode", "argmax", "primitive", "jax_target", "targeting", "rope_scalars"]
 
 
 class _Program:
@@ -68,31 +72,38 @@ def _key(flat: list, in_tree) -> tuple:
 class Optimized:
     """What :func:`optimize` returns: call it like the original function."""
 
-    def __init__(self, fn: Callable):
+    def __init__(self, fn: Callable, options=None):
         self.fn = fn
         self._programs: dict = {}
+        # the options' jax_target where options are given, else the one in force at each trace
+        self.target = None if options is None else settings.resolve(options).jax_target
         functools.update_wrapper(self, fn)
+
+    def _targeting(self):
+        return contextlib.nullcontext() if self.target is None else targeting(self.target)
 
     def program(self, *args, **kwargs) -> _Program:
         flat, tree = jax.tree_util.tree_flatten((args, kwargs))
         key = _key(flat, tree)
         prog = self._programs.get(key)
         if prog is None:
-            prog = self._programs[key] = _Program(self.fn, flat, tree)
+            with self._targeting():
+                prog = self._programs[key] = _Program(self.fn, flat, tree)
         return prog
 
     def __call__(self, *args, **kwargs) -> Any:
         prog = self.program(*args, **kwargs)
-        if not prog.replacements:  # nothing to swap: the original function, untouched
-            return self.fn(*args, **kwargs)
-        return prog(jax.tree_util.tree_leaves((args, kwargs)))
+        with self._targeting():
+            if not prog.replacements:  # nothing to swap: the original function, untouched
+                return self.fn(*args, **kwargs)
+            return prog(jax.tree_util.tree_leaves((args, kwargs)))
 
     def report(self, *args, **kwargs) -> Report:
         """The rewrite report for these argument types."""
         return self.program(*args, **kwargs).report
 
 
-def optimize(fn: Callable) -> Optimized:
+def optimize(fn: Callable, options=None) -> Optimized:
     """``fn`` with its decode subgraphs replaced by tileflow primitives.
 
     On each call with new argument types (shapes, dtypes, pytree structure) ``fn`` is
@@ -106,16 +117,15 @@ def optimize(fn: Callable) -> Optimized:
     (the rewrite then happens once per compilation). With no match, ``fn`` itself
     runs. On CUDA without jax_triton, where the generated kernels run through Pallas
     and measured slower than XLA's own code, nothing is swapped under the default
-    target and ``explain`` says why (``TILEFLOW_JAX_TARGET=pallas`` swaps anyway). Arguments must be pytrees of
-    arrays (bind static ones with ``functools.partial``).
+    target and ``explain`` says why (``options={"jax_target": "pallas"}`` swaps anyway). Arguments must be
+    pytrees of arrays (bind static ones with ``functools.partial``). ``options``: a
+    :class:`tileflow.settings.Options` or a mapping of its fields; of them ``jax_target`` applies.
 
     Put the decode loop inside the jit (``lax.fori_loop`` / ``lax.scan``) where you can:
-    on an H100 a Python loop calling the jitted step once a token ran the swapped step
-    slower than plain ``jax.jit`` (180.2 against 273.4 tok/s; 681.3 against 562.2 with the
-    loop inside the jit); with XLA's command buffers off the order flipped (the step
-    by hand: 344.4 against 215.6), so they are the likely cause, not yet confirmed
-    (benchmarks/NOTES.md, seventeenth session)."""
-    return Optimized(fn)
+    a Python loop calling the jitted step once a token ran the swapped step slower than
+    plain ``jax.jit``, the loop inside the jit faster; XLA's command buffers are the
+    likely cause, not yet confirmed (docs/performance.md)."""
+    return Optimized(fn, options)
 
 
 def explain(fn: Callable, *args, **kwargs) -> Report:

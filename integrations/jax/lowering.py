@@ -4,7 +4,7 @@
   (below, ``triton``), the fastest measured on an H200.
 - TPU, and CUDA / ROCm without ``jax_triton``: the kernel's generated Pallas code,
   compiled (``interpret=False``; on GPUs Pallas compiles through its Triton backend).
-  ``TILEFLOW_PALLAS_INTERPRET=1`` forces the interpreter.
+  The option ``pallas_interpret="1"`` (``TILEFLOW_PALLAS_INTERPRET=1``) forces the interpreter.
 - CPU: the kernel's array-API reference in jax.numpy with fp32 arithmetic, rounded
   once to the storage dtype (what the torch CPU path does), or, with
   ``TILEFLOW_JAX_TARGET=pallas``, the generated Pallas code under the interpreter.
@@ -19,24 +19,23 @@
 function as written under the ``auto`` target and says why; primitives called directly
 still lower to Pallas.
 
-The target is a static parameter of each call (read from the environment when the
-primitive is bound), so programs traced under different settings never share a
-compiled executable.
+The target is a static parameter of each call (the option ``jax_target``, read when the
+primitive is bound: :func:`tileflow.integrations.jax.primitives.jax_target`), so programs
+traced under different settings never share a compiled executable.
 """
 
 from __future__ import annotations
-
-import os
 
 import jax
 import jax.numpy as jnp
 from jax.interpreters import mlir
 
+from tileflow import settings
 from tileflow.suite import KERNELS
 
 
 def _interpret_on_accelerator() -> bool:
-    return os.environ.get("TILEFLOW_PALLAS_INTERPRET") == "1"
+    return settings.ENVIRONMENT.pallas_interpret == "1"
 
 
 def reference_impl(name: str):
@@ -174,13 +173,9 @@ def triton_available() -> bool:
     return not jax_triton_missing()
 
 
-# H200, DeepSeek-R1-Distill-Qwen-1.5B shape, bf16, decode loop inside one jit (2026-12-02,
-# benchmarks/results/2026-12-02-NVIDIA-H200-jax-decode-*.json): jax.jit 644 tok/s; the
-# step written with the primitives 454 through Pallas's Triton backend, 836 through the
-# generated Triton kernels (jax_triton); tileflow.jax.optimize 655 with the latter.
-_CUDA_MEASURED = ("jax.jit 644 tok/s, tileflow.jax.optimize with the Pallas (Triton backend) kernels slower "
-                  "(H100: 399 vs 554; H200, primitives by hand: 454 vs 644), with the generated Triton kernels "
-                  "through jax_triton 655 (H200, 1.5B shape, bf16)")
+# the measurements behind the choice of target on a GPU: docs/performance.md (JAX)
+_CUDA_MEASURED = ("on a GPU the Pallas (Triton backend) kernels measured slower than jax.jit, the generated "
+                  "Triton kernels through jax_triton faster: docs/performance.md")
 
 
 def keep_xla_reason() -> str:
@@ -195,5 +190,5 @@ def keep_xla_reason() -> str:
         return ""
     if jax.default_backend() in ("gpu", "cuda", "rocm") and not triton_available():
         return (f"on CUDA without jax_triton the generated kernels run through Pallas, measured slower than XLA "
-                f"({_CUDA_MEASURED}); install jax-triton, or TILEFLOW_JAX_TARGET=pallas swaps them in anyway")
+                f"({_CUDA_MEASURED}); install jax-triton, or options={{'jax_target': 'pallas'}} swaps them in anyway")
     return ""

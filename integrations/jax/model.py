@@ -225,8 +225,7 @@ def decode_step(cfg: DecodeConfig, params: Params, token, cache: Cache, pos):
 def decode_step_tileflow(cfg: DecodeConfig, params: Params, token, cache: Cache, pos):
     """``decode_step`` with the suite's primitives called directly: per layer the torch
     patch path's launches (norm + q/k/v + RoPE + cache write, attention's two stages,
-    o + residual, norm + gate/up + SiLU and down + residual; with ``TILEFLOW_MLP_FUSED=1`` the
-    whole MLP as one ``rms_norm_mlp_residual`` where it lowers)."""
+    o + residual, norm + gate/up + SiLU and down + residual)."""
     from tileflow.integrations.jax import ops
 
     b = token.shape[0]
@@ -234,8 +233,6 @@ def decode_step_tileflow(cfg: DecodeConfig, params: Params, token, cache: Cache,
     positions = jnp.full((b,), pos, jnp.int32)
     lengths = positions + 1
     new_cache = []
-    # TILEFLOW_MLP_FUSED=1, as on the torch side: opt-in, measured slower there (NOTES.md 2026-12-06)
-    fused_mlp, sums = os.environ.get("TILEFLOW_MLP_FUSED", "0") != "0" and ops.mlp_fuses(), None
     for layer, kv in zip(params["layers"], cache):
         q, k_cache, v_cache = ops.qkv_rope_cache(h, layer["ln1"], cfg.eps, layer["wq"], layer["wk"], layer["wv"],
                                                  layer.get("bq"), layer.get("bk"), layer.get("bv"), positions,
@@ -243,9 +240,6 @@ def decode_step_tileflow(cfg: DecodeConfig, params: Params, token, cache: Cache,
         new_cache.append({"k": k_cache, "v": v_cache})
         attn = ops.attention_decode(q, k_cache, v_cache, lengths, cfg.head_dim ** -0.5)
         h = ops.o_proj_residual(attn.reshape(b, cfg.heads * cfg.head_dim), layer["wo"], h)
-        if fused_mlp:  # one launch for the whole MLP where its atomics lower (Triton, reference)
-            h, sums = ops.rms_norm_mlp_residual(h, layer["ln2"], cfg.eps, layer["wg"], layer["wu"], layer["wd"], sums)
-            continue
         x = ops.rms_norm_gate_up_silu(h, layer["ln2"], cfg.eps, layer["wg"], layer["wu"])
         h = ops.down_proj_residual(x, layer["wd"], h)
     h = ops.rms_norm(h, params["norm"], cfg.eps)

@@ -116,40 +116,6 @@ def rms_norm_gate_up_silu(x: Array, ln_w: Array, eps: float, wg: Array, wu: Arra
     return out.reshape(x.shape[:-1] + (n,))
 
 
-def mlp_fuses() -> bool:
-    """Whether :func:`rms_norm_mlp_residual` lowers here under the current target: its
-    programs add into one buffer with atomics, which the Triton kernel and the reference
-    do and a Pallas kernel cannot."""
-    from tileflow.integrations.jax.lowering import _interpret_on_accelerator, triton_available
-    from tileflow.integrations.jax.primitives import jax_target
-
-    target = jax_target()
-    if target in ("reference", "triton"):
-        return True
-    if target == "pallas":
-        return False
-    backend = jax.default_backend()
-    return backend == "cpu" or (backend in ("gpu", "cuda", "rocm") and not _interpret_on_accelerator()
-                                and triton_available())
-
-
-def rms_norm_mlp_residual(x: Array, ln_w: Array, eps: float, wg: Array, wu: Array, wd: Array,
-                          sums: Optional[tuple] = None) -> tuple[Array, tuple]:
-    """``x + down(silu(gate(n)) * up(n))`` with ``n = rms_norm(x, ln_w, eps)``: a layer's whole
-    MLP in one launch (``wd`` the ``[D, I]`` down weight). ``sums``: the fp32 accumulator
-    [M, D] and int32 count [M] the kernel adds into, at zero (``None``: fresh zeros); the
-    call returns them, again at zero, so a step threads one pair through its layers and
-    XLA updates it in place. Only where :func:`mlp_fuses`."""
-    _need_ranks("rms_norm_mlp_residual", x=(x, -1), ln_w=(ln_w, 1), wg=(wg, 2), wu=(wu, 2), wd=(wd, 2))
-    i, d = wg.shape
-    m = _rows(x)
-    if sums is None:
-        sums = (jnp.zeros((m, d), jnp.float32), jnp.zeros((m,), jnp.int32))
-    out, acc, done = bind("rms_norm_mlp_residual", [x.reshape(m, d), ln_w, wg, wu, wd, *sums],
-                          {"M": m, "I": i, "D": d}, {"eps": eps})
-    return out.reshape(x.shape), (acc, done)
-
-
 def rms_norm_linear(x: Array, ln_w: Array, eps: float, w: Array, b: Optional[Array] = None) -> Array:
     """``rms_norm(x, ln_w, eps) @ w.T (+ b)`` in one launch (the final norm and the lm_head);
     the normalized row never reaches memory."""

@@ -13,8 +13,9 @@ constant in the jaxpr is what the rewrite's exactness rules compare.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-import os
 from typing import Sequence
 
 import jax
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import batching
 
+from tileflow import settings
 from tileflow.suite import KERNELS
 
 try:  # public in jax 0.10; jax.core keeps shedding names, so fall back to its home
@@ -29,8 +31,8 @@ try:  # public in jax 0.10; jax.core keeps shedding names, so fall back to its h
 except ImportError:  # pragma: no cover
     from jax._src.core import ShapedArray
 
-TARGET_ENV = "TILEFLOW_JAX_TARGET"
 TARGETS = ("auto", "pallas", "triton", "reference")
+_TARGET: contextvars.ContextVar = contextvars.ContextVar("tileflow_jax_target", default=None)
 MATVEC_KERNELS = ("q_proj_matvec", "kv_proj_matvec", "o_proj_residual", "down_proj_residual", "mlp_gate_up_silu",
                   "rms_norm_gate_up_silu", "rms_norm_matvec")
 
@@ -41,11 +43,24 @@ def jax_target() -> str:
     CPU, under the Pallas interpreter: how the tests run the generated kernels),
     ``triton`` (CUDA / ROCm: the generated Triton kernels with the torch side's tuned
     launch parameters, as custom calls through jax_triton) or ``reference`` (the
-    jax.numpy reference everywhere), from ``TILEFLOW_JAX_TARGET``."""
-    t = os.environ.get(TARGET_ENV, "auto") or "auto"
-    if t not in TARGETS:
-        raise ValueError(f"{TARGET_ENV}={t!r}: expected one of {TARGETS}")
-    return t
+    jax.numpy reference everywhere): the option ``jax_target`` (``TILEFLOW_JAX_TARGET``),
+    or the one a :func:`targeting` block in force names."""
+    t = _TARGET.get()
+    return settings.ENVIRONMENT.jax_target if t is None else t
+
+
+@contextlib.contextmanager
+def targeting(target: str):
+    """Within the block (in this thread or task), primitives bind with ``target`` instead
+    of the option ``jax_target``: wrap the *tracing* of a function (the first call of its
+    ``jax.jit``, or ``optimize``'s), as the target is a static parameter of each bind."""
+    if target not in TARGETS:
+        raise ValueError(f"tileflow.jax: target {target!r}: expected one of {', '.join(TARGETS)}")
+    token = _TARGET.set(target)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
 
 
 def index_dtype():

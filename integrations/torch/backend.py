@@ -12,7 +12,6 @@ may need gradients goes to inductor unchanged (the suite ops have no autograd fo
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -47,7 +46,7 @@ def register_inductor_fallbacks() -> None:
     which in torch 2.11 formats the op's IR arguments for a log line whether or not the
     log is on; the fused ops take the residual stream, whose IR string nests every
     earlier layer (twice per layer), so a 28-layer graph spent minutes there (seen on an
-    H200, 2026-12-02: the first compiled step did not finish in 150 s)."""
+    H200: the first compiled step did not finish in 150 s)."""
     from torch._inductor import lowering
 
     for name in dir(torch.ops.tileflow):
@@ -101,7 +100,7 @@ def tileflow_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mo
     elif not on_gpu and not opts.cpu:
         report.fallback("all patterns", "the whole graph", CPU_REASON)
     else:
-        if os.environ.get("TILEFLOW_COMPILE_FUSED", "1") != "0":  # =0 measures what the fused pass buys
+        if opts.compile_fused:  # off (compile_fused=False) measures what the fused pass buys
             from tileflow.integrations.torch.decode_graph import rewrite_decode_graph
 
             rewrite_decode_graph(gm, report)

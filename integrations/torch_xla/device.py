@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Iterable
+
+from tileflow import settings
 
 TARGETS = ("auto", "pallas", "pallas-interpret", "reference")
 
@@ -28,11 +29,10 @@ def client() -> str:
 def path() -> str:
     """The path matched patterns take: "pallas" on TPU (Mosaic compiles the generated
     kernels there), "reference" elsewhere, since Pallas compiles for TPU only through
-    torch-xla. ``TILEFLOW_XLA_TARGET`` overrides: "pallas-interpret" runs the generated
-    kernels under the Pallas interpreter on any client (how CI checks them on CPU)."""
-    forced = os.environ.get("TILEFLOW_XLA_TARGET", "auto")
-    if forced not in TARGETS:
-        raise ValueError(f"TILEFLOW_XLA_TARGET={forced!r}; expected one of {TARGETS}")
+    torch-xla. The option ``xla_target`` (``TILEFLOW_XLA_TARGET``) overrides: "pallas-interpret"
+    runs the generated kernels under the Pallas interpreter on any client (how CI checks
+    them on CPU)."""
+    forced = settings.ENVIRONMENT.xla_target
     if forced != "auto":
         return forced
     return "pallas" if client() == "TPU" else "reference"

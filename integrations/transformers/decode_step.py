@@ -1,8 +1,7 @@
 """One whole decode step of a Qwen2 / Llama model as suite kernels, and its CUDA graph.
 
 Launching ~250 kernels a token from Python costs far more than the kernels (measured
-on an H100: ~115 us a launch through the patched layers, 41 tok/s for the 1.5B
-model). So for the common case, one new token on a transformers ``StaticCache``,
+slower than the model's own code; docs/performance.md). So for the common case, one new token on a transformers ``StaticCache``,
 ``patch`` runs this program instead of the model's forward: the embedding row, per
 layer ``rms_norm -> q/kv matvecs -> rope (K and V written straight into the cache)
 -> attention over the filled part -> o_proj+residual -> rms_norm -> gate_up_silu ->
@@ -13,23 +12,21 @@ buffers, the cache tensors never move.
 
 from __future__ import annotations
 
-import os
-import warnings
 from typing import Optional
 
 import torch
 
+from tileflow import settings
 from tileflow.integrations.transformers.graph_table import AddressMemo, GraphTable
 from tileflow.runtime import ops
 
 
 class DecodeProgram:
-    """The decode step of ``model`` reading its weights where they lie."""
+    """The decode step of ``model`` reading its weights where they lie. ``options``: a
+    :class:`tileflow.settings.Options` or a mapping of its fields (over the environment's)."""
 
-    def __init__(self, model, rope_cfg: ops.RopeConfig, fused: Optional[bool] = None):
+    def __init__(self, model, rope_cfg: ops.RopeConfig, options=None):
         cfg = model.config
-        # TILEFLOW_FUSED=0 runs the unfused kernels (to measure what fusion buys)
-        self.fused = os.environ.get("TILEFLOW_FUSED", "1") != "0" if fused is None else fused
         self.rope_cfg = rope_cfg
         self.nh, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
         base = model.model
@@ -38,181 +35,49 @@ class DecodeProgram:
         self.layers = [layer_weights(layer) for layer in base.layers]
         self.norm_w, self.norm_eps = base.norm.weight, base.norm.variance_epsilon
         self.lm_head_w = model.lm_head.weight
-        # TILEFLOW_AHEAD=1 (=keep: evict-last lines): each layer's down projection brings
-        # the next layer's attention weights and norms into L2. Off by default: on an H200
-        # (1.5B, NOTES.md, 2026-12-03) q/k/v and o ran 5-8 us a token faster, the step
-        # no faster (856-868 vs 867 tok/s): those matvecs wait on launch and ramp, not memory
-        # the step's order vouches for EARLY_INPUTS: the positions, lengths and residual that
-        # qkv, attention and o read were written two or more kernels before them
-        # (TILEFLOW_EARLY_INPUTS=0: off)
-        self.early = os.environ.get("TILEFLOW_EARLY_INPUTS", "1") != "0"
-        mode = os.environ.get("TILEFLOW_AHEAD", "0")
-        self.ahead = [next_layer_ahead(nxt) for nxt in self.layers[1:]] + [(self.norm_w,)]
-        self.ahead_keep = mode == "keep"
-        if mode == "0":
-            self.ahead = [()] * len(self.layers)
-        # TILEFLOW_MLP_AHEAD="qkv=4,attention=8,o=8[,keep]": those kernels of each layer bring
-        # that many MB of the start of its gate-up weights into L2 (mlp_ahead). Off by
-        # default: on an H200 (1.5B, NOTES.md 2026-12-04) the issuing kernels slowed by
-        # about the prefetch's bytes at copy speed (o=8: 885 -> 856 tok/s), gate-up barely moved
-        # TILEFLOW_ATTENTION_O=1: attention and o_proj+residual as one fused suite kernel
-        # (two launches instead of three: o_proj's programs combine attention's splits).
-        # Off by default: on an H200 (1.5B, NOTES.md 2026-12-04) 676 against 882 tok/s, the
-        # o_proj programs' re-reads of the partials cost more than the launch saved
-        self.attention_o = os.environ.get("TILEFLOW_ATTENTION_O", "0") != "0"
-        # TILEFLOW_READY=1: each layer's down projection waits on per-chunk ready counters
-        # that gate-up bumps (suite.ready) instead of for the whole gate-up launch
-        self.ready = os.environ.get("TILEFLOW_READY", "0") != "0"
-        self.ready_table: Optional[torch.Tensor] = None
-        self._links: list = []
-        # TILEFLOW_MLP_FUSED=1: each layer's MLP block (norm, gate-up, SiLU, down, residual) as
-        # one launch of rms_norm_mlp_residual, its programs summing partial rows with atomics;
-        # the down weights are re-laid-out column-major in place for it
-        self.mlp_fused = self.fused and os.environ.get("TILEFLOW_MLP_FUSED", "0") != "0"
-        if self.mlp_fused:
-            for w in self.layers:
-                ops.column_major_(w[14])
-        shares, self.mlp_keep = parse_mlp_ahead(os.environ.get("TILEFLOW_MLP_AHEAD", ""))
-        self.mlp_ahead = [mlp_ahead(shares, w[12], w[13]) for w in self.layers]
+        # the step's order vouches for early inputs: the positions, lengths and residual that
+        # qkv, attention and o read were written two or more kernels before them (the
+        # option early_inputs, TILEFLOW_EARLY_INPUTS=0: off, to measure what it buys)
+        self.early = settings.resolve(options).early_inputs
 
     @property
     def takes_any_position(self) -> bool:
-        """The fused program rotates at the given position, writes at the cache's own
-        count and hides what a key mask hides, as the model does: a padded sequence
-        needs no host-side check. The unfused one writes at the position itself."""
-        return self.fused
+        """The program rotates at the given position, writes at the cache's own count and
+        hides what a key mask hides, as the model does: a padded sequence needs no
+        host-side check."""
+        return True
 
     def run(self, tok: torch.Tensor, pos: torch.Tensor, cache, key_mask: Optional[torch.Tensor] = None
             ) -> torch.Tensor:
         """Logits [1, V] of the token ``tok`` [1, 1] at position ``pos`` [1, 1]; K/V go to
         the cache's next row; ``key_mask`` [1, S] (int32, 0 = hidden) as the model's
-        padding mask. Updates ``cache``."""
+        padding mask. Updates ``cache``.
+
+        Six launches a layer (qkv_rope_cache, attention's two stages, o_proj+residual,
+        rms_norm_gate_up_silu, down+residual); the norms run inside the matvecs."""
         p = pos.reshape(1)
         row = cache_row(cache)
-        if row is None or not self.fused:
+        if row is None:
             row = p  # decode_request checked that the position is the cache's count
         lengths = row + 1
         x = ops.embedding(tok.reshape(1), self.embed)
-        nh, nkv, dh = self.nh, self.nkv, self.dh
-        if self.fused:
-            return self._run_fused(x, p, row, lengths, cache, key_mask)
+        nh, dh, early = self.nh, self.dh, self.early
         for i, (ln1, eps1, wq, bq, wk, wv, bk, bv, wo, scale, ln2, eps2, wg, wu, wd) in enumerate(self.layers):
             layer = cache.layers[i]
-            xn = ops.rms_norm(x, ln1, eps1)
-            q = ops.rope(ops.linear(xn, wq, bq).view(1, nh, dh), p, self.rope_cfg)
-            k, v = ops.kv_proj(xn, wk, wv, bk, bv)
-            ops.rope_k_into_cache(k.view(1, nkv, dh), v.view(1, nkv, dh), p, layer.keys, layer.values,
-                                  self.rope_cfg)
-            o = ops.attention_decode(q, layer.keys, layer.values, lengths, scale, key_mask=key_mask)
-            x = ops.o_proj_residual(o.view(1, nh * dh), wo, x)
-            g = ops.gate_up_silu(ops.rms_norm(x, ln2, eps2), wg, wu)
-            x = ops.down_proj_residual(g, wd, x)
-        logits = ops.linear(ops.rms_norm(x, self.norm_w, self.norm_eps), self.lm_head_w)
-        _advance(cache, 1)
-        return logits
-
-    def _run_fused(self, x, p, row, lengths, cache, key_mask) -> torch.Tensor:
-        """The same step with the suite's fused kernels: six launches a layer
-        (qkv_rope_cache, attention's two stages, o_proj+residual, rms_norm_gate_up_silu,
-        down+residual) instead of eleven, five with ``TILEFLOW_MLP_FUSED=1`` (the MLP as one
-        rms_norm_mlp_residual); the norms run inside the matvecs."""
-        nh, dh, early = self.nh, self.dh, self.early
-        links = self.ready_links(x)
-        for i, (ln1, eps1, wq, bq, wk, wv, bk, bv, wo, scale, ln2, eps2, wg, wu, wd) in enumerate(self.layers):
-            # the reference path (CPU) has no L2 to fill; the interpreter runs the same launch
-            prefetching = x.is_cuda or ops.cpu_target() == "triton"
-            layer, ahead = cache.layers[i], self.ahead[i] if prefetching else ()
-            mlp = self.mlp_ahead[i] if prefetching else {}
-            keep = self.mlp_keep
             # early=: the positions / lengths / residual come from before the kernel just
             # ahead (the step's counters and inputs, the previous layer's down projection)
             q = ops.qkv_rope_cache(x, ln1, eps1, wq, wk, wv, bq, bk, bv, p, layer.keys, layer.values, self.rope_cfg,
-                                   cache_pos=None if row is p else row, early=early, ahead=mlp.get("qkv", ()),
-                                   keep=keep)
-            if self.attention_o:
-                x = ops.attention_o_proj_residual(q, layer.keys, layer.values, lengths, wo, x, scale,
-                                                  key_mask=key_mask, early=early,
-                                                  ahead=mlp.get("attention", ()) + mlp.get("o", ()), keep=keep)
-            else:
-                o = ops.attention_decode(q, layer.keys, layer.values, lengths, scale, key_mask=key_mask,
-                                         early=early, ahead=mlp.get("attention", ()), keep=keep)
-                x = ops.o_proj_residual(o.view(1, nh * dh), wo, x, early=early, ahead=mlp.get("o", ()), keep=keep)
-            if self.mlp_fused:
-                x = ops.rms_norm_mlp_residual(x, ln2, eps2, wg, wu, wd)
-                continue
-            # not early=: down's residual loaded before the wait measured 10.4 -> 13.7 us a
-            # layer on an H200 (NOTES.md, 2026-12-03), cause not found
-            x = ops.down_proj_residual(ops.rms_norm_gate_up_silu(x, ln2, eps2, wg, wu, ready=links[i]), wd, x,
-                                       ahead=ahead, keep=self.ahead_keep, ready=links[i])
+                                   cache_pos=None if row is p else row, early=early)
+            o = ops.attention_decode(q, layer.keys, layer.values, lengths, scale, key_mask=key_mask, early=early)
+            x = ops.o_proj_residual(o.view(1, nh * dh), wo, x, early=early)
+            # not early=: down's residual loaded before the wait measured slower
+            # (docs/notebook.md), cause not found
+            x = ops.down_proj_residual(ops.rms_norm_gate_up_silu(x, ln2, eps2, wg, wu), wd, x)
         # the count after lm_head (which does not read it), not between the last down
         # projection and lm_head, whose dependent launch would then follow an aten kernel
         logits = ops.rms_norm_linear(x, self.norm_w, self.norm_eps, self.lm_head_w)
         _advance(cache, 1)
         return logits
-
-    def ready_links(self, x: torch.Tensor) -> list:
-        """Per layer, the ready counters between its gate-up and down launches (with
-        ``TILEFLOW_READY=1``), else None each. Layer ``i`` counts in row ``i`` of one table
-        and clears row ``i + 1`` (the last clears row 0 for the next step), so no launch
-        of the step clears counters; :meth:`reset_ready` zeroes the table (before a capture)."""
-        n = len(self.layers)
-        if not self.ready:
-            return [None] * n
-        if self.ready_table is None or self.ready_table.device != x.device:
-            wg = self.layers[0][12]
-            chunk, why = ops.ready_chunk(wg.shape[0], wg.shape[1], x.dtype, x.device)
-            if not chunk:
-                warnings.warn(f"tileflow: TILEFLOW_READY=1 ignored: {why}", stacklevel=2)
-                self.ready = False
-                return [None] * n
-            t = self.ready_table = torch.zeros(n, -(-wg.shape[0] // chunk), dtype=torch.int32, device=x.device)
-            self._links = [ops.ReadyLink(t[i], t[(i + 1) % n], chunk) for i in range(n)]
-        return self._links
-
-    def reset_ready(self) -> None:
-        """Zero the ready counters (a step cut short could leave row 0 counted)."""
-        if self.ready_table is not None:
-            self.ready_table.zero_()
-
-
-MLP_AHEAD_KERNELS = ("qkv", "attention", "o")
-
-
-def parse_mlp_ahead(spec: str) -> tuple[dict, bool]:
-    """``"qkv=4,attention=8,o=8[,keep]"`` -> ({kernel: MB}, keep). Raises ValueError on
-    a kernel name outside ``MLP_AHEAD_KERNELS`` or a share that is not a number."""
-    shares, keep = {}, False
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        if item == "keep":
-            keep = True
-            continue
-        name, _, mb = item.partition("=")
-        if name not in MLP_AHEAD_KERNELS:
-            raise ValueError(f"TILEFLOW_MLP_AHEAD: {name!r} is not one of {', '.join(MLP_AHEAD_KERNELS)}")
-        shares[name] = float(mb)
-    return shares, keep
-
-
-def mlp_ahead(shares: dict, wg: torch.Tensor, wu: torch.Tensor) -> dict:
-    """Which rows of a layer's gate and up weights each of its attention-side kernels
-    prefetches: consecutive row blocks from row 0, ``shares[kernel]`` MB of both weights
-    together for each, in the order the kernels run. Gate-up's programs take rows in
-    order, so its first programs find their rows in L2. A kernel with no share is absent."""
-    row_bytes = wg[0].numel() * wg.element_size() + wu[0].numel() * wu.element_size()
-    out, lo = {}, 0
-    for name in MLP_AHEAD_KERNELS:
-        rows = min(int(shares.get(name, 0) * 2**20) // row_bytes, wg.shape[0] - lo)
-        if rows > 0:
-            out[name] = (wg[lo:lo + rows], wu[lo:lo + rows])
-            lo += rows
-    return out
-
-
-def next_layer_ahead(weights: tuple) -> tuple:
-    """What a down projection prefetches of the next layer (its ``layer_weights``): the
-    norms, the q/k/v weights and biases, the o weight, in the order they are read."""
-    ln1, _, wq, bq, wk, wv, bk, bv, wo, _, ln2 = weights[:11]
-    return tuple(t for t in (ln1, wq, wk, wv, bq, bk, bv, wo, ln2) if t is not None)
 
 
 def layer_weights(layer) -> tuple:
@@ -297,7 +162,6 @@ class GraphedDecode:
     def _capture(self, tok, pos, cache, key_mask) -> tuple:
         tok_buf, pos_buf = tok.reshape(1, 1).clone(), pos.reshape(1, 1).clone()
         mask_buf = None if key_mask is None else key_mask.clone()
-        self.program.reset_ready()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # compiles every kernel; writes the next row (rewritten identically below)

@@ -21,7 +21,6 @@ reason in the report; an unsupported model comes back unchanged.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -421,7 +420,7 @@ def patch(model, options=None) -> PatchReport:
     whole = len(patched) == len(layers) + 2 and lm_head.bias is None
     if next(model.parameters()).is_cuda:
         # on a GPU the layer-by-layer launches from Python are slower than the model's own
-        # code (41 against 48 tok/s for the 1.5B): only whole steps run the suite there
+        # code (docs/performance.md): only whole steps run the suite there
         for m in patched:
             m.__dict__.pop("forward", None)
         patched = []
@@ -433,9 +432,9 @@ def patch(model, options=None) -> PatchReport:
             return report
     if whole:
         # every piece qualifies: whole decode steps on a static cache run as one program
-        # TILEFLOW_PREFILL=0 leaves prompts to the model's forward (to measure what the program buys)
-        prefill = GraphedPrefill(PrefillProgram(model)) if os.environ.get("TILEFLOW_PREFILL", "1") != "0" else None
-        model.forward = _whole_step_forward(model, GraphedDecode(DecodeProgram(model, rope_cfg)), report, prefill)
+        # prefill=False leaves prompts to the model's forward (to measure what the program buys)
+        prefill = GraphedPrefill(PrefillProgram(model), options=options) if options.prefill else None
+        model.forward = _whole_step_forward(model, GraphedDecode(DecodeProgram(model, rope_cfg, options)), report, prefill)
         whole_step = True
         report.matches["embedding"] += 1
         if prefill is not None:

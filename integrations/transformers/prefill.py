@@ -20,13 +20,13 @@ length seen before on the same static cache is captured in a CUDA graph and repl
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from tileflow import settings
 from tileflow.integrations.transformers.decode_step import cache_argument, layer_weights, unsupported_request
 from tileflow.integrations.transformers.graph_table import AddressMemo, GraphTable
 
@@ -127,16 +127,19 @@ class GraphedPrefill:
     """Runs a :class:`PrefillProgram`; on a GPU, the second prompt of a length (up to
     ``max_tokens``) into the same static cache captures a CUDA graph that later
     prompts of that length replay. Longer prompts are bound by the GPU, not the
-    launches, and a graph would keep their activations (and logits) allocated."""
+    launches, and a graph would keep their activations (and logits) allocated.
+    ``options``: a :class:`tileflow.settings.Options` or a mapping of its fields (over the
+    environment's); ``prefill_graphs=False`` runs every prompt directly."""
 
-    def __init__(self, program: PrefillProgram, max_graphs: int = 4, max_tokens: int = 512):
+    def __init__(self, program: PrefillProgram, max_graphs: int = 4, max_tokens: int = 512, options=None):
         self.program = program
         self.max_tokens = max_tokens
         self.graphs = GraphTable(max_graphs)
         self.addresses = AddressMemo()
         self.seen: set = set()
-        # TILEFLOW_PREFILL_GRAPHS=0 runs every prompt directly (to measure what graphs buy)
-        self.enabled = os.environ.get("TILEFLOW_PREFILL_GRAPHS", "1") != "0"
+        # prefill_graphs=False (TILEFLOW_PREFILL_GRAPHS=0) runs every prompt directly (to
+        # measure what graphs buy)
+        self.enabled = settings.resolve(options).prefill_graphs
 
     def __call__(self, ids: torch.Tensor, cache, logits_to_keep: int = 0) -> torch.Tensor:
         layers = cache.layers

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 from tileflow.suite.registry import TARGETS
+
+# results go outside the source tree (a run must not dirty a checkout); benchmarks/results
+# holds only the records the docs cite
+DEFAULT_OUT = os.path.join(os.path.expanduser("~"), ".cache", "tileflow", "results")
 
 
 class UsageError(Exception):
@@ -208,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     ver.set_defaults(fn=cmd_verify)
     from tileflow.bench.decode import default_paths
 
-    path_names = [p.name for p in default_paths(__import__("torch").device("cpu"))]
+    path_names = [p.name for p in default_paths(__import__("torch").device("cuda"))]  # every path's name
     ben = sub.add_parser("bench", help="batch-1 decode tok/s side by side (the main job)")
     ben.add_argument("--model", default=None,
                      help="built-in config name or local checkpoint folder (default: the 1.5B shape on a GPU, "
@@ -222,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--paths", nargs="*", choices=path_names + [p for p in JAX_PATHS if p not in path_names],
                      help="subset of paths (eager, or jax_jit with --framework jax, always runs)")
     ben.add_argument("--repeats", type=_int_at_least(1), default=3)
-    ben.add_argument("--out", default="benchmarks/results")
+    ben.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the JSON record and chart (default {DEFAULT_OUT})")
     ben.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
     ben.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     ben.add_argument("--breakdown", action="store_true",
@@ -243,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="rounds over the step's kernels, while the last one kept a change")
     tune.add_argument("--try", dest="tries", action="append", default=[], metavar="KERNEL:P=V,...[;KERNEL:P=V]",
                       help="a variant timed first against the baseline (repeatable), e.g. "
-                           "attention_decode_gqa:ONE_LAUNCH=1,GROUP_C=8; --passes 0 runs only these")
-    tune.add_argument("--out", default="benchmarks/results")
+                           "attention_decode_gqa:SPLITS=16,SPLITS_BLOCK=16; --passes 0 runs only these")
+    tune.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the JSON record and chart (default {DEFAULT_OUT})")
     tune.add_argument("--dry-run", action="store_true", help="do not record the winners in the user tuning table")
     tune.set_defaults(fn=cmd_tune)
     return ap

@@ -47,7 +47,7 @@ def test_parameters_change_the_text(target):
 
 
 @pytest.mark.parametrize("name", ["attention_decode_gqa", "o_proj_residual", "qkv_rope_cache", "mlp_gate_up_silu"])
-def test_pallas_gpu_masked_store_path_matches_reference(name, monkeypatch):
+def test_pallas_gpu_masked_store_path_matches_reference(name, monkeypatch, tileflow_options):
     """Compiled on a GPU, Pallas programs run in parallel, so partial blocks are written
     with masked stores instead of a read-modify-write (which raced there and left heads
     unwritten). The interpreter can take that same path: every case must still match."""
@@ -63,7 +63,7 @@ def test_pallas_gpu_masked_store_path_matches_reference(name, monkeypatch):
         return real_store(ref, val, mask=mask, **kw)
 
     monkeypatch.setattr(plgpu, "store", counting_store)
-    monkeypatch.setenv("TILEFLOW_PALLAS_MASKED_STORES", "1")
+    tileflow_options(pallas_masked_stores="1")
     k = KERNELS[name]
     for case in k.test_cases:
         if not case.runs_on("pallas"):

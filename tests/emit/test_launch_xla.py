@@ -6,7 +6,6 @@ against the torch ``launch`` of the same kernel on the same inputs."""
 
 import pytest
 
-from tileflow.emit.cache import generate
 from tileflow.suite import KERNELS
 from tileflow.verify import verify
 
@@ -25,8 +24,8 @@ def test_custom_call_form_matches_launch(name, case):
 
 
 def test_static_launch_keeps_a_torch_views_strides():
-    """``TILEFLOW_STATIC_SHAPES``: torch tensors may be views; their own strides are
-    compiled in (row-major is only what XLA hands over)."""
+    """The static-shape launch (option ``static_shapes``): torch tensors may be views; their
+    own strides are compiled in (row-major is only what XLA hands over)."""
     import torch
 
     from tileflow.runtime.torch_triton import triton_launcher, use_interpreter_if_no_gpu
@@ -44,32 +43,21 @@ def test_static_launch_keeps_a_torch_views_strides():
     assert torch.equal(got, want) and torch.allclose(want, x @ w.T + r, atol=1e-4)
 
 
-def test_counters_have_no_custom_call_form():
-    kernel = KERNELS["attention_decode_gqa"]
-    case = next(c for c in kernel.test_cases if c.label == "one_launch")
-    ir = kernel.build(kernel.params_for(case))
-    assert "def launch_xla(" in generate(ir, "triton")
-    with pytest.raises(NotImplementedError, match="persistent counters"):
-        verify(kernel, case, "fp32", "triton_xla", seed=1)
-
-
-def test_decode_launches_compile_their_shapes_in(monkeypatch):
+def test_decode_launches_compile_their_shapes_in(tileflow_options):
     """One-row launches take the constant-shape form; prefill-sized ones, kernels with
-    persistent counters, and ``TILEFLOW_STATIC_SHAPES=0`` keep the generic launcher."""
+    persistent counters, and the option ``static_shapes=False`` keep the generic launcher."""
+    from tests.emit.test_counters import group_sum_ir
     from tileflow.runtime.torch_triton import static_shapes_wanted
 
     mv = KERNELS["o_proj_residual"]
     one, many = {"M": 1, "N": 32, "K": 64}, {"M": 7, "N": 32, "K": 64}
     build = lambda k, s: k.build({**k.default_params(s), **k.structural_sizes(s)})  # noqa: E731
-    monkeypatch.delenv("TILEFLOW_STATIC_SHAPES", raising=False)
+    tileflow_options(static_shapes=True)
     assert static_shapes_wanted(build(mv, one), one)
     assert not static_shapes_wanted(build(mv, many), many)
-    att = KERNELS["attention_decode_gqa"]
-    case = next(c for c in att.test_cases if c.label == "one_launch")
-    assert not static_shapes_wanted(att.build(att.params_for(case)), {"B": 1})
-    monkeypatch.setenv("TILEFLOW_STATIC_SHAPES", "1")
-    assert static_shapes_wanted(build(mv, many), many)
-    monkeypatch.setenv("TILEFLOW_STATIC_SHAPES", "0")
+    assert not static_shapes_wanted(group_sum_ir(), {"B": 1})  # counters: the generic launcher owns them
+    assert not static_shapes_wanted(build(mv, one), one, {"static_shapes": False})  # a call's options win
+    tileflow_options(static_shapes=False)
     assert not static_shapes_wanted(build(mv, one), one)
 
 

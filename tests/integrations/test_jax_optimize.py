@@ -67,8 +67,8 @@ def step_args(cfg, params):
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
-def test_every_decode_pattern_matches(kind, monkeypatch):
-    monkeypatch.setenv("TILEFLOW_JAX_TARGET", "pallas")  # rewrite on every backend, CUDA included
+def test_every_decode_pattern_matches(tileflow_options, kind):
+    tileflow_options(jax_target="pallas")  # rewrite on every backend, CUDA included
     cfg, params = M.from_transformers(tiny(kind))
     report = tfj.explain(functools.partial(M.decode_step, cfg), *step_args(cfg, params))
     n = cfg.layers
@@ -81,8 +81,8 @@ def test_every_decode_pattern_matches(kind, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
 @pytest.mark.parametrize("target", ["reference", "pallas"])
-def test_greedy_tokens_identical_fp32(kind, target, monkeypatch):
-    monkeypatch.setenv("TILEFLOW_JAX_TARGET", target)
+def test_greedy_tokens_identical_fp32(tileflow_options, kind, target):
+    tileflow_options(jax_target=target)
     expected = eager_tokens(kind)
     assert len(set(expected)) > 5  # the model does not just repeat one token
     plain = decode(kind, M.decode_step)
@@ -91,18 +91,6 @@ def test_greedy_tokens_identical_fp32(kind, target, monkeypatch):
     got = decode(kind, lambda c, *a: optimized(c)(*a))
     assert got == expected
     assert decode(kind, M.decode_step_tileflow) == expected
-
-
-@pytest.mark.parametrize("kind", ["qwen2", "llama"])
-def test_fused_mlp_step_keeps_the_tokens(kind, monkeypatch):
-    """``TILEFLOW_MLP_FUSED=1``: the by-hand step runs each MLP as one rms_norm_mlp_residual
-    (the reference on CPU) and its greedy tokens stay eager's."""
-    monkeypatch.setenv("TILEFLOW_JAX_TARGET", "reference")
-    monkeypatch.setenv("TILEFLOW_MLP_FUSED", "1")
-    cfg, params = M.from_transformers(tiny(kind))
-    program = str(jax.make_jaxpr(functools.partial(M.decode_step_tileflow, cfg))(*step_args(cfg, params)))
-    assert program.count("tileflow_rms_norm_mlp_residual") == cfg.layers
-    assert decode(kind, M.decode_step_tileflow) == eager_tokens(kind)
 
 
 def test_optimized_logits_close_and_primitives_in_the_program():
@@ -170,7 +158,7 @@ def test_bf16_logits_close_to_plain():
     assert err < 2e-2, err
 
 
-def test_on_cuda_auto_keeps_xla_with_the_measured_reason(monkeypatch):
+def test_on_cuda_auto_keeps_xla_with_the_measured_reason(tileflow_options, monkeypatch):
     """Where the generated kernels measured slower than XLA (CUDA without jax_triton:
     Pallas's Triton backend), ``optimize`` under the auto target swaps nothing and says
     why; an explicit target still rewrites, and so does auto where jax_triton runs the
@@ -178,7 +166,7 @@ def test_on_cuda_auto_keeps_xla_with_the_measured_reason(monkeypatch):
     from tileflow.integrations.jax import lowering
 
     cfg, params = M.from_transformers(tiny("qwen2"))
-    monkeypatch.delenv("TILEFLOW_JAX_TARGET", raising=False)
+    tileflow_options(jax_target="auto")
     monkeypatch.setattr(lowering.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(lowering, "triton_available", lambda: True)
     report = tfj.explain(functools.partial(M.decode_step, cfg), *step_args(cfg, params))
@@ -186,8 +174,8 @@ def test_on_cuda_auto_keeps_xla_with_the_measured_reason(monkeypatch):
     monkeypatch.setattr(lowering, "triton_available", lambda: False)
     report = tfj.explain(functools.partial(M.decode_step, cfg), *step_args(cfg, params))
     assert not report.matches and report.fallbacks, str(report)
-    assert all("slower than XLA" in reason and "tok/s" in reason for _, _, reason in report.fallbacks)
-    monkeypatch.setenv("TILEFLOW_JAX_TARGET", "pallas")
+    assert all("slower than XLA" in reason and "docs/performance.md" in reason for _, _, reason in report.fallbacks)
+    tileflow_options(jax_target="pallas")
     report = tfj.explain(functools.partial(M.decode_step, cfg), *step_args(cfg, params))
     assert report.matches["gqa_attention"] == cfg.layers and not report.fallbacks
 
@@ -280,12 +268,12 @@ def test_norm_read_elsewhere_keeps_the_unfused_kernels():
 
 
 @pytest.mark.parametrize("target", ["reference", "pallas"])
-def test_rms_norm_linear_primitive(target, monkeypatch):
+def test_rms_norm_linear_primitive(tileflow_options, target):
     """ops.rms_norm_linear (the suite's rms_norm_matvec) against float64, with a bias and
     several rows."""
     from tileflow.integrations.jax import ops
 
-    monkeypatch.setenv("TILEFLOW_JAX_TARGET", target)
+    tileflow_options(jax_target=target)
     k = jax.random.split(jax.random.key(6), 4)
     x, ln = jax.random.normal(k[0], (3, 50)), jax.random.normal(k[1], (50,))
     w, b = jax.random.normal(k[2], (37, 50)), jax.random.normal(k[3], (37,))

@@ -2,8 +2,9 @@
 tileflow.verify checks the suite: fresh random inputs each run, outputs poisoned
 (NaN / -1) inside the primitive, relative error under the bound of the dtype, any
 NaN fails. Both CPU lowerings run: the jax.numpy reference and the generated Pallas
-code under the interpreter (TILEFLOW_JAX_TARGET=pallas). Plus jit / vmap."""
+code under the interpreter (the option jax_target="pallas"). Plus jit / vmap."""
 
+import dataclasses
 import secrets
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
+from tileflow import settings  # noqa: E402
 from tileflow.integrations.jax import primitives  # noqa: E402
 from tileflow.suite import KERNELS  # noqa: E402
 from tileflow.verify import BOUNDS, DTYPES, compare, make_inputs, reference_outputs  # noqa: E402
@@ -35,9 +37,14 @@ def _to_torch(a) -> torch.Tensor:
     return torch.from_numpy(a.copy())
 
 
+def _target(monkeypatch, target: str) -> None:
+    """The option ``jax_target`` for this test (the environment's options are read once)."""
+    monkeypatch.setattr(settings, "ENVIRONMENT", dataclasses.replace(settings.ENVIRONMENT, jax_target=target))
+
+
 def check(name, case, dtype, target, monkeypatch, seed=None):
     """Relative errors of the primitive's outputs vs float64; raises on failure."""
-    monkeypatch.setenv("TILEFLOW_JAX_TARGET", target)
+    _target(monkeypatch, target)
     kernel = KERNELS[name]
     sizes = _sizes(kernel, case)
     key = tuple(sorted(sizes.items()))
@@ -118,7 +125,7 @@ def test_the_check_fails_on_a_wrong_result(monkeypatch):
 
 @pytest.mark.parametrize("target", ["reference", "pallas"])
 def test_vmap_merges_rows_and_maps_batched_weights(target, monkeypatch):
-    monkeypatch.setenv("TILEFLOW_JAX_TARGET", target)
+    _target(monkeypatch, target)
     from tileflow import jax as tfj
 
     k = jax.random.split(jax.random.key(secrets.randbits(31)), 3)
@@ -138,7 +145,7 @@ def test_vmap_merges_rows_and_maps_batched_weights(target, monkeypatch):
 
 
 def test_eager_equals_jit(monkeypatch):
-    monkeypatch.setenv("TILEFLOW_JAX_TARGET", "reference")
+    _target(monkeypatch, "reference")
     from tileflow import jax as tfj
 
     x = jax.random.normal(jax.random.key(0), (2, 64))
@@ -196,7 +203,7 @@ def _poisoned_empty(shape, dtype, **kw):
     return jnp.full(shape, jnp.nan if jnp.issubdtype(dtype, jnp.floating) else -1, dtype)
 
 
-@pytest.mark.parametrize("name", primitives_names() + ("rms_norm_mlp_residual",))
+@pytest.mark.parametrize("name", primitives_names())
 def test_triton_target_lowering_runs_the_triton_kernel(name, monkeypatch):
     """``TILEFLOW_JAX_TARGET=triton`` (CUDA / ROCm) lowers to the generated Triton
     kernel's ``launch_xla``; here the custom call is replaced by Triton's own launcher
@@ -209,7 +216,6 @@ def test_triton_target_lowering_runs_the_triton_kernel(name, monkeypatch):
     interpret = use_interpreter_if_no_gpu()
     monkeypatch.setattr(jax.lax, "empty", _poisoned_empty)
     kernel = KERNELS[name]
-    # the fused MLP's cases are all Triton-only (atomics): its first
     case = next((c for c in kernel.test_cases if not c.targets), None) or kernel.test_cases[0]
     sizes = _sizes(kernel, case)
     key = tuple(sorted(sizes.items()))
@@ -227,33 +233,11 @@ def test_triton_target_lowering_runs_the_triton_kernel(name, monkeypatch):
 
 
 def test_triton_target_is_refused_on_cpu(monkeypatch):
-    monkeypatch.setenv("TILEFLOW_JAX_TARGET", "triton")
+    _target(monkeypatch, "triton")
     cpu = jax.devices("cpu")[0]
     x, w = jax.device_put(jnp.ones((1, 16)), cpu), jax.device_put(jnp.ones((16,)), cpu)
     with jax.default_device(cpu), pytest.raises(NotImplementedError, match="CUDA / ROCm GPUs only"):
         jax.jit(lambda a, b: primitives.bind("rms_norm", (a, b), {"M": 1, "D": 16}, {"eps": 1e-6}))(x, w)
-
-
-def test_fused_mlp_only_where_its_atomics_lower(monkeypatch):
-    """The step uses ``rms_norm_mlp_residual`` under the reference and Triton targets (and
-    ``auto`` on CPU), never under Pallas, which has no cross-program adds; called, it
-    returns the MLP block and its sums back at zero."""
-    from tileflow.integrations.jax import ops
-
-    for target, fuses in (("reference", True), ("triton", True), ("pallas", False), ("auto", True)):
-        monkeypatch.setenv("TILEFLOW_JAX_TARGET", target)
-        assert ops.mlp_fuses() is fuses, target
-    monkeypatch.setenv("TILEFLOW_JAX_TARGET", "reference")
-    key = jax.random.split(jax.random.PRNGKey(5), 6)
-    d, i = 32, 48
-    x, ln_w = jax.random.normal(key[0], (1, d)), jax.random.normal(key[1], (d,))
-    wg, wu = jax.random.normal(key[2], (i, d)) / d ** 0.5, jax.random.normal(key[3], (i, d)) / d ** 0.5
-    wd = jax.random.normal(key[4], (d, i)) / i ** 0.5
-    out, (acc, done) = jax.jit(lambda *a: ops.rms_norm_mlp_residual(*a[:2], 1e-6, *a[2:]))(x, ln_w, wg, wu, wd)
-    n = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * ln_w
-    want = x + (jax.nn.silu(n @ wg.T) * (n @ wu.T)) @ wd.T
-    assert float(jnp.max(jnp.abs(out - want))) < 1e-4
-    assert not bool(jnp.any(acc)) and not bool(jnp.any(done))
 
 
 @pytest.mark.parametrize("call,needle", [

@@ -102,10 +102,10 @@ def test_resized_embeddings_are_followed():
 
 @pytest.mark.parametrize("target", ["reference", "triton"])
 @pytest.mark.parametrize("bad", [128, -1, 10**6])
-def test_out_of_range_token_ids_raise_like_the_model(bad, target, monkeypatch):
+def test_out_of_range_token_ids_raise_like_the_model(bad, target, tileflow_options):
     from tileflow.runtime import ops
 
-    monkeypatch.setenv("TILEFLOW_CPU_TARGET", target)
+    tileflow_options(cpu_target=target)
     ops._LAUNCHERS.clear()
     model, ids = tiny("qwen2"), prompt()
     tileflow.patch(model)
@@ -118,11 +118,11 @@ def test_out_of_range_token_ids_raise_like_the_model(bad, target, monkeypatch):
     ops._LAUNCHERS.clear()
 
 
-def test_the_embedding_kernel_never_reads_outside_the_table(monkeypatch):
+def test_the_embedding_kernel_never_reads_outside_the_table(tileflow_options):
     """The GPU path cannot read ids back each token: the kernel itself must be safe."""
     from tileflow.runtime import ops
 
-    monkeypatch.setenv("TILEFLOW_CPU_TARGET", "triton")
+    tileflow_options(cpu_target="triton")
     ops._LAUNCHERS.clear()
     table = torch.randn(10, 64)
     out = torch.full((3, 64), 7.0)
@@ -132,10 +132,10 @@ def test_the_embedding_kernel_never_reads_outside_the_table(monkeypatch):
     ops._LAUNCHERS.clear()
 
 
-def test_the_cache_write_kernel_never_writes_past_the_end(monkeypatch):
+def test_the_cache_write_kernel_never_writes_past_the_end(tileflow_options):
     from tileflow.runtime import ops
 
-    monkeypatch.setenv("TILEFLOW_CPU_TARGET", "triton")
+    tileflow_options(cpu_target="triton")
     ops._LAUNCHERS.clear()
     torch.manual_seed(0)
     x, ln = torch.randn(1, 64), torch.ones(64)

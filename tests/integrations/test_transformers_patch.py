@@ -39,8 +39,8 @@ def greedy(model, ids, cache="static"):
 
 
 @pytest.fixture(params=["reference", "triton"])
-def cpu_target(request, monkeypatch):
-    monkeypatch.setenv("TILEFLOW_CPU_TARGET", request.param)
+def cpu_target(request, tileflow_options):
+    tileflow_options(cpu_target=request.param)
     from tileflow.runtime import ops
 
     ops._LAUNCHERS.clear()
@@ -132,45 +132,6 @@ def test_padded_prompt_runs_whole_steps_and_stays_exact(kind, cpu_target, monkey
     # positions generate derives from it)
     assert [(p, "mask" in why or "position_ids" in why) for p, _, why in report.fallbacks] == [("prefill", True)], \
         report.fallbacks
-
-
-@pytest.mark.parametrize("padded", [False, True])
-def test_attention_fused_with_o_proj_keeps_eager_tokens(padded, cpu_target, monkeypatch):
-    """TILEFLOW_ATTENTION_O=1: each layer's attention and o_proj+residual run as the one
-    fused kernel (o_proj's programs combine attention's splits), with and without the
-    key mask of a padded prompt, and the tokens stay eager's."""
-    from tileflow.runtime import ops
-
-    monkeypatch.setenv("TILEFLOW_ATTENTION_O", "1")
-    calls, real = [], ops.attention_o_proj_residual
-    monkeypatch.setattr(ops, "attention_o_proj_residual",
-                        lambda *a, **k: calls.append(k.get("key_mask") is not None) or real(*a, **k))
-    model, ids = tiny("llama"), prompt()
-    if padded:
-        ids[0, 3] = 0
-    expected = greedy(model, ids)
-    tileflow.patch(model)
-    got = greedy(model, ids)
-    assert torch.equal(got, expected), (got[0, ids.shape[1]:].tolist(), expected[0, ids.shape[1]:].tolist())
-    assert len(calls) == 2 * (NEW_TOKENS - 1)  # both layers of every decode step
-    assert all(calls) or not padded  # the padded prompt's steps hand it the key mask
-
-
-def test_unfused_program_checks_positions_on_the_host(monkeypatch):
-    """TILEFLOW_FUSED=0 writes the cache at the position itself: a padded prompt then
-    runs layer by layer, with the reason, and stays exact."""
-    monkeypatch.setenv("TILEFLOW_FUSED", "0")
-    model = tiny("llama")
-    ids = prompt()
-    ids[0, 3] = 0
-    expected = greedy(model, ids)
-    report = tileflow.patch(model)
-    assert torch.equal(greedy(model, ids), expected)
-    assert any("padded sequence" in r for _, _, r in report.fallbacks)
-    decode = [f for f in report.fallbacks if f[0] != "prefill"]
-    assert len(decode) == 3  # the whole step once, each layer once: not one line per step
-    assert [why for p, _, why in report.fallbacks if p == "prefill"] == [
-        "ran the model's forward: position_ids not 0..T-1"]  # the padded prompt, once
 
 
 def test_unrelated_model_is_left_unchanged():

@@ -85,10 +85,17 @@ def test_declines_with_the_reason(case, spy):
     assert torch.allclose(got.detach(), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_switched_off_by_the_environment(monkeypatch, spy):
-    monkeypatch.setenv("TILEFLOW_PREFILL", "0")
+def test_switched_off_by_the_environment(spy, tileflow_options):
+    tileflow_options(prefill=False)
     model, ids = tiny("qwen2"), prompt()
     report = tileflow.patch(model)
+    _forward(model, ids, _cache("static", model))
+    assert spy == [] and "prefill" not in report.matches
+
+
+def test_switched_off_per_call(spy):
+    model, ids = tiny("qwen2"), prompt()
+    report = tileflow.patch(model, options={"prefill": False})
     _forward(model, ids, _cache("static", model))
     assert spy == [] and "prefill" not in report.matches
 

@@ -34,9 +34,9 @@ def _decode(step, model, ids, steps=STEPS):
 
 @pytest.mark.parametrize("path", ["reference", "pallas-interpret"])
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
-def test_greedy_tokens_identical_to_eager_cpu(kind, path, monkeypatch):
+def test_greedy_tokens_identical_to_eager_cpu(kind, path, tileflow_options):
     if path != "reference":  # reference is what the CPU client picks by itself
-        monkeypatch.setenv("TILEFLOW_XLA_TARGET", path)
+        tileflow_options(xla_target=path)
     torch._dynamo.reset()
     model, ids = tiny(kind), prompt()
     expected = _decode(model.forward, model, ids)

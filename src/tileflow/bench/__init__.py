@@ -45,7 +45,9 @@ def versions() -> dict:
 
 
 def _commit() -> str:
-    env = os.environ.get("TILEFLOW_COMMIT")
+    from tileflow import settings as options
+
+    env = options.commit()
     if env:
         return env
     try:
@@ -56,10 +58,11 @@ def _commit() -> str:
 
 
 def settings() -> dict:
-    """The ``TILEFLOW_*`` switches set for this run (A/B runs differ only in these), less
-    the commit and cache location."""
-    return {k: v for k, v in sorted(os.environ.items())
-            if k.startswith("TILEFLOW_") and k not in ("TILEFLOW_COMMIT", "TILEFLOW_CACHE_DIR")}
+    """The options of this run that differ from their defaults, by environment name
+    (``TILEFLOW_*``; A/B runs differ only in these)."""
+    from tileflow import settings as options
+
+    return options.changed()
 
 
 def _user_autotune() -> dict:
@@ -71,15 +74,18 @@ def _user_autotune() -> dict:
 
 
 def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: int = 256,
-              paths: Optional[list[str]] = None, repeats: int = 3, out_dir: str = "benchmarks/results",
+              paths: Optional[list[str]] = None, repeats: int = 3, out_dir: Optional[str] = None,
               device: Optional[str] = None, dtype: Optional[str] = None, breakdown: bool = False) -> dict:
-    """Run the side-by-side decode benchmark; returns the result record (also written).
+    """Run the side-by-side decode benchmark; returns the result record (also written, under
+    ``out_dir``: by default ``~/.cache/tileflow/results``, outside the source tree).
     ``breakdown``: also profile each static-cache path's decode step per kernel class (CUDA).
     Raises :class:`BenchError` (one line) before building anything it cannot run or fit."""
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     console = Console(width=150)
+    if out_dir is None:
+        out_dir = os.path.join(os.path.expanduser("~"), ".cache", "tileflow", "results")
     if prompt < 1 or new_tokens < 2 or repeats < 1:
         raise BenchError(f"prompt {prompt}, new tokens {new_tokens}, repeats {repeats}: at least 1, 2 and 1")
     dev = resolve_device(device)

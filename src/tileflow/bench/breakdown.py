@@ -61,18 +61,13 @@ def suite_bytes(config, context: int, elem: int) -> dict[str, int]:
 
 
 def fold_shared_kernels(table: dict[str, int], timeline: list[tuple[str, float, float]]) -> dict[str, int]:
-    """``table`` with the bytes of kernels one launch serves charged to it: attention's and
-    o_proj's to ``attention_o_proj_residual`` when the timeline has it; otherwise
-    down_proj's added to o_proj's when the timeline has no ``down_proj_residual`` launch
-    (the compiled graph runs both projections through the one residual-matvec kernel,
+    """``table`` with the bytes of kernels one launch serves charged to it: down_proj's
+    added to o_proj's when the timeline has no ``down_proj_residual`` launch (the compiled
+    graph runs both projections through the one residual-matvec kernel,
     ``ops.o_proj_residual``)."""
     table = dict(table)
     seen = {kernel_class(name) for name, _, _ in timeline}
-    if "rms_norm_mlp_residual" in seen:  # the fused decode step's whole MLP
-        table["rms_norm_mlp_residual"] = table.pop("rms_norm_gate_up_silu") + table.pop("down_proj_residual")
-    if "attention_o_proj_residual" in seen:  # the fused decode step's attention + o_proj
-        table["attention_o_proj_residual"] = table.pop("attention_decode_gqa") + table.pop("o_proj_residual")
-    elif "down_proj_residual" not in seen and "down_proj_residual" in table:
+    if "down_proj_residual" not in seen and "down_proj_residual" in table:
         table["o_proj_residual"] += table.pop("down_proj_residual")
     return table
 

@@ -105,8 +105,8 @@ def default_paths(device: torch.device) -> list[Path]:
     paths = [
         Path("eager", "dynamic", _eager_step),
         Path("inductor", "static", lambda m: _compiled_step(m, mode="default")),
-        Path("inductor_cudagraphs", "static", lambda m: _compiled_step(m, mode="reduce-overhead"),
-             note="" if device.type == "cuda" else "no CUDA graphs on CPU: same as inductor"),
+        *([Path("inductor_cudagraphs", "static", lambda m: _compiled_step(m, mode="reduce-overhead"))]
+          if device.type == "cuda" else []),  # no CUDA graphs on CPU: it would repeat inductor
         Path("tileflow_compile", "static", lambda m: _compiled_step(m, backend="tileflow")),
         Path("tileflow_patch", "static", _patched_step, _unpatch),
         Path("tileflow_generate", "static", _patch_only, _unpatch, generate={"cache_implementation": "static"},

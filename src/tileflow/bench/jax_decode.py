@@ -4,8 +4,8 @@ DeepSeek decoder (``tileflow.integrations.jax.model``), side by side in one proc
 - ``jax_jit``: ``jax.jit`` of the plain step (what a JAX user starts from);
 - ``tileflow_jax_direct``: the step written with tileflow primitives by hand;
 - ``tileflow_jax_optimize``: ``jax.jit(tileflow.jax.optimize(step))``;
-- on a GPU or TPU, ``tileflow_jax_direct_pallas``: the direct step under
-  ``TILEFLOW_JAX_TARGET=pallas`` (on CUDA with jax_triton the default target runs the
+- on a GPU or TPU, ``tileflow_jax_direct_pallas``: the direct step traced under the
+  target ``pallas`` (``tfj.targeting``; on CUDA with jax_triton the default target runs the
   generated Triton kernels; this is the Pallas form beside it).
 
 Each path is timed twice: a Python loop calling the jitted step per token (as most JAX
@@ -30,25 +30,20 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from tileflow import settings
+
 PATHS = ("jax_jit", "tileflow_jax_direct", "tileflow_jax_optimize", "tileflow_jax_direct_pallas")
 
 
 def _under_target(fn: Callable, target: str) -> Callable:
-    """``fn`` with ``TILEFLOW_JAX_TARGET`` set while it runs: primitives read the target
-    when they are bound, i.e. while ``jit`` traces ``fn``."""
-    from tileflow.integrations.jax.primitives import TARGET_ENV
+    """``fn`` with the JAX target ``target`` while it runs (``tfj.targeting``): primitives
+    read the target when they are bound, i.e. while ``jit`` traces ``fn``."""
+    from tileflow.integrations.jax.primitives import targeting
 
     @functools.wraps(fn)
     def run(*args):
-        before = os.environ.get(TARGET_ENV)
-        os.environ[TARGET_ENV] = target
-        try:
+        with targeting(target):
             return fn(*args)
-        finally:
-            if before is None:
-                os.environ.pop(TARGET_ENV, None)
-            else:
-                os.environ[TARGET_ENV] = before
 
     return run
 
@@ -198,7 +193,7 @@ def run_jax_bench(model_name: Optional[str] = None, prompt: int = 128, new_token
                   paths: Optional[list] = None) -> dict:
     """Run the JAX side-by-side decode benchmark; returns the record (also written)."""
     # JAX would take 75% of the GPU up front; the torch copy measurement needs room too
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    settings.library_default("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
     import jax.numpy as jnp
     import torch

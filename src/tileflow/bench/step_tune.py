@@ -3,10 +3,9 @@
 The kernel leaderboard (``benchmarks/gpu_suite.py``) times each kernel after launches of
 itself. In the decode step a kernel follows a different one, and programmatic dependent
 launch overlaps its start with that predecessor's tail, so the fastest kernel alone is not
-always the fastest in the step: on an H100 the leaderboard's attention splits ran 40 µs a
-token slower in the step, and loading the first weight round before the wait
-(``PIPELINE=2``) paid on down and qkv but not on gate-up and o (``benchmarks/NOTES.md``,
-2026-12-06).
+always the fastest in the step: the leaderboard's attention splits ran slower in the step,
+and loading the first weight round before the wait (``PIPELINE=2``) paid on down and qkv
+but not on gate-up and o (docs/notebook.md).
 
 This tunes what the step runs: coordinate descent over the suite kernels one decode step
 launches. For each in turn, a few variants of its current parameters one change away
@@ -81,7 +80,7 @@ def neighbours(launch: Launch, limit: int) -> list[dict]:
         out += [{**current, "PIPELINE": v} for v in (0, 1, 2) if _value(current, "PIPELINE") != v]
     # half and twice the warps, whether or not the candidate list has them: in the step a
     # kernel's warps also set how much of its successor's and predecessor's time it takes
-    # (on an H100 qkv at 2 warps, in no candidate list, saved 32 µs a token; NOTES.md)
+    # (qkv at 2 warps, in no candidate list, was faster in the step; docs/notebook.md)
     if "num_warps" in current:
         out += [{**current, "num_warps": w} for w in (current["num_warps"] // 2, current["num_warps"] * 2)
                 if 1 <= w <= 16 and w != current["num_warps"]]
@@ -106,7 +105,7 @@ def neighbours(launch: Launch, limit: int) -> list[dict]:
         return sum(abs(order[k].index(variant[k]) - order[k].index(current.get(k))) for k in changed)
 
     # then two changes at once where a parameter never changes alone in the candidates:
-    # coupled ones (attention's SPLITS with SPLITS_BLOCK, ONE_LAUNCH with GROUP_C); two
+    # coupled ones (attention's SPLITS with SPLITS_BLOCK); two
     # that can each change alone are left to coordinate descent, one at a time
     alone = {k for changed, _ in singles for k in changed} | {"num_warps"}
     pairs = [(changed, v) for changed, v in pairs if not set(changed) <= alone]

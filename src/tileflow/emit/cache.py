@@ -1,8 +1,8 @@
 """Generated source on disk, imported as modules.
 
 Triton's ``@triton.jit`` reads a function's source from its file, so generated code
-is written to ``$TILEFLOW_CACHE_DIR`` (default ``~/.cache/tileflow``) under a name
-holding the hash of the text, then imported. Same text, same file, same module.
+is written to ``$TILEFLOW_CACHE_DIR`` (default ``~/.cache/tileflow``; ``settings.cache_dir``)
+under a name holding the hash of the text, then imported. Same text, same file, same module.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 from types import ModuleType
 
+from tileflow import settings
 from tileflow.emit.pallas import emit_pallas
 from tileflow.emit.triton import emit_triton
 from tileflow.tile.ir import KernelIR
@@ -27,8 +28,7 @@ _LOCKS_GUARD = threading.Lock()
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("TILEFLOW_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tileflow")
-    return Path(root)
+    return settings.cache_dir()
 
 
 def generate(ir: KernelIR, target: str) -> str:

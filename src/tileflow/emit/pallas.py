@@ -34,7 +34,6 @@ _JNP_DTYPE = {"f32": "jnp.float32", "i32": "jnp.int32", "i64": "_I64"}
 
 # The fixed part of every generated Pallas module, after its banner.
 _PRELUDE = '''import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -52,9 +51,6 @@ def _ceil_to(n, b):
 
 
 def _masked_stores_default(interpret):
-    forced = os.environ.get("TILEFLOW_PALLAS_MASKED_STORES")  # "1"/"0": tests, debugging
-    if forced in ("0", "1"):
-        return forced == "1"
     return not interpret and jax.default_backend() == "gpu"
 
 
@@ -303,13 +299,13 @@ class PallasEmitter(Walker):
         counters = [v.name for v in self.ir.workspaces if v.persistent]
         if counters:  # the grid's programs cannot signal one another (sequential on TPU)
             raise NotImplementedError(f"{self.ir.name}: counters ({', '.join(counters)}) and atomics are "
-                                      "Triton only; use the parameters without them (e.g. ONE_LAUNCH=0)")
+                                      "Triton only; use parameters without them")
         if self.uses("accumulate"):  # a sum over the grid's programs in one buffer, by atomics
             raise NotImplementedError(f"{self.ir.name}: atomic accumulation is Triton only; "
                                       "run the unfused kernels on this target")
         if self.uses("signal") or self.uses("wait_ready"):  # programs of two launches at once
             raise NotImplementedError(f"{self.ir.name}: ready counters are Triton only; "
-                                      "use the parameters without them (READY_SIGNAL=0, READY_WAIT=0)")
+                                      "use parameters without them")
         w = Writer()
         for line in self.banner().splitlines():
             w(line)

@@ -14,18 +14,17 @@ tensor methods, so each is wrapped with ``tl.full((), x, tl.float32)`` at entry.
 
 On Hopper and newer, kernels are launched with programmatic dependent launch: each
 may start while its predecessor drains, and waits (``gdc_wait``) before touching
-memory, so every kernel still sees all earlier writes (``TILEFLOW_PDL=0`` turns it off).
-Weight loads a definition marks ``k.before_wait()`` are issued before that wait when
-they come first in a stage (``TILEFLOW_EARLY=0`` keeps them after it).
-Index arithmetic and a definition's weight prefetches (``k.prefetch``: L2 hints for
-inputs no earlier kernel writes; qkv_rope_cache has them, the matvecs measured slower
-with them) run before that wait (``TILEFLOW_PREFETCH=0`` drops the hints); ``k.prefetch_share``
-splits a whole input between a launch's programs, as L2 hints for a later kernel.
+memory, so every kernel still sees all earlier writes (``launch(..., pdl=False)`` turns
+it off; the launchers pass the option ``pdl``). Weight loads a definition marks
+``k.before_wait()`` are issued before that wait when they come first in a stage (the
+``EARLY`` constexpr: on whenever dependent launch is). Index arithmetic and a
+definition's weight prefetches (``k.prefetch``: L2 hints for inputs no earlier kernel
+writes; qkv_rope_cache has them, the matvecs measured slower with them) run before that
+wait (the ``PREFETCH`` constexpr, likewise on with dependent launch).
 
-With ``PERSISTENT`` a multi-stage kernel also gets one ``<name>_persistent`` kernel: every
-stage a grid-stride loop over its own grid, a grid barrier between stages, at most one
-program per multiprocessor (measured slower than the separate launches for attention on
-an H200; a tuner candidate, not a default).
+The launchers are built once per kernel and device; what they take from the process
+(interpreter mode, the ``pdl`` option) comes in as arguments of ``launch`` /
+``launch_xla``, so the generated module reads no environment.
 """
 
 from __future__ import annotations
@@ -47,9 +46,7 @@ _TORCH_DTYPE = {"f32": "torch.float32", "i32": "torch.int32", "i64": "torch.int6
 
 
 # The fixed part of every generated Triton module, after its banner.
-_PRELUDE = '''import os
-
-import torch
+_PRELUDE = '''import torch
 import triton
 import triton.language as tl
 
@@ -85,23 +82,9 @@ def _strides(t, shape):
     return list(t.stride()) if hasattr(t, "stride") else _rowmajor(shape)
 
 
-_SM_COUNT = {}
-
-
-def _resident_programs(t):
-    """How many programs of a persistent launch are surely resident at once: one per
-    multiprocessor on a GPU; one under the interpreter, which runs programs one after
-    another (a single program runs every phase in turn, so the barrier never waits)."""
-    if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        return 1
-    if t.device.index not in _SM_COUNT:
-        _SM_COUNT[t.device.index] = torch.cuda.get_device_properties(t.device).multi_processor_count
-    return _SM_COUNT[t.device.index]
-
-
-def _use_pdl(t):
-    """Programmatic dependent launch: Hopper or newer, compiled, not disabled (TILEFLOW_PDL=0)."""
-    if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("TILEFLOW_PDL") == "0":
+def _use_pdl(t, pdl, interpret):
+    """Programmatic dependent launch: Hopper or newer, compiled, not turned off (``pdl``)."""
+    if not pdl or interpret or not t.is_cuda:
         return False
     if t.device.index not in _PDL_DEVICES:
         _PDL_DEVICES[t.device.index] = torch.cuda.get_device_capability(t.device)[0] >= 9
@@ -109,25 +92,6 @@ def _use_pdl(t):
 
 
 '''
-
-# The barrier between the phases of a persistent launch (sense reversal: the last to
-# arrive resets the count, then moves the generation on; the others wait for that move),
-# so one counter pair serves every launch, CUDA-graph replays included.
-_GRID_BARRIER = '''
-@triton.jit
-def _grid_barrier(bar_ptr, n):
-    tl.debug_barrier()
-    gen = tl.atomic_add(bar_ptr + 1, 0, sem="acquire")
-    if tl.atomic_add(bar_ptr, 1, sem="acq_rel") == n - 1:
-        tl.atomic_xchg(bar_ptr, 0, sem="relaxed")
-        tl.atomic_add(bar_ptr + 1, 1, sem="release")
-    else:
-        while tl.atomic_add(bar_ptr + 1, 0, sem="acquire") == gen:
-            pass
-    tl.debug_barrier()
-
-'''
-
 
 class TritonEmitter(Walker):
     target = "triton"
@@ -148,9 +112,6 @@ class TritonEmitter(Walker):
 
     # ops ------------------------------------------------------------------
     def op_program_id(self, op: Op, w: Writer):
-        if self._virtual_pids:  # a phase of a persistent launch: the grid-stride loop's program
-            self.bind(op.result, self._virtual_pids[op.attrs["axis"]])
-            return
         w(f"{self.name(op.result)} = tl.program_id({op.attrs['axis']})")
 
     def op_range(self, op: Op, w: Writer):
@@ -244,8 +205,6 @@ class TritonEmitter(Walker):
         w(f'tl.atomic_add({self._address(view, index)}, {self.operand(value)}, sem="release", scope="gpu")')
 
     def op_launch_dependents(self, op: Op, w: Writer):
-        if self._virtual_pids:  # a persistent launch lets its dependents go at its start
-            return
         w("if USE_PDL:  # from here the next launch's programs may start (k.launch_dependents)")
         with w.indent():
             w("tl.extra.cuda.gdc_launch_dependents()")
@@ -265,7 +224,7 @@ class TritonEmitter(Walker):
         view, index = op.args
         mask = self._guarded(self.mask_expr(view, index, op.attrs["limits"]), op)
         extra = f", mask={mask}, other={literal(op.attrs['other'])}" if mask else ""
-        if (view.role == "workspace" and not view.persistent and (self._counting or self._virtual_pids)
+        if (view.role == "workspace" and not view.persistent and self._counting
                 or view.name in self._guarded_views or view.name in self._accumulated_views):
             # written by other programs of this launch (or of the launch just before, behind
             # ready counters; or summed at L2 by atomics): read past L1, which may hold
@@ -297,8 +256,6 @@ class TritonEmitter(Walker):
         # one address per 64 elements (a 128-byte line in bf16) of the last range, every
         # index clamped into the view: a prefetch must never name memory outside it
         view, index = op.args
-        if op.attrs.get("share"):
-            return self._prefetch_share(op, view, w)
         last = index[-1]
         block = self.ir.params[last.block]
         lines = max(1, block // 64)
@@ -312,27 +269,6 @@ class TritonEmitter(Walker):
         with w.indent():
             w(f"tl.inline_asm_elementwise(\"prefetch.global.L2 [$1]; mov.u32 $0, 0;\", \"=r,l\", "
               f"[{self._address(view, index, clamped)}], dtype=tl.int32, is_pure=False, pack=1)")
-
-    def _prefetch_share(self, op: Op, view, w: Writer):
-        # the stage's programs in row-major order, each with one contiguous share of the
-        # view, rounds of ``block`` lines; an address past the view is clamped into it
-        axes = range(len(self._stage.grid))
-        n = " * ".join(f"tl.num_programs({a})" for a in axes)
-        pid = " + ".join(f"tl.program_id({a})" + "".join(f" * tl.num_programs({b})" for b in range(a))
-                         for a in axes)
-        size, block, t = view.shape[0], op.attrs["share"], f"pf_{view.name}"
-        w(f"if PREFETCH:  # this program's share of {view.name} into L2, for a later kernel")
-        with w.indent():
-            w(f"{t}_line = 1024 // {view.name}_ptr.dtype.element_ty.primitive_bitwidth")
-            w(f"{t}_step = {block} * {t}_line")
-            w(f"{t}_share = tl.cdiv(tl.cdiv({size}, {n}), {t}_step) * {t}_step")
-            w(f"{t}_lo = ({pid}) * {t}_share")
-            w(f"for {t}_s in range({t}_lo, tl.minimum({t}_lo + {t}_share, {size}), {t}_step):")
-            with w.indent():
-                hint = "prefetch.global.L2::evict_last" if op.attrs.get("keep") else "prefetch.global.L2"
-                w(f"tl.inline_asm_elementwise(\"{hint} [$1]; mov.u32 $0, 0;\", \"=r,l\", "
-                  f"[{view.name}_ptr + tl.minimum({t}_s + tl.arange(0, {block}) * {t}_line, {size} - 1) * {view.name}_s0], "
-                  "dtype=tl.int32, is_pure=False, pack=1)")
 
     def op_store(self, op: Op, w: Writer):
         view, index, value = op.args
@@ -354,53 +290,6 @@ class TritonEmitter(Walker):
             self.bind(r, self.name(c))
 
     # module ---------------------------------------------------------------
-    _virtual_pids: tuple = ()
-
-    def persistent(self) -> bool:
-        """``PERSISTENT``: the stages also run as one launch, separated by grid-wide
-        barriers instead of launch boundaries (``persistent_kernel``)."""
-        return bool(self.ir.params.get("PERSISTENT")) and len(self.ir.stages) > 1
-
-    def _grid_args(self) -> list[str]:
-        return [f"G{s}_{a}" for s, st in enumerate(self.ir.stages) for a in range(len(st.grid))]
-
-    def persistent_kernel(self, w: Writer):
-        """All stages in one program set: each stage a grid-stride loop over its own
-        grid's programs (decoded row-major from one index), a grid barrier between
-        stages. The launch has at most one program per multiprocessor, so all are
-        resident and the barrier cannot wait on a program that never starts."""
-        self.reset_names()
-        self._jit_def(w, f"{self.ir.name}_persistent", self.signature() + self._grid_args() + ["barrier_ptr"]
-                      + [f"{c}: tl.constexpr" for c in self.constexprs()])
-        with w.indent():
-            for sc in self.ir.scalars:
-                if sc.dtype == "f32":
-                    w(f"{sc.name} = tl.full((), {sc.name}, tl.float32)")
-            w("if USE_PDL:  # launched early: wait until the previous kernel's writes are visible")
-            with w.indent():
-                w("tl.extra.cuda.gdc_wait()")
-                w("tl.extra.cuda.gdc_launch_dependents()")
-            for si, stage in enumerate(self.ir.stages):
-                if si:
-                    w(f"_grid_barrier(barrier_ptr, tl.num_programs(0))  # {stage.name} reads what the stage before wrote")
-                dims = [f"G{si}_{a}" for a in range(len(stage.grid))]
-                w(f"for vp{si} in range(tl.program_id(0), {' * '.join(dims)}, tl.num_programs(0)):  # {stage.name}")
-                with w.indent():
-                    pids = []
-                    for a in range(len(stage.grid)):
-                        inner = " * ".join(dims[:a])
-                        flat = f"(vp{si} // ({inner}))" if inner else f"vp{si}"
-                        w(f"vp{si}_{a} = {flat} % {dims[a]}" if a < len(dims) - 1 else f"vp{si}_{a} = {flat}")
-                        pids.append(f"vp{si}_{a}")
-                    self._stage = stage
-                    self._counting = any(op.name == "atomic_add" for op in ops_in(stage.body))
-                    self._virtual_pids = tuple(pids)
-                    try:
-                        self.block(stage.body, w)
-                    finally:
-                        self._virtual_pids = ()
-        w()
-
     _guarded_views: frozenset = frozenset()
     _accumulated_views: frozenset = frozenset()
 
@@ -478,9 +367,10 @@ class TritonEmitter(Walker):
     def launch(self, w: Writer):
         ins = [v.name for v in self.ir.arguments]
         scal = [s.name for s in self.ir.scalars]
-        w(f"def launch({', '.join(ins + scal)}):")
+        w(f"def launch({', '.join(ins + scal)}, *, pdl=True, interpret=False):")
         with w.indent():
-            w(f'"""Launch {self.ir.name}: inputs, outputs (written in place), runtime scalars."""')
+            w(f'"""Launch {self.ir.name}: inputs, outputs (written in place), runtime scalars; ``pdl``:')
+            w('dependent launch where the device has it; ``interpret``: under the Triton interpreter."""')
             self.bind_dims(w, "{view}.shape[{axis}]")
             tviews = [v for v in self.ir.views if v.role != "workspace" and v.dtype == "T"]
             if tviews:
@@ -515,20 +405,17 @@ class TritonEmitter(Walker):
             if self.uses("dot"):
                 first = tviews[0].name
                 w(f'DOT_PREC = "ieee" if {first}.dtype == torch.float32 else "tf32"')
-                w('UPCAST = os.environ.get("TRITON_INTERPRET") == "1"')
-            w(f"USE_PDL = _use_pdl({ins[0]})")
+                w("UPCAST = interpret")
+            w(f"USE_PDL = _use_pdl({ins[0]}, pdl, interpret)")
             if self.uses("prefetch"):  # only useful, and only tested, with dependent launch
-                w('PREFETCH = USE_PDL and os.environ.get("TILEFLOW_PREFETCH") != "0"')
+                w("PREFETCH = USE_PDL")
             if self._uses_early():
-                w('EARLY = USE_PDL and os.environ.get("TILEFLOW_EARLY") != "0"')
+                w("EARLY = USE_PDL")
             call = [v.name for v in self.ir.views]
             call += [f"{v.name}.stride({a})" for v in self.ir.views for a in range(v.rank)]
             call += list(self.ir.dims) + scal
             kw = [f"{c}={c}" for c in self.constexprs()]
             kw += [f"{o}={o}" for o in LAUNCH_OPTIONS if o in self.ir.params]
-            if self.persistent():
-                self._launch_persistent(w, call, kw, dev)
-                return
             for stage in self.ir.stages:
                 grid = ", ".join(stage.grid) + ("," if len(stage.grid) == 1 else "")
                 w(f"{self.ir.name}_{stage.name}[({grid})](")
@@ -536,19 +423,6 @@ class TritonEmitter(Walker):
                     w(", ".join(call) + ",")
                     w(", ".join(kw) + ", **(_PDL_LAUNCH if USE_PDL else {}),")
                 w(")")
-
-    def _launch_persistent(self, w: Writer, call: list, kw: list, dev: str):
-        grids = self._grid_args()
-        values = [g for st in self.ir.stages for g in st.grid]
-        w(f"{', '.join(grids)} = {', '.join(values)}")
-        totals = [" * ".join(f"G{s}_{a}" for a in range(len(st.grid))) for s, st in enumerate(self.ir.stages)]
-        w(f"programs = min(max({', '.join(totals)}), _resident_programs({dev}))")
-        w(f'barrier = _counters("{self.ir.name}_barrier", (2,), {dev}.device)  # arrivals, generation')
-        w(f"{self.ir.name}_persistent[(programs,)](")
-        with w.indent():
-            w(", ".join(call + grids + ["barrier"]) + ",")
-            w(", ".join(kw) + ", **(_PDL_LAUNCH if USE_PDL else {}),")
-        w(")")
 
     @staticmethod
     def _jit_def(w: Writer, name: str, params: list) -> None:
@@ -591,12 +465,13 @@ class TritonEmitter(Walker):
         written views thread from stage to stage and come back as the outputs."""
         ins = [v.name for v in self.ir.arguments]
         scal = [s.name for s in self.ir.scalars]
-        w(f"def launch_xla(call, empty, {', '.join(ins + scal)}, *, pdl=False):")
+        w(f"def launch_xla(call, empty, {', '.join(ins + scal)}, *, pdl=False, interpret=False):")
         with w.indent():
             w(f'"""{self.ir.name} as custom calls: ``call(kernel, grid, reads, writes, scalars, meta)``')
             w("returns the new ``writes``; ``empty(shape, dtype)`` allocates a workspace. Strides (a")
             w("tensor's own, else row-major) and sizes compiled in as constants; ``pdl``: the stages may use dependent")
-            w('launch (a torch caller on Hopper; XLA\'s launcher has none). Returns the outputs."""')
+            w("launch (a torch caller on Hopper; XLA's launcher has none); ``interpret``: under the Triton")
+            w('interpreter. Returns the outputs."""')
             self.bind_dims(w, "{view}.shape[{axis}]")
             for k in sorted(self.ir.params):
                 w(f"{k} = {literal(self.ir.params[k])}")
@@ -610,12 +485,12 @@ class TritonEmitter(Walker):
             tviews = [v for v in self.ir.views if v.role != "workspace" and v.dtype == "T"]
             if self.uses("dot"):
                 w(f'DOT_PREC = "ieee" if str({tviews[0].name}.dtype).endswith("float32") else "tf32"')
-                w('UPCAST = os.environ.get("TRITON_INTERPRET") == "1"')
+                w("UPCAST = interpret")
             w("USE_PDL = pdl")
             if self.uses("prefetch"):
-                w('PREFETCH = USE_PDL and os.environ.get("TILEFLOW_PREFETCH") != "0"')
+                w("PREFETCH = USE_PDL")
             if self._uses_early():
-                w('EARLY = USE_PDL and os.environ.get("TILEFLOW_EARLY") != "0"')
+                w("EARLY = USE_PDL")
             for v in self.ir.views:
                 shape = ", ".join(f"{v.name}.shape[{a}]" if v.role != "workspace" else v.shape[a]
                                   for a in range(v.rank)) + ("," if v.rank == 1 else "")
@@ -641,15 +516,10 @@ class TritonEmitter(Walker):
             w(line)
         for line in _PRELUDE.splitlines():
             w(line)
-        if self.persistent():
-            for line in _GRID_BARRIER.splitlines():
-                w(line)
         for stage in self.ir.stages:
             self.reset_names()
             self.stage_kernel(stage, w)
             w()
-        if self.persistent():
-            self.persistent_kernel(w)
         self.launch(w)
         w()
         self.xla_wrappers(w)

@@ -4,8 +4,9 @@ Each function takes torch tensors (Hugging Face layouts) and returns new tensors
 a GPU it launches the generated Triton kernel with the launch parameters measured
 for this device and shape (``tileflow/data/autotune.json`` or the user cache), else
 the definition's defaults. On CPU it runs the kernel's reference with fp32
-arithmetic, or, with ``TILEFLOW_CPU_TARGET=triton``, the generated Triton code under
-the interpreter (how the tests check the integrations against the real kernels).
+arithmetic, or, with the option ``cpu_target="triton"`` (``TILEFLOW_CPU_TARGET``), the
+generated Triton code under the interpreter (how the tests check the integrations
+against the real kernels).
 
 Dispatch is one dict lookup per call: per (kernel, sizes, dtype, device) the chosen
 parameters, the IR and the launcher are built once.
@@ -13,22 +14,22 @@ parameters, the IR and the launcher are built once.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 
+from tileflow import settings
 from tileflow.suite import KERNELS
-from tileflow.suite.ahead import ahead_sizes
 from tileflow.suite.rope import ROPE_SCALARS
 
 _LAUNCHERS: dict[tuple, Callable] = {}
 
 
 def cpu_target() -> str:
-    """"reference" (default) or "triton" (the interpreter) for CPU tensors."""
-    return os.environ.get("TILEFLOW_CPU_TARGET", "reference")
+    """"reference" (default) or "triton" (the interpreter) for CPU tensors: the option
+    ``cpu_target`` of the environment's options (read at each launcher's build)."""
+    return settings.ENVIRONMENT.cpu_target
 
 
 def _device_name(device: torch.device) -> str:
@@ -134,47 +135,23 @@ def _early(sizes: dict, early: bool) -> dict:
     return sizes
 
 
-def _matvec_residual(name: str, x, w, r, early: bool = False, extra: Optional[dict] = None,
-                     ahead: Sequence[torch.Tensor] = (), tail: tuple = ()) -> torch.Tensor:
-    """``tail``: the launch's last arguments (ready counters and their chunk)."""
+def _matvec_residual(name: str, x, w, r, early: bool = False) -> torch.Tensor:
     n, k = w.shape
     out = _out((x.shape[0], n), x)
-    sizes = _early({"M": x.shape[0], "N": n, "K": k, **(extra or {})}, early)
-    _launcher(name, sizes, x.dtype, x.device)(x, w, r, out, *ahead, *tail)
+    sizes = _early({"M": x.shape[0], "N": n, "K": k}, early)
+    _launcher(name, sizes, x.dtype, x.device)(x, w, r, out)
     return out
 
 
-def o_proj_residual(x, w, r, early: bool = False, ahead: Sequence[torch.Tensor] = (),
-                    keep: bool = False) -> torch.Tensor:
+def o_proj_residual(x, w, r, early: bool = False) -> torch.Tensor:
     """``x @ w.T + r``: attention output projection with the residual (``early``: the
-    caller vouches that ``r`` is not the previous kernel's output, see ``_early``;
-    ``ahead``, ``keep``: tensors to bring into L2 for later kernels, see ``suite.ahead.ahead_sizes``)."""
-    flat, extra = ahead_sizes(ahead, keep)
-    return _matvec_residual("o_proj_residual", x, w, r, early, extra, flat)
+    caller vouches that ``r`` is not the previous kernel's output, see ``_early``)."""
+    return _matvec_residual("o_proj_residual", x, w, r, early)
 
 
-@dataclass(frozen=True)
-class ReadyLink:
-    """Ready counters between a producer launch and the consumer right after it
-    (``suite.ready``): ``counters`` [NC] (int32) count the producer's stored rows per
-    ``chunk`` rows; the producer clears ``next_counters`` (the next pair's) for the caller."""
-
-    counters: torch.Tensor
-    next_counters: torch.Tensor
-    chunk: int
-
-
-def down_proj_residual(x, w, r, ahead: Sequence[torch.Tensor] = (), keep: bool = False,
-                       early: bool = False, ready: Optional[ReadyLink] = None) -> torch.Tensor:
-    """``x @ w.T + r``: MLP down projection with the residual. ``ahead`` (e.g. the next
-    layer's attention weights) and ``keep``: as for :func:`o_proj_residual`. ``ready``: the
-    launch just before (:func:`rms_norm_gate_up_silu` with the same link) wrote ``x`` and
-    counts it in chunks; each K round waits only for its chunks (``r`` must then be older)."""
-    flat, extra = ahead_sizes(ahead, keep)
-    if ready is None:
-        return _matvec_residual("down_proj_residual", x, w, r, early, extra, flat)
-    extra.update(READY_WAIT=1, NC=ready.counters.shape[0])
-    return _matvec_residual("down_proj_residual", x, w, r, early, extra, flat, (ready.counters, ready.chunk))
+def down_proj_residual(x, w, r, early: bool = False) -> torch.Tensor:
+    """``x @ w.T + r``: MLP down projection with the residual."""
+    return _matvec_residual("down_proj_residual", x, w, r, early)
 
 
 def gate_up_silu(x, wg, wu) -> torch.Tensor:
@@ -204,49 +181,22 @@ def rope(x: torch.Tensor, pos: torch.Tensor, cfg: RopeConfig) -> torch.Tensor:
 
 
 def attention_decode(q, k_cache, v_cache, lengths, scale: float,
-                     key_mask: Optional[torch.Tensor] = None, early: bool = False,
-                     ahead: Sequence[torch.Tensor] = (), keep: bool = False) -> torch.Tensor:
+                     key_mask: Optional[torch.Tensor] = None, early: bool = False) -> torch.Tensor:
     """GQA decode attention of ``q`` [B, NH, DH] over the first ``lengths[b]``
     positions of the caches [B, NKV, S, DH]; with ``key_mask`` [B, S] (int32), only
     over the positions where it is nonzero. ``early``: the caller vouches that
-    ``lengths`` is not the previous kernel's output (``_early``); ``ahead``, ``keep``:
-    tensors to bring into L2 for later kernels (``suite.ahead.ahead_sizes``)."""
-    out = _out(q.shape, q)
-    sizes, masks, flat = _attention_launch(q, k_cache, key_mask, early, ahead, keep)
-    _launcher("attention_decode_gqa", sizes, q.dtype, q.device)(q, k_cache, v_cache, lengths, *masks, out,
-                                                                *flat, scale)
-    return out
-
-
-def _attention_launch(q, k_cache, key_mask, early: bool, ahead: Sequence[torch.Tensor], keep: bool,
-                      **extra) -> tuple[dict, tuple, list]:
-    """The sizes, the mask argument and the look-ahead views of a launch whose first stage
-    is attention's (``attention_decode_gqa`` and the kernels fusing it); ``extra``: more sizes."""
+    ``lengths`` is not the previous kernel's output (``_early``)."""
     b, nh, dh = q.shape
     nkv, s = k_cache.shape[1], k_cache.shape[2]
     # launch parameters depend on the capacity only through SPLITS: bucket it to a power
     # of two so a growing (dynamic) cache does not build a launcher per length
-    sizes = {"B": b, "NH": nh, "NKV": nkv, "DH": dh, "S": 1 << max(0, (s - 1).bit_length()), **extra}
+    sizes = {"B": b, "NH": nh, "NKV": nkv, "DH": dh, "S": 1 << max(0, (s - 1).bit_length())}
     if key_mask is not None:
         sizes["HAS_MASK"] = 1
-    flat, ahead_extra = ahead_sizes(ahead, keep)
     masks = (key_mask,) if key_mask is not None else ()
-    return _early({**sizes, **ahead_extra}, early), masks, flat
-
-
-def attention_o_proj_residual(q, k_cache, v_cache, lengths, wo, r, scale: float,
-                              key_mask: Optional[torch.Tensor] = None, early: bool = False,
-                              ahead: Sequence[torch.Tensor] = (), keep: bool = False) -> torch.Tensor:
-    """``attention_decode(q, ...).view(B, -1) @ wo.T + r`` in two launches (the fused
-    suite kernel): ``wo`` [N, NH * DH] is o_proj's weight, ``r`` [B, N] the residual.
-    ``key_mask``, ``early``, ``ahead``, ``keep``: as for :func:`attention_decode`
-    (``early`` vouches for ``r`` too)."""
-    b, nh, dh = q.shape
-    n = wo.shape[0]
-    out = _out((b, n), r)
-    sizes, masks, flat = _attention_launch(q, k_cache, key_mask, early, ahead, keep, N=n)
-    _launcher("attention_o_proj_residual", sizes, q.dtype, q.device)(
-        q, k_cache, v_cache, lengths, *masks, wo.view(n, nh, dh), r, out, *flat, scale)
+    out = _out(q.shape, q)
+    _launcher("attention_decode_gqa", _early(sizes, early), q.dtype, q.device)(
+        q, k_cache, v_cache, lengths, *masks, out, scale)
     return out
 
 
@@ -293,77 +243,20 @@ def rms_norm_linear(x: torch.Tensor, ln_w: torch.Tensor, eps: float, w: torch.Te
 
 
 def rms_norm_gate_up_silu(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wg: torch.Tensor,
-                          wu: torch.Tensor, ready: Optional[ReadyLink] = None) -> torch.Tensor:
-    """``silu(n @ wg.T) * (n @ wu.T)`` with ``n = rms_norm(x, ln_w, eps)``, one launch.
-    ``ready``: also count the stored rows per chunk for the consumer launched next
-    (:func:`down_proj_residual` with the same link), and clear the next pair's counters."""
+                          wu: torch.Tensor) -> torch.Tensor:
+    """``silu(n @ wg.T) * (n @ wu.T)`` with ``n = rms_norm(x, ln_w, eps)``, one launch."""
     n, k = wg.shape
     out = _out((x.shape[0], n), x)
-    sizes = {"M": x.shape[0], "N": n, "K": k}
-    if ready is None:
-        _launcher("rms_norm_gate_up_silu", sizes, x.dtype, x.device)(x, ln_w, wg, wu, out, eps)
-        return out
-    sizes.update(READY_SIGNAL=1, NC=ready.counters.shape[0])
-    _launcher("rms_norm_gate_up_silu", sizes, x.dtype, x.device)(
-        x, ln_w, wg, wu, out, ready.counters, ready.next_counters, eps, ready.chunk)
+    _launcher("rms_norm_gate_up_silu", {"M": x.shape[0], "N": n, "K": k}, x.dtype, x.device)(
+        x, ln_w, wg, wu, out, eps)
     return out
-
-
-_MLP_SUMS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def mlp_sums(m: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fp32 accumulator [m, d] and the int32 count [m] that :func:`rms_norm_mlp_residual`
-    sums into: zero, and put back to zero by every launch, so launches on one stream (and
-    every layer of a CUDA graph) share them. Allocated on first use: warm up before a
-    capture."""
-    key = (m, d, device.type, device.index)
-    if key not in _MLP_SUMS:
-        _MLP_SUMS[key] = (torch.zeros(m, d, dtype=torch.float32, device=device),
-                          torch.zeros(m, dtype=torch.int32, device=device))
-    return _MLP_SUMS[key]
-
-
-def rms_norm_mlp_residual(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wg: torch.Tensor, wu: torch.Tensor,
-                          wd: torch.Tensor) -> torch.Tensor:
-    """``x + down(silu(gate(n)) * up(n))`` with ``n = rms_norm(x, ln_w, eps)``: a layer's whole
-    MLP in one launch (``suite.rms_norm_mlp_residual``). ``wd`` is the ``[D, I]`` down weight,
-    any strides (stored column-major, :func:`column_major_`, each program's columns are whole rows)."""
-    inter, d = wg.shape
-    out = _out(x.shape, x)
-    acc, done = mlp_sums(x.shape[0], d, x.device)
-    sizes = {"M": x.shape[0], "I": inter, "D": d}
-    _launcher("rms_norm_mlp_residual", sizes, x.dtype, x.device)(x, ln_w, wg, wu, wd, out, acc, done, eps)
-    return out
-
-
-def column_major_(w: torch.Tensor) -> None:
-    """Re-lay ``w`` (a 2-D parameter) out column-major in place: the same values and shape
-    to every reader, but its columns are contiguous, so :func:`rms_norm_mlp_residual` reads
-    each program's columns of the down weight as whole rows."""
-    if w.dim() == 2 and w.stride() != (1, w.shape[0]):
-        w.data = w.data.t().contiguous().t()
-
-
-def ready_chunk(inter: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple[int, str]:
-    """The chunk of ``h`` [1, inter] per ready counter between the MLP's gate-up and down
-    launches (down's K round, so each round polls one counter), or (0, why not)."""
-    up = launch_params("rms_norm_gate_up_silu", {"M": 1, "N": inter, "K": d}, dtype, device)
-    down = launch_params("down_proj_residual", {"M": 1, "N": d, "K": inter}, dtype, device)
-    if up.get("SPLIT_K", 1) > 1 or down.get("SPLIT_K", 1) > 1:
-        return 0, "split-K launches (partials in a second stage) have no ready counters"
-    chunk = down["BLOCK_K"]
-    if chunk % up["BLOCK_N"]:
-        return 0, f"down's K round {chunk} is not a multiple of gate-up's {up['BLOCK_N']} rows a program"
-    return chunk, ""
 
 
 def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Tensor, wk: torch.Tensor,
                    wv: torch.Tensor, bq: Optional[torch.Tensor], bk: Optional[torch.Tensor],
                    bv: Optional[torch.Tensor], pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    cfg: Optional[RopeConfig] = None, cache_pos: Optional[torch.Tensor] = None,
-                   inv_freq: Optional[torch.Tensor] = None, early: bool = False,
-                   ahead: Sequence[torch.Tensor] = (), keep: bool = False) -> torch.Tensor:
+                   inv_freq: Optional[torch.Tensor] = None, early: bool = False) -> torch.Tensor:
     """The attention input of a decode layer in one launch: RMSNorm of ``x`` [M, D], the
     q/k/v projections (+ biases), RoPE at ``pos`` [M]; K and V are written into row
     ``pos`` of the caches [M, NKV, S, DH] in place; returns q [M, NH, DH].
@@ -371,8 +264,7 @@ def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Te
     The rotation's frequencies come from ``cfg`` or, as a compiled transformers graph
     has them, from ``inv_freq`` [DH/2] (fp32); ``cache_pos`` [M], when given, is the row
     K and V go to (the graph writes at the cache's own count, rotates at ``pos``).
-    ``early``: the caller vouches that the positions are not the previous kernel's output;
-    ``ahead``, ``keep``: tensors to bring into L2 for later kernels (``suite.ahead.ahead_sizes``)."""
+    ``early``: the caller vouches that the positions are not the previous kernel's output."""
     m, nkv, s, dh = k_cache.shape
     nq = wq.shape[0]
     q = _out((m, nq // dh, dh), x)
@@ -385,10 +277,9 @@ def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Te
     if inv_freq is not None:
         sizes["HALF"] = dh // 2
         extra.append(inv_freq)
-    flat, ahead_extra = ahead_sizes(ahead, keep)
-    fn = _launcher("qkv_rope_cache", _early({**sizes, **ahead_extra}, early), x.dtype, x.device)
+    fn = _launcher("qkv_rope_cache", _early(sizes, early), x.dtype, x.device)
     biases = (bq, bk, bv) if bq is not None else ()
-    fn(x, ln_w, wq, wk, wv, *biases, pos, *extra, q, k_cache, v_cache, *flat, eps,
+    fn(x, ln_w, wq, wk, wv, *biases, pos, *extra, q, k_cache, v_cache, eps,
        *(() if inv_freq is not None else cfg.scalars))
     return q
 
@@ -404,12 +295,3 @@ def embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     _launcher("embedding_lookup", {"M": ids.shape[0], "V": table.shape[0], "D": table.shape[1]}, table.dtype,
               table.device)(ids, table, out)
     return out
-
-
-def rope_k_into_cache(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, cfg: RopeConfig) -> None:
-    """Rotate ``k`` [M, NKV, DH] at ``pos`` and write it, and ``v``, into row ``pos`` of
-    the static caches [M, NKV, S, DH], in place."""
-    m, h, dh = k.shape
-    sizes = {"M": m, "NKV": h, "DH": dh, "ROPE_KIND": cfg.kind}
-    _launcher("rope_k", sizes, k.dtype, k.device)(k, pos, v, k_cache, v_cache, *cfg.scalars)

@@ -16,16 +16,18 @@ less programmatic dependent launch: XLA launches them, not Triton's launcher.
 
 from __future__ import annotations
 
-import os
+import functools
 from typing import Callable, Sequence
 
+from tileflow import settings
 from tileflow.emit.cache import load_generated
 from tileflow.tile.ir import KernelIR
 
 
 def xla_launcher(ir: KernelIR, interpret: bool = False) -> Callable:
-    """The generated ``launch_xla`` for ``ir``."""
-    return load_generated(ir, "triton", variant="_interp" if interpret else "").launch_xla
+    """The generated ``launch_xla`` for ``ir`` (``interpret``: under the Triton interpreter)."""
+    module = load_generated(ir, "triton", variant="_interp" if interpret else "")
+    return functools.partial(module.launch_xla, interpret=interpret)
 
 
 def jax_triton_missing() -> str:
@@ -49,15 +51,12 @@ def _launch_options(meta: dict) -> tuple[dict, dict]:
 # code around them instead of launching each from the host. jaxlib registers it
 # without the trait; a compiled call only ever runs cuLaunchKernel (its module loads
 # in the handler's initialize stage), which stream capture records and replays.
-# TILEFLOW_JAX_COMMAND_BUFFER=0 uses jaxlib's registration as it is (the A/B).
 _TARGET = "tileflow_triton_kernel_call"
 _JAXLIB_TARGET = "triton_kernel_call_ffi"
 _registered: set = set()
 
 
 def _custom_call_target(platform: str) -> str:
-    if os.environ.get("TILEFLOW_JAX_COMMAND_BUFFER") == "0":
-        return _JAXLIB_TARGET
     if platform not in _registered:
         import jax
         from jax._src.lib import gpu_triton
@@ -182,7 +181,7 @@ def torch_static_launcher(ir: KernelIR, interpret: bool) -> Callable:
     def run(*args):
         first = args[0]
         if first.device not in pdl:
-            pdl[first.device] = (first.is_cuda and not interpret and os.environ.get("TILEFLOW_PDL") != "0"
+            pdl[first.device] = (first.is_cuda and not interpret and settings.ENVIRONMENT.pdl
                                  and torch.cuda.get_device_capability(first.device)[0] >= 9)
         empty = lambda shape, dtype: torch.empty(  # noqa: E731
             tuple(int(n) for n in shape), device=first.device,

@@ -9,4 +9,3 @@ from tileflow.suite import embedding_lookup, rope_q, rope_k, attention_decode_gq
 from tileflow.suite import silu_mul_fused, residual_add, argmax_greedy  # noqa: F401,E402
 # fused decode patterns: several suite kernels' work in one launch (``fused=True``)
 from tileflow.suite import qkv_rope_cache, rms_norm_gate_up_silu, rms_norm_matvec  # noqa: F401,E402
-from tileflow.suite import attention_o_proj_residual, rms_norm_mlp_residual  # noqa: F401,E402

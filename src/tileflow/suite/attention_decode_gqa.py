@@ -10,26 +10,15 @@ cache, grouped-query (``G = NH / NKV`` query heads share each K/V head).
 - Online softmax in fp32 over ``BLOCK_N`` positions at a time. With ``SPLITS > 1`` the
   context is cut into chunks (flash-decoding) written as (max, sum, acc) partials,
   then a second stage combines them; with ``SPLITS == 1`` the first stage finishes.
-- With ``ONE_LAUNCH`` (Triton) there is no second stage: each (KV head, split) program
-  counts itself done on a counter that outlives the launch, and the last of a group to
-  finish combines the group's partials (every query head of it at once) and puts the
-  counter back to zero. One launch boundary a layer less, but measured slower on an
-  H200 (alone, and 3x in the decode step): a candidate the tuner may pick, not a default.
-  With ``LATE_LAUNCH`` too the next kernel's programs are let in only once every program
-  has stored its partials (``k.launch_dependents``), not while the splits still read K/V.
-- With ``PERSISTENT`` (Triton on a GPU) both stages run in one launch of at most one
-  program per multiprocessor, a grid-wide barrier between them (the emitter's
-  persistent kernel); the interpreter runs that kernel as a single program.
+  (The combine inside the first launch, by its last program or behind a grid barrier,
+  measured slower: docs/decisions.md.)
 - With ``EARLY_INPUTS`` the lengths load before the dependent-launch wait (the caller
   vouches that the kernel just before does not write them).
-- With ``AHEAD`` the partial stage's programs also bring the inputs ``ahead0..`` into L2
-  (``suite.ahead``): attention leaves the memory bandwidth nearly idle.
 - With ``HAS_MASK`` a key mask ``key_mask[b, j]`` (int, 0 = hidden) further hides cache
   rows, e.g. transformers' padding mask; a block hidden entirely adds nothing (its
   running max stays -inf and is read as 0), a row hidden entirely is NaN, as in SDPA.
 """
 
-from tileflow.suite.ahead import ahead_inputs, ahead_params, prefetch_ahead
 from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
 
 
@@ -93,19 +82,14 @@ def split_pass(k, p, views: dict, scale):
 def define(k, p):
     views = attention_inputs(k, p)
     out = k.output("out", ("B", "NH", "DH"))
-    ahead = ahead_inputs(k, p)
     scale = k.scalar("scale")
     split = p["SPLITS"] > 1
-    one_launch = split and p.get("ONE_LAUNCH", 0)
     if split:
         ws_m = k.workspace("part_m", ("B", "NKV", "SPLITS", "GROUP_BLOCK"))
         ws_l = k.workspace("part_l", ("B", "NKV", "SPLITS", "GROUP_BLOCK"))
         ws_acc = k.workspace("part_acc", ("B", "NKV", "SPLITS", "GROUP_BLOCK", "BLOCK_DH"))
-    if one_launch:
-        done = k.counter("done", ("B", "NKV"))
 
     with k.stage("partial", grid=("NKV", "SPLITS", "B")):
-        prefetch_ahead(k, ahead, p)
         b, kvh, sp, heads, heads_end, d, m, l, acc = split_pass(k, p, views, scale)
         if split:  # only the group's real rows: padded rows would be pure write traffic
             rows = k.range(0, "GROUP_BLOCK", aligned=True)
@@ -113,14 +97,10 @@ def define(k, p):
             k.store(ws_m, (b, kvh, sp, rows), m, limits={3: g})
             k.store(ws_l, (b, kvh, sp, rows), l, limits={3: g})
             k.store(ws_acc, (b, kvh, sp, rows, d), acc, limits={3: g})
-            if one_launch:
-                if p.get("LATE_LAUNCH", 0):  # the next kernel arrives for the combine only
-                    k.launch_dependents()
-                combine_last(k, b, kvh, g, d, ws_m, ws_l, ws_acc, done, out)
         else:
             k.store(out, (b, heads, d), acc / l[:, None], limits={1: heads_end})
 
-    if not split or one_launch:
+    if not split:
         return
     # One program per query head loads every split of its partials at once: a loop
     # over splits would serialise SPLITS round trips to L2.
@@ -137,25 +117,6 @@ def define(k, p):
         l = k.sum(wgt * k.load(ws_l, (b, kvh, sp, j), limits={2: nsp}), axis=0)
         acc = k.sum(wgt[:, None] * k.load(ws_acc, (b, kvh, sp, j, d), limits={2: nsp}), axis=0)
         k.store(out, (b, h, d), acc / l)
-
-
-def combine_last(k, b, kvh, g, d, ws_m, ws_l, ws_acc, done, out):
-    """The group's last program to finish combines every split of every head of the
-    group in one round of loads ([SPLITS_BLOCK, GROUP_C(, BLOCK_DH)] tiles, GROUP_C the
-    group size to a power of two) and resets the group's counter; the others' loads and
-    stores are predicated off."""
-    nsp = k.param("SPLITS")
-    last = k.eq(k.atomic_add(done, (b, kvh), 1), nsp - 1)
-    sp = k.range(0, "SPLITS_BLOCK", aligned=True)
-    rows = k.range(0, "GROUP_C", aligned=True)
-    lim = {2: nsp, 3: g}
-    m = k.load(ws_m, (b, kvh, sp, rows), limits=lim, other=float("-inf"), when=last)
-    wgt = k.exp(m - k.max(m, axis=0)[None, :])  # empty splits hold m = -inf: weight 0
-    l = k.sum(wgt * k.load(ws_l, (b, kvh, sp, rows), limits=lim, when=last), axis=0)
-    acc = k.sum(wgt[:, :, None] * k.load(ws_acc, (b, kvh, sp, rows, d), limits=lim, when=last), axis=0)
-    heads = k.range(kvh * g, "GROUP_C")
-    k.store(out, (b, heads, d), acc / l[:, None], limits={1: kvh * g + g}, when=last)
-    k.store(done, (b, kvh), 0, when=last)
 
 
 def reference(xp, q, k_cache, v_cache, lengths, scale, key_mask=None):
@@ -183,21 +144,17 @@ def two_waves(s) -> int:
     return TWO_WAVES // (s.get("B", 1) * s["NKV"])
 
 
-def attention_params(s, block_n: int = 64, splits: int = 0, num_warps: int = 4, one_launch: int = 0,
-                     persistent: int = 0, late_launch: int = 0) -> dict:
+def attention_params(s, block_n: int = 64, splits: int = 0, num_warps: int = 4) -> dict:
     """Parameters for cache capacity ``S`` (the filled length is a runtime value: the
     chunk per split grows with it). By default SPLITS fills about two waves of 132
     multiprocessors with (KV head, split) programs, never more than S / BLOCK_N."""
     g = s["NH"] // s["NKV"]
     if not splits:
         splits = 1 if s["S"] <= 256 else max(1, min(two_waves(s), -(-s["S"] // block_n)))
-    return {"HAS_MASK": s.get("HAS_MASK", 0), "EARLY_INPUTS": s.get("EARLY_INPUTS", 0), **ahead_params(s),
+    return {"HAS_MASK": s.get("HAS_MASK", 0), "EARLY_INPUTS": s.get("EARLY_INPUTS", 0),
             "BLOCK_N": block_n, "GROUP_BLOCK": max(16, next_pow2(g)), "BLOCK_DH": max(16, next_pow2(s["DH"])),
             "SPLITS": splits, "SPLITS_BLOCK": next_pow2(splits), "BLOCK_DC": min(32, max(16, next_pow2(s["DH"]))),
-            "num_warps": num_warps, "num_stages": 2,
-            **({"ONE_LAUNCH": 1, "GROUP_C": next_pow2(g), **({"LATE_LAUNCH": 1} if late_launch else {})}
-               if one_launch and splits > 1 else {}),
-            **({"PERSISTENT": 1} if persistent and splits > 1 and not one_launch else {})}
+            "num_warps": num_warps, "num_stages": 2}
 
 
 def default_params(s):
@@ -215,10 +172,6 @@ def candidates(s):
                 continue
             for nw in (2, 4, 8):
                 out.append(attention_params(s, bn, splits, nw))
-                if splits > 1:  # Triton: the combine in the same launch (last program / grid barrier)
-                    out.append(attention_params(s, bn, splits, nw, one_launch=1))
-                    out.append(attention_params(s, bn, splits, nw, one_launch=1, late_launch=1))
-                    out.append(attention_params(s, bn, splits, nw, persistent=1))
     return out
 
 
@@ -262,19 +215,8 @@ KERNEL = register(SuiteKernel(
              params=dict(BLOCK_N=16)),
         Case("mask_split", dict(B=1, NH=6, NKV=2, DH=32, S=300, L=259, HAS_MASK=1), dict(scale=0.17),
              params=dict(SPLITS=4, SPLITS_BLOCK=4, BLOCK_N=16)),
-        Case("one_launch", dict(B=2, NH=12, NKV=2, DH=32, S=300, L=259, HAS_MASK=1), dict(scale=0.17),
-             params=dict(SPLITS=4, SPLITS_BLOCK=4, BLOCK_N=16, ONE_LAUNCH=1, GROUP_C=8), targets=("triton",)),
         Case("early", dict(B=1, NH=6, NKV=2, DH=32, S=300, L=259, EARLY_INPUTS=1), dict(scale=0.17),
              params=dict(SPLITS=4, SPLITS_BLOCK=4, BLOCK_N=16)),
-        Case("ahead", dict(B=1, NH=6, NKV=2, DH=32, S=300, L=259, AHEAD=2, A0=1500, A1=70), dict(scale=0.17),
-             params=dict(SPLITS=4, SPLITS_BLOCK=4, BLOCK_N=16, AHEAD_BLOCK=8)),
-        Case("persistent", dict(B=2, NH=12, NKV=2, DH=32, S=300, L=259, HAS_MASK=1), dict(scale=0.17),
-             params=dict(SPLITS=4, SPLITS_BLOCK=4, BLOCK_N=16, PERSISTENT=1)),
-        Case("one_launch_late", dict(B=1, NH=6, NKV=2, DH=32, S=300, L=259), dict(scale=0.17),
-             params=dict(SPLITS=4, SPLITS_BLOCK=4, BLOCK_N=16, ONE_LAUNCH=1, GROUP_C=4, LATE_LAUNCH=1),
-             targets=("triton",)),
-        Case("one_launch_empty", dict(B=1, NH=4, NKV=2, DH=16, S=100, L=20), dict(scale=0.25),
-             params=dict(SPLITS=8, SPLITS_BLOCK=8, BLOCK_N=16, ONE_LAUNCH=1, GROUP_C=2), targets=("triton",)),
     ],
     # decode looks parameters up by the cache capacity bucketed to a power of two
     # (ops.attention_decode), never by the filled length: cases are (capacity bucket,

@@ -22,19 +22,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from tileflow.suite.ahead import ahead_inputs, ahead_params, prefetch_ahead
-from tileflow.suite.ready import ready_params
 from tileflow.suite.registry import next_pow2
-from tileflow.tile.builder import TileDefinitionError
 
 MATVEC_PARAMS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "BLOCK_R", "PIPELINE", "num_warps", "num_stages")
 
 
 def residual_params(s: dict) -> dict:
-    """The parameters of a residual matvec (o_proj, down_proj) that are sizes: what it
-    prefetches ahead (``suite.ahead``), and ``EARLY_INPUTS`` (the residual loads before the dependent-launch
-    wait, where the caller vouches that the kernel just before does not write it)."""
-    return {**ahead_params(s), "EARLY_INPUTS": s.get("EARLY_INPUTS", 0), **ready_params(s)}
+    """The parameters of a residual matvec (o_proj, down_proj) that are sizes:
+    ``EARLY_INPUTS`` (the residual loads before the dependent-launch wait, where the caller
+    vouches that the kernel just before does not write it)."""
+    return {"EARLY_INPUTS": s.get("EARLY_INPUTS", 0)}
 
 
 @dataclass(frozen=True)
@@ -79,14 +76,12 @@ def rms_scale(k, x, row, kdim, eps):
     return rsqrt_mean(k, lp.results[0], kdim, eps)
 
 
-def products_body(k, x, row, ln_w=None, gather_ss: bool = False, hi=None, before=None):
+def products_body(k, x, row, ln_w=None, gather_ss: bool = False, hi=None):
     """The ``body`` of :func:`stream_k` for products with a row of ``x``: the carried fp32
     accumulators gain ``tile * x[cols]`` (times the norm's gamma ``ln_w`` where given), and
     with ``gather_ss`` a last carried value gathers x^2 for the norm's scale. ``hi`` limits
-    the columns read (a split-K chunk); ``before(cols)`` runs first in each round."""
+    the columns read (a split-K chunk)."""
     def body(cols, carry, tiles):
-        if before is not None:
-            before(cols)
         xv = k.load(x, (row, cols), limits=None if hi is None else {1: hi})
         ss = [carry.pop() + xv * xv] if gather_ss else []
         if ln_w is not None:
@@ -108,7 +103,7 @@ def stream_k(k, lo, hi, carry, load_tiles, body, pipeline: int) -> list:
     occupancy. The first round's tiles are loaded before the dependent-launch wait
     (:meth:`~tileflow.tile.builder.TileBuilder.before_wait`), so even with a single
     round they can arrive during the previous kernel's tail (on the H200 the tuner kept
-    this form only for o_proj; NOTES.md). The tiles must be of inputs no earlier kernel
+    this form only for o_proj; docs/notebook.md). The tiles must be of inputs no earlier kernel
     of the step writes. With ``pipeline`` 2 only the first round's tiles come before the
     wait; the other rounds run as without pipelining."""
     carry = list(carry)
@@ -120,9 +115,8 @@ def stream_k(k, lo, hi, carry, load_tiles, body, pipeline: int) -> list:
             first = load_tiles(k.range(lo, "BLOCK_K", aligned=True))
         if pipeline == 2:
             # PIPELINE=2: only the first round ahead of the wait, peeled off the loop, which
-            # then holds one round's tiles as the plain loop does (no look-ahead registers):
-            # pure weight reads of the 1.5B step gained 7.5% from this alone on an H100
-            # (benchmarks/step_ceiling.py, NOTES.md 2026-12-06)
+            # then holds one round's tiles as the plain loop does (no look-ahead registers;
+            # measured faster on pure weight reads: benchmarks/step_ceiling.py, docs/notebook.md)
             carry = body(k.range(lo, "BLOCK_K", aligned=True), carry, lambda: first)
             lo, pipeline = lo + k.param("BLOCK_K"), 0
         else:
@@ -150,18 +144,7 @@ def define_matvec(form: MatvecForm, k, p) -> None:
     outs = [k.output(o, ("M", "N")) for o in form.outputs]
     eps = k.scalar("eps") if form.norm else None
     split = p["SPLIT_K"]
-    ahead = ahead_inputs(k, p)
     parts = [k.workspace(f"part_{w}", ("SPLIT_K", "M", "N")) for w in form.weights] if split > 1 else []
-    # ready counters (suite.ready): the producer counts its stored rows per chunk, the
-    # consumer waits per K round for the chunks of x it reads
-    signal, wait = p.get("READY_SIGNAL", 0), p.get("READY_WAIT", 0)
-    if (signal or wait) and split > 1:
-        raise TileDefinitionError("ready counters need SPLIT_K = 1 (one stage, every program the whole K)")
-    if signal:
-        ready, ready_next = k.inout("ready", ("NC",), "i32"), k.inout("ready_next", ("NC",), "i32")
-    elif wait:
-        ready = k.input("ready", ("NC",), "i32")
-    ready_chunk = k.scalar("ready_chunk", "i32") if signal or wait else None
 
     def load_extras(row, rows):
         got = {}
@@ -171,7 +154,6 @@ def define_matvec(form: MatvecForm, k, p) -> None:
         return got
 
     with k.stage("matvec", grid=("cdiv(N, BLOCK_N)", "SPLIT_K", "M")):
-        prefetch_ahead(k, ahead, p)
         row = k.program_id(2)
         rows = k.range(k.program_id(0) * k.param("BLOCK_N"), "BLOCK_N", aligned=True)
         kdim = k.dim("K")
@@ -192,17 +174,11 @@ def define_matvec(form: MatvecForm, k, p) -> None:
         if p.get("EARLY_INPUTS", 0) and split == 1:
             with k.before_wait():
                 early = load_extras(row, rows)
-        # no k.prefetch of the first weight tile here: measured on an H200 (NOTES.md,
-        # 2026-12-02) it slowed gate_up 18.1 -> 21.0 us and down 8.2 -> 9.5 us a layer
+        # no k.prefetch of the first weight tile here: measured slower (docs/decisions.md)
         acc0 = [k.full(("BLOCK_N", "BLOCK_K"), 0.0) for _ in ws]
         if gather_ss:
             acc0.append(k.full(("BLOCK_K",), 0.0))
-
-        def wait_for(cols):
-            k.wait_ready(ready, cols.start, k.minimum(cols.start + k.param("BLOCK_K"), hi), ready_chunk,
-                         kdim, k.dim("M"), guards=x)
-
-        body = products_body(k, x, row, ln_w, gather_ss, hi, wait_for if wait else None)
+        body = products_body(k, x, row, ln_w, gather_ss, hi)
         results = stream_k(k, lo, hi, acc0, lambda cols: [k.load(w, (rows, cols), limits={1: hi}) for w in ws],
                            body, p.get("PIPELINE", 0))
         if gather_ss:
@@ -218,13 +194,6 @@ def define_matvec(form: MatvecForm, k, p) -> None:
         else:
             for out, y in zip(outs, form.epilogue(k, sums, early or load_extras(row, rows))):
                 k.store(out, (row, rows), y)
-            if signal:
-                first = k.program_id(0) * k.param("BLOCK_N")
-                # cleared before this program's count is released: the next layer's pair
-                # starts only after the consumer saw that count
-                k.store(ready_next, (k.range(0, "READY_BLOCK", aligned=True),), k.full(("READY_BLOCK",), 0, "i32"),
-                        when=k.eq(k.program_id(0) + k.program_id(2), 0))
-                k.signal(ready, (first // ready_chunk,), k.minimum(k.param("BLOCK_N"), k.dim("N") - first))
 
     if split > 1:
         with k.stage("reduce", grid=("cdiv(N, BLOCK_R)", "M")):
@@ -241,7 +210,7 @@ def matvec_params(n: int, k_: int, block_n: int = 0, block_k: int = 0, split_k: 
                   num_warps: int = 0, num_stages: int = 2, **extra) -> dict:
     """Launch parameters with defaults that suit a decode matvec of size N x K."""
     # Untuned defaults, from what the leaderboards of both GH100 parts picked (1.5B
-    # shapes, 2026-11-24 H100 and 2026-12-02 H200 in data/autotune.json):
+    # shapes, H100 and H200 entries in data/autotune.json):
     # - few rows (q, o, down: N = 1536): two rows a program and a 2048-wide slice of K
     #   per round trip, 8 warps: a short grid needs big tiles to keep bytes in flight;
     # - many rows (gate_up N = 8960, lm_head N = 152k): small tiles, 4 warps, many

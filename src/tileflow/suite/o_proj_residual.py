@@ -1,9 +1,7 @@
 """o_proj_residual: ``out = attn @ wo.T + residual``: the output projection with the
 residual add fused, so the hidden state is read and written once. With ``EARLY_INPUTS``
 the residual loads before the dependent-launch wait, where the caller vouches that the
-kernel just before does not write it; with ``AHEAD`` its programs also bring the inputs
-``ahead0..`` (in the decode step: the start of the MLP's gate-up weights) into L2
-(``suite.ahead``)."""
+kernel just before does not write it."""
 
 from tileflow.suite.inputs import linear_weight
 from tileflow.suite.matvec import (RESIDUAL_FORM, define_matvec, matvec_bytes, matvec_candidates,
@@ -22,11 +20,10 @@ KERNEL = register(SuiteKernel(
         Case("splitk", dict(M=2, N=30, K=900), params=dict(SPLIT_K=4, BLOCK_K=256)),
         Case("early", dict(M=1, N=45, K=91, EARLY_INPUTS=1), params=dict(PIPELINE=1)),
         Case("first-round", dict(M=1, N=45, K=300, EARLY_INPUTS=1), params=dict(PIPELINE=2, BLOCK_K=64)),
-        Case("ahead", dict(M=1, N=45, K=91, AHEAD=2, A0=700, A1=33), params=dict(BLOCK_N=4, AHEAD_BLOCK=4)),
     ],
     decode_cases=lambda c: [Case("o", dict(M=1, N=c["D"], K=c["NH"] * c["DH"]))],
     candidates=lambda s: [{**c, **residual_params(s)} for c in matvec_candidates(s["N"], s["K"])],
-    tune_keys=("M", "N", "K"),  # what is prefetched ahead, or loaded early, does not change the tiles
+    tune_keys=("M", "N", "K"),  # what is loaded early does not change the tiles
     input_makers={"w": linear_weight},
     min_bytes=matvec_bytes(1, 0, 1, 1),
     module=__name__,

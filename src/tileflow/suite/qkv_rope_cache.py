@@ -5,8 +5,7 @@ static caches. Replaces rms_norm, q_proj_matvec, kv_proj_matvec, rope_q and rope
 
 With ``CACHE_POS`` the cache row comes from its own ``cache_pos`` input (a compiled
 transformers graph rotates at ``position_ids`` but writes at the cache's own count, two
-tensors that need not agree); with ``ROPE_KIND`` 3 the frequencies come from ``inv_freq``;
-with ``AHEAD`` its programs also bring the inputs ``ahead0..`` into L2 (``suite.ahead``).
+tensors that need not agree); with ``ROPE_KIND`` 3 the frequencies come from ``inv_freq``.
 
 A program owns one head of the stacked [q heads | k heads | v heads] and ``BLOCK_J``
 rotation pairs ``(j, j + DH/2)`` of it, so both halves of every rotated pair are summed
@@ -17,7 +16,6 @@ unconcatenated.
 """
 
 from tileflow.suite import rms_norm
-from tileflow.suite.ahead import ahead_inputs, ahead_params, prefetch_ahead
 from tileflow.suite.inputs import linear_weight, positions, rope_frequencies
 from tileflow.suite.matvec import rsqrt_mean, stream_k
 from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
@@ -39,12 +37,10 @@ def define(k, p):
     q_out = k.output("q", ("M", "NH", "DH"))
     k_cache = k.inout("k_cache", ("M", "NKV", "S", "DH"))
     v_cache = k.inout("v_cache", ("M", "NKV", "S", "DH"))
-    ahead = ahead_inputs(k, p)
     eps = k.scalar("eps")
     for name in ROPE_SCALARS[kind]:
         k.scalar(name)
     with k.stage("main", grid=("NH + 2 * NKV", "cdiv(DH // 2, BLOCK_J)", "M")):
-        prefetch_ahead(k, ahead, p)
         head, row = k.program_id(0), k.program_id(2)
         nh, nkv, dh, kdim = k.dim("NH"), k.dim("NKV"), k.dim("DH"), k.dim("K")
         half = dh // 2
@@ -145,7 +141,7 @@ def default_params(s):
     # against 6.29 for the earlier BLOCK_J=1, BLOCK_K=2048 on the H200)
     return {"BLOCK_J": 4 if s["DH"] >= 8 else 1, "BLOCK_K": min(512, next_pow2(s["K"])), "HAS_BIAS": s.get("HAS_BIAS", 1),
             "ROPE_KIND": s.get("ROPE_KIND", 0), "CACHE_POS": s.get("CACHE_POS", 0),
-            "EARLY_INPUTS": s.get("EARLY_INPUTS", 0), **ahead_params(s), "num_warps": 4, "num_stages": 2}
+            "EARLY_INPUTS": s.get("EARLY_INPUTS", 0), "num_warps": 4, "num_stages": 2}
 
 
 def candidates(s):
@@ -185,8 +181,6 @@ KERNEL = register(SuiteKernel(
         _case("early", 1, 48, 4, 2, 16, 24, {}, dict(BLOCK_J=2), ROPE_KIND=3, CACHE_POS=1, HALF=8, EARLY_INPUTS=1),
         _case("early-pipeline", 1, 300, 4, 2, 16, 9, dict(theta=10000.0), dict(BLOCK_K=128, PIPELINE=1),
               EARLY_INPUTS=1),
-        _case("ahead", 1, 48, 4, 2, 16, 24, {}, dict(BLOCK_J=2, AHEAD_BLOCK=4), ROPE_KIND=3, CACHE_POS=1, HALF=8,
-              AHEAD=2, A0=900, A1=41),
     ],
     decode_cases=lambda c: [Case("qkv", _sizes(c), dict(eps=1e-6, theta=10000.0))],
     candidates=candidates,

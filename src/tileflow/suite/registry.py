@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from tileflow.suite.ahead import is_ahead_input
-from tileflow.suite.ready import is_ready_arg, ready_reference
 from tileflow.tile.builder import TileBuilder
 from tileflow.tile.ir import KernelIR
 
@@ -82,12 +80,8 @@ class SuiteKernel:
         return {**self.default_params(case.sizes), **case.params}
 
     def run_reference(self, xp, **args) -> dict:
-        """The reference's outputs for the kernel's inputs and scalars ``args``; inputs the
-        kernel only prefetches for a later kernel (``suite.ahead``) are not the reference's, and
-        ready counters (``suite.ready``) get what a producer's launch leaves in them."""
-        ready = {n: v for n, v in args.items() if is_ready_arg(n)}
-        out = self.reference(xp, **{n: v for n, v in args.items() if not is_ahead_input(n) and n not in ready})
-        return ready_reference(xp, out, **ready) if ready else out
+        """The reference's outputs for the kernel's inputs and scalars ``args``."""
+        return self.reference(xp, **args)
 
     def build(self, params: dict) -> KernelIR:
         """The tile IR for these parameters (a pure function of them)."""

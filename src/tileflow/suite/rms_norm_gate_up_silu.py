@@ -8,7 +8,6 @@ from dataclasses import replace
 from tileflow.suite import mlp_gate_up_silu, rms_norm
 from tileflow.suite.inputs import linear_weight
 from tileflow.suite.matvec import define_matvec, matvec_bytes, matvec_candidates, matvec_params
-from tileflow.suite.ready import ready_params, some_counts
 from tileflow.suite.registry import Case, SuiteKernel, register
 
 FORM = replace(mlp_gate_up_silu.FORM, norm=True)
@@ -23,7 +22,7 @@ KERNEL = register(SuiteKernel(
     summary="fused: RMSNorm, then MLP gate/up projections with SiLU(gate) * up",
     define=lambda k, p: define_matvec(FORM, k, p),
     reference=reference,
-    default_params=lambda s: {**matvec_params(s["N"], s["K"]), **ready_params(s)},
+    default_params=lambda s: matvec_params(s["N"], s["K"]),
     test_cases=[
         Case("tiny", dict(M=1, N=64, K=32), dict(eps=1e-6)),
         Case("odd", dict(M=1, N=99, K=61), dict(eps=1e-5)),
@@ -32,14 +31,11 @@ KERNEL = register(SuiteKernel(
         Case("pipeline", dict(M=1, N=37, K=600), dict(eps=1e-6), params=dict(PIPELINE=1, BLOCK_K=128)),
         Case("pipe-splitk", dict(M=2, N=50, K=700), dict(eps=1e-6), params=dict(PIPELINE=1, SPLIT_K=3, BLOCK_K=128)),
         Case("first-round", dict(M=2, N=37, K=600), dict(eps=1e-6), params=dict(PIPELINE=2, BLOCK_K=128)),
-        # counts its rows per chunk of 8 for the down projection after it (suite.ready)
-        Case("signal", dict(M=2, N=37, K=64, READY_SIGNAL=1, NC=5), dict(eps=1e-6, ready_chunk=8),
-             params=dict(BLOCK_N=4), targets=("triton", "reference")),
     ],
     decode_cases=lambda c: [Case("gate_up", dict(M=1, N=c["INTER"], K=c["D"]), dict(eps=1e-6))],
-    candidates=lambda s: [{**c, **ready_params(s)} for c in matvec_candidates(s["N"], s["K"])],
-    tune_keys=("M", "N", "K"),  # ready counters do not change the tiles
-    input_makers={"wg": linear_weight, "wu": linear_weight, "ready": some_counts, "ready_next": some_counts},
+    candidates=lambda s: matvec_candidates(s["N"], s["K"]),
+    tune_keys=("M", "N", "K"),
+    input_makers={"wg": linear_weight, "wu": linear_weight},
     min_bytes=lambda s, b: matvec_bytes(2, 0, 0, 1)(s, b) + s["K"] * b,
     fused=True,
     module=__name__,

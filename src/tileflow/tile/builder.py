@@ -510,21 +510,6 @@ class TileBuilder:
             raise TileDefinitionError("prefetch: the last index must be a range (lines along the row)")
         self._emit("prefetch", None, (view, index))
 
-    def prefetch_share(self, view: View, block: str, keep: bool = False) -> None:
-        """A hint for a later kernel: the programs of the stage split the whole 1-D
-        input ``view`` between them and each brings its share into L2, ``block`` lines
-        (128 bytes each) per round. For the weights of the next kernels of a step (e.g. a
-        layer's small q/k/v/o projections, fetched while the MLP streams its large ones),
-        so those kernels read L2 instead of waiting on memory; with ``keep`` the lines
-        are marked to be evicted last (the stream between the prefetch and its reader
-        goes first). Reads no value, changes no result; targets without an L2 hint
-        ignore it."""
-        if view.role != "input" or view.rank != 1:
-            raise TileDefinitionError(f"prefetch_share of {view.name}: only 1-D inputs are prefetched")
-        if block not in self.params:
-            raise TileDefinitionError(f"block size {block!r} is not a parameter")
-        self._emit("prefetch", None, (view, ()), share=block, keep=bool(keep))
-
     def launch_dependents(self) -> None:
         """A hint: the next launch's programs may start from here on (programmatic
         dependent launch) instead of right after this stage's wait. For a stage whose
@@ -550,8 +535,7 @@ class TileBuilder:
         kernel launched early starts only once its predecessor passed its own wait, so
         everything before that predecessor is complete and visible); only loads, never
         stores. Results are the same on every target; Triton places these loads
-        ahead of ``gdc_wait`` when they precede the stage's first other memory access
-        (``TILEFLOW_EARLY=0`` keeps them after it)."""
+        ahead of ``gdc_wait`` when they precede the stage's first other memory access."""
         if self._block is None or self._block is not self._stage_body:
             raise TileDefinitionError("before_wait: only at a stage's top level, before its loops")
         self._early = True
