@@ -20,8 +20,7 @@ How the tile IR maps onto Pallas:
 from __future__ import annotations
 
 from tileflow.emit.walker import INFIX, Walker, Writer, expand_key, literal
-from tileflow.tile.builder import _RangeValue
-from tileflow.tile.ir import KernelIR, Loop, Op, Stage, ops_in
+from tileflow.tile.ir import KernelIR, Loop, Op, RangeValue, Stage, ops_in
 
 _UNARY = {
     "exp": "jnp.exp({})", "exp2": "jnp.exp2({})", "log2": "jnp.log2({})",
@@ -142,7 +141,7 @@ class PallasEmitter(Walker):
     def _slice(self, index) -> str:
         parts = []
         for i in index:
-            if isinstance(i, _RangeValue):
+            if isinstance(i, RangeValue):
                 parts.append(f"pl.ds({self.operand(i.start)}, {i.block})")
             else:
                 parts.append(self.operand(i))
@@ -230,7 +229,7 @@ class PallasEmitter(Walker):
                 if op.name in ("load", "store"):
                     view, index = op.args[0], op.args[1]
                     for axis, i in enumerate(index):
-                        if isinstance(i, _RangeValue):
+                        if isinstance(i, RangeValue):
                             uses.setdefault((view.name, axis), []).append(
                                 (self.ir.params[i.block], i.aligned))
         return uses

@@ -30,8 +30,7 @@ The launchers are built once per kernel and device; what they take from the proc
 from __future__ import annotations
 
 from tileflow.emit.walker import INFIX, Walker, Writer, expand_key, literal
-from tileflow.tile.builder import _RangeValue
-from tileflow.tile.ir import KernelIR, Loop, Op, Stage, ops_in
+from tileflow.tile.ir import KernelIR, Loop, Op, RangeValue, Stage, ops_in
 
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
@@ -163,10 +162,10 @@ class TritonEmitter(Walker):
         """Pointer tile of ``view`` at ``index``; ``range_expr(axis, range)`` may give
         another index expression for a range axis (the prefetch's line addresses), and
         ``base`` another base pointer with the view's strides (a picked one)."""
-        ranges = [i for i in index if isinstance(i, _RangeValue)]
+        ranges = [i for i in index if isinstance(i, RangeValue)]
         terms, pos = [], 0
         for axis, i in enumerate(index):
-            if isinstance(i, _RangeValue):
+            if isinstance(i, RangeValue):
                 expr = range_expr(axis, i) if range_expr else self.name(i.index)
                 terms.append(f"{expr}{expand_key(pos, len(ranges))} * {view.name}_s{axis}")
                 pos += 1

@@ -24,7 +24,7 @@ from tileflow.tile.ir import (
     KernelIR,
     Loop,
     Op,
-    Range,
+    RangeValue,
     ScalarArg,
     Stage,
     Value,
@@ -175,7 +175,7 @@ class TileBuilder:
             raise TileDefinitionError(f"atomic_add on {view.name}: only counters (k.counter, or int32 "
                                       "in-place views the caller keeps at zero between launches)")
         index = self._check_index(view, index)
-        if any(isinstance(i, _RangeValue) for i in index):
+        if any(isinstance(i, RangeValue) for i in index):
             raise TileDefinitionError("atomic_add: one element (scalar indices)")
         if self._early:
             raise TileDefinitionError("before_wait: no atomic_add before the wait")
@@ -192,7 +192,7 @@ class TileBuilder:
         if view.role != "inout" or view.dtype != "f32":
             raise TileDefinitionError(f"accumulate on {view.name}: only fp32 in-place views (accumulators)")
         index = self._check_index(view, index)
-        shape = tuple(i.block for i in index if isinstance(i, _RangeValue))
+        shape = tuple(i.block for i in index if isinstance(i, RangeValue))
         value = self._operand(value)
         if self._shape_of(value) != shape:
             raise TileDefinitionError(f"accumulating a {self._shape_of(value)} tile into a {shape} block of {view.name}")
@@ -209,7 +209,7 @@ class TileBuilder:
         if view.role != "inout" or view.dtype != "i32":
             raise TileDefinitionError(f"signal on {view.name}: only int32 in-place views (ready counters)")
         index = self._check_index(view, index)
-        if any(isinstance(i, _RangeValue) for i in index):
+        if any(isinstance(i, RangeValue) for i in index):
             raise TileDefinitionError("signal: one element (scalar indices)")
         if self._early:
             raise TileDefinitionError("before_wait: no signal before the wait")
@@ -278,14 +278,14 @@ class TileBuilder:
     def program_id(self, axis: int) -> Value:
         return self._emit("program_id", self._new("i32", (), "pid"), axis=axis)
 
-    def range(self, start: Operand, block: str, aligned: bool = False) -> Range:
+    def range(self, start: Operand, block: str, aligned: bool = False) -> RangeValue:
         """Indices ``start + [0, block)``. ``aligned`` promises ``start`` is a multiple
         of the block size (lets the Pallas launcher skip a pad)."""
         if block not in self.params:
             raise TileDefinitionError(f"block size {block!r} is not a parameter")
         start = self._operand(start)
         idx = self._emit("range", self._new("i32", (block,), "idx"), (start,), block=block)
-        return _RangeValue(start, block, aligned, idx)
+        return RangeValue(start, block, aligned, idx)
 
     def full(self, shape: Sequence, value: float, dtype: str = "f32") -> Value:
         for s in shape:
@@ -412,7 +412,7 @@ class TileBuilder:
     def _check_index(self, view: View, index: Sequence) -> tuple:
         if len(index) != view.rank:
             raise TileDefinitionError(f"{view.name} has rank {view.rank}, index has {len(index)}")
-        return tuple(i if isinstance(i, _RangeValue) else self._operand(i) for i in index)
+        return tuple(i if isinstance(i, RangeValue) else self._operand(i) for i in index)
 
     def load(self, view: View, index: Sequence, limits: Optional[dict] = None,
              other: float = 0.0, hint: str = "", for_dot: bool = False,
@@ -431,7 +431,7 @@ class TileBuilder:
         its own; the index must still lie inside the view.
         """
         index = self._check_index(view, index)
-        shape = tuple(i.block for i in index if isinstance(i, _RangeValue))
+        shape = tuple(i.block for i in index if isinstance(i, RangeValue))
         if for_dot and view.dtype == "T":
             dtype = "T"
         else:
@@ -447,7 +447,7 @@ class TileBuilder:
         leaves the block untouched on every target (Pallas would otherwise write
         the old values back, racing the program that owns the block)."""
         index = self._check_index(view, index)
-        shape = tuple(i.block for i in index if isinstance(i, _RangeValue))
+        shape = tuple(i.block for i in index if isinstance(i, RangeValue))
         value = self._operand(value)
         vshape = self._shape_of(value)
         if vshape != shape:
@@ -484,7 +484,7 @@ class TileBuilder:
         try:
             total = None
             for c, v, off in picks:
-                if isinstance(rel, _RangeValue):
+                if isinstance(rel, RangeValue):
                     row = self.range(off if isinstance(rel.start, int) and rel.start == 0 else rel.start + off, rel.block)
                 else:
                     row = rel + off
@@ -492,7 +492,7 @@ class TileBuilder:
                 total = part if total is None else total + part
         finally:
             self._block = parent
-        shape = tuple(i.block for i in index if isinstance(i, _RangeValue))
+        shape = tuple(i.block for i in index if isinstance(i, RangeValue))
         res = self._new("f32", shape, first.name)
         return self._emit("load_pick", res, (tuple(picks), index), limits=dict(limits),
                           fallback=fallback, fallback_result=total)
@@ -506,7 +506,7 @@ class TileBuilder:
         if view.role != "input":
             raise TileDefinitionError(f"prefetch of {view.name}: only inputs are prefetched")
         index = self._check_index(view, index)
-        if not index or not isinstance(index[-1], _RangeValue):
+        if not index or not isinstance(index[-1], RangeValue):
             raise TileDefinitionError("prefetch: the last index must be a range (lines along the row)")
         self._emit("prefetch", None, (view, index))
 
@@ -585,22 +585,6 @@ class TileBuilder:
             raise TileDefinitionError("a kernel needs at least one stage")
         return KernelIR(self.name, list(self._views), list(self._scalars), list(self._dims),
                         dict(self.params), list(self._stages), doc)
-
-
-class _RangeValue(Range):
-    """A Range that also carries the Value of its index vector."""
-
-    def __init__(self, start, block, aligned, index: Value):
-        object.__setattr__(self, "start", start)
-        object.__setattr__(self, "block", block)
-        object.__setattr__(self, "aligned", aligned)
-        object.__setattr__(self, "index", index)
-
-    def __hash__(self):
-        return id(self)
-
-    def __eq__(self, other):
-        return self is other
 
 
 class _LoopHandle:

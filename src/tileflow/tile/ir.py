@@ -148,6 +148,24 @@ class Range:
     block: str  # name of the block-size parameter
 
 
+class RangeValue(Range):
+    """The :class:`Range` that ``k.range(...)`` returns and load / store indices hold:
+    also carries the Value of its index vector (``index``) and whether ``start`` is a
+    multiple of the block size (``aligned``). Compared by identity."""
+
+    def __init__(self, start, block, aligned, index: Value):
+        object.__setattr__(self, "start", start)
+        object.__setattr__(self, "block", block)
+        object.__setattr__(self, "aligned", aligned)
+        object.__setattr__(self, "index", index)
+
+    def __hash__(self):
+        return id(self)
+
+    def __eq__(self, other):
+        return self is other
+
+
 @dataclass
 class Op:
     """One operation: ``result = name(*args, **attrs)``."""
