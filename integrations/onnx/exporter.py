@@ -10,7 +10,10 @@ rewrite rules can check decode shapes statically) and the past length dynamic.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -88,6 +91,23 @@ def _save(program, path: str, metadata: dict) -> None:
                     location=data_name(path), size_threshold=1024)
 
 
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch's exporter's notes that say nothing about this export: every cache input shares
+    past_len on purpose, torchvision's ops are not used, and torch's own pytree use warns."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used", category=UserWarning)
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
+
+
 def export(model, path: str, *, prefill_path: Optional[str] = None, opset: int = 18) -> ExportResult:
     """Export ``model``'s decode step to ``path``: inputs ``input_ids`` [1, 1] and
     ``past_{key,value}.<layer>`` [1, kv_heads, past, head_dim]; outputs ``logits``
@@ -116,7 +136,7 @@ def export(model, path: str, *, prefill_path: Optional[str] = None, opset: int =
     dim = torch.export.Dim
     past_len = dim("past_len", min=1, max=config.max_position_embeddings - 1)
 
-    with torch.no_grad(), Staged() as staged:
+    with torch.no_grad(), Staged() as staged, _quiet_exporter():
         step_tmp = staged.path(path)  # here, before the export: an unwritable folder fails now
         prefill_tmp = staged.path(prefill_path) if prefill_path is not None else None
         ids = torch.zeros(1, 1, dtype=torch.long, device=device)
