@@ -1,6 +1,7 @@
 """Test session set-up: the Triton interpreter on machines without a GPU (it must be
-on before triton is first imported), a private generated-code cache, and a summary
-of every kernel verification (errors and bounds) at the end of the run."""
+on before triton is first imported), a private generated-code cache, the `full` marker
+(exhaustive sweeps, deselected unless ``--full``: docs/testing.md), and a summary of
+every kernel verification (errors and bounds) at the end of the run."""
 
 import os
 import tempfile
@@ -22,6 +23,28 @@ if not os.environ.get("TRITON_CACHE_DIR"):
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-test-cache-")
 
 RESULTS = []
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", default=False,
+                     help="also run the exhaustive sweeps (tests marked `full`: every kernel test case x target x "
+                          "dtype, as `tileflow verify --full`); docs/testing.md")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "full: part of an exhaustive sweep; deselected unless pytest runs with --full "
+                                       "(docs/testing.md)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without --full the sweeps marked `full` are deselected (not skipped: the default
+    run covers what they check at least once, docs/testing.md)."""
+    if config.getoption("--full", default=False):
+        return
+    swept = [item for item in items if item.get_closest_marker("full")]
+    if swept:
+        config.hook.pytest_deselected(items=swept)
+        items[:] = [item for item in items if not item.get_closest_marker("full")]
 
 
 @pytest.fixture

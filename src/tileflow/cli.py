@@ -2,7 +2,7 @@
 
     tileflow kernels list                       the suite, with targets and stages
     tileflow kernels show NAME --target triton  the generated source of one kernel
-    tileflow verify [NAME ...]                  check kernels against the reference
+    tileflow verify [NAME ...] [--full]         check kernels against the reference
     tileflow bench [--model NAME|DIR]           decode tok/s: eager, inductor, tileflow
 """
 
@@ -130,7 +130,7 @@ def cmd_verify(args) -> int:
     from rich.table import Table
 
     from tileflow.suite import KERNELS
-    from tileflow.verify import verify
+    from tileflow.verify import verification_matrix, verify
 
     device = args.device
     if device == "cuda":
@@ -143,13 +143,13 @@ def cmd_verify(args) -> int:
         raise UsageError(f"unknown kernel{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; "
                          "`tileflow kernels list` names them")
     names = args.names or list(KERNELS)
-    jobs = [(name, case, target, dtype) for name in names for case in KERNELS[name].test_cases
-            for target in args.targets for dtype in args.dtypes
-            if not (case.dtypes and dtype not in case.dtypes) and case.runs_on(target)]
+    jobs = [(name, case, target, dtype) for name in names
+            for case, target, dtype in verification_matrix(KERNELS[name], args.targets, args.dtypes, args.full)]
     if not jobs:  # an empty table would read as a pass
         raise UsageError(f"nothing to verify: no test case of {', '.join(names)} runs on targets "
                          f"[{', '.join(args.targets)}] in dtypes [{', '.join(args.dtypes)}]")
-    table = Table(title=f"verification against the float64 reference ({device})")
+    table = Table(title=f"verification against the float64 reference ({device}, "
+                        f"{'full sweep' if args.full else 'default set'})")
     for col in ("kernel", "case", "target", "dtype", "rel. error", "bound", "result"):
         table.add_column(col)
     failed = 0
@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--targets", nargs="*", default=list(TARGETS), choices=TARGETS)
     ver.add_argument("--dtypes", nargs="*", default=["bf16", "fp16", "fp32"], choices=["bf16", "fp16", "fp32"])
     ver.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ver.add_argument("--full", action="store_true",
+                     help="every test case x target x dtype (default: each kernel x target x dtype and each "
+                          "case x target at least once, as the test suite; docs/testing.md)")
     ver.set_defaults(fn=cmd_verify)
     from tileflow.bench.decode import default_paths
 

@@ -9,6 +9,11 @@ path) and by the GPU leaderboard alike, so both check the same way:
 - the error is ``||out - ref|| / ||ref||`` against the reference run in float64 on
   the same (storage-dtype) inputs, and must be under the bound of the dtype;
 - any NaN fails, whatever the error figure says.
+
+What is checked (``verification_matrix``): the default run (the test suite, CI, plain
+``tileflow verify``) checks every kernel x target x dtype at least once and every test
+case once on every target; ``tileflow verify --full`` (``pytest --full``) checks every
+test case x target x dtype. docs/testing.md lists what only the full sweep runs.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from tileflow.suite.registry import Case, SuiteKernel
+from tileflow.suite.registry import TARGETS, Case, SuiteKernel
 from tileflow.tile.ir import KernelIR
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -30,6 +35,37 @@ BOUNDS = {"bf16": 1e-2, "fp16": 2e-3, "fp32": 2e-5}
 _INDEX_DTYPES = {"i32": torch.int32, "i64": torch.int64}
 # what run_target runs: the suite's targets and the custom-call form of the Triton kernels
 RUN_TARGETS = ("triton", "triton_xla", "pallas", "reference")
+
+
+def verification_matrix(kernel: SuiteKernel, targets=TARGETS, dtypes=tuple(DTYPES),
+                        full: bool = False) -> list[tuple[Case, str, str]]:
+    """The (case, target, dtype) checks of ``kernel``, in test-case order.
+
+    ``full``: every test case on every target it runs on, in every dtype it allows.
+    Otherwise (the default run) a covering subset of those, about a third: on each
+    target every test case once, in a dtype that rotates with the case and the target,
+    plus, for a dtype that rotation left out, the first (smallest) case that allows it.
+    So every kernel x target x dtype and every case x target is still checked."""
+    every = [(i, case, target, dtype) for i, case in enumerate(kernel.test_cases) for target in targets
+             if case.runs_on(target) for dtype in dtypes if not (case.dtypes and dtype not in case.dtypes)]
+    if full:
+        return [(case, target, dtype) for _, case, target, dtype in every]
+    order = tuple(DTYPES)
+    picked = set()
+    for target in targets:
+        shift = TARGETS.index(target) if target in TARGETS else 0
+        mine = [(i, case) for i, case in enumerate(kernel.test_cases) if case.runs_on(target)]
+        for n, (i, case) in enumerate(mine):
+            rotated = order[(n + shift) % len(order):] + order[:(n + shift) % len(order)]
+            allowed = [d for d in rotated if d in dtypes and not (case.dtypes and d not in case.dtypes)]
+            if allowed:
+                picked.add((i, target, allowed[0]))
+        for dtype in dtypes:  # a dtype the rotation missed: the smallest case that allows it
+            if not any(t == target and d == dtype for _, t, d in picked):
+                first = next((i for i, case in mine if not (case.dtypes and dtype not in case.dtypes)), None)
+                if first is not None:
+                    picked.add((first, target, dtype))
+    return [(case, target, dtype) for i, case, target, dtype in every if (i, target, dtype) in picked]
 
 
 @dataclass

@@ -76,18 +76,6 @@ def test_leaderboard_retries_tuned_parameters(gpu_suite):
     assert len({tuple(sorted(p.items())) for p in picked}) == 6
 
 
-def test_leaderboard_tries_the_tuned_attention_in_one_launch(gpu_suite):
-    from tileflow.emit import autotune
-
-    kernel = KERNELS["attention_decode_gqa"]
-    case = kernel.decode_cases(QWEN_1_5B)[0]
-    tuned = {**kernel.params_for(case), "SPLITS": 8, "SPLITS_BLOCK": 8, "BLOCK_N": 64}
-    autotune.record(kernel.name, case.sizes, "bf16", "Some GPU", tuned, 1.0)
-    picked = gpu_suite.pick_candidates(kernel, case, 6, "Some GPU")
-    twin = {**tuned, "ONE_LAUNCH": 1, "GROUP_C": 8}  # 1.5B: 6 query heads a group
-    assert twin in picked and twin in kernel.candidates(case.sizes)
-
-
 @pytest.mark.parametrize("name", sorted(KERNELS))
 def test_every_kernel_has_a_vendor_baseline_that_computes_the_reference(name, monkeypatch):
     """The leaderboard times each kernel beside a library path (benchmarks/vendor.py): every
