@@ -30,7 +30,8 @@ from tileflow.integrations.jax.ops import (argmax, attention_decode, down_proj_r
                                            qkv_rope_cache, rms_norm, rms_norm_gate_up_silu, rms_norm_linear, rope,
                                            rope_k_into_cache, rope_scalars, silu_mul)
 from tileflow.integrations.jax.lowering import keep_xla_reason
-from tileflow.integrations.jax.primitives import PRIMITIVES, jax_target, primitive, targeting  # noqa: F401
+from tileflow.integrations.jax.primitives import PRIMITIVES, primitive  # noqa: F401
+from tileflow.integrations.jax.signature import jax_target, targeting  # noqa: F401
 from tileflow.report import Report
 
 __all__ = ["optimize", "explain", "Optimized", "rms_norm", "embedding", "linear", "kv_proj", "o_proj_residual",

@@ -20,7 +20,7 @@ function as written under the ``auto`` target and says why; primitives called di
 still lower to Pallas.
 
 The target is a static parameter of each call (the option ``jax_target``, read when the
-primitive is bound: :func:`tileflow.integrations.jax.primitives.jax_target`), so programs
+primitive is bound: :func:`tileflow.integrations.jax.signature.jax_target`), so programs
 traced under different settings never share a compiled executable.
 """
 
@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.interpreters import mlir
 
 from tileflow import settings
+from tileflow.integrations.jax.signature import input_views, jax_target, kernel_ir, output_avals, storage_dtype
 from tileflow.suite import KERNELS
 
 
@@ -40,8 +41,6 @@ def _interpret_on_accelerator() -> bool:
 
 def reference_impl(name: str):
     """The reference as a function of the primitive's operands and parameters."""
-    from tileflow.integrations.jax.primitives import input_views, output_avals, storage_dtype
-
     kernel = KERNELS[name]
 
     def impl(*ops, sizes, scalars, target):
@@ -58,8 +57,6 @@ def reference_impl(name: str):
 
 
 def kernel_outputs(name: str, sizes: tuple) -> list:
-    from tileflow.integrations.jax.primitives import kernel_ir
-
     return [v.name for v in kernel_ir(name, sizes).outputs]
 
 
@@ -69,7 +66,6 @@ def pallas_impl(name: str, interpret: bool):
     cannot pass as a plausible value; compiled, they start as ``lax.empty`` buffers
     (an allocation, where a poison fill would be one more kernel per call: every
     kernel's writes are verified on every test case under the poison)."""
-    from tileflow.integrations.jax.primitives import kernel_ir, output_avals, storage_dtype
     from tileflow.runtime.jax_pallas import pallas_launcher
 
     def impl(*ops, sizes, scalars, target):
@@ -100,7 +96,6 @@ def triton_impl(name: str, call=None, empty=None, interpret: bool = False):
     ``empty`` bind a stage and allocate a workspace (default: jax_triton, ``lax.empty``;
     the CPU test passes the interpreter's)."""
     from tileflow.emit import autotune
-    from tileflow.integrations.jax.primitives import output_avals, storage_dtype
     from tileflow.runtime import triton_xla
 
     call = call or triton_xla.jax_call
@@ -184,8 +179,6 @@ def keep_xla_reason() -> str:
     Only under the ``auto`` target on CUDA / ROCm without jax_triton (where the kernels
     would run through Pallas's Triton backend, measured slower than XLA):
     ``TILEFLOW_JAX_TARGET=pallas`` (or ``triton``, ``reference``) rewrites everywhere."""
-    from tileflow.integrations.jax.primitives import jax_target
-
     if jax_target() != "auto":
         return ""
     if jax.default_backend() in ("gpu", "cuda", "rocm") and not triton_available():
