@@ -46,8 +46,24 @@ def test_parameters_change_the_text(target):
     assert a != b and "_reduce" not in a and "_reduce" in b
 
 
-@pytest.mark.parametrize("name", ["attention_decode_gqa", "o_proj_residual", "qkv_rope_cache", "mlp_gate_up_silu"])
-def test_pallas_gpu_masked_store_path_matches_reference(name, monkeypatch, tileflow_options):
+def _masked_store_cases():
+    """Each kernel's Pallas test cases; the default run takes those its verification
+    checks in fp32 on Pallas (tileflow.verify.verification_matrix), the rest are `full`."""
+    from tileflow.verify import verification_matrix
+
+    out = []
+    for name in ("attention_decode_gqa", "o_proj_residual", "qkv_rope_cache", "mlp_gate_up_silu"):
+        k = KERNELS[name]
+        default = {case.label for case, _, dtype in verification_matrix(k, ("pallas",)) if dtype == "fp32"}
+        for case in k.test_cases:
+            if case.runs_on("pallas"):
+                marks = () if case.label in default else (pytest.mark.full,)
+                out.append(pytest.param(name, case, id=f"{name}-{case.label}", marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("name,case", _masked_store_cases())
+def test_pallas_gpu_masked_store_path_matches_reference(name, case, monkeypatch, tileflow_options):
     """Compiled on a GPU, Pallas programs run in parallel, so partial blocks are written
     with masked stores instead of a read-modify-write (which raced there and left heads
     unwritten). The interpreter can take that same path: every case must still match."""
@@ -64,10 +80,6 @@ def test_pallas_gpu_masked_store_path_matches_reference(name, monkeypatch, tilef
 
     monkeypatch.setattr(plgpu, "store", counting_store)
     tileflow_options(pallas_masked_stores="1")
-    k = KERNELS[name]
-    for case in k.test_cases:
-        if not case.runs_on("pallas"):
-            continue
-        res = verify(k, case, "fp32", "pallas")
-        assert res.ok, res.detail
+    res = verify(KERNELS[name], case, "fp32", "pallas")
+    assert res.ok, res.detail
     assert masked and all(masked), "the masked-store path was not taken"

@@ -5,8 +5,9 @@ L2 prefetch and the wait placement are checked: the weight prefetches come befor
 ``griddepcontrol.wait``, no store does, and no load either unless the definition marks
 it ``k.before_wait`` (weights, or inputs the caller vouches for with ``EARLY_INPUTS``).
 
-The build runs in a child process: the interpreter, once on in this one (conftest),
-cannot be turned off again."""
+The builds run in one child process for the whole module (a child per kernel paid the
+imports twenty times): the interpreter, once on in this one (conftest), cannot be
+turned off again. Each build's failure is reported by its own test."""
 
 import json
 import os
@@ -91,13 +92,37 @@ _EARLY_CASES = [("qkv_rope_cache", "early"), ("attention_decode_gqa", "early"), 
                 ("down_proj_residual", "early")]
 
 
-@pytest.mark.parametrize("name,label", [(n, "") for n in _names()] + _EARLY_CASES)
-def test_builds_for_sm90_with_prefetch_before_the_wait(name, label):
+_JOBS = [(n, "") for n in _names()] + _EARLY_CASES
+
+
+def _build_each(jobs: list) -> dict:
+    """Child side: every job's stages, or the traceback of its failed build."""
+    import traceback
+
+    out = {}
+    for name, label in jobs:
+        try:
+            out[f"{name}/{label}"] = {"stages": _build(name, label)}
+        except Exception:  # noqa: BLE001 - reported by that job's test
+            out[f"{name}/{label}"] = {"error": traceback.format_exc()[-3000:]}
+    return out
+
+
+@pytest.fixture(scope="module")
+def builds():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, __file__, name, label], capture_output=True, text=True, env=env,
-                          timeout=600)
+    done = subprocess.run([sys.executable, __file__, json.dumps(_JOBS)], capture_output=True, text=True, env=env,
+                          timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    stages = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name,label", _JOBS)
+def test_builds_for_sm90_with_prefetch_before_the_wait(name, label, builds):
+    built = builds[f"{name}/{label}"]
+    assert "error" not in built, built.get("error")
+    stages = built["stages"]
+    assert stages, f"{name}: no stage built"
     for st in stages:
         where = f"{name}{'/' + label if label else ''}/{st['stage']}"
         assert st["cubin_bytes"] > 0, where
@@ -112,5 +137,5 @@ def test_builds_for_sm90_with_prefetch_before_the_wait(name, label):
         assert all(p < st["wait"] for p in st["prefetches"]), f"{where}: a prefetch after the wait"
 
 
-if __name__ == "__main__":
-    print(json.dumps(_build(*sys.argv[1:])))
+if __name__ == "__main__":  # python test_triton_hopper_build.py '[["rms_norm", ""], ...]'
+    print(json.dumps(_build_each(json.loads(sys.argv[1]))))
