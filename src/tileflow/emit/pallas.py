@@ -86,38 +86,14 @@ def _pad_to(x, shape, fill):
 
 class PallasEmitter(Walker):
     target = "pallas"
+    ns, iota, binary, unary, dtypes = "jnp", "jax.lax.iota(jnp.int32, {})", _BINARY, _UNARY, _JNP_DTYPE
 
     # ops ------------------------------------------------------------------
     def op_program_id(self, op: Op, w: Writer):
         w(f"{self.name(op.result)} = pl.program_id({op.attrs['axis']})")
 
-    def op_range(self, op: Op, w: Writer):
-        start = op.args[0]
-        iota = f"jax.lax.iota(jnp.int32, {op.attrs['block']})"
-        w(f"{self.name(op.result)} = " + (iota if start == 0 else f"{self.operand(start)} + {iota}"))
-
-    def op_full(self, op: Op, w: Writer):
-        shape = ", ".join(str(s) for s in op.result.shape)
-        shape = f"({shape},)" if len(op.result.shape) == 1 else f"({shape})"
-        w(f"{self.name(op.result)} = jnp.full({shape}, {literal(op.attrs['value'])}, {_JNP_DTYPE[op.attrs['dtype']]})")
-
-    def op_binary(self, op: Op, w: Writer):
-        a, b = (self.operand(x) for x in op.args)
-        w(f"{self.name(op.result)} = " + _BINARY[op.attrs["op"]].format(a, b))
-
-    def op_unary(self, op: Op, w: Writer):
-        w(f"{self.name(op.result)} = " + _UNARY[op.attrs["op"]].format(self.operand(op.args[0])))
-
     def op_cast(self, op: Op, w: Writer):
         w(f"{self.name(op.result)} = jnp.asarray({self.operand(op.args[0])}).astype({_JNP_DTYPE[op.attrs['dtype']]})")
-
-    def op_where(self, op: Op, w: Writer):
-        c, a, b = (self.operand(x) for x in op.args)
-        w(f"{self.name(op.result)} = jnp.where({c}, {a}, {b})")
-
-    def op_expand(self, op: Op, w: Writer):
-        key = ", ".join(":" if k is not None else "None" for k in op.attrs["key"])
-        w(f"{self.name(op.result)} = {self.operand(op.args[0])}[{key}]")
 
     def op_reduce(self, op: Op, w: Writer):
         a, axis, kind = self.operand(op.args[0]), op.attrs["axis"], op.attrs["op"]

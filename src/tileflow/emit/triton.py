@@ -94,6 +94,7 @@ def _use_pdl(t, pdl, interpret):
 
 class TritonEmitter(Walker):
     target = "triton"
+    ns, iota, binary, unary, dtypes = "tl", "tl.arange(0, {})", _BINARY, _UNARY, _TL_DTYPE
 
     def constexprs(self) -> list[str]:
         names = [k for k in sorted(self.ir.params) if k not in LAUNCH_OPTIONS]
@@ -113,33 +114,8 @@ class TritonEmitter(Walker):
     def op_program_id(self, op: Op, w: Writer):
         w(f"{self.name(op.result)} = tl.program_id({op.attrs['axis']})")
 
-    def op_range(self, op: Op, w: Writer):
-        start = op.args[0]
-        ar = f"tl.arange(0, {op.attrs['block']})"
-        w(f"{self.name(op.result)} = " + (ar if start == 0 else f"{self.operand(start)} + {ar}"))
-
-    def op_full(self, op: Op, w: Writer):
-        shape = ", ".join(str(s) for s in op.result.shape)
-        shape = f"({shape},)" if len(op.result.shape) == 1 else f"({shape})"
-        w(f"{self.name(op.result)} = tl.full({shape}, {literal(op.attrs['value'])}, {_TL_DTYPE[op.attrs['dtype']]})")
-
-    def op_binary(self, op: Op, w: Writer):
-        a, b = (self.operand(x) for x in op.args)
-        w(f"{self.name(op.result)} = " + _BINARY[op.attrs["op"]].format(a, b))
-
-    def op_unary(self, op: Op, w: Writer):
-        w(f"{self.name(op.result)} = " + _UNARY[op.attrs["op"]].format(self.operand(op.args[0])))
-
     def op_cast(self, op: Op, w: Writer):
         w(f"{self.name(op.result)} = tl.cast({self.operand(op.args[0])}, {_TL_DTYPE[op.attrs['dtype']]})")
-
-    def op_where(self, op: Op, w: Writer):
-        c, a, b = (self.operand(x) for x in op.args)
-        w(f"{self.name(op.result)} = tl.where({c}, {a}, {b})")
-
-    def op_expand(self, op: Op, w: Writer):
-        key = ", ".join(":" if k is not None else "None" for k in op.attrs["key"])
-        w(f"{self.name(op.result)} = {self.operand(op.args[0])}[{key}]")
 
     def op_reduce(self, op: Op, w: Writer):
         a, axis, kind = self.operand(op.args[0]), op.attrs["axis"], op.attrs["op"]

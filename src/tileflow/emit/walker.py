@@ -71,6 +71,13 @@ def expand_key(axis: int, rank: int) -> str:
 
 class Walker:
     target = ""
+    # per target: the array namespace, ``arange`` of a block, and the op tables the
+    # shared ops below format with
+    ns = ""
+    iota = ""
+    binary: dict = {}
+    unary: dict = {}
+    dtypes: dict = {}
 
     def __init__(self, ir: KernelIR):
         self.ir = ir
@@ -101,6 +108,31 @@ class Walker:
                 self.loop(op, w)
             else:
                 getattr(self, "op_" + op.name)(op, w)
+
+    def op_range(self, op: Op, w: Writer) -> None:
+        start, ar = op.args[0], self.iota.format(op.attrs["block"])
+        w(f"{self.name(op.result)} = " + (ar if start == 0 else f"{self.operand(start)} + {ar}"))
+
+    def op_full(self, op: Op, w: Writer) -> None:
+        shape = ", ".join(str(s) for s in op.result.shape)
+        shape = f"({shape},)" if len(op.result.shape) == 1 else f"({shape})"
+        w(f"{self.name(op.result)} = {self.ns}.full({shape}, {literal(op.attrs['value'])}, "
+          f"{self.dtypes[op.attrs['dtype']]})")
+
+    def op_binary(self, op: Op, w: Writer) -> None:
+        a, b = (self.operand(x) for x in op.args)
+        w(f"{self.name(op.result)} = " + self.binary[op.attrs["op"]].format(a, b))
+
+    def op_unary(self, op: Op, w: Writer) -> None:
+        w(f"{self.name(op.result)} = " + self.unary[op.attrs["op"]].format(self.operand(op.args[0])))
+
+    def op_where(self, op: Op, w: Writer) -> None:
+        c, a, b = (self.operand(x) for x in op.args)
+        w(f"{self.name(op.result)} = {self.ns}.where({c}, {a}, {b})")
+
+    def op_expand(self, op: Op, w: Writer) -> None:
+        key = ", ".join(":" if k is not None else "None" for k in op.attrs["key"])
+        w(f"{self.name(op.result)} = {self.operand(op.args[0])}[{key}]")
 
     def op_dim(self, op: Op, w: Writer) -> None:
         self.bind(op.result, op.attrs["name"])
