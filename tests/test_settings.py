@@ -109,10 +109,10 @@ def test_generated_triton_reads_no_environment():
 def test_the_decode_program_takes_early_inputs_per_call(tileflow_options):
     from tests.integrations.test_transformers_patch import tiny
     from tileflow.integrations.transformers.decode_step import DecodeProgram
-    from tileflow.runtime import ops
+    from tileflow.integrations.transformers.compat import rope_config_of
 
     model = tiny("qwen2")
-    rope, _ = ops.rope_config_of(model.config)
+    rope, _ = rope_config_of(model.config)
     tileflow_options(early_inputs=True)
     assert DecodeProgram(model, rope).early is True
     assert DecodeProgram(model, rope, options={"early_inputs": False}).early is False

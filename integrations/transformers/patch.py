@@ -28,6 +28,7 @@ import torch
 
 from tileflow.integrations.transformers.decode_step import (DecodeProgram, GraphedDecode, cache_argument,
                                                             cache_field, decode_request)
+from tileflow.integrations.transformers.compat import rope_config_of
 from tileflow.integrations.transformers.guards import CacheFill, CacheFullError, WeightWatch, cache_full_message
 from tileflow.integrations.transformers.prefill import GraphedPrefill, PrefillProgram, prefill_request
 from tileflow import settings
@@ -72,7 +73,7 @@ def _check_model(model, options: settings.Options) -> list[str]:
         why.append("sliding-window attention")
     if getattr(cfg, "attention_dropout", 0.0) and model.training:
         why.append("attention dropout in training mode")
-    _, rope_why = ops.rope_config_of(cfg)
+    _, rope_why = rope_config_of(cfg)
     if rope_why:
         why.append(rope_why)
     dtype = next(model.parameters()).dtype
@@ -391,7 +392,7 @@ def patch(model, options=None) -> PatchReport:
     if problems:
         report.fallbacks += [("model", type(model).__name__, p) for p in problems]
         return report
-    rope_cfg, _ = ops.rope_config_of(cfg)
+    rope_cfg, _ = rope_config_of(cfg)
     base = getattr(model, "model", None)
     layers = getattr(base, "layers", None)
     if layers is None:

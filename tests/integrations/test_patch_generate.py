@@ -133,6 +133,7 @@ def test_the_embedding_kernel_never_reads_outside_the_table(tileflow_options):
 
 
 def test_the_cache_write_kernel_never_writes_past_the_end(tileflow_options):
+    from tileflow.integrations.transformers.compat import rope_config_of
     from tileflow.runtime import ops
 
     tileflow_options(cpu_target="triton")
@@ -141,7 +142,7 @@ def test_the_cache_write_kernel_never_writes_past_the_end(tileflow_options):
     x, ln = torch.randn(1, 64), torch.ones(64)
     wq, wk, wv = torch.randn(64, 64), torch.randn(32, 64), torch.randn(32, 64)
     kc, vc = torch.zeros(1, 2, 4, 16), torch.zeros(1, 2, 4, 16)  # row 4 of head 0 would land in head 1
-    rope, _ = ops.rope_config_of(tiny("qwen2").config)
+    rope, _ = rope_config_of(tiny("qwen2").config)
     ops.qkv_rope_cache(x, ln, 1e-6, wq, wk, wv, None, None, None, torch.tensor([4]), kc, vc, rope,
                        cache_pos=torch.tensor([4]))
     assert not kc.any() and not vc.any()

@@ -8,12 +8,17 @@ arithmetic, or, with the option ``cpu_target="triton"`` (``TILEFLOW_CPU_TARGET``
 generated Triton code under the interpreter (how the tests check the integrations
 against the real kernels).
 
-Dispatch is one dict lookup per call: per (kernel, sizes, dtype, device) the chosen
-parameters, the IR and the launcher are built once.
+Each function names the kernel's tensors and scalars; :func:`launch` binds them
+through the kernel's calling convention, derived from its tile definition
+(:mod:`tileflow.runtime.binding`): the argument order, the sizes (read off the shapes)
+and the outputs to allocate are nowhere restated here. A binding is resolved once per
+call site and sizes; per (kernel, sizes, dtype, device) the chosen parameters, the IR
+and the launcher are built once.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -23,7 +28,30 @@ from tileflow import settings
 from tileflow.suite import KERNELS
 from tileflow.suite.rope import ROPE_SCALARS
 
-_LAUNCHERS: dict[tuple, Callable] = {}
+
+class _Launchers(dict):
+    """The launchers, by (kernel, sizes, dtype, device type, device index). Clearing it, or
+    removing an entry, drops every resolved call plan as well (``launch``), so the next
+    calls build their launchers again: how the tests and the step tuner rebuild them."""
+
+    def clear(self) -> None:
+        super().clear()
+        _SITES.clear()
+
+    def __delitem__(self, key) -> None:
+        super().__delitem__(key)
+        _SITES.clear()
+
+    def pop(self, *args):
+        _SITES.clear()
+        return super().pop(*args)
+
+    def popitem(self):
+        _SITES.clear()
+        return super().popitem()
+
+
+_LAUNCHERS: dict[tuple, Callable] = _Launchers()
 
 
 def cpu_target() -> str:
@@ -57,29 +85,34 @@ def launch_params(name: str, sizes: dict, dtype: torch.dtype, device: torch.devi
     return tuned_params(name, sizes, dtype, device)
 
 
-def _launcher(name: str, sizes: dict, dtype: torch.dtype, device: torch.device) -> Callable:
+def _launcher(name: str, sizes: dict, dtype: torch.dtype, device: torch.device, convention=None) -> Callable:
+    """The launcher of suite kernel ``name`` at ``sizes`` (positional arguments in the
+    generated ``launch``'s order), built once; a ``convention``
+    (:class:`tileflow.runtime.binding.Convention`) is checked against the IR it builds."""
     key = (name, tuple(sorted(sizes.items())), dtype, device.type, device.index)
     fn = _LAUNCHERS.get(key)
     if fn is not None:
         return fn
     kernel = KERNELS[name]
     if device.type == "cpu" and cpu_target() == "reference":
-        fn = _reference_launcher(kernel, sizes)
+        ir = kernel.build(kernel.default_params(sizes))
+        fn = _reference_launcher(kernel, ir)
     else:
         from tileflow.runtime.torch_triton import torch_launcher
 
         ir = kernel.build(launch_params(name, sizes, dtype, device))
         fn = torch_launcher(ir, device.type, sizes)
+    if convention is not None:
+        convention.matches(ir)
     _LAUNCHERS[key] = fn
     return fn
 
 
-def _reference_launcher(kernel, sizes: dict) -> Callable:
+def _reference_launcher(kernel, ir) -> Callable:
     """The reference with fp32 arithmetic, writing into the given outputs (and
-    in-place views): a drop-in for the generated ``launch`` of the same sizes."""
+    in-place views): a drop-in for the generated ``launch`` of ``ir``."""
     import array_api_compat
 
-    ir = kernel.build(kernel.default_params(sizes))
     names = [v.name for v in ir.arguments]
     read = {v.name for v in ir.views if v.role in ("input", "inout")}
     scalar_names = [s.name for s in ir.scalars]
@@ -95,89 +128,155 @@ def _reference_launcher(kernel, sizes: dict) -> Callable:
     return launch
 
 
-def _out(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    return torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+_INDEX = {"i64": torch.int64, "i32": torch.int32, "f32": torch.float32}
+_SITES: dict[tuple, "_Site"] = {}
+_MAX_PLANS = 256  # per call site: a growing cache length makes a plan per length
+
+
+def launch(kernel: str, values: dict, sizes: Optional[dict] = None, tune: Optional[dict] = None) -> tuple:
+    """Run suite kernel ``kernel`` on NAMED tensors and scalars ``values`` (absent optional
+    tensors left out, not None); returns its outputs (``role == "output"``, in the
+    kernel's order), allocated unless given; in-place views are written in place.
+
+    ``sizes``: the structural flags (``HAS_BIAS``, ``ROPE_KIND``, ``EARLY_INPUTS``, ...) and
+    any size no given tensor has; the rest come from the shapes
+    (:mod:`tileflow.runtime.binding`). ``tune``: sizes the launch parameters are chosen
+    for instead of the derived ones (a bucketed cache capacity).
+
+    The binding is resolved once per call site (kernel, names, sizes) and once per
+    (shapes, dtype, device), where names and shapes are checked (one-line errors) and the
+    launcher is found; a call after that reads the shapes, looks up its plan, allocates
+    the outputs and launches."""
+    key = (kernel, tuple(values), tuple(sizes.items()) if sizes else (), tuple(tune.items()) if tune else ())
+    site = _SITES.get(key)
+    if site is None:
+        site = _SITES[key] = _Site(kernel, values, sizes, tune)
+    return site(values)
+
+
+class _Site:
+    """A call site: one kernel, the names it is called with, its flags and tuned sizes."""
+
+    def __init__(self, kernel: str, values: dict, sizes: Optional[dict], tune: Optional[dict]):
+        from tileflow.runtime import binding
+
+        self.kernel, self.tune = kernel, dict(tune or {})
+        self.conv = conv = binding.convention(kernel, sizes)
+        absent = [n for n, v in values.items() if v is None]
+        if absent:
+            raise binding.BindingError(f"tileflow: {kernel}: leave absent tensors out instead of passing None "
+                                       f"({', '.join(absent)})")
+        conv.check_names(values)
+        self.storage = next((t.name for t in conv.tensors if t.dtype == "T" and t.name in values), None)
+        if self.storage is None:
+            raise binding.BindingError(f"tileflow: {kernel}: no floating tensor given")
+        self.tensors = tuple(t.name for t in conv.tensors if t.name in values)
+        self.plans: dict[tuple, _Plan] = {}
+
+    def __call__(self, values: dict) -> tuple:
+        s = values[self.storage]
+        # the shapes are the sizes: a plan per shape set is checked once, when it is made
+        key = (s.dtype, s.device, *[values[n].shape for n in self.tensors])
+        plan = self.plans.get(key)
+        if plan is None or plan.launchers is not _LAUNCHERS:  # (the launchers were replaced)
+            if len(self.plans) >= _MAX_PLANS:
+                self.plans.clear()
+            plan = self.plans[key] = self._plan(values, s)
+        return plan(values)
+
+    def _plan(self, values: dict, s: torch.Tensor) -> "_Plan":
+        conv = self.conv
+        sizes = conv.sizes(values)  # every name, rank and shape checked here, once
+        fn = _launcher(self.kernel, {**sizes, **self.tune}, s.dtype, s.device, conv)
+        slots = []
+        for t in conv.tensors:
+            if t.name in values:
+                slots.append((t.name, None))
+            else:
+                slots.append((t.name, (conv.shape(t.name, sizes), s.dtype if t.dtype == "T" else _INDEX[t.dtype],
+                                       s.device)))
+        slots += [(n, None) for n in conv.scalars]
+        outputs = tuple(i for i, t in enumerate(conv.tensors) if t.role == "output")
+        return _Plan(fn, tuple(slots), outputs, _LAUNCHERS)
+
+
+class _Plan:
+    """A resolved binding: the launcher, what to pass (or allocate) in order, which
+    arguments are the outputs, and the launcher table it came from."""
+
+    __slots__ = ("fn", "slots", "outputs", "launchers")
+
+    def __init__(self, fn: Callable, slots: tuple, outputs: tuple, launchers: dict):
+        self.fn, self.slots, self.outputs, self.launchers = fn, slots, outputs, launchers
+
+    def __call__(self, values: dict) -> tuple:
+        args = [values[n] if spec is None else torch.empty(spec[0], dtype=spec[1], device=spec[2])
+                for n, spec in self.slots]
+        self.fn(*args)
+        return tuple(args[i] for i in self.outputs)
+
+
+def _early(early: bool) -> dict:
+    """``EARLY_INPUTS`` when the caller vouches for it: the kernel's inputs other than its
+    main activation were written two or more kernels back (never by the kernel just
+    before), so they may load before the dependent-launch wait."""
+    return {"EARLY_INPUTS": 1} if early else {}
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of the rows of a 2-D ``x`` with gamma ``w``."""
-    out = _out(x.shape, x)
-    _launcher("rms_norm", {"M": x.shape[0], "D": x.shape[1]}, x.dtype, x.device)(x, w, out, eps)
-    return out
+    return launch("rms_norm", {"x": x, "w": w, "eps": eps})[0]
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ w.T (+ b)`` for a 2-D ``x`` (decode: one row)."""
-    n, k = w.shape
-    out = _out((x.shape[0], n), x)
-    sizes = {"M": x.shape[0], "N": n, "K": k, "HAS_BIAS": int(b is not None)}
-    fn = _launcher("q_proj_matvec", sizes, x.dtype, x.device)
-    fn(x, w, b, out) if b is not None else fn(x, w, out)
-    return out
+    if b is None:
+        return launch("q_proj_matvec", {"x": x, "w": w}, {"HAS_BIAS": 0})[0]
+    return launch("q_proj_matvec", {"x": x, "w": w, "b": b}, {"HAS_BIAS": 1})[0]
 
 
 def kv_proj(x, wk, wv, bk=None, bv=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Both ``x @ wk.T + bk`` and ``x @ wv.T + bv`` in one launch."""
-    n, k = wk.shape
-    ko, vo = _out((x.shape[0], n), x), _out((x.shape[0], n), x)
-    sizes = {"M": x.shape[0], "N": n, "K": k, "HAS_BIAS": int(bk is not None)}
-    fn = _launcher("kv_proj_matvec", sizes, x.dtype, x.device)
-    fn(x, wk, wv, bk, bv, ko, vo) if bk is not None else fn(x, wk, wv, ko, vo)
-    return ko, vo
-
-
-def _early(sizes: dict, early: bool) -> dict:
-    """``EARLY_INPUTS`` in ``sizes`` when the caller vouches for it: the kernel's inputs
-    other than its main activation were written two or more kernels back (never by the
-    kernel just before), so they may load before the dependent-launch wait."""
-    if early:
-        sizes["EARLY_INPUTS"] = 1
-    return sizes
-
-
-def _matvec_residual(name: str, x, w, r, early: bool = False) -> torch.Tensor:
-    n, k = w.shape
-    out = _out((x.shape[0], n), x)
-    sizes = _early({"M": x.shape[0], "N": n, "K": k}, early)
-    _launcher(name, sizes, x.dtype, x.device)(x, w, r, out)
-    return out
+    if bk is None:
+        return launch("kv_proj_matvec", {"x": x, "wk": wk, "wv": wv}, {"HAS_BIAS": 0})
+    return launch("kv_proj_matvec", {"x": x, "wk": wk, "wv": wv, "bk": bk, "bv": bv}, {"HAS_BIAS": 1})
 
 
 def o_proj_residual(x, w, r, early: bool = False) -> torch.Tensor:
     """``x @ w.T + r``: attention output projection with the residual (``early``: the
     caller vouches that ``r`` is not the previous kernel's output, see ``_early``)."""
-    return _matvec_residual("o_proj_residual", x, w, r, early)
+    return launch("o_proj_residual", {"x": x, "w": w, "r": r}, _early(early))[0]
 
 
 def down_proj_residual(x, w, r, early: bool = False) -> torch.Tensor:
     """``x @ w.T + r``: MLP down projection with the residual."""
-    return _matvec_residual("down_proj_residual", x, w, r, early)
+    return launch("down_proj_residual", {"x": x, "w": w, "r": r}, _early(early))[0]
 
 
 def gate_up_silu(x, wg, wu) -> torch.Tensor:
     """``silu(x @ wg.T) * (x @ wu.T)``."""
-    n, k = wg.shape
-    out = _out((x.shape[0], n), x)
-    _launcher("mlp_gate_up_silu", {"M": x.shape[0], "N": n, "K": k}, x.dtype, x.device)(x, wg, wu, out)
-    return out
+    return launch("mlp_gate_up_silu", {"x": x, "wg": wg, "wu": wu})[0]
 
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """RoPE constants read off a transformers config: kind (0 default, 1 linear,
-    2 llama3) and the runtime scalars of that kind, in kernel order."""
+    """RoPE constants of a model: kind (0 default, 1 linear, 2 llama3) and the runtime
+    scalars of that kind, in kernel order (``tileflow.suite.rope.ROPE_SCALARS``).
+    Framework-free: ``tileflow.integrations.transformers.compat.rope_config_of`` reads
+    one off a transformers config."""
 
     kind: int
     scalars: tuple
 
+    @functools.cached_property
+    def named(self) -> dict:
+        """The scalars by the names the rope kernels take them."""
+        return dict(zip(ROPE_SCALARS[self.kind], self.scalars))
+
 
 def rope(x: torch.Tensor, pos: torch.Tensor, cfg: RopeConfig) -> torch.Tensor:
     """Rotary embedding of ``x`` [M, H, DH] at positions ``pos`` [M] (int64)."""
-    m, h, dh = x.shape
-    out = _out(x.shape, x)
-    sizes = {"M": m, "NH": h, "DH": dh, "ROPE_KIND": cfg.kind}
-    _launcher("rope_q", sizes, x.dtype, x.device)(x, pos, out, *cfg.scalars)
-    return out
+    return launch("rope_q", {"x": x, "pos": pos, **cfg.named}, {"ROPE_KIND": cfg.kind})[0]
 
 
 def attention_decode(q, k_cache, v_cache, lengths, scale: float,
@@ -186,70 +285,34 @@ def attention_decode(q, k_cache, v_cache, lengths, scale: float,
     positions of the caches [B, NKV, S, DH]; with ``key_mask`` [B, S] (int32), only
     over the positions where it is nonzero. ``early``: the caller vouches that
     ``lengths`` is not the previous kernel's output (``_early``)."""
-    b, nh, dh = q.shape
-    nkv, s = k_cache.shape[1], k_cache.shape[2]
+    values = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "lengths": lengths, "scale": scale}
+    flags = _early(early)
+    if key_mask is not None:
+        values["key_mask"] = key_mask
+        flags = {"HAS_MASK": 1, **flags}
     # launch parameters depend on the capacity only through SPLITS: bucket it to a power
     # of two so a growing (dynamic) cache does not build a launcher per length
-    sizes = {"B": b, "NH": nh, "NKV": nkv, "DH": dh, "S": 1 << max(0, (s - 1).bit_length())}
-    if key_mask is not None:
-        sizes["HAS_MASK"] = 1
-    masks = (key_mask,) if key_mask is not None else ()
-    out = _out(q.shape, q)
-    _launcher("attention_decode_gqa", _early(sizes, early), q.dtype, q.device)(
-        q, k_cache, v_cache, lengths, *masks, out, scale)
-    return out
+    s = k_cache.shape[2]
+    return launch("attention_decode_gqa", values, flags, {"S": 1 << max(0, (s - 1).bit_length())})[0]
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """Greedy tokens of 2-D logits (int64), ties to the lowest index."""
-    out = _out((logits.shape[0],), logits, torch.int64)
-    _launcher("argmax_greedy", {"M": logits.shape[0], "V": logits.shape[1]}, logits.dtype, logits.device)(
-        logits, out)
-    return out
-
-
-def rope_config_of(config) -> tuple[Optional[RopeConfig], str]:
-    """The RopeConfig of a transformers config, or (None, why not)."""
-    params = getattr(config, "rope_parameters", None) or {}
-    scaling = getattr(config, "rope_scaling", None) or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
-    if theta is None:
-        return None, "config has no rope_theta"
-    src = {**scaling, **params}
-    if src.get("partial_rotary_factor", 1.0) != 1.0:
-        return None, "partial rotary embedding is not supported"
-    if rope_type == "default":
-        return RopeConfig(0, (float(theta),)), ""
-    if rope_type == "linear":
-        return RopeConfig(1, (float(theta), float(src["factor"]))), ""
-    if rope_type == "llama3":
-        vals = (float(theta), float(src["factor"]), float(src["low_freq_factor"]), float(src["high_freq_factor"]),
-                float(src["original_max_position_embeddings"]))
-        assert len(vals) == len(ROPE_SCALARS[2])
-        return RopeConfig(2, vals), ""
-    return None, f"rope_type {rope_type!r} is not supported (default, linear, llama3 are)"
+    return launch("argmax_greedy", {"logits": logits})[0]
 
 
 def rms_norm_linear(x: torch.Tensor, ln_w: torch.Tensor, eps: float, w: torch.Tensor,
                     b: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``rms_norm(x, ln_w, eps) @ w.T (+ b)`` in one launch (final norm + lm_head)."""
-    n, k = w.shape
-    out = _out((x.shape[0], n), x)
-    sizes = {"M": x.shape[0], "N": n, "K": k, "HAS_BIAS": int(b is not None)}
-    fn = _launcher("rms_norm_matvec", sizes, x.dtype, x.device)
-    fn(x, ln_w, w, b, out, eps) if b is not None else fn(x, ln_w, w, out, eps)
-    return out
+    if b is None:
+        return launch("rms_norm_matvec", {"x": x, "ln_w": ln_w, "w": w, "eps": eps}, {"HAS_BIAS": 0})[0]
+    return launch("rms_norm_matvec", {"x": x, "ln_w": ln_w, "w": w, "b": b, "eps": eps}, {"HAS_BIAS": 1})[0]
 
 
 def rms_norm_gate_up_silu(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wg: torch.Tensor,
                           wu: torch.Tensor) -> torch.Tensor:
     """``silu(n @ wg.T) * (n @ wu.T)`` with ``n = rms_norm(x, ln_w, eps)``, one launch."""
-    n, k = wg.shape
-    out = _out((x.shape[0], n), x)
-    _launcher("rms_norm_gate_up_silu", {"M": x.shape[0], "N": n, "K": k}, x.dtype, x.device)(
-        x, ln_w, wg, wu, out, eps)
-    return out
+    return launch("rms_norm_gate_up_silu", {"x": x, "ln_w": ln_w, "wg": wg, "wu": wu, "eps": eps})[0]
 
 
 def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Tensor, wk: torch.Tensor,
@@ -265,23 +328,21 @@ def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Te
     has them, from ``inv_freq`` [DH/2] (fp32); ``cache_pos`` [M], when given, is the row
     K and V go to (the graph writes at the cache's own count, rotates at ``pos``).
     ``early``: the caller vouches that the positions are not the previous kernel's output."""
-    m, nkv, s, dh = k_cache.shape
-    nq = wq.shape[0]
-    q = _out((m, nq // dh, dh), x)
-    sizes = {"M": m, "K": x.shape[1], "NH": nq // dh, "NKV": nkv, "DH": dh, "NQ": nq, "NKD": nkv * dh,
-             "S": s, "HAS_BIAS": int(bq is not None), "ROPE_KIND": 3 if inv_freq is not None else cfg.kind}
-    extra = []
+    values = {"x": x, "ln_w": ln_w, "wq": wq, "wk": wk, "wv": wv, "pos": pos, "k_cache": k_cache,
+              "v_cache": v_cache, "eps": eps}
+    # q [M, NH, DH] is allocated here: its head count is the only size no input has
+    sizes = {"NH": wq.shape[0] // k_cache.shape[3], "HAS_BIAS": int(bq is not None),
+             "ROPE_KIND": 3 if inv_freq is not None else cfg.kind}
+    if bq is not None:
+        values.update(bq=bq, bk=bk, bv=bv)
     if cache_pos is not None:
+        values["cache_pos"] = cache_pos
         sizes["CACHE_POS"] = 1
-        extra.append(cache_pos)
     if inv_freq is not None:
-        sizes["HALF"] = dh // 2
-        extra.append(inv_freq)
-    fn = _launcher("qkv_rope_cache", _early(sizes, early), x.dtype, x.device)
-    biases = (bq, bk, bv) if bq is not None else ()
-    fn(x, ln_w, wq, wk, wv, *biases, pos, *extra, q, k_cache, v_cache, eps,
-       *(() if inv_freq is not None else cfg.scalars))
-    return q
+        values["inv_freq"] = inv_freq
+    else:
+        values.update(cfg.named)
+    return launch("qkv_rope_cache", values, {**sizes, **_early(early)})[0]
 
 
 def embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -291,7 +352,4 @@ def embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     if ids.device.type == "cpu" and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= table.shape[0]):
         bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
         raise IndexError(f"tileflow: token id {bad} is out of range for an embedding of {table.shape[0]} rows")
-    out = _out((ids.shape[0], table.shape[1]), table)
-    _launcher("embedding_lookup", {"M": ids.shape[0], "V": table.shape[0], "D": table.shape[1]}, table.dtype,
-              table.device)(ids, table, out)
-    return out
+    return launch("embedding_lookup", {"ids": ids, "table": table})[0]
