@@ -12,6 +12,7 @@ buffers, the cache tensors never move.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -62,17 +63,16 @@ class DecodeProgram:
         lengths = row + 1
         x = ops.embedding(tok.reshape(1), self.embed)
         nh, dh, early = self.nh, self.dh, self.early
-        for i, (ln1, eps1, wq, bq, wk, wv, bk, bv, wo, scale, ln2, eps2, wg, wu, wd) in enumerate(self.layers):
-            layer = cache.layers[i]
+        for w, layer in zip(self.layers, cache.layers):
             # early=: the positions / lengths / residual come from before the kernel just
             # ahead (the step's counters and inputs, the previous layer's down projection)
-            q = ops.qkv_rope_cache(x, ln1, eps1, wq, wk, wv, bq, bk, bv, p, layer.keys, layer.values, self.rope_cfg,
-                                   cache_pos=None if row is p else row, early=early)
-            o = ops.attention_decode(q, layer.keys, layer.values, lengths, scale, key_mask=key_mask, early=early)
-            x = ops.o_proj_residual(o.view(1, nh * dh), wo, x, early=early)
+            q = ops.qkv_rope_cache(x, w.ln1, w.eps1, w.wq, w.wk, w.wv, w.bq, w.bk, w.bv, p, layer.keys, layer.values,
+                                   self.rope_cfg, cache_pos=None if row is p else row, early=early)
+            o = ops.attention_decode(q, layer.keys, layer.values, lengths, w.scale, key_mask=key_mask, early=early)
+            x = ops.o_proj_residual(o.view(1, nh * dh), w.wo, x, early=early)
             # not early=: down's residual loaded before the wait measured slower
             # (docs/notebook.md), cause not found
-            x = ops.down_proj_residual(ops.rms_norm_gate_up_silu(x, ln2, eps2, wg, wu), wd, x)
+            x = ops.down_proj_residual(ops.rms_norm_gate_up_silu(x, w.ln2, w.eps2, w.wg, w.wu), w.wd, x)
         # the count after lm_head (which does not read it), not between the last down
         # projection and lm_head, whose dependent launch would then follow an aten kernel
         logits = ops.rms_norm_linear(x, self.norm_w, self.norm_eps, self.lm_head_w)
@@ -80,16 +80,37 @@ class DecodeProgram:
         return logits
 
 
-def layer_weights(layer) -> tuple:
-    """A decoder layer's tensors and constants where they lie, in the order the decode and
-    prompt programs unpack them: ln1, eps1, wq, bq, wk, wv, bk, bv, wo, scale, ln2, eps2,
-    wg, wu, wd."""
+@dataclass(frozen=True, slots=True)
+class LayerWeights:
+    """A Qwen2 / Llama decoder layer's tensors and constants, where they lie (no copies):
+    what the decode and prompt programs read, by name."""
+
+    ln1: torch.Tensor  # input_layernorm gamma [D]
+    eps1: float  # input_layernorm epsilon
+    wq: torch.Tensor  # q_proj [NH * DH, D]
+    bq: Optional[torch.Tensor]  # q_proj bias [NH * DH] (Qwen2; None without)
+    wk: torch.Tensor  # k_proj [NKV * DH, D]
+    wv: torch.Tensor  # v_proj [NKV * DH, D]
+    bk: Optional[torch.Tensor]
+    bv: Optional[torch.Tensor]
+    wo: torch.Tensor  # o_proj [D, NH * DH]
+    scale: float  # attention scaling (1/sqrt(DH) unless the config says otherwise)
+    ln2: torch.Tensor  # post_attention_layernorm gamma [D]
+    eps2: float
+    wg: torch.Tensor  # gate_proj [INTER, D]
+    wu: torch.Tensor  # up_proj [INTER, D]
+    wd: torch.Tensor  # down_proj [D, INTER]
+
+
+def layer_weights(layer) -> LayerWeights:
+    """A decoder layer's :class:`LayerWeights`."""
     a, m = layer.self_attn, layer.mlp
-    return (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
-            a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.v_proj.weight, a.k_proj.bias, a.v_proj.bias,
-            a.o_proj.weight, a.scaling,
-            layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
-            m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)
+    return LayerWeights(
+        ln1=layer.input_layernorm.weight, eps1=layer.input_layernorm.variance_epsilon,
+        wq=a.q_proj.weight, bq=a.q_proj.bias, wk=a.k_proj.weight, wv=a.v_proj.weight, bk=a.k_proj.bias,
+        bv=a.v_proj.bias, wo=a.o_proj.weight, scale=a.scaling,
+        ln2=layer.post_attention_layernorm.weight, eps2=layer.post_attention_layernorm.variance_epsilon,
+        wg=m.gate_proj.weight, wu=m.up_proj.weight, wd=m.down_proj.weight)
 
 
 def _key_mask(mask: torch.Tensor, cache) -> torch.Tensor:

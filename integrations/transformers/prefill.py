@@ -61,20 +61,20 @@ class PrefillProgram:
         x = F.embedding(ids, self.embed)
         positions = torch.arange(t, device=ids.device).unsqueeze(0)
         cos, sin = self.rotary_emb(x, positions)
-        for i, (ln1, eps1, wq, bq, wk, wv, bk, bv, wo, scale, ln2, eps2, wg, wu, wd) in enumerate(self.layers):
-            h = _rms_norm(x, ln1, eps1)
-            q = F.linear(h, wq, bq).view(1, t, -1, dh).transpose(1, 2)
-            k = F.linear(h, wk, bk).view(1, t, -1, dh).transpose(1, 2)
-            v = F.linear(h, wv, bv).view(1, t, -1, dh).transpose(1, 2)
+        for i, w in enumerate(self.layers):
+            h = _rms_norm(x, w.ln1, w.eps1)
+            q = F.linear(h, w.wq, w.bq).view(1, t, -1, dh).transpose(1, 2)
+            k = F.linear(h, w.wk, w.bk).view(1, t, -1, dh).transpose(1, 2)
+            v = F.linear(h, w.wv, w.bv).view(1, t, -1, dh).transpose(1, 2)
             q, k = self.apply_rope(q, k, cos, sin)
             # releases before 5.24 index the write by cache_position; later ones count
             cache.update(k, v, i, {"cache_position": positions[0]})
             # the cache was empty, so the keys so far are exactly this prompt's
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=w.scale,
                                                enable_gqa=q.shape[1] != k.shape[1])
-            x = x + F.linear(o.transpose(1, 2).reshape(1, t, -1), wo)
-            h = _rms_norm(x, ln2, eps2)
-            x = x + F.linear(F.silu(F.linear(h, wg)) * F.linear(h, wu), wd)
+            x = x + F.linear(o.transpose(1, 2).reshape(1, t, -1), w.wo)
+            h = _rms_norm(x, w.ln2, w.eps2)
+            x = x + F.linear(F.silu(F.linear(h, w.wg)) * F.linear(h, w.wu), w.wd)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return F.linear(_rms_norm(x, self.norm_w, self.norm_eps), self.lm_head_w)
