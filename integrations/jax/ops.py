@@ -1,8 +1,9 @@
 """The suite kernels as JAX functions (Hugging Face layouts), each one primitive call.
 
-Mirrors ``tileflow.runtime.ops`` (the torch side): the same operands, sizes and
-scalars per kernel. Leading dimensions of row-wise operands are flattened into the
-kernel's row count and restored on the way out.
+Each function names the kernel's arrays and scalars; the kernel's calling convention,
+derived from its tile definition (``tileflow.runtime.binding``, as on the torch side),
+puts the operands in order and derives the sizes from their shapes. Leading dimensions
+of row-wise operands are flattened into the kernel's row count and restored on the way out.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from tileflow.integrations.jax.primitives import bind
+from tileflow.runtime import binding
 from tileflow.suite.rope import ROPE_KINDS, ROPE_SCALARS
 
 Array = jax.Array
@@ -41,20 +43,28 @@ def _need_ranks(fn: str, **specs) -> None:
             _need_rank(fn, name, x, ndim=nd if nd >= 0 else None, at_least=-nd if nd < 0 else None)
 
 
+def _call(kernel: str, values: dict, sizes: Optional[dict] = None) -> list:
+    """Suite kernel ``kernel`` on the NAMED arrays and scalars ``values`` (None: not
+    given) as its primitive: the operands in the kernel's order, every size read off their
+    shapes; ``sizes``: the structural flags and sizes no operand has. Returns the outputs
+    and in-place views, in the kernel's order."""
+    conv = binding.convention(kernel, sizes)
+    return bind(kernel, conv.operands(values), conv.sizes(values), conv.scalar_values(values))
+
+
 def rms_norm(x: Array, w: Array, eps: float) -> Array:
     """RMSNorm over the last axis of ``x`` with gamma ``w`` [D]; fp32 sums."""
     _need_ranks("rms_norm", x=(x, -1), w=(w, 1))
     d = x.shape[-1]
-    (out,) = bind("rms_norm", [x.reshape(_rows(x), d), w], {"M": _rows(x), "D": d}, {"eps": eps})
+    (out,) = _call("rms_norm", {"x": x.reshape(_rows(x), d), "w": w, "eps": eps})
     return out.reshape(x.shape)
 
 
 def embedding(ids: Array, table: Array) -> Array:
     """Rows of ``table`` [V, D] for the integer ``ids`` (any shape)."""
     _need_ranks("embedding", table=(table, 2))
-    v, d = table.shape
-    m = math.prod(ids.shape)
-    (out,) = bind("embedding_lookup", [ids.reshape(m), table], {"M": m, "V": v, "D": d})
+    d = table.shape[1]
+    (out,) = _call("embedding_lookup", {"ids": ids.reshape(math.prod(ids.shape)), "table": table})
     return out.reshape(ids.shape + (d,))
 
 
@@ -62,9 +72,7 @@ def linear(x: Array, w: Array, b: Optional[Array] = None) -> Array:
     """``x @ w.T (+ b)`` with ``w`` [N, K] (the ``nn.Linear`` layout)."""
     _need_ranks("linear", x=(x, -1), w=(w, 2), b=(b, 1))
     n, k = w.shape
-    m = _rows(x)
-    ops = [x.reshape(m, k), w] + ([b] if b is not None else [])
-    (out,) = bind("q_proj_matvec", ops, {"M": m, "N": n, "K": k, "HAS_BIAS": int(b is not None)})
+    (out,) = _call("q_proj_matvec", {"x": x.reshape(_rows(x), k), "w": w, "b": b}, {"HAS_BIAS": int(b is not None)})
     return out.reshape(x.shape[:-1] + (n,))
 
 
@@ -73,9 +81,8 @@ def kv_proj(x: Array, wk: Array, wv: Array, bk: Optional[Array] = None,
     """``x @ wk.T + bk`` and ``x @ wv.T + bv`` over one read of ``x``."""
     _need_ranks("kv_proj", x=(x, -1), wk=(wk, 2), wv=(wv, 2), bk=(bk, 1), bv=(bv, 1))
     n, k = wk.shape
-    m = _rows(x)
-    ops = [x.reshape(m, k), wk, wv] + ([bk, bv] if bk is not None else [])
-    ko, vo = bind("kv_proj_matvec", ops, {"M": m, "N": n, "K": k, "HAS_BIAS": int(bk is not None)})
+    ko, vo = _call("kv_proj_matvec", {"x": x.reshape(_rows(x), k), "wk": wk, "wv": wv, "bk": bk, "bv": bv},
+                   {"HAS_BIAS": int(bk is not None)})
     shape = x.shape[:-1] + (n,)
     return ko.reshape(shape), vo.reshape(shape)
 
@@ -84,7 +91,7 @@ def _matvec_residual(name: str, x: Array, w: Array, r: Array) -> Array:
     _need_ranks(name, x=(x, -1), w=(w, 2), r=(r, -1))
     n, k = w.shape
     m = _rows(x)
-    (out,) = bind(name, [x.reshape(m, k), w, r.reshape(m, n)], {"M": m, "N": n, "K": k})
+    (out,) = _call(name, {"x": x.reshape(m, k), "w": w, "r": r.reshape(m, n)})
     return out.reshape(r.shape)
 
 
@@ -102,8 +109,7 @@ def gate_up_silu(x: Array, wg: Array, wu: Array) -> Array:
     """``silu(x @ wg.T) * (x @ wu.T)``; the two products never reach memory."""
     _need_ranks("gate_up_silu", x=(x, -1), wg=(wg, 2), wu=(wu, 2))
     n, k = wg.shape
-    m = _rows(x)
-    (out,) = bind("mlp_gate_up_silu", [x.reshape(m, k), wg, wu], {"M": m, "N": n, "K": k})
+    (out,) = _call("mlp_gate_up_silu", {"x": x.reshape(_rows(x), k), "wg": wg, "wu": wu})
     return out.reshape(x.shape[:-1] + (n,))
 
 
@@ -111,8 +117,7 @@ def rms_norm_gate_up_silu(x: Array, ln_w: Array, eps: float, wg: Array, wu: Arra
     """``silu(n @ wg.T) * (n @ wu.T)`` with ``n = rms_norm(x, ln_w, eps)``, one launch."""
     _need_ranks("rms_norm_gate_up_silu", x=(x, -1), ln_w=(ln_w, 1), wg=(wg, 2), wu=(wu, 2))
     n, k = wg.shape
-    m = _rows(x)
-    (out,) = bind("rms_norm_gate_up_silu", [x.reshape(m, k), ln_w, wg, wu], {"M": m, "N": n, "K": k}, {"eps": eps})
+    (out,) = _call("rms_norm_gate_up_silu", {"x": x.reshape(_rows(x), k), "ln_w": ln_w, "wg": wg, "wu": wu, "eps": eps})
     return out.reshape(x.shape[:-1] + (n,))
 
 
@@ -121,9 +126,8 @@ def rms_norm_linear(x: Array, ln_w: Array, eps: float, w: Array, b: Optional[Arr
     the normalized row never reaches memory."""
     _need_ranks("rms_norm_linear", x=(x, -1), ln_w=(ln_w, 1), w=(w, 2), b=(b, 1))
     n, k = w.shape
-    m = _rows(x)
-    ops = [x.reshape(m, k), ln_w, w] + ([b] if b is not None else [])
-    (out,) = bind("rms_norm_matvec", ops, {"M": m, "N": n, "K": k, "HAS_BIAS": int(b is not None)}, {"eps": eps})
+    (out,) = _call("rms_norm_matvec", {"x": x.reshape(_rows(x), k), "ln_w": ln_w, "w": w, "b": b, "eps": eps},
+                   {"HAS_BIAS": int(b is not None)})
     return out.reshape(x.shape[:-1] + (n,))
 
 
@@ -138,14 +142,14 @@ def qkv_rope_cache(x: Array, ln_w: Array, eps: float, wq: Array, wk: Array, wv: 
     ``scaling`` dict, or ``rope=(ROPE_KIND, scalars)`` as the rewrite fits them."""
     _need_ranks("qkv_rope_cache", x=(x, -1), ln_w=(ln_w, 1), wq=(wq, 2), wk=(wk, 2), wv=(wv, 2), pos=(pos, 1),
                 k_cache=(k_cache, 4), v_cache=(v_cache, 4))
-    m, nkv, s, dh = k_cache.shape
-    nq = wq.shape[0]
+    m, dh = k_cache.shape[0], k_cache.shape[3]
     kind, scal = rope if rope is not None else rope_scalars(theta, scaling)
-    sizes = {"M": m, "K": x.shape[-1], "NH": nq // dh, "NKV": nkv, "DH": dh, "NQ": nq, "NKD": nkv * dh, "S": s,
-             "HAS_BIAS": int(bq is not None), "ROPE_KIND": kind, **({"CACHE_POS": 1} if cache_pos is not None else {})}
-    ops = [x.reshape(m, x.shape[-1]), ln_w, wq, wk, wv] + ([bq, bk, bv] if bq is not None else [])
-    ops += [pos] + ([cache_pos] if cache_pos is not None else [])
-    q, kc, vc = bind("qkv_rope_cache", ops + [k_cache, v_cache], sizes, {"eps": eps, **scal})
+    # q [M, NH, DH] is the primitive's to make: its head count is the one size no operand has
+    sizes = {"NH": wq.shape[0] // dh, "HAS_BIAS": int(bq is not None), "ROPE_KIND": kind,
+             **({"CACHE_POS": 1} if cache_pos is not None else {})}
+    values = {"x": x.reshape(m, x.shape[-1]), "ln_w": ln_w, "wq": wq, "wk": wk, "wv": wv, "bq": bq, "bk": bk,
+              "bv": bv, "pos": pos, "cache_pos": cache_pos, "k_cache": k_cache, "v_cache": v_cache, "eps": eps, **scal}
+    q, kc, vc = _call("qkv_rope_cache", values, sizes)
     return q, kc, vc
 
 
@@ -156,7 +160,7 @@ def _elementwise(name: str, a: Array, b: Array) -> Array:
                          "expected equal shapes")
     n = a.shape[-1]
     m = _rows(a)
-    (out,) = bind(name, [a.reshape(m, n), b.reshape(m, n)], {"M": m, "N": n})
+    (out,) = _call(name, {"a": a.reshape(m, n), "b": b.reshape(m, n)})
     return out.reshape(a.shape)
 
 
@@ -187,9 +191,8 @@ def rope_scalars(theta: float, scaling: Optional[dict] = None) -> tuple[int, dic
 def rope(x: Array, pos: Array, theta: float, scaling: Optional[dict] = None) -> Array:
     """Rotary embedding (rotate-half) of ``x`` [M, H, DH] at integer positions ``pos`` [M]."""
     _need_ranks("rope", x=(x, 3), pos=(pos, 1))
-    m, h, dh = x.shape
     kind, scal = rope_scalars(theta, scaling)
-    (out,) = bind("rope_q", [x, pos], {"M": m, "NH": h, "DH": dh, "ROPE_KIND": kind}, scal)
+    (out,) = _call("rope_q", {"x": x, "pos": pos, **scal}, {"ROPE_KIND": kind})
     return out
 
 
@@ -199,10 +202,9 @@ def rope_k_into_cache(k: Array, v: Array, pos: Array, k_cache: Array, v_cache: A
     of the static caches [M, NKV, S, DH]; returns the updated caches (donate them to
     the enclosing ``jit`` and XLA updates them in place)."""
     _need_ranks("rope_k_into_cache", k=(k, 3), v=(v, 3), pos=(pos, 1), k_cache=(k_cache, 4), v_cache=(v_cache, 4))
-    m, h, dh = k.shape
     kind, scal = rope_scalars(theta, scaling)
-    sizes = {"M": m, "NKV": h, "DH": dh, "S": k_cache.shape[2], "ROPE_KIND": kind}
-    kc, vc = bind("rope_k", [k, pos, v, k_cache, v_cache], sizes, scal)
+    kc, vc = _call("rope_k", {"x": k, "pos": pos, "v": v, "k_cache": k_cache, "v_cache": v_cache, **scal},
+                   {"ROPE_KIND": kind})
     return kc, vc
 
 
@@ -210,10 +212,8 @@ def attention_decode(q: Array, k_cache: Array, v_cache: Array, lengths: Array, s
     """GQA decode attention of ``q`` [B, NH, DH] over the first ``lengths[b]``
     positions of the caches [B, NKV, S, DH]."""
     _need_ranks("attention_decode", q=(q, 3), k_cache=(k_cache, 4), v_cache=(v_cache, 4), lengths=(lengths, 1))
-    b, nh, dh = q.shape
-    nkv, s = k_cache.shape[1], k_cache.shape[2]
-    (out,) = bind("attention_decode_gqa", [q, k_cache, v_cache, lengths],
-                  {"B": b, "NH": nh, "NKV": nkv, "DH": dh, "S": s}, {"scale": scale})
+    (out,) = _call("attention_decode_gqa", {"q": q, "k_cache": k_cache, "v_cache": v_cache, "lengths": lengths,
+                                            "scale": scale})
     return out
 
 
@@ -221,6 +221,5 @@ def argmax(logits: Array) -> Array:
     """Greedy tokens of ``logits`` [..., V] (ties to the lowest index)."""
     _need_ranks("argmax", logits=(logits, -1))
     v = logits.shape[-1]
-    m = _rows(logits)
-    (out,) = bind("argmax_greedy", [logits.reshape(m, v)], {"M": m, "V": v})
+    (out,) = _call("argmax_greedy", {"logits": logits.reshape(_rows(logits), v)})
     return out.reshape(logits.shape[:-1])
