@@ -1,7 +1,10 @@
 """Suite kernels as torch custom operators (``torch.ops.tileflow.*``), for graphs:
 the dynamo backend's rewrites insert them, inductor schedules them as opaque calls,
 CUDA graphs capture them. Eager code calls ``tileflow.runtime.ops`` directly (a
-custom op's dispatch costs ~10 us a call)."""
+custom op's dispatch costs ~10 us a call).
+
+Each op runs through ``ops`` (its kernel called by name); its fake (meta) function reads
+the output shapes off the kernel's calling convention (``tileflow.runtime.binding``)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,21 @@ from typing import Optional
 
 import torch
 
-from tileflow.runtime import ops
+from tileflow.runtime import binding, ops
+
+
+def _fake(kernel: str, values: dict, flags: Optional[dict] = None, given: Optional[dict] = None):
+    """Empty outputs of suite kernel ``kernel`` for the (fake) tensors ``values``, shaped
+    as its convention says; one tensor, or a tuple for several."""
+    conv = binding.convention(kernel, flags)
+    sizes = conv.sizes(values, given)
+    like = conv.storage(values)
+    outs = tuple(like.new_empty(conv.shape(t.name, sizes), dtype=like.dtype if t.dtype == "T" else _DTYPES[t.dtype])
+                 for t in conv.tensors if t.role == "output")
+    return outs[0] if len(outs) == 1 else outs
+
+
+_DTYPES = {"f32": torch.float32, "i32": torch.int32, "i64": torch.int64}
 
 
 @torch.library.custom_op("tileflow::linear", mutates_args=())
@@ -20,7 +37,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -
 
 @linear.register_fake
 def _(x, w, b=None):
-    return x.new_empty((x.shape[0], w.shape[0]))
+    return _fake("q_proj_matvec", {"x": x, "w": w, "b": b}, {"HAS_BIAS": int(b is not None)})
 
 
 @torch.library.custom_op("tileflow::linear_residual", mutates_args=())
@@ -31,7 +48,7 @@ def linear_residual(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor) -> torch.
 
 @linear_residual.register_fake
 def _(x, w, r):
-    return x.new_empty((x.shape[0], w.shape[0]))
+    return _fake("o_proj_residual", {"x": x, "w": w, "r": r})
 
 
 @torch.library.custom_op("tileflow::gate_up_silu", mutates_args=())
@@ -42,7 +59,7 @@ def gate_up_silu(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor) -> torch.T
 
 @gate_up_silu.register_fake
 def _(x, wg, wu):
-    return x.new_empty((x.shape[0], wg.shape[0]))
+    return _fake("mlp_gate_up_silu", {"x": x, "wg": wg, "wu": wu})
 
 
 @torch.library.custom_op("tileflow::rms_norm_linear", mutates_args=())
@@ -53,7 +70,7 @@ def rms_norm_linear(x: torch.Tensor, ln_w: torch.Tensor, eps: float, w: torch.Te
 
 @rms_norm_linear.register_fake
 def _(x, ln_w, eps, w):
-    return x.new_empty((x.shape[0], w.shape[0]))
+    return _fake("rms_norm_matvec", {"x": x, "ln_w": ln_w, "w": w, "eps": eps}, {"HAS_BIAS": 0})
 
 
 @torch.library.custom_op("tileflow::rms_norm_gate_up_silu", mutates_args=())
@@ -65,7 +82,7 @@ def rms_norm_gate_up_silu(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wg: t
 
 @rms_norm_gate_up_silu.register_fake
 def _(x, ln_w, eps, wg, wu):
-    return x.new_empty((x.shape[0], wg.shape[0]))
+    return _fake("rms_norm_gate_up_silu", {"x": x, "ln_w": ln_w, "wg": wg, "wu": wu, "eps": eps})
 
 
 @torch.library.custom_op("tileflow::qkv_rope_cache", mutates_args=("k_cache", "v_cache"))
@@ -81,8 +98,10 @@ def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Te
 
 @qkv_rope_cache.register_fake
 def _(x, ln_w, eps, wq, wk, wv, bq, bk, bv, pos, cache_pos, inv_freq, k_cache, v_cache):
-    dh = k_cache.shape[-1]
-    return x.new_empty((x.shape[0], wq.shape[0] // dh, dh))
+    values = {"x": x, "ln_w": ln_w, "eps": eps, "wq": wq, "wk": wk, "wv": wv, "bq": bq, "bk": bk, "bv": bv,
+              "pos": pos, "cache_pos": cache_pos, "inv_freq": inv_freq, "k_cache": k_cache, "v_cache": v_cache}
+    return _fake("qkv_rope_cache", values, {"HAS_BIAS": int(bq is not None), "ROPE_KIND": 3, "CACHE_POS": 1},
+                 {"NH": wq.shape[0] // k_cache.shape[-1]})
 
 
 @torch.library.custom_op("tileflow::attention_decode", mutates_args=())
@@ -96,7 +115,9 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 @attention_decode.register_fake
 def _(q, k_cache, v_cache, lengths, scale, key_mask=None):
-    return torch.empty_like(q)
+    return _fake("attention_decode_gqa", {"q": q, "k_cache": k_cache, "v_cache": v_cache, "lengths": lengths,
+                                          "scale": scale, "key_mask": key_mask},
+                 {"HAS_MASK": 1} if key_mask is not None else None)
 
 
 @torch.library.custom_op("tileflow::cache_rows_advance", mutates_args=("counters",))
