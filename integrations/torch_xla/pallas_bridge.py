@@ -20,6 +20,8 @@ import torch
 from tileflow.integrations.torch_xla.kernels import CALLS, SuiteCall
 
 _KERNELS: dict[tuple, "PallasKernel"] = {}
+_TORCH = {"f32": torch.float32, "i32": torch.int32, "i64": torch.int64}
+_JAX = {"f32": "float32", "i32": "int32", "i64": "int64"}
 
 
 def _largest_pow2_divisor(n: int, cap: int) -> int:
@@ -45,13 +47,14 @@ class PallasKernel:
     """One suite kernel at one size and dtype: its generated Pallas ``launch``, and
     the ways to run it on XLA tensors."""
 
-    def __init__(self, call: SuiteCall, sizes: dict, dtype: torch.dtype):
+    def __init__(self, call: SuiteCall, sizes: dict, dtype: torch.dtype, convention):
         from tileflow.runtime.jax_pallas import pallas_launcher
         from tileflow.suite import KERNELS
 
-        self.call, self.sizes, self.dtype = call, dict(sizes), dtype
+        self.call, self.sizes, self.dtype, self.convention = call, dict(sizes), dtype, convention
         self.params = tpu_params(call, sizes)
         self.ir = KERNELS[call.kernel].build(self.params)
+        convention.matches(self.ir)
         launch = pallas_launcher(self.ir)
         # one object per kernel: call_jax and trace_pallas cache their tracing by it
         self.compiled_fn = functools.partial(launch, interpret=False)
@@ -60,12 +63,17 @@ class PallasKernel:
         self._tpu_lowering = None
         self._tpu_kernel: Optional[Callable] = None
 
-    def _operands(self, tensors) -> list:
-        return [t for t in tensors if t is not None]
+    def _arguments(self, tensors) -> list:
+        """``launch``'s arguments in the kernel's order: the op's tensors by name, then the
+        outputs, NaN-filled (the launch takes their initial contents; NaN where nothing
+        is written)."""
+        values = self.call.named(*tensors)
+        device = next(t for t in tensors if t is not None).device
+        return self.convention.arguments(values, self.sizes, lambda name, shape, dtype: torch.full(
+            shape, float("nan"), dtype=self.dtype if dtype == "T" else _TORCH[dtype], device=device))
 
-    def _out(self, x: torch.Tensor) -> torch.Tensor:
-        # the launch takes its output's initial contents; NaN where nothing is written
-        return torch.full((self.sizes["M"], self.sizes["N"]), float("nan"), dtype=self.dtype, device=x.device)
+    def _output_index(self) -> list:
+        return [self.convention.order.index(n) for n in self.convention.outputs]
 
     def tpu_lowering(self):
         """The MLIR module of ``launch`` lowered for TPU (no TPU needed to lower)."""
@@ -101,30 +109,27 @@ class PallasKernel:
         from torch_xla.experimental.custom_kernel import convert_torch_dtype_to_jax
 
         dt = convert_torch_dtype_to_jax(self.dtype)
-        shapes = {"x": (self.sizes["M"], self.sizes["K"]), "w": (self.sizes["N"], self.sizes["K"]),
-                  "wg": (self.sizes["N"], self.sizes["K"]), "wu": (self.sizes["N"], self.sizes["K"]),
-                  "b": (self.sizes["N"],), "r": (self.sizes["M"], self.sizes["N"])}
-        names = [n for n in self.call.inputs if n != "b" or self.sizes.get("HAS_BIAS")]
-        return [jax.ShapeDtypeStruct(shapes[n], dt) for n in names] + \
-            [jax.ShapeDtypeStruct((self.sizes["M"], self.sizes["N"]), dt)]
+        conv = self.convention
+        return [jax.ShapeDtypeStruct(conv.shape(t.name, self.sizes), dt if t.dtype == "T" else _JAX[t.dtype])
+                for t in conv.tensors]
 
     def tpu_kernel(self) -> Callable:
         """The ``make_kernel_from_pallas`` wrapper of the compiled launch (TPU)."""
         if self._tpu_kernel is None:
             from torch_xla.experimental.custom_kernel import make_kernel_from_pallas
 
-            self._tpu_kernel = make_kernel_from_pallas(self.compiled_fn, lambda *a: [(a[-1].shape, a[-1].dtype)])
+            outs = self._output_index()
+            self._tpu_kernel = make_kernel_from_pallas(self.compiled_fn,
+                                                       lambda *a: [(a[i].shape, a[i].dtype) for i in outs])
         return self._tpu_kernel
 
     def run_tpu(self, *tensors: Optional[torch.Tensor]) -> torch.Tensor:
-        ops = self._operands(tensors)
-        return self.tpu_kernel()(*ops, self._out(ops[0]), use_cache=True)
+        return self.tpu_kernel()(*self._arguments(tensors), use_cache=True)
 
     def run_interpret(self, *tensors: Optional[torch.Tensor]) -> torch.Tensor:
         import torch_xla.core.xla_builder as xb
 
-        ops = self._operands(tensors)
-        return xb.call_jax(self.interpret_fn, tuple(ops) + (self._out(ops[0]),))[0]
+        return xb.call_jax(self.interpret_fn, tuple(self._arguments(tensors)))[0]
 
 
 def single_call_problem(module) -> str:
@@ -149,11 +154,14 @@ def single_call_problem(module) -> str:
 def kernel_for(op: str, *tensors) -> PallasKernel:
     """The cached :class:`PallasKernel` for ``op`` at these tensors' sizes and dtype."""
     call = CALLS[op]
-    sizes = call.sizes(*tensors)
-    key = (op, tuple(sorted(sizes.items())), tensors[0].dtype)
+    values = call.named(*tensors)
+    conv = call.convention(values)
+    sizes = conv.sizes(values)
+    dtype = conv.storage(values).dtype
+    key = (op, tuple(sorted(sizes.items())), dtype)
     k = _KERNELS.get(key)
     if k is None:
-        k = _KERNELS[key] = PallasKernel(call, sizes, tensors[0].dtype)
+        k = _KERNELS[key] = PallasKernel(call, sizes, dtype, conv)
     return k
 
 

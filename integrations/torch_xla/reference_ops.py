@@ -6,7 +6,7 @@ to the storage dtype."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -18,24 +18,22 @@ def _run(call: SuiteCall, *tensors: Optional[torch.Tensor]) -> torch.Tensor:
 
     from tileflow.suite import KERNELS
 
-    inputs = {n: t.float() for n, t in zip(call.inputs, tensors) if t is not None}
+    values = call.named(*tensors)
+    conv = call.convention(values)
+    inputs = {n: values[n].float() for n in conv.inputs}
     xp = array_api_compat.array_namespace(*inputs.values())
-    return KERNELS[call.kernel].run_reference(xp, **inputs)["out"].to(tensors[0].dtype)
+    return KERNELS[call.kernel].run_reference(xp, **inputs)[conv.outputs[0]].to(conv.storage(values).dtype)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x @ w.T (+ b)`` (q_proj_matvec's reference)."""
-    return _run(CALLS["linear"], x, w, b)
+def _entry(op: str) -> Callable:
+    call = CALLS[op]
+
+    def run(*tensors):
+        return _run(call, *tensors)
+
+    run.__name__ = run.__qualname__ = f"reference_{op}"
+    run.__doc__ = f"torch.ops.tileflow.{op} as {call.kernel}'s reference, in fp32"
+    return run
 
 
-def linear_residual(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """``x @ w.T + r`` (o_proj_residual's reference)."""
-    return _run(CALLS["linear_residual"], x, w, r)
-
-
-def gate_up_silu(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor) -> torch.Tensor:
-    """``silu(x @ wg.T) * (x @ wu.T)`` (mlp_gate_up_silu's reference)."""
-    return _run(CALLS["gate_up_silu"], x, wg, wu)
-
-
-OPS = {"linear": linear, "linear_residual": linear_residual, "gate_up_silu": gate_up_silu}
+OPS = {op: _entry(op) for op in CALLS}
