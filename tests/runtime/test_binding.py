@@ -19,6 +19,8 @@ CASES = [pytest.param(name, case, id=f"{name}-{case.label}") for name, k in KERN
 ALL_CASES = [pytest.param(name, case, id=f"{name}-{case.label}") for name, k in KERNELS.items()
              for case in k.test_cases]
 _INDEX = {"i32": torch.int32, "i64": torch.int64}
+# the generated Triton code runs compiled on a GPU, under the interpreter on CPU (conftest)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # storage dtypes and the suite's norm-wise error bounds (tileflow.verify's)
 _DTYPES = {"fp32": (torch.float32, 2e-5), "fp16": (torch.float16, 2e-3), "bf16": (torch.bfloat16, 1e-2)}
 
@@ -39,7 +41,7 @@ def shape_at(conv, name: str, sizes: dict, params: dict) -> tuple:
 
 def draw(name: str, case, conv, params: dict, seed: int = 0, dtype=torch.float32) -> dict:
     """Random inputs and in-place views for every tensor the convention takes, and the
-    case's scalars, by name (as the suite's verification draws them)."""
+    case's scalars, by name (as the suite's verification draws them), on ``DEVICE``."""
     kernel, gen = KERNELS[name], torch.Generator().manual_seed(seed)
     values = {}
     for t in conv.tensors:
@@ -55,7 +57,7 @@ def draw(name: str, case, conv, params: dict, seed: int = 0, dtype=torch.float32
             v = torch.randn(shape, generator=gen)
         if v.is_floating_point():
             v = v.to(dtype if t.dtype == "T" else torch.float32)
-        values[t.name] = v
+        values[t.name] = v.to(DEVICE)
     return {**values, **case.scalars}
 
 
@@ -64,15 +66,16 @@ def poisoned(conv, sizes: dict, dtype=torch.float32) -> dict:
     for t in conv.tensors:
         if t.role == "output":
             shape = conv.shape(t.name, sizes)
-            out[t.name] = (torch.full(shape, -1, dtype=_INDEX[t.dtype]) if t.dtype in _INDEX
-                           else torch.full(shape, float("nan"), dtype=dtype if t.dtype == "T" else torch.float32))
+            out[t.name] = (torch.full(shape, -1, dtype=_INDEX[t.dtype], device=DEVICE) if t.dtype in _INDEX
+                           else torch.full(shape, float("nan"), dtype=dtype if t.dtype == "T" else torch.float32,
+                                           device=DEVICE))
     return out
 
 
 def reference(name: str, conv, values: dict) -> dict:
     import array_api_compat
 
-    args = {n: (v.double() if v.is_floating_point() else v) if isinstance(v, torch.Tensor) else v
+    args = {n: (v.cpu().double() if v.is_floating_point() else v.cpu()) if isinstance(v, torch.Tensor) else v
             for n, v in values.items() if n in conv.inputs or n in conv.scalars}
     xp = array_api_compat.array_namespace(*[v for v in args.values() if isinstance(v, torch.Tensor)])
     return KERNELS[name].run_reference(xp, **args)
@@ -80,7 +83,7 @@ def reference(name: str, conv, values: dict) -> dict:
 
 def check_against_reference(name: str, conv, got: dict, ref: dict, bound: float = 2e-5) -> None:
     for n in conv.written:
-        out, want = got[n], ref[n]
+        out, want = got[n].cpu(), ref[n]
         if not out.is_floating_point():
             assert torch.equal(out, want.to(out.dtype)), f"{name}: {n} differs from the reference"
             continue
@@ -235,7 +238,7 @@ def test_called_through_the_binder_each_target_equals_the_reference(name, case):
         bound = binding.bind(name, {**given, **outs}, flags, {d: case.sizes[d] for d in ir.dims})
         assert [id(a) for a in bound.arguments[:len(conv.tensors)]] == \
             [id(({**given, **outs})[t.name]) for t in conv.tensors]
-        run = triton_launcher(ir, "cpu") if target == "triton" else ops._reference_launcher(kernel, ir)
+        run = triton_launcher(ir, DEVICE.type) if target == "triton" else ops._reference_launcher(kernel, ir)
         run(*bound.arguments)
         check_against_reference(f"{name}/{case.label}/{target}", conv, {**inout, **bound.outputs}, ref, bound_)
 
