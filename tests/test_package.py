@@ -28,7 +28,7 @@ def test_patterns_and_integrations_are_tileflow_packages():
     import tileflow.integrations.jax
     import tileflow.integrations.onnx
     import tileflow.integrations.torch
-    import tileflow.integrations.torch_xla
+    import tileflow.integrations.torch.xla
     import tileflow.integrations.transformers
     import tileflow.patterns  # noqa: F401
 

@@ -41,7 +41,7 @@ def optimize(src: str, dst: Optional[str], *, target: str = "ort", max_positions
 
 def explain(path: str, target: str = "ort", **kwargs) -> "OnnxReport":
     """The report :func:`optimize` would give for ``path``, writing nothing."""
-    from tileflow.integrations.onnx.report import explain as _explain
+    from tileflow.integrations.onnx.optimizer import explain as _explain
 
     return _explain(path, target, **kwargs)
 

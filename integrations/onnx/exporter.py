@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from tileflow.integrations.onnx.files import Staged, check_destination, data_name
-from tileflow.integrations.transformers.decode_step import cache_field, cache_keyword
+from tileflow.integrations.shared.hf import cache_field, cache_keyword
 
 # Read back by ``optimize`` (the rotary cache size) and ``Generator`` (cache shapes).
 META_PREFIX = "tileflow."

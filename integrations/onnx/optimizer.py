@@ -81,3 +81,9 @@ def optimize(src: str, dst: Optional[str], *, target: str = "ort", max_positions
             ir.save(model, staged.path(dst), external_data=data_name(dst))
             staged.commit()
     return report
+
+
+def explain(path: str, target: str = "ort", **kwargs) -> OnnxReport:
+    """Run the rewrite rules of ``target`` on the ONNX file ``path`` without writing
+    anything and return what matched, per layer, and what stayed, with reasons."""
+    return optimize(check_source(path, "explain path"), None, target=target, **kwargs)

@@ -46,11 +46,3 @@ class OnnxReport(Report):
             lines.append(f"    {label:<15} " + ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())))
         return "\n".join(lines)
 
-
-def explain(path: str, target: str = "ort", **kwargs) -> OnnxReport:
-    """Run the rewrite rules of ``target`` on the ONNX file ``path`` without writing
-    anything and return what matched, per layer, and what stayed, with reasons."""
-    from tileflow.integrations.onnx.files import check_source
-    from tileflow.integrations.onnx.optimizer import optimize
-
-    return optimize(check_source(path, "explain path"), None, target=target, **kwargs)

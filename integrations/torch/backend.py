@@ -76,9 +76,9 @@ def needs_grad(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> bool:
 def tileflow_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: Optional[str] = None,
                      options: Optional[dict] = None) -> Callable:
     """Compile ``gm``: decode patterns -> suite kernels, everything else -> inductor
-    (on XLA devices: torch-xla's openxla, see ``tileflow.integrations.torch_xla``)."""
+    (on XLA devices: torch-xla's openxla, see ``tileflow.integrations.torch.xla``)."""
     if any(getattr(getattr(x, "device", None), "type", None) == "xla" for x in example_inputs):
-        from tileflow.integrations.torch_xla.backend import xla_backend
+        from tileflow.integrations.torch.xla.backend import xla_backend
 
         return xla_backend(gm, example_inputs, LAST_REPORTS, _COLLECTORS)
     from torch._inductor import list_mode_options

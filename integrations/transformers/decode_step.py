@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from tileflow import settings
+from tileflow.integrations.shared.hf import cache_argument, cache_field  # noqa: F401 (cache_field: patch.py reads it here)
 from tileflow.integrations.transformers.graph_table import AddressMemo, GraphTable
 from tileflow.runtime import ops
 
@@ -193,30 +194,6 @@ class GraphedDecode:
         with torch.cuda.graph(graph):
             logits = self.program.run(tok_buf, pos_buf, cache, mask_buf)
         return graph, tok_buf, pos_buf, mask_buf, logits
-
-
-def cache_keyword(model) -> str:
-    """The keyword a CausalLM's forward takes its cache by: ``cache`` where the class's
-    own forward names it (transformers 5.24 and later, which warn on ``past_key_values``
-    and drop it in 5.40), else ``past_key_values``. Read from the class, so a patched or
-    compiled instance forward does not hide it."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
-
-def cache_field() -> str:
-    """The model output's cache field: ``cache`` from transformers 5.24, ``past_key_values`` before."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-def cache_argument(kwargs: dict, default=None):
-    """The cache a forward call was given: ``cache=`` (transformers 5.24 and later) or
-    ``past_key_values=`` (earlier releases, still accepted by later ones)."""
-    cache = kwargs.get("cache")
-    return cache if cache is not None else kwargs.get("past_key_values", default)
 
 
 def mask_row(mask, capacity: int) -> tuple[Optional[torch.Tensor], str]:

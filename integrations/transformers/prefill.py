@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from tileflow import settings
-from tileflow.integrations.transformers.decode_step import cache_argument, layer_weights, unsupported_request
+from tileflow.integrations.shared.hf import cache_argument
+from tileflow.integrations.transformers.decode_step import layer_weights, unsupported_request
 from tileflow.integrations.transformers.graph_table import AddressMemo, GraphTable
 
 

@@ -35,7 +35,7 @@ def explain(fn, *args, **kwargs):
 from tileflow.settings import Options  # noqa: E402
 
 _SUBPACKAGES = {"jax": "tileflow.integrations.jax", "onnx": "tileflow.integrations.onnx",
-                "torch_xla": "tileflow.integrations.torch_xla"}
+                "torch_xla": "tileflow.integrations.torch.xla"}
 
 
 def __getattr__(name: str):

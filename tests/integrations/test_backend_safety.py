@@ -15,7 +15,7 @@ from transformers import StaticCache
 
 import tileflow
 from tileflow.integrations.torch import backend
-from tileflow.integrations.transformers.decode_step import cache_keyword
+from tileflow.integrations.shared.hf import cache_keyword
 from tests.integrations.test_transformers_patch import prompt, tiny
 
 

@@ -11,7 +11,7 @@ from transformers.generation import CompileConfig
 
 import tileflow
 from tests.integrations.test_transformers_patch import prompt, tiny
-from tileflow.integrations.transformers.decode_step import cache_keyword
+from tileflow.integrations.shared.hf import cache_keyword
 
 NEW = 12
 

@@ -13,7 +13,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, StaticCache
 
 import tileflow
-from tileflow.integrations.transformers.decode_step import cache_keyword
+from tileflow.integrations.shared.hf import cache_keyword
 from tests.integrations.test_transformers_patch import cpu_target, prompt, tiny  # noqa: F401  (fixture)
 
 STEPS = 16

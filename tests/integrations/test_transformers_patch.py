@@ -8,7 +8,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import tileflow
-from tileflow.integrations.transformers.decode_step import cache_field, cache_keyword
+from tileflow.integrations.shared.hf import cache_field, cache_keyword
 
 NEW_TOKENS = 20
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

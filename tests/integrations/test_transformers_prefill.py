@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 import tileflow
-from tileflow.integrations.transformers.decode_step import cache_keyword
+from tileflow.integrations.shared.hf import cache_keyword
 from tileflow.integrations.transformers.prefill import GraphedPrefill, PrefillProgram
 
 from .test_transformers_patch import prompt, tiny

@@ -20,10 +20,10 @@ import torch
 import torch_xla
 from torch_xla.experimental import custom_kernel
 
-from tileflow.integrations.torch_xla import pallas_bridge
-from tileflow.integrations.torch_xla.kernels import CALLS
-from tileflow.integrations.torch_xla.report import XlaReport
-from tileflow.integrations.transformers.decode_step import cache_keyword
+from tileflow.integrations.torch.xla import pallas_bridge
+from tileflow.integrations.torch.xla.kernels import CALLS
+from tileflow.integrations.torch.xla.report import XlaReport
+from tileflow.integrations.shared.hf import cache_keyword
 from tileflow.runtime.jax_pallas import pallas_launcher
 from tileflow.suite import KERNELS
 
@@ -118,7 +118,7 @@ def test_rewrite_takes_the_tpu_path_for_every_decode_match(monkeypatch):
     from torch._dynamo.backends.common import aot_autograd
 
     from tests.integrations.test_transformers_patch import prompt, tiny
-    from tileflow.integrations.torch_xla.rewrite import rewrite_for_xla
+    from tileflow.integrations.torch.xla.rewrite import rewrite_for_xla
     from transformers import StaticCache
 
     dev = torch_xla.device()

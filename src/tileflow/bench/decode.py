@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from tileflow.integrations.transformers.decode_step import cache_keyword
+from tileflow.integrations.shared.hf import cache_keyword
 
 
 @dataclass

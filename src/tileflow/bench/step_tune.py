@@ -260,7 +260,7 @@ def patched_step_rebuilder(model, ids: torch.Tensor, cache) -> Callable[[], None
     decode step is captured again with the parameters now in force), run the prompt,
     then one decode step with only the step's launchers built."""
     import tileflow
-    from tileflow.integrations.transformers.decode_step import cache_keyword
+    from tileflow.integrations.shared.hf import cache_keyword
 
     def rebuild():
         tileflow.unpatch(model)

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from tileflow.integrations.torch_xla.kernels import CALLS, SuiteCall
+from tileflow.integrations.torch.xla.kernels import CALLS, SuiteCall
 
 _KERNELS: dict[tuple, "PallasKernel"] = {}
 _TORCH = {"f32": torch.float32, "i32": torch.int32, "i64": torch.int64}

@@ -15,8 +15,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from tileflow.integrations.torch_xla import device
-from tileflow.integrations.torch_xla.report import XlaReport, path_lines
+from tileflow.integrations.torch.xla import device
+from tileflow.integrations.torch.xla.report import XlaReport, path_lines
 from tileflow.report import Report
 
 
@@ -27,7 +27,7 @@ def xla_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], reports
     from torch._dynamo.backends.common import aot_autograd
     from torch._dynamo.backends.torchxla import openxla_eval_boxed
 
-    from tileflow.integrations.torch_xla.rewrite import rewrite_for_xla
+    from tileflow.integrations.torch.xla.rewrite import rewrite_for_xla
 
     path = device.path()
     report = XlaReport(title=f"tileflow backend (torch-xla): graph {len(reports) + 1}", client=device.client())

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 import torch
 
-from tileflow.integrations.torch_xla.kernels import CALLS, SuiteCall
+from tileflow.integrations.torch.xla.kernels import CALLS, SuiteCall
 
 
 def _run(call: SuiteCall, *tensors: Optional[torch.Tensor]) -> torch.Tensor:

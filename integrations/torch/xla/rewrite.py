@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch.fx as fx
 
 from tileflow.integrations.torch import rewrite as aten_rewrite
-from tileflow.integrations.torch_xla import pallas_bridge, reference_ops
-from tileflow.integrations.torch_xla.kernels import call_of
-from tileflow.integrations.torch_xla.report import XlaReport
+from tileflow.integrations.torch.xla import pallas_bridge, reference_ops
+from tileflow.integrations.torch.xla.kernels import call_of
+from tileflow.integrations.torch.xla.report import XlaReport
 
 IMPLEMENTATIONS = {"pallas": pallas_bridge.TPU_OPS, "pallas-interpret": pallas_bridge.INTERPRET_OPS,
                    "reference": reference_ops.OPS}
@@ -24,7 +24,7 @@ def rewrite_for_xla(graph: fx.Graph, report: XlaReport, path: str) -> None:
         if call is None:
             if getattr(node.target, "namespace", None) == "tileflow":
                 # its CPU/GPU implementation would launch Triton on XLA tensors
-                raise NotImplementedError(f"{node.target} has no torch-xla path (tileflow.integrations.torch_xla)")
+                raise NotImplementedError(f"{node.target} has no torch-xla path (tileflow.integrations.torch.xla)")
             continue
         chosen = path
         if path == "pallas":
