@@ -127,6 +127,7 @@ def cmd_kernels_show(args) -> int:
 
 def cmd_verify(args) -> int:
     from rich.console import Console
+    from rich.progress import Progress
     from rich.table import Table
 
     from tileflow.suite import KERNELS
@@ -153,8 +154,15 @@ def cmd_verify(args) -> int:
     for col in ("kernel", "case", "target", "dtype", "rel. error", "bound", "result"):
         table.add_column(col)
     failed = 0
-    for name, case, target, dtype in jobs:
-        r = verify(KERNELS[name], case, dtype, target, device=device)
+    # a long run shows where it is (on stderr, gone when done); the table follows
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("verifying", total=len(jobs))
+        results = []
+        for name, case, target, dtype in jobs:
+            progress.update(task, description=f"{name} {case.label} {target} {dtype}")
+            results.append(verify(KERNELS[name], case, dtype, target, device=device))
+            progress.advance(task)
+    for (name, case, target, dtype), r in zip(jobs, results):
         failed += not r.ok
         table.add_row(name, case.label, target, dtype, f"{r.max_error:.2e}", f"{r.bound:.0e}",
                       "ok" if r.ok else f"FAIL {r.detail}")
