@@ -16,11 +16,17 @@ and the original forward otherwise (prefill, batches, training, an unknown cache
 The final norm and the lm_head take the suite's kernels for decode rows. Anything
 that would not compute exactly what the model computes is left unpatched, with the
 reason in the report; an unsupported model comes back unchanged.
+
+``generate``'s greedy batch-1 calls on such a model run a lean loop (``_lean_sample``):
+the same tokens as transformers' ``_sample``, without its host read of the stop flag
+every token (options ``generate_loop``); any other call runs transformers' own loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -49,6 +55,7 @@ class PatchReport(Report):
     patched: bool = False
     notes: list = field(default_factory=list)  # what patch changed besides forwards (generate's defaults)
     steps: int = 0  # decode steps the whole-step program ran (the fast path, counted)
+    generate_loops: int = 0  # generate calls that ran the lean greedy loop (``_lean_sample``)
     replaced_by: Optional["PatchReport"] = None  # the report of a re-patch after weights were replaced
 
     def __post_init__(self):
@@ -335,25 +342,245 @@ def _no_masks_for_generate(model):
     return create_masks_for_generate
 
 
-def _static_by_default(model, prepare):
+def _static_by_default(model, prepare, made: dict):
     """generate's cache preparation, asking for a static cache where the call names no
-    cache and no ``cache_implementation`` (on generate's own copy of the config)."""
+    cache and no ``cache_implementation`` (on generate's own copy of the config).
+    ``made["cache"]``: a weak reference to the cache this call's preparation created (None
+    where the caller passed one): the lean loop runs only on a cache generate made itself."""
 
     def _prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs):
+        made["cache"] = None
         given = any(model_kwargs.get(k) is not None for k in ("cache", "past_key_values"))
         if (not given and generation_config.cache_implementation is None and model_kwargs.get("use_cache", True)
                 and getattr(generation_config, "use_cache", True)):
             generation_config.cache_implementation = "static"
-        return prepare(model, generation_config, model_kwargs, *args, **kwargs)
+        result = prepare(model, generation_config, model_kwargs, *args, **kwargs)
+        cache = next((model_kwargs[k] for k in ("cache", "past_key_values") if model_kwargs.get(k) is not None), None)
+        if not given and cache is not None:
+            made["cache"] = weakref.ref(cache)
+        return result
 
     return _prepare_cache_for_generation
 
 
-def _generation_defaults(model, report: PatchReport, whole_step: bool) -> dict:
+# how often the lean loop reads the device back to see whether an end-of-sequence token came
+CHECK_EVERY = 16
+_LEAN_CLASSES: dict = {}  # model class -> its subclass whose _sample defers to the instance's
+
+
+def _class_with_instance_sample(cls):
+    """A subclass of ``cls`` (same name, module and qualname) whose ``_sample`` calls the
+    instance's own ``_sample`` where it has one, else ``cls``'s. generate picks its loop off
+    the class (``getattr(type(self), "_sample")``, transformers 5.17 and 5.25), so an
+    instance attribute alone would never be called: ``patch`` sets the model's class to this
+    one and ``unpatch`` sets it back."""
+    sub = _LEAN_CLASSES.get(cls)
+    if sub is None:
+        def _sample(self, *args, **kwargs):
+            own = self.__dict__.get("_sample")
+            if own is not None:
+                return own(*args, **kwargs)
+            return super(sub, self)._sample(*args, **kwargs)
+
+        sub = type(cls.__name__, (cls,), {"_sample": _sample, "__module__": cls.__module__,
+                                          "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
+        _LEAN_CLASSES[cls] = sub
+    return sub
+
+
+def _cache_parameter() -> str:
+    """The keyword generate keeps the cache under in its model kwargs: the name
+    ``prepare_inputs_for_generation`` takes it by (``cache`` from 5.24, ``past_key_values`` before)."""
+    import inspect
+
+    from transformers.generation.utils import GenerationMixin
+
+    params = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _lean_plan(model, installed: dict, made: dict, input_ids, logits_processor, stopping_criteria,
+               generation_config, synced_gpus, streamer, model_kwargs) -> tuple[Optional[dict], str]:
+    """(what the lean loop needs, "") where it returns exactly what transformers' ``_sample``
+    returns, else (None, why not). See :func:`_lean_sample` for the conditions."""
+    from transformers.cache_utils import StaticCache
+    from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+    from transformers.generation.utils import GenerationMixin
+
+    gc = generation_config
+    if gc.do_sample:
+        return None, "sampling (do_sample=True)"
+    if len(logits_processor):
+        return None, f"logits processors {[type(p).__name__ for p in logits_processor]}"
+    if streamer is not None:
+        return None, "a streamer"
+    if synced_gpus:
+        return None, "synced_gpus"
+    if gc.return_dict_in_generate or gc.output_scores or gc.output_logits or gc.output_attentions \
+            or gc.output_hidden_states:
+        return None, "return_dict_in_generate / output_scores, logits, attentions or hidden states"
+    if getattr(gc, "is_assistant", False):
+        return None, "an assistant model's call"
+    kinds = [type(c) for c in stopping_criteria]
+    if any(k not in (MaxLengthCriteria, EosTokenCriteria) for k in kinds) or kinds.count(MaxLengthCriteria) != 1:
+        return None, f"stopping criteria {[k.__name__ for k in kinds]} (the loop keeps one max length and EOS tokens)"
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        return None, f"batch of {input_ids.shape[0]} (the loop is for one sequence)"
+    if input_ids.device != model.device:
+        return None, "input_ids on another device than the model"
+    key = _cache_parameter()
+    known = {key, "attention_mask", "position_ids", "use_cache", "logits_to_keep"}
+    if set(model_kwargs) - known:
+        return None, f"model kwargs {sorted(set(model_kwargs) - known)}"
+    if not model_kwargs.get("use_cache"):
+        return None, "use_cache=False"
+    cache = model_kwargs.get(key)
+    ref = made.get("cache")
+    if not isinstance(cache, StaticCache) or getattr(cache, "_is_user_defined", False) or ref is None \
+            or ref() is not cache:
+        return None, "not a static cache generate made for the call (steps past an end-of-sequence token " \
+                     "would write rows into a cache the caller keeps)"
+    if any(type(layer).__name__ != "StaticLayer" for layer in cache.layers):
+        return None, "cache layers other than StaticLayer"
+    mask, pos = model_kwargs.get("attention_mask"), model_kwargs.get("position_ids")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != 1):
+        return None, "an attention mask that is not one 2-D row"
+    if pos is not None and (not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[0] != 1):
+        return None, "position_ids that are not one 2-D row"
+    # the per-step inputs below are what these produce; the instance ones are patch's own
+    cls = type(model)
+    for name in ("prepare_inputs_for_generation", "_update_model_kwargs_for_generation"):
+        if getattr(cls, name) is not getattr(GenerationMixin, name) or name in model.__dict__:
+            return None, f"the model's own {name}"
+    for name, fn in installed.items():
+        if model.__dict__.get(name) is not fn:
+            return None, f"{name} replaced since patch"
+    if getattr(model.config, "is_encoder_decoder", False) or getattr(model, "is_remote_code", lambda: True)():
+        return None, "an encoder-decoder or remote-code model"
+    eos = [c for c in stopping_criteria if type(c) is EosTokenCriteria]
+    if eos and gc._pad_token_tensor is None:
+        return None, "end-of-sequence tokens without a pad token"
+    max_length = next(c.max_length for c in stopping_criteria if type(c) is MaxLengthCriteria)
+    return {"key": key, "max_length": max_length,
+            "eos": {int(t) for c in eos for t in c.eos_token_id.reshape(-1).tolist()}}, ""
+
+
+def _lean_sample(model, base: type, report: PatchReport, installed: dict, made: dict):
+    """The instance's ``_sample``: transformers' greedy loop without its host read per token,
+    where the call is one it reproduces exactly, else ``base._sample`` (the model's class's
+    own, looked up at the call) with the arguments unchanged, the reason noted once in the
+    report.
+
+    The lean loop runs only when all of these hold (else transformers' loop runs):
+
+    - greedy: ``generation_config.do_sample`` false;
+    - no logits processors (a plain greedy call builds none on transformers 5.17 and 5.25;
+      ``repetition_penalty``, ``min_new_tokens``, ``bad_words_ids`` ... each add one);
+    - stopping criteria: exactly one ``MaxLengthCriteria`` and any ``EosTokenCriteria``
+      (``stop_strings``, ``max_time``, custom criteria fall back), and a pad token where
+      there are EOS tokens (transformers' own loop needs one);
+    - no streamer, ``synced_gpus`` false, not an assistant model's call;
+    - ``return_dict_in_generate`` false and no scores, logits, attentions or hidden states;
+    - batch 1, ``input_ids`` on the model's device;
+    - model kwargs only the cache, ``attention_mask`` (one 2-D row), ``position_ids`` (one
+      2-D row), ``use_cache`` (true) and ``logits_to_keep``;
+    - the cache is a ``StaticCache`` of ``StaticLayer``s that this very generate call made
+      (recorded by ``_prepare_cache_for_generation``), never one the caller passed: the
+      loop may run a few steps past the token it stops at, writing rows of that cache;
+    - ``prepare_inputs_for_generation`` and ``_update_model_kwargs_for_generation`` are
+      ``GenerationMixin``'s (the per-step inputs are computed as they compute them), and
+      what ``patch`` set on the instance for generate (``create_masks_for_generate``
+      returning the 2-D mask, no auto-compile) is still in place; not encoder-decoder or
+      remote code.
+
+    The loop: the prompt pass through ``self._prefill`` and ``_update_model_kwargs_for_generation``
+    as ``_sample`` runs them; then each step calls the model (``self(...)``, the patched
+    forward) with what ``prepare_inputs_for_generation`` would pass: the last token [1, 1],
+    the cache, ``position_ids`` (the last one + 1 a step) and the 2-D attention mask (one 1
+    appended a step) where generate has them, ``use_cache``, ``logits_to_keep``,
+    ``return_dict=True``; the token is ``argmax(-1)`` of the last logits (the argmax of
+    transformers' float32 copy: the conversion is exact), written on the device into a
+    preallocated row. Every ``CHECK_EVERY`` steps and at the end (only where there are
+    EOS tokens) the host reads the new tokens back and stops after the first EOS token,
+    which is where transformers' loop stops for one sequence; so no pad token ever
+    reaches the result (transformers pads only sequences already finished, and stops
+    when the only one finishes), and the steps run past it feed argmax tokens, always
+    inside the vocabulary. The result: ``input_ids`` with the new tokens (same dtype,
+    device and length as transformers' ``torch.cat``)."""
+    seen: set = set()
+
+    def _sample(input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                streamer=None, **model_kwargs):
+        plan, why = _lean_plan(model, installed, made, input_ids, logits_processor, stopping_criteria,
+                               generation_config, synced_gpus, streamer, model_kwargs)
+        made["cache"] = None  # consumed: one generate call
+        if why:
+            if why not in seen:
+                seen.add(why)
+                report.notes.append(f"generate: transformers' own loop ran (once per reason): {why}")
+            return base._sample(model, input_ids, logits_processor, stopping_criteria, generation_config,
+                                synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+        report.generate_loops += 1
+        return _greedy_loop(model, input_ids, generation_config, model_kwargs, plan)
+
+    return _sample
+
+
+def _greedy_loop(model, input_ids, generation_config, model_kwargs: dict, plan: dict) -> torch.Tensor:
+    """The lean loop of :func:`_lean_sample` (its conditions checked)."""
+    key, eos = plan["key"], plan["eos"]
+    n = max(1, plan["max_length"] - input_ids.shape[1])  # new tokens at most: transformers' loop makes one at least
+    device = input_ids.device
+    tokens = torch.empty((1, n), dtype=torch.long, device=device)
+    outputs = model._prefill(input_ids, generation_config, model_kwargs,
+                             is_first_iteration=not generation_config.is_assistant)
+    model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
+    torch.argmax(outputs.logits[:, -1], dim=-1, out=tokens[:, 0])
+    del outputs
+    # the inputs prepare_inputs_for_generation / _update_model_kwargs_for_generation give
+    # step i (1..n-1): the token made by step i - 1, the position after the last one, the
+    # mask with one more 1
+    step_kwargs = {key: model_kwargs[key]}
+    for name in ("use_cache", "logits_to_keep"):
+        if name in model_kwargs:
+            step_kwargs[name] = model_kwargs[name]
+    pos, mask = model_kwargs.get("position_ids"), model_kwargs.get("attention_mask")
+    if pos is not None:  # [1, n - 1]: step i takes column i - 1
+        pos = pos[:, -1:] + torch.arange(n - 1, dtype=pos.dtype, device=pos.device).view(1, -1)
+    if mask is not None:  # step i takes the first filled + i - 1 columns
+        filled = mask.shape[1]
+        mask = torch.cat([mask, mask.new_ones((1, n - 1))], dim=-1)
+    checked, count = 0, n  # tokens read back so far; tokens the result keeps
+    optimize = getattr(model, "_optimize_model_for_decode", None)
+    with optimize() if optimize is not None else contextlib.nullcontext():
+        for i in range(1, n + 1):
+            if eos and (i - checked >= CHECK_EVERY or i == n):
+                new = tokens[0, checked:i].tolist()  # the one host read of these steps
+                hit = next((j for j, t in enumerate(new) if t in eos), None)
+                if hit is not None:
+                    count = checked + hit + 1
+                    break
+                checked = i
+            if i == n:
+                break
+            inputs = {"input_ids": tokens[:, i - 1:i], **step_kwargs}
+            if pos is not None:
+                inputs["position_ids"] = pos[:, i - 1:i]
+            if mask is not None:
+                inputs["attention_mask"] = mask[:, :filled + i - 1]
+            outputs = model(**inputs, return_dict=True)
+            torch.argmax(outputs.logits[:, -1], dim=-1, out=tokens[:, i])
+            del outputs
+    return torch.cat([input_ids, tokens[:, :count]], dim=-1)
+
+
+def _generation_defaults(model, report: PatchReport, whole_step: bool, options: settings.Options) -> dict:
     """What ``patch`` sets on the instance for ``generate`` (the saved values, for unpatch):
     no auto-compile (the patched step is already a CUDA graph; a compiled forward
-    around it would trace into the kernels), and a static cache by default where the
-    whole-step program serves it (it writes StaticLayer tensors)."""
+    around it would trace into the kernels), a static cache by default where the
+    whole-step program serves it (it writes StaticLayer tensors), and there (unless
+    ``options.generate_loop`` is off) a ``_sample`` that runs greedy batch-1 calls as a
+    lean loop (:func:`_lean_sample`)."""
     saved = {}
 
     def _no_auto_compile(*args, **kwargs):
@@ -367,10 +594,21 @@ def _generation_defaults(model, report: PatchReport, whole_step: bool) -> dict:
         saved["create_masks_for_generate"] = None
         prepare = getattr(type(model), "_prepare_cache_for_generation", None)
         if prepare is not None:
-            model._prepare_cache_for_generation = _static_by_default(model, prepare)
+            made: dict = {"cache": None}
+            model._prepare_cache_for_generation = _static_by_default(model, prepare, made)
             saved["_prepare_cache_for_generation"] = None
             report.notes.append("generate: a static cache where no cache or cache_implementation is given "
                                 "(the whole-step program writes static caches)")
+            if options.generate_loop and callable(getattr(type(model), "_sample", None)):
+                installed = {name: model.__dict__[name] for name in
+                             ("_valid_auto_compile_criteria", "create_masks_for_generate")}
+                model._sample = _lean_sample(model, type(model), report, installed, made)
+                saved["_sample"] = None
+                saved["__class__"] = type(model)
+                model.__class__ = _class_with_instance_sample(type(model))
+                report.notes.append(f"generate: greedy batch-1 calls on a cache generate makes run a lean loop "
+                                    f"(a host read every {CHECK_EVERY} tokens, not every token; "
+                                    f"options={{'generate_loop': False}}: transformers' loop)")
     report.notes.append("generate: no auto-compile (the patched step is already a CUDA graph on a GPU)")
     return saved
 
@@ -457,7 +695,7 @@ def patch(model, options=None) -> PatchReport:
     for layer in layers:
         if isinstance(layer.__dict__.get("forward"), _DecodeLayer):
             layer.forward = torch.compiler.disable(layer.forward)
-    model._tileflow_saved = _generation_defaults(model, report, whole_step)
+    model._tileflow_saved = _generation_defaults(model, report, whole_step, options)
     model._tileflow_patch = report
     model._tileflow_patched_modules = patched
     return report
@@ -472,6 +710,9 @@ def unpatch(model) -> bool:
     for name, value in model._tileflow_saved.items():
         if name.startswith("generation_config."):
             setattr(model.generation_config, name.split(".", 1)[1], value)
+        elif name == "__class__":
+            if type(model) is _LEAN_CLASSES.get(value):
+                model.__class__ = value
         else:
             model.__dict__.pop(name, None)
     model._tileflow_watch.release()
