@@ -19,7 +19,7 @@ from transformers import StaticCache
 import tileflow
 from tileflow.bench.decode import decode_once
 from tileflow.bench.models import build_model
-from tileflow.integrations.transformers.decode_step import cache_keyword
+from tileflow.integrations.shared.hf import cache_keyword
 
 
 def greedy(model, ids: torch.Tensor, new_tokens: int, forward=None) -> tuple[list, float]:

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from tileflow import settings
-from tileflow.integrations.shared.hf import cache_argument, cache_field  # noqa: F401 (cache_field: patch.py reads it here)
+from tileflow.integrations.shared.hf import cache_argument
 from tileflow.integrations.transformers.graph_table import AddressMemo, GraphTable
 from tileflow.runtime import ops
 

@@ -32,8 +32,8 @@ from typing import Optional
 
 import torch
 
-from tileflow.integrations.transformers.decode_step import (DecodeProgram, GraphedDecode, cache_argument,
-                                                            cache_field, decode_request)
+from tileflow.integrations.shared.hf import cache_argument, cache_field
+from tileflow.integrations.transformers.decode_step import DecodeProgram, GraphedDecode, decode_request
 from tileflow.integrations.transformers.compat import rope_config_of
 from tileflow.integrations.transformers.guards import CacheFill, CacheFullError, WeightWatch, cache_full_message
 from tileflow.integrations.transformers.prefill import GraphedPrefill, PrefillProgram, prefill_request
