@@ -29,7 +29,7 @@ def test_static_launch_keeps_a_torch_views_strides():
     import torch
 
     from tileflow.runtime.torch_triton import triton_launcher, use_interpreter_if_no_gpu
-    from tileflow.runtime.triton_xla import torch_static_launcher
+    from tileflow.runtime.torch_triton import torch_static_launcher
 
     kernel = KERNELS["o_proj_residual"]
     sizes = {"M": 1, "N": 32, "K": 64}

@@ -64,6 +64,28 @@ def torch_launcher(ir: KernelIR, device_type: str, sizes: dict):
     generic = triton_launcher(ir, device_type)
     if not static_shapes_wanted(ir, sizes):
         return generic
-    from tileflow.runtime.triton_xla import torch_static_launcher
-
     return torch_static_launcher(ir, use_interpreter_if_no_gpu())
+
+
+def torch_static_launcher(ir: KernelIR, interpret: bool) -> Callable:
+    """``launch``'s drop-in for torch tensors through ``launch_xla``: the same kernels with
+    every stride and size compiled in (the decode launches' default,
+    :func:`tileflow.runtime.torch_triton.torch_launcher`). Workspaces are plain ``torch.empty``."""
+    import torch
+
+    from tileflow.runtime.triton_xla import torch_call, xla_launcher
+
+    launch = xla_launcher(ir, interpret)
+    pdl = {}
+
+    def run(*args):
+        first = args[0]
+        if first.device not in pdl:
+            pdl[first.device] = (first.is_cuda and not interpret and settings.ENVIRONMENT.pdl
+                                 and torch.cuda.get_device_capability(first.device)[0] >= 9)
+        empty = lambda shape, dtype: torch.empty(  # noqa: E731
+            tuple(int(n) for n in shape), device=first.device,
+            dtype={"f32": torch.float32, "i32": torch.int32, "i64": torch.int64}[dtype])
+        launch(torch_call, empty, *args, pdl=pdl[first.device])
+
+    return run

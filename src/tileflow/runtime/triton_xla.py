@@ -11,7 +11,8 @@ grids and launch parameters once, for any array type, and hands each stage to ``
   (``tileflow.verify`` target ``triton_xla``) without jax_triton or a GPU.
 
 These are the same kernels (and tuned launch parameters) the torch integrations run,
-less programmatic dependent launch: XLA launches them, not Triton's launcher.
+less programmatic dependent launch: XLA launches them, not Triton's launcher. (torch's
+decode launches use ``launch_xla`` too, through ``torch_triton.torch_static_launcher``.)
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import functools
 from typing import Callable, Sequence
 
-from tileflow import settings
 from tileflow.emit.cache import load_generated
 from tileflow.tile.ir import KernelIR
 
@@ -167,28 +167,6 @@ def torch_call(kernel, grid: tuple, reads: Sequence, writes: Sequence, scalars: 
         opts["launch_pdl"] = True
     kernel[tuple(grid)](*reads, *writes, *scalars, *writes, **meta, **opts)
     return tuple(writes)
-
-
-def torch_static_launcher(ir: KernelIR, interpret: bool) -> Callable:
-    """``launch``'s drop-in for torch tensors through ``launch_xla``: the same kernels with
-    every stride and size compiled in (the decode launches' default,
-    :func:`tileflow.runtime.torch_triton.torch_launcher`). Workspaces are plain ``torch.empty``."""
-    import torch
-
-    launch = xla_launcher(ir, interpret)
-    pdl = {}
-
-    def run(*args):
-        first = args[0]
-        if first.device not in pdl:
-            pdl[first.device] = (first.is_cuda and not interpret and settings.ENVIRONMENT.pdl
-                                 and torch.cuda.get_device_capability(first.device)[0] >= 9)
-        empty = lambda shape, dtype: torch.empty(  # noqa: E731
-            tuple(int(n) for n in shape), device=first.device,
-            dtype={"f32": torch.float32, "i32": torch.int32, "i64": torch.int64}[dtype])
-        launch(torch_call, empty, *args, pdl=pdl[first.device])
-
-    return run
 
 
 def torch_empty(shape: tuple, dtype: str, device="cpu"):
