@@ -13,6 +13,7 @@ import torch
 
 from tileflow.runtime import binding
 from tileflow.suite import KERNELS
+from tileflow.verify import make_inputs
 
 CASES = [pytest.param(name, case, id=f"{name}-{case.label}") for name, k in KERNELS.items() for case in k.test_cases
          if case.runs_on("triton")]
@@ -35,29 +36,13 @@ def flags_of(name: str, case) -> dict:
     return KERNELS[name].structural_sizes(case.sizes)
 
 
-def shape_at(conv, name: str, sizes: dict, params: dict) -> tuple:
-    return tuple(int(sizes[d]) if d in sizes else int(params[d]) for d in conv.operand(name).shape)
-
-
 def draw(name: str, case, conv, params: dict, seed: int = 0, dtype=torch.float32) -> dict:
     """Random inputs and in-place views for every tensor the convention takes, and the
-    case's scalars, by name (as the suite's verification draws them), on ``DEVICE``."""
+    case's scalars, by name (the suite's verification draws them: ``verify.make_inputs``),
+    on ``DEVICE``."""
     kernel, gen = KERNELS[name], torch.Generator().manual_seed(seed)
-    values = {}
-    for t in conv.tensors:
-        if t.role == "output":
-            continue
-        shape = shape_at(conv, t.name, case.sizes, params)
-        maker = kernel.input_makers.get(t.name)
-        if maker is not None:
-            v = maker(gen, shape, case.sizes)
-        elif t.dtype in _INDEX:
-            v = torch.randint(0, 1 << 15, shape, generator=gen, dtype=_INDEX[t.dtype])
-        else:
-            v = torch.randn(shape, generator=gen)
-        if v.is_floating_point():
-            v = v.to(dtype if t.dtype == "T" else torch.float32)
-        values[t.name] = v.to(DEVICE)
+    values = make_inputs(kernel, kernel.build(params), case, dtype, gen, DEVICE)
+    assert set(values) == {t.name for t in conv.tensors if t.role != "output"}
     return {**values, **case.scalars}
 
 
