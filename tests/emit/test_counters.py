@@ -21,10 +21,11 @@ from tileflow.emit.cache import generate
 from tileflow.tile.builder import TileBuilder, TileDefinitionError
 
 
-def group_sum_ir(programs: int = 4, block: int = 16):
+def group_sum_ir(programs: int = 4, block: int = 16, late: bool = False, name: str = "group_sum"):
     """out[g] = sum over p of x[g, p]: program (p, g) stores its row of x as a partial,
-    counts itself on ``done[g]``, and the group's last program sums the partials."""
-    k = TileBuilder("group_sum", {"BLOCK": block, "P_BLOCK": programs})
+    counts itself on ``done[g]``, and the group's last program sums the partials; with
+    ``late`` the dependents are let in after the partials are stored."""
+    k = TileBuilder(name, {"BLOCK": block, "P_BLOCK": programs})
     x = k.input("x", ("G", "P", "D"))
     out = k.output("out", ("G", "D"))
     part = k.workspace("part", ("G", "P", "D"))
@@ -33,6 +34,8 @@ def group_sum_ir(programs: int = 4, block: int = 16):
         p, g = k.program_id(0), k.program_id(1)
         cols = k.range(0, "BLOCK", aligned=True)
         k.store(part, (g, p, cols), k.load(x, (g, p, cols)))
+        if late:
+            k.launch_dependents()
         last = k.eq(k.atomic_add(done, (g,), 1), k.dim("P") - 1)
         rows = k.range(0, "P_BLOCK", aligned=True)
         k.store(out, (g, cols), k.sum(k.load(part, (g, rows, cols), when=last), axis=0), when=last)

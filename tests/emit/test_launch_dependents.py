@@ -8,29 +8,14 @@ of its own (the one-launch attention that used it measured slower: docs/decision
 
 import pytest
 
+from tests.emit.test_counters import group_sum_ir
 from tileflow.emit.cache import generate
 from tileflow.tile.builder import TileBuilder, TileDefinitionError
 
 
 def _stage(late: bool) -> str:
-    """A group sum whose last program combines (tests/emit/test_counters.py), with the
-    dependents let in after the partials are stored when ``late``."""
-    k = TileBuilder("late", {"BLOCK": 16, "P_BLOCK": 4})
-    x = k.input("x", ("G", "P", "D"))
-    out = k.output("out", ("G", "D"))
-    part = k.workspace("part", ("G", "P", "D"))
-    done = k.counter("done", ("G",))
-    with k.stage("main", grid=("P", "G")):
-        p, g = k.program_id(0), k.program_id(1)
-        cols = k.range(0, "BLOCK", aligned=True)
-        k.store(part, (g, p, cols), k.load(x, (g, p, cols)))
-        if late:
-            k.launch_dependents()
-        last = k.eq(k.atomic_add(done, (g,), 1), k.dim("P") - 1)
-        rows = k.range(0, "P_BLOCK", aligned=True)
-        k.store(out, (g, cols), k.sum(k.load(part, (g, rows, cols), when=last), axis=0), when=last)
-        k.store(done, (g,), 0, when=last)
-    src = generate(k.finish("test"), "triton")
+    """The group sum of tests/emit/test_counters.py, its stage's generated Triton body."""
+    src = generate(group_sum_ir(late=late, name="late"), "triton")
     return src[src.index("def late_main("):src.index("def launch(")]
 
 
