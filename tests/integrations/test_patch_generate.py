@@ -6,6 +6,7 @@ before writing, replaced weights are followed."""
 
 import pytest
 import torch
+import torch._dynamo.testing
 from transformers import StaticCache
 from transformers.generation import CompileConfig
 
@@ -85,6 +86,28 @@ def test_a_replaced_linear_is_followed():
     tileflow.unpatch(model)
     assert torch.equal(got, generate(model, ids, cache_implementation="static"))
     assert report.replaced_by is not None and report.replaced_by.steps == NEW - 1
+
+
+def test_the_weight_watch_is_invisible_to_a_users_compile():
+    """The registration hooks run inside forwards (``self.layers[:n]`` builds a ModuleList);
+    traced, they made dynamo guard on the watch table's size, which other models' patching
+    or garbage collection changes: a recompile, or "Guard failed on the same frame"."""
+    watched = [tiny("llama")]
+    tileflow.patch(watched[0])  # installs the process-wide hooks
+    model, ids = tiny("qwen2"), prompt()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(model.forward, backend=counter)
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + 4)
+    kw = {cache_keyword(model): cache}
+    with torch.no_grad():
+        model(ids, **kw, use_cache=True)
+        for i in range(2):
+            if i == 1:
+                watched.append(tiny("llama"))
+                tileflow.patch(watched[-1])  # the watch table grows
+            compiled(input_ids=ids[:, :1], position_ids=torch.tensor([[ids.shape[1] + i]]), use_cache=True, **kw)
+    torch._dynamo.reset()
+    assert counter.frame_count == 1, counter.frame_count
 
 
 def test_resized_embeddings_are_followed():
