@@ -488,11 +488,11 @@ def fused(d: int = 1536, inter: int = 8960, sets: int = 3, launches: int = 28) -
 
     def suite_pair(i):
         wg, wu, wd = weights[i % sets]
-        y.copy_(ops.down_proj_residual(ops.rms_norm_gate_up_silu(x[None], ln_w, eps, wg, wu), wd, r[None])[0])
+        y.copy_(ops.matvec_residual(ops.rms_norm_gate_up_silu(x[None], ln_w, eps, wg, wu), wd, r[None])[0])
 
     def suite_only(i):
         wg, wu, wd = weights[i % sets]
-        ops.down_proj_residual(ops.rms_norm_gate_up_silu(x[None], ln_w, eps, wg, wu), wd, r[None])
+        ops.matvec_residual(ops.rms_norm_gate_up_silu(x[None], ln_w, eps, wg, wu), wd, r[None])
 
     suite_pair(0)
     torch.cuda.synchronize()
@@ -594,7 +594,7 @@ def split(d: int = 1536, inter: int = 8960, sets: int = 3, launches: int = 28) -
     print(f"down {d}x{inter} ({d * inter * 2 / 1e6:.1f} MB), {torch.cuda.get_device_name()}")
 
     def suite_down(i, hh=h):
-        y.copy_(ops.down_proj_residual(hh, weights[i % sets][2], x[None])[0])
+        y.copy_(ops.matvec_residual(hh, weights[i % sets][2], x[None])[0])
 
     def check(fn, label):
         for i in range(3):
@@ -606,7 +606,7 @@ def split(d: int = 1536, inter: int = 8960, sets: int = 3, launches: int = 28) -
             assert err < 1e-2 and not y.isnan().any(), (label, err)
         return err
 
-    forms = {"suite down_proj_residual": lambda i, hh=h: ops.down_proj_residual(hh, weights[i % sets][2], x[None])}
+    forms = {"suite matvec_residual": lambda i, hh=h: ops.matvec_residual(hh, weights[i % sets][2], x[None])}
     check(suite_down, "suite")
     for bn, bk, sp, warps in SPLIT_CONFIGS:
         def one(i, hh=h, bn=bn, bk=bk, sp=sp, warps=warps):

@@ -2,7 +2,7 @@
 sets side by side (the leaderboard times whole launches; this says which stage of a
 multi-stage kernel the time goes to). GPU only.
 
-    python benchmarks/stage_profile.py attention_decode_gqa ctx384 \
+    python benchmarks/stage_profile.py gqa_attention ctx384 \
         --set SPLITS=4,SPLITS_BLOCK=4 --set SPLITS=16,SPLITS_BLOCK=16
 
 Each set: the whole launch's time inside a CUDA graph (as gpu_suite times it, rotating

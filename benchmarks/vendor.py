@@ -26,15 +26,15 @@ def vendor_call(name: str, t: dict, scalars: dict):
         return (lambda: F.rms_norm(t["x"], (t["x"].shape[-1],), t["w"], scalars["eps"])), "F.rms_norm"
     if name == "embedding_lookup":
         return (lambda: F.embedding(t["ids"], t["table"])), "F.embedding"
-    if name == "q_proj_matvec":
+    if name == "matvec":
         return (lambda: F.linear(t["x"], t["w"], t.get("b"))), "F.linear (cuBLAS)"
-    if name == "kv_proj_matvec":
+    if name == "matvec_pair":
         return (lambda: (F.linear(t["x"], t["wk"], t.get("bk")), F.linear(t["x"], t["wv"], t.get("bv")))), \
             "2x F.linear (cuBLAS)"
-    if name in ("o_proj_residual", "down_proj_residual"):
+    if name in ("matvec_residual", "matvec_residual"):
         wt = t["w"].t()
         return (lambda: torch.addmm(t["r"], t["x"], wt)), "addmm (cuBLAS, residual in epilogue)"
-    if name == "mlp_gate_up_silu":
+    if name == "gate_up_silu":
         w = torch.cat([t["wg"], t["wu"]], dim=0)  # one GEMV over both: cuBLAS's best case
         n = t["wg"].shape[0]
 
@@ -54,13 +54,13 @@ def vendor_call(name: str, t: dict, scalars: dict):
             t["k_cache"].index_copy_(2, pos, kr.unsqueeze(2))  # batch 1, as StaticCache does
             t["v_cache"].index_copy_(2, pos, t["v"].unsqueeze(2))
         return rope_k, "torch eager + index_copy_ (StaticCache.update)"
-    if name == "attention_decode_gqa":
+    if name == "gqa_attention":
         q = t["q"].unsqueeze(2)
         n = int(t["lengths"].max())
         k, v = t["k_cache"][:, :, :n], t["v_cache"][:, :, :n]
         return (lambda: F.scaled_dot_product_attention(q, k, v, scale=scalars["scale"], enable_gqa=True)), \
             "SDPA (enable_gqa)"
-    if name == "silu_mul_fused":
+    if name == "silu_mul":
         return (lambda: F.silu(t["a"]) * t["b"]), "torch eager"
     if name == "residual_add":
         return (lambda: t["a"] + t["b"]), "torch eager"
@@ -69,7 +69,7 @@ def vendor_call(name: str, t: dict, scalars: dict):
     if name in ("rms_norm_matvec", "rms_norm_gate_up_silu"):
         x, ln = t["x"], t["ln_w"]
         d = dict(t)  # the inner call reads d["x"] when it runs: the freshly normalised row
-        inner, label = vendor_call("q_proj_matvec" if name == "rms_norm_matvec" else "mlp_gate_up_silu", d, scalars)
+        inner, label = vendor_call("matvec" if name == "rms_norm_matvec" else "gate_up_silu", d, scalars)
 
         def norm_then():
             d["x"] = F.rms_norm(x, (x.shape[-1],), ln, scalars["eps"])

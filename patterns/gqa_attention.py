@@ -2,7 +2,7 @@
 keys / values with the K/V heads repeated per group (``repeat_kv``), softmax of
 ``(q*s) @ (k*s)^T + causal_mask`` and the product with V.
 
-Replaced by ``attention_decode_gqa`` (ONNX Runtime: ``GroupQueryAttention``;
+Replaced by ``gqa_attention`` (ONNX Runtime: ``GroupQueryAttention``;
 opset 23: ``Attention`` with past / present) when, exactly:
 - batch 1 and one query (decode): the causal mask of a query at the last position
   admits every key, so it is dropped; the mask must be ``kv_index <= past_len`` built
@@ -25,4 +25,4 @@ for one query such a row is exactly a per-key mask. A float (additive) mask, dro
 """
 
 NAME = "gqa_attention"
-SUITE_KERNEL = "attention_decode_gqa"
+SUITE_KERNEL = "gqa_attention"

@@ -53,19 +53,19 @@ def test_step_breakdown_charges_each_kernel_from_its_predecessor_end():
 
     timeline = [  # (name, start, end) in us, two steps
         ("qkv_rope_cache_matvec", 0.0, 5.0),
-        ("attention_decode_gqa_partial", 3.0, 9.0),  # started early, waited for qkv
+        ("gqa_attention_partial", 3.0, 9.0),  # started early, waited for qkv
         ("rms_norm_gate_up_silu_matvec", 9.5, 30.0),  # 0.5 us idle before it
         ("triton_red_fused_argmax_0", 30.0, 31.0),
         ("qkv_rope_cache_matvec", 40.0, 45.0),  # 9 us of host time between steps
-        ("attention_decode_gqa_partial", 44.0, 49.0),
+        ("gqa_attention_partial", 44.0, 49.0),
         ("rms_norm_gate_up_silu_matvec", 49.0, 70.0),
         ("triton_red_fused_argmax_0", 70.0, 71.0),
     ]
     table = {"rms_norm_gate_up_silu": 42_000_000}
     rows = {r.name: r for r in bd.breakdown(timeline, 2, table)}
     assert rows["qkv_rope_cache"].us == 5.0 and rows["qkv_rope_cache"].launches == 1
-    assert rows["attention_decode_gqa"].us == 4.0  # 4 us past qkv's end, both steps
-    assert rows["attention_decode_gqa"].busy_us == 5.5
+    assert rows["gqa_attention"].us == 4.0  # 4 us past qkv's end, both steps
+    assert rows["gqa_attention"].busy_us == 5.5
     assert rows["rms_norm_gate_up_silu"].us == 20.75
     assert abs(rows["rms_norm_gate_up_silu"].gbs - 42_000_000 / 20.75e3) < 1e-9
     assert rows["inductor kernels"].us == 1.0
@@ -77,8 +77,8 @@ def test_step_breakdown_charges_each_kernel_from_its_predecessor_end():
     gaps = bd.idle_gaps(timeline, 2)  # the host's 9 us between steps first, then the launch gap
     assert gaps[0] == {"after": "inductor kernels", "before": "qkv_rope_cache", "us": 4.5, "gaps": 0.5,
                        "largest": {"after": "triton_red_fused_argmax_0", "before": "qkv_rope_cache_matvec", "us": 4.5}}
-    assert gaps[1] == {"after": "attention_decode_gqa", "before": "rms_norm_gate_up_silu", "us": 0.25, "gaps": 0.5,
-                       "largest": {"after": "attention_decode_gqa_partial", "before": "rms_norm_gate_up_silu_matvec",
+    assert gaps[1] == {"after": "gqa_attention", "before": "rms_norm_gate_up_silu", "us": 0.25, "gaps": 0.5,
+                       "largest": {"after": "gqa_attention_partial", "before": "rms_norm_gate_up_silu_matvec",
                                    "us": 0.25}}
     assert len(gaps) == 2 and abs(sum(g["us"] for g in gaps) - rows[bd.IDLE].us) < 1e-9
 
@@ -93,8 +93,8 @@ def test_suite_bytes_add_up_to_the_roofline_weights():
     model = build_model("tiny", torch.device("cpu"), torch.float32)
     table = bd.suite_bytes(model.config, 10, 4)
     want = bytes_per_token(model, 10)
-    assert table["attention_decode_gqa"] == want["kv_cache"]
-    weights = sum(v for k, v in table.items() if k != "attention_decode_gqa")
+    assert table["gqa_attention"] == want["kv_cache"]
+    weights = sum(v for k, v in table.items() if k != "gqa_attention")
     # the table also counts the K/V rows written and the norms' x reads: a few KB
     assert 0 <= weights - want["weights"] < 0.01 * want["weights"]
 
@@ -115,17 +115,20 @@ def test_decode_shapes_of_the_built_in_configs():
             assert case.sizes.get("HAS_BIAS", 0) == 0
 
 
-def test_shared_residual_kernel_is_charged_both_projections_bytes():
-    """The compiled step runs o_proj and down_proj through one kernel class: its bytes
-    are both projections' then; the patch step's separate classes keep their own."""
+def test_the_residual_kernel_is_charged_both_projections_bytes():
+    """o_proj and down_proj run through the one ``matvec_residual`` kernel: its class
+    carries both projections' bytes, and every class the table names is a suite kernel."""
     from tileflow.bench import breakdown as bd
+    from tileflow.bench.models import builtin_config
+    from tileflow.suite import KERNELS
 
-    table = {"o_proj_residual": 10, "down_proj_residual": 30, "rms_norm_matvec": 5}
-    compiled = [("o_proj_residual_matvec", 0.0, 1.0), ("o_proj_residual_matvec", 1.0, 2.0)]
-    patched = [("o_proj_residual_matvec", 0.0, 1.0), ("down_proj_residual_matvec", 1.0, 2.0)]
-    assert bd.fold_shared_kernels(table, compiled) == {"o_proj_residual": 40, "rms_norm_matvec": 5}
-    assert bd.fold_shared_kernels(table, patched) == table
-    assert table["o_proj_residual"] == 10  # not changed in place
+    cfg = builtin_config("deepseek-r1-distill-qwen-1.5b")
+    table = bd.suite_bytes(cfg, context=128, elem=2)
+    d, inter = cfg.hidden_size, cfg.intermediate_size
+    assert table["matvec_residual"] == cfg.num_hidden_layers * (d * d + inter * d) * 2
+    assert set(table) <= set(KERNELS)
+    assert bd.kernel_class("matvec_residual_kernel") == "matvec_residual"  # not taken for ``matvec``
+    assert bd.kernel_class("matvec_kernel") == "matvec"
 
 
 def test_divergence_records_eager_margin_and_deviation():
@@ -174,6 +177,6 @@ def test_the_record_names_the_user_tuning_of_an_ab_run(monkeypatch, tmp_path):
 
     monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path))
     assert _user_autotune() == {}
-    key = "Some GPU|down_proj_residual|bf16|K=8960,M=1,N=1536"
+    key = "Some GPU|matvec_residual|bf16|K=8960,M=1,N=1536"
     (tmp_path / "autotune.json").write_text(json.dumps({key: {"params": {"PIPELINE": 2}, "us": 0.0}}))
     assert _user_autotune() == {key: {"PIPELINE": 2}}

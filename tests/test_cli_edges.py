@@ -96,7 +96,7 @@ def test_kernels_show_bad_assignment(capsys):
     one_line_error(code, err, "D=0", ">= 1")
     code, _, err = run(["kernels", "show", "rms_norm", "--sizes", "Q=5"], capsys)  # would be ignored
     one_line_error(code, err, "Q", "M, D")
-    assert run(["kernels", "show", "q_proj_matvec", "--sizes", "HAS_BIAS=0"], capsys)[0] == 0
+    assert run(["kernels", "show", "matvec", "--sizes", "HAS_BIAS=0"], capsys)[0] == 0
 
 
 # --------------------------------------------------------------- --model

@@ -8,9 +8,9 @@ from importlib.metadata import entry_points
 from tileflow.emit import autotune
 from tileflow.suite import KERNELS
 
-SUITE = {"rms_norm", "embedding_lookup", "q_proj_matvec", "kv_proj_matvec", "rope_q", "rope_k",
-         "attention_decode_gqa", "o_proj_residual", "mlp_gate_up_silu", "down_proj_residual",
-         "silu_mul_fused", "residual_add", "argmax_greedy"}
+SUITE = {"rms_norm", "embedding_lookup", "matvec", "matvec_pair", "rope_q", "rope_k",
+         "gqa_attention", "matvec_residual", "gate_up_silu", "matvec_residual",
+         "silu_mul", "residual_add", "argmax_greedy"}
 
 
 FUSED = {"qkv_rope_cache", "rms_norm_gate_up_silu", "rms_norm_matvec"}
@@ -56,10 +56,10 @@ def test_cli_shows_generated_pallas():
 def test_autotune_record_then_lookup(tmp_path, monkeypatch):
     monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path))
     sizes = {"M": 1, "N": 64, "K": 64}
-    assert autotune.lookup("q_proj_matvec", sizes, "bf16", "gpu-x") is None
-    autotune.record("q_proj_matvec", sizes, "bf16", "gpu-x", {"BLOCK_N": 2}, 1.5)
-    assert autotune.lookup("q_proj_matvec", sizes, "bf16", "gpu-x") == {"BLOCK_N": 2}
-    assert autotune.lookup("q_proj_matvec", sizes, "fp16", "gpu-x") is None
+    assert autotune.lookup("matvec", sizes, "bf16", "gpu-x") is None
+    autotune.record("matvec", sizes, "bf16", "gpu-x", {"BLOCK_N": 2}, 1.5)
+    assert autotune.lookup("matvec", sizes, "bf16", "gpu-x") == {"BLOCK_N": 2}
+    assert autotune.lookup("matvec", sizes, "fp16", "gpu-x") is None
 
 
 def test_tune_picks_the_fastest_and_survives_failures():

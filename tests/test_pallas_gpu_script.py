@@ -17,7 +17,7 @@ from tileflow.suite import KERNELS  # noqa: E402
 
 def test_checks_and_times_every_case(tileflow_options):
     tileflow_options(pallas_interpret="1")
-    some = {n: KERNELS[n] for n in ("o_proj_residual", "attention_decode_gqa")}
+    some = {n: KERNELS[n] for n in ("matvec_residual", "gqa_attention")}
     checked = pallas_gpu.check_test_cases(some)
     assert set(checked) == set(some) and all(v["ok"] for v in checked.values()), checked
     timed = pallas_gpu.time_cases(some, lambda k: k.test_cases[:2], interpret=True, reps=2, max_sets=2)

@@ -98,7 +98,7 @@ def test_generated_triton_reads_no_environment():
     from tileflow.emit.cache import generate
     from tileflow.suite import KERNELS
 
-    for name in ("qkv_rope_cache", "down_proj_residual", "attention_decode_gqa"):
+    for name in ("qkv_rope_cache", "matvec_residual", "gqa_attention"):
         kernel = KERNELS[name]
         case = kernel.test_cases[0]
         src = generate(kernel.build(kernel.params_for(case)), "triton")

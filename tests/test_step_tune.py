@@ -19,7 +19,7 @@ def patched_step(tmp_path, monkeypatch, tileflow_options):
     monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path))
     tileflow_options(cpu_target="reference")
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=128,
+    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=INTER, num_hidden_layers=2, vocab_size=128,
                                          num_attention_heads=4, num_key_value_heads=2,
                                          max_position_embeddings=64)).eval()
     ids = torch.randint(1, 128, (1, 7), generator=torch.Generator().manual_seed(1))
@@ -28,37 +28,47 @@ def patched_step(tmp_path, monkeypatch, tileflow_options):
     tileflow.unpatch(model)
 
 
+INTER = 96  # the fixture's intermediate size: the down projection's K
+
+
+def role(launch) -> str:
+    """The kernel's name, or for the one residual matvec, which projection it runs."""
+    if launch.name != "matvec_residual":
+        return launch.name
+    sizes = dict(launch.sizes)
+    return "down" if sizes["K"] > sizes["N"] else "o"  # the MLP's reduction is the longer
+
+
 def charge(costs: dict) -> float:
-    """A stand-in step time: 1000 µs plus ``costs[(kernel, PIPELINE)]`` for each launch of
+    """A stand-in step time: 1000 µs plus ``costs[(role, PIPELINE)]`` for each launch of
     the freshly built step, with the parameters in force."""
-    return 1000.0 + sum(costs.get((launch.name, launch.params().get("PIPELINE", 0)), 0.0)
+    return 1000.0 + sum(costs.get((role(launch), launch.params().get("PIPELINE", 0)), 0.0)
                         for launch in step_tune.launches_in_order())
 
 
 def test_the_rebuilt_step_lists_its_decode_kernels(patched_step):
     _, rebuild = patched_step
     rebuild()
-    names = [launch.name for launch in step_tune.launches_in_order()]
-    assert {"qkv_rope_cache", "attention_decode_gqa", "o_proj_residual", "rms_norm_gate_up_silu",
-            "down_proj_residual", "rms_norm_matvec"} <= set(names), names
+    names = [role(launch) for launch in step_tune.launches_in_order()]
+    assert {"qkv_rope_cache", "gqa_attention", "o", "rms_norm_gate_up_silu", "down", "rms_norm_matvec"} <= set(names), names
 
 
 def test_keeps_only_the_variants_that_pay(patched_step):
     _, rebuild = patched_step
     # down gains 30 us with the first round before the wait, qkv 2 (under the 0.5% threshold),
     # gate-up loses 40
-    costs = {("down_proj_residual", 2): -30.0, ("qkv_rope_cache", 2): -2.0, ("rms_norm_gate_up_silu", 2): 40.0}
+    costs = {("down", 2): -30.0, ("qkv_rope_cache", 2): -2.0, ("rms_norm_gate_up_silu", 2): 40.0}
     result = step_tune.tune_step(rebuild, lambda: charge(costs), max_variants=3)
     assert result.baseline_us == 1000.0 and result.final_us == 970.0
-    kept = {k.split("|")[1]: v for k, v in result.chosen.items()}
-    assert list(kept) == ["down_proj_residual"] and kept["down_proj_residual"]["PIPELINE"] == 2
+    (key, kept), = result.chosen.items()
+    assert "|matvec_residual|" in key and f"K={INTER}," in key and kept["PIPELINE"] == 2
     assert [t.change for t in result.trials if t.kept] == ["baseline", "PIPELINE: 0 -> 2"]
     # each kernel's incumbent was timed before its challengers, in the first round down's at
     # the old 1000 µs and lm_head's (after down) at 970; a second round kept nothing
     incumbents = [(t.kernel, t.us) for t in result.trials if t.change == "incumbent"]
     first = dict(reversed(incumbents))
-    assert first["down_proj_residual"] == 1000.0 and first["rms_norm_matvec"] == 970.0
-    assert len(incumbents) == 2 * len(first)
+    assert first["matvec_residual"] == 1000.0 and first["rms_norm_matvec"] == 970.0
+    assert len(incumbents) == 2 * sum(1 for _ in step_tune.launches_in_order())
     # the trials ran under overrides only: the user's table is untouched, and the step
     # rebuilt now launches its old parameters again
     assert autotune.user_table() == {}
@@ -72,22 +82,22 @@ def test_a_second_pass_finds_what_a_neighbour_s_change_opened(patched_step):
     _, rebuild = patched_step
 
     def costs_now():
-        pipelined = {launch.name for launch in step_tune.launches_in_order() if launch.params().get("PIPELINE") == 2}
-        return 1000.0 - 30.0 * ("down_proj_residual" in pipelined) \
-            - 20.0 * ({"down_proj_residual", "qkv_rope_cache"} <= pipelined) \
-            + 20.0 * ("qkv_rope_cache" in pipelined and "down_proj_residual" not in pipelined)
+        pipelined = {role(launch) for launch in step_tune.launches_in_order() if launch.params().get("PIPELINE") == 2}
+        return 1000.0 - 30.0 * ("down" in pipelined) \
+            - 20.0 * ({"down", "qkv_rope_cache"} <= pipelined) \
+            + 20.0 * ("qkv_rope_cache" in pipelined and "down" not in pipelined)
 
     one = step_tune.tune_step(rebuild, costs_now, max_variants=3, passes=1)
     two = step_tune.tune_step(rebuild, costs_now, max_variants=3, passes=3)
     assert one.final_us == 970.0 and two.final_us == 950.0
-    assert sorted(k.split("|")[1] for k in two.chosen) == ["down_proj_residual", "qkv_rope_cache"]
-    kernels = len({t.kernel for t in two.trials if t.change == "incumbent"})
+    assert sorted(k.split("|")[1] for k in two.chosen) == ["matvec_residual", "qkv_rope_cache"]
+    kernels = sum(1 for _ in step_tune.launches_in_order())
     incumbents = sum(t.change == "incumbent" for t in two.trials)
     assert incumbents == 3 * kernels  # pass 2 kept qkv, so pass 3 ran and kept nothing
 
 
 def test_neighbours_are_one_change_away():
-    launch = step_tune.Launch("down_proj_residual", tuple(sorted(dict(M=1, N=1536, K=8960).items())),
+    launch = step_tune.Launch("matvec_residual", tuple(sorted(dict(M=1, N=1536, K=8960).items())),
                               torch.bfloat16, torch.device("cpu"))
     with autotune.overriding({launch.key: {**launch.params(), "PIPELINE": 2}}):
         current = launch.params()
@@ -113,9 +123,9 @@ def test_neighbours_keep_the_warps_and_try_nearest_values_first():
         < changes.index("BLOCK_K: 2048 -> 256")
     # attention's coupled parameters (SPLITS with SPLITS_BLOCK) change only as a candidate has them
     sizes = dict(B=1, DH=128, NH=12, NKV=2, S=512)
-    attention = step_tune.Launch("attention_decode_gqa", tuple(sorted(sizes.items())), torch.bfloat16,
+    attention = step_tune.Launch("gqa_attention", tuple(sorted(sizes.items())), torch.bfloat16,
                                  torch.device("cpu"))
-    cands = KERNELS["attention_decode_gqa"].candidates(sizes)
+    cands = KERNELS["gqa_attention"].candidates(sizes)
     current = attention.params()
     variants = step_tune.neighbours(attention, limit=50)
     changes = [step_tune._change(current, v) for v in variants]
@@ -133,11 +143,11 @@ def test_neighbours_keep_the_warps_and_try_nearest_values_first():
 def test_overrides_win_and_are_undone(tmp_path, monkeypatch):
     monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path))
     sizes = dict(M=1, N=64, K=128)
-    autotune.record("down_proj_residual", sizes, "bf16", "Some GPU", {"BLOCK_K": 64}, 1.0)
-    key = autotune.tune_key("down_proj_residual", sizes, "bf16", "Some GPU")
+    autotune.record("matvec_residual", sizes, "bf16", "Some GPU", {"BLOCK_K": 64}, 1.0)
+    key = autotune.tune_key("matvec_residual", sizes, "bf16", "Some GPU")
     with autotune.overriding({key: {"BLOCK_K": 32}}):
-        assert autotune.lookup("down_proj_residual", sizes, "bf16", "Some GPU") == {"BLOCK_K": 32}
-    assert autotune.lookup("down_proj_residual", sizes, "bf16", "Some GPU") == {"BLOCK_K": 64}
+        assert autotune.lookup("matvec_residual", sizes, "bf16", "Some GPU") == {"BLOCK_K": 32}
+    assert autotune.lookup("matvec_residual", sizes, "bf16", "Some GPU") == {"BLOCK_K": 64}
 
 
 def test_cli_says_why_it_cannot_tune_without_a_gpu(capsys):
@@ -157,12 +167,12 @@ def test_the_command_records_what_it_kept(tmp_path, monkeypatch, tileflow_option
     monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path / "cache"))
     tileflow_options(cpu_target="reference")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    costs = {("down_proj_residual", 2): -30.0}
+    costs = {("down", 2): -30.0}
     rec = step_tune.run_tune("tiny", prompt=5, tokens=4, max_variants=2, out_dir=str(tmp_path / "out"),
                              device="cpu", time_step=lambda: charge(costs))
     assert rec["baseline_us"] == 1000.0 and rec["final_us"] == 970.0 and rec["recorded"]
     (key, params), = rec["chosen"].items()
-    assert "|down_proj_residual|bf16|" in key and params["PIPELINE"] == 2
+    assert "|matvec_residual|bf16|" in key and params["PIPELINE"] == 2
     assert autotune.user_table()[key]["params"] == params
     written, = (tmp_path / "out").glob("*-step-tune-tiny-p5.json")
     assert json.loads(written.read_text())["chosen"] == rec["chosen"]
@@ -171,34 +181,33 @@ def test_the_command_records_what_it_kept(tmp_path, monkeypatch, tileflow_option
 
 def test_tries_run_first_and_the_best_that_pays_is_kept(patched_step):
     _, rebuild = patched_step
-    costs = {("down_proj_residual", 2): -30.0, ("qkv_rope_cache", 2): -2.0, ("rms_norm_gate_up_silu", 2): 40.0}
-    costs[("o_proj_residual", 2)] = -10.0
-    tries = ["rms_norm_gate_up_silu:PIPELINE=2", "down_proj_residual:PIPELINE=2;qkv_rope_cache:PIPELINE=2",
+    costs = {("down", 2): -30.0, ("o", 2): -10.0, ("qkv_rope_cache", 2): -2.0, ("rms_norm_gate_up_silu", 2): 40.0}
+    tries = ["rms_norm_gate_up_silu:PIPELINE=2", "matvec_residual:PIPELINE=2;qkv_rope_cache:PIPELINE=2",
              "argmax_greedy:BLOCK_V=64",  # argmax is not in the step
-             "down_proj_residual:PIPELINE=2", "o_proj_residual:PIPELINE=2"]
+             "matvec_residual:PIPELINE=2"]
     result = step_tune.tune_step(rebuild, lambda: charge(costs), max_variants=3, passes=0, tries=tries)
     changes = [(t.change, t.us, t.kept) for t in result.trials]
     assert changes[1] == ("try rms_norm_gate_up_silu:PIPELINE=2", 1040.0, False)
-    assert changes[2] == ("try down_proj_residual:PIPELINE=2;qkv_rope_cache:PIPELINE=2", 968.0, True)
+    # a kernel named in a try changes at each of its launches: here both projections
+    assert changes[2] == ("try matvec_residual:PIPELINE=2;qkv_rope_cache:PIPELINE=2", 958.0, True)
     assert "no launch of it" in changes[3][0] and not changes[3][2]
-    # down alone pays too, but the faster try already holds down; o's try touches other kernels
-    assert changes[4] == ("try down_proj_residual:PIPELINE=2", 970.0, False)
-    assert changes[5] == ("try o_proj_residual:PIPELINE=2", 990.0, True)
-    assert len(changes) == 6 and result.final_us == 958.0  # passes=0: no descent after the tries
-    assert sorted(k.split("|")[1] for k in result.chosen) == ["down_proj_residual", "o_proj_residual",
+    # the residual matvec alone pays too, but the faster try already holds it
+    assert changes[4] == ("try matvec_residual:PIPELINE=2", 960.0, False)
+    assert len(changes) == 5 and result.final_us == 958.0  # passes=0: no descent after the tries
+    assert sorted(k.split("|")[1] for k in result.chosen) == ["matvec_residual", "matvec_residual",
                                                                "qkv_rope_cache"]
     # the kept entries are whole parameter sets: the launch's own ones, changed as asked
-    down = next(v for k, v in result.chosen.items() if "down_proj_residual" in k)
+    down = next(v for k, v in result.chosen.items() if f"K={INTER}," in k)
     assert down["PIPELINE"] == 2 and "BLOCK_K" in down
 
 
 def test_parse_try_reads_kernels_and_values():
-    assert step_tune.parse_try("attention_decode_gqa:SPLITS=16,SPLITS_BLOCK=16;o_proj_residual:PIPELINE=0") == {
-        "attention_decode_gqa": {"SPLITS": 16, "SPLITS_BLOCK": 16}, "o_proj_residual": {"PIPELINE": 0}}
+    assert step_tune.parse_try("gqa_attention:SPLITS=16,SPLITS_BLOCK=16;matvec_residual:PIPELINE=0") == {
+        "gqa_attention": {"SPLITS": 16, "SPLITS_BLOCK": 16}, "matvec_residual": {"PIPELINE": 0}}
     with pytest.raises(ValueError, match="no suite kernel"):
         step_tune.parse_try("attention:SPLITS=16")
     with pytest.raises(ValueError, match="PARAM=VALUE"):
-        step_tune.parse_try("attention_decode_gqa:SPLITS")
+        step_tune.parse_try("gqa_attention:SPLITS")
 
 
 def test_cli_reports_a_bad_try_before_anything_else(capsys):

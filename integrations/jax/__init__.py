@@ -25,8 +25,8 @@ import jax
 
 from tileflow import settings
 
-from tileflow.integrations.jax.ops import (argmax, attention_decode, down_proj_residual, embedding,  # noqa: F401
-                                           gate_up_silu, kv_proj, linear, o_proj_residual, residual_add,
+from tileflow.integrations.jax.ops import (argmax, attention_decode, matvec_residual, embedding,  # noqa: F401
+                                           gate_up_silu, kv_proj, linear, matvec_residual, residual_add,
                                            qkv_rope_cache, rms_norm, rms_norm_gate_up_silu, rms_norm_linear, rope,
                                            rope_k_into_cache, rope_scalars, silu_mul)
 from tileflow.integrations.jax.lowering import keep_xla_reason
@@ -34,8 +34,8 @@ from tileflow.integrations.jax.primitives import PRIMITIVES, primitive  # noqa: 
 from tileflow.integrations.jax.signature import jax_target, targeting  # noqa: F401
 from tileflow.report import Report
 
-__all__ = ["optimize", "explain", "Optimized", "rms_norm", "embedding", "linear", "kv_proj", "o_proj_residual",
-           "down_proj_residual", "gate_up_silu", "silu_mul", "residual_add", "rope", "rope_k_into_cache",
+__all__ = ["optimize", "explain", "Optimized", "rms_norm", "embedding", "linear", "kv_proj", "matvec_residual",
+           "matvec_residual", "gate_up_silu", "silu_mul", "residual_add", "rope", "rope_k_into_cache",
            "qkv_rope_cache", "rms_norm_gate_up_silu", "rms_norm_linear", "attention_decode", "argmax", "primitive", "jax_target", "targeting", "rope_scalars"]
 
 

@@ -239,9 +239,9 @@ def decode_step_tileflow(cfg: DecodeConfig, params: Params, token, cache: Cache,
                                                  kv["k"], kv["v"], cfg.theta, cfg.scaling)
         new_cache.append({"k": k_cache, "v": v_cache})
         attn = ops.attention_decode(q, k_cache, v_cache, lengths, cfg.head_dim ** -0.5)
-        h = ops.o_proj_residual(attn.reshape(b, cfg.heads * cfg.head_dim), layer["wo"], h)
+        h = ops.matvec_residual(attn.reshape(b, cfg.heads * cfg.head_dim), layer["wo"], h)
         x = ops.rms_norm_gate_up_silu(h, layer["ln2"], cfg.eps, layer["wg"], layer["wu"])
-        h = ops.down_proj_residual(x, layer["wd"], h)
+        h = ops.matvec_residual(x, layer["wd"], h)
     h = ops.rms_norm(h, params["norm"], cfg.eps)
     return ops.linear(h, params["lm_head"]).astype(jnp.float32), new_cache
 

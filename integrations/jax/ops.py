@@ -72,7 +72,7 @@ def linear(x: Array, w: Array, b: Optional[Array] = None) -> Array:
     """``x @ w.T (+ b)`` with ``w`` [N, K] (the ``nn.Linear`` layout)."""
     _need_ranks("linear", x=(x, -1), w=(w, 2), b=(b, 1))
     n, k = w.shape
-    (out,) = _call("q_proj_matvec", {"x": x.reshape(_rows(x), k), "w": w, "b": b}, {"HAS_BIAS": int(b is not None)})
+    (out,) = _call("matvec", {"x": x.reshape(_rows(x), k), "w": w, "b": b}, {"HAS_BIAS": int(b is not None)})
     return out.reshape(x.shape[:-1] + (n,))
 
 
@@ -81,35 +81,26 @@ def kv_proj(x: Array, wk: Array, wv: Array, bk: Optional[Array] = None,
     """``x @ wk.T + bk`` and ``x @ wv.T + bv`` over one read of ``x``."""
     _need_ranks("kv_proj", x=(x, -1), wk=(wk, 2), wv=(wv, 2), bk=(bk, 1), bv=(bv, 1))
     n, k = wk.shape
-    ko, vo = _call("kv_proj_matvec", {"x": x.reshape(_rows(x), k), "wk": wk, "wv": wv, "bk": bk, "bv": bv},
+    ko, vo = _call("matvec_pair", {"x": x.reshape(_rows(x), k), "wk": wk, "wv": wv, "bk": bk, "bv": bv},
                    {"HAS_BIAS": int(bk is not None)})
     shape = x.shape[:-1] + (n,)
     return ko.reshape(shape), vo.reshape(shape)
 
 
-def _matvec_residual(name: str, x: Array, w: Array, r: Array) -> Array:
-    _need_ranks(name, x=(x, -1), w=(w, 2), r=(r, -1))
+def matvec_residual(x: Array, w: Array, r: Array) -> Array:
+    """``x @ w.T + r`` (the attention output or MLP down projection and the residual, one pass)."""
+    _need_ranks("matvec_residual", x=(x, -1), w=(w, 2), r=(r, -1))
     n, k = w.shape
     m = _rows(x)
-    (out,) = _call(name, {"x": x.reshape(m, k), "w": w, "r": r.reshape(m, n)})
+    (out,) = _call("matvec_residual", {"x": x.reshape(m, k), "w": w, "r": r.reshape(m, n)})
     return out.reshape(r.shape)
-
-
-def o_proj_residual(x: Array, w: Array, r: Array) -> Array:
-    """``x @ w.T + r`` (attention output projection and residual, one pass)."""
-    return _matvec_residual("o_proj_residual", x, w, r)
-
-
-def down_proj_residual(x: Array, w: Array, r: Array) -> Array:
-    """``x @ w.T + r`` (MLP down projection and residual, one pass)."""
-    return _matvec_residual("down_proj_residual", x, w, r)
 
 
 def gate_up_silu(x: Array, wg: Array, wu: Array) -> Array:
     """``silu(x @ wg.T) * (x @ wu.T)``; the two products never reach memory."""
     _need_ranks("gate_up_silu", x=(x, -1), wg=(wg, 2), wu=(wu, 2))
     n, k = wg.shape
-    (out,) = _call("mlp_gate_up_silu", {"x": x.reshape(_rows(x), k), "wg": wg, "wu": wu})
+    (out,) = _call("gate_up_silu", {"x": x.reshape(_rows(x), k), "wg": wg, "wu": wu})
     return out.reshape(x.shape[:-1] + (n,))
 
 
@@ -166,7 +157,7 @@ def _elementwise(name: str, a: Array, b: Array) -> Array:
 
 def silu_mul(a: Array, b: Array) -> Array:
     """``silu(a) * b``, elementwise."""
-    return _elementwise("silu_mul_fused", a, b)
+    return _elementwise("silu_mul", a, b)
 
 
 def residual_add(a: Array, b: Array) -> Array:
@@ -212,7 +203,7 @@ def attention_decode(q: Array, k_cache: Array, v_cache: Array, lengths: Array, s
     """GQA decode attention of ``q`` [B, NH, DH] over the first ``lengths[b]``
     positions of the caches [B, NKV, S, DH]."""
     _need_ranks("attention_decode", q=(q, 3), k_cache=(k_cache, 4), v_cache=(v_cache, 4), lengths=(lengths, 1))
-    (out,) = _call("attention_decode_gqa", {"q": q, "k_cache": k_cache, "v_cache": v_cache, "lengths": lengths,
+    (out,) = _call("gqa_attention", {"q": q, "k_cache": k_cache, "v_cache": v_cache, "lengths": lengths,
                                             "scale": scale})
     return out
 

@@ -494,8 +494,7 @@ class Rewriter:
             if len(g.uses(p)) != 1:
                 raise Miss("the product is used elsewhere")
             n, k = _shape(w)
-            fn = ops.down_proj_residual if k > n else ops.o_proj_residual
-            self._claim("matvec_residual", [add, d], add, [x, w, r], lambda xv, wv, rv: [fn(xv, wv, rv)])
+            self._claim("matvec_residual", [add, d], add, [x, w, r], lambda xv, wv, rv: [ops.matvec_residual(xv, wv, rv)])
             return
         raise Miss("")
 

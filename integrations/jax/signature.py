@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover
 
 TARGETS = ("auto", "pallas", "triton", "reference")
 _TARGET: contextvars.ContextVar = contextvars.ContextVar("tileflow_jax_target", default=None)
-MATVEC_KERNELS = ("q_proj_matvec", "kv_proj_matvec", "o_proj_residual", "down_proj_residual", "mlp_gate_up_silu",
+MATVEC_KERNELS = ("matvec", "matvec_pair", "matvec_residual", "gate_up_silu",
                   "rms_norm_gate_up_silu", "rms_norm_matvec")
 
 
@@ -89,7 +89,7 @@ def launch_params(name: str, sizes: tuple) -> dict:
         p["BLOCK_N"] = _divisor_block(s["N"], p["BLOCK_N"])
     elif name == "embedding_lookup":
         p["BLOCK_D"] = _divisor_block(s["D"], p["BLOCK_D"], 16)
-    elif name == "attention_decode_gqa":
+    elif name == "gqa_attention":
         p["BLOCK_N"] = _divisor_block(s["S"], p["BLOCK_N"], 16)  # tl.dot wants >= 16 rows
     return p
 

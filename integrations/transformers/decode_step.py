@@ -70,10 +70,10 @@ class DecodeProgram:
             q = ops.qkv_rope_cache(x, w.ln1, w.eps1, w.wq, w.wk, w.wv, w.bq, w.bk, w.bv, p, layer.keys, layer.values,
                                    self.rope_cfg, cache_pos=None if row is p else row, early=early)
             o = ops.attention_decode(q, layer.keys, layer.values, lengths, w.scale, key_mask=key_mask, early=early)
-            x = ops.o_proj_residual(o.view(1, nh * dh), w.wo, x, early=early)
+            x = ops.matvec_residual(o.view(1, nh * dh), w.wo, x, early=early)
             # not early=: down's residual loaded before the wait measured slower
             # (docs/notebook.md), cause not found
-            x = ops.down_proj_residual(ops.rms_norm_gate_up_silu(x, w.ln2, w.eps2, w.wg, w.wu), w.wd, x)
+            x = ops.matvec_residual(ops.rms_norm_gate_up_silu(x, w.ln2, w.eps2, w.wg, w.wu), w.wd, x)
         # the count after lm_head (which does not read it), not between the last down
         # projection and lm_head, whose dependent launch would then follow an aten kernel
         logits = ops.rms_norm_linear(x, self.norm_w, self.norm_eps, self.lm_head_w)

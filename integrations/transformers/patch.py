@@ -8,9 +8,9 @@ the model's arithmetic as a lean PyTorch program (``prefill.py``), graphed on a 
 Each decoder layer of a Qwen2 or Llama model gets a forward that, for a decode step
 (one new token, batch 1, a cache that returns the full K/V history), runs::
 
-    rms_norm -> q_proj_matvec, kv_proj_matvec -> rope (q, k) -> cache.update
-      -> attention_decode_gqa (filled part only) -> o_proj_residual
-      -> rms_norm -> mlp_gate_up_silu -> down_proj_residual
+    rms_norm -> matvec, matvec_pair -> rope (q, k) -> cache.update
+      -> gqa_attention (filled part only) -> matvec_residual
+      -> rms_norm -> gate_up_silu -> matvec_residual
 
 and the original forward otherwise (prefill, batches, training, an unknown cache).
 The final norm and the lm_head take the suite's kernels for decode rows. Anything
@@ -216,10 +216,10 @@ class _DecodeLayer:
         keys, values = cache.update(k.view(b, self.nkv, 1, self.dh), v.view(b, self.nkv, 1, self.dh),
                                     attn.layer_idx)
         o = ops.attention_decode(q, keys, values, pos + 1, attn.scaling)
-        h1 = ops.o_proj_residual(o.view(b, self.nh * self.dh), attn.o_proj.weight, x)
+        h1 = ops.matvec_residual(o.view(b, self.nh * self.dh), attn.o_proj.weight, x)
         g = ops.gate_up_silu(ops.rms_norm(h1, ln2.weight, ln2.variance_epsilon), mlp.gate_proj.weight,
                              mlp.up_proj.weight)
-        return ops.down_proj_residual(g, mlp.down_proj.weight, h1).view(b, 1, d)
+        return ops.matvec_residual(g, mlp.down_proj.weight, h1).view(b, 1, d)
 
 
 def _guarded(fast, original, report: PatchReport, pattern: str, where: str):

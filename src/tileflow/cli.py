@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="rounds over the step's kernels, while the last one kept a change")
     tune.add_argument("--try", dest="tries", action="append", default=[], metavar="KERNEL:P=V,...[;KERNEL:P=V]",
                       help="a variant timed first against the baseline (repeatable), e.g. "
-                           "attention_decode_gqa:SPLITS=16,SPLITS_BLOCK=16; --passes 0 runs only these")
+                           "gqa_attention:SPLITS=16,SPLITS_BLOCK=16; --passes 0 runs only these")
     tune.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the JSON record and chart (default {DEFAULT_OUT})")
     tune.add_argument("--dry-run", action="store_true", help="do not record the winners in the user tuning table")
     tune.set_defaults(fn=cmd_tune)

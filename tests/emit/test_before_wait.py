@@ -19,7 +19,7 @@ def _source(kernel_name: str, label: str = "pipeline") -> str:
     return generate(kernel.build(kernel.params_for(case)), "triton")
 
 
-@pytest.mark.parametrize("name", ["rms_norm_gate_up_silu", "down_proj_residual", "rms_norm_matvec", "qkv_rope_cache"])
+@pytest.mark.parametrize("name", ["rms_norm_gate_up_silu", "matvec_residual", "rms_norm_matvec", "qkv_rope_cache"])
 def test_first_weight_tiles_load_before_the_wait(name):
     src = _source(name)
     body = src[src.index("@triton.jit"):src.index("def launch(")]
@@ -33,7 +33,7 @@ def test_first_weight_tiles_load_before_the_wait(name):
 
 
 def test_unpipelined_kernel_keeps_one_wait():
-    src = _source("down_proj_residual", "tiny")
+    src = _source("matvec_residual", "tiny")
     assert "EARLY: tl.constexpr" not in src and "if EARLY" not in src
     assert src.count("tl.extra.cuda.gdc_wait()") == 1
 

@@ -39,7 +39,7 @@ def test_runtime_scalars_are_arguments_not_constants(target):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_parameters_change_the_text(target):
-    k = KERNELS["q_proj_matvec"]
+    k = KERNELS["matvec"]
     sizes = {"M": 1, "N": 1536, "K": 1536}
     a = generate(k.build(k.default_params(sizes)), target)
     b = generate(k.build({**k.default_params(sizes), "SPLIT_K": 4}), target)
@@ -52,7 +52,7 @@ def _masked_store_cases():
     from tileflow.verify import verification_matrix
 
     out = []
-    for name in ("attention_decode_gqa", "o_proj_residual", "qkv_rope_cache", "mlp_gate_up_silu"):
+    for name in ("gqa_attention", "matvec_residual", "qkv_rope_cache", "gate_up_silu"):
         k = KERNELS[name]
         default = {case.label for case, _, dtype in verification_matrix(k, ("pallas",)) if dtype == "fp32"}
         for case in k.test_cases:

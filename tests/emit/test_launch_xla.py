@@ -31,7 +31,7 @@ def test_static_launch_keeps_a_torch_views_strides():
     from tileflow.runtime.torch_triton import triton_launcher, use_interpreter_if_no_gpu
     from tileflow.runtime.torch_triton import torch_static_launcher
 
-    kernel = KERNELS["o_proj_residual"]
+    kernel = KERNELS["matvec_residual"]
     sizes = {"M": 1, "N": 32, "K": 64}
     ir = kernel.build({**kernel.default_params(sizes), **kernel.structural_sizes(sizes)})
     gen = torch.Generator().manual_seed(7)
@@ -49,7 +49,7 @@ def test_decode_launches_compile_their_shapes_in(tileflow_options):
     from tests.emit.test_counters import group_sum_ir
     from tileflow.runtime.torch_triton import static_shapes_wanted
 
-    mv = KERNELS["o_proj_residual"]
+    mv = KERNELS["matvec_residual"]
     one, many = {"M": 1, "N": 32, "K": 64}, {"M": 7, "N": 32, "K": 64}
     build = lambda k, s: k.build({**k.default_params(s), **k.structural_sizes(s)})  # noqa: E731
     tileflow_options(static_shapes=True)
@@ -64,7 +64,7 @@ def test_decode_launches_compile_their_shapes_in(tileflow_options):
 # the shipped H100 tables run down and qkv with PIPELINE=2 (first round before the wait),
 # which the JAX step looks up too
 FIRST_ROUND = [(name, next(c for c in KERNELS[name].test_cases if c.label == "first-round"))
-               for name in ("down_proj_residual", "qkv_rope_cache")]
+               for name in ("matvec_residual", "qkv_rope_cache")]
 
 
 @pytest.mark.parametrize("name,case", FIRST_ROUND, ids=[n for n, _ in FIRST_ROUND])

@@ -88,8 +88,8 @@ def _names():
 
 # test cases whose parameters change the generated text: loads issued before the wait
 # (EARLY_INPUTS: positions, lengths, the residual)
-_EARLY_CASES = [("qkv_rope_cache", "early"), ("attention_decode_gqa", "early"), ("o_proj_residual", "early"),
-                ("down_proj_residual", "early")]
+_EARLY_CASES = [("qkv_rope_cache", "early"), ("gqa_attention", "early"), ("matvec_residual", "early"),
+                ("matvec_residual", "early")]
 
 
 _JOBS = [(n, "") for n in _names()] + _EARLY_CASES

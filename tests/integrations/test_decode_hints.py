@@ -35,7 +35,7 @@ def _patched_equals_eager(model) -> None:
 
 def test_the_step_vouches_for_early_inputs_unless_told_not_to(interpreted, tileflow_options, monkeypatch):
     calls = []
-    for name in ("qkv_rope_cache", "attention_decode", "o_proj_residual"):
+    for name in ("qkv_rope_cache", "attention_decode", "matvec_residual"):
         real = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *a, _n=name, _r=real, **k: calls.append((_n, k.get("early")))
                             or _r(*a, **k))
@@ -47,5 +47,5 @@ def test_the_step_vouches_for_early_inputs_unless_told_not_to(interpreted, tilef
         ops._LAUNCHERS.clear()
         calls.clear()
         _patched_equals_eager(model)
-        assert {n for n, _ in calls} == {"qkv_rope_cache", "attention_decode", "o_proj_residual"}
+        assert {n for n, _ in calls} == {"qkv_rope_cache", "attention_decode", "matvec_residual"}
         assert all(e is want for _, e in calls), (want, calls[:4])

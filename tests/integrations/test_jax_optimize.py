@@ -101,8 +101,8 @@ def test_optimized_logits_close_and_primitives_in_the_program():
     np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-4)
     text = str(jax.make_jaxpr(optimized(cfg))(*args))
     n = cfg.layers
-    assert primitive_counts(text) == {"qkv_rope_cache": n, "attention_decode_gqa": n, "o_proj_residual": n,
-                                      "rms_norm_gate_up_silu": n, "down_proj_residual": n, "rms_norm_matvec": 1}
+    assert primitive_counts(text) == {"qkv_rope_cache": n, "gqa_attention": n, "matvec_residual": n,
+                                      "rms_norm_gate_up_silu": n, "matvec_residual": n, "rms_norm_matvec": 1}
     # the originals are gone, not just bypassed
     assert not re.search(r"= (logistic|rsqrt|dot_general|dynamic_update_slice|cos|sin)\b", text)
 
@@ -251,8 +251,8 @@ def test_norm_read_elsewhere_keeps_the_unfused_kernels():
         x = M.rms_norm(h, ln, 1e-6)
         return (x @ w.T, x) if probe else x @ w.T
 
-    cases = ((mlp, (h, ln, wg, wu), "rms_norm_gate_up_silu", "gate_up_silu", "mlp_gate_up_silu"),
-             (head, (h, ln, wg), "rms_norm_matvec", "matvec", "q_proj_matvec"))
+    cases = ((mlp, (h, ln, wg, wu), "rms_norm_gate_up_silu", "gate_up_silu", "gate_up_silu"),
+             (head, (h, ln, wg), "rms_norm_matvec", "matvec", "matvec"))
     for f, args, fused, part, prim in cases:
         fn = functools.partial(f, probe=False)
         assert dict(tfj.explain(fn, *args).matches) == {fused: 1}

@@ -93,9 +93,9 @@ _TRITON_ON_GPU = _triton_on_gpu()
 
 
 def primitives_names():
-    return ("rms_norm", "embedding_lookup", "q_proj_matvec", "kv_proj_matvec", "rope_q", "rope_k",
-            "attention_decode_gqa", "o_proj_residual", "mlp_gate_up_silu", "down_proj_residual",
-            "silu_mul_fused", "residual_add", "argmax_greedy")
+    return ("rms_norm", "embedding_lookup", "matvec", "matvec_pair", "rope_q", "rope_k",
+            "gqa_attention", "matvec_residual", "gate_up_silu", "matvec_residual",
+            "silu_mul", "residual_add", "argmax_greedy")
 
 
 def test_every_suite_kernel_has_a_case():
@@ -135,9 +135,9 @@ def test_vmap_merges_rows_and_maps_batched_weights(target, monkeypatch):
     # expectations in float64 numpy: on a GPU, XLA's fp32 matmuls default to TF32
     xf, wf, rf = (np.asarray(a, np.float64) for a in (x, w, r))
     want = np.stack([xf[i] @ wf[i].T + rf[i] for i in range(3)])
-    got = jax.jit(jax.vmap(tfj.o_proj_residual))(x, w, r)  # weights batched: one call per element
+    got = jax.jit(jax.vmap(tfj.matvec_residual))(x, w, r)  # weights batched: one call per element
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
-    got = jax.vmap(tfj.o_proj_residual, in_axes=(0, None, 0))(x, w[0], r)  # rows merged
+    got = jax.vmap(tfj.matvec_residual, in_axes=(0, None, 0))(x, w[0], r)  # rows merged
     np.testing.assert_allclose(got, np.einsum("bmk,nk->bmn", xf, wf[0]) + rf, rtol=2e-5, atol=2e-5)
     norm = jax.vmap(lambda v: tfj.rms_norm(v, w[0, 0], 1e-6))(x)
     ref = xf / np.sqrt((xf * xf).mean(-1, keepdims=True) + 1e-6) * np.asarray(w[0, 0], np.float64)
@@ -171,16 +171,16 @@ def test_compiled_lowering_allocates_outputs_instead_of_filling(monkeypatch):
     def fake_launcher(ir):
         def launch(*args, interpret):
             seen[interpret] = args
-            return [args[-1]]  # o_proj_residual's output argument comes last
+            return [args[-1]]  # matvec_residual's output argument comes last
         return launch
 
     monkeypatch.setattr(jax.lax, "empty", spy_empty)
     monkeypatch.setattr(jax_pallas, "pallas_launcher", fake_launcher)
     x, w, r = jnp.ones((1, 16)), jnp.ones((8, 16)), jnp.ones((1, 8))
     sizes = tuple(sorted({"M": 1, "N": 8, "K": 16}.items()))
-    assert [v.name for v in kernel_ir("o_proj_residual", sizes).outputs] == ["out"]
+    assert [v.name for v in kernel_ir("matvec_residual", sizes).outputs] == ["out"]
     for interpret in (False, True):
-        lowering.pallas_impl("o_proj_residual", interpret)(x, w, r, sizes=sizes, scalars=(), target="pallas")
+        lowering.pallas_impl("matvec_residual", interpret)(x, w, r, sizes=sizes, scalars=(), target="pallas")
     assert empties == [((1, 8), jnp.dtype(jnp.float32))]
     assert np.isnan(np.asarray(seen[True][-1])).all()
 
@@ -247,7 +247,7 @@ def test_triton_target_is_refused_on_cpu(monkeypatch):
     (lambda: _tfj().linear(jnp.ones(4), jnp.ones(4)), "linear: w must have 2 dimensions"),
     (lambda: _tfj().linear(jnp.float32(1.0), jnp.ones((3, 4))), "linear: x must have at least 1 dimension"),
     (lambda: _tfj().kv_proj(jnp.ones(4), jnp.ones(4), jnp.ones(4)), "kv_proj: wk must have 2 dimensions"),
-    (lambda: _tfj().o_proj_residual(jnp.ones(4), jnp.ones(4), jnp.ones(3)), "o_proj_residual: w must have 2"),
+    (lambda: _tfj().matvec_residual(jnp.ones(4), jnp.ones(4), jnp.ones(3)), "matvec_residual: w must have 2"),
     (lambda: _tfj().gate_up_silu(jnp.ones(4), jnp.ones(4), jnp.ones((3, 4))), "gate_up_silu: wg must have 2"),
     (lambda: _tfj().silu_mul(jnp.float32(1.0), jnp.float32(2.0)), "silu_mul: a must have at least 1 dimension"),
     (lambda: _tfj().residual_add(jnp.ones(3), jnp.ones(4)), "residual_add: a and b have shapes (3,) and (4,)"),

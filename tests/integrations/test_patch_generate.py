@@ -199,10 +199,10 @@ def test_a_masked_attention_step_runs_the_tuned_tiles():
 
     sizes = dict(B=1, NH=12, NKV=2, DH=128, S=512)
     tuned = dict(BLOCK_N=32, SPLITS=24, SPLITS_BLOCK=32, num_warps=8)
-    key = autotune.tune_key("attention_decode_gqa", sizes, "bf16", "cpu")
+    key = autotune.tune_key("gqa_attention", sizes, "bf16", "cpu")
     with autotune.overriding({key: tuned}):
-        plain = ops.tuned_params("attention_decode_gqa", sizes, torch.bfloat16, torch.device("cpu"))
-        masked = ops.tuned_params("attention_decode_gqa", {**sizes, "HAS_MASK": 1}, torch.bfloat16,
+        plain = ops.tuned_params("gqa_attention", sizes, torch.bfloat16, torch.device("cpu"))
+        masked = ops.tuned_params("gqa_attention", {**sizes, "HAS_MASK": 1}, torch.bfloat16,
                                   torch.device("cpu"))
     assert {k: plain[k] for k in tuned} == tuned
     assert {k: masked[k] for k in tuned} == tuned and masked["HAS_MASK"] == 1

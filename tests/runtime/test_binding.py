@@ -179,11 +179,11 @@ def test_misuse_is_a_one_line_error(name):
 def test_unknown_kernels_and_flags_that_remove_an_argument():
     _one_line_error(binding.BindingError, lambda: binding.convention("no_such_kernel"), "no_such_kernel")
     x, w = torch.randn(2, 8), torch.randn(4, 8)
-    conv = binding.convention("q_proj_matvec", {"HAS_BIAS": 0})
+    conv = binding.convention("matvec", {"HAS_BIAS": 0})
     assert conv.order == ("x", "w", "out")
     _one_line_error(binding.BindingError, lambda: conv.sizes({"x": x, "w": w, "b": torch.randn(4)}),
                     "HAS_BIAS=0", "'b'")
-    assert binding.convention("q_proj_matvec", {"HAS_BIAS": 1}).order == ("x", "w", "b", "out")
+    assert binding.convention("matvec", {"HAS_BIAS": 1}).order == ("x", "w", "b", "out")
     # None counts as not given
     assert conv.sizes({"x": x, "w": w, "b": None}) == {"HAS_BIAS": 0, "M": 2, "K": 8, "N": 4}
 
@@ -290,5 +290,5 @@ def test_a_growing_cache_shares_its_launcher_per_power_of_two(tileflow_options):
     for s in range(9, 17):
         kc, vc = torch.randn(1, 2, s, 16), torch.randn(1, 2, s, 16)
         ops.attention_decode(q, kc, vc, torch.tensor([s]), 0.25)
-    new = [k for k in ops._LAUNCHERS if k not in before and k[0] == "attention_decode_gqa"]
+    new = [k for k in ops._LAUNCHERS if k not in before and k[0] == "gqa_attention"]
     assert len(new) <= 1 and all(dict(k[1])["S"] == 16 for k in new)

@@ -10,7 +10,7 @@ import pytest
 from tileflow.bench.models import builtin_config
 from tileflow.emit.cache import generate
 from tileflow.suite import KERNELS
-from tileflow.suite.matvec import matvec_candidates
+from tileflow.suite.matvec_family import matvec_candidates
 from tileflow.suite.registry import QWEN_1_5B, decode_shapes
 
 SHAPES = {"qwen-1.5b": QWEN_1_5B, "llama-8b": decode_shapes(builtin_config("deepseek-r1-distill-llama-8b"))}
@@ -56,7 +56,7 @@ def gpu_suite(tmp_path, monkeypatch):
 def test_leaderboard_retries_tuned_parameters(gpu_suite):
     from tileflow.emit import autotune
 
-    kernel = KERNELS["down_proj_residual"]
+    kernel = KERNELS["matvec_residual"]
     case = kernel.decode_cases(QWEN_1_5B)[0]
     cands = kernel.candidates(case.sizes)
     picked = gpu_suite.pick_candidates(kernel, case, 6, "Some GPU")
@@ -105,7 +105,7 @@ def test_every_kernel_has_a_vendor_baseline_that_computes_the_reference(name, mo
 def test_long_capacities_try_more_than_two_waves_of_splits():
     # two waves of (KV head, split) programs is the default; only where the capacity holds
     # a block a split do four and eight waves come in
-    kernel = KERNELS["attention_decode_gqa"]
+    kernel = KERNELS["gqa_attention"]
     long_ = dict(B=1, NH=12, NKV=2, DH=128, S=65536)
     splits = {c["SPLITS"] for c in kernel.candidates(long_)}
     assert kernel.default_params(long_)["SPLITS"] == 132 and {264, 528} <= splits

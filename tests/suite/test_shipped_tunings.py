@@ -38,4 +38,4 @@ def test_shipped_parameters_match_the_reference(name, tuned, record_verification
 
 def test_the_tables_hold_entries_for_the_decode_kernels():
     names = {key.split("|")[1] for key in autotune.shipped_table()}
-    assert {"qkv_rope_cache", "attention_decode_gqa", "rms_norm_gate_up_silu", "down_proj_residual"} <= names
+    assert {"qkv_rope_cache", "gqa_attention", "rms_norm_gate_up_silu", "matvec_residual"} <= names

@@ -39,7 +39,7 @@ def test_a_case_restricted_to_some_dtypes_keeps_them():
 
 
 def test_asked_targets_and_dtypes_narrow_both_sets():
-    kernel = KERNELS["attention_decode_gqa"]
+    kernel = KERNELS["gqa_attention"]
     for full in (False, True):
         jobs = verification_matrix(kernel, ("pallas",), ("fp32",), full=full)
         assert {(t, d) for _, t, d in jobs} == {("pallas", "fp32")}

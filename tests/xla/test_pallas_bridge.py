@@ -1,7 +1,7 @@
 """The Pallas paths' kernel wrappers, on a CPU host.
 
-Exercised here: the generated Pallas kernel of each rewritten op (q_proj_matvec,
-o_proj_residual, mlp_gate_up_silu) run on XLA tensors under the Pallas interpreter
+Exercised here: the generated Pallas kernel of each rewritten op (matvec,
+matvec_residual, gate_up_silu) run on XLA tensors under the Pallas interpreter
 (``call_jax``) against the float64 reference; its lowering for TPU (Mosaic), which
 must be the single ``tpu_custom_call`` on the launch's own arguments that
 ``make_kernel_from_pallas`` assumes, and the check refusing launches that are not;
@@ -82,7 +82,7 @@ def test_tpu_lowering_is_one_mosaic_call_on_the_arguments(op, shapes):
 
 def test_tpu_check_refuses_split_k_and_padded_launches():
     def problem(sizes, **overrides):
-        kernel = KERNELS["o_proj_residual"]
+        kernel = KERNELS["matvec_residual"]
         ir = kernel.build({**kernel.default_params(sizes), **overrides})
         fn = lambda *a: pallas_launcher(ir)(*a, interpret=False)  # noqa: E731
         m, n, k_ = sizes["M"], sizes["N"], sizes["K"]

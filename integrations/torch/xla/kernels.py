@@ -55,9 +55,9 @@ def _bias(values: dict) -> dict:
 
 
 CALLS = {
-    "linear": SuiteCall("linear", "matvec", "q_proj_matvec", _bias),
-    "linear_residual": SuiteCall("linear_residual", "matvec_residual", "o_proj_residual"),
-    "gate_up_silu": SuiteCall("gate_up_silu", "gate_up_silu", "mlp_gate_up_silu"),
+    "linear": SuiteCall("linear", "matvec", "matvec", _bias),
+    "linear_residual": SuiteCall("linear_residual", "matvec_residual", "matvec_residual"),
+    "gate_up_silu": SuiteCall("gate_up_silu", "gate_up_silu", "gate_up_silu"),
 }
 
 

@@ -52,24 +52,11 @@ def suite_bytes(config, context: int, elem: int) -> dict[str, int]:
     return {
         "embedding_lookup": d * elem,
         "qkv_rope_cache": layers * (qkv_rows * d + qkv_rows + d + 2 * nkv * dh) * elem,
-        "attention_decode_gqa": layers * 2 * nkv * context * dh * elem,
-        "o_proj_residual": layers * d * d * elem,
+        "gqa_attention": layers * 2 * nkv * context * dh * elem,
+        "matvec_residual": layers * (nh * dh + inter) * d * elem,  # o_proj and down_proj
         "rms_norm_gate_up_silu": layers * (2 * inter * d + d) * elem,
-        "down_proj_residual": layers * inter * d * elem,
         "rms_norm_matvec": (vocab * d + d) * elem,
     }
-
-
-def fold_shared_kernels(table: dict[str, int], timeline: list[tuple[str, float, float]]) -> dict[str, int]:
-    """``table`` with the bytes of kernels one launch serves charged to it: down_proj's
-    added to o_proj's when the timeline has no ``down_proj_residual`` launch (the compiled
-    graph runs both projections through the one residual-matvec kernel,
-    ``ops.o_proj_residual``)."""
-    table = dict(table)
-    seen = {kernel_class(name) for name, _, _ in timeline}
-    if "down_proj_residual" not in seen and "down_proj_residual" in table:
-        table["o_proj_residual"] += table.pop("down_proj_residual")
-    return table
 
 
 @dataclass

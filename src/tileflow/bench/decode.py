@@ -174,7 +174,7 @@ def profile_decode(model, step, ids, cache, steps: int = 32) -> tuple[list, list
 
         timeline = bd.device_timeline(run)
     table = bd.suite_bytes(model.config, n + steps // 2, model.get_input_embeddings().weight.element_size())
-    rows = bd.breakdown(timeline, steps, bd.fold_shared_kernels(table, timeline))
+    rows = bd.breakdown(timeline, steps, table)
     return bd.as_records(rows), bd.idle_gaps(timeline, steps)
 
 

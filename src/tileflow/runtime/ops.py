@@ -231,31 +231,26 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ w.T (+ b)`` for a 2-D ``x`` (decode: one row)."""
     if b is None:
-        return launch("q_proj_matvec", {"x": x, "w": w}, {"HAS_BIAS": 0})[0]
-    return launch("q_proj_matvec", {"x": x, "w": w, "b": b}, {"HAS_BIAS": 1})[0]
+        return launch("matvec", {"x": x, "w": w}, {"HAS_BIAS": 0})[0]
+    return launch("matvec", {"x": x, "w": w, "b": b}, {"HAS_BIAS": 1})[0]
 
 
 def kv_proj(x, wk, wv, bk=None, bv=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Both ``x @ wk.T + bk`` and ``x @ wv.T + bv`` in one launch."""
     if bk is None:
-        return launch("kv_proj_matvec", {"x": x, "wk": wk, "wv": wv}, {"HAS_BIAS": 0})
-    return launch("kv_proj_matvec", {"x": x, "wk": wk, "wv": wv, "bk": bk, "bv": bv}, {"HAS_BIAS": 1})
+        return launch("matvec_pair", {"x": x, "wk": wk, "wv": wv}, {"HAS_BIAS": 0})
+    return launch("matvec_pair", {"x": x, "wk": wk, "wv": wv, "bk": bk, "bv": bv}, {"HAS_BIAS": 1})
 
 
-def o_proj_residual(x, w, r, early: bool = False) -> torch.Tensor:
-    """``x @ w.T + r``: attention output projection with the residual (``early``: the
-    caller vouches that ``r`` is not the previous kernel's output, see ``_early``)."""
-    return launch("o_proj_residual", {"x": x, "w": w, "r": r}, _early(early))[0]
-
-
-def down_proj_residual(x, w, r, early: bool = False) -> torch.Tensor:
-    """``x @ w.T + r``: MLP down projection with the residual."""
-    return launch("down_proj_residual", {"x": x, "w": w, "r": r}, _early(early))[0]
+def matvec_residual(x, w, r, early: bool = False) -> torch.Tensor:
+    """``x @ w.T + r``: the attention output or MLP down projection with the residual
+    (``early``: the caller vouches that ``r`` is not the previous kernel's output, see ``_early``)."""
+    return launch("matvec_residual", {"x": x, "w": w, "r": r}, _early(early))[0]
 
 
 def gate_up_silu(x, wg, wu) -> torch.Tensor:
     """``silu(x @ wg.T) * (x @ wu.T)``."""
-    return launch("mlp_gate_up_silu", {"x": x, "wg": wg, "wu": wu})[0]
+    return launch("gate_up_silu", {"x": x, "wg": wg, "wu": wu})[0]
 
 
 @dataclass(frozen=True)
@@ -293,7 +288,7 @@ def attention_decode(q, k_cache, v_cache, lengths, scale: float,
     # launch parameters depend on the capacity only through SPLITS: bucket it to a power
     # of two so a growing (dynamic) cache does not build a launcher per length
     s = k_cache.shape[2]
-    return launch("attention_decode_gqa", values, flags, {"S": 1 << max(0, (s - 1).bit_length())})[0]
+    return launch("gqa_attention", values, flags, {"S": 1 << max(0, (s - 1).bit_length())})[0]
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -31,35 +31,35 @@ _DTYPES = {"f32": torch.float32, "i32": torch.int32, "i64": torch.int64}
 
 @torch.library.custom_op("tileflow::linear", mutates_args=())
 def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x @ w.T (+ b)`` by the suite's matvec (q_proj_matvec)."""
+    """``x @ w.T (+ b)`` by the suite's matvec (matvec)."""
     return ops.linear(x.contiguous(), w, b)
 
 
 @linear.register_fake
 def _(x, w, b=None):
-    return _fake("q_proj_matvec", {"x": x, "w": w, "b": b}, {"HAS_BIAS": int(b is not None)})
+    return _fake("matvec", {"x": x, "w": w, "b": b}, {"HAS_BIAS": int(b is not None)})
 
 
 @torch.library.custom_op("tileflow::linear_residual", mutates_args=())
 def linear_residual(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """``x @ w.T + r`` by the suite's o_proj_residual kernel."""
-    return ops.o_proj_residual(x.contiguous(), w, r.contiguous())
+    """``x @ w.T + r`` by the suite's matvec_residual kernel."""
+    return ops.matvec_residual(x.contiguous(), w, r.contiguous())
 
 
 @linear_residual.register_fake
 def _(x, w, r):
-    return _fake("o_proj_residual", {"x": x, "w": w, "r": r})
+    return _fake("matvec_residual", {"x": x, "w": w, "r": r})
 
 
 @torch.library.custom_op("tileflow::gate_up_silu", mutates_args=())
 def gate_up_silu(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor) -> torch.Tensor:
-    """``silu(x @ wg.T) * (x @ wu.T)`` by the suite's mlp_gate_up_silu kernel."""
+    """``silu(x @ wg.T) * (x @ wu.T)`` by the suite's gate_up_silu kernel."""
     return ops.gate_up_silu(x.contiguous(), wg, wu)
 
 
 @gate_up_silu.register_fake
 def _(x, wg, wu):
-    return _fake("mlp_gate_up_silu", {"x": x, "wg": wg, "wu": wu})
+    return _fake("gate_up_silu", {"x": x, "wg": wg, "wu": wu})
 
 
 @torch.library.custom_op("tileflow::rms_norm_linear", mutates_args=())
@@ -115,7 +115,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 @attention_decode.register_fake
 def _(q, k_cache, v_cache, lengths, scale, key_mask=None):
-    return _fake("attention_decode_gqa", {"q": q, "k_cache": k_cache, "v_cache": v_cache, "lengths": lengths,
+    return _fake("gqa_attention", {"q": q, "k_cache": k_cache, "v_cache": v_cache, "lengths": lengths,
                                           "scale": scale, "key_mask": key_mask},
                  {"HAS_MASK": 1} if key_mask is not None else None)
 

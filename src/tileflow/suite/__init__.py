@@ -1,11 +1,10 @@
-"""The 13-kernel decode suite: one module per kernel, each a tile definition plus
-its reference. Importing this package registers them all in ``KERNELS``."""
+"""The decode suite: one module per kernel, each a tile definition plus its reference.
+Importing this package registers them all in ``KERNELS``."""
 
 from tileflow.suite.registry import KERNELS, TARGETS, Case, SuiteKernel  # noqa: F401
 from tileflow.suite import rms_norm  # noqa: F401
-from tileflow.suite import q_proj_matvec, kv_proj_matvec, o_proj_residual  # noqa: F401,E402
-from tileflow.suite import mlp_gate_up_silu, down_proj_residual  # noqa: F401,E402
-from tileflow.suite import embedding_lookup, rope_q, rope_k, attention_decode_gqa  # noqa: F401,E402
-from tileflow.suite import silu_mul_fused, residual_add, argmax_greedy  # noqa: F401,E402
+from tileflow.suite import matvec, matvec_pair, matvec_residual, gate_up_silu  # noqa: F401,E402
+from tileflow.suite import embedding_lookup, rope_q, rope_k, gqa_attention  # noqa: F401,E402
+from tileflow.suite import silu_mul, residual_add, argmax_greedy  # noqa: F401,E402
 # fused decode patterns: several suite kernels' work in one launch (``fused=True``)
 from tileflow.suite import qkv_rope_cache, rms_norm_gate_up_silu, rms_norm_matvec  # noqa: F401,E402

@@ -1,7 +1,7 @@
 """qkv_rope_cache (fused): the whole attention input of a decode layer in one launch:
 RMSNorm of ``x`` (``input_layernorm``), the q, k and v projections (+ biases), RoPE of
 q and k at the row's position, q written out, K and V written into row ``pos`` of the
-static caches. Replaces rms_norm, q_proj_matvec, kv_proj_matvec, rope_q and rope_k.
+static caches. Replaces rms_norm, matvec, matvec_pair, rope_q and rope_k.
 
 With ``CACHE_POS`` the cache row comes from its own ``cache_pos`` input (a compiled
 transformers graph rotates at ``position_ids`` but writes at the cache's own count, two
@@ -17,7 +17,7 @@ unconcatenated.
 
 from tileflow.suite import rms_norm
 from tileflow.suite.inputs import linear_weight, positions, rope_frequencies
-from tileflow.suite.matvec import rsqrt_mean, stream_k
+from tileflow.suite.matvec_family import rsqrt_mean, stream_k
 from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
 from tileflow.suite.rope import LLAMA3, ROPE_SCALARS, TABLE, inv_freq_tile, rope_reference
 

@@ -1,20 +1,20 @@
 """rms_norm_gate_up_silu (fused): ``silu(n @ wg.T) * (n @ wu.T)`` with ``n`` the RMSNorm
 of ``x`` (the post-attention norm): the norm, both MLP projections and the activation
-in one launch. Same tiles as ``mlp_gate_up_silu`` with the matvec family's norm
+in one launch. Same tiles as ``gate_up_silu`` with the matvec family's norm
 prologue (see matvec.py)."""
 
 from dataclasses import replace
 
-from tileflow.suite import mlp_gate_up_silu, rms_norm
+from tileflow.suite import gate_up_silu, rms_norm
 from tileflow.suite.inputs import linear_weight
-from tileflow.suite.matvec import define_matvec, matvec_bytes, matvec_candidates, matvec_params
+from tileflow.suite.matvec_family import define_matvec, matvec_bytes, matvec_candidates, matvec_params
 from tileflow.suite.registry import Case, SuiteKernel, register
 
-FORM = replace(mlp_gate_up_silu.FORM, norm=True)
+FORM = replace(gate_up_silu.FORM, norm=True)
 
 
 def reference(xp, x, ln_w, wg, wu, eps):
-    return mlp_gate_up_silu.reference(xp, rms_norm.reference(xp, x, ln_w, eps)["out"], wg, wu)
+    return gate_up_silu.reference(xp, rms_norm.reference(xp, x, ln_w, eps)["out"], wg, wu)
 
 
 KERNEL = register(SuiteKernel(

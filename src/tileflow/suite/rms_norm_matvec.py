@@ -1,19 +1,19 @@
 """rms_norm_matvec (fused): ``rmsnorm(x) @ w.T (+ b)``: the final norm and the lm_head
-in one launch (bias-free there). Same tiles as ``q_proj_matvec`` with the matvec
+in one launch (bias-free there). Same tiles as ``matvec`` with the matvec
 family's norm prologue (see matvec.py)."""
 
 from dataclasses import replace
 
-from tileflow.suite import q_proj_matvec, rms_norm
+from tileflow.suite import matvec, rms_norm
 from tileflow.suite.inputs import linear_weight
-from tileflow.suite.matvec import define_matvec, matvec_bytes, matvec_candidates, matvec_params
+from tileflow.suite.matvec_family import define_matvec, matvec_bytes, matvec_candidates, matvec_params
 from tileflow.suite.registry import Case, SuiteKernel, register
 
-FORM = replace(q_proj_matvec.FORM, norm=True)
+FORM = replace(matvec.FORM, norm=True)
 
 
 def reference(xp, x, ln_w, w, eps, b=None):
-    return q_proj_matvec.reference(xp, rms_norm.reference(xp, x, ln_w, eps)["out"], w, b)
+    return matvec.reference(xp, rms_norm.reference(xp, x, ln_w, eps)["out"], w, b)
 
 
 KERNEL = register(SuiteKernel(

@@ -1,4 +1,4 @@
-"""silu_mul_fused: ``out = silu(a) * b``: the MLP activation when gate and up were
+"""silu_mul: ``out = silu(a) * b``: the MLP activation when gate and up were
 computed apart (prefill through a library GEMM)."""
 
 from tileflow.suite.elementwise import define_elementwise, elementwise_candidates, elementwise_params
@@ -10,7 +10,7 @@ def reference(xp, a, b):
 
 
 KERNEL = register(SuiteKernel(
-    name="silu_mul_fused",
+    name="silu_mul",
     summary="SiLU(gate) * up, elementwise",
     define=lambda k, p: define_elementwise(lambda k, a, b: a * k.sigmoid(a) * b, k, p),
     reference=reference,

@@ -1,11 +1,11 @@
-"""kv_proj_matvec: ``k = x @ wk.T + bk`` and ``v = x @ wv.T + bv`` in one launch.
+"""matvec_pair: ``k = x @ wk.T + bk`` and ``v = x @ wv.T + bv`` in one launch.
 
 Both projections read the same ``x``; one program computes the same rows of both, so
 the two small weights stream together (Hugging Face keeps them as two
 ``nn.Linear``: they are read where they lie)."""
 
 from tileflow.suite.inputs import linear_weight
-from tileflow.suite.matvec import MatvecForm, define_matvec, matvec_bytes, matvec_candidates, matvec_params
+from tileflow.suite.matvec_family import MatvecForm, define_matvec, matvec_bytes, matvec_candidates, matvec_params
 from tileflow.suite.registry import Case, SuiteKernel, register
 
 FORM = MatvecForm(
@@ -29,7 +29,7 @@ def default_params(s):
 
 
 KERNEL = register(SuiteKernel(
-    name="kv_proj_matvec",
+    name="matvec_pair",
     summary="fused K and V projections (+ biases) over one read of x",
     define=lambda k, p: define_matvec(FORM, k, p),
     reference=reference,

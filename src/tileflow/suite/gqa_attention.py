@@ -1,4 +1,4 @@
-"""attention_decode_gqa: one new query token per sequence attends over the static KV
+"""gqa_attention: one new query token per sequence attends over the static KV
 cache, grouped-query (``G = NH / NKV`` query heads share each K/V head).
 
 - Reads the cache only up to each row's filled length ``lengths[b]`` (an int tensor,
@@ -194,7 +194,7 @@ def _key_mask(gen, shape, sizes):
 
 
 KERNEL = register(SuiteKernel(
-    name="attention_decode_gqa",
+    name="gqa_attention",
     summary="GQA decode attention over the filled part of a static KV cache (split-KV)",
     define=define,
     reference=reference,

@@ -1,9 +1,9 @@
-"""mlp_gate_up_silu: ``out = silu(x @ wg.T) * (x @ wu.T)``: the gate and up
+"""gate_up_silu: ``out = silu(x @ wg.T) * (x @ wu.T)``: the gate and up
 projections of the MLP and its activation in one pass; the two [INTER] intermediates
 never reach memory."""
 
 from tileflow.suite.inputs import linear_weight
-from tileflow.suite.matvec import MatvecForm, define_matvec, matvec_bytes, matvec_candidates, matvec_params
+from tileflow.suite.matvec_family import MatvecForm, define_matvec, matvec_bytes, matvec_candidates, matvec_params
 from tileflow.suite.registry import Case, SuiteKernel, register
 
 FORM = MatvecForm(
@@ -21,7 +21,7 @@ def reference(xp, x, wg, wu):
 
 
 KERNEL = register(SuiteKernel(
-    name="mlp_gate_up_silu",
+    name="gate_up_silu",
     summary="MLP gate and up projections with SiLU(gate) * up fused",
     define=lambda k, p: define_matvec(FORM, k, p),
     reference=reference,

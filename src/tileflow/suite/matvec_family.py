@@ -1,0 +1,266 @@
+"""The tile definition shared by the matvec kernels of the suite.
+
+``y_j = W_j @ x`` for one to two weights ``W_j`` in the Hugging Face ``nn.Linear``
+layout ``[N, K]`` (rows contiguous along K, so no weight copy is needed), with an
+epilogue: bias, residual, or SiLU(gate) * up. Decode is one row (M = 1); more rows
+run the same kernel once per row.
+
+Each program owns ``BLOCK_N`` output rows and streams ``[BLOCK_N, BLOCK_K]`` weight
+tiles through a 2-D fp32 accumulator (one cross-lane reduction at the end instead of
+one per tile). With ``SPLIT_K > 1`` a first stage writes per-split partial sums and a
+second adds them and applies the epilogue: the small decode matvecs (N = 256..1536)
+have too few row blocks to keep every multiprocessor streaming otherwise.
+
+A form with ``norm`` first applies the RMSNorm that precedes every decode matvec of a
+Qwen2 / Llama layer (``x * rsqrt(mean(x^2) + eps) * ln_w``): each program recomputes
+the row's mean square from ``x`` (a few KB, served from L2) instead of a separate
+normalisation launch writing and re-reading the normalised row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from tileflow.suite.registry import next_pow2
+
+MATVEC_PARAMS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "BLOCK_R", "PIPELINE", "num_warps", "num_stages")
+
+
+def residual_params(s: dict) -> dict:
+    """The parameters of a residual matvec (o_proj, down_proj) that are sizes:
+    ``EARLY_INPUTS`` (the residual loads before the dependent-launch wait, where the caller
+    vouches that the kernel just before does not write it)."""
+    return {"EARLY_INPUTS": s.get("EARLY_INPUTS", 0)}
+
+
+@dataclass(frozen=True)
+class MatvecForm:
+    """Which matvec: weight names, output names, extra inputs, and the epilogue.
+
+    ``epilogue(k, sums, extras)`` gets the fp32 row sums (one per weight) and the
+    loaded extra inputs (dict name -> tile over the same rows) and returns one tile
+    per output.
+    """
+
+    weights: tuple[str, ...]
+    outputs: tuple[str, ...]
+    extras: Callable[[dict], tuple[tuple[str, tuple], ...]]  # params -> ((name, shape), ...)
+    epilogue: Callable
+    norm: bool = False  # RMSNorm of x (gamma ``ln_w``, scalar ``eps``) before the products
+
+
+RESIDUAL_FORM = MatvecForm(
+    weights=("w",),
+    outputs=("out",),
+    extras=lambda p: (("r", ("M", "N")),),
+    epilogue=lambda k, sums, ex: [sums[0] + ex["r"]],
+)
+
+
+def residual_reference(xp, x, w, r):
+    """``x @ w.T + r`` (the o_proj and down_proj kernels)."""
+    return {"out": x @ xp.matrix_transpose(w) + r}
+
+
+def rsqrt_mean(k, sq_sums, kdim, eps):
+    """fp32 ``rsqrt(sum(sq_sums) / kdim + eps)``: RMSNorm's scale from per-lane sums of x^2."""
+    return k.rsqrt(k.sum(sq_sums, axis=0) / k.cast(kdim, "f32") + eps)
+
+
+def rms_scale(k, x, row, kdim, eps):
+    """fp32 ``rsqrt(mean(x[row]^2) + eps)`` of a row of ``x``, looping over BLOCK_K."""
+    with k.loop(0, kdim, "BLOCK_K", carry=[k.full(("BLOCK_K",), 0.0)]) as lp:
+        xv = k.load(x, (row, k.range(lp.index, "BLOCK_K", aligned=True)))
+        lp.next(lp.carry[0] + xv * xv)
+    return rsqrt_mean(k, lp.results[0], kdim, eps)
+
+
+def products_body(k, x, row, ln_w=None, gather_ss: bool = False, hi=None):
+    """The ``body`` of :func:`stream_k` for products with a row of ``x``: the carried fp32
+    accumulators gain ``tile * x[cols]`` (times the norm's gamma ``ln_w`` where given), and
+    with ``gather_ss`` a last carried value gathers x^2 for the norm's scale. ``hi`` limits
+    the columns read (a split-K chunk)."""
+    def body(cols, carry, tiles):
+        xv = k.load(x, (row, cols), limits=None if hi is None else {1: hi})
+        ss = [carry.pop() + xv * xv] if gather_ss else []
+        if ln_w is not None:
+            xv = xv * k.load(ln_w, (cols,), limits=None if hi is None else {0: hi})
+        return [a + t * xv[None, :] for a, t in zip(carry, tiles())] + ss
+    return body
+
+
+def stream_k(k, lo, hi, carry, load_tiles, body, pipeline: int) -> list:
+    """The K loop of a weight-streaming kernel: ``for`` rounds of ``BLOCK_K`` columns from
+    ``lo`` to ``hi``, ``body(cols, carry, tiles)`` returning the new carry, where
+    ``tiles()`` gives the round's weight tiles (``load_tiles(cols)``). Returns the carry
+    at exit.
+
+    With ``pipeline`` 1 (a kernel's ``PIPELINE`` parameter) each round requests the next
+    round's tiles before its products and carries them in registers, so a program keeps
+    two tiles in flight: Triton does not software-pipeline loads that feed no dot (no
+    cp.async in the sm_90 PTX), and a short grid cannot hide the round trips with
+    occupancy. The first round's tiles are loaded before the dependent-launch wait
+    (:meth:`~tileflow.tile.builder.TileBuilder.before_wait`), so even with a single
+    round they can arrive during the previous kernel's tail (on the H200 the tuner kept
+    this form only for o_proj; docs/notebook.md). The tiles must be of inputs no earlier kernel
+    of the step writes. With ``pipeline`` 2 only the first round's tiles come before the
+    wait; the other rounds run as without pipelining."""
+    carry = list(carry)
+    n = len(carry)
+    if pipeline:
+        # weights are no earlier kernel's output: the first round's tiles are requested
+        # before the dependent-launch wait, while the previous kernel drains
+        with k.before_wait():
+            first = load_tiles(k.range(lo, "BLOCK_K", aligned=True))
+        if pipeline == 2:
+            # PIPELINE=2: only the first round ahead of the wait, peeled off the loop, which
+            # then holds one round's tiles as the plain loop does (no look-ahead registers;
+            # measured faster on pure weight reads: benchmarks/step_ceiling.py, docs/notebook.md)
+            carry = body(k.range(lo, "BLOCK_K", aligned=True), carry, lambda: first)
+            lo, pipeline = lo + k.param("BLOCK_K"), 0
+        else:
+            carry += first
+    with k.loop(lo, hi, "BLOCK_K", carry=carry) as lp:
+        cols = k.range(lp.index, "BLOCK_K", aligned=True)
+        if pipeline:
+            held = list(lp.carry[n:])
+            # not "aligned": the last round's look-ahead lies past the row (masked off),
+            # so padding targets (Pallas) pad one block more
+            ahead = load_tiles(k.range(lp.index + k.param("BLOCK_K"), "BLOCK_K"))
+            new = body(cols, list(lp.carry[:n]), lambda: held)
+        else:
+            ahead = []
+            new = body(cols, list(lp.carry), lambda: load_tiles(cols))
+        lp.next(*new, *ahead)
+    return list(lp.results[:n])
+
+
+def define_matvec(form: MatvecForm, k, p) -> None:
+    x = k.input("x", ("M", "K"))
+    ln_w = k.input("ln_w", ("K",)) if form.norm else None
+    ws = [k.input(w, ("N", "K")) for w in form.weights]
+    extras = {name: k.input(name, shape) for name, shape in form.extras(p)}
+    outs = [k.output(o, ("M", "N")) for o in form.outputs]
+    eps = k.scalar("eps") if form.norm else None
+    split = p["SPLIT_K"]
+    parts = [k.workspace(f"part_{w}", ("SPLIT_K", "M", "N")) for w in form.weights] if split > 1 else []
+
+    def load_extras(row, rows):
+        got = {}
+        for name, view in extras.items():
+            idx = (rows,) if view.rank == 1 else (row, rows)
+            got[name] = k.load(view, idx)
+        return got
+
+    with k.stage("matvec", grid=("cdiv(N, BLOCK_N)", "SPLIT_K", "M")):
+        row = k.program_id(2)
+        rows = k.range(k.program_id(0) * k.param("BLOCK_N"), "BLOCK_N", aligned=True)
+        kdim = k.dim("K")
+        if split > 1:
+            chunk = k.cdiv(k.cdiv(kdim, k.param("SPLIT_K")), k.param("BLOCK_K")) * k.param("BLOCK_K")
+            lo = k.program_id(1) * chunk
+            hi = k.minimum(lo + chunk, kdim)
+        else:
+            lo, hi = 0, kdim
+        # sum(w * x * g) * rstd == sum(w * (x * rstd) * g): the norm's rstd scales the sums
+        # afterwards, so the weight stream does not wait for the norm's reduction; without
+        # split-K the loop sees all of x and gathers the sum of squares on the way
+        gather_ss = form.norm and split == 1
+        # EARLY_INPUTS: the caller vouches that the extra inputs (the residual) were written
+        # two or more kernels back, so they load before the dependent-launch wait instead
+        # of as a round trip after the K loop
+        early = None
+        if p.get("EARLY_INPUTS", 0) and split == 1:
+            with k.before_wait():
+                early = load_extras(row, rows)
+        # no k.prefetch of the first weight tile here: measured slower (docs/decisions.md)
+        acc0 = [k.full(("BLOCK_N", "BLOCK_K"), 0.0) for _ in ws]
+        if gather_ss:
+            acc0.append(k.full(("BLOCK_K",), 0.0))
+        body = products_body(k, x, row, ln_w, gather_ss, hi)
+        results = stream_k(k, lo, hi, acc0, lambda cols: [k.load(w, (rows, cols), limits={1: hi}) for w in ws],
+                           body, p.get("PIPELINE", 0))
+        if gather_ss:
+            scale = rsqrt_mean(k, results.pop(), kdim, eps)
+        elif form.norm:
+            scale = rms_scale(k, x, row, kdim, eps)
+        sums = [k.sum(a, axis=1) for a in results]
+        if form.norm:
+            sums = [s * scale for s in sums]
+        if split > 1:
+            for part, s in zip(parts, sums):
+                k.store(part, (k.program_id(1), row, rows), s)
+        else:
+            for out, y in zip(outs, form.epilogue(k, sums, early or load_extras(row, rows))):
+                k.store(out, (row, rows), y)
+
+    if split > 1:
+        with k.stage("reduce", grid=("cdiv(N, BLOCK_R)", "M")):
+            row = k.program_id(1)
+            rows = k.range(k.program_id(0) * k.param("BLOCK_R"), "BLOCK_R", aligned=True)
+            acc0 = [k.full(("BLOCK_R",), 0.0) for _ in parts]
+            with k.loop(0, k.param("SPLIT_K"), 1, carry=acc0) as lp:
+                lp.next(*[a + k.load(part, (lp.index, row, rows)) for a, part in zip(lp.carry, parts)])
+            for out, y in zip(outs, form.epilogue(k, list(lp.results), load_extras(row, rows))):
+                k.store(out, (row, rows), y)
+
+
+def matvec_params(n: int, k_: int, block_n: int = 0, block_k: int = 0, split_k: int = 0,
+                  num_warps: int = 0, num_stages: int = 2, **extra) -> dict:
+    """Launch parameters with defaults that suit a decode matvec of size N x K."""
+    # Untuned defaults, from what the leaderboards of both GH100 parts picked (1.5B
+    # shapes, H100 and H200 entries in data/autotune.json):
+    # - few rows (q, o, down: N = 1536): two rows a program and a 2048-wide slice of K
+    #   per round trip, 8 warps: a short grid needs big tiles to keep bytes in flight;
+    # - many rows (gate_up N = 8960, lm_head N = 152k): small tiles, 4 warps, many
+    #   programs resident per multiprocessor. With the few-rows tiles these ran 1.5-1.9x
+    #   slower on the H200 (norm-fused gate_up 33.7 vs 17.9 us, lm_head 169.5 vs 107.4),
+    #   which is what untuned 7B / 8B shapes would get.
+    many_rows = n >= 8192
+    if not block_n:
+        block_n = 16 if n > 65536 else 2  # vocab-sized rows (lm_head): 16-row tiles
+    if not block_k:
+        if many_rows:
+            block_k = min(next_pow2(k_), 512 if block_n <= 2 else 256)
+        else:  # at most 4k fp32 accumulators per weight (16 x 2048 spilled registers)
+            block_k = min(2048, next_pow2(k_), max(256, 4096 // block_n))
+    num_warps = num_warps or (4 if many_rows else 8)
+    if not split_k:
+        split_k = 1
+    p = {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k, "BLOCK_R": min(1024, next_pow2(n)),
+         "num_warps": num_warps, "num_stages": num_stages}
+    p.update(extra)
+    return p
+
+
+def matvec_candidates(n: int, k_: int, **extra) -> list[dict]:
+    """The parameter sets the autotuner tries for an N x K matvec: tiles of 1k-16k
+    elements (a whole K row per tile included, so short rows need one round trip),
+    enough programs to cover the multiprocessors, split-K where rows are few, and each
+    with the register-pipelined K loop (``PIPELINE``, first tiles before the PDL wait)."""
+    out = []
+    for block_n in (2, 4, 8, 16, 32):
+        for block_k in (256, 512, 1024, 2048, 4096):
+            tile = block_n * block_k
+            if block_k > next_pow2(k_) or not 1024 <= tile <= 16384:
+                continue
+            for split_k in (1, 2, 3, 4, 6, 8):
+                programs = -(-n // block_n) * split_k
+                if not 128 <= programs <= 16384 or (split_k > 1 and k_ / split_k < block_k / 2):
+                    continue
+                for num_warps in (4, 8):
+                    if tile // (num_warps * 32) < 8:  # under one 16-byte load per thread
+                        continue
+                    out.append(matvec_params(n, k_, block_n, block_k, split_k, num_warps, **extra))
+                    # pipelined: the first tiles load before the PDL wait, one round or more
+                    out.append(matvec_params(n, k_, block_n, block_k, split_k, num_warps, PIPELINE=1, **extra))
+    return out
+
+
+def matvec_bytes(n_weights: int, n_bias: int, n_rows_in: int, n_outputs: int):
+    """Least bytes moved: each weight, bias, [M, N] input and output once, and x."""
+    def f(s, b):
+        m, n, k_ = s.get("M", 1), s["N"], s["K"]
+        return b * (n_weights * n * k_ + m * k_ + n_bias * n + (n_rows_in + n_outputs) * m * n)
+    return f
