@@ -19,7 +19,7 @@ def reference(xp, x, w, b=None):
 
 
 def default_params(s):
-    return matvec_params(s["N"], s["K"], HAS_BIAS=s.get("HAS_BIAS", 1))
+    return matvec_params(s["N"], s["K"], m=s.get("M", 1), HAS_BIAS=s.get("HAS_BIAS", 1))
 
 
 KERNEL = register(SuiteKernel(
@@ -34,12 +34,15 @@ KERNEL = register(SuiteKernel(
         Case("rows", dict(M=3, N=70, K=130)),
         Case("splitk", dict(M=1, N=40, K=1100), params=dict(SPLIT_K=3, BLOCK_K=256)),
         Case("nobias", dict(M=2, N=33, K=77, HAS_BIAS=0)),
+        # several rows a program (BLOCK_M): one weight tile for all of them, rows masked to M
+        Case("rows5", dict(M=5, N=37, K=50)),
+        Case("rows16", dict(M=16, N=21, K=70)),
     ],
     decode_cases=lambda c: [
         Case("q", dict(M=1, N=c["NH"] * c["DH"], K=c["D"], HAS_BIAS=c.get("BIAS", 1))),
         Case("lm_head", dict(M=1, N=c["VOCAB"], K=c["D"], HAS_BIAS=0)),
     ],
-    candidates=lambda s: matvec_candidates(s["N"], s["K"], HAS_BIAS=s.get("HAS_BIAS", 1)),
+    candidates=lambda s: matvec_candidates(s["N"], s["K"], m=s.get("M", 1), HAS_BIAS=s.get("HAS_BIAS", 1)),
     input_makers={"w": linear_weight},
     min_bytes=lambda s, b: matvec_bytes(1, s.get("HAS_BIAS", 1), 0, 1)(s, b),
     module=__name__,

@@ -2,8 +2,10 @@
 
 ``y_j = W_j @ x`` for one to two weights ``W_j`` in the Hugging Face ``nn.Linear``
 layout ``[N, K]`` (rows contiguous along K, so no weight copy is needed), with an
-epilogue: bias, residual, or SiLU(gate) * up. Decode is one row (M = 1); more rows
-run the same kernel once per row.
+epilogue: bias, residual, or SiLU(gate) * up. Decode is one row (M = 1); a step of
+more rows (a batch, or speculative tokens) gives each program ``BLOCK_M`` of them, so a
+weight tile is read once per program for all its rows, not once per row: decode is
+memory-bound, and a step of 8 rows should cost about what a step of 1 does.
 
 Each program owns ``BLOCK_N`` output rows and streams ``[BLOCK_N, BLOCK_K]`` weight
 tiles through a 2-D fp32 accumulator (one cross-lane reduction at the end instead of
@@ -14,7 +16,8 @@ have too few row blocks to keep every multiprocessor streaming otherwise.
 A form with ``norm`` first applies the RMSNorm that precedes every decode matvec of a
 Qwen2 / Llama layer (``x * rsqrt(mean(x^2) + eps) * ln_w``): each program recomputes
 the row's mean square from ``x`` (a few KB, served from L2) instead of a separate
-normalisation launch writing and re-reading the normalised row.
+normalisation launch writing and re-reading the normalised row (per row of the
+program's ``BLOCK_M``).
 """
 
 from __future__ import annotations
@@ -23,8 +26,16 @@ from dataclasses import dataclass
 from typing import Callable
 
 from tileflow.suite.registry import next_pow2
+from tileflow.tile.ir import RangeValue
 
-MATVEC_PARAMS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "BLOCK_R", "PIPELINE", "num_warps", "num_stages")
+MATVEC_PARAMS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "BLOCK_R", "PIPELINE", "num_warps", "num_stages")
+MAX_BLOCK_M = 16  # rows a program: a step's batch or speculative tokens, rarely more
+
+
+def block_m(m: int) -> int:
+    """Rows a program for ``m`` rows a step: all of them (to a power of two), at most
+    ``MAX_BLOCK_M``."""
+    return min(MAX_BLOCK_M, next_pow2(m))
 
 
 def residual_params(s: dict) -> dict:
@@ -64,13 +75,20 @@ def residual_reference(xp, x, w, r):
 
 
 def rsqrt_mean(k, sq_sums, kdim, eps):
-    """fp32 ``rsqrt(sum(sq_sums) / kdim + eps)``: RMSNorm's scale from per-lane sums of x^2."""
-    return k.rsqrt(k.sum(sq_sums, axis=0) / k.cast(kdim, "f32") + eps)
+    """fp32 ``rsqrt(sum(sq_sums) / kdim + eps)``: RMSNorm's scale from per-lane sums of x^2
+    (over the last axis: one scale per row of a [BLOCK_M, BLOCK_K] tile)."""
+    return k.rsqrt(k.sum(sq_sums, axis=-1) / k.cast(kdim, "f32") + eps)
+
+
+def _lanes(row) -> tuple:
+    """The shape of a ``BLOCK_K``-wide slice of x at ``row``: one row, or a range of them."""
+    return (row.block, "BLOCK_K") if isinstance(row, RangeValue) else ("BLOCK_K",)
 
 
 def rms_scale(k, x, row, kdim, eps):
-    """fp32 ``rsqrt(mean(x[row]^2) + eps)`` of a row of ``x``, looping over BLOCK_K."""
-    with k.loop(0, kdim, "BLOCK_K", carry=[k.full(("BLOCK_K",), 0.0)]) as lp:
+    """fp32 ``rsqrt(mean(x[row]^2) + eps)`` of a row of ``x`` (one per row where ``row`` is
+    a range), looping over BLOCK_K."""
+    with k.loop(0, kdim, "BLOCK_K", carry=[k.full(_lanes(row), 0.0)]) as lp:
         xv = k.load(x, (row, k.range(lp.index, "BLOCK_K", aligned=True)))
         lp.next(lp.carry[0] + xv * xv)
     return rsqrt_mean(k, lp.results[0], kdim, eps)
@@ -80,12 +98,21 @@ def products_body(k, x, row, ln_w=None, gather_ss: bool = False, hi=None):
     """The ``body`` of :func:`stream_k` for products with a row of ``x``: the carried fp32
     accumulators gain ``tile * x[cols]`` (times the norm's gamma ``ln_w`` where given), and
     with ``gather_ss`` a last carried value gathers x^2 for the norm's scale. ``hi`` limits
-    the columns read (a split-K chunk)."""
+    the columns read (a split-K chunk).
+
+    Where ``row`` is a range of ``BLOCK_M`` rows the accumulators are [BLOCK_M, BLOCK_N]
+    and gain the round's products summed over its columns: every row meets the one
+    weight tile the round loaded."""
+    many = isinstance(row, RangeValue)
+
     def body(cols, carry, tiles):
         xv = k.load(x, (row, cols), limits=None if hi is None else {1: hi})
         ss = [carry.pop() + xv * xv] if gather_ss else []
         if ln_w is not None:
-            xv = xv * k.load(ln_w, (cols,), limits=None if hi is None else {0: hi})
+            g = k.load(ln_w, (cols,), limits=None if hi is None else {0: hi})
+            xv = xv * (g[None, :] if many else g)
+        if many:
+            return [a + k.sum(xv[:, None, :] * t[None, :, :], axis=2) for a, t in zip(carry, tiles())] + ss
         return [a + t * xv[None, :] for a, t in zip(carry, tiles())] + ss
     return body
 
@@ -153,8 +180,11 @@ def define_matvec(form: MatvecForm, k, p) -> None:
             got[name] = k.load(view, idx)
         return got
 
-    with k.stage("matvec", grid=("cdiv(N, BLOCK_N)", "SPLIT_K", "M")):
-        row = k.program_id(2)
+    # BLOCK_M > 1: a program owns BLOCK_M rows of x (masked to M) and reads each weight
+    # tile once for all of them; 1 keeps the one-row program (x rows are scalars)
+    many = p.get("BLOCK_M", 1) > 1
+    with k.stage("matvec", grid=("cdiv(N, BLOCK_N)", "SPLIT_K", "cdiv(M, BLOCK_M)" if many else "M")):
+        row = k.range(k.program_id(2) * k.param("BLOCK_M"), "BLOCK_M", aligned=True) if many else k.program_id(2)
         rows = k.range(k.program_id(0) * k.param("BLOCK_N"), "BLOCK_N", aligned=True)
         kdim = k.dim("K")
         if split > 1:
@@ -175,9 +205,11 @@ def define_matvec(form: MatvecForm, k, p) -> None:
             with k.before_wait():
                 early = load_extras(row, rows)
         # no k.prefetch of the first weight tile here: measured slower (docs/decisions.md)
-        acc0 = [k.full(("BLOCK_N", "BLOCK_K"), 0.0) for _ in ws]
+        # many rows: [BLOCK_M, BLOCK_N] sums, each round's products reduced as they come
+        # (a [BLOCK_M, BLOCK_N, BLOCK_K] accumulator would need BLOCK_M times the registers)
+        acc0 = [k.full(("BLOCK_M", "BLOCK_N") if many else ("BLOCK_N", "BLOCK_K"), 0.0) for _ in ws]
         if gather_ss:
-            acc0.append(k.full(("BLOCK_K",), 0.0))
+            acc0.append(k.full(_lanes(row), 0.0))
         body = products_body(k, x, row, ln_w, gather_ss, hi)
         results = stream_k(k, lo, hi, acc0, lambda cols: [k.load(w, (rows, cols), limits={1: hi}) for w in ws],
                            body, p.get("PIPELINE", 0))
@@ -185,9 +217,9 @@ def define_matvec(form: MatvecForm, k, p) -> None:
             scale = rsqrt_mean(k, results.pop(), kdim, eps)
         elif form.norm:
             scale = rms_scale(k, x, row, kdim, eps)
-        sums = [k.sum(a, axis=1) for a in results]
+        sums = results if many else [k.sum(a, axis=1) for a in results]
         if form.norm:
-            sums = [s * scale for s in sums]
+            sums = [s * (scale[:, None] if many else scale) for s in sums]
         if split > 1:
             for part, s in zip(parts, sums):
                 k.store(part, (k.program_id(1), row, rows), s)
@@ -207,8 +239,9 @@ def define_matvec(form: MatvecForm, k, p) -> None:
 
 
 def matvec_params(n: int, k_: int, block_n: int = 0, block_k: int = 0, split_k: int = 0,
-                  num_warps: int = 0, num_stages: int = 2, **extra) -> dict:
-    """Launch parameters with defaults that suit a decode matvec of size N x K."""
+                  num_warps: int = 0, num_stages: int = 2, m: int = 1, **extra) -> dict:
+    """Launch parameters with defaults that suit a decode matvec of size N x K with ``m``
+    rows a step (``BLOCK_M`` only where ``m`` > 1: one row keeps the one-row program)."""
     # Untuned defaults, from what the leaderboards of both GH100 parts picked (1.5B
     # shapes, H100 and H200 entries in data/autotune.json):
     # - few rows (q, o, down: N = 1536): two rows a program and a 2048-wide slice of K
@@ -225,20 +258,25 @@ def matvec_params(n: int, k_: int, block_n: int = 0, block_k: int = 0, split_k: 
             block_k = min(next_pow2(k_), 512 if block_n <= 2 else 256)
         else:  # at most 4k fp32 accumulators per weight (16 x 2048 spilled registers)
             block_k = min(2048, next_pow2(k_), max(256, 4096 // block_n))
+        if m > 1:  # a round's [BLOCK_M, BLOCK_N, BLOCK_K] products within the candidates' largest tile
+            block_k = min(block_k, max(64, 16384 // (block_n * block_m(m))))
     num_warps = num_warps or (4 if many_rows else 8)
     if not split_k:
         split_k = 1
     p = {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k, "BLOCK_R": min(1024, next_pow2(n)),
          "num_warps": num_warps, "num_stages": num_stages}
+    if m > 1:
+        p["BLOCK_M"] = block_m(m)
     p.update(extra)
     return p
 
 
-def matvec_candidates(n: int, k_: int, **extra) -> list[dict]:
+def matvec_candidates(n: int, k_: int, m: int = 1, **extra) -> list[dict]:
     """The parameter sets the autotuner tries for an N x K matvec: tiles of 1k-16k
     elements (a whole K row per tile included, so short rows need one round trip),
     enough programs to cover the multiprocessors, split-K where rows are few, and each
-    with the register-pipelined K loop (``PIPELINE``, first tiles before the PDL wait)."""
+    with the register-pipelined K loop (``PIPELINE``, first tiles before the PDL wait).
+    With ``m`` > 1 rows a step each holds ``BLOCK_M`` (:func:`block_m`)."""
     out = []
     for block_n in (2, 4, 8, 16, 32):
         for block_k in (256, 512, 1024, 2048, 4096):
@@ -252,9 +290,10 @@ def matvec_candidates(n: int, k_: int, **extra) -> list[dict]:
                 for num_warps in (4, 8):
                     if tile // (num_warps * 32) < 8:  # under one 16-byte load per thread
                         continue
-                    out.append(matvec_params(n, k_, block_n, block_k, split_k, num_warps, **extra))
+                    out.append(matvec_params(n, k_, block_n, block_k, split_k, num_warps, m=m, **extra))
                     # pipelined: the first tiles load before the PDL wait, one round or more
-                    out.append(matvec_params(n, k_, block_n, block_k, split_k, num_warps, PIPELINE=1, **extra))
+                    out.append(matvec_params(n, k_, block_n, block_k, split_k, num_warps, m=m, PIPELINE=1,
+                                             **extra))
     return out
 
 

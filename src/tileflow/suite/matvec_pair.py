@@ -25,7 +25,7 @@ def reference(xp, x, wk, wv, bk=None, bv=None):
 
 
 def default_params(s):
-    return matvec_params(s["N"], s["K"], HAS_BIAS=s.get("HAS_BIAS", 1))
+    return matvec_params(s["N"], s["K"], m=s.get("M", 1), HAS_BIAS=s.get("HAS_BIAS", 1))
 
 
 KERNEL = register(SuiteKernel(
@@ -39,9 +39,10 @@ KERNEL = register(SuiteKernel(
         Case("odd", dict(M=1, N=24, K=45)),
         Case("splitk", dict(M=2, N=48, K=700), params=dict(SPLIT_K=2, BLOCK_K=256)),
         Case("nobias", dict(M=1, N=40, K=96, HAS_BIAS=0)),
+        Case("rows8", dict(M=8, N=24, K=45)),
     ],
     decode_cases=lambda c: [Case("kv", dict(M=1, N=c["NKV"] * c["DH"], K=c["D"], HAS_BIAS=c.get("BIAS", 1)))],
-    candidates=lambda s: matvec_candidates(s["N"], s["K"], HAS_BIAS=s.get("HAS_BIAS", 1)),
+    candidates=lambda s: matvec_candidates(s["N"], s["K"], m=s.get("M", 1), HAS_BIAS=s.get("HAS_BIAS", 1)),
     input_makers={"wk": linear_weight, "wv": linear_weight},
     min_bytes=lambda s, b: matvec_bytes(2, 2 * s.get("HAS_BIAS", 1), 0, 2)(s, b),
     module=__name__,
