@@ -31,7 +31,7 @@ def vendor_call(name: str, t: dict, scalars: dict):
     if name == "matvec_pair":
         return (lambda: (F.linear(t["x"], t["wk"], t.get("bk")), F.linear(t["x"], t["wv"], t.get("bv")))), \
             "2x F.linear (cuBLAS)"
-    if name in ("matvec_residual", "matvec_residual"):
+    if name == "matvec_residual":
         wt = t["w"].t()
         return (lambda: torch.addmm(t["r"], t["x"], wt)), "addmm (cuBLAS, residual in epilogue)"
     if name == "gate_up_silu":

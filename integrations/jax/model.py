@@ -229,7 +229,7 @@ def decode_step_tileflow(cfg: DecodeConfig, params: Params, token, cache: Cache,
     from tileflow.integrations.jax import ops
 
     b = token.shape[0]
-    h = ops.embedding(token, params["embed"])
+    h = ops.embedding_lookup(token, params["embed"])
     positions = jnp.full((b,), pos, jnp.int32)
     lengths = positions + 1
     new_cache = []
@@ -238,12 +238,12 @@ def decode_step_tileflow(cfg: DecodeConfig, params: Params, token, cache: Cache,
                                                  layer.get("bq"), layer.get("bk"), layer.get("bv"), positions,
                                                  kv["k"], kv["v"], cfg.theta, cfg.scaling)
         new_cache.append({"k": k_cache, "v": v_cache})
-        attn = ops.attention_decode(q, k_cache, v_cache, lengths, cfg.head_dim ** -0.5)
+        attn = ops.gqa_attention(q, k_cache, v_cache, lengths, cfg.head_dim ** -0.5)
         h = ops.matvec_residual(attn.reshape(b, cfg.heads * cfg.head_dim), layer["wo"], h)
         x = ops.rms_norm_gate_up_silu(h, layer["ln2"], cfg.eps, layer["wg"], layer["wu"])
         h = ops.matvec_residual(x, layer["wd"], h)
     h = ops.rms_norm(h, params["norm"], cfg.eps)
-    return ops.linear(h, params["lm_head"]).astype(jnp.float32), new_cache
+    return ops.matvec(h, params["lm_head"]).astype(jnp.float32), new_cache
 
 
 def prefill(step: Callable, params: Params, ids, cache: Cache):

@@ -60,26 +60,26 @@ def rms_norm(x: Array, w: Array, eps: float) -> Array:
     return out.reshape(x.shape)
 
 
-def embedding(ids: Array, table: Array) -> Array:
+def embedding_lookup(ids: Array, table: Array) -> Array:
     """Rows of ``table`` [V, D] for the integer ``ids`` (any shape)."""
-    _need_ranks("embedding", table=(table, 2))
+    _need_ranks("embedding_lookup", table=(table, 2))
     d = table.shape[1]
     (out,) = _call("embedding_lookup", {"ids": ids.reshape(math.prod(ids.shape)), "table": table})
     return out.reshape(ids.shape + (d,))
 
 
-def linear(x: Array, w: Array, b: Optional[Array] = None) -> Array:
+def matvec(x: Array, w: Array, b: Optional[Array] = None) -> Array:
     """``x @ w.T (+ b)`` with ``w`` [N, K] (the ``nn.Linear`` layout)."""
-    _need_ranks("linear", x=(x, -1), w=(w, 2), b=(b, 1))
+    _need_ranks("matvec", x=(x, -1), w=(w, 2), b=(b, 1))
     n, k = w.shape
     (out,) = _call("matvec", {"x": x.reshape(_rows(x), k), "w": w, "b": b}, {"HAS_BIAS": int(b is not None)})
     return out.reshape(x.shape[:-1] + (n,))
 
 
-def kv_proj(x: Array, wk: Array, wv: Array, bk: Optional[Array] = None,
+def matvec_pair(x: Array, wk: Array, wv: Array, bk: Optional[Array] = None,
             bv: Optional[Array] = None) -> tuple[Array, Array]:
     """``x @ wk.T + bk`` and ``x @ wv.T + bv`` over one read of ``x``."""
-    _need_ranks("kv_proj", x=(x, -1), wk=(wk, 2), wv=(wv, 2), bk=(bk, 1), bv=(bv, 1))
+    _need_ranks("matvec_pair", x=(x, -1), wk=(wk, 2), wv=(wv, 2), bk=(bk, 1), bv=(bv, 1))
     n, k = wk.shape
     ko, vo = _call("matvec_pair", {"x": x.reshape(_rows(x), k), "wk": wk, "wv": wv, "bk": bk, "bv": bv},
                    {"HAS_BIAS": int(bk is not None)})
@@ -112,10 +112,10 @@ def rms_norm_gate_up_silu(x: Array, ln_w: Array, eps: float, wg: Array, wu: Arra
     return out.reshape(x.shape[:-1] + (n,))
 
 
-def rms_norm_linear(x: Array, ln_w: Array, eps: float, w: Array, b: Optional[Array] = None) -> Array:
+def rms_norm_matvec(x: Array, ln_w: Array, eps: float, w: Array, b: Optional[Array] = None) -> Array:
     """``rms_norm(x, ln_w, eps) @ w.T (+ b)`` in one launch (the final norm and the lm_head);
     the normalized row never reaches memory."""
-    _need_ranks("rms_norm_linear", x=(x, -1), ln_w=(ln_w, 1), w=(w, 2), b=(b, 1))
+    _need_ranks("rms_norm_matvec", x=(x, -1), ln_w=(ln_w, 1), w=(w, 2), b=(b, 1))
     n, k = w.shape
     (out,) = _call("rms_norm_matvec", {"x": x.reshape(_rows(x), k), "ln_w": ln_w, "w": w, "b": b, "eps": eps},
                    {"HAS_BIAS": int(b is not None)})
@@ -179,38 +179,38 @@ def rope_scalars(theta: float, scaling: Optional[dict] = None) -> tuple[int, dic
     return kind, {n: float(vals[n]) for n in ROPE_SCALARS[kind]}
 
 
-def rope(x: Array, pos: Array, theta: float, scaling: Optional[dict] = None) -> Array:
+def rope_q(x: Array, pos: Array, theta: float, scaling: Optional[dict] = None) -> Array:
     """Rotary embedding (rotate-half) of ``x`` [M, H, DH] at integer positions ``pos`` [M]."""
-    _need_ranks("rope", x=(x, 3), pos=(pos, 1))
+    _need_ranks("rope_q", x=(x, 3), pos=(pos, 1))
     kind, scal = rope_scalars(theta, scaling)
     (out,) = _call("rope_q", {"x": x, "pos": pos, **scal}, {"ROPE_KIND": kind})
     return out
 
 
-def rope_k_into_cache(k: Array, v: Array, pos: Array, k_cache: Array, v_cache: Array, theta: float,
+def rope_k(k: Array, v: Array, pos: Array, k_cache: Array, v_cache: Array, theta: float,
                       scaling: Optional[dict] = None) -> tuple[Array, Array]:
     """Rotate ``k`` [M, NKV, DH] at ``pos`` [M] and write it, and ``v``, into row ``pos``
     of the static caches [M, NKV, S, DH]; returns the updated caches (donate them to
     the enclosing ``jit`` and XLA updates them in place)."""
-    _need_ranks("rope_k_into_cache", k=(k, 3), v=(v, 3), pos=(pos, 1), k_cache=(k_cache, 4), v_cache=(v_cache, 4))
+    _need_ranks("rope_k", k=(k, 3), v=(v, 3), pos=(pos, 1), k_cache=(k_cache, 4), v_cache=(v_cache, 4))
     kind, scal = rope_scalars(theta, scaling)
     kc, vc = _call("rope_k", {"x": k, "pos": pos, "v": v, "k_cache": k_cache, "v_cache": v_cache, **scal},
                    {"ROPE_KIND": kind})
     return kc, vc
 
 
-def attention_decode(q: Array, k_cache: Array, v_cache: Array, lengths: Array, scale: float) -> Array:
+def gqa_attention(q: Array, k_cache: Array, v_cache: Array, lengths: Array, scale: float) -> Array:
     """GQA decode attention of ``q`` [B, NH, DH] over the first ``lengths[b]``
     positions of the caches [B, NKV, S, DH]."""
-    _need_ranks("attention_decode", q=(q, 3), k_cache=(k_cache, 4), v_cache=(v_cache, 4), lengths=(lengths, 1))
+    _need_ranks("gqa_attention", q=(q, 3), k_cache=(k_cache, 4), v_cache=(v_cache, 4), lengths=(lengths, 1))
     (out,) = _call("gqa_attention", {"q": q, "k_cache": k_cache, "v_cache": v_cache, "lengths": lengths,
                                             "scale": scale})
     return out
 
 
-def argmax(logits: Array) -> Array:
+def argmax_greedy(logits: Array) -> Array:
     """Greedy tokens of ``logits`` [..., V] (ties to the lowest index)."""
-    _need_ranks("argmax", logits=(logits, -1))
+    _need_ranks("argmax_greedy", logits=(logits, -1))
     v = logits.shape[-1]
     (out,) = _call("argmax_greedy", {"logits": logits.reshape(_rows(logits), v)})
     return out.reshape(logits.shape[:-1])

@@ -419,7 +419,7 @@ class Rewriter:
 
         def build(qv, kv, vv, lv):
             lens = jnp.broadcast_to((lv + inc).astype(jnp.int32).reshape(-1), (b,))
-            out = ops.attention_decode(qv.reshape(b, nkv * grp, dh), kv, vv, lens, scale)
+            out = ops.gqa_attention(qv.reshape(b, nkv * grp, dh), kv, vv, lens, scale)
             return [out.reshape(out_shape)]
 
         self._claim("gqa_attention", [div, qk, pv], pv, [qg, k, v, length], build)
@@ -513,10 +513,10 @@ class Rewriter:
         shape = _shape(anchor.outs[0])
         fields = dict(x=x, w=w, bias=bias, dot=d, out=anchor.outs[0])
         if bias is None:
-            self._claim("matvec", [d], d, [x, w], lambda xv, wv: [ops.linear(xv, wv).reshape(shape)], **fields)
+            self._claim("matvec", [d], d, [x, w], lambda xv, wv: [ops.matvec(xv, wv).reshape(shape)], **fields)
         else:
             self._claim("matvec", [d, anchor], anchor, [x, w, bias],
-                        lambda xv, wv, bv: [ops.linear(xv, wv, bv).reshape(shape)], **fields)
+                        lambda xv, wv, bv: [ops.matvec(xv, wv, bv).reshape(shape)], **fields)
 
     # ---------------------------------------------------------------- fusion
     def fuse(self) -> None:
@@ -581,7 +581,7 @@ class Rewriter:
         eps, shape, bias = norm["eps"], _shape(mv.anchor.outs[0]), mv["bias"]
         inputs = [norm["x"], norm["w"], mv["w"]] + ([bias] if bias is not None else [])
         self._fused("rms_norm_matvec", [norm, mv], mv.anchor, inputs,
-                    lambda x, lw, w, *b: [ops.rms_norm_linear(x, lw, eps, w, *b).reshape(shape)])
+                    lambda x, lw, w, *b: [ops.rms_norm_matvec(x, lw, eps, w, *b).reshape(shape)])
 
     def _fuse_qkv(self, norm: Match, mvs: list) -> None:
         """The attention input, one ``qkv_rope_cache``: three matvecs of the norm, each

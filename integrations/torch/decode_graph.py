@@ -9,11 +9,11 @@ inductor sees it, this pass replaces, per layer,
   (RoPE from the graph's own ``inv_freq`` at ``position_ids``; rows written at the
   cache's own ``cache_position``, as transformers writes them),
 - ``gqa_attention`` (repeat_kv + SDPA over the whole static cache with the causal mask,
-  and the padding mask when ``generate`` passes one) -> ``tileflow::attention_decode``
+  and the padding mask when ``generate`` passes one) -> ``tileflow::gqa_attention``
   over the first ``q_position + 1`` rows with the per-key terms as its key mask, which is
   exactly the set the mask admits,
 - ``rms_norm`` + gate/up + ``silu * up`` -> ``tileflow::rms_norm_gate_up_silu``,
-- the final ``rms_norm`` + lm_head -> ``tileflow::rms_norm_linear``.
+- the final ``rms_norm`` + lm_head -> ``tileflow::rms_norm_matvec``.
 
 Every condition is checked on the graph (node kinds, constants, example shapes and
 dtypes, and no in-place write between the traced reads and the fused op, ``effects.py``);
@@ -393,7 +393,7 @@ def _rewrite_attention(graph: fx.Graph, sdpa: fx.Node, m: dict, lengths_of: dict
             key_mask = term if key_mask is None else _call(graph, operator.and_, key_mask, term)
         if key_mask is not None:
             key_mask = graph.call_method("to", (graph.call_method("reshape", (key_mask, (1, -1))), torch.int32))
-        o = _call(graph, tf.attention_decode.default, q, m["k_cache"], m["v_cache"], lengths, m["scale"],
+        o = _call(graph, tf.gqa_attention.default, q, m["k_cache"], m["v_cache"], lengths, m["scale"],
                   key_mask)
         out = graph.call_method("view", (o, (1, m["nh"], 1, m["dh"])))
     sdpa.replace_all_uses_with(out)
@@ -471,7 +471,7 @@ def rewrite_decode_graph(gm: fx.GraphModule, report: Report) -> None:
             except NoMatch as e:
                 report.fallback(rms_norm.NAME, where(node), f"final norm + lm_head: {e}")
                 continue
-            _replace_norm_fused(graph, node, tf.rms_norm_linear.default, m, (m["w"],))
+            _replace_norm_fused(graph, node, tf.rms_norm_matvec.default, m, (m["w"],))
             report.match(rms_norm.NAME)
             report.match("matvec")
     _batch_cache_counters(graph, report)

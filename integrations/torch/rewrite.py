@@ -120,8 +120,8 @@ def _silu_input(node):
 
 def rewrite_graph(graph: fx.Graph, report: Report) -> None:
     """Apply the catalogue's patterns to ``graph`` in place; record what happened."""
-    linear_op, residual_op, gate_op = (torch.ops.tileflow.linear.default,
-                                       torch.ops.tileflow.linear_residual.default,
+    linear_op, residual_op, gate_op = (torch.ops.tileflow.matvec.default,
+                                       torch.ops.tileflow.matvec_residual.default,
                                        torch.ops.tileflow.gate_up_silu.default)
     # 1. matvec: every decode-time nn.Linear
     for node in list(graph.nodes):

@@ -62,21 +62,21 @@ class DecodeProgram:
         if row is None:
             row = p  # decode_request checked that the position is the cache's count
         lengths = row + 1
-        x = ops.embedding(tok.reshape(1), self.embed)
+        x = ops.embedding_lookup(tok.reshape(1), self.embed)
         nh, dh, early = self.nh, self.dh, self.early
         for w, layer in zip(self.layers, cache.layers):
             # early=: the positions / lengths / residual come from before the kernel just
             # ahead (the step's counters and inputs, the previous layer's down projection)
             q = ops.qkv_rope_cache(x, w.ln1, w.eps1, w.wq, w.wk, w.wv, w.bq, w.bk, w.bv, p, layer.keys, layer.values,
                                    self.rope_cfg, cache_pos=None if row is p else row, early=early)
-            o = ops.attention_decode(q, layer.keys, layer.values, lengths, w.scale, key_mask=key_mask, early=early)
+            o = ops.gqa_attention(q, layer.keys, layer.values, lengths, w.scale, key_mask=key_mask, early=early)
             x = ops.matvec_residual(o.view(1, nh * dh), w.wo, x, early=early)
             # not early=: down's residual loaded before the wait measured slower
             # (docs/notebook.md), cause not found
             x = ops.matvec_residual(ops.rms_norm_gate_up_silu(x, w.ln2, w.eps2, w.wg, w.wu), w.wd, x)
         # the count after lm_head (which does not read it), not between the last down
         # projection and lm_head, whose dependent launch would then follow an aten kernel
-        logits = ops.rms_norm_linear(x, self.norm_w, self.norm_eps, self.lm_head_w)
+        logits = ops.rms_norm_matvec(x, self.norm_w, self.norm_eps, self.lm_head_w)
         _advance(cache, 1)
         return logits
 

@@ -201,11 +201,11 @@ class _DecodeLayer:
         b, _, d = hidden.shape
         x = hidden.reshape(b, d)
         xn = ops.rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-        q = ops.linear(xn, attn.q_proj.weight, attn.q_proj.bias)
-        k, v = ops.kv_proj(xn, attn.k_proj.weight, attn.v_proj.weight, attn.k_proj.bias, attn.v_proj.bias)
+        q = ops.matvec(xn, attn.q_proj.weight, attn.q_proj.bias)
+        k, v = ops.matvec_pair(xn, attn.k_proj.weight, attn.v_proj.weight, attn.k_proj.bias, attn.v_proj.bias)
         pos = position_ids.reshape(b)
-        q = ops.rope(q.view(b, self.nh, self.dh), pos, self.rope_cfg)
-        k = ops.rope(k.view(b, self.nkv, self.dh), pos, self.rope_cfg)
+        q = ops.rope_q(q.view(b, self.nh, self.dh), pos, self.rope_cfg)
+        k = ops.rope_q(k.view(b, self.nkv, self.dh), pos, self.rope_cfg)
         return x, q, k, v, pos
 
     def attend_and_mlp(self, hidden, projected, cache):
@@ -215,7 +215,7 @@ class _DecodeLayer:
         b, _, d = hidden.shape
         keys, values = cache.update(k.view(b, self.nkv, 1, self.dh), v.view(b, self.nkv, 1, self.dh),
                                     attn.layer_idx)
-        o = ops.attention_decode(q, keys, values, pos + 1, attn.scaling)
+        o = ops.gqa_attention(q, keys, values, pos + 1, attn.scaling)
         h1 = ops.matvec_residual(o.view(b, self.nh * self.dh), attn.o_proj.weight, x)
         g = ops.gate_up_silu(ops.rms_norm(h1, ln2.weight, ln2.variance_epsilon), mlp.gate_proj.weight,
                              mlp.up_proj.weight)
@@ -251,7 +251,7 @@ def _norm_forward(norm, report: PatchReport):
 def _lm_head_forward(lm_head, report: PatchReport):
     def fast(x):
         b, _, d = x.shape
-        return ops.linear(x.reshape(b, d), lm_head.weight, lm_head.bias).view(b, 1, -1)
+        return ops.matvec(x.reshape(b, d), lm_head.weight, lm_head.bias).view(b, 1, -1)
 
     return _guarded(fast, lm_head.forward, report, "matvec", "lm_head")
 

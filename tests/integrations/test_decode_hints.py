@@ -35,7 +35,7 @@ def _patched_equals_eager(model) -> None:
 
 def test_the_step_vouches_for_early_inputs_unless_told_not_to(interpreted, tileflow_options, monkeypatch):
     calls = []
-    for name in ("qkv_rope_cache", "attention_decode", "matvec_residual"):
+    for name in ("qkv_rope_cache", "gqa_attention", "matvec_residual"):
         real = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *a, _n=name, _r=real, **k: calls.append((_n, k.get("early")))
                             or _r(*a, **k))
@@ -47,5 +47,7 @@ def test_the_step_vouches_for_early_inputs_unless_told_not_to(interpreted, tilef
         ops._LAUNCHERS.clear()
         calls.clear()
         _patched_equals_eager(model)
-        assert {n for n, _ in calls} == {"qkv_rope_cache", "attention_decode", "matvec_residual"}
-        assert all(e is want for _, e in calls), (want, calls[:4])
+        assert {n for n, _ in calls} == {"qkv_rope_cache", "gqa_attention", "matvec_residual"}
+        residual = [e for n, e in calls if n == "matvec_residual"]  # o_proj, down_proj, o_proj, ...
+        assert all(e is want for n, e in calls if n != "matvec_residual"), (want, calls[:4])
+        assert all(e is want for e in residual[0::2]) and all(e is None for e in residual[1::2]), residual

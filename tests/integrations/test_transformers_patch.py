@@ -72,8 +72,8 @@ def test_the_decode_kernels_actually_run(monkeypatch, cache):
     from tileflow.runtime import ops
 
     calls, steps = [], []
-    real, real_run = ops.attention_decode, DecodeProgram.run
-    monkeypatch.setattr(ops, "attention_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real, real_run = ops.gqa_attention, DecodeProgram.run
+    monkeypatch.setattr(ops, "gqa_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(DecodeProgram, "run", lambda self, *a, **k: steps.append(1) or real_run(self, *a, **k))
     model = tiny("qwen2")
     tileflow.patch(model)

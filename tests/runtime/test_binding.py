@@ -197,7 +197,7 @@ def test_the_torch_runtime_reports_misuse_in_one_line():
                     "w", "D=8")
     _one_line_error(binding.BindingError, lambda: ops.launch("rms_norm", {"x": x, "w": w, "eps": 1e-6, "b": None}),
                     "None")
-    _one_line_error(binding.ShapeError, lambda: ops.linear(x, torch.randn(4, 9)), "K=8")
+    _one_line_error(binding.ShapeError, lambda: ops.matvec(x, torch.randn(4, 9)), "K=8")
 
 
 # ---------------------------------------------------------------------- running
@@ -289,6 +289,6 @@ def test_a_growing_cache_shares_its_launcher_per_power_of_two(tileflow_options):
     before = set(ops._LAUNCHERS)
     for s in range(9, 17):
         kc, vc = torch.randn(1, 2, s, 16), torch.randn(1, 2, s, 16)
-        ops.attention_decode(q, kc, vc, torch.tensor([s]), 0.25)
+        ops.gqa_attention(q, kc, vc, torch.tensor([s]), 0.25)
     new = [k for k in ops._LAUNCHERS if k not in before and k[0] == "gqa_attention"]
     assert len(new) <= 1 and all(dict(k[1])["S"] == 16 for k in new)

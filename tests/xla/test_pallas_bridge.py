@@ -31,15 +31,15 @@ BOUNDS = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
 # (op, shapes of its tensor arguments): the tiny models' decode shapes, odd sizes, a
 # Qwen-1.5B shape (lowered only: the interpreter would take minutes there)
 TINY = [
-    ("linear", ((1, 64), (64, 64), (64,))),
-    ("linear", ((1, 64), (128, 64), None)),
-    ("linear", ((1, 50), (37, 50), (37,))),
-    ("linear_residual", ((1, 96), (64, 96), (1, 64))),
-    ("linear_residual", ((1, 45), (29, 45), (1, 29))),
+    ("matvec", ((1, 64), (64, 64), (64,))),
+    ("matvec", ((1, 64), (128, 64), None)),
+    ("matvec", ((1, 50), (37, 50), (37,))),
+    ("matvec_residual", ((1, 96), (64, 96), (1, 64))),
+    ("matvec_residual", ((1, 45), (29, 45), (1, 29))),
     ("gate_up_silu", ((1, 64), (96, 64), (96, 64))),
 ]
 LARGE = [("gate_up_silu", ((1, 1536), (8960, 1536), (8960, 1536))),
-         ("linear", ((1, 1536), (151936, 1536), None))]
+         ("matvec", ((1, 1536), (151936, 1536), None))]
 
 
 def _inputs(shapes, dtype, device):
@@ -99,14 +99,14 @@ def test_tpu_check_refuses_split_k_and_padded_launches():
 def test_make_kernel_from_pallas_wrapper_builds_the_tpu_custom_call():
     dev = torch_xla.device()
     x, w, b = _inputs(((1, 64), (64, 64), (64,)), torch.float32, dev)
-    k = pallas_bridge.kernel_for("linear", x, w, b)
+    k = pallas_bridge.kernel_for("matvec", x, w, b)
     # seed trace_pallas' cache with the payload it would extract on a TPU host (keyed
     # as it keys it), so that the wrapper runs here up to building the custom call
     key = (jax.config.jax_default_matmul_precision, k.compiled_fn, None, None,
            tuple(k.shapes()), repr([]).encode())
     custom_kernel.trace_pallas_arg_to_payload[key] = k.tpu_payload()
     try:
-        out = pallas_bridge.TPU_OPS["linear"](x, w, b)
+        out = pallas_bridge.TPU_OPS["matvec"](x, w, b)
     finally:
         del custom_kernel.trace_pallas_arg_to_payload[key]
     assert tuple(out.shape) == (1, 64) and out.dtype == torch.float32

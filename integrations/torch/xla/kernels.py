@@ -55,8 +55,8 @@ def _bias(values: dict) -> dict:
 
 
 CALLS = {
-    "linear": SuiteCall("linear", "matvec", "matvec", _bias),
-    "linear_residual": SuiteCall("linear_residual", "matvec_residual", "matvec_residual"),
+    "matvec": SuiteCall("matvec", "matvec", "matvec", _bias),
+    "matvec_residual": SuiteCall("matvec_residual", "matvec_residual", "matvec_residual"),
     "gate_up_silu": SuiteCall("gate_up_silu", "gate_up_silu", "gate_up_silu"),
 }
 

@@ -228,14 +228,14 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return launch("rms_norm", {"x": x, "w": w, "eps": eps})[0]
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+def matvec(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ w.T (+ b)`` for a 2-D ``x`` (decode: one row)."""
     if b is None:
         return launch("matvec", {"x": x, "w": w}, {"HAS_BIAS": 0})[0]
     return launch("matvec", {"x": x, "w": w, "b": b}, {"HAS_BIAS": 1})[0]
 
 
-def kv_proj(x, wk, wv, bk=None, bv=None) -> tuple[torch.Tensor, torch.Tensor]:
+def matvec_pair(x, wk, wv, bk=None, bv=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Both ``x @ wk.T + bk`` and ``x @ wv.T + bv`` in one launch."""
     if bk is None:
         return launch("matvec_pair", {"x": x, "wk": wk, "wv": wv}, {"HAS_BIAS": 0})
@@ -269,12 +269,12 @@ class RopeConfig:
         return dict(zip(ROPE_SCALARS[self.kind], self.scalars))
 
 
-def rope(x: torch.Tensor, pos: torch.Tensor, cfg: RopeConfig) -> torch.Tensor:
+def rope_q(x: torch.Tensor, pos: torch.Tensor, cfg: RopeConfig) -> torch.Tensor:
     """Rotary embedding of ``x`` [M, H, DH] at positions ``pos`` [M] (int64)."""
     return launch("rope_q", {"x": x, "pos": pos, **cfg.named}, {"ROPE_KIND": cfg.kind})[0]
 
 
-def attention_decode(q, k_cache, v_cache, lengths, scale: float,
+def gqa_attention(q, k_cache, v_cache, lengths, scale: float,
                      key_mask: Optional[torch.Tensor] = None, early: bool = False) -> torch.Tensor:
     """GQA decode attention of ``q`` [B, NH, DH] over the first ``lengths[b]``
     positions of the caches [B, NKV, S, DH]; with ``key_mask`` [B, S] (int32), only
@@ -291,12 +291,12 @@ def attention_decode(q, k_cache, v_cache, lengths, scale: float,
     return launch("gqa_attention", values, flags, {"S": 1 << max(0, (s - 1).bit_length())})[0]
 
 
-def argmax(logits: torch.Tensor) -> torch.Tensor:
+def argmax_greedy(logits: torch.Tensor) -> torch.Tensor:
     """Greedy tokens of 2-D logits (int64), ties to the lowest index."""
     return launch("argmax_greedy", {"logits": logits})[0]
 
 
-def rms_norm_linear(x: torch.Tensor, ln_w: torch.Tensor, eps: float, w: torch.Tensor,
+def rms_norm_matvec(x: torch.Tensor, ln_w: torch.Tensor, eps: float, w: torch.Tensor,
                     b: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``rms_norm(x, ln_w, eps) @ w.T (+ b)`` in one launch (final norm + lm_head)."""
     if b is None:
@@ -340,7 +340,7 @@ def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Te
     return launch("qkv_rope_cache", values, {**sizes, **_early(early)})[0]
 
 
-def embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def embedding_lookup(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Rows of ``table`` for the 1-D int64 ``ids``. An id outside ``[0, V)`` raises
     IndexError on CPU, as the model's embedding does; on a GPU (no host read per token)
     the kernel gives that row as NaN and reads nothing outside the table."""

@@ -29,24 +29,24 @@ def _fake(kernel: str, values: dict, flags: Optional[dict] = None, given: Option
 _DTYPES = {"f32": torch.float32, "i32": torch.int32, "i64": torch.int64}
 
 
-@torch.library.custom_op("tileflow::linear", mutates_args=())
-def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+@torch.library.custom_op("tileflow::matvec", mutates_args=())
+def matvec(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ w.T (+ b)`` by the suite's matvec (matvec)."""
-    return ops.linear(x.contiguous(), w, b)
+    return ops.matvec(x.contiguous(), w, b)
 
 
-@linear.register_fake
+@matvec.register_fake
 def _(x, w, b=None):
     return _fake("matvec", {"x": x, "w": w, "b": b}, {"HAS_BIAS": int(b is not None)})
 
 
-@torch.library.custom_op("tileflow::linear_residual", mutates_args=())
-def linear_residual(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op("tileflow::matvec_residual", mutates_args=())
+def matvec_residual(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """``x @ w.T + r`` by the suite's matvec_residual kernel."""
     return ops.matvec_residual(x.contiguous(), w, r.contiguous())
 
 
-@linear_residual.register_fake
+@matvec_residual.register_fake
 def _(x, w, r):
     return _fake("matvec_residual", {"x": x, "w": w, "r": r})
 
@@ -62,13 +62,13 @@ def _(x, wg, wu):
     return _fake("gate_up_silu", {"x": x, "wg": wg, "wu": wu})
 
 
-@torch.library.custom_op("tileflow::rms_norm_linear", mutates_args=())
-def rms_norm_linear(x: torch.Tensor, ln_w: torch.Tensor, eps: float, w: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op("tileflow::rms_norm_matvec", mutates_args=())
+def rms_norm_matvec(x: torch.Tensor, ln_w: torch.Tensor, eps: float, w: torch.Tensor) -> torch.Tensor:
     """``rms_norm(x) @ w.T`` by the suite's rms_norm_matvec (final norm + lm_head)."""
-    return ops.rms_norm_linear(x.contiguous(), ln_w, eps, w)
+    return ops.rms_norm_matvec(x.contiguous(), ln_w, eps, w)
 
 
-@rms_norm_linear.register_fake
+@rms_norm_matvec.register_fake
 def _(x, ln_w, eps, w):
     return _fake("rms_norm_matvec", {"x": x, "ln_w": ln_w, "w": w, "eps": eps}, {"HAS_BIAS": 0})
 
@@ -104,16 +104,16 @@ def _(x, ln_w, eps, wq, wk, wv, bq, bk, bv, pos, cache_pos, inv_freq, k_cache, v
                  {"NH": wq.shape[0] // k_cache.shape[-1]})
 
 
-@torch.library.custom_op("tileflow::attention_decode", mutates_args=())
-def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+@torch.library.custom_op("tileflow::gqa_attention", mutates_args=())
+def gqa_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
                      scale: float, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """GQA decode attention of q [B, NH, DH] over the first ``lengths[b]`` cache rows
     (and, with ``key_mask`` [B, S] int32, only the rows it leaves nonzero)."""
-    return ops.attention_decode(q.contiguous(), k_cache, v_cache, lengths, scale,
+    return ops.gqa_attention(q.contiguous(), k_cache, v_cache, lengths, scale,
                                 None if key_mask is None else key_mask.contiguous())
 
 
-@attention_decode.register_fake
+@gqa_attention.register_fake
 def _(q, k_cache, v_cache, lengths, scale, key_mask=None):
     return _fake("gqa_attention", {"q": q, "k_cache": k_cache, "v_cache": v_cache, "lengths": lengths,
                                           "scale": scale, "key_mask": key_mask},

@@ -62,7 +62,7 @@ class SuiteKernel:
     # bytes the kernel must move at least, for GB/s: fn(sizes, itemsize) -> int
     min_bytes: Optional[Callable[[dict, int], int]] = None
     # a fused decode pattern (several suite kernels' work in one launch) rather than
-    # one of the 13 suite kernels; verified the same way
+    # one of the suite kernels; verified the same way
     fused: bool = False
     # the sizes launch parameters depend on (autotune key); () = all. Lets a kernel
     # whose views carry e.g. the cache capacity share one measurement across capacities
