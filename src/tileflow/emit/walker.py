@@ -134,6 +134,10 @@ class Walker:
         key = ", ".join(":" if k is not None else "None" for k in op.attrs["key"])
         w(f"{self.name(op.result)} = {self.operand(op.args[0])}[{key}]")
 
+    def op_reshape(self, op: Op, w: Writer) -> None:
+        shape = ", ".join(str(s) for s in op.result.shape) + ("," if len(op.result.shape) == 1 else "")
+        w(f"{self.name(op.result)} = {self.ns}.reshape({self.operand(op.args[0])}, ({shape}))")
+
     def op_dim(self, op: Op, w: Writer) -> None:
         self.bind(op.result, op.attrs["name"])
 

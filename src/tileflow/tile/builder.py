@@ -377,6 +377,26 @@ class TileBuilder:
             raise TileDefinitionError("index must name every axis of the tile")
         return self._emit("expand", self._new(a.dtype, tuple(shape)), (a,), key=key)
 
+    def reshape(self, a: Value, shape: Sequence) -> Value:
+        """The elements of ``a`` in row-major order under another tile shape (block-size
+        names or 1) of the same size: a [ROWS_BLOCK, HEADS_BLOCK, BLOCK_DH] load whose
+        rows are not one range of the view becomes one [GROUP_BLOCK, BLOCK_DH] dot operand."""
+        a = self._operand(a, storage_ok=True)
+        if not isinstance(a, Value):
+            raise TileDefinitionError("reshape needs a tile")
+
+        def size(sh):
+            n = 1
+            for s in sh:
+                if s != 1 and s not in self.params:
+                    raise TileDefinitionError(f"tile size {s!r} must be a parameter name or 1")
+                n *= 1 if s == 1 else int(self.params[s])
+            return n
+
+        if not a.shape or size(a.shape) != size(shape):
+            raise TileDefinitionError(f"cannot reshape a {a.shape} tile to {tuple(shape)}")
+        return self._emit("reshape", self._new(a.dtype, tuple(shape)), (a,))
+
     def _reduce(self, op: str, a: Value, axis: int) -> Value:
         if not a.shape:
             raise TileDefinitionError("cannot reduce a scalar")
