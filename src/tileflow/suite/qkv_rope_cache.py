@@ -13,6 +13,12 @@ by the same program and RoPE happens in registers. Each program reads only its o
 weight, through one pointer picked by its head kind (``load_pick``; its stores are
 ``when`` the kind matches), so the three weights stay where transformers keeps them,
 unconcatenated.
+
+With ``ROWS = R > 1`` (speculative decoding's verify step) the ``M = B * R`` rows are R
+consecutive tokens of each of B sequences: the caches are [B, NKV, S, DH] and row ``m``
+writes cache batch row ``m // R`` at its own position (``pos[m]``, or ``cache_pos[m]``).
+A program then serves the R rows of one sequence, so each weight tile is read once for
+all of them (the grid's third axis is B, not M).
 """
 
 from tileflow.suite import rms_norm
@@ -24,6 +30,7 @@ from tileflow.suite.rope import LLAMA3, ROPE_SCALARS, TABLE, inv_freq_tile, rope
 
 def define(k, p):
     kind = p["ROPE_KIND"]
+    rows = p.get("ROWS", 1)
     x = k.input("x", ("M", "K"))
     ln_w = k.input("ln_w", ("K",))
     wq, wk, wv = (k.input(n, (rows, "K")) for n, rows in (("wq", "NQ"), ("wk", "NKD"), ("wv", "NKD")))
@@ -35,13 +42,17 @@ def define(k, p):
     if kind == TABLE:
         inv_freq = k.input("inv_freq", ("HALF",), dtype="f32")
     q_out = k.output("q", ("M", "NH", "DH"))
-    k_cache = k.inout("k_cache", ("M", "NKV", "S", "DH"))
-    v_cache = k.inout("v_cache", ("M", "NKV", "S", "DH"))
+    seqs = "B" if rows > 1 else "M"
+    k_cache = k.inout("k_cache", (seqs, "NKV", "S", "DH"))
+    v_cache = k.inout("v_cache", (seqs, "NKV", "S", "DH"))
     eps = k.scalar("eps")
     for name in ROPE_SCALARS[kind]:
         k.scalar(name)
-    with k.stage("main", grid=("NH + 2 * NKV", "cdiv(DH // 2, BLOCK_J)", "M")):
+    with k.stage("main", grid=("NH + 2 * NKV", "cdiv(DH // 2, BLOCK_J)", seqs)):
         head, row = k.program_id(0), k.program_id(2)
+        if rows > 1:  # program `row` serves sequence `row`: rows row * R .. row * R + R - 1
+            first_row = row * k.param("ROWS")
+            rr, rows_end = k.range(first_row, "ROWS_BLOCK"), first_row + k.param("ROWS")
         nh, nkv, dh, kdim = k.dim("NH"), k.dim("NKV"), k.dim("DH"), k.dim("K")
         half = dh // 2
         j0 = k.program_id(1) * k.param("BLOCK_J")
@@ -68,6 +79,10 @@ def define(k, p):
             inv = k.load(inv_freq, (j,), limits={0: half}) if kind == TABLE else None
 
         def positions():
+            if rows > 1:  # the rotation's positions as a tile, the cache rows one per row
+                at = cache_pos if p.get("CACHE_POS", 0) else pos
+                return (k.load(pos, (rr,), limits={0: rows_end}),
+                        [k.load(at, (first_row + i,)) for i in range(rows)])
             p_int = k.load(pos, (row,))
             return p_int, (k.load(cache_pos, (row,)) if p.get("CACHE_POS", 0) else p_int)
 
@@ -84,11 +99,24 @@ def define(k, p):
         for w, h, _ in kinds:
             k.prefetch(w, (k.range(h * dh + j0, "BLOCK_J"), first))
             k.prefetch(w, (k.range(h * dh + half + j0, "BLOCK_J"), first))
-        acc0 = [k.full(("BLOCK_J", "BLOCK_K"), 0.0) for _ in range(2)] + [k.full(("BLOCK_K",), 0.0)]
+        if rows > 1:
+            acc0 = [k.full(("ROWS_BLOCK", "BLOCK_J"), 0.0) for _ in range(2)] + [k.full(("ROWS_BLOCK", "BLOCK_K"), 0.0)]
+        else:
+            acc0 = [k.full(("BLOCK_J", "BLOCK_K"), 0.0) for _ in range(2)] + [k.full(("BLOCK_K",), 0.0)]
 
         def tiles(cols):
             return [k.load_pick(w_pick, (j, cols), limits={0: half, 1: kdim}),
                     k.load_pick(w_pick, (jh, cols), limits={0: dh, 1: kdim})]
+
+        def body_rows(cols, carry, round_tiles):
+            # each weight tile meets all R rows; the products reduce over K every round,
+            # as R [BLOCK_J, BLOCK_K] accumulators would not fit in registers
+            acc_lo, acc_hi, ss = carry
+            xraw = k.load(x, (rr, cols), limits={0: rows_end})
+            xv = (xraw * k.load(ln_w, (cols,))[None, :])[:, None, :]
+            w_lo, w_hi = round_tiles()
+            return [acc_lo + k.sum(w_lo[None, :, :] * xv, axis=2), acc_hi + k.sum(w_hi[None, :, :] * xv, axis=2),
+                    ss + xraw * xraw]
 
         def body(cols, carry, round_tiles):
             acc_lo, acc_hi, ss = carry
@@ -99,17 +127,32 @@ def define(k, p):
 
         # PIPELINE (see stream_k): a grid of a few hundred programs cannot hide the round
         # trips, and the first tiles load before the PDL wait
-        sum_lo, sum_hi, ss = stream_k(k, 0, kdim, acc0, tiles, body, p.get("PIPELINE", 0))
-        scale = rsqrt_mean(k, ss, kdim, eps)
-        y_lo, y_hi = (k.sum(a, axis=1) * scale for a in (sum_lo, sum_hi))
-        if p["HAS_BIAS"]:
-            y_lo, y_hi = y_lo + bias[0], y_hi + bias[1]
+        if rows > 1:
+            sum_lo, sum_hi, ss = stream_k(k, 0, kdim, acc0, tiles, body_rows, p.get("PIPELINE", 0))
+            scale = k.rsqrt(k.sum(ss, axis=1) / k.cast(kdim, "f32") + eps)[:, None]
+            y_lo, y_hi = sum_lo * scale, sum_hi * scale
+            if p["HAS_BIAS"]:
+                y_lo, y_hi = y_lo + bias[0][None, :], y_hi + bias[1][None, :]
+        else:
+            sum_lo, sum_hi, ss = stream_k(k, 0, kdim, acc0, tiles, body, p.get("PIPELINE", 0))
+            scale = rsqrt_mean(k, ss, kdim, eps)
+            y_lo, y_hi = (k.sum(a, axis=1) * scale for a in (sum_lo, sum_hi))
+            if p["HAS_BIAS"]:
+                y_lo, y_hi = y_lo + bias[0], y_hi + bias[1]
         if not p.get("EARLY_INPUTS", 0):
             p_int, c_row = positions()
-        ang = k.cast(p_int, "f32") * (inv if kind == TABLE else inv_freq_tile(k, kind, j.index, dh))
+        if rows > 1:
+            inv_j = inv if kind == TABLE else inv_freq_tile(k, kind, j.index, dh)
+            ang = k.cast(p_int, "f32")[:, None] * inv_j[None, :]
+        else:
+            ang = k.cast(p_int, "f32") * (inv if kind == TABLE else inv_freq_tile(k, kind, j.index, dh))
         c, s = k.cos(ang), k.sin(ang)
         o_lo = k.where(is_v, y_lo, y_lo * c - y_hi * s)
         o_hi = k.where(is_v, y_hi, y_hi * c + y_lo * s)
+        if rows > 1:
+            store_rows(k, (q_out, k_cache, v_cache), (hq, hk, hv), (is_q, is_k, is_v), (j, jh), (rr, rows_end),
+                       row, c_row, o_lo, o_hi)
+            return
         k.store(q_out, (row, hq, j), o_lo, limits={2: half}, when=is_q)
         k.store(q_out, (row, hq, jh), o_hi, when=is_q)
         # a row past the cache's end is never written (the integrations raise before such a step)
@@ -120,8 +163,32 @@ def define(k, p):
             k.store(cache, (row, h, c_row, jh), o_hi, when=when)
 
 
+def store_rows(k, views, heads, kinds, js, rows_range, seq, c_rows, o_lo, o_hi):
+    """ROWS > 1: q of the R rows as one block; K / V row by row, each at its own cache row."""
+    q_out, k_cache, v_cache = views
+    hq, hk, hv = heads
+    is_q, is_k, is_v = kinds
+    j, jh = js
+    rr, rows_end = rows_range
+    half = k.dim("DH") // 2
+    k.store(q_out, (rr, hq, j), o_lo, limits={0: rows_end, 2: half}, when=is_q)
+    k.store(q_out, (rr, hq, jh), o_hi, limits={0: rows_end}, when=is_q)
+    pick = k.range(0, "ROWS_BLOCK", aligned=True)
+    for i, c_row in enumerate(c_rows):
+        # row i out of the tile: a cache row index per tile row is no block access
+        mine = k.eq(pick.index, i)[:, None]
+        lo_i, hi_i = (k.sum(k.where(mine, o, 0.0), axis=0) for o in (o_lo, o_hi))
+        inside = k.binary("and", k.binary("ge", c_row, 0), k.binary("lt", c_row, k.dim("S")))
+        for cache, h, when in ((k_cache, hk, is_k), (v_cache, hv, is_v)):
+            when = k.binary("and", when, inside)
+            k.store(cache, (seq, h, c_row, j), lo_i, limits={3: half}, when=when)
+            k.store(cache, (seq, h, c_row, jh), hi_i, when=when)
+
+
 def reference(xp, x, ln_w, wq, wk, wv, pos, k_cache, v_cache, eps, bq=None, bk=None, bv=None, cache_pos=None,
               **rope):
+    if x.shape[0] != k_cache.shape[0]:
+        return rows_reference(xp, x, ln_w, wq, wk, wv, pos, k_cache, v_cache, eps, bq, bk, bv, cache_pos, **rope)
     m, nkv, s, dh = k_cache.shape
     n = rms_norm.reference(xp, x, ln_w, eps)["out"]
     q, kk, v = (n @ xp.matrix_transpose(w) for w in (wq, wk, wv))
@@ -136,16 +203,48 @@ def reference(xp, x, ln_w, wq, wk, wv, pos, k_cache, v_cache, eps, bq=None, bk=N
             "v_cache": xp.where(at, v[:, :, None, :], v_cache)}
 
 
+def rows_reference(xp, x, ln_w, wq, wk, wv, pos, k_cache, v_cache, eps, bq=None, bk=None, bv=None,
+                   cache_pos=None, **rope):
+    """ROWS > 1: M = B * R rows, caches [B, NKV, S, DH], row m written into batch row m // R."""
+    bsz, nkv, s, dh = k_cache.shape
+    m = x.shape[0]
+    n = rms_norm.reference(xp, x, ln_w, eps)["out"]
+    q, kk, v = (n @ xp.matrix_transpose(w) for w in (wq, wk, wv))
+    if bq is not None:
+        q, kk, v = q + bq, kk + bk, v + bv
+    q = rope_reference(xp, xp.reshape(q, (m, -1, dh)), pos, **rope)
+    kk = xp.reshape(rope_reference(xp, xp.reshape(kk, (m, nkv, dh)), pos, **rope), (bsz, -1, nkv, 1, dh))
+    v = xp.reshape(v, (bsz, -1, nkv, 1, dh))
+    row = pos if cache_pos is None else cache_pos
+    at = xp.reshape(xp.arange(s)[None, :] == row[:, None], (bsz, -1, 1, s, 1))  # [B, R, 1, S, 1]
+    hit = xp.any(at, axis=1)  # the sequence's rows are distinct: at most one writes a cache row
+
+    def write(new, cache):
+        return xp.where(hit, xp.sum(xp.where(at, new, 0.0), axis=1), cache)
+
+    return {"q": q, "k_cache": write(kk, k_cache), "v_cache": write(v, v_cache)}
+
+
 def default_params(s):
     # what both GH100 leaderboards chose at the 1.5B shape (H100 5.82 us, H200 5.50 us
     # against 6.29 for the earlier BLOCK_J=1, BLOCK_K=2048 on the H200)
-    return {"BLOCK_J": 4 if s["DH"] >= 8 else 1, "BLOCK_K": min(512, next_pow2(s["K"])), "HAS_BIAS": s.get("HAS_BIAS", 1),
-            "ROPE_KIND": s.get("ROPE_KIND", 0), "CACHE_POS": s.get("CACHE_POS", 0),
-            "EARLY_INPUTS": s.get("EARLY_INPUTS", 0), "num_warps": 4, "num_stages": 2}
+    params = {"BLOCK_J": 4 if s["DH"] >= 8 else 1, "BLOCK_K": min(512, next_pow2(s["K"])),
+              "HAS_BIAS": s.get("HAS_BIAS", 1), "ROPE_KIND": s.get("ROPE_KIND", 0), "CACHE_POS": s.get("CACHE_POS", 0),
+              "EARLY_INPUTS": s.get("EARLY_INPUTS", 0), "num_warps": 4, "num_stages": 2}
+    rows = s.get("ROWS", 1)
+    if rows > 1:  # R rows share each [BLOCK_J, BLOCK_K] round: a narrower K round keeps the products small
+        params.update(ROWS=rows, ROWS_BLOCK=next_pow2(rows), BLOCK_K=min(max(64, 1024 // next_pow2(rows)),
+                                                                          next_pow2(s["K"])))
+    return params
 
 
 def candidates(s):
     base = default_params(s)
+    if s.get("ROWS", 1) > 1:  # a round holds ROWS_BLOCK x BLOCK_J x BLOCK_K products
+        rb = base["ROWS_BLOCK"]
+        return [{**base, "BLOCK_J": bj, "BLOCK_K": bk, "num_warps": nw, **({"PIPELINE": 1} if piped else {})}
+                for bj in (1, 2, 4, 8) for bk in (64, 128, 256, 512, 1024) for nw in (2, 4, 8) for piped in (0, 1)
+                if bk <= next_pow2(s["K"]) and 1024 <= 2 * rb * bj * bk <= 16384 and bj <= s["DH"] // 2]
     return [{**base, "BLOCK_J": bj, "BLOCK_K": bk, "num_warps": nw, **({"PIPELINE": 1} if piped else {})}
             for bj in (1, 2, 4, 8) for bk in (512, 1024, 2048, 4096) for nw in (2, 4, 8) for piped in (0, 1)
             if bk <= next_pow2(s["K"]) and 1024 <= 2 * bj * bk <= 16384 and bj <= s["DH"] // 2]
@@ -154,6 +253,21 @@ def candidates(s):
 def _sizes(c, S=4096):
     return dict(M=1, K=c["D"], NH=c["NH"], NKV=c["NKV"], DH=c["DH"], NQ=c["NH"] * c["DH"],
                 NKD=c["NKV"] * c["DH"], S=S, P=S, HAS_BIAS=c.get("BIAS", 1), ROPE_KIND=0)
+
+
+def _positions(max_key: str):
+    """Positions in [0, sizes[max_key]); with ROWS > 1 each sequence's R rows consecutive."""
+    plain = positions(max_key)
+
+    def draw(gen, shape, sizes):
+        import torch
+
+        rows = sizes.get("ROWS", 1)
+        if rows == 1:
+            return plain(gen, shape, sizes)
+        start = torch.randint(0, sizes[max_key] - rows + 1, (shape[0] // rows, 1), generator=gen, dtype=torch.int64)
+        return (start + torch.arange(rows)).reshape(shape)
+    return draw
 
 
 def _case(label, M, K, NH, NKV, DH, S, scalars, params=None, **extra):
@@ -181,14 +295,21 @@ KERNEL = register(SuiteKernel(
         _case("early", 1, 48, 4, 2, 16, 24, {}, dict(BLOCK_J=2), ROPE_KIND=3, CACHE_POS=1, HALF=8, EARLY_INPUTS=1),
         _case("early-pipeline", 1, 300, 4, 2, 16, 9, dict(theta=10000.0), dict(BLOCK_K=128, PIPELINE=1),
               EARLY_INPUTS=1),
+        # ROWS consecutive tokens of each sequence (speculative verify): M = B * ROWS
+        _case("rows2", 4, 40, 2, 1, 16, 12, dict(theta=10000.0), ROWS=2, B=2),
+        _case("rows5-table-cachepos", 5, 48, 4, 2, 16, 16, {}, ROPE_KIND=3, CACHE_POS=1, HALF=8, ROWS=5, B=1),
+        _case("rows8-loopk-pipeline", 8, 200, 2, 1, 16, 14, dict(theta=10000.0), dict(BLOCK_K=64, PIPELINE=1),
+              ROWS=8, B=1),
+        _case("rows3-early-nobias", 6, 130, 2, 2, 8, 10, dict(eps=1e-5, **LLAMA3), dict(BLOCK_K=64, PIPELINE=2),
+              HAS_BIAS=0, ROPE_KIND=2, EARLY_INPUTS=1, ROWS=3, B=2),
     ],
     decode_cases=lambda c: [Case("qkv", _sizes(c), dict(eps=1e-6, theta=10000.0))],
     candidates=candidates,
-    input_makers={"wq": linear_weight, "wk": linear_weight, "wv": linear_weight, "pos": positions("P"),
-                  "cache_pos": positions("S"), "inv_freq": rope_frequencies},
+    input_makers={"wq": linear_weight, "wk": linear_weight, "wv": linear_weight, "pos": _positions("P"),
+                  "cache_pos": _positions("S"), "inv_freq": rope_frequencies},
     min_bytes=lambda s, b: (((s["NQ"] + 2 * s["NKD"]) * (s["K"] + 1) + 2 * s["K"]) * b
                             + (s["NQ"] + 2 * s["NKD"]) * s["M"] * b + 8 * s["M"]),
     fused=True,
-    tune_keys=("M", "K", "NH", "NKV", "DH", "HAS_BIAS"),
+    tune_keys=("M", "K", "NH", "NKV", "DH", "HAS_BIAS", "ROWS"),  # ROWS absent at 1: R == 1 keys as shipped
     module=__name__,
 ))
