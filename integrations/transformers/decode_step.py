@@ -51,18 +51,23 @@ class DecodeProgram:
 
     def run(self, tok: torch.Tensor, pos: torch.Tensor, cache, key_mask: Optional[torch.Tensor] = None
             ) -> torch.Tensor:
-        """Logits [1, V] of the token ``tok`` [1, 1] at position ``pos`` [1, 1]; K/V go to
-        the cache's next row; ``key_mask`` [1, S] (int32, 0 = hidden) as the model's
-        padding mask. Updates ``cache``.
+        """Logits [B, V] of the tokens ``tok`` [B, 1] at positions ``pos`` [B, 1], one per
+        sequence of a batch-B static cache; K/V go to the cache's next row (one row for
+        all sequences, as transformers writes a left-padded batch); ``key_mask`` [B, S]
+        (int32, 0 = hidden) as the model's padding mask. Updates ``cache``.
 
         Six launches a layer (qkv_rope_cache, attention's two stages, o_proj+residual,
-        rms_norm_gate_up_silu, down+residual); the norms run inside the matvecs."""
-        p = pos.reshape(1)
+        rms_norm_gate_up_silu, down+residual); the norms run inside the matvecs, whose
+        programs read each weight tile once for all B rows."""
+        b = tok.shape[0]
+        p = pos.reshape(b)
         row = cache_row(cache)
         if row is None:
             row = p  # decode_request checked that the position is the cache's count
+        elif b > 1:
+            row = row.expand(b).contiguous()  # every sequence writes the same cache row
         lengths = row + 1
-        x = ops.embedding_lookup(tok.reshape(1), self.embed)
+        x = ops.embedding_lookup(tok.reshape(b), self.embed)
         nh, dh, early = self.nh, self.dh, self.early
         for w, layer in zip(self.layers, cache.layers):
             # early=: the positions / lengths / residual come from before the kernel just
@@ -70,7 +75,7 @@ class DecodeProgram:
             q = ops.qkv_rope_cache(x, w.ln1, w.eps1, w.wq, w.wk, w.wv, w.bq, w.bk, w.bv, p, layer.keys, layer.values,
                                    self.rope_cfg, cache_pos=None if row is p else row, early=early)
             o = ops.gqa_attention(q, layer.keys, layer.values, lengths, w.scale, key_mask=key_mask, early=early)
-            x = ops.matvec_residual(o.view(1, nh * dh), w.wo, x, early=early)
+            x = ops.matvec_residual(o.view(b, nh * dh), w.wo, x, early=early)
             # not early=: down's residual loaded before the wait measured slower
             # (docs/notebook.md), cause not found
             x = ops.matvec_residual(ops.rms_norm_gate_up_silu(x, w.ln2, w.eps2, w.wg, w.wu), w.wd, x)
@@ -115,8 +120,8 @@ def layer_weights(layer) -> LayerWeights:
 
 
 def _key_mask(mask: torch.Tensor, cache) -> torch.Tensor:
-    """The [1, S] int32 key mask of a [1, T] attention mask: rows past T hidden."""
-    key_mask = torch.zeros(1, cache.layers[0].keys.shape[2], dtype=torch.int32, device=mask.device)
+    """The [B, S] int32 key mask of a [B, T] attention mask: rows past T hidden."""
+    key_mask = torch.zeros(mask.shape[0], cache.layers[0].keys.shape[2], dtype=torch.int32, device=mask.device)
     key_mask[:, :mask.shape[1]] = mask
     return key_mask
 
@@ -139,8 +144,8 @@ def _advance(cache, n: int) -> None:
         torch._foreach_add_(counters, n)
 
 
-def static_cache_problem(cache) -> str:
-    """Why ``cache`` cannot take the decode program, or ""."""
+def static_cache_problem(cache, rows: int = 1) -> str:
+    """Why ``cache`` cannot take the decode program for ``rows`` sequences, or ""."""
     layers = getattr(cache, "layers", None)
     if not layers:
         return f"cache {type(cache).__name__} has no layers"
@@ -149,8 +154,8 @@ def static_cache_problem(cache) -> str:
             return f"cache layer {type(layer).__name__} (the program writes StaticLayer tensors)"
         if not getattr(layer, "is_initialized", False):
             return "cache not initialised yet"
-        if layer.keys.shape[0] != 1:
-            return f"cache batch {layer.keys.shape[0]}"
+        if layer.keys.shape[0] != rows:
+            return f"cache batch {layer.keys.shape[0]} for {rows} sequences"
     return ""
 
 
@@ -165,8 +170,9 @@ class GraphedDecode:
 
     def __call__(self, tok: torch.Tensor, pos: torch.Tensor, cache, mask: Optional[torch.Tensor] = None
                  ) -> torch.Tensor:
-        """Logits of one step; ``mask`` [1, T] is the model's 2-D attention mask (T up to
-        the cache capacity; rows past T are hidden, as transformers pads it)."""
+        """Logits of one step; ``mask`` [B, T] is the model's 2-D attention mask (T up to
+        the cache capacity; rows past T are hidden, as transformers pads it). One graph
+        per cache (its addresses hold its batch) and mask presence."""
         if tok.device.type != "cuda":
             return self.program.run(tok, pos, cache, None if mask is None else _key_mask(mask, cache))
         key = (self.addresses(cache), mask is not None)
@@ -174,7 +180,7 @@ class GraphedDecode:
             key, cache, lambda: self._capture(tok, pos, cache, None if mask is None else _key_mask(mask, cache)))
         _, graph, tok_buf, pos_buf, mask_buf, logits = entry
         # one multi-tensor launch for both (two copies cost a launch and a gap each, ~2 us)
-        torch._foreach_copy_([tok_buf, pos_buf], [tok.reshape(1, 1), pos.reshape(1, 1)])
+        torch._foreach_copy_([tok_buf, pos_buf], [tok.reshape(-1, 1), pos.reshape(-1, 1)])
         if mask is not None:
             mask_buf[:, mask.shape[1]:].zero_()
             mask_buf[:, :mask.shape[1]].copy_(mask)
@@ -182,7 +188,7 @@ class GraphedDecode:
         return logits.clone()  # the next replay overwrites the graph's buffer
 
     def _capture(self, tok, pos, cache, key_mask) -> tuple:
-        tok_buf, pos_buf = tok.reshape(1, 1).clone(), pos.reshape(1, 1).clone()
+        tok_buf, pos_buf = tok.reshape(-1, 1).clone(), pos.reshape(-1, 1).clone()
         mask_buf = None if key_mask is None else key_mask.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -196,13 +202,13 @@ class GraphedDecode:
         return graph, tok_buf, pos_buf, mask_buf, logits
 
 
-def mask_row(mask, capacity: int) -> tuple[Optional[torch.Tensor], str]:
-    """The attention mask of a one-token step as one [1, T] row over the keys (T up to
-    ``capacity``), or None for no mask, and "" or why the program cannot honour it.
+def mask_row(mask, capacity: int, rows: int = 1) -> tuple[Optional[torch.Tensor], str]:
+    """The attention mask of a one-token step as one [B, T] row over the keys per sequence
+    (T up to ``capacity``), or None for no mask, and "" or why the program cannot honour it.
 
-    transformers passes a 2-D padding mask [1, T] (earlier releases), or (5.24 generate)
+    transformers passes a 2-D padding mask [B, T] (earlier releases), or (5.24 generate)
     a dict of precomputed masks per attention type whose ``full_attention`` entry is a
-    bool [1, 1, 1, S]: for one query that row is exactly a per-key mask."""
+    bool [B, 1, 1, S]: for one query that row is exactly a per-key mask."""
     if isinstance(mask, dict):
         if set(mask) - {"full_attention"}:
             return None, f"attention masks {sorted(mask)} (the program has full attention only)"
@@ -211,12 +217,12 @@ def mask_row(mask, capacity: int) -> tuple[Optional[torch.Tensor], str]:
         return None, ""
     if not isinstance(mask, torch.Tensor):
         return None, f"attention mask of type {type(mask).__name__}"
-    if mask.dim() == 4 and mask.shape[:3] == (1, 1, 1) and mask.dtype == torch.bool:
-        mask = mask.reshape(1, mask.shape[3])
+    if mask.dim() == 4 and mask.shape[:3] == (rows, 1, 1) and mask.dtype == torch.bool:
+        mask = mask.reshape(rows, mask.shape[3])
     elif mask.dim() == 4:
         return None, f"attention mask {tuple(mask.shape)} {mask.dtype} (the program takes one bool row of keys)"
-    if mask.dim() != 2 or mask.shape[0] != 1 or mask.shape[1] > capacity:
-        return None, f"attention mask of shape {tuple(mask.shape)} (the program takes [1, T <= {capacity}])"
+    if mask.dim() != 2 or mask.shape[0] != rows or mask.shape[1] > capacity:
+        return None, f"attention mask of shape {tuple(mask.shape)} (the program takes [{rows}, T <= {capacity}])"
     return mask, ""
 
 
@@ -232,8 +238,8 @@ def unsupported_request(kwargs: dict) -> str:
 def decode_request(args, kwargs, any_position: bool = False
                    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], object, Optional[torch.Tensor], str]:
     """(tok, pos, cache, mask, "") when a CausalLM forward call is a plain one-token
-    decode step on a static cache of batch 1, else (..., why not). ``mask`` is the 2-D
-    attention mask to honour, or None.
+    decode step of B sequences on a static cache of batch B, else (..., why not).
+    ``mask`` is the 2-D attention mask to honour, or None.
 
     With ``any_position`` (a program that writes at the cache's count and takes a key
     mask, and a cache that counts on the device) nothing is read back to the host: the
@@ -244,18 +250,21 @@ def decode_request(args, kwargs, any_position: bool = False
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     cache = cache_argument(kwargs)
     none = (None, None, None, None)
-    if input_ids is None or input_ids.dim() != 2 or tuple(input_ids.shape) != (1, 1):
+    if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] != 1:
         return (*none, "not a one-token step")
+    rows = input_ids.shape[0]
     why = unsupported_request(kwargs)
     if why:
         return (*none, why)
     if cache is None:
         return (*none, "no cache")
-    why = static_cache_problem(cache)
+    why = static_cache_problem(cache, rows)
     if why:
         return (*none, why)
     pos = kwargs.get("position_ids")
-    mask, why = mask_row(kwargs.get("attention_mask"), cache.layers[0].keys.shape[2])
+    if pos is not None and (not isinstance(pos, torch.Tensor) or pos.numel() != rows):
+        return (*none, f"position_ids of shape {tuple(getattr(pos, 'shape', ()))} for {rows} sequences")
+    mask, why = mask_row(kwargs.get("attention_mask"), cache.layers[0].keys.shape[2], rows)
     if why:
         return (*none, why)
     row = cache_row(cache)
@@ -267,16 +276,16 @@ def decode_request(args, kwargs, any_position: bool = False
         # it every step): the program bounds it by the cache's count, so they must agree
         if isinstance(given, torch.Tensor) and int(given.reshape(-1)[0]) != int(row[0]):
             return (*none, "cache_position differs from the cache length")
-        if pos is None and isinstance(given, torch.Tensor):
-            pos = given.reshape(1, 1)
-        return input_ids, (row.reshape(1, 1) if pos is None else pos), cache, mask, ""
+        if pos is None:
+            pos = (given if isinstance(given, torch.Tensor) else row).reshape(1, 1).expand(rows, 1)
+        return input_ids, pos.reshape(rows, 1), cache, mask, ""
     filled = row if row is not None else cache.get_seq_length()
-    if pos is not None and int(pos.reshape(-1)[0]) != int(filled):
+    if pos is not None and not bool((pos.reshape(-1) == int(filled)).all()):
         return (*none, "padded sequence: the position differs from the cache length")
     if isinstance(given, torch.Tensor) and int(given.reshape(-1)[0]) != int(filled):
         return (*none, "cache_position differs from the cache length")
     if isinstance(mask, torch.Tensor) and not bool(mask.all()):
         return (*none, "attention mask hides positions (padding)")
     if pos is None:
-        pos = torch.as_tensor(filled, device=input_ids.device).reshape(1, 1).to(torch.int64)
-    return input_ids, pos, cache, None, ""
+        pos = torch.as_tensor(filled, device=input_ids.device).reshape(1, 1).to(torch.int64).expand(rows, 1)
+    return input_ids, pos.reshape(rows, 1), cache, None, ""

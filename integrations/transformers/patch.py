@@ -302,7 +302,7 @@ def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport,
             return fallback("broken", *args, **kwargs)
         fill.advanced()
         report.steps += 1
-        return CausalLMOutputWithPast(logits=logits.view(1, 1, -1), **{cache_field(): cache})
+        return CausalLMOutputWithPast(logits=logits.view(tok.shape[0], 1, -1), **{cache_field(): cache})
 
     return forward
 
@@ -645,7 +645,7 @@ def patch(model, options=None) -> PatchReport:
             continue
         layer.forward = _DecodeLayer(layer, rope_cfg, report, where, step, first=not patched)
         patched.append(layer)
-        report.matches.update({"rms_norm": 2, "matvec": 1, "kv_matvec": 1, "rope": 2, "gqa_attention": 1,
+        report.matches.update({"rms_norm": 2, "matvec": 1, "matvec_pair": 1, "rope": 2, "gqa_attention": 1,
                                "matvec_residual": 2, "gate_up_silu": 1})
     if getattr(base, "norm", None) is not None and hasattr(base.norm, "variance_epsilon"):
         base.norm.forward = _norm_forward(base.norm, report)
