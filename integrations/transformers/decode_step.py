@@ -51,38 +51,44 @@ class DecodeProgram:
 
     def run(self, tok: torch.Tensor, pos: torch.Tensor, cache, key_mask: Optional[torch.Tensor] = None
             ) -> torch.Tensor:
-        """Logits [B, V] of the tokens ``tok`` [B, 1] at positions ``pos`` [B, 1], one per
-        sequence of a batch-B static cache; K/V go to the cache's next row (one row for
-        all sequences, as transformers writes a left-padded batch); ``key_mask`` [B, S]
-        (int32, 0 = hidden) as the model's padding mask. Updates ``cache``.
+        """Logits [B * R, V] of the tokens ``tok`` [B, R] at positions ``pos`` [B, R] on a
+        batch-B static cache; K/V go to the cache's next R rows (the same rows for every
+        sequence, as transformers writes a left-padded batch); ``key_mask`` [B, S]
+        (int32, 0 = hidden) as the model's padding mask. Updates ``cache``. R > 1 (B = 1):
+        a speculative verify step, the R tokens consecutive and causal among themselves.
 
         Six launches a layer (qkv_rope_cache, attention's two stages, o_proj+residual,
         rms_norm_gate_up_silu, down+residual); the norms run inside the matvecs, whose
-        programs read each weight tile once for all B rows."""
-        b = tok.shape[0]
-        p = pos.reshape(b)
+        programs read each weight tile once for all B * R rows."""
+        b, r = tok.shape
+        m = b * r
+        p = pos.reshape(m)
         row = cache_row(cache)
         if row is None:
             row = p  # decode_request checked that the position is the cache's count
+        elif r > 1:
+            row = row + torch.arange(r, device=row.device)  # the R tokens' own rows
         elif b > 1:
             row = row.expand(b).contiguous()  # every sequence writes the same cache row
-        lengths = row + 1
-        x = ops.embedding_lookup(tok.reshape(b), self.embed)
+        lengths = row[-1:] + 1 if r > 1 else row + 1  # with R rows: the count after all of them
+        x = ops.embedding_lookup(tok.reshape(m), self.embed)
         nh, dh, early = self.nh, self.dh, self.early
         for w, layer in zip(self.layers, cache.layers):
             # early=: the positions / lengths / residual come from before the kernel just
             # ahead (the step's counters and inputs, the previous layer's down projection)
             q = ops.qkv_rope_cache(x, w.ln1, w.eps1, w.wq, w.wk, w.wv, w.bq, w.bk, w.bv, p, layer.keys, layer.values,
                                    self.rope_cfg, cache_pos=None if row is p else row, early=early)
+            if r > 1:
+                q = q.view(b, r, nh, dh)
             o = ops.gqa_attention(q, layer.keys, layer.values, lengths, w.scale, key_mask=key_mask, early=early)
-            x = ops.matvec_residual(o.view(b, nh * dh), w.wo, x, early=early)
+            x = ops.matvec_residual(o.view(m, nh * dh), w.wo, x, early=early)
             # not early=: down's residual loaded before the wait measured slower
             # (docs/notebook.md), cause not found
             x = ops.matvec_residual(ops.rms_norm_gate_up_silu(x, w.ln2, w.eps2, w.wg, w.wu), w.wd, x)
         # the count after lm_head (which does not read it), not between the last down
         # projection and lm_head, whose dependent launch would then follow an aten kernel
         logits = ops.rms_norm_matvec(x, self.norm_w, self.norm_eps, self.lm_head_w)
-        _advance(cache, 1)
+        _advance(cache, r)
         return logits
 
 
@@ -159,11 +165,15 @@ def static_cache_problem(cache, rows: int = 1) -> str:
     return ""
 
 
+# the most tokens of one sequence a verify step takes (speculative decoding: the drafts + 1)
+MAX_VERIFY_ROWS = 16
+
+
 class GraphedDecode:
     """Runs a :class:`DecodeProgram`: captured in a CUDA graph per cache on a GPU,
     directly on CPU."""
 
-    def __init__(self, program: DecodeProgram, max_graphs: int = 2):
+    def __init__(self, program: DecodeProgram, max_graphs: int = 2 + MAX_VERIFY_ROWS):
         self.program = program
         self.graphs = GraphTable(max_graphs)
         self.addresses = AddressMemo()
@@ -172,15 +182,15 @@ class GraphedDecode:
                  ) -> torch.Tensor:
         """Logits of one step; ``mask`` [B, T] is the model's 2-D attention mask (T up to
         the cache capacity; rows past T are hidden, as transformers pads it). One graph
-        per cache (its addresses hold its batch) and mask presence."""
+        per cache (its addresses hold its batch), mask presence and tokens a sequence."""
         if tok.device.type != "cuda":
             return self.program.run(tok, pos, cache, None if mask is None else _key_mask(mask, cache))
-        key = (self.addresses(cache), mask is not None)
+        key = (self.addresses(cache), mask is not None, tok.shape[1])
         entry = self.graphs.get(key, cache) or self.graphs.put(
             key, cache, lambda: self._capture(tok, pos, cache, None if mask is None else _key_mask(mask, cache)))
         _, graph, tok_buf, pos_buf, mask_buf, logits = entry
         # one multi-tensor launch for both (two copies cost a launch and a gap each, ~2 us)
-        torch._foreach_copy_([tok_buf, pos_buf], [tok.reshape(-1, 1), pos.reshape(-1, 1)])
+        torch._foreach_copy_([tok_buf, pos_buf], [tok.reshape(tok_buf.shape), pos.reshape(pos_buf.shape)])
         if mask is not None:
             mask_buf[:, mask.shape[1]:].zero_()
             mask_buf[:, :mask.shape[1]].copy_(mask)
@@ -188,13 +198,13 @@ class GraphedDecode:
         return logits.clone()  # the next replay overwrites the graph's buffer
 
     def _capture(self, tok, pos, cache, key_mask) -> tuple:
-        tok_buf, pos_buf = tok.reshape(-1, 1).clone(), pos.reshape(-1, 1).clone()
+        tok_buf, pos_buf = tok.clone(), pos.reshape(tok.shape).clone()
         mask_buf = None if key_mask is None else key_mask.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # compiles every kernel; writes the next row (rewritten identically below)
             self.program.run(tok_buf, pos_buf, cache, mask_buf)
-            _advance(cache, -1)
+            _advance(cache, -tok.shape[1])
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -289,3 +299,45 @@ def decode_request(args, kwargs, any_position: bool = False
     if pos is None:
         pos = torch.as_tensor(filled, device=input_ids.device).reshape(1, 1).to(torch.int64).expand(rows, 1)
     return input_ids, pos.reshape(rows, 1), cache, None, ""
+
+
+def verify_request(args, kwargs) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], object,
+                                          Optional[torch.Tensor], int, str]:
+    """(tok [1, R], pos [1, R], cache, mask, logits_to_keep, "") when a CausalLM forward
+    call feeds R tokens (2 to ``MAX_VERIFY_ROWS``) of one sequence into a static cache
+    that counts on the device: the verify step of assisted generation or prompt lookup,
+    else (..., why not). The caller knows the cache already holds tokens (a prompt into
+    an empty cache is the prompt program's). Nothing is read back unless a
+    ``cache_position`` is passed (releases before 5.24): one read checks it against the count."""
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    none = (None, None, None, None, 0)
+    if input_ids is None or input_ids.dim() != 2 or input_ids.shape[0] != 1 \
+            or not 2 <= input_ids.shape[1] <= MAX_VERIFY_ROWS:
+        return (*none, f"not 2 to {MAX_VERIFY_ROWS} tokens of one sequence")
+    r = input_ids.shape[1]
+    why = unsupported_request(kwargs)
+    cache = cache_argument(kwargs)
+    if not why and cache is None:
+        why = "no cache"
+    why = why or static_cache_problem(cache, 1)
+    if why:
+        return (*none, why)
+    row = cache_row(cache)
+    if row is None:
+        return (*none, "a cache without a device-side count")
+    keep = kwargs.get("logits_to_keep", 0)
+    if not isinstance(keep, int):
+        return (*none, "logits_to_keep given as indices")
+    mask, why = mask_row(kwargs.get("attention_mask"), cache.layers[0].keys.shape[2])
+    if why:
+        return (*none, why)
+    pos, given = kwargs.get("position_ids"), kwargs.get("cache_position")
+    if pos is not None and (not isinstance(pos, torch.Tensor) or pos.numel() != r):
+        return (*none, f"position_ids of shape {tuple(getattr(pos, 'shape', ()))} for {r} tokens")
+    if isinstance(given, torch.Tensor):
+        if given.numel() != r or int(given.reshape(-1)[0]) != int(row[0]):
+            return (*none, "cache_position differs from the cache's next rows")
+        pos = given if pos is None else pos
+    if pos is None:
+        pos = row + torch.arange(r, device=row.device)
+    return input_ids, pos.reshape(1, r), cache, mask, keep, ""

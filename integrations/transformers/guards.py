@@ -38,6 +38,10 @@ class CacheFill:
             if self.count + new_rows > capacity:
                 raise CacheFullError(cache_full_message(self.count, capacity))
 
+    def holds_tokens(self, cache) -> bool:
+        """Whether the count, kept for this very ``cache``, says it holds tokens (no device read)."""
+        return self.count is not None and self.count > 0 and self._cache is not None and self._cache() is cache
+
     def advanced(self, n: int = 1) -> None:
         self.count += n
 

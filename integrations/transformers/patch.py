@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from tileflow.integrations.shared.hf import cache_argument, cache_field
-from tileflow.integrations.transformers.decode_step import DecodeProgram, GraphedDecode, decode_request
+from tileflow.integrations.transformers.decode_step import DecodeProgram, GraphedDecode, decode_request, verify_request
 from tileflow.integrations.transformers.compat import rope_config_of
 from tileflow.integrations.transformers.guards import CacheFill, CacheFullError, WeightWatch, cache_full_message
 from tileflow.integrations.transformers.prefill import GraphedPrefill, PrefillProgram, prefill_request
@@ -55,6 +55,7 @@ class PatchReport(Report):
     patched: bool = False
     notes: list = field(default_factory=list)  # what patch changed besides forwards (generate's defaults)
     steps: int = 0  # decode steps the whole-step program ran (the fast path, counted)
+    verify_steps: int = 0  # of those, speculative verify steps (several tokens of one sequence)
     generate_loops: int = 0  # generate calls that ran the lean greedy loop (``_lean_sample``)
     replaced_by: Optional["PatchReport"] = None  # the report of a re-patch after weights were replaced
 
@@ -256,6 +257,19 @@ def _lm_head_forward(lm_head, report: PatchReport):
     return _guarded(fast, lm_head.forward, report, "matvec", "lm_head")
 
 
+# why a several-token call may be no prompt into an empty cache (it continues a sequence
+# where the cache holds tokens); the last one says so itself
+CONTINUATIONS = ("position_ids not 0..T-1", "cache_position not 0..T-1", "the cache already holds tokens (chunked prompt)")
+
+
+def _holds_tokens(cache) -> bool:
+    """Whether ``cache`` (any kind) holds tokens: one device read where it counts there."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not getattr(layers[0], "is_initialized", True):
+        return False
+    return int(cache.get_seq_length()) > 0
+
+
 def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport,
                         prefill: Optional[GraphedPrefill] = None):
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -269,11 +283,54 @@ def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport,
         fill.forget()  # the original forward may write the cache
         return original(*args, **kwargs)
 
+    def step(tok, pos, cache, mask, keep=0):
+        """The program's logits [B, R, V] (the last ``keep`` of R where given), or None after it failed."""
+        b, r = tok.shape
+        fill.check(cache, cache.layers[0].keys.shape[2], r)  # raises before anything is written
+        try:
+            logits = runner(tok, pos, cache, mask)
+        except Exception as exc:  # e.g. a kernel that does not compile on this device:
+            # the cache rows are rewritten by the original forward and the count is only
+            # advanced at the end of the program, so running the original is exact
+            state["broken"] = True
+            report.fallbacks.append(("decode_step", type(model).__name__,
+                                     f"disabled after an error: {type(exc).__name__}: {exc}"[:300]))
+            return None
+        fill.advanced(r)
+        report.steps += 1
+        report.verify_steps += r > 1
+        logits = logits.view(b, r, -1)
+        return logits[:, -keep:] if 0 < keep < r else logits
+
     @functools.wraps(original)  # generate inspects forward's signature to choose its kwargs
     def forward(*args, **kwargs):
         tok, pos, cache, mask, why = decode_request(args, kwargs, runner.program.takes_any_position)
+        verify, verify_why = None, ""
+        if why == "not a one-token step":
+            *verify, verify_why = verify_request(args, kwargs)
+            if not verify_why and (model.training or torch.is_grad_enabled()):
+                verify_why = "training or gradients enabled (the program keeps no autograd graph)"
+            verify_why = verify_why or ("disabled after an error" if state["broken"] else "")
+        if verify and not verify_why and fill.holds_tokens(verify[2]):
+            logits = step(*verify)  # a speculative verify step on a cache known to hold tokens
+            if logits is not None:
+                return CausalLMOutputWithPast(logits=logits, **{cache_field(): verify[2]})
+            return fallback("broken", *args, **kwargs)
         if why == "not a one-token step" and prefill is not None:
             ids, cache, keep, why_not = prefill_request(args, kwargs)
+            # a padded prompt also has positions other than 0..T-1: a continuation holds tokens
+            continues = why_not in CONTINUATIONS and _holds_tokens(cache_argument(kwargs))
+            if continues and not verify_why:
+                logits = step(*verify)  # the count was unknown here: one read said the cache holds tokens
+                if logits is not None:
+                    return CausalLMOutputWithPast(logits=logits, **{cache_field(): verify[2]})
+                return fallback("broken", *args, **kwargs)
+            if continues:  # tokens continuing a sequence the verify program does not take
+                if verify_why not in seen:
+                    seen.add(verify_why)
+                    report.fallbacks.append(("verify_step", type(model).__name__,
+                                             f"ran the model's forward: {verify_why}"))
+                return fallback(verify_why, *args, **kwargs)
             if not why_not and (model.training or torch.is_grad_enabled()):
                 why_not = "training or gradients enabled (the program keeps no autograd graph)"
             if not why_not:
@@ -290,19 +347,10 @@ def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport,
             return fallback(why, *args, **kwargs)
         if state["broken"]:
             return fallback("broken", *args, **kwargs)
-        fill.check(cache, cache.layers[0].keys.shape[2])  # raises before anything is written
-        try:
-            logits = runner(tok, pos, cache, mask)
-        except Exception as exc:  # e.g. a kernel that does not compile on this device:
-            # the cache row is rewritten by the original forward and the count is only
-            # advanced at the end of the program, so running the original is exact
-            state["broken"] = True
-            report.fallbacks.append(("decode_step", type(model).__name__,
-                                     f"disabled after an error: {type(exc).__name__}: {exc}"[:300]))
+        logits = step(tok, pos, cache, mask)
+        if logits is None:
             return fallback("broken", *args, **kwargs)
-        fill.advanced()
-        report.steps += 1
-        return CausalLMOutputWithPast(logits=logits.view(tok.shape[0], 1, -1), **{cache_field(): cache})
+        return CausalLMOutputWithPast(logits=logits, **{cache_field(): cache})
 
     return forward
 
@@ -346,21 +394,44 @@ def _static_by_default(model, prepare, made: dict):
     """generate's cache preparation, asking for a static cache where the call names no
     cache and no ``cache_implementation`` (on generate's own copy of the config).
     ``made["cache"]``: a weak reference to the cache this call's preparation created (None
-    where the caller passed one): the lean loop runs only on a cache generate made itself."""
+    where the caller passed one): the lean loop runs only on a cache generate made itself.
+
+    Assisted generation and prompt lookup verify their drafts past ``max_length`` (the last
+    round may write a row beyond it): their static cache gets the drafts' room, or, where
+    this transformers names no cache length to give it, they keep the default cache."""
+    import inspect
+
+    signature = inspect.signature(prepare)
+    params = signature.parameters
 
     def _prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs):
         made["cache"] = None
         given = any(model_kwargs.get(k) is not None for k in ("cache", "past_key_values"))
+        bound = signature.bind(model, generation_config, model_kwargs, *args, **kwargs)
+        drafts = _draft_rows(generation_config, bound.arguments.get("generation_mode"))
+        sized = drafts == 0 or "max_cache_length" in params
         if (not given and generation_config.cache_implementation is None and model_kwargs.get("use_cache", True)
-                and getattr(generation_config, "use_cache", True)):
+                and getattr(generation_config, "use_cache", True) and sized):
             generation_config.cache_implementation = "static"
-        result = prepare(model, generation_config, model_kwargs, *args, **kwargs)
+            if drafts:
+                bound.arguments["max_cache_length"] += drafts + 1
+        result = prepare(*bound.args, **bound.kwargs)
         cache = next((model_kwargs[k] for k in ("cache", "past_key_values") if model_kwargs.get(k) is not None), None)
         if not given and cache is not None:
             made["cache"] = weakref.ref(cache)
         return result
 
     return _prepare_cache_for_generation
+
+
+def _draft_rows(generation_config, mode) -> int:
+    """The most draft tokens a verify step of this call feeds, 0 where it drafts none."""
+    lookup = getattr(generation_config, "prompt_lookup_num_tokens", None)
+    if lookup:
+        return int(lookup)
+    if str(getattr(mode, "value", mode)) == "assisted_generation":
+        return int(getattr(generation_config, "num_assistant_tokens", None) or 20)
+    return 0
 
 
 # how often the lean loop reads the device back to see whether an end-of-sequence token came

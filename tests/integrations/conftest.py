@@ -12,6 +12,8 @@ TRITON_ONCE = {
     "test_padded_prompt_runs_whole_steps_and_stays_exact": {"kind": "llama"},
     "test_explain_reports_every_layer_and_tokens_match_eager": {"kind": "llama"},
     "test_padding_mask_becomes_the_kernels_key_mask": {"hole": 2},
+    "test_a_padded_batch_runs_the_whole_step_program": {"kind": "qwen2", "how": "static"},
+    "test_prompt_lookup_verifies_through_the_program": {"kind": "llama"},
 }
 
 

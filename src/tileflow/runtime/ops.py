@@ -275,13 +275,17 @@ def rope_q(x: torch.Tensor, pos: torch.Tensor, cfg: RopeConfig) -> torch.Tensor:
 
 
 def gqa_attention(q, k_cache, v_cache, lengths, scale: float,
-                     key_mask: Optional[torch.Tensor] = None, early: bool = False) -> torch.Tensor:
+                  key_mask: Optional[torch.Tensor] = None, early: bool = False) -> torch.Tensor:
     """GQA decode attention of ``q`` [B, NH, DH] over the first ``lengths[b]``
     positions of the caches [B, NKV, S, DH]; with ``key_mask`` [B, S] (int32), only
-    over the positions where it is nonzero. ``early``: the caller vouches that
+    over the positions where it is nonzero. ``q`` [B, R, NH, DH]: R consecutive new
+    tokens of each sequence (a speculative verify step), row i causal over the first
+    ``lengths[b] - R + 1 + i`` positions. ``early``: the caller vouches that
     ``lengths`` is not the previous kernel's output (``_early``)."""
     values = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "lengths": lengths, "scale": scale}
     flags = _early(early)
+    if q.dim() == 4:
+        flags["ROWS"] = q.shape[1]
     if key_mask is not None:
         values["key_mask"] = key_mask
         flags = {"HAS_MASK": 1, **flags}
@@ -317,7 +321,8 @@ def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Te
                    inv_freq: Optional[torch.Tensor] = None, early: bool = False) -> torch.Tensor:
     """The attention input of a decode layer in one launch: RMSNorm of ``x`` [M, D], the
     q/k/v projections (+ biases), RoPE at ``pos`` [M]; K and V are written into row
-    ``pos`` of the caches [M, NKV, S, DH] in place; returns q [M, NH, DH].
+    ``pos`` of the caches [B, NKV, S, DH] in place; returns q [M, NH, DH]. M = B (one
+    token a sequence) or B * R (R consecutive tokens of each, a speculative verify step).
 
     The rotation's frequencies come from ``cfg`` or, as a compiled transformers graph
     has them, from ``inv_freq`` [DH/2] (fp32); ``cache_pos`` [M], when given, is the row
@@ -333,6 +338,8 @@ def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Te
     if cache_pos is not None:
         values["cache_pos"] = cache_pos
         sizes["CACHE_POS"] = 1
+    if x.shape[0] != k_cache.shape[0]:
+        sizes["ROWS"] = x.shape[0] // k_cache.shape[0]
     if inv_freq is not None:
         values["inv_freq"] = inv_freq
     else:
