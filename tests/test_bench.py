@@ -3,6 +3,7 @@ the fields tools read, fp32 tileflow tokens equal eager's, the chart is written.
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -180,3 +181,37 @@ def test_the_record_names_the_user_tuning_of_an_ab_run(monkeypatch, tmp_path):
     key = "Some GPU|matvec_residual|bf16|K=8960,M=1,N=1536"
     (tmp_path / "autotune.json").write_text(json.dumps({key: {"params": {"PIPELINE": 2}, "us": 0.0}}))
     assert _user_autotune() == {key: {"PIPELINE": 2}}
+
+
+def test_batch_and_speculation_records(tmp_path, tileflow_options):
+    """``--batch`` and ``--speculate``: generate on left-padded prompts per path (tokens
+    equal across paths, the patched program counted), the step at 1-16 rows, and prompt
+    lookup with its acceptance, in the record (tiny model, reference target on CPU)."""
+    from tileflow.bench import run_bench
+
+    tileflow_options(cpu=True, cpu_target="reference")
+    rec = run_bench("tiny", prompt=12, new_tokens=6, paths=["tileflow_patch"], repeats=1, out_dir=str(tmp_path),
+                    device="cpu", batch=3, speculate="lookup:3")
+    assert rec["batch"] == 3 and rec["speculate"] == "lookup:3"
+    gen = rec["batch_paths"]["tileflow_generate"]
+    assert gen["rows"] == 3 and gen["patched_steps"] > 0 and gen["tokens_equal_generate_eager"], gen
+    assert rec["batch_paths"]["generate_static_autocompile"]["tokens_equal_generate_eager"]
+    assert [m for m in rec["step_cost"] if m != "patched_steps"] == [1, 2, 4, 8, 16]
+    assert rec["step_cost"]["patched_steps"] > 0
+    spec = rec["speculation"]
+    assert spec["tokens_identical"] and spec["verify_steps"] > 0 and 0 < spec["acceptance"] <= 1, spec
+    with pytest.raises(Exception, match="lookup:K or draft:K:MODEL"):
+        run_bench("tiny", prompt=12, new_tokens=6, device="cpu", speculate="lookup", out_dir=str(tmp_path))
+
+
+def test_a_draft_round_against_the_verify_step(tileflow_options):
+    from tileflow.bench import rows
+    from tileflow.bench.models import build_model
+
+    tileflow_options(cpu=True, cpu_target="reference")
+    target = build_model("tiny", torch.device("cpu"), torch.float32)
+    draft = build_model("tiny", torch.device("cpu"), torch.float32)
+    ids = torch.randint(1, target.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))
+    out = rows.draft_round(target, draft, ids, k=4, repeats=1)
+    assert out["verify_steps_ran"] > 0 and out["verify_step_ms"] > 0 and out["draft_round_ms"] > 0
+    assert out["implied_speedup"]["0.9"] > out["implied_speedup"]["0.5"]

@@ -182,7 +182,7 @@ def cmd_bench(args) -> int:
     from tileflow.bench import run_bench
 
     rec = run_bench(args.model, args.prompt, args.new, args.paths or None, args.repeats, args.out, args.device,
-                    args.dtype, breakdown=args.breakdown)
+                    args.dtype, breakdown=args.breakdown, batch=args.batch, speculate=args.speculate)
     failed = [k for k, v in rec["paths"].items() if v.get("error")]
     return 1 if failed else 0
 
@@ -243,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     ben.add_argument("--breakdown", action="store_true",
                      help="also profile one decode step per kernel class (us, bytes, GB/s; CUDA only)")
+    ben.add_argument("--batch", type=_int_at_least(1), default=1,
+                     help="also generate on N left-padded prompts per path (aggregate tok/s) and time the patched "
+                          "step at 1-16 rows")
+    ben.add_argument("--speculate", default=None, metavar="lookup:K|draft:K:MODEL",
+                     help="also prompt lookup with K drafts (tok/s, acceptance, tokens identical), or MODEL as the "
+                          "assistant: its draft round against the verify step, and the implied speed-up")
     ben.add_argument("--framework", choices=["torch", "jax"], default="torch",
                      help="torch: the paths above; jax: plain jax.jit vs tileflow primitives vs tileflow.jax.optimize")
     ben.set_defaults(fn=cmd_bench)

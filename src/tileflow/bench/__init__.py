@@ -75,10 +75,15 @@ def _user_autotune() -> dict:
 
 def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: int = 256,
               paths: Optional[list[str]] = None, repeats: int = 3, out_dir: Optional[str] = None,
-              device: Optional[str] = None, dtype: Optional[str] = None, breakdown: bool = False) -> dict:
+              device: Optional[str] = None, dtype: Optional[str] = None, breakdown: bool = False,
+              batch: int = 1, speculate: Optional[str] = None) -> dict:
     """Run the side-by-side decode benchmark; returns the result record (also written, under
     ``out_dir``: by default ``~/.cache/tileflow/results``, outside the source tree).
     ``breakdown``: also profile each static-cache path's decode step per kernel class (CUDA).
+    ``batch`` > 1: also ``generate`` on that many left-padded prompts per path (aggregate
+    tok/s) and the patched step's cost at M rows against one (``bench/rows.py``).
+    ``speculate``: ``lookup:K`` (prompt lookup on a prompt whose continuation repeats) or
+    ``draft:K:MODEL`` (MODEL's draft round against this model's verify step).
     Raises :class:`BenchError` (one line) before building anything it cannot run or fit."""
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -86,8 +91,17 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
     console = Console(width=150)
     if out_dir is None:
         out_dir = os.path.join(os.path.expanduser("~"), ".cache", "tileflow", "results")
-    if prompt < 1 or new_tokens < 2 or repeats < 1:
-        raise BenchError(f"prompt {prompt}, new tokens {new_tokens}, repeats {repeats}: at least 1, 2 and 1")
+    if prompt < 1 or new_tokens < 2 or repeats < 1 or batch < 1:
+        raise BenchError(f"prompt {prompt}, new tokens {new_tokens}, repeats {repeats}, batch {batch}: "
+                         "at least 1, 2, 1 and 1")
+    spec = None
+    if speculate:
+        from tileflow.bench.rows import speculate_spec
+
+        try:
+            spec = speculate_spec(speculate)
+        except ValueError as exc:
+            raise BenchError(str(exc)) from None
     dev = resolve_device(device)
     if model_name is None:
         model_name = "deepseek-r1-distill-qwen-1.5b" if dev.type == "cuda" else "tiny"
@@ -114,6 +128,7 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "versions": versions(), "commit": _commit(), "settings": settings(), "user_autotune": _user_autotune(), "model": model_name, "dtype": str(tdtype).split(".")[-1],
         "prompt_tokens": prompt, "new_tokens": new_tokens, "repeats": repeats, "paths": {},
+        "batch": batch, "speculate": speculate,
     }
     chosen = [p for p in default_paths(dev) if not paths or p.name in paths or p.name == "eager"]
     console.print(f"building {model_name}: {config.model_type}, {checks.count_text(est.parameters)} parameters in "
@@ -157,6 +172,8 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
             console.print(f"  {path.name:<20} {res.decode_tok_s:9.1f} tok/s  ttft {res.ttft_s * 1e3:8.1f} ms"
                           f"  compile {res.compile_s:6.1f} s" + (f"  ERROR {res.error[:200]}" if res.error else ""))
             _json_path(record, out_dir).write_text(json.dumps(record, indent=1, default=str))  # a cut run keeps these
+        if batch > 1 or spec:
+            _rows(record, model, ids, new_tokens, repeats, batch, spec, dev, tdtype, say, out_dir)
     others = [v["decode_tok_s"] for k, v in record["paths"].items()
               if not k.startswith("tileflow") and v["decode_tok_s"] == v["decode_tok_s"]]
     best_other = max(others) if others else float("nan")
@@ -168,6 +185,33 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
             v["peak_memory_vs_eager"] = v["peak_memory_gb"] / eager_mem
     _write(record, out_dir, console)
     return record
+
+
+def _rows(record, model, ids, new_tokens, repeats, batch, spec, dev, tdtype, say, out_dir) -> None:
+    """The multi-row measurements (``bench/rows.py``) into ``record``."""
+    from tileflow.bench import rows
+
+    if batch > 1:
+        bids, mask = rows.padded_batch(model.config.vocab_size, batch, ids.shape[1], dev)
+        record["batch_paths"] = rows.batch_paths(model, bids, mask, new_tokens, repeats, say)
+        patch = record["paths"].get("tileflow_patch", {}).get("decode_tok_s")
+        for v in record["batch_paths"].values():
+            if patch and v.get("decode_tok_s"):
+                v["vs_batch1_patch"] = v["decode_tok_s"] / patch
+        record["step_cost"] = rows.step_cost(model, ids, tuple(m for m in (1, 2, 4, 8, 16) if m <= max(batch, 16)),
+                                             progress=say)
+    if spec is not None:
+        kind, k, draft_name = spec
+        if kind == "lookup":
+            prompt = rows.repeating_prompt(model, ids, new_tokens)
+            record["speculation"] = rows.lookup_speculation(model, prompt, new_tokens, k, repeats, say)
+        else:
+            say(f"building the draft model {draft_name}")
+            draft = build_model(draft_name, dev, tdtype)
+            record["speculation"] = {"draft_model": draft_name,
+                                     **rows.draft_round(model, draft, ids, k, repeats, say)}
+            del draft
+    _json_path(record, out_dir).write_text(json.dumps(record, indent=1, default=str))
 
 
 def _json_path(record: dict, out_dir: str) -> Path:
