@@ -5,6 +5,9 @@
 #   STEPS="bench:deepseek-r1-distill-qwen-1.5b:128 suite" bash benchmarks/device_run.sh
 # bench:<model>:<prompt>[:paths]  `tileflow bench` (paths comma-separated, default all)
 # jaxbench:<model>:<prompt>[:paths] `tileflow bench --framework jax` (paths comma-separated)
+# multirow:<model>:<prompt>:<batch>[:<speculate>]  the patch path plus `--batch N` (generate on N
+#                                  left-padded prompts per path, the step at 1-16 rows) and
+#                                  `--speculate` (lookup:K or draft:K:MODEL)
 # pytest:<test file>[:<-k expression>]  pytest on the GPU (e.g. the compiled jax_triton primitives)
 # suite[:model]                    benchmarks/gpu_suite.py (tunes; autotune.json to $OUT)
 # (env: REPEATS, BENCH_LIMIT seconds a bench, BREAKDOWN=1 per-kernel-class step profile,
@@ -54,6 +57,13 @@ for step in ${STEPS:-bench:deepseek-r1-distill-qwen-1.5b:128 suite}; do
         || echo "!!! jax_triton is not importable: JAX paths run through Pallas, not the Triton kernels (.whl/ lacks jax_triton / absl-py wheels?)"
       args=(--framework jax --model "$model" --prompt "$prompt" --out "$OUT/$n-jaxbench")
       [ -n "${paths:-}" ] && args+=(--paths ${paths//,/ })
+      [ -n "${REPEATS:-}" ] && args+=(--repeats "$REPEATS")
+      timeout "${BENCH_LIMIT:-900}" python3 benchmarks/run_cli_uninstalled.py bench "${args[@]}" 2>&1 \
+        | grep --line-buffered -v -E "Warning|warn\(|^\s*$" ;;
+    multirow)  # read gave the rest of the step, colons kept, to $paths: <batch>[:<speculate>]
+      batch=${paths%%:*}
+      args=(--model "$model" --prompt "$prompt" --out "$OUT/$n-multirow" --paths tileflow_patch --batch "$batch")
+      [ "$paths" != "$batch" ] && args+=(--speculate "${paths#*:}")
       [ -n "${REPEATS:-}" ] && args+=(--repeats "$REPEATS")
       timeout "${BENCH_LIMIT:-900}" python3 benchmarks/run_cli_uninstalled.py bench "${args[@]}" 2>&1 \
         | grep --line-buffered -v -E "Warning|warn\(|^\s*$" ;;
