@@ -74,3 +74,15 @@ def test_a_batch_on_a_dynamic_cache_runs_the_model_and_says_why():
     assert torch.equal(got, expected)
     assert report.steps == 0
     assert any("batch 3" in why for _, _, why in report.fallbacks), report.fallbacks
+
+
+@pytest.mark.parametrize("lengths", [(9, 4), (6, 9, 2, 8)])
+def test_batches_of_two_and_four(lengths, tileflow_options):
+    tileflow_options(cpu_target="reference")
+    model = tiny("llama")
+    ids, mask = batch(lengths)
+    expected = generate(model, ids, mask, do_sample=False)
+    report = tileflow.patch(model)
+    got = generate(model, ids, mask, do_sample=False)
+    tileflow.unpatch(model)
+    assert torch.equal(got, expected) and report.steps == NEW - 1, str(report)
