@@ -17,7 +17,7 @@ The final norm and the lm_head take the suite's kernels for decode rows. Anythin
 that would not compute exactly what the model computes is left unpatched, with the
 reason in the report; an unsupported model comes back unchanged.
 
-``generate``'s greedy batch-1 calls on such a model run a lean loop (``_lean_sample``):
+``generate``'s plain greedy calls on such a model run a lean loop (``_lean_sample``):
 the same tokens as transformers' ``_sample``, without its host read of the stop flag
 every token (options ``generate_loop``); any other call runs transformers' own loop.
 """
@@ -495,8 +495,9 @@ def _lean_plan(model, installed: dict, made: dict, input_ids, logits_processor, 
     kinds = [type(c) for c in stopping_criteria]
     if any(k not in (MaxLengthCriteria, EosTokenCriteria) for k in kinds) or kinds.count(MaxLengthCriteria) != 1:
         return None, f"stopping criteria {[k.__name__ for k in kinds]} (the loop keeps one max length and EOS tokens)"
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        return None, f"batch of {input_ids.shape[0]} (the loop is for one sequence)"
+    if input_ids.dim() != 2:
+        return None, f"input_ids of {input_ids.dim()} dimensions"
+    rows = input_ids.shape[0]
     if input_ids.device != model.device:
         return None, "input_ids on another device than the model"
     key = _cache_parameter()
@@ -514,10 +515,10 @@ def _lean_plan(model, installed: dict, made: dict, input_ids, logits_processor, 
     if any(type(layer).__name__ != "StaticLayer" for layer in cache.layers):
         return None, "cache layers other than StaticLayer"
     mask, pos = model_kwargs.get("attention_mask"), model_kwargs.get("position_ids")
-    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != 1):
-        return None, "an attention mask that is not one 2-D row"
-    if pos is not None and (not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[0] != 1):
-        return None, "position_ids that are not one 2-D row"
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != rows):
+        return None, "an attention mask that is not one 2-D row a sequence"
+    if pos is not None and (not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[0] != rows):
+        return None, "position_ids that are not one 2-D row a sequence"
     # the per-step inputs below are what these produce; the instance ones are patch's own
     cls = type(model)
     for name in ("prepare_inputs_for_generation", "_update_model_kwargs_for_generation"):
@@ -552,9 +553,9 @@ def _lean_sample(model, base: type, report: PatchReport, installed: dict, made: 
       there are EOS tokens (transformers' own loop needs one);
     - no streamer, ``synced_gpus`` false, not an assistant model's call;
     - ``return_dict_in_generate`` false and no scores, logits, attentions or hidden states;
-    - batch 1, ``input_ids`` on the model's device;
-    - model kwargs only the cache, ``attention_mask`` (one 2-D row), ``position_ids`` (one
-      2-D row), ``use_cache`` (true) and ``logits_to_keep``;
+    - ``input_ids`` [B, T] on the model's device;
+    - model kwargs only the cache, ``attention_mask`` and ``position_ids`` (one 2-D row a
+      sequence), ``use_cache`` (true) and ``logits_to_keep``;
     - the cache is a ``StaticCache`` of ``StaticLayer``s that this very generate call made
       (recorded by ``_prepare_cache_for_generation``), never one the caller passed: the
       loop may run a few steps past the token it stops at, writing rows of that cache;
@@ -576,7 +577,9 @@ def _lean_sample(model, base: type, report: PatchReport, installed: dict, made: 
     which is where transformers' loop stops for one sequence; so no pad token ever
     reaches the result (transformers pads only sequences already finished, and stops
     when the only one finishes), and the steps run past it feed argmax tokens, always
-    inside the vocabulary. The result: ``input_ids`` with the new tokens (same dtype,
+    inside the vocabulary. With several sequences, as transformers does, a token made
+    after a sequence's EOS token becomes the pad token, on the device (``_BatchStops``),
+    and the result ends after the step where every sequence had ended. The result: ``input_ids`` with the new tokens (same dtype,
     device and length as transformers' ``torch.cat``)."""
     seen: set = set()
 
@@ -602,11 +605,15 @@ def _greedy_loop(model, input_ids, generation_config, model_kwargs: dict, plan: 
     key, eos = plan["key"], plan["eos"]
     n = max(1, plan["max_length"] - input_ids.shape[1])  # new tokens at most: transformers' loop makes one at least
     device = input_ids.device
-    tokens = torch.empty((1, n), dtype=torch.long, device=device)
+    b = input_ids.shape[0]
+    tokens = torch.empty((b, n), dtype=torch.long, device=device)
+    rows = _BatchStops(tokens, eos, generation_config._pad_token_tensor) if b > 1 and eos else None
     outputs = model._prefill(input_ids, generation_config, model_kwargs,
                              is_first_iteration=not generation_config.is_assistant)
     model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
     torch.argmax(outputs.logits[:, -1], dim=-1, out=tokens[:, 0])
+    if rows is not None:
+        rows.made(0)
     del outputs
     # the inputs prepare_inputs_for_generation / _update_model_kwargs_for_generation give
     # step i (1..n-1): the token made by step i - 1, the position after the last one, the
@@ -616,18 +623,21 @@ def _greedy_loop(model, input_ids, generation_config, model_kwargs: dict, plan: 
         if name in model_kwargs:
             step_kwargs[name] = model_kwargs[name]
     pos, mask = model_kwargs.get("position_ids"), model_kwargs.get("attention_mask")
-    if pos is not None:  # [1, n - 1]: step i takes column i - 1
+    if pos is not None:  # [B, n - 1]: step i takes column i - 1
         pos = pos[:, -1:] + torch.arange(n - 1, dtype=pos.dtype, device=pos.device).view(1, -1)
     if mask is not None:  # step i takes the first filled + i - 1 columns
         filled = mask.shape[1]
-        mask = torch.cat([mask, mask.new_ones((1, n - 1))], dim=-1)
+        mask = torch.cat([mask, mask.new_ones((b, n - 1))], dim=-1)
     checked, count = 0, n  # tokens read back so far; tokens the result keeps
     optimize = getattr(model, "_optimize_model_for_decode", None)
     with optimize() if optimize is not None else contextlib.nullcontext():
         for i in range(1, n + 1):
             if eos and (i - checked >= CHECK_EVERY or i == n):
-                new = tokens[0, checked:i].tolist()  # the one host read of these steps
-                hit = next((j for j, t in enumerate(new) if t in eos), None)
+                if rows is not None:
+                    hit = rows.first_all_done(checked, i)  # the one host read of these steps
+                else:
+                    new = tokens[0, checked:i].tolist()  # the one host read of these steps
+                    hit = next((j for j, t in enumerate(new) if t in eos), None)
                 if hit is not None:
                     count = checked + hit + 1
                     break
@@ -641,8 +651,34 @@ def _greedy_loop(model, input_ids, generation_config, model_kwargs: dict, plan: 
                 inputs["attention_mask"] = mask[:, :filled + i - 1]
             outputs = model(**inputs, return_dict=True)
             torch.argmax(outputs.logits[:, -1], dim=-1, out=tokens[:, i])
+            if rows is not None:
+                rows.made(i)
             del outputs
     return torch.cat([input_ids, tokens[:, :count]], dim=-1)
+
+
+class _BatchStops:
+    """transformers' per-sequence stop for a batch, on the device: a token made after its
+    sequence's end-of-sequence token becomes the pad token, and the loop ends after the
+    step where every sequence has ended (read back every ``CHECK_EVERY`` steps)."""
+
+    def __init__(self, tokens: torch.Tensor, eos: set, pad: torch.Tensor):
+        self.tokens = tokens
+        self.eos = torch.tensor(sorted(eos), dtype=tokens.dtype, device=tokens.device)
+        self.pad = pad.to(tokens.device, tokens.dtype)
+        self.unfinished = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        self.done = torch.zeros(tokens.shape[1], dtype=torch.bool, device=tokens.device)
+
+    def made(self, i: int) -> None:
+        t = self.tokens[:, i]
+        t.copy_(torch.where(self.unfinished, t, self.pad))
+        self.unfinished &= ~torch.isin(t, self.eos)
+        self.done[i] = ~self.unfinished.any()
+
+    def first_all_done(self, start: int, end: int):
+        """The first step in [start, end) after which every sequence had ended, or None."""
+        hits = self.done[start:end].nonzero()
+        return int(hits[0, 0]) if hits.numel() else None
 
 
 def _generation_defaults(model, report: PatchReport, whole_step: bool, options: settings.Options) -> dict:
@@ -650,7 +686,7 @@ def _generation_defaults(model, report: PatchReport, whole_step: bool, options: 
     no auto-compile (the patched step is already a CUDA graph; a compiled forward
     around it would trace into the kernels), a static cache by default where the
     whole-step program serves it (it writes StaticLayer tensors), and there (unless
-    ``options.generate_loop`` is off) a ``_sample`` that runs greedy batch-1 calls as a
+    ``options.generate_loop`` is off) a ``_sample`` that runs greedy calls as a
     lean loop (:func:`_lean_sample`)."""
     saved = {}
 
@@ -677,7 +713,7 @@ def _generation_defaults(model, report: PatchReport, whole_step: bool, options: 
                 saved["_sample"] = None
                 saved["__class__"] = type(model)
                 model.__class__ = _class_with_instance_sample(type(model))
-                report.notes.append(f"generate: greedy batch-1 calls on a cache generate makes run a lean loop "
+                report.notes.append(f"generate: greedy calls on a cache generate makes run a lean loop "
                                     f"(a host read every {CHECK_EVERY} tokens, not every token; "
                                     f"options={{'generate_loop': False}}: transformers' loop)")
     report.notes.append("generate: no auto-compile (the patched step is already a CUDA graph on a GPU)")

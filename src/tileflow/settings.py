@@ -47,7 +47,7 @@ class Options:
     prefill: bool = True
     # ... and captures that program in a CUDA graph per prompt length (GPU)
     prefill_graphs: bool = True
-    # generate's greedy batch-1 calls on a patched model run a lean loop that reads the
+    # generate's plain greedy calls on a patched model run a lean loop that reads the
     # device back every few tokens instead of every token (the same tokens; off: transformers' loop)
     generate_loop: bool = True
     # the torch backend's rewrite of the dynamo graph to the fused decode kernels

@@ -126,7 +126,6 @@ CASES = {  # case -> (generate's keyword arguments, part of the reason noted)
     "user static cache": (dict(), "not a static cache generate made"),
     "return_dict_in_generate": (dict(return_dict_in_generate=True, output_scores=True), "return_dict_in_generate"),
     "repetition_penalty": (dict(repetition_penalty=1.3), "RepetitionPenaltyLogitsProcessor"),
-    "batch 2": (dict(), "batch of 2"),
     "streamer": (dict(), "a streamer"),
     "dynamic cache": (dict(cache_implementation="dynamic"), "not a static cache generate made"),
 }
@@ -137,8 +136,6 @@ def _call(case, model, ids):
     kw = dict(kw, max_new_tokens=10)
     if case == "user static cache":
         kw[cache_keyword(model)] = StaticCache(config=model.config, max_cache_len=32)
-    if case == "batch 2":
-        ids = torch.cat([ids, prompt(seed=2)])
     if case == "streamer":
         kw["streamer"] = _Collect()
     if case == "sampling":
@@ -228,3 +225,31 @@ def test_on_the_gpu_the_graphed_steps_give_transformers_tokens(eos, transformers
         assert torch.equal(got, expected), (got.tolist(), expected.tolist())
     assert report.generate_loops == 2 and transformers_loop == []
     assert report.steps >= 2 * (got.shape[1] - ids.shape[1] - 1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("eos_rows", ["none", "one row early", "every row"])
+def test_a_padded_batch_runs_the_lean_loop(kind, eos_rows, transformers_loop):
+    """Left-padded prompts: the same tokens as transformers' loop on the unpatched model,
+    rows that ended padded with the pad token from the step after their EOS token on, and
+    the result ending where transformers' ends (after the step where every row had ended)."""
+    from tests.integrations.test_patch_batch import batch
+
+    model = tiny(kind)
+    ids, mask = batch((9, 5, 7))
+    new = 40
+    kw = dict(attention_mask=mask, max_new_tokens=new, pad_token_id=0)
+    full = generate(model, ids, **kw)[:, ids.shape[1]:].tolist()
+    if eos_rows == "one row early":
+        kw["eos_token_id"] = full[1][3]
+    elif eos_rows == "every row":  # each row's own token at a different step: all end, at the last of them
+        kw["eos_token_id"] = [full[0][20], full[1][2], full[2][CHECK_EVERY + 1]]
+    expected = generate(model, ids, **kw)
+    report = tileflow.patch(model)
+    transformers_loop.clear()
+    got = generate(model, ids, **kw)
+    tileflow.unpatch(model)
+    assert torch.equal(got, expected), (got[:, ids.shape[1]:].tolist(), expected[:, ids.shape[1]:].tolist())
+    assert report.generate_loops == 1 and transformers_loop == []
+    if eos_rows != "none":
+        assert (expected[:, ids.shape[1]:] == 0).any()  # a row ended early: padded, as transformers pads
