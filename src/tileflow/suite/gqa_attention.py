@@ -126,23 +126,33 @@ def define(k, p):
         else:
             k.store(out, (b, heads, d), acc / l[:, None], limits={1: heads_end})
 
-    if not split:
-        return
-    # One program per query head loads every split of its partials at once: a loop
-    # over splits would serialise SPLITS round trips to L2.
-    with k.stage("combine", grid=("NH", "B", "cdiv(DH, BLOCK_DC)")):
+    if split:
+        combine(k, (ws_m, ws_l, ws_acc), out, rows=1)
+
+
+def combine(k, parts, out, rows: int) -> None:
+    """The second stage with SPLITS > 1: each query head's (and with ``rows`` > 1 each new
+    row's) split partials combined. One program per query head loads every split of its
+    partials at once: a loop over splits would serialise SPLITS round trips to L2."""
+    ws_m, ws_l, ws_acc = parts
+    with k.stage("combine", grid=("NH", "B" if rows == 1 else "B * ROWS", "cdiv(DH, BLOCK_DC)")):
         h, b = k.program_id(0), k.program_id(1)
+        row = ()
+        if rows > 1:  # the grid's second axis runs over (sequence, new row) pairs
+            br = b
+            b = br // k.param("ROWS")
+            row = (br - b * k.param("ROWS"),)
         g = k.dim("NH") // k.dim("NKV")
         kvh = h // g
         j = h - kvh * g
         sp = k.range(0, "SPLITS_BLOCK", aligned=True)
         d = k.range(k.program_id(2) * k.param("BLOCK_DC"), "BLOCK_DC", aligned=True)
         nsp = k.param("SPLITS")
-        m = k.load(ws_m, (b, kvh, sp, j), limits={2: nsp}, other=float("-inf"))
-        wgt = k.exp(m - k.max(m, axis=0))  # empty splits hold m = -inf: weight 0
-        l = k.sum(wgt * k.load(ws_l, (b, kvh, sp, j), limits={2: nsp}), axis=0)
-        acc = k.sum(wgt[:, None] * k.load(ws_acc, (b, kvh, sp, j, d), limits={2: nsp}), axis=0)
-        k.store(out, (b, h, d), acc / l)
+        m = k.load(ws_m, (b, kvh, sp, *row, j), limits={2: nsp}, other=float("-inf"))
+        wgt = k.exp(m - k.max(m, axis=0))  # splits with nothing live (for this row) hold m = -inf: weight 0
+        l = k.sum(wgt * k.load(ws_l, (b, kvh, sp, *row, j), limits={2: nsp}), axis=0)
+        acc = k.sum(wgt[:, None] * k.load(ws_acc, (b, kvh, sp, *row, j, d), limits={2: nsp}), axis=0)
+        k.store(out, (b, *row, h, d), acc / l)
 
 
 def define_rows(k, p):
@@ -169,23 +179,8 @@ def define_rows(k, p):
         else:
             k.store(out, (b, r, heads, d), k.reshape(acc / l[:, None], rows3), limits={2: heads_end})
 
-    if not split:
-        return
-    with k.stage("combine", grid=("NH", "B * ROWS", "cdiv(DH, BLOCK_DC)")):
-        h, br = k.program_id(0), k.program_id(1)
-        b = br // k.param("ROWS")
-        i = br - b * k.param("ROWS")
-        g = k.dim("NH") // k.dim("NKV")
-        kvh = h // g
-        j = h - kvh * g
-        sp = k.range(0, "SPLITS_BLOCK", aligned=True)
-        d = k.range(k.program_id(2) * k.param("BLOCK_DC"), "BLOCK_DC", aligned=True)
-        nsp = k.param("SPLITS")
-        m = k.load(ws_m, (b, kvh, sp, i, j), limits={2: nsp}, other=float("-inf"))
-        wgt = k.exp(m - k.max(m, axis=0))  # splits with nothing live for this row hold m = -inf: weight 0
-        l = k.sum(wgt * k.load(ws_l, (b, kvh, sp, i, j), limits={2: nsp}), axis=0)
-        acc = k.sum(wgt[:, None] * k.load(ws_acc, (b, kvh, sp, i, j, d), limits={2: nsp}), axis=0)
-        k.store(out, (b, i, h, d), acc / l)
+    if split:
+        combine(k, (ws_m, ws_l, ws_acc), out, rows=p["ROWS"])
 
 
 def reference(xp, q, k_cache, v_cache, lengths, scale, key_mask=None):
