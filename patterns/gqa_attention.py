@@ -16,13 +16,21 @@ opset 23: ``Attention`` with past / present) when, exactly:
 Prefill (many queries, a real causal mask) keeps the original.
 
 In the torch backend (dynamo graph, ``integrations/torch/decode_graph.py``) the same
-pattern is SDPA over repeat_kv of the static cache, the cache written once by
-``index_copy_`` before it is read, and a bool mask whose terms are the causal
-``arange(S) <= q`` (then rows ``< q + 1`` are read) and any ``[1, 1, 1, S]`` rows (the
-padding term, or the mask ``generate`` passes in), which become the kernel's key mask:
-for one query such a row is exactly a per-key mask. A float (additive) mask, dropout or
-``is_causal`` keep the original.
+pattern is SDPA over repeat_kv of the static cache (or the cache itself: MHA, G = 1),
+the cache written once by ``index_copy_`` before it is read, and a bool mask whose terms
+are the causal ``arange(R) + offset >= arange(S)`` (then row i reads rows
+``< offset + i + 1``) and any ``[1 or B, 1, 1, S]`` rows (the padding term, or the mask
+``generate`` passes in for one query a sequence), which become the kernel's per-row key
+mask: for queries of one sequence such a row is exactly a per-key mask. Matched for
+B sequences of R new tokens each (R <= ``MAX_ROWS``: a verify step; more is a prefill),
+the q/k/v rows ``[B, R]`` and position_ids ``[B or 1, R]``, every sequence written at
+the same cache rows (transformers' cache_position). A mask built outside the graph for
+R > 1 rows keeps the original. A float (additive) mask, dropout or ``is_causal`` keep
+the original.
 """
 
 NAME = "gqa_attention"
 SUITE_KERNEL = "gqa_attention"
+# new tokens a sequence a step at most: a speculative verify's; more is a prefill, whose
+# R x G query rows would not fit one tile of the kernel
+MAX_ROWS = 16

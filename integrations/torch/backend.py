@@ -24,17 +24,17 @@ _COLLECTORS: list[Report] = []  # reports being filled (tileflow.explain), inner
 LAST_REPORTS: list[Report] = []  # one per compiled graph of the latest compilations
 
 
-def _graph_pass(report: Report):
+def _graph_pass(report: Report, step_rows: tuple = ()):
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
     from tileflow.integrations.torch import rewrite
 
     class TileflowPass(CustomGraphPass):
         def __call__(self, graph: torch.fx.Graph) -> None:
-            rewrite.rewrite_graph(graph, report)
+            rewrite.rewrite_graph(graph, report, step_rows)
 
-        def uuid(self) -> Optional[Any]:  # inductor's FX cache key: the rewrite's source
-            return get_hash_for_files((rewrite.__file__,))
+        def uuid(self) -> Optional[Any]:  # inductor's FX cache key: the rewrite's source and the step's rows
+            return get_hash_for_files((rewrite.__file__,)) + str(step_rows).encode()
 
     return TileflowPass()
 
@@ -100,11 +100,12 @@ def tileflow_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mo
     elif not on_gpu and not opts.cpu:
         report.fallback("all patterns", "the whole graph", CPU_REASON)
     else:
+        step_rows: tuple = ()
         if opts.compile_fused:  # off (compile_fused=False) measures what the fused pass buys
             from tileflow.integrations.torch.decode_graph import rewrite_decode_graph
 
-            rewrite_decode_graph(gm, report)
-        patches["post_grad_custom_post_pass"] = _graph_pass(report)
+            step_rows = rewrite_decode_graph(gm, report)
+        patches["post_grad_custom_post_pass"] = _graph_pass(report, step_rows)
     # a cache hit would skip the pass, and with it the report of what was rewritten
     patches["fx_graph_cache"] = False
     LAST_REPORTS.append(report)

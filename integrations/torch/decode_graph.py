@@ -15,6 +15,12 @@ inductor sees it, this pass replaces, per layer,
 - ``rms_norm`` + gate/up + ``silu * up`` -> ``tileflow::rms_norm_gate_up_silu``,
 - the final ``rms_norm`` + lm_head -> ``tileflow::rms_norm_matvec``.
 
+A step may have B sequences (a left-padded batch: every sequence writes the same cache
+row, RoPE at its own position_ids, the padding mask a per-row key mask) and R new tokens
+each (a speculative verify step: causal among them); the MLP and head then take the
+step's B x R rows, and so do the post-grad pass's linears (``rewrite.py``). MHA
+(no repeat_kv) is G = 1.
+
 Every condition is checked on the graph (node kinds, constants, example shapes and
 dtypes, and no in-place write between the traced reads and the fused op, ``effects.py``);
 anything else stays as traced and the reason goes to the report. The o_proj
@@ -28,6 +34,7 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import guard_bool, statically_known_true
 
 from tileflow.integrations.torch import effects
 from tileflow.integrations.torch.rewrite import where
@@ -124,9 +131,21 @@ def match_rms_norm(out: fx.Node) -> tuple[fx.Node, fx.Node, float]:
     return x, w, float(eps)
 
 
-def _one_row(x: fx.Node) -> None:
+def _same(a, b) -> bool:
+    """Sizes equal without adding a guard: equal ints, or SymInts of one expression."""
+    return statically_known_true(a == b)
+
+
+def _step_rows(x: fx.Node, rows: tuple) -> None:
+    """NoMatch unless ``x`` [..., D] holds one decode row, or the (batch, new tokens)
+    rows of this step's matched attention (``rows``): a prefill keeps its GEMMs."""
     xv = _ev(x)
-    _need(xv is not None and xv.numel() == xv.shape[-1], f"{tuple(xv.shape)}: not one decode row")
+    _need(xv is not None, "no example value")
+    lead = tuple(xv.shape[:-1])
+    if all(_same(d, 1) for d in lead):
+        return
+    _need(rows and len(lead) == 2 and _same(lead[0], rows[0]) and _same(lead[1], rows[1]),
+          f"{tuple(xv.shape)}: not one decode row, nor the rows of a decode step's matched attention")
 
 
 def _no_writes_inside(outs: list, inputs: list, until: fx.Node, allowed=()) -> None:
@@ -150,8 +169,9 @@ def _no_writes_inside(outs: list, inputs: list, until: fx.Node, allowed=()) -> N
 
 
 # ------------------------------------------------------------ rope, q/k/v
-def _heads(n: fx.Node) -> tuple[fx.Node, fx.Node, Optional[fx.Node]]:
-    """(input, weight, bias) of ``linear(x, W, b).view(1, 1, -1, dh).transpose(1, 2)``."""
+def _heads(n: fx.Node, rows: tuple) -> tuple[fx.Node, fx.Node, Optional[fx.Node]]:
+    """(input, weight, bias) of ``linear(x, W, b).view(B, R, -1, dh).transpose(1, 2)``
+    with ``x`` [B, R, D]: row (b, r) of ``x`` is row b * R + r of the fused op's input."""
     _need(_meth(n, "transpose") and sorted(n.args[1:3]) == [1, 2], "projection not transposed to heads")
     view = n.args[0]
     _need(_meth(view, "view", "reshape"), "projection not viewed as heads")
@@ -160,6 +180,10 @@ def _heads(n: fx.Node) -> tuple[fx.Node, fx.Node, Optional[fx.Node]]:
     x, w = lin.args[:2]
     b = _arg(lin, 2, "bias")
     _need(_placeholder(w) and (b is None or _placeholder(b)), "linear weight / bias not parameters")
+    xv, vv = _ev(x), _ev(view)
+    _need(xv is not None and vv is not None and xv.dim() == 3 and vv.dim() == 4
+          and all(_same(a, e) for a, e in zip((*xv.shape[:2], *vv.shape[:2]), rows * 2)),
+          "the projection's rows are not [batch, new tokens] of the queries")
     return x, w, b
 
 
@@ -214,8 +238,8 @@ def match_cos_sin(cos_u: fx.Node, sin_u: fx.Node, dh: int) -> tuple[fx.Node, fx.
     # kernel reads the same widened values (the rewrite inserts that exact cast)
     _need(_placeholder(inv) and iv is not None and iv.is_floating_point() and tuple(iv.shape) == (dh // 2,),
           "inv_freq is not a buffer of head_dim / 2 frequencies")
-    _need(pos.op == "placeholder" and pv is not None and pv.dtype == torch.int64 and pv.numel() == 1,
-          "positions are not one int64 position_ids input")
+    _need(pos.op == "placeholder" and pv is not None and pv.dtype == torch.int64 and pv.dim() == 2,
+          "positions are not an int64 position_ids input [batch, tokens]")
     return pos, inv
 
 
@@ -239,9 +263,10 @@ def match_rope(n: fx.Node, dh: int) -> tuple[fx.Node, fx.Node, fx.Node]:
 
 
 # ------------------------------------------------------------- attention
-def _cache_read(n: fx.Node, groups: int) -> fx.Node:
-    """The cache tensor under repeat_kv (``kv[:, :, None].expand(..).reshape(..)``)."""
-    if groups > 1 or _meth(n, "reshape"):
+def _cache_read(n: fx.Node) -> fx.Node:
+    """The cache tensor under repeat_kv (``kv[:, :, None].expand(..).reshape(..)``), or
+    the cache itself (MHA: transformers' repeat_kv returns it unchanged)."""
+    if _meth(n, "reshape"):
         _need(_meth(n, "reshape"), "keys are not repeat_kv of the cache")
         ex = n.args[0]
         _need(_meth(ex, "expand"), "keys are not repeat_kv of the cache")
@@ -275,8 +300,9 @@ def _conjuncts(n) -> list:
     return [n]
 
 
-def _causal(term, capacity: int) -> fx.Node:
-    """The query-position node ``q`` [1] when ``term`` is ``arange(S)[kv] <= q``."""
+def _causal(term, capacity: int, rows=1) -> fx.Node:
+    """The query-position node ``q`` [R] when ``term`` is ``arange(S)[kv] <= q``,
+    ``q = arange(R) + offset``: row i sees the first ``offset + i + 1`` keys."""
     _need(_fn(term, operator.le), "a mask term that is neither causal nor per key")
     kv, q = (_strip(a, ()) for a in term.args)
     if _fn(kv, operator.add):
@@ -284,17 +310,20 @@ def _causal(term, capacity: int) -> fx.Node:
         kv = kv.args[0]
     _need(_fn(kv, torch.arange) and kv.args[:1] == (capacity,) and len(kv.args) == 1,
           "the mask's key positions are not arange(cache length)")
-    _need(_fn(q, operator.add) and _fn(q.args[0], torch.arange) and q.args[0].args[:1] == (1,),
-          "the mask's query position is not arange(1) + offset")
+    n = q.args[0].args[0] if _fn(q, operator.add) and _fn(q.args[0], torch.arange) and len(q.args[0].args) == 1 \
+        else None
+    _need(n is not None and _same(_ev(n) if isinstance(n, fx.Node) else n, rows),
+          f"the mask's query positions are not arange({rows}) + offset")
     return q
 
 
-def match_mask(mask, capacity: int) -> tuple[Optional[fx.Node], list]:
+def match_mask(mask, capacity: int, batch: int = 1, rows=1) -> tuple[Optional[fx.Node], list]:
     """(q, key_terms) when ``mask`` is ``(arange(S)[kv] <= q) & key_terms...`` expanded,
-    each key term a bool tensor of one query row ([1, 1, 1, S], e.g. transformers' padding
-    mask): the admitted rows are then exactly ``j < q + 1`` with every key term set.
-    (None, [mask]) when the mask is such a row alone (``generate`` builds it before the
-    compiled step and passes it in): every row of the cache, hidden where it says."""
+    each key term a bool tensor of one query row per sequence ([1 or B, 1, 1, S], e.g.
+    transformers' padding mask): the admitted rows are then exactly ``j < q[i] + 1`` with
+    every key term set. (None, [mask]) when the mask is such a row alone, one query a
+    sequence (``generate`` builds it before the compiled step and passes it in): every
+    row of the cache, hidden where it says."""
     _need(mask is not None, "no mask (is_causal or no cache)")
     if _meth(mask, "expand"):
         mask = mask.args[0]
@@ -304,12 +333,23 @@ def match_mask(mask, capacity: int) -> tuple[Optional[fx.Node], list]:
         if _fn(term, operator.le):
             causal.append(term)
         else:
-            _need(tv is not None and tv.dtype == torch.bool and tuple(tv.shape) == (1, 1, 1, capacity),
-                  "a mask term that is neither causal nor per key")
+            _need(tv is not None and tv.dtype == torch.bool and tv.dim() == 4 and tv.shape[0] in (1, batch)
+                  and tuple(tv.shape[1:]) == (1, 1, capacity), "a mask term that is neither causal nor per key")
             keys.append(term)
     _need(len(causal) <= 1, "the mask has several causal terms")
     _need(causal or keys, "an empty mask")
-    return (_causal(causal[0], capacity) if causal else None), keys
+    _need(causal or _same(rows, 1), f"{rows} queries a sequence under a mask built outside the graph: "
+                                    "the kernel's causal rows cannot be checked against it")
+    return (_causal(causal[0], capacity, rows) if causal else None), keys
+
+
+def _new_rows(r) -> bool:
+    """Whether ``r`` new tokens a sequence are a decode or verify step's, not a prefill's.
+    A symbolic count (dynamo made it dynamic after seeing several) is bounded by a guard:
+    a longer call recompiles, and that graph's attention stays as traced."""
+    if isinstance(r, torch.SymInt):
+        return guard_bool(r <= gqa_attention.MAX_ROWS)
+    return r <= gqa_attention.MAX_ROWS
 
 
 def match_attention(sdpa: fx.Node) -> dict:
@@ -318,41 +358,49 @@ def match_attention(sdpa: fx.Node) -> dict:
     _need(_arg(sdpa, 4, "dropout_p", 0.0) == 0.0, "dropout")
     _need(not _arg(sdpa, 5, "is_causal", False), "is_causal with a cache")
     qv, kv = _ev(q), _ev(key)
-    _need(qv is not None and qv.dim() == 4 and qv.shape[0] == 1 and qv.shape[2] == 1, "not one query of batch 1")
-    nh, dh = qv.shape[1], qv.shape[3]
+    _need(qv is not None and qv.dim() == 4, "queries are not [batch, heads, tokens, head_dim]")
+    b, nh, r, dh = qv.shape
+    _need(all(isinstance(d, int) for d in (b, nh, dh)), "a symbolic batch or head size")
+    _need(_new_rows(r), f"{r} queries a sequence: more than a verify step's {gqa_attention.MAX_ROWS} "
+                        "(a prefill keeps its attention)")
+    rows = (b, r)
     xq, cos_u, sin_u = match_rope(q, dh)
-    xn, wq, bq = _heads(xq)
-    k_cache = _cache_read(key, 2)
-    v_cache = _cache_read(value, 2)
+    xn, wq, bq = _heads(xq, rows)
+    k_cache = _cache_read(key)
+    v_cache = _cache_read(value)
     kcv = _ev(k_cache)
-    _need(kcv is not None and kcv.shape[0] == 1 and kcv.shape[3] == dh and nh % kcv.shape[1] == 0,
-          "cache shape")
+    _need(kcv is not None and kcv.dim() == 4 and kcv.shape[0] == b and kcv.shape[3] == dh
+          and nh % kcv.shape[1] == 0, "cache shape")
     nkv, capacity = kcv.shape[1], kcv.shape[2]
-    _need(tuple(kv.shape) in ((1, nh, capacity, dh), (1, nkv, capacity, dh)), "keys are not the whole cache")
+    _need(tuple(kv.shape) in ((b, nh, capacity, dh), (b, nkv, capacity, dh)), "keys are not the whole cache")
     wk_, wv_ = _cache_write(k_cache, sdpa), _cache_write(v_cache, sdpa)
     _need(wk_.args[2] is wv_.args[2], "K and V written at different positions")
     xk, cos_k, sin_k = match_rope(wk_.args[3], dh)
     _need(cos_k is cos_u and sin_k is sin_u, "q and k rotated by different tables")
-    xk_in, wk, bk = _heads(xk)
-    xv_in, wv, bv = _heads(wv_.args[3])
+    xk_in, wk, bk = _heads(xk, rows)
+    xv_in, wv, bv = _heads(wv_.args[3], rows)
     _need(xn is xk_in is xv_in, "q, k, v projections of different inputs")
     _need((bq is None) == (bk is None) == (bv is None), "some projections have biases, some not")
     pos, inv_freq = match_cos_sin(cos_u, sin_u, dh)
-    qpos, key_terms = match_mask(mask, capacity)
+    pv = _ev(pos)
+    _need(pv.shape[0] in (1, b) and _same(pv.shape[1], r), "position_ids are not [batch or 1, new tokens]")
+    qpos, key_terms = match_mask(mask, capacity, b, r)
     x, ln_w, eps = match_rms_norm(xn)
-    _one_row(x)
+    _step_rows(x, rows)
     dtypes = {_ev(t).dtype for t in (x, wq, wk, wv, k_cache, v_cache)}
     _need(len(dtypes) == 1, f"mixed dtypes {sorted(map(str, dtypes))}")
     scale = _arg(sdpa, 6, "scale")
     _need(scale is None or isinstance(scale, float), "the scale is not a constant")
     cache_pos = wk_.args[2]
-    _need(_ev(cache_pos) is not None and _ev(cache_pos).dtype == torch.int64 and _ev(cache_pos).numel() == 1,
-          "cache position is not one int64")
+    cv = _ev(cache_pos)
+    # one cache row a token for every sequence of the batch, as StaticLayer writes them
+    _need(cv is not None and cv.dtype == torch.int64 and cv.dim() == 1 and _same(cv.shape[0], r),
+          "cache positions are not one int64 row a new token")
     reads = [x, ln_w, wq, wk, wv, bq, bk, bv, pos, inv_freq, cache_pos, k_cache, v_cache, qpos, *key_terms]
     _no_writes_inside([sdpa, wk_, wv_], reads, sdpa, allowed=(wk_, wv_))
     return dict(x=x, ln_w=ln_w, eps=eps, wq=wq, wk=wk, wv=wv, bq=bq, bk=bk, bv=bv, pos=pos, inv_freq=inv_freq,
                 cache_pos=cache_pos, k_cache=k_cache, v_cache=v_cache, writes=(wk_, wv_), qpos=qpos, key_terms=key_terms,
-                scale=dh ** -0.5 if scale is None else scale, nh=nh, dh=dh)
+                scale=dh ** -0.5 if scale is None else scale, nh=nh, dh=dh, batch=b, rows=r)
 
 
 def _call(graph: fx.Graph, target, *args) -> fx.Node:
@@ -360,7 +408,18 @@ def _call(graph: fx.Graph, target, *args) -> fx.Node:
 
 
 def _rows(graph, x: fx.Node) -> fx.Node:
-    return graph.call_method("reshape", (x, (1, _ev(x).shape[-1])))
+    """``x`` [..., D] as the fused ops' [M, D] rows (batch-major, then token)."""
+    return graph.call_method("reshape", (x, (-1, _ev(x).shape[-1])))
+
+
+def _per_row(graph, t: fx.Node, batch: int, shared: bool) -> fx.Node:
+    """A [tokens] (``shared``: one for all sequences) or [1 or B, tokens] tensor as the
+    fused op's [B * tokens] per-row values."""
+    if shared:
+        t = graph.call_method("reshape", (t, (1, -1)))
+    if batch > 1 and (shared or _ev(t).shape[0] == 1):
+        t = graph.call_method("expand", (t, (batch, -1)))
+    return graph.call_method("reshape", (t, (-1,)))
 
 
 def _rewrite_attention(graph: fx.Graph, sdpa: fx.Node, m: dict, lengths_of: dict) -> None:
@@ -368,34 +427,49 @@ def _rewrite_attention(graph: fx.Graph, sdpa: fx.Node, m: dict, lengths_of: dict
     layer it was a one-element inductor kernel in every layer (AOT's CSE did not merge
     them), breaking the layer's chain of dependent launches."""
     tf = torch.ops.tileflow
+    b, one = m["batch"], isinstance(m["rows"], int) and m["rows"] == 1
     first = next(n for n in graph.nodes if n in m["writes"])
     with graph.inserting_before(first):
         x2 = _rows(graph, m["x"])
-        pos = graph.call_method("reshape", (m["pos"], (1,)))
-        cpos = graph.call_method("reshape", (m["cache_pos"], (1,)))
+        pos = _per_row(graph, m["pos"], b, shared=False)
+        # StaticLayer writes token i of every sequence at the same cache row
+        cpos = _per_row(graph, m["cache_pos"], b, shared=True)
         inv = graph.call_method("to", (m["inv_freq"], torch.float32))
         q = _call(graph, tf.qkv_rope_cache.default, x2, m["ln_w"], m["eps"], m["wq"], m["wk"], m["wv"], m["bq"],
                   m["bk"], m["bv"], pos, cpos, inv, m["k_cache"], m["v_cache"])
     with graph.inserting_before(sdpa):
+        kc = _ev(m["k_cache"])
         if m["qpos"] is not None:
-            lengths = lengths_of.get(m["qpos"])
-            if lengths is None:
-                lengths = lengths_of[m["qpos"]] = _call(graph, operator.add, m["qpos"], 1)
-        else:  # a mask from outside the graph: every row, the key mask decides
-            kc = _ev(m["k_cache"])
-            key = ("every row", kc.shape[2], kc.device)
+            key = (m["qpos"], b)
             lengths = lengths_of.get(key)
             if lengths is None:
-                lengths = lengths_of[key] = graph.call_function(torch.full, ((1,), kc.shape[2]),
+                # the last new row sees keys j <= its position; the kernel's row i sees lengths - R + 1 + i
+                last = m["qpos"] if one else _call(graph, operator.getitem, m["qpos"], slice(-1, None))
+                lengths = _call(graph, operator.add, last, 1)
+                if b > 1:
+                    lengths = graph.call_method("expand", (lengths, (b,)))
+                lengths_of[key] = lengths
+        else:  # a mask from outside the graph: every row, the key mask decides
+            key = ("every row", b, kc.shape[2], kc.device)
+            lengths = lengths_of.get(key)
+            if lengths is None:
+                lengths = lengths_of[key] = graph.call_function(torch.full, ((b,), kc.shape[2]),
                                                                 {"dtype": torch.int64, "device": kc.device})
         key_mask = None
         for term in m["key_terms"]:
             key_mask = term if key_mask is None else _call(graph, operator.and_, key_mask, term)
         if key_mask is not None:
-            key_mask = graph.call_method("to", (graph.call_method("reshape", (key_mask, (1, -1))), torch.int32))
-        o = _call(graph, tf.gqa_attention.default, q, m["k_cache"], m["v_cache"], lengths, m["scale"],
-                  key_mask)
-        out = graph.call_method("view", (o, (1, m["nh"], 1, m["dh"])))
+            key_mask = graph.call_method("reshape", (key_mask, (-1, kc.shape[2])))
+            if b > 1 and all(_ev(t).shape[0] == 1 for t in m["key_terms"]):
+                key_mask = graph.call_method("expand", (key_mask, (b, -1)))
+            key_mask = graph.call_method("to", (key_mask, torch.int32))
+        if one:
+            o = _call(graph, tf.gqa_attention.default, q, m["k_cache"], m["v_cache"], lengths, m["scale"], key_mask)
+            out = graph.call_method("view", (o, (b, m["nh"], 1, m["dh"])))
+        else:  # q [B, R, NH, DH]: the kernel's R causal rows; SDPA's layout is [B, NH, R, DH]
+            q4 = graph.call_method("view", (q, (b, -1, m["nh"], m["dh"])))
+            o = _call(graph, tf.gqa_attention.default, q4, m["k_cache"], m["v_cache"], lengths, m["scale"], key_mask)
+            out = graph.call_method("transpose", (o, 1, 2))
     sdpa.replace_all_uses_with(out)
     graph.erase_node(sdpa)
     for w in m["writes"]:
@@ -403,7 +477,7 @@ def _rewrite_attention(graph: fx.Graph, sdpa: fx.Node, m: dict, lengths_of: dict
 
 
 # ------------------------------------------------------------------ MLP, head
-def match_gate_up(mul: fx.Node) -> dict:
+def match_gate_up(mul: fx.Node, rows: tuple = ()) -> dict:
     _need(_fn(mul, operator.mul), "not a product")
     gu = _pair(mul, lambda s: _fn(s, torch.nn.functional.silu) and _fn(s.args[0], *_LINEARS),
                lambda u: _fn(u, *_LINEARS))
@@ -413,36 +487,50 @@ def match_gate_up(mul: fx.Node) -> dict:
     _need(gate.args[0] is up.args[0], "gate and up of different inputs")
     _need(all(_arg(n, 2, "bias") is None and _placeholder(n.args[1]) for n in (gate, up)), "biases or non-weights")
     x, ln_w, eps = match_rms_norm(gate.args[0])
-    _one_row(x)
+    _step_rows(x, rows)
     _no_writes_inside([mul], [x, ln_w, gate.args[1], up.args[1]], mul)
     return dict(x=x, ln_w=ln_w, eps=eps, wg=gate.args[1], wu=up.args[1])
 
 
-def match_head(lin: fx.Node) -> dict:
+def match_head(lin: fx.Node, rows: tuple = ()) -> dict:
     _need(_fn(lin, *_LINEARS) and _arg(lin, 2, "bias") is None and _placeholder(lin.args[1]), "not a bias-free linear")
-    n = lin.args[0]
-    if _fn(n, operator.getitem):  # logits_to_keep's slice, the identity for one token
-        _need(tuple(_ev(n).shape) == tuple(_ev(n.args[0]).shape), "a slice that drops rows")
+    n, keep = lin.args[0], None
+    if _fn(n, operator.getitem):  # logits_to_keep's slice of the token axis
+        keep = n.args[1]
+        same = all(_same(a, b) for a, b in zip(_ev(n).shape, _ev(n.args[0]).shape))
+        tokens_only = (isinstance(keep, tuple) and len(keep) == 3 and keep[0] == keep[2] == slice(None)
+                       and isinstance(keep[1], slice))
+        _need(same or (rows and tokens_only), "a slice that drops rows")
+        keep = None if same else keep  # the norm is per row: slicing its input slices its output
         n = n.args[0]
     x, ln_w, eps = match_rms_norm(n)
-    _one_row(x)
+    _step_rows(x, rows)
     _no_writes_inside([lin], [x, ln_w, lin.args[1]], lin)
-    return dict(x=x, ln_w=ln_w, eps=eps, w=lin.args[1])
+    return dict(x=x, ln_w=ln_w, eps=eps, w=lin.args[1], keep=keep)
 
 
 def _replace_norm_fused(graph: fx.Graph, node: fx.Node, target, m: dict, weights: tuple) -> None:
     """``node`` -> ``target(x rows, norm weight, eps, *weights)`` viewed to ``node``'s shape."""
+    shape = tuple(_ev(node).shape)
+    if not all(isinstance(d, int) for d in shape):  # [B, tokens, N], the tokens symbolic
+        shape = (shape[0], -1, shape[2])
     with graph.inserting_before(node):
-        y = _call(graph, target, _rows(graph, m["x"]), m["ln_w"], m["eps"], *weights)
-        out = graph.call_method("view", (y, tuple(_ev(node).shape)))
+        x = m["x"]
+        if m.get("keep") is not None:
+            x = _call(graph, operator.getitem, x, m["keep"])
+        y = _call(graph, target, _rows(graph, x), m["ln_w"], m["eps"], *weights)
+        out = graph.call_method("view", (y, shape))
     node.replace_all_uses_with(out)
     graph.erase_node(node)
 
 
-def rewrite_decode_graph(gm: fx.GraphModule, report: Report) -> None:
-    """Apply the dynamo-level decode patterns to ``gm`` in place; record what happened."""
+def rewrite_decode_graph(gm: fx.GraphModule, report: Report) -> tuple:
+    """Apply the dynamo-level decode patterns to ``gm`` in place; record what happened.
+    Returns the step's (batch, new tokens) when its attention matched with more than one
+    row (the linears the post-grad pass may then take), else ()."""
     graph, tf = gm.graph, torch.ops.tileflow
     lengths_of: dict = {}
+    steps = []  # (batch, new tokens) of each matched attention: the step's rows
     for node in list(graph.nodes):
         if _fn(node, *_SDPA):
             try:
@@ -451,12 +539,15 @@ def rewrite_decode_graph(gm: fx.GraphModule, report: Report) -> None:
                 report.fallback(gqa_attention.NAME, where(node), str(e))
                 continue
             _rewrite_attention(graph, node, m, lengths_of)
+            steps.append((m["batch"], m["rows"]))
             for name, n in ((rms_norm.NAME, 1), (rope.NAME, 1), (gqa_attention.NAME, 1), ("matvec", 3)):
                 report.match(name, n)
+    # more than one row a step only where every matched attention agrees on them
+    rows = steps[0] if steps and all(_same(s[0], steps[0][0]) and _same(s[1], steps[0][1]) for s in steps) else ()
     for node in list(graph.nodes):
         if _fn(node, operator.mul) and any(_fn(a, torch.nn.functional.silu) for a in node.args):
             try:
-                m = match_gate_up(node)
+                m = match_gate_up(node, rows)
             except NoMatch as e:
                 report.fallback("gate_up_silu", where(node), str(e))
                 continue
@@ -467,7 +558,7 @@ def rewrite_decode_graph(gm: fx.GraphModule, report: Report) -> None:
     for node in list(graph.nodes):
         if _fn(node, *_LINEARS) and _ev(node) is not None and any(node in o.all_input_nodes for o in outputs):
             try:
-                m = match_head(node)
+                m = match_head(node, rows)
             except NoMatch as e:
                 report.fallback(rms_norm.NAME, where(node), f"final norm + lm_head: {e}")
                 continue
@@ -477,6 +568,7 @@ def rewrite_decode_graph(gm: fx.GraphModule, report: Report) -> None:
     _batch_cache_counters(graph, report)
     _drop_dead(graph)
     gm.recompile()
+    return rows
 
 
 def _counter_increment(c: fx.Node) -> Optional[fx.Node]:

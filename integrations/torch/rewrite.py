@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from tileflow.patterns import matvec as matvec_pattern
 from tileflow.report import Report
@@ -48,7 +49,14 @@ def _transposed_weight(node) -> tuple:
     return w, ""
 
 
-def match_linear(node: fx.Node) -> tuple:
+def _decode_rows(n, step_rows: tuple) -> bool:
+    """One row, or the batch x new tokens of a step whose attention the dynamo pass matched."""
+    if statically_known_true(n == 1):
+        return True
+    return bool(step_rows) and statically_known_true(n == step_rows[0] * step_rows[1])
+
+
+def match_linear(node: fx.Node, step_rows: tuple = ()) -> tuple:
     """(x, w, b, "") for an mm/addmm that is the ``matvec`` pattern, else (.., reason)."""
     if node.target == aten.addmm.default:
         b, x, wt = node.args[:3]
@@ -59,7 +67,7 @@ def match_linear(node: fx.Node) -> tuple:
     xv, out = _val(x), _val(node)
     if xv is None or out is None:
         return None, None, None, "no shape information"
-    if xv.dim() != 2 or xv.shape[0] > matvec_pattern.MAX_ROWS:
+    if xv.dim() != 2 or not _decode_rows(xv.shape[0], step_rows):
         return None, None, None, f"{xv.shape[0]} rows: prefill stays with the library GEMM"
     w, why = _transposed_weight(wt)
     if why:
@@ -118,8 +126,10 @@ def _silu_input(node):
     return None
 
 
-def rewrite_graph(graph: fx.Graph, report: Report) -> None:
-    """Apply the catalogue's patterns to ``graph`` in place; record what happened."""
+def rewrite_graph(graph: fx.Graph, report: Report, step_rows: tuple = ()) -> None:
+    """Apply the catalogue's patterns to ``graph`` in place; record what happened.
+    ``step_rows``: the (batch, new tokens) of the step's matched attention, whose rows
+    the linears may then have (``decode_graph.rewrite_decode_graph``)."""
     linear_op, residual_op, gate_op = (torch.ops.tileflow.matvec.default,
                                        torch.ops.tileflow.matvec_residual.default,
                                        torch.ops.tileflow.gate_up_silu.default)
@@ -127,7 +137,7 @@ def rewrite_graph(graph: fx.Graph, report: Report) -> None:
     for node in list(graph.nodes):
         if not (_is(node, aten.mm.default) or _is(node, aten.addmm.default)):
             continue
-        x, w, b, why = match_linear(node)
+        x, w, b, why = match_linear(node, step_rows)
         if why:
             report.fallback("matvec", where(node), why)
             continue
@@ -163,7 +173,7 @@ def rewrite_graph(graph: fx.Graph, report: Report) -> None:
             if rv is None or sv is None or rv.shape != sv.shape or rv.dtype != sv.dtype:
                 continue
             n = _val(lin).shape[1]
-            r2 = _view(graph, node, r, [1, n])
+            r2 = _view(graph, node, r, [-1, n])
             with graph.inserting_before(node):
                 fused = graph.call_function(residual_op, (lin.args[0], lin.args[1], r2))
             fused.meta["val"] = _val(lin)
