@@ -146,11 +146,14 @@ def reference(xp, q_nope, q_pe, kv_cache, pe_cache, lengths, w_uk, w_uv, scale, 
     return {"out": (pr[:, :, None, :] @ v)[:, :, 0, :]}
 
 
-def mla_params(s, block_n: int = 32, heads_block: int = 0, splits: int = 0, num_warps: int = 4) -> dict:
+def mla_params(s, block_n: int = 32, heads_block: int = 0, splits: int = 0, num_warps: int = 0) -> dict:
     """Parameters for cache capacity ``S``. By default SPLITS fills about two waves of 132
-    multiprocessors with (head block, split) programs, never more than S / BLOCK_N."""
+    multiprocessors with (head block, split) programs, never more than S / BLOCK_N, and a
+    [HEADS_BLOCK, BLOCK_R] fp32 accumulator of 16K or more elements gets 8 warps (unmeasured)."""
     if not heads_block:
         heads_block = min(64, max(16, next_pow2(s["NH"])))
+    if not num_warps:
+        num_warps = 8 if heads_block * next_pow2(s["R"]) >= 16384 else 4
     hblocks = -(-s["NH"] // heads_block)
     if not splits:
         splits = 1 if s["S"] <= 256 else max(1, min(two_waves({**s, "NKV": hblocks}), -(-s["S"] // block_n)))

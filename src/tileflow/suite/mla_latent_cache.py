@@ -1,0 +1,154 @@
+"""mla_latent_cache: the cache-write side of DeepSeek-V2 / V3 multi-head latent attention.
+For each row ``m`` (one new token of sequence ``m``) of the layer's normed input ``x``::
+
+    y            = kv_a_proj_with_mqa(x[m])            # [R + DR]: w_kva [RA = R + DR, D]
+    kv_cache[m, pos[m]] = kv_a_layernorm(y[:R])         # RMSNorm, weight ln_w, eps
+    pe_cache[m, pos[m]] = rope(y[R:], pos[m])           # rotated rope key
+
+``w_kva`` is the projection's weight as it lies (the caller's sizes must have
+``RA == R + DR``). The rope reads the model's ``rotary_emb.inv_freq`` table (``inv_freq``,
+``HALF = DR / 2`` entries: default and YaRN frequencies alike) and multiplies cos and sin
+by ``rope_scale`` (the rotary embedding's ``attention_scaling``: YaRN's attention factor,
+1 otherwise), as transformers does. ``ROPE_LAYOUT`` picks the model's pair layout:
+
+- 0: rotate-half pairs ``(i, i + HALF)`` in and out (DeepseekV3 with ``rope_interleave=False``);
+- 1: interleaved pairs ``(2i, 2i + 1)`` in, halves out: ``[rotated evens | rotated odds]``
+  (DeepseekV3's default ``rope_interleave=True``);
+- 2: interleaved pairs in and out (DeepseekV2's complex rotation).
+
+Two launches: ``project`` is a matvec over ``cdiv(RA, BLOCK_O)`` row blocks per token (the
+weight stream spread over many programs), writing ``y`` to an fp32 workspace; ``write``
+(one program per token) needs all ``R`` outputs at once for the norm's sum of squares and
+both members of each rope pair, which no single row block of the projection holds.
+"""
+
+from tileflow.suite.inputs import linear_weight, positions, rope_frequencies
+from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
+
+LAYOUTS = {"halves": 0, "interleaved": 1, "interleaved_out": 2}
+
+
+def define(k, p):
+    layout = p["ROPE_LAYOUT"]
+    x = k.input("x", ("M", "D"))
+    w_kva = k.input("w_kva", ("RA", "D"))
+    ln_w = k.input("ln_w", ("R",))
+    pos = k.input("pos", ("M",), dtype="i64")
+    inv_freq = k.input("inv_freq", ("HALF",), dtype="f32")
+    kv_cache = k.inout("kv_cache", ("M", "S", "R"))
+    pe_cache = k.inout("pe_cache", ("M", "S", "DR"))
+    eps = k.scalar("eps")
+    rope_scale = k.scalar("rope_scale")
+    ws_y = k.workspace("y", ("M", "RA"))
+
+    with k.stage("project", grid=("cdiv(RA, BLOCK_O)", "M")):
+        m = k.program_id(1)
+        rows = k.range(k.program_id(0) * k.param("BLOCK_O"), "BLOCK_O", aligned=True)
+        with k.loop(0, k.dim("D"), "BLOCK_K", carry=(k.full(("BLOCK_O", "BLOCK_K"), 0.0),)) as lp:
+            (acc,) = lp.carry
+            cols = k.range(lp.index, "BLOCK_K", aligned=True)
+            lp.next(acc + k.load(w_kva, (rows, cols)) * k.load(x, (m, cols))[None, :])
+        (acc,) = lp.results
+        k.store(ws_y, (m, rows), k.sum(acc, axis=1))
+
+    with k.stage("write", grid=("M",)):
+        m = k.program_id(0)
+        nr, half, dr = k.dim("R"), k.dim("HALF"), k.dim("DR")
+        p_int = k.load(pos, (m,))
+        r = k.range(0, "BLOCK_R", aligned=True)
+        y = k.load(ws_y, (m, r), limits={1: nr})
+        rstd = k.rsqrt(k.sum(y * y, axis=0) / k.cast(nr, "f32") + eps)
+        k.store(kv_cache, (m, p_int, r), y * rstd * k.load(ln_w, (r,)))
+
+        i = k.range(0, "BLOCK_HALF", aligned=True)
+        ang = k.cast(p_int, "f32") * k.load(inv_freq, (i,))
+        c, s = k.cos(ang) * rope_scale, k.sin(ang) * rope_scale
+        if layout == 0:
+            x1 = k.load(ws_y, (m, k.range(nr, "BLOCK_HALF")), limits={1: nr + half})
+            x2 = k.load(ws_y, (m, k.range(nr + half, "BLOCK_HALF")))
+        else:  # pairs (2i, 2i + 1): the [DR] tile as [HALF, 2], each column picked by a masked sum
+            pairs = k.reshape(k.load(ws_y, (m, k.range(nr, "BLOCK_DR"))), ("BLOCK_HALF", "TWO"))
+            first = (k.range(0, "TWO", aligned=True).index < 1)[None, :]
+            x1 = k.sum(k.where(first, pairs, 0.0), axis=1)
+            x2 = k.sum(k.where(first, 0.0, pairs), axis=1)
+        o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
+        if layout == 2:  # back to pairs: column 0 takes o1, column 1 o2
+            both = k.where(first, o1[:, None], o2[:, None])
+            k.store(pe_cache, (m, p_int, k.range(0, "BLOCK_DR", aligned=True)), k.reshape(both, ("BLOCK_DR",)))
+        else:
+            k.store(pe_cache, (m, p_int, i), o1, limits={2: half})
+            k.store(pe_cache, (m, p_int, k.range(half, "BLOCK_HALF")), o2, limits={2: dr})
+
+
+def reference(xp, x, w_kva, ln_w, pos, inv_freq, kv_cache, pe_cache, eps, rope_scale, rope_layout: int):
+    """transformers' computation: kv_a_proj_with_mqa, split, RMSNorm of the compressed part,
+    rope (cos / sin times ``rope_scale``) of the rope part in the model's pair layout.
+    ``rope_layout`` is the case's ROPE_LAYOUT (a compile-time parameter the kernel never
+    takes at run time: ``_case`` puts it in both the sizes and the reference's scalars)."""
+    layout = int(rope_layout)
+    m, s, nr = kv_cache.shape
+    dr = pe_cache.shape[-1]
+    y = x @ xp.matrix_transpose(w_kva)  # [M, R + DR]
+    kv, pe = y[:, :nr], y[:, nr:]
+    kv = kv / xp.sqrt(xp.mean(kv * kv, axis=-1, keepdims=True) + eps) * ln_w
+    ang = xp.astype(pos, x.dtype)[:, None] * xp.astype(inv_freq, x.dtype)[None, :]  # [M, HALF]
+    c, sn = xp.cos(ang) * rope_scale, xp.sin(ang) * rope_scale
+    if layout == 0:
+        x1, x2 = pe[:, : dr // 2], pe[:, dr // 2:]
+    else:
+        pairs = xp.reshape(pe, (m, dr // 2, 2))
+        x1, x2 = pairs[:, :, 0], pairs[:, :, 1]
+    o1, o2 = x1 * c - x2 * sn, x2 * c + x1 * sn
+    if layout == 2:
+        rot = xp.reshape(xp.stack([o1, o2], axis=-1), (m, dr))
+    else:
+        rot = xp.concat([o1, o2], axis=-1)
+    at = (xp.arange(s)[None, :] == pos[:, None])[:, :, None]  # [M, S, 1]
+    return {"kv_cache": xp.where(at, kv[:, None, :], kv_cache), "pe_cache": xp.where(at, rot[:, None, :], pe_cache)}
+
+
+def default_params(s):
+    return {"ROPE_LAYOUT": s.get("ROPE_LAYOUT", 1), "BLOCK_O": min(64, next_pow2(s["RA"])),
+            "BLOCK_K": min(128, next_pow2(s["D"])), "BLOCK_R": next_pow2(s["R"]),
+            "BLOCK_DR": next_pow2(s["DR"]), "BLOCK_HALF": next_pow2(s["DR"]) // 2, "TWO": 2,
+            "num_warps": 4, "num_stages": 2}
+
+
+def candidates(s):
+    base = default_params(s)
+    return [{**base, "BLOCK_O": bo, "BLOCK_K": bk, "num_warps": nw}
+            for bo in (8, 16, 32, 64) for bk in (64, 128, 256, 512) for nw in (2, 4, 8)]
+
+
+def _case(label, m, d, r, dr, s, layout, eps=1e-6, rope_scale=1.0, params=None):
+    """A case: ROPE_LAYOUT both in the sizes (the kernel's parameter) and in the reference's
+    scalars, from one value."""
+    sizes = dict(M=m, D=d, R=r, DR=dr, RA=r + dr, HALF=dr // 2, S=s, ROPE_LAYOUT=layout)
+    return Case(label, sizes, dict(eps=eps, rope_scale=rope_scale, rope_layout=layout), params=dict(params or {}))
+
+
+# DeepSeek-V2-Lite (hidden 2048, rope_interleave as V2's complex rotation) and DeepSeek-V3
+# (hidden 7168, interleaved pairs out as halves; YaRN's attention factor is 1 there)
+def _decode_cases(_config):
+    return [_case("v2lite", 1, 2048, 512, 64, 8192, 2), _case("v3", 1, 7168, 512, 64, 8192, 1)]
+
+
+KERNEL = register(SuiteKernel(
+    name="mla_latent_cache",
+    summary="DeepSeek MLA cache write: kv_a_proj_with_mqa, kv_a_layernorm, rope of k_pe, into the latent cache",
+    define=define,
+    reference=reference,
+    default_params=default_params,
+    test_cases=[
+        _case("halves", 1, 48, 32, 16, 40, 0, rope_scale=1.1),
+        _case("interleaved", 2, 64, 32, 16, 50, 1, eps=1e-5, rope_scale=0.9, params=dict(BLOCK_O=16, BLOCK_K=32)),
+        _case("interleaved_out", 2, 40, 64, 16, 60, 2, params=dict(BLOCK_O=32)),
+        _case("odd", 1, 100, 48, 16, 45, 1, rope_scale=1.2, params=dict(BLOCK_O=16, BLOCK_K=32)),
+    ],
+    decode_cases=_decode_cases,
+    tune_keys=("M", "D", "R", "DR"),
+    candidates=candidates,
+    input_makers={"w_kva": linear_weight, "pos": positions("S"), "inv_freq": rope_frequencies},
+    min_bytes=lambda s, b: (s["RA"] * s["D"] + s["M"] * (s["D"] + s["RA"]) + s["R"]) * b + 8 * s["M"],
+    module=__name__,
+))
