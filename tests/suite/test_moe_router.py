@@ -65,13 +65,14 @@ def router_args(moe, config):
     return inputs, sizes, scalars
 
 
-def run_generated(name, sizes, inputs, outputs, scalars):
-    """The generated Triton kernel (interpreted on CPU) on these tensors."""
+def run_generated(name, sizes, inputs, outputs, scalars, **params):
+    """The generated Triton kernel (interpreted on CPU) on these tensors; ``params``
+    override the defaults (wider tiles: fewer interpreted programs)."""
     from tileflow.runtime.torch_triton import triton_launcher
     from tileflow.suite import KERNELS
 
     kernel = KERNELS[name]
-    ir = kernel.build(kernel.default_params(sizes))
+    ir = kernel.build({**kernel.default_params(sizes), **params})
     tensors = {**inputs, **outputs}
     triton_launcher(ir, "cpu")(*[tensors[v.name] for v in ir.arguments], *[scalars[s.name] for s in ir.scalars])
     return outputs
@@ -111,6 +112,6 @@ def test_router_matches_transformers(model, m):
     k = config.num_experts_per_tok
     out = {"topk_idx": torch.full((m, k), -1, dtype=torch.int64),
            "topk_weight": torch.full((m, k), float("nan"))}
-    run_generated("moe_router", dict(sizes, M=m), {"x": x, **inputs}, out, scalars)
+    run_generated("moe_router", dict(sizes, M=m), {"x": x, **inputs}, out, scalars, BLOCK_N=8)
     assert torch.equal(out["topk_idx"], ref["topk_idx"])
     torch.testing.assert_close(out["topk_weight"], ref["topk_weight"], rtol=1e-5, atol=1e-6)
