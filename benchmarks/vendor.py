@@ -92,4 +92,84 @@ def vendor_call(name: str, t: dict, scalars: dict):
             t["v_cache"].index_copy_(2, pos, v.unsqueeze(2))
             return q
         return qkv, "F.rms_norm + F.linear on [wq;wk;wv] + eager RoPE + index_copy_"
+    if name == "moe_router":
+        return _moe_router(t, scalars), "F.linear + softmax / sigmoid + torch.topk (the model's gate)"
+    if name == "moe_experts":
+        return _moe_experts(t), "torch eager over the chosen experts (index + F.linear)"
+    if name == "mla_attention":
+        return _mla_attention(t, scalars), "torch eager absorbed MLA (einsum + softmax)"
+    if name == "mla_latent_cache":
+        return _mla_latent_cache(t, scalars), "F.linear + F.rms_norm + eager RoPE + index_copy_"
     raise KeyError(name)
+
+
+def _moe_router(t, scalars):
+    x, w, bias = t["x"], t["w"], t.get("bias")
+    k, n_group, topk_group = int(scalars["top_k"]), int(scalars["n_group"]), int(scalars["topk_group"])
+
+    def route():
+        logits = F.linear(x.float(), w)
+        s = logits.softmax(-1) if bias is None else logits.sigmoid()
+        choice = s if bias is None else s + bias
+        m, e = choice.shape
+        groups = choice.view(m, n_group, -1)
+        gscore = groups.max(-1).values if bias is None else groups.topk(2, dim=-1).values.sum(-1)
+        keep = torch.zeros_like(gscore).scatter_(1, gscore.topk(topk_group, dim=-1).indices, 1.0)
+        keep = keep[:, :, None].expand(-1, -1, e // n_group).reshape(m, e).bool()
+        idx = choice.masked_fill(~keep, float("-inf") if bias is not None else 0.0).topk(k, dim=-1).indices
+        wts = s.gather(1, idx)
+        if scalars["norm_topk"]:
+            wts = wts / (wts.sum(-1, keepdim=True) + 1e-20)
+        return idx, wts * scalars["scale"]
+    return route
+
+
+def _moe_experts(t):
+    x, idx, wts, gate_up, down = t["x"], t["topk_idx"], t["topk_weight"], t["gate_up"], t["down"]
+    residual = t.get("residual")
+
+    def experts():
+        out = torch.zeros_like(x, dtype=torch.float32) if residual is None else residual.float()
+        for m in range(x.shape[0]):
+            for j in range(idx.shape[1]):
+                e = int(idx[m, j])
+                g, u = F.linear(x[m], gate_up[e, 0]), F.linear(x[m], gate_up[e, 1])
+                out[m] += wts[m, j] * F.linear(F.silu(g) * u, down[e]).float()
+        return out.to(x.dtype)
+    return experts
+
+
+def _mla_attention(t, scalars):
+    qn, qp, kv, pe, lengths = t["q_nope"], t["q_pe"], t["kv_cache"], t["pe_cache"], t["lengths"]
+    w_uk, w_uv, mask = t["w_uk"], t["w_uv"], t.get("key_mask")
+
+    def attend():
+        q_lat = torch.einsum("bhn,hnr->bhr", qn, w_uk)
+        scores = (torch.einsum("bhr,bsr->bhs", q_lat, kv) + torch.einsum("bhd,bsd->bhs", qp, pe)) * scalars["scale"]
+        valid = torch.arange(kv.shape[1], device=kv.device)[None, :] < lengths[:, None]
+        if mask is not None:
+            valid = valid & (mask > 0)
+        pr = scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(-1)
+        return torch.einsum("bhr,hvr->bhv", torch.einsum("bhs,bsr->bhr", pr, kv), w_uv)
+    return attend
+
+
+def _mla_latent_cache(t, scalars):
+    x, w, ln, pos, inv = t["x"], t["w_kva"], t["ln_w"], t["pos"], t["inv_freq"]
+    kv_cache, pe_cache = t["kv_cache"], t["pe_cache"]
+    r, dr, layout = kv_cache.shape[-1], pe_cache.shape[-1], int(scalars["rope_layout"])
+
+    def write():
+        y = F.linear(x, w)
+        kv = F.rms_norm(y[:, :r], (r,), ln, scalars["eps"])
+        ang = pos.float()[:, None] * inv.float()[None, :]
+        c, s = ang.cos() * scalars["rope_scale"], ang.sin() * scalars["rope_scale"]
+        pe = y[:, r:].float()
+        x1, x2 = (pe[:, :dr // 2], pe[:, dr // 2:]) if layout == 0 else (pe[:, 0::2], pe[:, 1::2])
+        o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
+        rot = torch.stack([o1, o2], -1).flatten(1) if layout == 2 else torch.cat([o1, o2], -1)
+        rows = torch.arange(x.shape[0], device=x.device)
+        kv_cache[rows, pos] = kv.to(kv_cache.dtype)
+        pe_cache[rows, pos] = rot.to(pe_cache.dtype)
+        return kv_cache
+    return write
