@@ -25,8 +25,10 @@ mask: for queries of one sequence such a row is exactly a per-key mask. Matched 
 B sequences of R new tokens each (R <= ``MAX_ROWS``: a verify step; more is a prefill),
 the q/k/v rows ``[B, R]`` and position_ids ``[B or 1, R]``, every sequence written at
 the same cache rows (transformers' cache_position). A mask built outside the graph for
-R > 1 rows keeps the original. A float (additive) mask, dropout or ``is_causal`` keep
-the original.
+R > 1 rows ``[B or 1, 1, R, S]`` is taken as its last row (key mask) with the kernel's
+causal rows, and the step checks that this is the mask (``tileflow::row_mask_keys``: a
+mask of another form raises, never a silent difference). A float (additive) mask, dropout or ``is_causal`` keep the
+original.
 """
 
 NAME = "gqa_attention"

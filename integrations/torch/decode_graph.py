@@ -352,6 +352,21 @@ def _new_rows(r) -> bool:
     return r <= gqa_attention.MAX_ROWS
 
 
+def match_row_mask(mask, capacity: int, batch: int, rows) -> Optional[fx.Node]:
+    """The mask when it is a bool graph input [1 or B, 1, R, S] for R > 1 new tokens
+    (``generate`` builds the verify step's mask before the compiled call): its last row
+    is the key mask and the kernel's causal rows the rest, which the rewrite asserts."""
+    if mask is None or _same(rows, 1):
+        return None
+    if _meth(mask, "expand"):
+        mask = mask.args[0]
+    mv = _ev(mask)
+    if not (_placeholder(mask) and mv is not None and mv.dtype == torch.bool and mv.dim() == 4):
+        return None
+    ok = mv.shape[0] in (1, batch) and mv.shape[1] == 1 and _same(mv.shape[2], rows) and mv.shape[3] == capacity
+    return mask if ok else None
+
+
 def match_attention(sdpa: fx.Node) -> dict:
     q, key, value = sdpa.args[:3]
     mask = _arg(sdpa, 3, "attn_mask")
@@ -384,7 +399,8 @@ def match_attention(sdpa: fx.Node) -> dict:
     pos, inv_freq = match_cos_sin(cos_u, sin_u, dh)
     pv = _ev(pos)
     _need(pv.shape[0] in (1, b) and _same(pv.shape[1], r), "position_ids are not [batch or 1, new tokens]")
-    qpos, key_terms = match_mask(mask, capacity, b, r)
+    row_mask = match_row_mask(mask, capacity, b, r)
+    qpos, key_terms = (None, [row_mask]) if row_mask is not None else match_mask(mask, capacity, b, r)
     x, ln_w, eps = match_rms_norm(xn)
     _step_rows(x, rows)
     dtypes = {_ev(t).dtype for t in (x, wq, wk, wv, k_cache, v_cache)}
@@ -400,7 +416,8 @@ def match_attention(sdpa: fx.Node) -> dict:
     _no_writes_inside([sdpa, wk_, wv_], reads, sdpa, allowed=(wk_, wv_))
     return dict(x=x, ln_w=ln_w, eps=eps, wq=wq, wk=wk, wv=wv, bq=bq, bk=bk, bv=bv, pos=pos, inv_freq=inv_freq,
                 cache_pos=cache_pos, k_cache=k_cache, v_cache=v_cache, writes=(wk_, wv_), qpos=qpos, key_terms=key_terms,
-                scale=dh ** -0.5 if scale is None else scale, nh=nh, dh=dh, batch=b, rows=r)
+                scale=dh ** -0.5 if scale is None else scale, nh=nh, dh=dh, batch=b, rows=r,
+                row_mask=row_mask)
 
 
 def _call(graph: fx.Graph, target, *args) -> fx.Node:
@@ -439,7 +456,13 @@ def _rewrite_attention(graph: fx.Graph, sdpa: fx.Node, m: dict, lengths_of: dict
                   m["bk"], m["bv"], pos, cpos, inv, m["k_cache"], m["v_cache"])
     with graph.inserting_before(sdpa):
         kc = _ev(m["k_cache"])
-        if m["qpos"] is not None:
+        if m["row_mask"] is not None:
+            # the cache holds lengths rows after this step's writes: the last new row sees them all
+            last = _call(graph, operator.getitem, m["cache_pos"], slice(-1, None))
+            lengths = _call(graph, operator.add, last, 1)
+            if b > 1:
+                lengths = graph.call_method("expand", (lengths, (b,)))
+        elif m["qpos"] is not None:
             key = (m["qpos"], b)
             lengths = lengths_of.get(key)
             if lengths is None:
@@ -456,9 +479,12 @@ def _rewrite_attention(graph: fx.Graph, sdpa: fx.Node, m: dict, lengths_of: dict
                 lengths = lengths_of[key] = graph.call_function(torch.full, ((b,), kc.shape[2]),
                                                                 {"dtype": torch.int64, "device": kc.device})
         key_mask = None
-        for term in m["key_terms"]:
+        if m["row_mask"] is not None:
+            # the kernel's causal rows over the last row, checked against the mask in the step
+            key_mask = _call(graph, tf.row_mask_keys.default, m["row_mask"], lengths)
+        for term in ([] if m["row_mask"] is not None else m["key_terms"]):
             key_mask = term if key_mask is None else _call(graph, operator.and_, key_mask, term)
-        if key_mask is not None:
+        if key_mask is not None and m["row_mask"] is None:
             key_mask = graph.call_method("reshape", (key_mask, (-1, kc.shape[2])))
             if b > 1 and all(_ev(t).shape[0] == 1 for t in m["key_terms"]):
                 key_mask = graph.call_method("expand", (key_mask, (b, -1)))
@@ -518,7 +544,8 @@ def _replace_norm_fused(graph: fx.Graph, node: fx.Node, target, m: dict, weights
         x = m["x"]
         if m.get("keep") is not None:
             x = _call(graph, operator.getitem, x, m["keep"])
-        y = _call(graph, target, _rows(graph, x), m["ln_w"], m["eps"], *weights)
+        rows = graph.call_method("reshape", (x, (-1, _ev(m["x"]).shape[-1])))
+        y = _call(graph, target, rows, m["ln_w"], m["eps"], *weights)
         out = graph.call_method("view", (y, shape))
     node.replace_all_uses_with(out)
     graph.erase_node(node)

@@ -90,6 +90,9 @@ def _replace(graph: fx.Graph, node: fx.Node, target, args) -> fx.Node:
 
 
 def _view(graph: fx.Graph, before: fx.Node, src: fx.Node, shape: list) -> fx.Node:
+    symbolic = [i for i, d in enumerate(shape) if not isinstance(d, int)]
+    if len(symbolic) == 1:  # a step's symbolic token count: -1, not a raw SymInt argument
+        shape = [-1 if i == symbolic[0] else d for i, d in enumerate(shape)]
     with graph.inserting_before(before):
         v = graph.call_function(aten.view.default, (src, shape))
     v.meta["val"] = _val(src).view(shape)

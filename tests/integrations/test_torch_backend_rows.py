@@ -5,6 +5,8 @@ graph). Tokens equal the uncompiled model's (fp32); the report counts the patter
 layer with no fallback; the fused ops are counted running with B (or R) rows, so a step
 that silently ran the traced graph fails; one compile serves the whole decode."""
 
+import functools
+
 import pytest
 import torch
 from transformers import StaticCache
@@ -124,3 +126,60 @@ def test_decode_loop_over_a_batch_static_cache(kind, target, tileflow_options, a
         per_layer(report, layers)
         assert report.matches["cache_counters"] == layers
     torch._dynamo.reset()
+
+
+def test_prompt_lookup_verify_steps_run_with_r_rows(tileflow_options, attention_rows):
+    """The verify step's R tokens: dynamo makes R dynamic after the second length, so one
+    graph serves every R in 2..16 (a guard bounds it); its mask comes from generate
+    ([1, 1, R, S]), taken as one key row with the kernel's causal rows and asserted in
+    the step. A longer call (a 20-token prefill) recompiles and keeps its attention."""
+    tileflow_options(cpu_target="reference")
+    torch._dynamo.reset()
+    model, ids = tiny("llama"), repetitive()
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=14, do_sample=False)
+        backend.LAST_REPORTS.clear()
+        compiled = torch.compile(model.forward, backend="tileflow", mode="default")
+        calls = []
+
+        @functools.wraps(compiled)  # generate reads the forward's signature
+        def record(**kw):
+            if kw["input_ids"].shape[1] > 1 and kw.get("attention_mask") is not None:
+                calls.append(kw)
+            return compiled(**kw)
+
+        model.forward = record
+        # transformers' default static cache has no room for the last drafts: one that has
+        cache = StaticCache(config=model.config, max_cache_len=64)
+        got = model.generate(ids, max_new_tokens=14, do_sample=False, prompt_lookup_num_tokens=4, cache=cache)
+        assert torch.equal(got, expected), (got[0, ids.shape[1]:].tolist(), expected[0, ids.shape[1]:].tolist())
+        verify = [r for r in backend.LAST_REPORTS if r.matches["gqa_attention"]]
+        assert len(backend.LAST_REPORTS) == 3, [str(r) for r in backend.LAST_REPORTS]  # prefill, R = 1, R dynamic
+        for report in verify:
+            per_layer(report, model.config.num_hidden_layers)
+        assert any(r > 1 for _, r in attention_rows), attention_rows  # drafts verified by the fused kernels
+        cache = StaticCache(config=model.config, max_cache_len=64)
+
+        def verify(n, flip=False, fn=record):
+            """A verify call as generate makes them, of n tokens after one cached token."""
+            cache.reset()
+            type(model).forward(model, input_ids=ids[:, :1], cache=cache, use_cache=True)  # allocates it
+            mask = (torch.arange(64)[None, :] <= 1 + torch.arange(n)[:, None])[None, None]
+            if flip:
+                mask[0, 0, 0, 0] = False
+            return fn(**dict(calls[-1], input_ids=ids[:, 1:n + 1], position_ids=torch.arange(1, n + 1)[None],
+                             attention_mask=mask, cache=cache)).logits
+
+        eager = functools.partial(type(model).forward, model)
+        torch.testing.assert_close(verify(5), verify(5, fn=eager))
+        graphs = len(backend.LAST_REPORTS)
+        per_layer(backend.LAST_REPORTS[-1], model.config.num_hidden_layers)
+        # a mask of another form than causal over one key row raises, never a silent difference
+        with pytest.raises(RuntimeError, match="not causal over one key row"):
+            verify(5, flip=True)
+        # 20 tokens, more than a verify step: a graph of its own (a guard bounds R in a dynamic one)
+        torch.testing.assert_close(verify(20), verify(20, fn=eager))
+    torch._dynamo.reset()
+    assert len(backend.LAST_REPORTS) == graphs + 1 and not backend.LAST_REPORTS[-1].matches["gqa_attention"]
+    assert any("queries a sequence: more than a verify step's 16" in why
+               for _, _, why in backend.LAST_REPORTS[-1].fallbacks), backend.LAST_REPORTS[-1]

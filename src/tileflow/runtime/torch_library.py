@@ -98,6 +98,10 @@ def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Te
 
 @qkv_rope_cache.register_fake
 def _(x, ln_w, eps, wq, wk, wv, bq, bk, bv, pos, cache_pos, inv_freq, k_cache, v_cache):
+    if x.shape[0] is not k_cache.shape[0] and x.shape[0] != k_cache.shape[0]:
+        # R rows a sequence (ops sets ROWS from the shapes; R may be symbolic): q [M, NH, DH]
+        dh = k_cache.shape[-1]
+        return x.new_empty((x.shape[0], wq.shape[0] // dh, dh))
     values = {"x": x, "ln_w": ln_w, "eps": eps, "wq": wq, "wk": wk, "wv": wv, "bq": bq, "bk": bk, "bv": bv,
               "pos": pos, "cache_pos": cache_pos, "inv_freq": inv_freq, "k_cache": k_cache, "v_cache": v_cache}
     return _fake("qkv_rope_cache", values, {"HAS_BIAS": int(bq is not None), "ROPE_KIND": 3, "CACHE_POS": 1},
@@ -108,13 +112,19 @@ def _(x, ln_w, eps, wq, wk, wv, bq, bk, bv, pos, cache_pos, inv_freq, k_cache, v
 def gqa_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
                      scale: float, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """GQA decode attention of q [B, NH, DH] over the first ``lengths[b]`` cache rows
-    (and, with ``key_mask`` [B, S] int32, only the rows it leaves nonzero)."""
-    return ops.gqa_attention(q.contiguous(), k_cache, v_cache, lengths, scale,
-                                None if key_mask is None else key_mask.contiguous())
+    (and, with ``key_mask`` [B, S] int32, only the rows it leaves nonzero); q [B, R, NH, DH]:
+    R new tokens of each sequence, row i over the first ``lengths[b] - R + 1 + i``."""
+    mask = None if key_mask is None else key_mask.contiguous()
+    if q.dim() == 4 and q.shape[1] == 1:  # a graph traced for R tokens run with one: the one-row kernel
+        return ops.gqa_attention(q.reshape(q.shape[0], q.shape[2], q.shape[3]).contiguous(), k_cache, v_cache,
+                                 lengths, scale, mask).view(q.shape)
+    return ops.gqa_attention(q.contiguous(), k_cache, v_cache, lengths, scale, mask)
 
 
 @gqa_attention.register_fake
 def _(q, k_cache, v_cache, lengths, scale, key_mask=None):
+    if q.dim() == 4:  # R rows a sequence, R possibly symbolic: out is q's shape
+        return q.new_empty(q.shape)
     return _fake("gqa_attention", {"q": q, "k_cache": k_cache, "v_cache": v_cache, "lengths": lengths,
                                           "scale": scale, "key_mask": key_mask},
                  {"HAS_MASK": 1} if key_mask is not None else None)
@@ -148,3 +158,29 @@ def cache_rows_advance(counters: list[torch.Tensor], n: int, capacity: int = -1)
 @cache_rows_advance.register_fake
 def _(counters, n, capacity=-1):
     return counters[0].new_empty((len(counters),))
+
+
+@torch.library.custom_op("tileflow::row_mask_keys", mutates_args=())
+def row_mask_keys(mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The key mask [B, S] int32 of a bool mask [1 or B, 1, R, S] built outside a compiled
+    step for R new tokens: its last row. Raises unless every row i is that key row within
+    the first ``lengths[b] - R + 1 + i`` keys, which ``gqa_attention`` reads for row i (on
+    a GPU as a device-side assert: no host read per step), so a mask of another form never
+    gives a silently different attention."""
+    b, r, s = lengths.shape[0], mask.shape[2], mask.shape[3]
+    key_row = mask[:, 0, -1].expand(b, s)
+    limit = lengths[:, None] - r + 1 + torch.arange(r, device=mask.device)[None, :]
+    admitted = key_row[:, None, :] & (torch.arange(s, device=mask.device)[None, None, :] < limit[:, :, None])
+    same = (admitted == mask[:, 0]).all()
+    message = "tileflow: the attention mask of the new tokens is not causal over one key row"
+    if mask.device.type == "cpu":
+        if not bool(same):
+            raise RuntimeError(message + ": compile this step without tileflow")
+    else:
+        torch._assert_async(same, message)
+    return key_row.to(torch.int32).contiguous()
+
+
+@row_mask_keys.register_fake
+def _(mask, lengths):
+    return mask.new_empty((lengths.shape[0], mask.shape[3]), dtype=torch.int32)
