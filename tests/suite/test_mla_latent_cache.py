@@ -70,10 +70,10 @@ def test_reference_equals_transformers_latent_cache(kind):
     args = dict(x=hidden[:, -1].contiguous(), w_kva=layer.kv_a_proj_with_mqa.weight.detach(),
                 ln_w=layer.kv_a_layernorm.weight.detach(), pos=torch.full((bsz,), steps - 1, dtype=torch.int64),
                 inv_freq=rotary.inv_freq)
-    scalars = dict(eps=layer.kv_a_layernorm.variance_epsilon, rope_scale=rotary.attention_scaling)
+    scalars = dict(eps=layer.kv_a_layernorm.variance_epsilon, rope_scale=rotary.attention_scaling, rope_layout=layout)
     xp = array_api_compat.array_namespace(kv_cache)
     with torch.no_grad():
-        ref = reference(xp, **args, kv_cache=kv_cache, pe_cache=pe_cache, **scalars, rope_layout=layout)
+        ref = reference(xp, **args, kv_cache=kv_cache, pe_cache=pe_cache, **scalars)
     sizes = dict(M=bsz, D=config.hidden_size, R=config.kv_lora_rank, DR=config.qk_rope_head_dim,
                  RA=config.kv_lora_rank + config.qk_rope_head_dim, HALF=config.qk_rope_head_dim // 2, S=cap,
                  ROPE_LAYOUT=layout)

@@ -39,6 +39,9 @@ def define(k, p):
     pe_cache = k.inout("pe_cache", ("M", "S", "DR"))
     eps = k.scalar("eps")
     rope_scale = k.scalar("rope_scale")
+    # the layout as a launch argument too, unused by the code (specialised on ROPE_LAYOUT):
+    # the reference sees arguments, never parameters, and every caller binds both from one value
+    k.scalar("rope_layout")
     ws_y = k.workspace("y", ("M", "RA"))
 
     with k.stage("project", grid=("cdiv(RA, BLOCK_O)", "M")):
@@ -83,8 +86,8 @@ def define(k, p):
 def reference(xp, x, w_kva, ln_w, pos, inv_freq, kv_cache, pe_cache, eps, rope_scale, rope_layout: int):
     """transformers' computation: kv_a_proj_with_mqa, split, RMSNorm of the compressed part,
     rope (cos / sin times ``rope_scale``) of the rope part in the model's pair layout.
-    ``rope_layout`` is the case's ROPE_LAYOUT (a compile-time parameter the kernel never
-    takes at run time: ``_case`` puts it in both the sizes and the reference's scalars)."""
+    ``rope_layout`` is the case's ROPE_LAYOUT (the kernel's code is specialised on the
+    parameter and takes the same value as an unused launch argument: ``_case`` sets both)."""
     layout = int(rope_layout)
     m, s, nr = kv_cache.shape
     dr = pe_cache.shape[-1]
