@@ -413,7 +413,7 @@ def _static_by_default(model, prepare, made: dict):
         if (not given and generation_config.cache_implementation is None and model_kwargs.get("use_cache", True)
                 and getattr(generation_config, "use_cache", True) and sized):
             generation_config.cache_implementation = "static"
-            if drafts:
+            if drafts and isinstance(bound.arguments.get("max_cache_length"), int):
                 bound.arguments["max_cache_length"] += drafts + 1
         result = prepare(*bound.args, **bound.kwargs)
         cache = next((model_kwargs[k] for k in ("cache", "past_key_values") if model_kwargs.get(k) is not None), None)
