@@ -402,18 +402,17 @@ def _static_by_default(model, prepare, made: dict):
     import inspect
 
     signature = inspect.signature(prepare)
-    params = signature.parameters
 
     def _prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs):
         made["cache"] = None
         given = any(model_kwargs.get(k) is not None for k in ("cache", "past_key_values"))
         bound = signature.bind(model, generation_config, model_kwargs, *args, **kwargs)
         drafts = _draft_rows(generation_config, bound.arguments.get("generation_mode"))
-        sized = drafts == 0 or "max_cache_length" in params
+        sized = drafts == 0 or isinstance(bound.arguments.get("max_cache_length"), int)
         if (not given and generation_config.cache_implementation is None and model_kwargs.get("use_cache", True)
                 and getattr(generation_config, "use_cache", True) and sized):
             generation_config.cache_implementation = "static"
-            if drafts and isinstance(bound.arguments.get("max_cache_length"), int):
+            if drafts:
                 bound.arguments["max_cache_length"] += drafts + 1
         result = prepare(*bound.args, **bound.kwargs)
         cache = next((model_kwargs[k] for k in ("cache", "past_key_values") if model_kwargs.get(k) is not None), None)

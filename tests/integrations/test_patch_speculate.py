@@ -86,3 +86,27 @@ def test_several_tokens_with_gradients_run_the_model_and_say_why(tileflow_option
     tileflow.unpatch(model)
     assert out.logits.shape[1] == 4 and report.verify_steps == 0
     assert any(f[0] == "verify_step" and "gradients" in f[2] for f in report.fallbacks), report.fallbacks
+
+
+def test_drafting_calls_get_a_static_cache_only_with_room_for_the_drafts():
+    """The default static cache is sized by generate's cache length plus the drafts'
+    room; a transformers whose cache preparation takes no length keeps the default cache
+    for drafting calls (the last verify would write past a max_length-sized static cache)."""
+    from transformers import GenerationConfig
+
+    from tileflow.integrations.transformers.patch import _static_by_default
+
+    seen = []
+
+    def with_length(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
+        seen.append((generation_config.cache_implementation, max_cache_length))
+
+    def without_length(self, generation_config, model_kwargs, generation_mode, batch_size):
+        seen.append((generation_config.cache_implementation, None))
+
+    for prepare in (with_length, without_length):
+        for lookup in (None, 4):
+            wrapped = _static_by_default(object(), prepare, {"cache": None})
+            wrapped(GenerationConfig(prompt_lookup_num_tokens=lookup, use_cache=True), {}, "greedy_search", 1,
+                    *([40] if prepare is with_length else []))
+    assert seen == [("static", 40), ("static", 45), ("static", None), (None, None)]
