@@ -302,6 +302,13 @@ def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport,
         logits = logits.view(b, r, -1)
         return logits[:, -keep:] if 0 < keep < r else logits
 
+    def verified(verify, args, kwargs):
+        """The verify step's output through the program, or the original forward's after it failed."""
+        logits = step(*verify)
+        if logits is None:
+            return fallback("broken", *args, **kwargs)
+        return CausalLMOutputWithPast(logits=logits, **{cache_field(): verify[2]})
+
     @functools.wraps(original)  # generate inspects forward's signature to choose its kwargs
     def forward(*args, **kwargs):
         tok, pos, cache, mask, why = decode_request(args, kwargs, runner.program.takes_any_position)
@@ -312,19 +319,13 @@ def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport,
                 verify_why = "training or gradients enabled (the program keeps no autograd graph)"
             verify_why = verify_why or ("disabled after an error" if state["broken"] else "")
         if verify and not verify_why and fill.holds_tokens(verify[2]):
-            logits = step(*verify)  # a speculative verify step on a cache known to hold tokens
-            if logits is not None:
-                return CausalLMOutputWithPast(logits=logits, **{cache_field(): verify[2]})
-            return fallback("broken", *args, **kwargs)
+            return verified(verify, args, kwargs)  # a speculative verify step on a cache known to hold tokens
         if why == "not a one-token step" and prefill is not None:
             ids, cache, keep, why_not = prefill_request(args, kwargs)
             # a padded prompt also has positions other than 0..T-1: a continuation holds tokens
             continues = why_not in CONTINUATIONS and _holds_tokens(cache_argument(kwargs))
             if continues and not verify_why:
-                logits = step(*verify)  # the count was unknown here: one read said the cache holds tokens
-                if logits is not None:
-                    return CausalLMOutputWithPast(logits=logits, **{cache_field(): verify[2]})
-                return fallback("broken", *args, **kwargs)
+                return verified(verify, args, kwargs)  # the count was unknown here: one read said it holds tokens
             if continues:  # tokens continuing a sequence the verify program does not take
                 if verify_why not in seen:
                     seen.add(verify_why)

@@ -95,38 +95,47 @@ def batch_paths(model, ids, mask, new_tokens: int, repeats: int, progress=lambda
     return out
 
 
+def step_seconds(model, prompt, tokens: int, steps: int, repeats: int) -> float:
+    """Seconds of one forward feeding ``tokens`` new tokens to each of the ``prompt``'s
+    sequences (its rows) after the prompt pass, on a static cache: the best of ``repeats``
+    rounds of ``steps`` forwards, after a first round (which compiles or captures)."""
+    from transformers import StaticCache
+
+    dev, kw = prompt.device, cache_keyword(model)
+    m, n = prompt.shape
+    cache = StaticCache(config=model.config, max_cache_len=n + tokens * steps * (repeats + 1) + 1)
+    feed = prompt[:, :tokens]  # what is fed does not change the time of a step
+    best = float("inf")
+    with torch.no_grad():
+        model(input_ids=prompt, use_cache=True, **{kw: cache})
+        pos = n
+        for r in range(repeats + 1):
+            _sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                p = torch.arange(pos, pos + tokens, device=dev).expand(m, tokens)
+                model(input_ids=feed, position_ids=p, use_cache=True, **{kw: cache})
+                pos += tokens
+            _sync(dev)
+            if r:
+                best = min(best, (time.perf_counter() - t0) / steps)
+    return best
+
+
 def step_cost(model, prompt_ids, rows=(1, 2, 4, 8, 16), steps: int = 16, repeats: int = 3,
               progress=lambda s: None) -> dict:
     """ms of one patched decode step (the model's forward, one token per sequence) on a
     static cache of M sequences, per M, and its ratio to M = 1: what the weights' one
     read buys a batch."""
     import tileflow
-    from transformers import StaticCache
 
-    dev = prompt_ids.device
-    kw = cache_keyword(model)
     report = tileflow.patch(model)
     out = {}
     try:
         for m in rows:
             progress(f"step cost: {m} rows")
-            ids = prompt_ids[:1].expand(m, -1).contiguous()
-            cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps * (repeats + 1) + 1)
-            with torch.no_grad():
-                tok = model(input_ids=ids, use_cache=True, **{kw: cache}).logits[:, -1:].argmax(-1)
-                pos = ids.shape[1]
-                best = float("inf")
-                for r in range(repeats + 1):  # the first round captures the graph
-                    _sync(dev)
-                    t0 = time.perf_counter()
-                    for _ in range(steps):
-                        p = torch.full((m, 1), pos, device=dev, dtype=torch.long)
-                        tok = model(input_ids=tok, position_ids=p, use_cache=True, **{kw: cache}).logits.argmax(-1)
-                        pos += 1
-                    _sync(dev)
-                    if r:
-                        best = min(best, (time.perf_counter() - t0) / steps)
-            out[m] = {"step_ms": best * 1e3}
+            rows_ids = prompt_ids[:1].expand(m, -1).contiguous()
+            out[m] = {"step_ms": step_seconds(model, rows_ids, 1, steps, repeats) * 1e3}
         one = out[rows[0]]["step_ms"]
         for m in out:
             out[m]["vs_one_row"] = out[m]["step_ms"] / one
@@ -181,38 +190,15 @@ def draft_round(target, draft, ids, k: int, repeats: int = 3, progress=lambda s:
     ``(1 - a**(k+1)) / (1 - a)`` over the round's time ``k * t_draft + t_verify``, against
     ``t_target`` a token."""
     import tileflow
-    from transformers import StaticCache
-
-    dev = ids.device
-
-    def timed(model, n_tokens: int, steps: int) -> float:
-        kw = cache_keyword(model)
-        cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + n_tokens * steps * (repeats + 1) + 2)
-        best = float("inf")
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=True, **{kw: cache})
-            pos = ids.shape[1]
-            for r in range(repeats + 1):
-                _sync(dev)
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    tok = ids[:, :n_tokens]
-                    p = torch.arange(pos, pos + n_tokens, device=dev)[None]
-                    model(input_ids=tok, position_ids=p, use_cache=True, **{kw: cache})
-                    pos += n_tokens
-                _sync(dev)
-                if r:
-                    best = min(best, (time.perf_counter() - t0) / steps)
-        return best
 
     reports = [tileflow.patch(target), tileflow.patch(draft)]
     try:
         progress("draft model: target step")
-        t_target = timed(target, 1, 8)
+        t_target = step_seconds(target, ids, 1, 8, repeats)
         progress("draft model: verify step")
-        t_verify = timed(target, k + 1, 4)
+        t_verify = step_seconds(target, ids, k + 1, 4, repeats)
         progress("draft model: draft steps")
-        t_draft = timed(draft, 1, 8)
+        t_draft = step_seconds(draft, ids, 1, 8, repeats)
     finally:
         tileflow.unpatch(target), tileflow.unpatch(draft)
     implied = {}
