@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
+from tileflow.bench.rows import time_generate
 from tileflow.integrations.shared.hf import cache_keyword
 
 
@@ -178,41 +179,18 @@ def profile_decode(model, step, ids, cache, steps: int = 32) -> tuple[list, list
     return bd.as_records(rows), bd.idle_gaps(timeline, steps)
 
 
-def generate_once(model, ids, new_tokens: int, kwargs: dict) -> tuple[float, list]:
-    """Seconds of ``model.generate`` (greedy, ``new_tokens`` new) and its new tokens."""
-    _sync(ids.device)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, **kwargs)
-    _sync(ids.device)
-    return time.perf_counter() - t0, out[0, ids.shape[1]:].tolist()
-
-
 def run_generate_path(path: Path, model, ids, new_tokens: int, repeats: int, res: PathResult,
                       progress: Callable[[str], None]) -> None:
-    """Time ``model.generate`` itself: decode tok/s = (N - 1) / (best run of N new tokens
-    less best run of one), the one-token run's time as TTFT."""
+    """Time ``model.generate`` itself (greedy, ``rows.time_generate``): decode tok/s = (N - 1) /
+    (best run of N new tokens less best run of one), the one-token run's time as TTFT."""
     path.setup(model)
-    progress(f"{path.name}: warm-up")
-    t0 = time.perf_counter()
-    warm, _ = generate_once(model, ids, new_tokens, path.generate)
-    generate_once(model, ids, 1, path.generate)
-    res.warmup_ttft_s = warm
-    full, first = [], []
-    toks = []
-    for r in range(repeats):
-        progress(f"{path.name}: run {r + 1}/{repeats}")
-        t, toks = generate_once(model, ids, new_tokens, path.generate)
-        full.append(t)
-        first.append(generate_once(model, ids, 1, path.generate)[0])
-    res.tokens = toks
-    res.ttft_s = min(first)
-    res.runs_ttft_s = first
-    res.runs_tok_s = [(len(toks) - 1) / max(f - res.ttft_s, 1e-9) for f in full]
-    res.decode_tok_s = max(res.runs_tok_s)
-    res.compile_s = max(0.0, time.perf_counter() - t0 - sum(full) - sum(first) - warm)
-    if len(toks) < new_tokens:
-        res.note += f" (stopped at an end-of-sequence token after {len(toks)})"
+    t = time_generate(model, ids, new_tokens, repeats, {"do_sample": False, **path.generate}, progress, path.name)
+    res.tokens = t["tokens"][0]
+    res.ttft_s, res.runs_ttft_s = t["ttft_s"], t["runs_ttft_s"]
+    res.decode_tok_s, res.runs_tok_s = t["decode_tok_s"], t["runs_tok_s"]
+    res.warmup_ttft_s, res.compile_s = t["warmup_s"], t["compile_s"]
+    if len(res.tokens) < new_tokens:
+        res.note += f" (stopped at an end-of-sequence token after {len(res.tokens)})"
     report = getattr(model, "_tileflow_patch", None)
     if report is not None:
         res.note += f"; patched steps run: {report.steps}"

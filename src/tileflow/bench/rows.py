@@ -36,7 +36,8 @@ def padded_batch(vocab: int, rows: int, prompt: int, device, seed: int = 0) -> t
 def time_generate(model, ids, new_tokens: int, repeats: int, kwargs: dict,
                   progress: Callable[[str], None] = lambda s: None, label: str = "") -> dict:
     """``model.generate(ids, max_new_tokens=N, **kwargs)``: aggregate decode tok/s over all
-    rows, TTFT, the new tokens of each row (the last run's)."""
+    rows (each run of N less the best run of one), TTFT, the warm-up's and the compile
+    time, the new tokens of each row (the last run's)."""
     def once(n):
         _sync(ids.device)
         t0 = time.perf_counter()
@@ -46,7 +47,8 @@ def time_generate(model, ids, new_tokens: int, repeats: int, kwargs: dict,
         return time.perf_counter() - t0, out[:, ids.shape[1]:]
 
     progress(f"{label}: warm-up")
-    once(new_tokens)
+    t0 = time.perf_counter()
+    warm = once(new_tokens)[0]
     once(1)
     full, first, toks = [], [], None
     for r in range(repeats):
@@ -57,8 +59,10 @@ def time_generate(model, ids, new_tokens: int, repeats: int, kwargs: dict,
     ttft = min(first)
     steps = toks.shape[1] - 1
     runs = [ids.shape[0] * steps / max(t - ttft, 1e-9) for t in full]
-    return {"decode_tok_s": max(runs), "runs_tok_s": runs, "ttft_s": ttft, "rows": ids.shape[0],
-            "new_tokens_per_row": toks.shape[1], "tokens": toks.tolist()}
+    compile_s = max(0.0, time.perf_counter() - t0 - sum(full) - sum(first) - warm)
+    return {"decode_tok_s": max(runs), "runs_tok_s": runs, "ttft_s": ttft, "runs_ttft_s": first,
+            "warmup_s": warm, "compile_s": compile_s, "rows": ids.shape[0], "new_tokens_per_row": toks.shape[1],
+            "tokens": toks.tolist()}
 
 
 def batch_paths(model, ids, mask, new_tokens: int, repeats: int, progress=lambda s: None) -> dict:
