@@ -245,6 +245,24 @@ def unsupported_request(kwargs: dict) -> str:
     return "return_dict=False" if kwargs.get("return_dict") is False else ""
 
 
+def step_inputs(kwargs: dict, cache, sequences: int, what: str, tokens: int = 1
+                ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], str]:
+    """(position_ids, mask, "") of a call feeding ``tokens`` tokens to each of ``sequences``
+    sequences of a static ``cache``, or (None, None, why the programs cannot take it): the
+    checks the one-token and the verify steps share (``what`` names the call in a reason)."""
+    why = unsupported_request(kwargs)
+    if not why and cache is None:
+        why = "no cache"
+    why = why or static_cache_problem(cache, sequences)
+    if why:
+        return None, None, why
+    pos = kwargs.get("position_ids")
+    if pos is not None and (not isinstance(pos, torch.Tensor) or pos.numel() != sequences * tokens):
+        return None, None, f"position_ids of shape {tuple(getattr(pos, 'shape', ()))} for {what}"
+    mask, why = mask_row(kwargs.get("attention_mask"), cache.layers[0].keys.shape[2], sequences)
+    return (None, None, why) if why else (pos, mask, "")
+
+
 def decode_request(args, kwargs, any_position: bool = False
                    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], object, Optional[torch.Tensor], str]:
     """(tok, pos, cache, mask, "") when a CausalLM forward call is a plain one-token
@@ -263,18 +281,7 @@ def decode_request(args, kwargs, any_position: bool = False
     if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] != 1:
         return (*none, "not a one-token step")
     rows = input_ids.shape[0]
-    why = unsupported_request(kwargs)
-    if why:
-        return (*none, why)
-    if cache is None:
-        return (*none, "no cache")
-    why = static_cache_problem(cache, rows)
-    if why:
-        return (*none, why)
-    pos = kwargs.get("position_ids")
-    if pos is not None and (not isinstance(pos, torch.Tensor) or pos.numel() != rows):
-        return (*none, f"position_ids of shape {tuple(getattr(pos, 'shape', ()))} for {rows} sequences")
-    mask, why = mask_row(kwargs.get("attention_mask"), cache.layers[0].keys.shape[2], rows)
+    pos, mask, why = step_inputs(kwargs, cache, rows, f"{rows} sequences")
     if why:
         return (*none, why)
     row = cache_row(cache)
@@ -315,11 +322,8 @@ def verify_request(args, kwargs) -> tuple[Optional[torch.Tensor], Optional[torch
             or not 2 <= input_ids.shape[1] <= MAX_VERIFY_ROWS:
         return (*none, f"not 2 to {MAX_VERIFY_ROWS} tokens of one sequence")
     r = input_ids.shape[1]
-    why = unsupported_request(kwargs)
     cache = cache_argument(kwargs)
-    if not why and cache is None:
-        why = "no cache"
-    why = why or static_cache_problem(cache, 1)
+    pos, mask, why = step_inputs(kwargs, cache, 1, f"{r} tokens", tokens=r)
     if why:
         return (*none, why)
     row = cache_row(cache)
@@ -328,12 +332,7 @@ def verify_request(args, kwargs) -> tuple[Optional[torch.Tensor], Optional[torch
     keep = kwargs.get("logits_to_keep", 0)
     if not isinstance(keep, int):
         return (*none, "logits_to_keep given as indices")
-    mask, why = mask_row(kwargs.get("attention_mask"), cache.layers[0].keys.shape[2])
-    if why:
-        return (*none, why)
-    pos, given = kwargs.get("position_ids"), kwargs.get("cache_position")
-    if pos is not None and (not isinstance(pos, torch.Tensor) or pos.numel() != r):
-        return (*none, f"position_ids of shape {tuple(getattr(pos, 'shape', ()))} for {r} tokens")
+    given = kwargs.get("cache_position")
     if isinstance(given, torch.Tensor):
         if given.numel() != r or int(given.reshape(-1)[0]) != int(row[0]):
             return (*none, "cache_position differs from the cache's next rows")
