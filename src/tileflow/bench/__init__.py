@@ -247,11 +247,30 @@ def _write(record: dict, out_dir: str, console) -> None:
     for name, v in record["paths"].items():
         if v.get("breakdown"):
             _print_breakdown(name, v, console)
+    _print_rows(record, console)
     try:
         _plot(record, path.with_suffix(".png"))
     except Exception as e:  # noqa: BLE001 - a missing chart must not lose the record
         console.print(f"(no chart: {e})")
     console.print(f"wrote {path}")
+
+
+def _print_rows(record: dict, console) -> None:
+    """The multi-row results in a few lines (the record holds every run)."""
+    for name, v in record.get("batch_paths", {}).items():
+        console.print(f"  batch {v.get('rows')}: {name:<28} {v.get('decode_tok_s', float('nan')):9.1f} tok/s"
+                      f"  x{v.get('vs_batch1_patch', float('nan')):.2f} batch-1 patch"
+                      + ("" if "tokens_equal_generate_eager" not in v else
+                         f"  tokens = eager generate: {v['tokens_equal_generate_eager']}")
+                      + (f"  patched steps {v['patched_steps']}" if "patched_steps" in v else ""))
+    cost = record.get("step_cost", {})
+    if cost:
+        console.print("  step cost: " + "  ".join(f"{m} rows {c['step_ms']:.3f} ms (x{c['vs_one_row']:.2f})"
+                                                  for m, c in cost.items() if isinstance(c, dict)))
+    spec = record.get("speculation")
+    if spec:
+        console.print("  speculation: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                                    for k, v in spec.items() if k != "patch_fallbacks"))
 
 
 def _print_breakdown(name: str, entry: dict, console) -> None:
