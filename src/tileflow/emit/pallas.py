@@ -20,7 +20,7 @@ How the tile IR maps onto Pallas:
 from __future__ import annotations
 
 from tileflow.emit.walker import INFIX, Walker, Writer, expand_key, literal
-from tileflow.tile.ir import KernelIR, Loop, Op, RangeValue, Stage, ops_in
+from tileflow.tile.ir import FLOAT_DTYPES, WIDENED, KernelIR, Loop, Op, RangeValue, Stage, ops_in
 
 _UNARY = {
     "exp": "jnp.exp({})", "exp2": "jnp.exp2({})", "log2": "jnp.log2({})",
@@ -95,6 +95,10 @@ class PallasEmitter(Walker):
     def op_cast(self, op: Op, w: Writer):
         w(f"{self.name(op.result)} = jnp.asarray({self.operand(op.args[0])}).astype({_JNP_DTYPE[op.attrs['dtype']]})")
 
+    def op_bitcast(self, op: Op, w: Writer):
+        w(f"{self.name(op.result)} = jax.lax.bitcast_convert_type({self.operand(op.args[0])}, "
+          f"{_JNP_DTYPE[op.attrs['dtype']]})")
+
     def op_reduce(self, op: Op, w: Writer):
         a, axis, kind = self.operand(op.args[0]), op.attrs["axis"], op.attrs["op"]
         if kind == "argmax":  # jnp.argmax returns the first maximal index, as torch.argmax
@@ -131,14 +135,16 @@ class PallasEmitter(Walker):
 
     def op_load(self, op: Op, w: Writer):
         view, index = op.args
-        conv = ".astype(jnp.float32)" if view.dtype in ("T", "f32") and op.result.dtype == "f32" else ""
+        conv = ".astype(jnp.float32)" if view.dtype in FLOAT_DTYPES and op.result.dtype == "f32" else ""
+        if view.dtype in WIDENED and op.result.dtype == "i32":  # packed bytes widen to i32
+            conv = ".astype(jnp.int32)"
         name = self.name(op.result)
         w(f"{name} = {view.name}_ref[{self._slice(index)}]{conv}")
         mask = self.mask_expr(view, index, op.attrs["limits"])
         if op.attrs.get("when") is not None:
             mask = f"({self.operand(op.attrs['when'])}) & {mask}" if mask else self.operand(op.attrs["when"])
         if mask:
-            other = op.attrs["other"] if view.dtype in ("T", "f32") else int(op.attrs["other"])
+            other = op.attrs["other"] if view.dtype in FLOAT_DTYPES else int(op.attrs["other"])
             w(f"{name} = jnp.where({mask}, {name}, {literal(other)})")
 
     def op_store(self, op: Op, w: Writer):

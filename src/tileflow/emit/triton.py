@@ -30,7 +30,7 @@ The launchers are built once per kernel and device; what they take from the proc
 from __future__ import annotations
 
 from tileflow.emit.walker import INFIX, Walker, Writer, expand_key, literal
-from tileflow.tile.ir import KernelIR, Loop, Op, RangeValue, Stage, ops_in
+from tileflow.tile.ir import FLOAT_DTYPES, WIDENED, KernelIR, Loop, Op, RangeValue, Stage, ops_in
 
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
@@ -116,6 +116,9 @@ class TritonEmitter(Walker):
 
     def op_cast(self, op: Op, w: Writer):
         w(f"{self.name(op.result)} = tl.cast({self.operand(op.args[0])}, {_TL_DTYPE[op.attrs['dtype']]})")
+
+    def op_bitcast(self, op: Op, w: Writer):
+        w(f"{self.name(op.result)} = {self.operand(op.args[0])}.to({_TL_DTYPE[op.attrs['dtype']]}, bitcast=True)")
 
     def op_reduce(self, op: Op, w: Writer):
         a, axis, kind = self.operand(op.args[0]), op.attrs["axis"], op.attrs["op"]
@@ -205,7 +208,9 @@ class TritonEmitter(Walker):
             # ready counters; or summed at L2 by atomics): read past L1, which may hold
             # stale lines of the same buffer
             extra += ', cache_modifier=".cg"'
-        conv = ".to(tl.float32)" if view.dtype in ("T", "f32") and op.result.dtype == "f32" else ""
+        conv = ".to(tl.float32)" if view.dtype in FLOAT_DTYPES and op.result.dtype == "f32" else ""
+        if view.dtype in WIDENED and op.result.dtype == "i32":  # packed bytes widen to i32
+            conv = ".to(tl.int32)"
         name = self.name(op.result)
         w(f"{name} = tl.load({self._address(view, index)}{extra}){conv}")
         if op.result.dtype == "T":  # kept for a dot; the interpreter still needs fp32
@@ -357,6 +362,11 @@ class TritonEmitter(Walker):
                     w(f"if {v.name}.dtype != {first}.dtype:")
                     with w.indent():
                         w(f'raise TypeError(f"{self.ir.name}: {v.name} is {{{v.name}.dtype}}, expected {{{first}.dtype}} like {first}")')
+            for v in self.ir.inputs:
+                if v.dtype == "u8":  # packed bytes: another dtype would be read as other bits
+                    w(f"if {v.name}.dtype != torch.uint8:")
+                    with w.indent():
+                        w(f'raise TypeError(f"{self.ir.name}: {v.name} must be torch.uint8, got {{{v.name}.dtype}}")')
             for first, other in self._pick_pairs():
                 w(f"if {other}.stride() != {first}.stride():")
                 with w.indent():

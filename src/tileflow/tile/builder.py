@@ -21,6 +21,8 @@ from typing import Iterable, Optional, Sequence, Union
 from tileflow.tile.ir import (
     DTYPES,
     FLOAT_DTYPES,
+    INT_DTYPES,
+    WIDENED,
     KernelIR,
     Loop,
     Op,
@@ -35,6 +37,7 @@ Operand = Union[Value, int, float]
 
 _COMPARE = ("lt", "le", "gt", "ge", "eq", "ne")
 _LOGIC = ("and", "or")
+_SHIFTS = ("shl", "shr")  # integer shifts (shr is arithmetic on i32: sign-extending)
 UNARY = ("exp", "exp2", "log2", "rsqrt", "sqrt", "sigmoid", "cos", "sin", "neg", "abs")
 REDUCTIONS = ("sum", "max", "argmax")
 
@@ -127,6 +130,8 @@ class TileBuilder:
             raise TileDefinitionError(f"view {name!r} declared twice")
         if dtype not in DTYPES or dtype == "bool":
             raise TileDefinitionError(f"view dtype {dtype!r}")
+        if dtype in WIDENED and role != "input":
+            raise TileDefinitionError(f"{name}: {dtype} views are inputs only (packed weights)")
         view = View(name, tuple(shape), dtype, role, persistent)
         self._views.append(view)
         for d in view.shape:
@@ -298,7 +303,10 @@ class TileBuilder:
         a, b = self._operand(a), self._operand(b)
         shape = _broadcast(self._shape_of(a), self._shape_of(b))
         da, db = self._dtype_of(a), self._dtype_of(b)
-        if op in _COMPARE or op in _LOGIC:
+        ints = da in INT_DTYPES and db in INT_DTYPES
+        if op in _SHIFTS and not ints:
+            raise TileDefinitionError(f"{op} takes integer operands, got {da} and {db}")
+        if op in _COMPARE or op in _LOGIC and not ints:
             dtype = "bool"
         elif "f32" in (da, db) or op == "div":
             dtype = "f32"
@@ -347,6 +355,15 @@ class TileBuilder:
 
     def sin(self, a):
         return self.unary("sin", a)
+
+    def bitcast(self, a: Value, dtype: str) -> Value:
+        """The bits of an f32 tile as i32, or of an i32 tile as f32 (exact float
+        manipulation: rounding to a narrower format with integer adds and masks)."""
+        a = self._operand(a)
+        pair = {("f32", "i32"), ("i32", "f32")}
+        if not isinstance(a, Value) or (a.dtype, dtype) not in pair:
+            raise TileDefinitionError(f"bitcast from {self._dtype_of(a)} to {dtype!r}: only f32 <-> i32")
+        return self._emit("bitcast", self._new(dtype, a.shape), (a,), dtype=dtype)
 
     def cast(self, a: Value, dtype: str) -> Value:
         """Cast to f32 / i32 / i64 (storage casts happen only on store)."""
@@ -444,7 +461,8 @@ class TileBuilder:
         Floating values arrive as fp32 whatever the storage dtype, except with
         ``for_dot``: then a storage-dtype tile comes back that may only feed
         :meth:`dot` / :meth:`trans` (tensor cores take bf16/fp16 as stored; the
-        products are exact and accumulate in fp32).
+        products are exact and accumulate in fp32). Packed-weight views widen: uint8
+        ("u8") arrives as i32, float8 e4m3 ("f8e4m3") as f32.
 
         ``when`` (a scalar bool) reads nothing unless it holds (``other`` instead):
         a program that serves one of several views by its program id reads only
@@ -454,6 +472,8 @@ class TileBuilder:
         shape = tuple(i.block for i in index if isinstance(i, RangeValue))
         if for_dot and view.dtype == "T":
             dtype = "T"
+        elif view.dtype in WIDENED:
+            dtype = WIDENED[view.dtype]
         else:
             dtype = "f32" if view.dtype in FLOAT_DTYPES else view.dtype
         res = self._new(dtype, shape, hint or view.name)

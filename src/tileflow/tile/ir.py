@@ -21,9 +21,12 @@ from typing import Union
 # dtype names used by views and values. "T" is the kernel's storage dtype
 # (bf16 / fp16 / fp32), chosen at launch from the tensors passed in.
 STORAGE = "T"
-DTYPES = ("T", "f32", "i32", "i64", "bool")
-FLOAT_DTYPES = ("T", "f32")
+DTYPES = ("T", "f32", "i32", "i64", "bool", "u8", "f8e4m3")
+FLOAT_DTYPES = ("T", "f32", "f8e4m3")
 INT_DTYPES = ("i32", "i64")
+# storage-only dtypes of input views (packed low-precision weights): a load widens them,
+# uint8 to i32 and float8 e4m3 (torch.float8_e4m3fn) to f32, and no value has them
+WIDENED = {"u8": "i32", "f8e4m3": "f32"}
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,12 @@ class Value:
 
     def __or__(self, o):
         return self._b("or", o)
+
+    def __lshift__(self, o):
+        return self._b("shl", o)
+
+    def __rshift__(self, o):
+        return self._b("shr", o)
 
     def __neg__(self):
         return self.builder.unary("neg", self)
