@@ -100,6 +100,12 @@ def vendor_call(name: str, t: dict, scalars: dict):
         return _mla_attention(t, scalars), "torch eager absorbed MLA (einsum + softmax)"
     if name == "mla_latent_cache":
         return _mla_latent_cache(t, scalars), "F.linear + F.rms_norm + eager RoPE + index_copy_"
+    if name == "matvec_int4":
+        from tileflow.suite.quantize import dequantize_int4
+
+        def int4():  # what gpt-fast's CPU fallback does: the weight dequantized, then cuBLAS
+            return F.linear(t["x"], dequantize_int4(t["qw"], t["scales"], t["zeros"]).to(t["x"].dtype), t.get("b"))
+        return int4, "dequantize + F.linear (cuBLAS)"
     raise KeyError(name)
 
 
