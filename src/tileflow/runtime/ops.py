@@ -355,3 +355,66 @@ def embedding_lookup(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
         raise IndexError(f"tileflow: token id {bad} is out of range for an embedding of {table.shape[0]} rows")
     return launch("embedding_lookup", {"ids": ids, "table": table})[0]
+
+
+# --- DeepSeek-V2 / V3: multi-head latent attention over the latent cache, routed experts ---
+
+
+def mla_latent_cache(x: torch.Tensor, w_kva: torch.Tensor, ln_w: torch.Tensor, eps: float, pos: torch.Tensor,
+                     inv_freq: torch.Tensor, rope_scale: float, rope_layout: int, kv_cache: torch.Tensor,
+                     pe_cache: torch.Tensor) -> None:
+    """The latent cache rows of the normed inputs ``x`` [M, D], written in place at row
+    ``pos[m]`` (int64 [M], also the rope position): ``kv_cache`` [M, S, R] gets
+    ``kv_a_layernorm`` (``ln_w``, ``eps``) of the compressed part of ``x @ w_kva.T``,
+    ``pe_cache`` [M, S, DR] its rope part rotated with ``inv_freq`` [DR/2] (fp32), cos and
+    sin times ``rope_scale``, in pair layout ``rope_layout`` (0 rotate-half, 1 interleaved
+    in / halves out, 2 interleaved in and out: ``tileflow.suite.mla_latent_cache``)."""
+    launch("mla_latent_cache", {"x": x, "w_kva": w_kva, "ln_w": ln_w, "pos": pos, "inv_freq": inv_freq,
+                                "kv_cache": kv_cache, "pe_cache": pe_cache, "eps": eps, "rope_scale": rope_scale,
+                                "rope_layout": rope_layout}, {"ROPE_LAYOUT": rope_layout})
+
+
+def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
+                  lengths: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor, scale: float,
+                  key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MLA decode attention of one new token a sequence, absorbed: ``q_nope`` [B, NH, DN]
+    and the rotated ``q_pe`` [B, NH, DR] over the first ``lengths[b]`` rows of the latent
+    caches ``kv_cache`` [B, S, R] / ``pe_cache`` [B, S, DR]; ``w_uk`` [NH, DN, R] and
+    ``w_uv`` [NH, DV, R] are ``kv_b_proj.weight`` viewed [NH, DN + DV, R] and split (views);
+    with ``key_mask`` [B, S] (int32) only where it is nonzero. Returns [B, NH, DV]."""
+    values = {"q_nope": q_nope, "q_pe": q_pe, "kv_cache": kv_cache, "pe_cache": pe_cache, "lengths": lengths,
+              "w_uk": w_uk, "w_uv": w_uv, "scale": scale}
+    flags = {}
+    if key_mask is not None:
+        values["key_mask"] = key_mask
+        flags["HAS_MASK"] = 1
+    # as gqa_attention: SPLITS is the only parameter the capacity decides, bucketed to a power of two
+    s = kv_cache.shape[1]
+    return launch("mla_attention", values, flags, {"S": 1 << max(0, (s - 1).bit_length())})[0]
+
+
+def moe_router(x: torch.Tensor, w: torch.Tensor, top_k: int, scale: float, n_group: int = 1, topk_group: int = 1,
+               norm_topk: bool = False, bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeekMoE's gate for the rows of ``x`` [M, D] with the router weight ``w`` [E, D]
+    (fp32): (topk_idx [M, top_k] int64, best first; topk_weight [M, top_k] fp32). Without
+    ``bias``: DeepSeek-V2's softmax scores; with ``bias`` (``e_score_correction_bias`` [E],
+    fp32): DeepSeek-V3's sigmoid scores chosen with the bias. The best ``topk_group`` of
+    ``n_group`` groups are kept, the weights normalised where ``norm_topk``, times ``scale``."""
+    values = {"x": x, "w": w, "scale": scale, "top_k": top_k, "n_group": n_group, "topk_group": topk_group,
+              "norm_topk": int(norm_topk)}
+    if bias is not None:
+        values["bias"] = bias
+    # K sizes the outputs (no input has it); METHOD picks the scores
+    return launch("moe_router", values, {"K": top_k, "METHOD": int(bias is not None)})
+
+
+def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, gate_up: torch.Tensor,
+                down: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``sum_j topk_weight[m, j] * down_e(silu(gate_e(x[m])) * up_e(x[m]))`` over the chosen
+    experts ``e = topk_idx[m, j]`` (+ ``residual`` [M, D]), reading only those experts'
+    weights: ``gate_up`` is ``gate_up_proj`` [E, 2I, D] viewed [E, 2, I, D], ``down`` is
+    ``down_proj`` [E, D, I], as transformers keeps them."""
+    values = {"x": x, "topk_idx": topk_idx, "topk_weight": topk_weight, "gate_up": gate_up, "down": down}
+    if residual is not None:
+        values["residual"] = residual
+    return launch("moe_experts", values, {"HAS_RESIDUAL": int(residual is not None)})[0]
