@@ -30,6 +30,32 @@ def test_bytes_per_token_counts_lm_head_and_one_embedding_row():
     assert b["kv_cache"] == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * 32 * 100 * 2
 
 
+@pytest.mark.parametrize("name", ["tiny-deepseek-v2", "tiny-deepseek-v3"])
+def test_bytes_per_token_of_a_mixture_of_experts_counts_the_chosen_experts_and_the_latent(name):
+    model = build_model(name, torch.device("cpu"), torch.bfloat16)
+    cfg = model.config
+    b = bytes_per_token(model, 100)
+    every = sum(p.numel() * p.element_size() for p in model.parameters())  # the router's weight stays fp32
+    routed = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
+    assert routed > 0
+    emb = model.get_input_embeddings().weight
+    # only num_experts_per_tok of n_routed_experts experts' weights are read a token
+    want = every - routed + routed * cfg.num_experts_per_tok / cfg.n_routed_experts - emb.numel() * 2 + emb.shape[1] * 2
+    assert b["weights"] == int(want)
+    # one shared latent row a position a layer, not K and V a head
+    assert b["kv_cache"] == cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 100 * 2
+
+
+def test_layers_cuts_a_model_to_its_first_layers_at_its_real_widths():
+    from tileflow.bench.checks import BenchError
+    from tileflow.bench.models import model_config
+
+    cfg = model_config("deepseek-v3", layers=4)
+    assert cfg.num_hidden_layers == 4 and cfg.hidden_size == 7168
+    with pytest.raises(BenchError, match="61 layers"):
+        model_config("deepseek-v3", layers=62)
+
+
 def test_bench_from_a_local_checkpoint(tmp_path):
     model = build_model("tiny", torch.device("cpu"), torch.float32)
     ckpt = tmp_path / "ckpt"

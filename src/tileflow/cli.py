@@ -182,7 +182,8 @@ def cmd_bench(args) -> int:
     from tileflow.bench import run_bench
 
     rec = run_bench(args.model, args.prompt, args.new, args.paths or None, args.repeats, args.out, args.device,
-                    args.dtype, breakdown=args.breakdown, batch=args.batch, speculate=args.speculate)
+                    args.dtype, breakdown=args.breakdown, batch=args.batch, speculate=args.speculate,
+                    layers=args.layers)
     failed = [k for k, v in rec["paths"].items() if v.get("error")]
     return 1 if failed else 0
 
@@ -249,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--speculate", default=None, metavar="lookup:K|draft:K:MODEL",
                      help="also prompt lookup with K drafts (tok/s, acceptance, tokens identical), or MODEL as the "
                           "assistant: its draft round against the verify step, and the implied speed-up")
+    ben.add_argument("--layers", type=_int_at_least(1), default=None,
+                     help="only the model's first N decoder layers, at its real widths (a model too big for one "
+                          "card, e.g. deepseek-v3)")
     ben.add_argument("--framework", choices=["torch", "jax"], default="torch",
                      help="torch: the paths above; jax: plain jax.jit vs tileflow primitives vs tileflow.jax.optimize")
     ben.set_defaults(fn=cmd_bench)

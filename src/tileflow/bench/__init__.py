@@ -76,7 +76,7 @@ def _user_autotune() -> dict:
 def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: int = 256,
               paths: Optional[list[str]] = None, repeats: int = 3, out_dir: Optional[str] = None,
               device: Optional[str] = None, dtype: Optional[str] = None, breakdown: bool = False,
-              batch: int = 1, speculate: Optional[str] = None) -> dict:
+              batch: int = 1, speculate: Optional[str] = None, layers: Optional[int] = None) -> dict:
     """Run the side-by-side decode benchmark; returns the result record (also written, under
     ``out_dir``: by default ``~/.cache/tileflow/results``, outside the source tree).
     ``breakdown``: also profile each static-cache path's decode step per kernel class (CUDA).
@@ -84,6 +84,7 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
     tok/s) and the patched step's cost at M rows against one (``bench/rows.py``).
     ``speculate``: ``lookup:K`` (prompt lookup on a prompt whose continuation repeats) or
     ``draft:K:MODEL`` (MODEL's draft round against this model's verify step).
+    ``layers``: only the model's first N decoder layers (its real widths; the record says so).
     Raises :class:`BenchError` (one line) before building anything it cannot run or fit."""
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -107,14 +108,14 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
         model_name = "deepseek-r1-distill-qwen-1.5b" if dev.type == "cuda" else "tiny"
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         dtype or ("bf16" if dev.type == "cuda" else "fp32")]
-    config = model_config(model_name)
+    config = model_config(model_name, layers)
     longest = getattr(config, "max_position_embeddings", None)
     if longest and prompt + new_tokens > longest:
         raise BenchError(f"prompt {prompt} + {new_tokens} new = {prompt + new_tokens} tokens, more than "
                          f"{model_name}'s max_position_embeddings {longest}")
     est = checks.estimate(config, tdtype, dev, prompt + new_tokens)
     free = checks.available_bytes(dev)
-    checks.check_memory(est, model_name, dev, free)
+    checks.check_memory(est, model_name, dev, free, config.num_hidden_layers)
     if breakdown and dev.type != "cuda":
         print("tileflow bench: warning: --breakdown profiles CUDA kernels: nothing to profile on cpu", file=sys.stderr)
     if dev.type == "cpu":
@@ -128,7 +129,7 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "versions": versions(), "commit": _commit(), "settings": settings(), "user_autotune": _user_autotune(), "model": model_name, "dtype": str(tdtype).split(".")[-1],
         "prompt_tokens": prompt, "new_tokens": new_tokens, "repeats": repeats, "paths": {},
-        "batch": batch, "speculate": speculate,
+        "batch": batch, "speculate": speculate, "layers": config.num_hidden_layers,
     }
     chosen = [p for p in default_paths(dev) if not paths or p.name in paths or p.name == "eager"]
     console.print(f"building {model_name}: {config.model_type}, {checks.count_text(est.parameters)} parameters in "
@@ -148,7 +149,7 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
         if note:
             print(f"tileflow bench: warning: {note}", file=sys.stderr)
         say(f"building {model_name}")
-        model = build_model(model_name, dev, tdtype)
+        model = build_model(model_name, dev, tdtype, layers)
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=gen).to(dev)
         nbytes = bytes_per_token(model, prompt + new_tokens // 2)

@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from tileflow.bench.roofline import cache_bytes_per_position
+
 
 class BenchError(ValueError):
     """A bench run that cannot start; the message is one line for the user."""
@@ -87,9 +89,7 @@ def estimate(config, dtype: torch.dtype, device: torch.device, context: int) -> 
     cache of ``context`` tokens."""
     n = parameter_count(config)
     size = torch.empty((), dtype=dtype).element_size()
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    kv = 2 * config.num_hidden_layers * kv_heads * head_dim * context * size
+    kv = cache_bytes_per_position(config, size) * context
     name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
     return Estimate(n, size, n * size, kv, name)
 
@@ -139,8 +139,10 @@ def available_bytes(device: torch.device) -> Optional[int]:
     return free
 
 
-def check_memory(est: Estimate, label: str, device: torch.device, available: Optional[int]) -> None:
-    """A BenchError when ``est`` does not fit the ``available`` bytes."""
+def check_memory(est: Estimate, label: str, device: torch.device, available: Optional[int],
+                 layers: Optional[int] = None) -> None:
+    """A BenchError when ``est`` does not fit the ``available`` bytes (``layers``: the
+    model's decoder layers, to suggest measuring fewer)."""
     if available is None or est.total_bytes <= available:
         return
     hint = ""
@@ -149,7 +151,8 @@ def check_memory(est: Estimate, label: str, device: torch.device, available: Opt
     copies = f" x {est.copies} copies" if est.copies > 1 else ""
     raise BenchError(f"{label} in {est.dtype} needs about {size_text(est.total_bytes)} ({count_text(est.parameters)} "
                      f"parameters x {est.bytes_per_parameter} bytes{copies} + {size_text(est.kv_bytes)} KV cache), more than the "
-                     f"{size_text(available)} available on {device}{hint}")
+                     f"{size_text(available)} available on {device}{hint}"
+                     + (f"; or its first layers only (--layers N, of {layers})" if layers and layers > 1 else ""))
 
 
 def _init_seconds(parameters: int) -> float:

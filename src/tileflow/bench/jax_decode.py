@@ -218,6 +218,8 @@ def run_jax_bench(model_name: Optional[str] = None, prompt: int = 128, new_token
     from tileflow.bench.models import model_config
 
     config = model_config(model_name)
+    if config.model_type not in ("qwen2", "llama"):  # the JAX model is the R1-Distill family's
+        raise BenchError(f"{model_name}: the jax bench runs qwen2 and llama models, not {config.model_type!r}")
     folder = os.path.isdir(model_name)
     if folder and not any(f.endswith(".safetensors") for f in os.listdir(model_name)):
         raise BenchError(f"{model_name}: the jax bench reads *.safetensors, and there are none")

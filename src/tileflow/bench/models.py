@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 from importlib import resources
 
 import torch
@@ -15,6 +16,16 @@ from tileflow.bench.checks import BenchError
 TINY = {"model_type": "qwen2", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,
         "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 2048, "max_position_embeddings": 8192,
         "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu", "tie_word_embeddings": False}
+# DeepSeek-V2 / V3-shaped models (MLA + MoE, one dense first layer) small enough for a CPU.
+_TINY_MLA = {"hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128, "num_hidden_layers": 3,
+             "num_attention_heads": 4, "num_key_value_heads": 4, "n_routed_experts": 8, "n_shared_experts": 1,
+             "num_experts_per_tok": 2, "first_k_dense_replace": 1, "kv_lora_rank": 64, "qk_nope_head_dim": 32,
+             "qk_rope_head_dim": 16, "v_head_dim": 32, "vocab_size": 2048, "max_position_embeddings": 8192,
+             "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu", "tie_word_embeddings": False}
+TINY_V2 = {"model_type": "deepseek_v2", **_TINY_MLA, "q_lora_rank": None, "topk_method": "greedy",
+           "scoring_func": "softmax", "norm_topk_prob": False, "routed_scaling_factor": 1.0}
+TINY_V3 = {"model_type": "deepseek_v3", **_TINY_MLA, "q_lora_rank": 96, "n_group": 4, "topk_group": 2,
+           "norm_topk_prob": True, "routed_scaling_factor": 2.5}
 _CONFIG_KEYS_IGNORED = ("_about", "architectures", "torch_dtype")
 
 
@@ -23,12 +34,13 @@ def builtin_configs() -> dict:
     plus ``tiny``, a small model of the same family for CPUs."""
     text = resources.files("tileflow").joinpath("data/deepseek_configs.json").read_text()
     table = {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
-    table["tiny"] = TINY
+    table.update(tiny=TINY, **{"tiny-deepseek-v2": TINY_V2, "tiny-deepseek-v3": TINY_V3})
     return table
 
 
-# the architectures the decode paths run (tileflow.patch's SUPPORTED_MODEL_TYPES)
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+# the architectures the bench builds: the R1-Distill family, and DeepSeek's own (MLA + MoE),
+# whose tileflow paths say in the record what they ran
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "deepseek_v2", "deepseek_v3")
 
 
 def runnable_names() -> list[str]:
@@ -38,7 +50,20 @@ def runnable_names() -> list[str]:
 
 def _unsupported(where: str, model_type: str) -> str:
     return (f"{where}: model_type {model_type!r} is not supported: the bench runs "
-            f"{' and '.join(SUPPORTED_MODEL_TYPES)} models (the DeepSeek-R1-Distill family)")
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} models (DeepSeek's own and the R1-Distill family)")
+
+
+def with_layers(config, layers: Optional[int]):
+    """``config`` cut to its first ``layers`` decoder layers (a model too big for one card
+    measured at its real widths); None: unchanged."""
+    if layers is None:
+        return config
+    if not 1 <= layers <= config.num_hidden_layers:
+        raise BenchError(f"--layers {layers}: the model has {config.num_hidden_layers} layers (give 1 to that)")
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:layers]
+    return config
 
 
 def builtin_config(name: str):
@@ -86,8 +111,13 @@ def folder_config(folder: str):
                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
 
 
-def model_config(name_or_dir: str):
-    """The config of a built-in name or a checkpoint folder, checked (BenchError)."""
+def model_config(name_or_dir: str, layers: Optional[int] = None):
+    """The config of a built-in name or a checkpoint folder, checked (BenchError);
+    ``layers``: only the first N decoder layers."""
+    return with_layers(_model_config(name_or_dir), layers)
+
+
+def _model_config(name_or_dir: str):
     if os.path.isdir(name_or_dir):
         return folder_config(name_or_dir)
     if os.path.exists(name_or_dir):
@@ -99,14 +129,14 @@ def model_config(name_or_dir: str):
     return builtin_config(name_or_dir)
 
 
-def build_model(name_or_dir: str, device: torch.device, dtype: torch.dtype):
+def build_model(name_or_dir: str, device: torch.device, dtype: torch.dtype, layers: Optional[int] = None):
     """A causal LM on ``device``: a local checkpoint folder, or a built-in config with
-    random weights (initialised on the device)."""
+    random weights (initialised on the device); ``layers``: only the first N decoder layers."""
     from transformers import AutoModelForCausalLM
 
-    config = model_config(name_or_dir)
+    config = model_config(name_or_dir, layers)
     if os.path.isdir(name_or_dir):
-        return AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype).to(device).eval()
+        return AutoModelForCausalLM.from_pretrained(name_or_dir, config=config, dtype=dtype).to(device).eval()
     with torch.device(device):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -33,14 +33,35 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 2 << 30, reps: int = 
     return 2 * nbytes / statistics.median(times) / 1e9
 
 
+def cache_bytes_per_position(config, element_size: int) -> int:
+    """Bytes of cache one position holds over all layers: K and V of every KV head, or for
+    multi-head latent attention (DeepSeek-V2 / V3) one shared latent row
+    (``kv_lora_rank + qk_rope_head_dim``)."""
+    if getattr(config, "kv_lora_rank", None):
+        width = config.kv_lora_rank + config.qk_rope_head_dim
+    else:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        width = 2 * (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * head_dim
+    return config.num_hidden_layers * width * element_size
+
+
+def _expert_share(name: str, config) -> float:
+    """The share of a parameter one token reads: ``num_experts_per_tok / n_routed_experts``
+    for routed experts' weights (fused [E, ...] tensors or one module per expert), else 1."""
+    experts = getattr(config, "n_routed_experts", None)
+    if not experts or ".experts." not in name:
+        return 1.0
+    return config.num_experts_per_tok / experts
+
+
 def bytes_per_token(model, context: int) -> dict:
-    """Least bytes one decode step reads at ``context`` cached tokens."""
+    """Least bytes one decode step reads at ``context`` cached tokens: every weight once
+    (of a mixture of experts only the chosen experts'), one embedding row, the cache."""
     cfg = model.config
     emb = model.get_input_embeddings().weight
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = int(sum(p.numel() * p.element_size() * _expert_share(n, cfg) for n, p in model.named_parameters()))
     tied = getattr(cfg, "tie_word_embeddings", False)
     if not tied:  # the embedding table is read one row a token; lm_head reads its own matrix
         weights -= emb.numel() * emb.element_size() - emb.shape[1] * emb.element_size()
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context * emb.element_size()
+    kv = cache_bytes_per_position(cfg, emb.element_size()) * context
     return {"weights": weights, "kv_cache": kv, "total": weights + kv}
