@@ -106,6 +106,12 @@ def vendor_call(name: str, t: dict, scalars: dict):
         def int4():  # what gpt-fast's CPU fallback does: the weight dequantized, then cuBLAS
             return F.linear(t["x"], dequantize_int4(t["qw"], t["scales"], t["zeros"]).to(t["x"].dtype), t.get("b"))
         return int4, "dequantize + F.linear (cuBLAS)"
+    if name == "matvec_fp8":
+        from tileflow.suite.quantize import fp8_linear_torch
+
+        # transformers' own path loads the Hub's finegrained-fp8 kernel; its math in torch eager
+        return (lambda: fp8_linear_torch(t["x"], t["w"], t["ws"], t.get("b"))), \
+            "torch eager finegrained-fp8 math (act quant + per-group fp8 matmul)"
     raise KeyError(name)
 
 

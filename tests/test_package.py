@@ -12,7 +12,7 @@ SUITE = {"rms_norm", "embedding_lookup", "matvec", "matvec_pair", "rope_q", "rop
          "gqa_attention", "matvec_residual", "gate_up_silu",
          "silu_mul", "residual_add", "argmax_greedy",
          "mla_latent_cache", "mla_attention", "moe_router", "moe_experts",
-         "matvec_int4"}
+         "matvec_int4", "matvec_fp8"}
 
 
 FUSED = {"qkv_rope_cache", "rms_norm_gate_up_silu", "rms_norm_matvec"}

@@ -82,3 +82,28 @@ def dequantize_fp8(w_fp8: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor
     n, k = w_fp8.shape
     s = scale_inv.float().repeat_interleave(GROUP, dim=0).repeat_interleave(GROUP, dim=1)[:n, :k]
     return w_fp8.float() * s
+
+
+def fp8_linear_torch(x: torch.Tensor, w_fp8: torch.Tensor, scale_inv: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """transformers' ``FP8Linear`` forward on CUDA (dynamic activations, 128 x 128 blocks) as the
+    Hub's finegrained-fp8 Triton ``matmul_2d`` computes it, re-written in torch (there is no CPU
+    path to call): per token and 128 columns ``a_s = amax / 448``, ``xq = fp8(x / max(a_s,
+    1e-12))``; per group an fp32 dot times ``a_s`` times the block's ``scale_inv``, added over
+    the groups in order; the sum rounded to x's dtype; the bias added after, in x's dtype."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    n, groups = w_fp8.shape[0], -(-k // GROUP)
+    pad = groups * GROUP - k
+    xg = torch.nn.functional.pad(x2.float(), (0, pad)).reshape(-1, groups, GROUP)
+    a_s = xg.abs().amax(dim=-1) / FP8_MAX
+    xq = (xg / a_s.clamp(min=1e-12)[..., None]).to(torch.float8_e4m3fn).float()
+    wq = torch.nn.functional.pad(w_fp8.float(), (0, pad)).reshape(n, groups, GROUP)
+    w_s = scale_inv.float().repeat_interleave(GROUP, dim=0)[:n]  # [N, groups]
+    acc = torch.zeros(x2.shape[0], n, dtype=torch.float32, device=x.device)
+    for g in range(groups):
+        acc += (xq[:, g] @ wq[:, g].T) * a_s[:, g, None] * w_s[None, :, g]
+    out = acc.to(x.dtype)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.reshape(*lead, n)
