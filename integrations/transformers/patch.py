@@ -4,6 +4,9 @@ A one-token step on a transformers ``StaticCache`` runs as one program of suite
 kernels, replayed from a CUDA graph on a GPU (``decode_step.py``); other decode steps
 (a dynamic cache, say) run layer by layer as below. A prompt into an empty cache runs
 the model's arithmetic as a lean PyTorch program (``prefill.py``), graphed on a GPU.
+A DeepSeek-V2 / V3 model takes only the one-token steps of one sequence, as its own
+program (MLA over the latent cache, routed experts: ``deepseek_step.py``); every other
+call runs the model's forward.
 
 Each decoder layer of a Qwen2 or Llama model gets a forward that, for a decode step
 (one new token, batch 1, a cache that returns the full K/V history), runs::
@@ -35,6 +38,7 @@ import torch
 from tileflow.integrations.shared.hf import cache_argument, cache_field
 from tileflow.integrations.transformers.decode_step import DecodeProgram, GraphedDecode, decode_request, verify_request
 from tileflow.integrations.transformers.compat import rope_config_of
+from tileflow.integrations.transformers.deepseek_step import DEEPSEEK_MODEL_TYPES, DeepSeekDecodeProgram, deepseek_problems
 from tileflow.integrations.transformers.guards import CacheFill, CacheFullError, WeightWatch, cache_full_message
 from tileflow.integrations.transformers.prefill import GraphedPrefill, PrefillProgram, prefill_request
 from tileflow import settings
@@ -71,8 +75,8 @@ class PatchReport(Report):
 def _check_model(model, options: settings.Options) -> list[str]:
     cfg = model.config
     why = []
-    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
-        return [f"model_type {cfg.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"]
+    if cfg.model_type not in SUPPORTED_MODEL_TYPES + DEEPSEEK_MODEL_TYPES:
+        return [f"model_type {cfg.model_type!r} is not one of {SUPPORTED_MODEL_TYPES + DEEPSEEK_MODEL_TYPES}"]
     if getattr(cfg, "hidden_act", "silu") != "silu":
         why.append(f"hidden_act {cfg.hidden_act!r} (the MLP kernel computes SiLU)")
     if getattr(cfg, "mlp_bias", False):
@@ -81,7 +85,8 @@ def _check_model(model, options: settings.Options) -> list[str]:
         why.append("sliding-window attention")
     if getattr(cfg, "attention_dropout", 0.0) and model.training:
         why.append("attention dropout in training mode")
-    _, rope_why = rope_config_of(cfg)
+    # DeepSeek's rope reads the model's own frequency table (deepseek_step), any rope_type that keeps one
+    _, rope_why = rope_config_of(cfg) if cfg.model_type not in DEEPSEEK_MODEL_TYPES else (None, "")
     if rope_why:
         why.append(rope_why)
     dtype = next(model.parameters()).dtype
@@ -312,6 +317,7 @@ def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport,
     @functools.wraps(original)  # generate inspects forward's signature to choose its kwargs
     def forward(*args, **kwargs):
         tok, pos, cache, mask, why = decode_request(args, kwargs, runner.program.takes_any_position)
+        why = _declined(runner.program, args, kwargs) or why
         verify, verify_why = None, ""
         if why == "not a one-token step":
             *verify, verify_why = verify_request(args, kwargs)
@@ -344,7 +350,8 @@ def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport,
         if why:
             if why not in seen and why != "not a one-token step" and not why.startswith("cache not"):
                 seen.add(why)
-                report.fallbacks.append(("decode_step", type(model).__name__, f"ran layer by layer: {why}"))
+                report.fallbacks.append(("decode_step", type(model).__name__,
+                                         f"ran {getattr(runner.program, 'fallback_runs', 'layer by layer')}: {why}"))
             return fallback(why, *args, **kwargs)
         if state["broken"]:
             return fallback("broken", *args, **kwargs)
@@ -354,6 +361,13 @@ def _whole_step_forward(model, runner: GraphedDecode, report: PatchReport,
         return CausalLMOutputWithPast(logits=logits, **{cache_field(): cache})
 
     return forward
+
+
+def _declined(program, args, kwargs) -> str:
+    """Why ``program`` does not take this forward call, or "": only a program with
+    ``declines`` narrows the calls (the DeepSeek program: one token of one sequence)."""
+    declines = getattr(program, "declines", None)
+    return declines(kwargs.get("input_ids", args[0] if args else None), cache_argument(kwargs)) if declines else ""
 
 
 def _rebuilding(model, forward, options):
@@ -737,6 +751,8 @@ def patch(model, options=None) -> PatchReport:
     if problems:
         report.fallbacks += [("model", type(model).__name__, p) for p in problems]
         return report
+    if cfg.model_type in DEEPSEEK_MODEL_TYPES:  # MLA and MoE: whole decode steps only
+        return _patch_deepseek(model, report, options)
     rope_cfg, _ = rope_config_of(cfg)
     base = getattr(model, "model", None)
     layers = getattr(base, "layers", None)
@@ -805,6 +821,27 @@ def patch(model, options=None) -> PatchReport:
     model._tileflow_saved = _generation_defaults(model, report, whole_step, options)
     model._tileflow_patch = report
     model._tileflow_patched_modules = patched
+    return report
+
+
+def _patch_deepseek(model, report: PatchReport, options: settings.Options) -> PatchReport:
+    """``patch`` of a DeepSeek-V2 / V3 model: one-token steps on a static cache run
+    ``DeepSeekDecodeProgram`` (``deepseek_step.py``), every other call the model's own
+    forward (no layer-by-layer path, no prompt program); what patch sets for generate as
+    for the whole-step Qwen2 / Llama path. A model the kernels do not cover is left unchanged."""
+    problems = deepseek_problems(model)
+    if problems:
+        report.fallbacks += [("model", type(model).__name__, p) for p in problems]
+        return report
+    program = DeepSeekDecodeProgram(model, options)
+    report.matches.update(program.matches)
+    model._tileflow_watch = WeightWatch(model)
+    forward = _whole_step_forward(model, GraphedDecode(program), report)
+    model.forward = _rebuilding(model, torch.compiler.disable(forward, recursive=True), options)
+    report.patched = True
+    model._tileflow_saved = _generation_defaults(model, report, True, options)
+    model._tileflow_patch = report
+    model._tileflow_patched_modules = [model]
     return report
 
 

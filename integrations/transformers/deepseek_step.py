@@ -1,0 +1,297 @@
+"""One whole decode step of a DeepSeek-V2 / V3 model as suite kernels.
+
+The same role as ``decode_step.DecodeProgram`` (``patch`` runs it instead of the model's
+forward for one new token on a transformers ``StaticCache``, captured in a CUDA graph on
+a GPU), for the DeepSeek architecture: multi-head latent attention (MLA) over the latent
+cache and DeepSeekMoE. Per layer::
+
+    rms_norm -> q: matvec (q_proj), or matvec (q_a_proj) -> rms_norm_matvec (q_a_layernorm, q_b_proj)
+             -> rope of the query's rope part (torch, see ``_rotate``)
+             -> mla_latent_cache (kv_a_proj_with_mqa, kv_a_layernorm, rope of k_pe: the new latent row
+                written into the model's own cache tensors)
+             -> mla_attention (absorbed, over the filled latent rows) -> matvec_residual (o_proj)
+    dense layers (the first ``first_k_dense_replace``): rms_norm_gate_up_silu -> matvec_residual
+    MoE layers: rms_norm -> moe_router -> gate_up_silu -> matvec_residual (shared experts + residual)
+                -> moe_experts (the chosen experts only, adding that sum)
+
+then the final norm and the lm_head (``rms_norm_matvec``).
+
+The cache: transformers (5.17 and 5.25 alike) caches the latent, not per-head K/V: each
+layer's ``keys`` is the normed compressed kv [B, 1, S, kv_lora_rank] and ``values`` the
+rotated rope key [B, 1, S, qk_rope_head_dim]; the program writes those tensors (views
+``[:, 0]``), so the model's own forward and ``generate`` see the same cache. A cache of
+another layout is declined per call (:meth:`DeepSeekDecodeProgram.declines`).
+
+One token of one sequence a step (B = 1, R = 1): other steps (a batch, a speculative
+verify step) run the model's own forward, the reason in the patch report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from tileflow.integrations.transformers.decode_step import _advance
+from tileflow.runtime import ops
+
+DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+# mla_latent_cache's ROPE_LAYOUT for each way the model pairs its rope dimensions
+HALVES, INTERLEAVED, INTERLEAVED_OUT = 0, 1, 2
+# moe_router scores all experts in one tile of the select stage
+MAX_EXPERTS = 256
+
+
+def deepseek_problems(model) -> list[str]:
+    """Why ``model`` (a DeepSeek-V2 / V3 CausalLM) cannot take :class:`DeepSeekDecodeProgram`,
+    or []: what the kernels do not compute (biases, a routing method, rope frequencies that
+    change with the length) or a module layout other than transformers'."""
+    cfg = model.config
+    base = getattr(model, "model", None)
+    why = []
+    if getattr(cfg, "attention_bias", False):
+        why.append("attention_bias=True (mla_latent_cache and o_proj's matvec_residual have no bias)")
+    rotary = getattr(base, "rotary_emb", None)
+    rope_type = str(getattr(rotary, "rope_type", ""))
+    if rotary is None or not isinstance(getattr(rotary, "inv_freq", None), torch.Tensor):
+        why.append("no rotary_emb.inv_freq table")
+    elif "dynamic" in rope_type or rope_type == "longrope":
+        why.append(f"rope_type {rope_type!r} (its frequencies change with the length; the program reads one table)")
+    if not isinstance(getattr(model, "lm_head", None), torch.nn.Linear) or model.lm_head.bias is not None:
+        why.append("lm_head is not a Linear without bias")
+    for i, layer in enumerate(getattr(base, "layers", None) or []):
+        why += [f"model.layers.{i}: {w}" for w in _layer_problems(layer, cfg)]
+    return why
+
+
+def _layer_problems(layer, cfg) -> list[str]:
+    attn, mlp = layer.self_attn, layer.mlp
+    why = []
+    for name in ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"):
+        if getattr(attn, name, None) is None:
+            return [f"self_attn has no {name} (not transformers' DeepSeek attention)"]
+    if attn.kv_b_proj.bias is not None:
+        why.append("kv_b_proj has a bias")
+    if getattr(mlp, "experts", None) is None:
+        if any(getattr(getattr(mlp, n, None), "bias", None) is not None for n in ("gate_proj", "up_proj", "down_proj")):
+            why.append("MLP projections have biases")
+        return why
+    gate = mlp.gate
+    e = gate.weight.shape[0]
+    if e > MAX_EXPERTS:
+        why.append(f"{e} routed experts (moe_router scores at most {MAX_EXPERTS})")
+    groups = getattr(gate, "num_group", None) or 1
+    if e % groups:
+        why.append(f"{e} experts in {groups} groups")
+    if cfg.model_type == "deepseek_v2" and getattr(gate, "topk_method", None) not in ("greedy", "group_limited_greedy"):
+        why.append(f"topk_method {getattr(gate, 'topk_method', None)!r} (moe_router has greedy, "
+                   "group_limited_greedy and V3's noaux_tc)")
+    if cfg.model_type == "deepseek_v3" and e // groups < 2:
+        why.append("groups of one expert (V3 scores a group by its best two)")
+    if mlp.shared_experts is None:
+        why.append("no shared experts")
+    return why
+
+
+@dataclass(frozen=True, slots=True)
+class DeepSeekLayer:
+    """A DeepSeek decoder layer's tensors and constants, where they lie (views, no copies,
+    except the router weight: see :func:`deepseek_layer`)."""
+
+    ln1: torch.Tensor  # input_layernorm gamma [D]
+    eps1: float
+    wq: Optional[torch.Tensor]  # q_proj [NH * (DN + DR), D], None with q_lora_rank
+    wqa: Optional[torch.Tensor]  # q_a_proj [QR, D]
+    q_ln: Optional[torch.Tensor]  # q_a_layernorm gamma [QR]
+    q_eps: float
+    wqb: Optional[torch.Tensor]  # q_b_proj [NH * (DN + DR), QR]
+    w_kva: torch.Tensor  # kv_a_proj_with_mqa [R + DR, D]
+    kv_ln: torch.Tensor  # kv_a_layernorm gamma [R]
+    kv_eps: float
+    w_uk: torch.Tensor  # kv_b_proj.weight viewed [NH, DN + DV, R][:, :DN]
+    w_uv: torch.Tensor  # ... [:, DN:]
+    wo: torch.Tensor  # o_proj [D, NH * DV]
+    scale: float  # the attention's own scaling (qk_head_dim ** -0.5 times YaRN's mscale^2)
+    ln2: torch.Tensor  # post_attention_layernorm gamma [D]
+    eps2: float
+    wg: torch.Tensor  # dense MLP gate_proj [I, D], or the shared experts' [n_shared * MI, D]
+    wu: torch.Tensor
+    wd: torch.Tensor
+    router: Optional[torch.Tensor]  # gate.weight [E, D] fp32; None in a dense layer
+    bias: Optional[torch.Tensor]  # e_score_correction_bias [E] fp32 (V3), else None
+    top_k: int
+    n_group: int
+    topk_group: int
+    norm_topk: bool
+    routed_scale: float
+    gate_up: Optional[torch.Tensor]  # experts.gate_up_proj [E, 2 * MI, D] viewed [E, 2, MI, D]
+    down: Optional[torch.Tensor]  # experts.down_proj [E, D, MI]
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    # moe_router reads fp32 router tensors, as the router upcasts them; transformers 5.25 keeps
+    # gate.weight in fp32, 5.17 in the model's dtype: there, a one-time fp32 copy (exact: the upcast)
+    return t if t.dtype == torch.float32 else t.detach().float()
+
+
+def deepseek_layer(layer, cfg) -> DeepSeekLayer:
+    """A decoder layer's :class:`DeepSeekLayer`."""
+    a, mlp = layer.self_attn, layer.mlp
+    nh, dn = a.num_heads, a.qk_nope_head_dim
+    kvb = a.kv_b_proj.weight.view(nh, dn + a.v_head_dim, a.kv_lora_rank)
+    lora = a.q_lora_rank is not None
+    moe = getattr(mlp, "experts", None) is not None
+    dense = mlp.shared_experts if moe else mlp
+    q = dict(wq=None, wqa=a.q_a_proj.weight, q_ln=a.q_a_layernorm.weight, q_eps=a.q_a_layernorm.variance_epsilon,
+             wqb=a.q_b_proj.weight) if lora else dict(wq=a.q_proj.weight, wqa=None, q_ln=None, q_eps=0.0, wqb=None)
+    route = dict(router=None, bias=None, top_k=0, n_group=1, topk_group=1, norm_topk=False, routed_scale=1.0,
+                 gate_up=None, down=None)
+    if moe:
+        g, ex = mlp.gate, mlp.experts
+        v3 = cfg.model_type == "deepseek_v3"
+        # V2's greedy is one group of all experts; V2 never normalises (its router ignores norm_topk_prob)
+        grouped = v3 or g.topk_method == "group_limited_greedy"
+        e, two_i, d = ex.gate_up_proj.shape
+        route = dict(router=_fp32(g.weight), bias=_fp32(g.e_score_correction_bias) if v3 else None, top_k=g.top_k,
+                     n_group=g.num_group if grouped else 1, topk_group=g.topk_group if grouped else 1,
+                     norm_topk=bool(v3 and g.norm_topk_prob), routed_scale=float(g.routed_scaling_factor),
+                     gate_up=ex.gate_up_proj.view(e, 2, two_i // 2, d), down=ex.down_proj)
+    return DeepSeekLayer(
+        ln1=layer.input_layernorm.weight, eps1=layer.input_layernorm.variance_epsilon, **q,
+        w_kva=a.kv_a_proj_with_mqa.weight, kv_ln=a.kv_a_layernorm.weight, kv_eps=a.kv_a_layernorm.variance_epsilon,
+        w_uk=kvb[:, :dn], w_uv=kvb[:, dn:], wo=a.o_proj.weight, scale=float(a.scaling),
+        ln2=layer.post_attention_layernorm.weight, eps2=layer.post_attention_layernorm.variance_epsilon,
+        wg=dense.gate_proj.weight, wu=dense.up_proj.weight, wd=dense.down_proj.weight, **route)
+
+
+def rope_layout(cfg) -> int:
+    """mla_latent_cache's ROPE_LAYOUT of the model: V2 rotates interleaved pairs as complex
+    numbers (pairs in and out); V3 rotates interleaved pairs into halves
+    (``rope_interleave``, its default) or rotate-half pairs."""
+    if cfg.model_type == "deepseek_v2":
+        return INTERLEAVED_OUT
+    return INTERLEAVED if getattr(cfg, "rope_interleave", True) else HALVES
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: int) -> torch.Tensor:
+    """The query's rope part ``x`` [M, NH, DR] rotated as the model rotates it, ``cos`` /
+    ``sin`` [M, 1, DR/2] (times the attention factor). No suite kernel rotates in these
+    layouts with a frequency table and an attention factor (``rope_q`` is rotate-half from
+    theta), so this is torch: NH * DR elements a layer."""
+    half = x.shape[-1] // 2
+    if layout == HALVES:
+        x1, x2 = x[..., :half], x[..., half:]
+    else:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    o1, o2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    if layout == INTERLEAVED_OUT:
+        return torch.stack([o1, o2], dim=-1).flatten(-2)
+    return torch.cat([o1, o2], dim=-1)
+
+
+class DeepSeekDecodeProgram:
+    """The decode step of a DeepSeek-V2 / V3 ``model`` reading its weights where they lie
+    (the interface of ``decode_step.DecodeProgram``). ``options``: unused (the DeepSeek
+    step has no early-input launches yet), taken for the same constructor."""
+
+    fallback_runs = "the model's forward"  # what a step the program does not take runs (for the report)
+
+    def __init__(self, model, options=None):
+        cfg = model.config
+        base = model.model
+        a = base.layers[0].self_attn
+        self.nh, self.dn, self.dr, self.dv = a.num_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
+        self.r = a.kv_lora_rank
+        self.layout = rope_layout(cfg)
+        self.v2 = cfg.model_type == "deepseek_v2"
+        self.inv_freq = base.rotary_emb.inv_freq  # fp32 [DR / 2]: default and YaRN frequencies alike
+        self.rope_scale = float(base.rotary_emb.attention_scaling)
+        self.embed = base.embed_tokens.weight
+        self.layers = [deepseek_layer(layer, cfg) for layer in base.layers]
+        self.norm_w, self.norm_eps = base.norm.weight, base.norm.variance_epsilon
+        self.lm_head_w = model.lm_head.weight
+
+    @property
+    def takes_any_position(self) -> bool:
+        """mla_latent_cache writes at the position it rotates at: the step's position must
+        be the cache's count (one host read a step checks it), and no key is masked."""
+        return False
+
+    @property
+    def matches(self) -> dict:
+        """The suite kernels a step launches (pattern name -> count), for the report."""
+        n, moe = len(self.layers), sum(w.router is not None for w in self.layers)
+        lora = sum(w.wq is None for w in self.layers)  # q_a_proj's matvec, then q_a_layernorm + q_b_proj
+        return {"embedding": 1, "rms_norm": n + moe, "matvec": n, "rms_norm_matvec": 1 + lora, "mla_latent_cache": n,
+                "mla_attention": n, "matvec_residual": 2 * n, "rms_norm_gate_up_silu": n - moe,
+                "gate_up_silu": moe, "moe_router": moe, "moe_experts": moe}
+
+    def declines(self, input_ids: torch.Tensor, cache) -> str:
+        """Why a forward call of ``input_ids`` [B, T] on ``cache`` does not take the program
+        (the model's forward runs it), or "": the program decodes one token of one sequence
+        into the latent cache. A prompt (T > 1 into an empty cache) is the model's own and
+        not declined; tokens continuing a filled cache are (one device read, T > 1 only)."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            return ""
+        b, t = input_ids.shape
+        if t > 1:
+            filled = cache is not None and getattr(cache, "layers", None) and \
+                getattr(cache.layers[0], "is_initialized", False) and int(cache.get_seq_length()) > 0
+            return f"{t} tokens continuing a sequence (the DeepSeek program takes one token a step)" if filled else ""
+        if b != 1:
+            return f"batch {b} (the DeepSeek program decodes one sequence)"
+        layers = getattr(cache, "layers", None)
+        layer = layers[0] if layers else None  # every layer of a model's cache has one layout
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or not getattr(layer, "is_initialized", False):
+            return ""  # decode_request says why (no cache, not static, not initialised)
+        if keys.dim() != 4 or keys.shape[1] != 1 or keys.shape[3] != self.r or values.shape[3] != self.dr \
+                or values.shape[:3] != keys.shape[:3]:
+            return (f"cache layer of keys {tuple(keys.shape)} / values {tuple(values.shape)}, not the latent "
+                    f"[B, 1, S, {self.r}] / [B, 1, S, {self.dr}] the program writes")
+        return ""
+
+    def run(self, tok: torch.Tensor, pos: torch.Tensor, cache, key_mask: Optional[torch.Tensor] = None
+            ) -> torch.Tensor:
+        """Logits [1, V] of the token ``tok`` [1, 1] at position ``pos`` [1, 1], the cache's
+        count; its latent row goes to that row of every layer's cache. Updates ``cache``."""
+        b, r = tok.shape
+        if b != 1 or r != 1 or key_mask is not None:
+            # patch declines these calls before the program runs (declines, takes_any_position)
+            raise ValueError(f"tileflow: the DeepSeek program takes one unmasked token of one sequence, got {b} x {r}")
+        p = pos.reshape(1)
+        lengths = p + 1
+        ang = p.to(torch.float32)[:, None] * self.inv_freq[None, :]  # [1, DR / 2], fp32 as the rotary embedding
+        cos, sin = torch.cos(ang) * self.rope_scale, torch.sin(ang) * self.rope_scale
+        x = ops.embedding_lookup(tok.reshape(1), self.embed)
+        if not self.v2:  # V3 casts cos and sin to the activations' dtype; V2 rotates in fp32
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        nh, dn, dv = self.nh, self.dn, self.dv
+        for w, layer in zip(self.layers, cache.layers):
+            kv_cache, pe_cache = layer.keys[:, 0], layer.values[:, 0]  # [1, S, R], [1, S, DR]: views
+            xn = ops.rms_norm(x, w.ln1, w.eps1)
+            if w.wq is not None:
+                q = ops.matvec(xn, w.wq)
+            else:
+                q = ops.rms_norm_matvec(ops.matvec(xn, w.wqa), w.q_ln, w.q_eps, w.wqb)
+            q = q.view(1, nh, dn + self.dr)
+            q_pe = q[..., dn:]
+            q_pe = _rotate(q_pe.float(), cos, sin, self.layout).to(q.dtype) if self.v2 else \
+                _rotate(q_pe, cos, sin, self.layout)
+            ops.mla_latent_cache(xn, w.w_kva, w.kv_ln, w.kv_eps, p, self.inv_freq, self.rope_scale, self.layout,
+                                 kv_cache, pe_cache)
+            o = ops.mla_attention(q[..., :dn], q_pe, kv_cache, pe_cache, lengths, w.w_uk, w.w_uv, w.scale)
+            x = ops.matvec_residual(o.view(1, nh * dv), w.wo, x)
+            if w.router is None:  # dense MLP
+                x = ops.matvec_residual(ops.rms_norm_gate_up_silu(x, w.ln2, w.eps2, w.wg, w.wu), w.wd, x)
+                continue
+            h = ops.rms_norm(x, w.ln2, w.eps2)
+            idx, wt = ops.moe_router(h, w.router, w.top_k, w.routed_scale, w.n_group, w.topk_group, w.norm_topk,
+                                     w.bias)
+            shared = ops.matvec_residual(ops.gate_up_silu(h, w.wg, w.wu), w.wd, x)  # residual + shared experts
+            x = ops.moe_experts(h, idx, wt, w.gate_up, w.down, residual=shared)
+        logits = ops.rms_norm_matvec(x, self.norm_w, self.norm_eps, self.lm_head_w)
+        _advance(cache, 1)
+        return logits
