@@ -413,7 +413,8 @@ def _static_by_default(model, prepare, made: dict):
 
     Assisted generation and prompt lookup verify their drafts past ``max_length`` (the last
     round may write a row beyond it): their static cache gets the drafts' room, or, where
-    this transformers names no cache length to give it, they keep the default cache."""
+    this transformers names no cache length to give it or refuses a static cache for them,
+    they keep the default cache."""
     import inspect
 
     signature = inspect.signature(prepare)
@@ -423,7 +424,7 @@ def _static_by_default(model, prepare, made: dict):
         given = any(model_kwargs.get(k) is not None for k in ("cache", "past_key_values"))
         bound = signature.bind(model, generation_config, model_kwargs, *args, **kwargs)
         drafts = _draft_rows(generation_config, bound.arguments.get("generation_mode"))
-        sized = drafts == 0 or isinstance(bound.arguments.get("max_cache_length"), int)
+        sized = drafts == 0 or (isinstance(bound.arguments.get("max_cache_length"), int) and assisted_takes_static())
         if (not given and generation_config.cache_implementation is None and model_kwargs.get("use_cache", True)
                 and getattr(generation_config, "use_cache", True) and sized):
             generation_config.cache_implementation = "static"
@@ -436,6 +437,20 @@ def _static_by_default(model, prepare, made: dict):
         return result
 
     return _prepare_cache_for_generation
+
+
+@functools.cache
+def assisted_takes_static() -> bool:
+    """Whether this transformers' assisted generation and prompt lookup run on a static
+    cache (5.17's raise "assisted generate is not supported with Static cache classes")."""
+    import inspect
+
+    from transformers.generation.utils import GenerationMixin
+
+    try:
+        return "Static cache" not in inspect.getsource(GenerationMixin._assisted_decoding)
+    except (OSError, TypeError):  # no source to read: the default cache is the safe choice
+        return False
 
 
 def _draft_rows(generation_config, mode) -> int:

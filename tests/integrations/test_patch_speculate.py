@@ -110,3 +110,38 @@ def test_drafting_calls_get_a_static_cache_only_with_room_for_the_drafts():
             wrapped(GenerationConfig(prompt_lookup_num_tokens=lookup, use_cache=True), {}, "greedy_search", 1,
                     *([40] if prepare is with_length else []))
     assert seen == [("static", 40), ("static", 45), ("static", None), (None, None)]
+
+
+def test_a_transformers_that_refuses_static_caches_for_drafts_keeps_the_default_cache(monkeypatch, tileflow_options):
+    """transformers 5.17's assisted decoding raises on a static cache: prompt lookup on a
+    patched model there must run on the default cache (seen on the GPU), not crash."""
+    from transformers.generation.utils import GenerationMixin
+
+    from tileflow.integrations.transformers import patch as patch_module
+
+    original = GenerationMixin._assisted_decoding
+
+    def refusing(self, *args, **kwargs):
+        from transformers import StaticCache
+
+        if any(isinstance(v, StaticCache) for v in kwargs.values()):
+            raise ValueError("assisted generate is not supported with Static cache classes`")
+        return original(self, *args, **kwargs)
+
+    tileflow_options(cpu_target="reference")
+    monkeypatch.setattr(GenerationMixin, "_assisted_decoding", refusing)
+    monkeypatch.setattr(patch_module, "assisted_takes_static", lambda: False)
+    model, ids = tiny("qwen2"), repetitive()
+    expected = generate(model, ids, do_sample=False, prompt_lookup_num_tokens=3)
+    report = tileflow.patch(model)
+    got = generate(model, ids, do_sample=False, prompt_lookup_num_tokens=3)
+    tileflow.unpatch(model)
+    assert torch.equal(got, expected)
+    assert report.verify_steps == 0  # the drafts were verified by the model's own code, on its default cache
+
+
+def test_the_probe_reads_this_transformers():
+    from tileflow.integrations.transformers.patch import assisted_takes_static
+
+    assisted_takes_static.cache_clear()
+    assert isinstance(assisted_takes_static(), bool)

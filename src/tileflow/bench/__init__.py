@@ -189,30 +189,39 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
 
 
 def _rows(record, model, ids, new_tokens, repeats, batch, spec, dev, tdtype, say, out_dir) -> None:
-    """The multi-row measurements (``bench/rows.py``) into ``record``."""
+    """The multi-row measurements (``bench/rows.py``) into ``record``, each written as it
+    ends; one that fails records its error and the others still run."""
     from tileflow.bench import rows
+
+    def piece(key, measure):
+        try:
+            record[key] = measure()
+        except Exception as exc:  # noqa: BLE001 - a failed measurement is a result, not the end of the run
+            record[key] = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"}
+            say(f"{key}: {record[key]['error']}")
+        _json_path(record, out_dir).write_text(json.dumps(record, indent=1, default=str))
 
     if batch > 1:
         bids, mask = rows.padded_batch(model.config.vocab_size, batch, ids.shape[1], dev)
-        record["batch_paths"] = rows.batch_paths(model, bids, mask, new_tokens, repeats, say)
+        piece("batch_paths", lambda: rows.batch_paths(model, bids, mask, new_tokens, repeats, say))
         patch = record["paths"].get("tileflow_patch", {}).get("decode_tok_s")
         for v in record["batch_paths"].values():
-            if patch and v.get("decode_tok_s"):
+            if isinstance(v, dict) and patch and v.get("decode_tok_s"):
                 v["vs_batch1_patch"] = v["decode_tok_s"] / patch
-        record["step_cost"] = rows.step_cost(model, ids, tuple(m for m in (1, 2, 4, 8, 16) if m <= max(batch, 16)),
-                                             progress=say)
+        piece("step_cost", lambda: rows.step_cost(model, ids, tuple(m for m in (1, 2, 4, 8, 16) if m <= max(batch, 16)),
+                                                  progress=say))
     if spec is not None:
         kind, k, draft_name = spec
         if kind == "lookup":
             prompt = rows.repeating_prompt(model, ids, new_tokens)
-            record["speculation"] = rows.lookup_speculation(model, prompt, new_tokens, k, repeats, say)
+            piece("speculation", lambda: rows.lookup_speculation(model, prompt, new_tokens, k, repeats, say))
         else:
-            say(f"building the draft model {draft_name}")
-            draft = build_model(draft_name, dev, tdtype)
-            record["speculation"] = {"draft_model": draft_name,
-                                     **rows.draft_round(model, draft, ids, k, repeats, say)}
-            del draft
-    _json_path(record, out_dir).write_text(json.dumps(record, indent=1, default=str))
+            def draft_round():
+                say(f"building the draft model {draft_name}")
+                draft = build_model(draft_name, dev, tdtype)
+                return {"draft_model": draft_name, **rows.draft_round(model, draft, ids, k, repeats, say)}
+
+            piece("speculation", draft_round)
 
 
 def _json_path(record: dict, out_dir: str) -> Path:
@@ -259,13 +268,18 @@ def _write(record: dict, out_dir: str, console) -> None:
 def _print_rows(record: dict, console) -> None:
     """The multi-row results in a few lines (the record holds every run)."""
     for name, v in record.get("batch_paths", {}).items():
+        if not isinstance(v, dict):
+            console.print(f"  batch paths: {name} {v}")
+            continue
         console.print(f"  batch {v.get('rows')}: {name:<28} {v.get('decode_tok_s', float('nan')):9.1f} tok/s"
                       f"  x{v.get('vs_batch1_patch', float('nan')):.2f} batch-1 patch"
                       + ("" if "tokens_equal_generate_eager" not in v else
                          f"  tokens = eager generate: {v['tokens_equal_generate_eager']}")
                       + (f"  patched steps {v['patched_steps']}" if "patched_steps" in v else ""))
     cost = record.get("step_cost", {})
-    if cost:
+    if "error" in cost:
+        console.print(f"  step cost: {cost['error']}")
+    elif cost:
         console.print("  step cost: " + "  ".join(f"{m} rows {c['step_ms']:.3f} ms (x{c['vs_one_row']:.2f})"
                                                   for m, c in cost.items() if isinstance(c, dict)))
     spec = record.get("speculation")
