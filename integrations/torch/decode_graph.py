@@ -555,11 +555,25 @@ def rewrite_decode_graph(gm: fx.GraphModule, report: Report) -> tuple:
     """Apply the dynamo-level decode patterns to ``gm`` in place; record what happened.
     Returns the step's (batch, new tokens) when its attention matched with more than one
     row (the linears the post-grad pass may then take), else ()."""
+    from tileflow.integrations.torch import deepseek_graph  # it builds on this module's matchers
+
     graph, tf = gm.graph, torch.ops.tileflow
     lengths_of: dict = {}
     steps = []  # (batch, new tokens) of each matched attention: the step's rows
+    mla = 0  # DeepSeek's latent attentions matched (deepseek_graph)
     for node in list(graph.nodes):
-        if _fn(node, *_SDPA):
+        if _fn(node, *_SDPA) and deepseek_graph.is_mla(node):
+            try:
+                m = deepseek_graph.match_mla(node)
+            except NoMatch as e:
+                report.fallback(deepseek_graph.MLA, where(node), str(e))
+                continue
+            deepseek_graph.rewrite_mla(graph, node, m, lengths_of)
+            steps.append((m["batch"], 1))
+            report.match(deepseek_graph.MLA)
+            report.fallback(deepseek_graph.LATENT, where(node), deepseek_graph.LATENT_REASON)
+            mla += 1
+        elif _fn(node, *_SDPA):
             try:
                 m = match_attention(node)
             except NoMatch as e:
@@ -571,6 +585,10 @@ def rewrite_decode_graph(gm: fx.GraphModule, report: Report) -> tuple:
                 report.match(name, n)
     # more than one row a step only where every matched attention agrees on them
     rows = steps[0] if steps and all(_same(s[0], steps[0][0]) and _same(s[1], steps[0][1]) for s in steps) else ()
+    deepseek_graph.rewrite_moe(graph, report, rows)
+    if mla:
+        deepseek_graph.rewrite_q_b(graph, report)
+    _drop_dead(graph)  # the replaced experts' silu * up is gone before the gate_up patterns look
     for node in list(graph.nodes):
         if _fn(node, operator.mul) and any(_fn(a, torch.nn.functional.silu) for a in node.args):
             try:
@@ -653,6 +671,7 @@ def _batch_cache_counters(graph: fx.Graph, report: Report) -> None:
             return
     # the rows of the caches the step writes: a step past them raises before writing
     caches = [_ev(n.args[12]) for n in nodes if n.target is torch.ops.tileflow.qkv_rope_cache.default]
+    caches += [_ev(n.args[2]) for n in nodes if n.target is torch.ops.tileflow.mla_attention.default]
     capacity = min((t.shape[2] for t in caches if isinstance(t, torch.Tensor)), default=-1)
     last_input = [n for n in nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(last_input):

@@ -69,6 +69,13 @@ def _aten_overloads(target, op: str) -> Optional[list]:
     return None if None in ops else ops
 
 
+def _list_given_tensor(arg, value) -> bool:
+    """A ``Tensor[]`` parameter bound to one tensor node: not this overload (``torch.sort(t)``
+    also binds TorchScript's in-place list sort ``aten::sort.Tensor(Tensor[](a!) self)``)."""
+    ev = value.meta.get("example_value", value.meta.get("val")) if isinstance(value, fx.Node) else None
+    return isinstance(arg.type, torch._C.ListType) and isinstance(ev, torch.Tensor)
+
+
 def _bound(node: fx.Node) -> Optional[list]:
     """[(overload, bound arguments)] of the overloads the call's arguments bind to."""
     ops = _aten_overloads(node.target, node.op)
@@ -86,7 +93,10 @@ def _bound(node: fx.Node) -> Optional[list]:
             except (TypeError, RuntimeError, ValueError):
                 continue
             # the signature renames ``self``: pair schema arguments with parameters by position
-            bound.append((op, [(a, values.get(p)) for a, p in zip(op._schema.arguments, sig.parameters)]))
+            pairs = [(a, values.get(p)) for a, p in zip(op._schema.arguments, sig.parameters)]
+            if any(_list_given_tensor(a, v) for a, v in pairs):
+                continue
+            bound.append((op, pairs))
         if bound:
             return bound
     return None
