@@ -163,6 +163,42 @@ def stream_k(k, lo, hi, carry, load_tiles, body, pipeline: int) -> list:
     return list(lp.results[:n])
 
 
+def split_k_range(k, kdim, split: int) -> tuple:
+    """The K range [lo, hi) this program sums: with SPLIT_K > 1 its chunk (program axis 1,
+    a whole number of BLOCK_K tiles), else all of K."""
+    if split <= 1:
+        return 0, kdim
+    chunk = k.cdiv(k.cdiv(kdim, k.param("SPLIT_K")), k.param("BLOCK_K")) * k.param("BLOCK_K")
+    lo = k.program_id(1) * chunk
+    return lo, k.minimum(lo + chunk, kdim)
+
+
+def store_with_bias(k, out, b, row, rows, y) -> None:
+    """``out[row, rows] = y (+ b[rows])``."""
+    k.store(out, (row, rows), y + k.load(b, (rows,)) if b is not None else y)
+
+
+def store_sums(k, part, out, b, row, rows, sums) -> None:
+    """A program's sums: with split-K (``part`` a workspace) its split's partials, else the
+    output (+ bias)."""
+    if part is not None:
+        k.store(part, (k.program_id(1), row, rows), sums)
+    else:
+        store_with_bias(k, out, b, row, rows, sums)
+
+
+def reduce_stage(k, parts, finish) -> None:
+    """Split-K's second stage: each BLOCK_R outputs of a row summed over the SPLIT_K
+    partials of every workspace in ``parts``; ``finish(row, rows, sums)`` stores them."""
+    with k.stage("reduce", grid=("cdiv(N, BLOCK_R)", "M")):
+        row = k.program_id(1)
+        rows = k.range(k.program_id(0) * k.param("BLOCK_R"), "BLOCK_R", aligned=True)
+        acc0 = [k.full(("BLOCK_R",), 0.0) for _ in parts]
+        with k.loop(0, k.param("SPLIT_K"), 1, carry=acc0) as lp:
+            lp.next(*[a + k.load(part, (lp.index, row, rows)) for a, part in zip(lp.carry, parts)])
+        finish(row, rows, list(lp.results))
+
+
 def define_matvec(form: MatvecForm, k, p) -> None:
     x = k.input("x", ("M", "K"))
     ln_w = k.input("ln_w", ("K",)) if form.norm else None
@@ -187,12 +223,7 @@ def define_matvec(form: MatvecForm, k, p) -> None:
         row = k.range(k.program_id(2) * k.param("BLOCK_M"), "BLOCK_M", aligned=True) if many else k.program_id(2)
         rows = k.range(k.program_id(0) * k.param("BLOCK_N"), "BLOCK_N", aligned=True)
         kdim = k.dim("K")
-        if split > 1:
-            chunk = k.cdiv(k.cdiv(kdim, k.param("SPLIT_K")), k.param("BLOCK_K")) * k.param("BLOCK_K")
-            lo = k.program_id(1) * chunk
-            hi = k.minimum(lo + chunk, kdim)
-        else:
-            lo, hi = 0, kdim
+        lo, hi = split_k_range(k, kdim, split)
         # sum(w * x * g) * rstd == sum(w * (x * rstd) * g): the norm's rstd scales the sums
         # afterwards, so the weight stream does not wait for the norm's reduction; without
         # split-K the loop sees all of x and gathers the sum of squares on the way
@@ -228,14 +259,11 @@ def define_matvec(form: MatvecForm, k, p) -> None:
                 k.store(out, (row, rows), y)
 
     if split > 1:
-        with k.stage("reduce", grid=("cdiv(N, BLOCK_R)", "M")):
-            row = k.program_id(1)
-            rows = k.range(k.program_id(0) * k.param("BLOCK_R"), "BLOCK_R", aligned=True)
-            acc0 = [k.full(("BLOCK_R",), 0.0) for _ in parts]
-            with k.loop(0, k.param("SPLIT_K"), 1, carry=acc0) as lp:
-                lp.next(*[a + k.load(part, (lp.index, row, rows)) for a, part in zip(lp.carry, parts)])
-            for out, y in zip(outs, form.epilogue(k, list(lp.results), load_extras(row, rows))):
+        def finish(row, rows, sums):
+            for out, y in zip(outs, form.epilogue(k, sums, load_extras(row, rows))):
                 k.store(out, (row, rows), y)
+
+        reduce_stage(k, parts, finish)
 
 
 def matvec_params(n: int, k_: int, block_n: int = 0, block_k: int = 0, split_k: int = 0,
@@ -303,3 +331,48 @@ def matvec_bytes(n_weights: int, n_bias: int, n_rows_in: int, n_outputs: int):
         m, n, k_ = s.get("M", 1), s["N"], s["K"]
         return b * (n_weights * n * k_ + m * k_ + n_bias * n + (n_rows_in + n_outputs) * m * n)
     return f
+
+
+def grouped_params(n: int, row: int, block_n: int = 16, block_g: int = 0, split_k: int = 1,
+                   num_warps: int = 4, num_stages: int = 2, **extra) -> dict:
+    """Launch parameters of a matvec over 128-column weight groups (the quantized kernels),
+    a weight row read as ``row`` elements (bytes for packed int4). Untuned defaults:
+    [16, 256] tiles."""
+    from tileflow.suite.quantize import GROUP
+
+    block_g = block_g or max(1, min(2, next_pow2(row) // GROUP))
+    p = {"BLOCK_N": block_n, "BLOCK_G": block_g, "BLOCK_K": block_g * GROUP, "GROUP": GROUP,
+         "SPLIT_K": split_k, "BLOCK_R": min(1024, next_pow2(n)), "num_warps": num_warps,
+         "num_stages": num_stages}
+    p.update(extra)
+    return p
+
+
+def grouped_split(n: int, row: int) -> int:
+    """SPLIT_K for a short grid (fewer than 264 programs of 16 rows, e.g. the 1.5B's
+    1536-row projections): fills the GPU, each split at least 256 elements of a row."""
+    programs = -(-n // 16)
+    split = 1 if programs >= 264 else min(8, max(1, 264 // programs))
+    while split > 1 and row / split < 256:
+        split -= 1
+    return split
+
+
+def grouped_candidates(n: int, row: int, block_ns, make) -> list[dict]:
+    """Tiles of 1K-16K elements, enough programs, split-K where rows are few;
+    ``make(block_n, block_g, split_k, num_warps)`` gives each candidate's params."""
+    from tileflow.suite.quantize import GROUP
+
+    out = []
+    for block_n in block_ns:
+        for block_g in (1, 2, 4, 8):
+            tile = block_n * block_g * GROUP
+            if block_g * GROUP > next_pow2(row) or not 1024 <= tile <= 16384:
+                continue
+            for split_k in (1, 2, 3, 4, 6, 8):
+                programs = -(-n // block_n) * split_k
+                if not 128 <= programs <= 16384 or (split_k > 1 and row / split_k < block_g * GROUP / 2):
+                    continue
+                for num_warps in (4, 8):
+                    out.append(make(block_n, block_g, split_k, num_warps))
+    return out

@@ -34,6 +34,8 @@ does not fall out of this definition (its activations are not group-quantized th
 
 import torch
 
+from tileflow.suite.matvec_family import (grouped_candidates, grouped_params, grouped_split, reduce_stage,
+                                          split_k_range, store_sums, store_with_bias)
 from tileflow.suite.quantize import FP8_MAX, GROUP
 from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
 
@@ -74,13 +76,7 @@ def define(k, p):
         first = k.program_id(0) * k.param("BLOCK_N")
         rows = k.range(first, "BLOCK_N", aligned=True)
         block_row = first // k.param("GROUP")
-        kdim = k.dim("K")
-        if split > 1:
-            chunk = k.cdiv(k.cdiv(kdim, k.param("SPLIT_K")), k.param("BLOCK_K")) * k.param("BLOCK_K")
-            lo = k.program_id(1) * chunk
-            hi = k.minimum(lo + chunk, kdim)
-        else:
-            lo, hi = 0, kdim
+        lo, hi = split_k_range(k, k.dim("K"), split)
         with k.loop(lo, hi, "BLOCK_K", carry=[k.full(("BLOCK_N",), 0.0)]) as lp:
             cols = k.range(lp.index, "BLOCK_K", aligned=True)
             # the activations' dynamic quantization, per 128 columns (past K: zeros)
@@ -96,20 +92,10 @@ def define(k, p):
             dots = k.sum(wt * xq[None, :, :], axis=2)  # [BLOCK_N, BLOCK_G]: each group's fp32 dot
             w_s = k.load(ws, (block_row, k.range(lp.index // k.param("GROUP"), "BLOCK_G", aligned=True)))
             lp.next(lp.carry[0] + k.sum(dots * a_s[None, :] * w_s[None, :], axis=1))
-        sums = lp.results[0]
-        if split > 1:
-            k.store(part, (k.program_id(1), row, rows), sums)
-        else:
-            k.store(out, (row, rows), sums + k.load(b, (rows,)) if b is not None else sums)
+        store_sums(k, part, out, b, row, rows, lp.results[0])
 
     if split > 1:
-        with k.stage("reduce", grid=("cdiv(N, BLOCK_R)", "M")):
-            row = k.program_id(1)
-            rows = k.range(k.program_id(0) * k.param("BLOCK_R"), "BLOCK_R", aligned=True)
-            with k.loop(0, k.param("SPLIT_K"), 1, carry=[k.full(("BLOCK_R",), 0.0)]) as lp:
-                lp.next(lp.carry[0] + k.load(part, (lp.index, row, rows)))
-            y = lp.results[0]
-            k.store(out, (row, rows), y + k.load(b, (rows,)) if b is not None else y)
+        reduce_stage(k, [part], lambda row, rows, ys: store_with_bias(k, out, b, row, rows, ys[0]))
 
 
 def e4m3_nearest(xp, v):
@@ -157,40 +143,18 @@ def reference(xp, x, w, ws, b=None):
 def fp8_params(n: int, k_: int, block_n: int = 16, block_g: int = 0, split_k: int = 1,
                num_warps: int = 4, num_stages: int = 2, **extra) -> dict:
     """Launch parameters for an N x K fp8 matvec. Untuned defaults: [16, 256] fp8 tiles."""
-    block_g = block_g or max(1, min(2, next_pow2(k_) // GROUP))
-    p = {"BLOCK_N": block_n, "BLOCK_G": block_g, "BLOCK_K": block_g * GROUP, "GROUP": GROUP,
-         "SPLIT_K": split_k, "BLOCK_R": min(1024, next_pow2(n)), "num_warps": num_warps,
-         "num_stages": num_stages}
-    p.update(extra)
-    return p
+    return grouped_params(n, k_, block_n, block_g, split_k, num_warps, num_stages, **extra)
 
 
 def default_params(s):
-    n, k_ = s["N"], s["K"]
-    programs = -(-n // 16)
-    # a short grid splits K to fill the GPU (as the int4 matvec)
-    split = 1 if programs >= 264 else min(8, max(1, 264 // programs))
-    while split > 1 and k_ / split < 256:
-        split -= 1
-    return fp8_params(n, k_, split_k=split, HAS_BIAS=s.get("HAS_BIAS", 0))
+    return fp8_params(s["N"], s["K"], split_k=grouped_split(s["N"], s["K"]), HAS_BIAS=s.get("HAS_BIAS", 0))
 
 
 def candidates(s):
     """Tiles of 1K-16K fp8 bytes, rows a divisor of 128, enough programs, split-K where rows are few."""
-    n, k_ = s["N"], s["K"]
-    out = []
-    for block_n in (4, 8, 16, 32, 64, 128):
-        for block_g in (1, 2, 4, 8):
-            tile = block_n * block_g * GROUP
-            if block_g * GROUP > next_pow2(k_) or not 1024 <= tile <= 16384:
-                continue
-            for split_k in (1, 2, 3, 4, 6, 8):
-                programs = -(-n // block_n) * split_k
-                if not 128 <= programs <= 16384 or (split_k > 1 and k_ / split_k < block_g * GROUP / 2):
-                    continue
-                for num_warps in (4, 8):
-                    out.append(fp8_params(n, k_, block_n, block_g, split_k, num_warps, HAS_BIAS=s.get("HAS_BIAS", 0)))
-    return out
+    return grouped_candidates(s["N"], s["K"], (4, 8, 16, 32, 64, 128),
+                              lambda bn, bg, sk, nw: fp8_params(s["N"], s["K"], bn, bg, sk, nw,
+                                                                HAS_BIAS=s.get("HAS_BIAS", 0)))
 
 
 def draw_weight(gen, shape, sizes):

@@ -21,6 +21,8 @@ Each program owns ``BLOCK_N`` rows of one row of x and streams [BLOCK_N, BLOCK_K
 import torch
 
 from tileflow.suite.inputs import linear_weight
+from tileflow.suite.matvec_family import (grouped_candidates, grouped_params, grouped_split, reduce_stage,
+                                          split_k_range, store_sums, store_with_bias)
 from tileflow.suite.quantize import GROUP
 from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
 
@@ -40,12 +42,7 @@ def define(k, p):
         row = k.program_id(2)
         rows = k.range(k.program_id(0) * k.param("BLOCK_N"), "BLOCK_N", aligned=True)
         half = k.dim("KH")  # bytes a row: column j's byte also holds column j + K/2
-        if split > 1:
-            chunk = k.cdiv(k.cdiv(half, k.param("SPLIT_K")), k.param("BLOCK_K")) * k.param("BLOCK_K")
-            lo = k.program_id(1) * chunk
-            hi = k.minimum(lo + chunk, half)
-        else:
-            lo, hi = 0, half
+        lo, hi = split_k_range(k, half, split)
 
         def dequant(codes, first_group, group_limit):
             # (q - 8) * scale + zero over [BLOCK_N, BLOCK_G, GROUP]; past the row's end the
@@ -67,20 +64,10 @@ def define(k, p):
             x_hi = k.reshape(k.load(x, (row, k.range(half + j, "BLOCK_K")), limits={1: half + hi}),
                              ("BLOCK_G", "GROUP"))
             lp.next(lp.carry[0] + w_lo * x_lo[None, :, :] + w_hi * x_hi[None, :, :])
-        sums = k.sum(k.sum(lp.results[0], axis=2), axis=1)
-        if split > 1:
-            k.store(part, (k.program_id(1), row, rows), sums)
-        else:
-            k.store(out, (row, rows), sums + k.load(b, (rows,)) if b is not None else sums)
+        store_sums(k, part, out, b, row, rows, k.sum(k.sum(lp.results[0], axis=2), axis=1))
 
     if split > 1:
-        with k.stage("reduce", grid=("cdiv(N, BLOCK_R)", "M")):
-            row = k.program_id(1)
-            rows = k.range(k.program_id(0) * k.param("BLOCK_R"), "BLOCK_R", aligned=True)
-            with k.loop(0, k.param("SPLIT_K"), 1, carry=[k.full(("BLOCK_R",), 0.0)]) as lp:
-                lp.next(lp.carry[0] + k.load(part, (lp.index, row, rows)))
-            y = lp.results[0]
-            k.store(out, (row, rows), y + k.load(b, (rows,)) if b is not None else y)
+        reduce_stage(k, [part], lambda row, rows, ys: store_with_bias(k, out, b, row, rows, ys[0]))
 
 
 def reference(xp, x, qw, scales, zeros, b=None):
@@ -95,49 +82,22 @@ def reference(xp, x, qw, scales, zeros, b=None):
     return {"out": y + b if b is not None else y}
 
 
-def int4_params(n: int, k_: int, block_n: int = 0, block_g: int = 0, split_k: int = 1,
-                num_warps: int = 0, num_stages: int = 2, **extra) -> dict:
+def int4_params(n: int, k_: int, block_n: int = 16, block_g: int = 0, split_k: int = 1,
+                num_warps: int = 4, num_stages: int = 2, **extra) -> dict:
     """Launch parameters for an N x K int4 matvec (K/2 bytes a row). Untuned defaults: a
     [16, 256] byte tile (8K weights) a round, split-K where rows are few."""
-    half = k_ // 2
-    block_n = block_n or 16
-    block_g = block_g or max(1, min(2, next_pow2(half) // GROUP))
-    if not split_k:
-        split_k = 1
-    p = {"BLOCK_N": block_n, "BLOCK_G": block_g, "BLOCK_K": block_g * GROUP, "GROUP": GROUP,
-         "SPLIT_K": split_k, "BLOCK_R": min(1024, next_pow2(n)),
-         "num_warps": num_warps or 4, "num_stages": num_stages}
-    p.update(extra)
-    return p
+    return grouped_params(n, k_ // 2, block_n, block_g, split_k, num_warps, num_stages, **extra)
 
 
 def default_params(s):
-    n, k_ = s["N"], s["K"]
-    programs = -(-n // 16)
-    # a short grid (the 1.5B's 1536-row projections: 96 programs) splits K to fill the GPU
-    split = 1 if programs >= 264 else min(8, max(1, 264 // programs))
-    while split > 1 and k_ // 2 / split < 256:
-        split -= 1
-    return int4_params(n, k_, split_k=split, HAS_BIAS=s.get("HAS_BIAS", 0))
+    return int4_params(s["N"], s["K"], split_k=grouped_split(s["N"], s["K"] // 2), HAS_BIAS=s.get("HAS_BIAS", 0))
 
 
 def candidates(s):
     """Tiles of 1K-16K bytes (2K-32K weights), enough programs, split-K where rows are few."""
-    n, half = s["N"], s["K"] // 2
-    out = []
-    for block_n in (4, 8, 16, 32, 64):
-        for block_g in (1, 2, 4, 8):
-            tile = block_n * block_g * GROUP
-            if block_g * GROUP > next_pow2(half) or not 1024 <= tile <= 16384:
-                continue
-            for split_k in (1, 2, 3, 4, 6, 8):
-                programs = -(-n // block_n) * split_k
-                if not 128 <= programs <= 16384 or (split_k > 1 and half / split_k < block_g * GROUP / 2):
-                    continue
-                for num_warps in (4, 8):
-                    out.append(int4_params(n, s["K"], block_n, block_g, split_k, num_warps,
-                                           HAS_BIAS=s.get("HAS_BIAS", 0)))
-    return out
+    return grouped_candidates(s["N"], s["K"] // 2, (4, 8, 16, 32, 64),
+                              lambda bn, bg, sk, nw: int4_params(s["N"], s["K"], bn, bg, sk, nw,
+                                                                 HAS_BIAS=s.get("HAS_BIAS", 0)))
 
 
 def draw_codes(gen, shape, sizes):
