@@ -74,25 +74,34 @@ def _check_operands(name: str, sizes: tuple, avals: Sequence) -> None:
             raise TypeError(f"tileflow_{name}: {v.name} has shape {tuple(a.shape)}, expected {want}")
         if v.dtype in ("i64", "i32") and not jnp.issubdtype(a.dtype, jnp.integer):
             raise TypeError(f"tileflow_{name}: {v.name} must be integer, got {a.dtype}")
+        # packed weights are read bit for bit: a cast would change the codes, so none is made
+        packed = {"u8": jnp.uint8, "f8e4m3": jnp.float8_e4m3fn}.get(v.dtype)
+        if packed is not None and a.dtype != packed:
+            raise TypeError(f"tileflow_{name}: {v.name} must be {jnp.dtype(packed).name}, got {a.dtype}")
 
 
 def bind(name: str, operands: Sequence, sizes: dict, scalars: dict | None = None) -> list:
     """Call suite kernel ``name`` on ``operands`` (its input views, in order).
 
     Floating operands must share one dtype (the kernel's storage dtype); index
-    operands are cast to :func:`index_dtype`."""
+    operands are cast to :func:`index_dtype` (int32 ones, a key mask, to int32), fp32
+    ones to float32; packed weights (uint8, float8_e4m3fn) must come in their dtype."""
     key = tuple(sorted((k, int(v)) for k, v in sizes.items()))
     views = input_views(name, key)
     ops = []
     for v, x in zip(views, operands):
         x = jnp.asarray(x)
         if v.dtype in ("i64", "i32"):
-            x = x.astype(index_dtype())
+            x = x.astype(index_dtype() if v.dtype == "i64" else jnp.int32)
+        elif v.dtype == "f32":  # fp32 by definition (a router weight, rope frequencies, block scales)
+            x = x.astype(jnp.float32)
         ops.append(x)
     floats = {str(x.dtype) for v, x in zip(views, ops) if v.dtype == "T"}
     if len(floats) > 1:
         raise TypeError(f"tileflow_{name}: floating operands of several dtypes {sorted(floats)}")
-    scal = tuple((k, float(val)) for k, val in (scalars or {}).items())
+    # integer scalars (moe_router's top_k, group counts) stay ints: the reference loops and reshapes by them
+    kinds = {s.name: s.dtype for s in kernel_ir(name, key).scalars}
+    scal = tuple((k, int(val) if kinds.get(k) == "i32" else float(val)) for k, val in (scalars or {}).items())
     return primitive(name).bind(*ops, sizes=key, scalars=scal, target=jax_target())
 
 
