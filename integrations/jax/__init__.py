@@ -26,9 +26,10 @@ import jax
 from tileflow import settings
 
 from tileflow.integrations.jax.ops import (argmax_greedy, embedding_lookup, gate_up_silu,  # noqa: F401
-                                           gqa_attention, matvec, matvec_pair, matvec_residual, qkv_rope_cache,
-                                           residual_add, rms_norm, rms_norm_gate_up_silu, rms_norm_matvec, rope_k,
-                                           rope_q, rope_scalars, silu_mul)
+                                           gqa_attention, matvec, matvec_fp8, matvec_int4, matvec_pair,
+                                           matvec_residual, mla_attention, mla_latent_cache, moe_experts, moe_router,
+                                           qkv_rope_cache, residual_add, rms_norm, rms_norm_gate_up_silu,
+                                           rms_norm_matvec, rope_k, rope_q, rope_scalars, silu_mul)
 from tileflow.integrations.jax.lowering import keep_xla_reason
 from tileflow.integrations.jax.primitives import PRIMITIVES, primitive  # noqa: F401
 from tileflow.integrations.jax.signature import jax_target, targeting  # noqa: F401
@@ -36,8 +37,9 @@ from tileflow.report import Report
 
 __all__ = ["optimize", "explain", "Optimized", "primitive", "jax_target", "targeting", "rope_scalars",
            # the suite's kernels, by their names
-           "argmax_greedy", "embedding_lookup", "gate_up_silu", "gqa_attention", "matvec", "matvec_pair",
-           "matvec_residual", "qkv_rope_cache", "residual_add", "rms_norm", "rms_norm_gate_up_silu",
+           "argmax_greedy", "embedding_lookup", "gate_up_silu", "gqa_attention", "matvec", "matvec_fp8",
+           "matvec_int4", "matvec_pair", "matvec_residual", "mla_attention", "mla_latent_cache", "moe_experts",
+           "moe_router", "qkv_rope_cache", "residual_add", "rms_norm", "rms_norm_gate_up_silu",
            "rms_norm_matvec", "rope_k", "rope_q", "silu_mul"]
 
 

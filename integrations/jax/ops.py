@@ -214,3 +214,100 @@ def argmax_greedy(logits: Array) -> Array:
     v = logits.shape[-1]
     (out,) = _call("argmax_greedy", {"logits": logits.reshape(_rows(logits), v)})
     return out.reshape(logits.shape[:-1])
+
+
+# --- DeepSeek-V2 / V3: multi-head latent attention over the latent cache, routed experts ---
+
+
+def mla_latent_cache(x: Array, w_kva: Array, ln_w: Array, eps: float, pos: Array, inv_freq: Array,
+                     rope_scale: float, rope_layout: int, kv_cache: Array, pe_cache: Array) -> tuple[Array, Array]:
+    """The latent cache rows of the normed inputs ``x`` [M, D] written at row ``pos[m]``
+    (also the rope position): ``kv_cache`` [M, S, R] gets ``kv_a_layernorm`` (``ln_w``,
+    ``eps``) of the compressed part of ``x @ w_kva.T``, ``pe_cache`` [M, S, DR] its rope part
+    rotated with ``inv_freq`` [DR/2] (fp32), cos and sin times ``rope_scale``, in pair layout
+    ``rope_layout`` (0 rotate-half, 1 interleaved in / halves out, 2 interleaved in and out).
+    Returns the updated (kv_cache, pe_cache)."""
+    _need_ranks("mla_latent_cache", x=(x, -1), w_kva=(w_kva, 2), ln_w=(ln_w, 1), pos=(pos, 1),
+                inv_freq=(inv_freq, 1), kv_cache=(kv_cache, 3), pe_cache=(pe_cache, 3))
+    layout = int(rope_layout)
+    # the layout is both the code's specialisation and the reference's argument: one value binds both
+    values = {"x": x.reshape(kv_cache.shape[0], x.shape[-1]), "w_kva": w_kva, "ln_w": ln_w, "pos": pos,
+              "inv_freq": inv_freq, "kv_cache": kv_cache, "pe_cache": pe_cache, "eps": eps,
+              "rope_scale": rope_scale, "rope_layout": layout}
+    kv, pe = _call("mla_latent_cache", values, {"ROPE_LAYOUT": layout})
+    return kv, pe
+
+
+def mla_attention(q_nope: Array, q_pe: Array, kv_cache: Array, pe_cache: Array, lengths: Array, w_uk: Array,
+                  w_uv: Array, scale: float, key_mask: Optional[Array] = None) -> Array:
+    """MLA decode attention of one new token a sequence, absorbed: ``q_nope`` [B, NH, DN] and
+    the rotated ``q_pe`` [B, NH, DR] over the first ``lengths[b]`` rows of the latent caches
+    ``kv_cache`` [B, S, R] / ``pe_cache`` [B, S, DR]; ``w_uk`` [NH, DN, R] and ``w_uv``
+    [NH, DV, R] are ``kv_b_proj.weight`` viewed [NH, DN + DV, R] and split; with ``key_mask``
+    [B, S] only where it is nonzero. Returns [B, NH, DV]."""
+    _need_ranks("mla_attention", q_nope=(q_nope, 3), q_pe=(q_pe, 3), kv_cache=(kv_cache, 3),
+                pe_cache=(pe_cache, 3), lengths=(lengths, 1), w_uk=(w_uk, 3), w_uv=(w_uv, 3), key_mask=(key_mask, 2))
+    values = {"q_nope": q_nope, "q_pe": q_pe, "kv_cache": kv_cache, "pe_cache": pe_cache, "lengths": lengths,
+              "key_mask": key_mask, "w_uk": w_uk, "w_uv": w_uv, "scale": scale}
+    (out,) = _call("mla_attention", values, {"HAS_MASK": int(key_mask is not None)})
+    return out
+
+
+def moe_router(x: Array, w: Array, top_k: int, scale: float, n_group: int = 1, topk_group: int = 1,
+               norm_topk: bool = False, bias: Optional[Array] = None) -> tuple[Array, Array]:
+    """DeepSeekMoE's gate for ``x`` [..., D] with the router weight ``w`` [E, D] (fp32):
+    (topk_idx [..., top_k], best first, of the index dtype; topk_weight [..., top_k] fp32).
+    Without ``bias``: DeepSeek-V2's softmax scores; with ``bias`` (``e_score_correction_bias``
+    [E]): DeepSeek-V3's sigmoid scores chosen with the bias. The best ``topk_group`` of
+    ``n_group`` groups are kept, the weights normalised where ``norm_topk``, times ``scale``."""
+    _need_ranks("moe_router", x=(x, -1), w=(w, 2), bias=(bias, 1))
+    d = x.shape[-1]
+    values = {"x": x.reshape(_rows(x), d), "w": w, "bias": bias, "scale": scale, "top_k": top_k,
+              "n_group": n_group, "topk_group": topk_group, "norm_topk": int(norm_topk)}
+    # K sizes the outputs (no operand has it); METHOD picks the scores
+    idx, wt = _call("moe_router", values, {"K": int(top_k), "METHOD": int(bias is not None)})
+    lead = x.shape[:-1] + (int(top_k),)
+    return idx.reshape(lead), wt.reshape(lead)
+
+
+def moe_experts(x: Array, topk_idx: Array, topk_weight: Array, gate_up: Array, down: Array,
+                residual: Optional[Array] = None) -> Array:
+    """``sum_j topk_weight[..., j] * down_e(silu(gate_e(x)) * up_e(x))`` over the chosen experts
+    ``e = topk_idx[..., j]`` (+ ``residual``), reading only those experts' weights: ``gate_up``
+    is ``gate_up_proj`` [E, 2I, D] (or that viewed [E, 2, I, D]), ``down`` is ``down_proj``
+    [E, D, I], as transformers keeps them."""
+    _need_ranks("moe_experts", x=(x, -1), topk_idx=(topk_idx, -1), topk_weight=(topk_weight, -1),
+                gate_up=(gate_up, -3), down=(down, 3), residual=(residual, -1))
+    if gate_up.ndim == 3:  # the parameter as it lies: gate rows, then up rows
+        e, two_i, d = gate_up.shape
+        gate_up = gate_up.reshape(e, 2, two_i // 2, d)
+    m, d, k = _rows(x), x.shape[-1], topk_idx.shape[-1]
+    values = {"x": x.reshape(m, d), "topk_idx": topk_idx.reshape(m, k), "topk_weight": topk_weight.reshape(m, k),
+              "gate_up": gate_up, "down": down, "residual": None if residual is None else residual.reshape(m, d)}
+    (out,) = _call("moe_experts", values, {"HAS_RESIDUAL": int(residual is not None)})
+    return out.reshape(x.shape)
+
+
+# --- low-precision weights: group-wise int4 and block-scaled fp8 matvecs ---
+
+
+def matvec_int4(x: Array, qw: Array, scales: Array, zeros: Array, b: Optional[Array] = None) -> Array:
+    """``x @ dequant(W).T (+ b)`` for ``x`` [..., K] and a group-wise int4 weight as
+    ``tileflow.suite.quantize.quantize_int4`` packs it: ``qw`` uint8 [N, K/2], ``scales`` /
+    ``zeros`` [N, K/128] in ``x``'s dtype (as ``b``), K a multiple of 256."""
+    _need_ranks("matvec_int4", x=(x, -1), qw=(qw, 2), scales=(scales, 2), zeros=(zeros, 2), b=(b, 1))
+    n, k = qw.shape[0], x.shape[-1]
+    (out,) = _call("matvec_int4", {"x": x.reshape(_rows(x), k), "qw": qw, "scales": scales, "zeros": zeros, "b": b},
+                   {"HAS_BIAS": int(b is not None)})
+    return out.reshape(x.shape[:-1] + (n,))
+
+
+def matvec_fp8(x: Array, w: Array, ws: Array, b: Optional[Array] = None) -> Array:
+    """transformers' fine-grained FP8 linear of ``x`` [..., K]: ``w`` float8_e4m3fn [N, K],
+    ``ws`` its fp32 ``weight_scale_inv`` [ceil(N/128), ceil(K/128)] (128 x 128 blocks), ``x``
+    quantized per row and 128 columns inside the kernel (+ ``b``, x's dtype)."""
+    _need_ranks("matvec_fp8", x=(x, -1), w=(w, 2), ws=(ws, 2), b=(b, 1))
+    n, k = w.shape
+    (out,) = _call("matvec_fp8", {"x": x.reshape(_rows(x), k), "w": w, "ws": ws, "b": b},
+                   {"HAS_BIAS": int(b is not None)})
+    return out.reshape(x.shape[:-1] + (n,))
