@@ -21,9 +21,12 @@ from tileflow.verify import BOUNDS, DTYPES, compare, make_inputs, reference_outp
 
 def _sizes(kernel, case) -> dict:
     """The case's sizes a caller passes: the views' dims and the structural sizes."""
-    ir = kernel.build(kernel.params_for(case))
-    dims = {d for v in ir.views for d in v.shape}
-    return {**{k: v for k, v in case.sizes.items() if k in dims}, **kernel.structural_sizes(case.sizes)}
+    params = kernel.params_for(case)
+    ir = kernel.build(params)
+    dims = {d for v in ir.arguments for d in v.shape}
+    # a dim that is also a fixed parameter (moe_experts' GATE_UP = 2) is in no case's sizes
+    sizes = {d: case.sizes[d] if d in case.sizes else params[d] for d in dims}
+    return {**sizes, **kernel.structural_sizes(case.sizes)}
 
 
 def _to_jax(t: torch.Tensor):
@@ -32,7 +35,16 @@ def _to_jax(t: torch.Tensor):
     return jnp.asarray(t.numpy())
 
 
+def _operand(inputs: dict, view):
+    """The JAX operand of ``view``: tileflow.verify makes fp8 weights as fp32 tensors of fp8
+    values (torch has no numpy float8), the primitive takes float8_e4m3fn (an exact cast)."""
+    a = _to_jax(inputs[view.name])
+    return a.astype(jnp.float8_e4m3fn) if view.dtype == "f8e4m3" else a
+
+
 def _to_torch(a) -> torch.Tensor:
+    if a.dtype == jnp.float8_e4m3fn:  # numpy float8 has no torch twin: through fp32, exactly
+        return torch.from_numpy(np.asarray(a.astype(jnp.float32)).copy()).to(torch.float8_e4m3fn)
     a = np.asarray(a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a)
     return torch.from_numpy(a.copy())
 
@@ -53,7 +65,7 @@ def check(name, case, dtype, target, monkeypatch, seed=None):
     inputs = make_inputs(kernel, ir, case, DTYPES[dtype], torch.Generator().manual_seed(seed))
     views = primitives.input_views(name, key)
     outs = jax.jit(lambda *ops: primitives.bind(name, ops, sizes, dict(case.scalars)))(
-        *[_to_jax(inputs[v.name]) for v in views])
+        *[_operand(inputs, v) for v in views])
     ref = reference_outputs(kernel, inputs, dict(case.scalars))
     errors = {}
     for v, got in zip(primitives.kernel_ir(name, key).outputs, outs):
@@ -65,19 +77,25 @@ def check(name, case, dtype, target, monkeypatch, seed=None):
     return errors
 
 
+# Added under a CI time budget: by default each of their cases runs one dtype per target,
+# alternating, so every case x target and every target x dtype still runs; --full runs all.
+ROTATED = ("mla_latent_cache", "mla_attention", "moe_router", "moe_experts", "matvec_int4", "matvec_fp8")
+
+
 def _matrix():
     out = []
     for name, kernel in sorted(KERNELS.items()):
         if name not in primitives_names():
             continue
-        for case in kernel.test_cases:
+        for i, case in enumerate(kernel.test_cases):
             if not case.runs_on("pallas"):  # the reference runs what Pallas can express
                 continue
-            for dtype in ("fp32", "bf16"):
-                if case.dtypes and dtype not in case.dtypes:
-                    continue
-                out.append(pytest.param(name, case, dtype, "reference", id=f"{name}-{case.label}-ref-{dtype}"))
-                out.append(pytest.param(name, case, dtype, "pallas", id=f"{name}-{case.label}-pallas-{dtype}"))
+            dtypes = [d for d in ("fp32", "bf16") if not case.dtypes or d in case.dtypes]
+            for dtype in dtypes:
+                for j, (target, tag) in enumerate((("reference", "ref"), ("pallas", "pallas"))):
+                    swept = name in ROTATED and len(dtypes) > 1 and dtype != ("fp32", "bf16")[(i + j) % 2]
+                    out.append(pytest.param(name, case, dtype, target, id=f"{name}-{case.label}-{tag}-{dtype}",
+                                            marks=[pytest.mark.full] if swept else []))
                 if _TRITON_ON_GPU and not case.targets:  # compiled, through jax_triton (the GPU machine)
                     out.append(pytest.param(name, case, dtype, "triton", id=f"{name}-{case.label}-triton-{dtype}"))
     return out
@@ -95,11 +113,23 @@ _TRITON_ON_GPU = _triton_on_gpu()
 def primitives_names():
     return ("rms_norm", "embedding_lookup", "matvec", "matvec_pair", "rope_q", "rope_k",
             "gqa_attention", "matvec_residual", "gate_up_silu",
-            "silu_mul", "residual_add", "argmax_greedy")
+            "silu_mul", "residual_add", "argmax_greedy", "mla_latent_cache", "mla_attention", "moe_router",
+            "moe_experts", "matvec_int4", "matvec_fp8")
 
 
 def test_every_suite_kernel_has_a_case():
     assert {p.values[0] for p in _matrix()} == set(primitives_names())
+
+
+def test_every_registered_kernel_has_a_jax_function():
+    """Each suite kernel is a ``tileflow.jax`` function of its name (a kernel registered
+    without one fails here), and the matrix above runs its primitive."""
+    from tileflow import jax as tfj
+
+    missing = sorted(n for n in KERNELS if not callable(getattr(tfj, n, None)) or n not in tfj.__all__)
+    assert not missing, f"suite kernels without a tileflow.jax function: {', '.join(missing)}"
+    fused = {"qkv_rope_cache", "rms_norm_gate_up_silu", "rms_norm_matvec"}  # test_jax_optimize.py runs these
+    assert set(KERNELS) - set(primitives_names()) == fused
 
 
 @pytest.mark.parametrize("name,case,dtype,target", _matrix())
@@ -222,7 +252,7 @@ def test_triton_target_lowering_runs_the_triton_kernel(name, monkeypatch):
     ir = kernel.build(kernel.params_for(case))
     seed = secrets.randbits(31)
     inputs = make_inputs(kernel, ir, case, torch.float32, torch.Generator().manual_seed(seed))
-    ops = [_to_jax(inputs[v.name]) for v in primitives.input_views(name, key)]
+    ops = [_operand(inputs, v) for v in primitives.input_views(name, key)]
     impl = lowering.triton_impl(name, call=_torch_stage_call, empty=_poisoned_empty, interpret=interpret)
     outs = impl(*ops, sizes=key, scalars=tuple(sorted(case.scalars.items())), target="triton")
     ref = reference_outputs(kernel, inputs, dict(case.scalars))
@@ -257,6 +287,19 @@ def test_triton_target_is_refused_on_cpu(monkeypatch):
     (lambda: _tfj().argmax_greedy(jnp.float32(1.0)), "argmax_greedy: logits must have at least 1 dimension"),
     (lambda: _tfj().rms_norm_matvec(jnp.float32(1.0), jnp.ones(4), 1e-6, jnp.ones((3, 4))),
      "rms_norm_matvec: x must have at least 1 dimension"),
+    (lambda: _tfj().mla_latent_cache(jnp.ones((1, 8)), jnp.ones((6, 8)), jnp.ones(4), 1e-6, jnp.zeros(1, jnp.int32),
+                                     jnp.ones(1), 1.0, 0, jnp.ones((1, 5, 4)), jnp.ones((5, 2))),
+     "mla_latent_cache: pe_cache must have 3 dimensions"),
+    (lambda: _tfj().mla_attention(jnp.ones((2, 4)), jnp.ones((1, 2, 4)), jnp.ones((1, 8, 4)), jnp.ones((1, 8, 4)),
+                                  jnp.ones(1, jnp.int32), jnp.ones((2, 4, 4)), jnp.ones((2, 4, 4)), 0.5),
+     "mla_attention: q_nope must have 3 dimensions"),
+    (lambda: _tfj().moe_router(jnp.ones((1, 8)), jnp.ones(8), 2, 1.0), "moe_router: w must have 2 dimensions"),
+    (lambda: _tfj().moe_experts(jnp.ones((1, 8)), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2)),
+                                jnp.ones((4, 8)), jnp.ones((4, 8, 2))), "moe_experts: gate_up must have at least 3"),
+    (lambda: _tfj().matvec_int4(jnp.ones(256), jnp.zeros(128, jnp.uint8), jnp.ones((1, 2)), jnp.ones((1, 2))),
+     "matvec_int4: qw must have 2 dimensions"),
+    (lambda: _tfj().matvec_fp8(jnp.float32(1.0), jnp.zeros((8, 256), jnp.float8_e4m3fn), jnp.ones((1, 2))),
+     "matvec_fp8: x must have at least 1 dimension"),
 ])
 def test_entry_points_name_the_rank_they_expect(call, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
