@@ -418,3 +418,38 @@ def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tens
     if residual is not None:
         values["residual"] = residual
     return launch("moe_experts", values, {"HAS_RESIDUAL": int(residual is not None)})[0]
+
+
+# --- low-precision weights (issue 35): the int4 / fp8 matvecs, and the elementwise kernels
+# the quantized decode step runs between them (no fused quantized kernels yet) ---
+
+
+def matvec_int4(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ dequant(W).T (+ b)`` for a 2-D ``x`` [M, K] and a group-wise int4 weight as
+    ``tileflow.suite.quantize.quantize_int4`` packs it: ``qw`` uint8 [N, K/2], ``scales`` /
+    ``zeros`` [N, K/128] in ``x``'s dtype (as ``b``), K a multiple of 256."""
+    values = {"x": x, "qw": qw, "scales": scales, "zeros": zeros}
+    if b is None:
+        return launch("matvec_int4", values, {"HAS_BIAS": 0})[0]
+    return launch("matvec_int4", {**values, "b": b}, {"HAS_BIAS": 1})[0]
+
+
+def matvec_fp8(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """transformers' fine-grained FP8 linear of a 2-D ``x`` [M, K]: ``w`` float8_e4m3fn
+    [N, K], ``ws`` its fp32 ``weight_scale_inv`` [ceil(N/128), ceil(K/128)] (128 x 128
+    blocks), ``x`` quantized per row and 128 columns inside the kernel (+ ``b``, x's dtype)."""
+    values = {"x": x, "w": w, "ws": ws}
+    if b is None:
+        return launch("matvec_fp8", values, {"HAS_BIAS": 0})[0]
+    return launch("matvec_fp8", {**values, "b": b}, {"HAS_BIAS": 1})[0]
+
+
+def residual_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a + b`` of two 2-D hidden states (fp32 sum, rounded once)."""
+    return launch("residual_add", {"a": a, "b": b})[0]
+
+
+def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``silu(a) * b`` of 2-D gate and up projections."""
+    return launch("silu_mul", {"a": a, "b": b})[0]
