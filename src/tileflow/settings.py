@@ -60,6 +60,9 @@ class Options:
     pallas_masked_stores: str = _choice("auto", _AUTO_ON_OFF)
     # what matched patterns run on torch-xla
     xla_target: str = _choice("auto", ("auto", "pallas", "pallas-interpret", "reference"))
+    # tileflow.patch's projection weights: as the model has them, or quantized copies held by the
+    # decode program (int4: group-wise, 128 columns; fp8: 128 x 128 blocks) read by the low-precision matvecs
+    weights: str = _choice("model", ("model", "int4", "fp8"))
 
     def __post_init__(self):
         for f in fields(self):
