@@ -41,6 +41,7 @@ from tileflow.integrations.transformers.compat import rope_config_of
 from tileflow.integrations.transformers.deepseek_step import DEEPSEEK_MODEL_TYPES, DeepSeekDecodeProgram, deepseek_problems
 from tileflow.integrations.transformers.guards import CacheFill, CacheFullError, WeightWatch, cache_full_message
 from tileflow.integrations.transformers.prefill import GraphedPrefill, PrefillProgram, prefill_request
+from tileflow.integrations.transformers import quantized
 from tileflow import settings
 from tileflow.report import Report
 from tileflow.runtime import ops
@@ -62,6 +63,7 @@ class PatchReport(Report):
     verify_steps: int = 0  # of those, speculative verify steps (several tokens of one sequence)
     generate_loops: int = 0  # generate calls that ran the lean greedy loop (``_lean_sample``)
     replaced_by: Optional["PatchReport"] = None  # the report of a re-patch after weights were replaced
+    quantized: dict = field(default_factory=dict)  # projection -> max relative error measured at patch (weights=)
 
     def __post_init__(self):
         self.title = f"tileflow.patch: {self.model_type}"
@@ -766,6 +768,10 @@ def patch(model, options=None) -> PatchReport:
     if problems:
         report.fallbacks += [("model", type(model).__name__, p) for p in problems]
         return report
+    if cfg.model_type in DEEPSEEK_MODEL_TYPES and options.weights != "model":
+        report.fallbacks.append(("model", type(model).__name__, f"weights={options.weights!r}: quantized "
+                                 f"projections are for Qwen2 / Llama models (the DeepSeek program has none)"))
+        return report
     if cfg.model_type in DEEPSEEK_MODEL_TYPES:  # MLA and MoE: whole decode steps only
         return _patch_deepseek(model, report, options)
     rope_cfg, _ = rope_config_of(cfg)
@@ -774,6 +780,8 @@ def patch(model, options=None) -> PatchReport:
     if layers is None:
         report.fallbacks.append(("model", type(model).__name__, "no .model.layers"))
         return report
+    if options.weights != "model" or quantized.fp8_checkpoint(model):  # int4 / fp8 projections
+        return _patch_quantized(model, report, options, rope_cfg)
     patched, step = [], _StepCheck()
     for i, layer in enumerate(layers):
         where = f"model.layers.{i}"
@@ -857,6 +865,38 @@ def _patch_deepseek(model, report: PatchReport, options: settings.Options) -> Pa
     model._tileflow_saved = _generation_defaults(model, report, True, options)
     model._tileflow_patch = report
     model._tileflow_patched_modules = [model]
+    return report
+
+
+def _patch_quantized(model, report: PatchReport, options: settings.Options, rope_cfg) -> PatchReport:
+    """``patch`` with quantized projections (``options.weights``, or an fp8 checkpoint's
+    FP8Linear modules): one-token steps on a static cache run ``QuantizedDecodeProgram``
+    (``quantized.py``); every other call runs the model's forward, whose projection modules
+    compute through the same quantized matvecs. Needs every layer to qualify (no
+    layer-by-layer path reads quantized weights), else the model is left unchanged."""
+    base = model.model
+    problems = [f"model.layers.{i}: {'; '.join(why)}" for i, layer in enumerate(base.layers)
+                if (why := _layer_problems(layer))]
+    if not hasattr(getattr(base, "norm", None), "variance_epsilon"):
+        problems.append("no RMSNorm model.norm")
+    if type(getattr(model, "lm_head", None)) is not torch.nn.Linear or model.lm_head.bias is not None:
+        problems.append("lm_head is not a bias-free nn.Linear")
+    problems += quantized.problems(model, options.weights)
+    if problems:
+        report.fallbacks += [("model", type(model).__name__, f"{p} (quantized weights run whole steps only)")
+                             for p in problems]
+        return report
+    program = quantized.QuantizedDecodeProgram(model, rope_cfg, options.weights)
+    report.matches.update(program.matches)
+    report.quantized = dict(program.errors)
+    report.notes += program.notes()
+    model._tileflow_watch = WeightWatch(model)
+    forward = _whole_step_forward(model, GraphedDecode(program), report)  # prompts: the model's forward
+    model.forward = _rebuilding(model, torch.compiler.disable(forward, recursive=True), options)
+    report.patched = True
+    model._tileflow_saved = _generation_defaults(model, report, True, options)
+    model._tileflow_patch = report
+    model._tileflow_patched_modules = [model] + program.install_forwards()
     return report
 
 

@@ -1,0 +1,286 @@
+"""Low-precision projection weights through ``tileflow.patch`` (issue 35): int4 and fp8.
+
+``tileflow.patch(model, options={"weights": "int4"})`` (or ``"fp8"``) quantizes the q/k/v/o
+and gate/up/down projections of every decoder layer with ``tileflow.suite.quantize`` and
+runs the decode step on the copies through ``matvec_int4`` / ``matvec_fp8``. A model whose
+projections are transformers' ``FP8Linear`` (a fine-grained FP8 checkpoint, 128 x 128
+blocks, dynamic activations) runs them through ``matvec_fp8`` on the tensors where they
+lie (``weight`` and ``weight_scale_inv``), whatever the option says but ``int4``.
+
+What stays in the model's dtype: the embeddings, the norms and the lm_head (as transformers'
+FP8 quantizer and DeepSeek-V3's fp8 checkpoints keep it: the logits decide every greedy
+token, and small Qwen2 models tie it to the embedding table, so a copy would add bytes
+rather than replace them), and any projection the int4 layout cannot take (K not a
+multiple of 256), named in the report.
+
+The model's own weights are never touched, so ``unpatch`` gives the model back exactly;
+the quantized copies live beside them (about 1.25x the bf16 projection bytes for int4,
+1.5x for fp8: memory is not saved yet). Every path of the patched model computes with the
+quantized weights: the whole decode step is :class:`QuantizedDecodeProgram`, and every
+other call (a prompt, a dynamic cache, a batch the program declines) runs the model's
+own forward, whose projection modules get a forward through the same quantized matvecs.
+
+The step is the plain sequence rms_norm -> q/k/v matvecs -> rope_q (q and k) -> K/V
+written into the static cache -> gqa_attention -> o matvec + residual_add -> rms_norm ->
+gate/up matvecs -> silu_mul -> down matvec + residual_add, then the final rms_norm_matvec:
+the fused kernels of the model-dtype step (qkv_rope_cache, rms_norm_gate_up_silu,
+matvec_residual) have no quantized form yet; that fusion is left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from tileflow.integrations.transformers.decode_step import _advance, cache_row
+from tileflow.runtime import ops
+from tileflow.suite import quantize as Q
+
+PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+               ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+
+
+def is_fp8_linear(module) -> bool:
+    """Whether ``module`` is transformers' fine-grained ``FP8Linear`` holding float8 weights."""
+    return type(module).__name__ == "FP8Linear" and getattr(module, "weight", None) is not None \
+        and module.weight.dtype == torch.float8_e4m3fn
+
+
+def fp8_checkpoint(model) -> bool:
+    """Whether any decoder projection of ``model`` is an ``FP8Linear`` (a loaded fp8 checkpoint)."""
+    return any(is_fp8_linear(getattr(getattr(layer, part), name))
+               for layer in model.model.layers for part, name in PROJECTIONS)
+
+
+def problems(model, weights: str) -> list[str]:
+    """Why the quantized path cannot take ``model`` with option ``weights``, or []."""
+    why = []
+    for i, layer in enumerate(model.model.layers):
+        for part, name in PROJECTIONS:
+            m = getattr(getattr(layer, part), name)
+            if not is_fp8_linear(m):
+                continue
+            where = f"model.layers.{i}.{part}.{name}"
+            if weights == "int4":
+                return [f"{where} is FP8Linear: weights='int4' would re-quantize fp8 weights (not done)"]
+            if tuple(m.block_size or ()) != (Q.GROUP, Q.GROUP):
+                why.append(f"{where}: FP8Linear block size {m.block_size} (matvec_fp8 takes 128 x 128 blocks)")
+            elif m.activation_scheme != "dynamic" or m.weight_scale_inv.dtype != torch.float32:
+                why.append(f"{where}: FP8Linear with {m.activation_scheme} activations, scales "
+                           f"{m.weight_scale_inv.dtype} (matvec_fp8: dynamic, fp32)")
+    return why
+
+
+class QuantLinear:
+    """One projection as the decode step reads it: ``kind`` "int4" (``tensors`` = packed
+    codes, scales, zeros), "fp8" (float8 weight, fp32 ``weight_scale_inv``) or "model" (the
+    model's own weight: a layout the quantized kernels cannot take), and the bias."""
+
+    __slots__ = ("kind", "tensors", "bias", "out_features")
+
+    def __init__(self, kind: str, tensors: tuple, bias: Optional[torch.Tensor], out_features: int):
+        self.kind, self.tensors, self.bias, self.out_features = kind, tensors, bias, out_features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., K] -> [..., N]`` through the matvec of its kind (all rows in one launch)."""
+        if x.requires_grad:  # the kernels keep no autograd graph: a silent zero gradient otherwise
+            raise RuntimeError("tileflow: quantized projections have no gradient (tileflow.unpatch(model) to train)")
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.kind == "int4":
+            y = ops.matvec_int4(x2, *self.tensors, self.bias)
+        elif self.kind == "fp8":
+            y = ops.matvec_fp8(x2, *self.tensors, self.bias)
+        else:
+            y = ops.matvec(x2, self.tensors[0], self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def weight(self) -> torch.Tensor:
+        """The fp32 weight the kernel multiplies by (dequantized)."""
+        if self.kind == "int4":
+            return Q.dequantize_int4(*self.tensors)
+        if self.kind == "fp8":
+            return Q.dequantize_fp8(*self.tensors)
+        return self.tensors[0].float()
+
+
+@torch.no_grad()
+def quantize_linear(module, weights: str, dtype: torch.dtype) -> tuple[QuantLinear, str]:
+    """(the projection ``module`` as a :class:`QuantLinear` for ``weights`` ("int4", "fp8",
+    or "checkpoint": FP8Linear modules as they are, the rest unquantized), "" or why it stays
+    in the model's dtype); activations, scales and biases in ``dtype``."""
+    bias = None if module.bias is None else module.bias.to(dtype)  # (a copy only where the dtype differs)
+    n, k = module.weight.shape
+    if is_fp8_linear(module):  # the checkpoint's own tensors, where they lie
+        return QuantLinear("fp8", (module.weight, module.weight_scale_inv), bias, n), ""
+    if weights == "checkpoint":  # a projection the checkpoint left unquantized stays so
+        return QuantLinear("model", (module.weight,), module.bias, n), "not FP8Linear in the checkpoint"
+    if weights == "int4":
+        if k % (2 * Q.GROUP):
+            return QuantLinear("model", (module.weight,), module.bias, n), \
+                f"K={k} is not a multiple of {2 * Q.GROUP} (int4 packing)"
+        return QuantLinear("int4", Q.quantize_int4(module.weight, scale_dtype=dtype), bias, n), ""
+    if weights == "fp8":
+        return QuantLinear("fp8", Q.quantize_fp8(module.weight), bias, n), ""
+    raise ValueError(f"tileflow: quantize_linear: weights={weights!r} (int4, fp8 or checkpoint)")
+
+
+@torch.no_grad()
+def relative_error(lin: QuantLinear, module, dtype: torch.dtype, seed: int) -> float:
+    """max |lin(x) - x @ W.T| / max |x @ W.T| on a random row x (``dtype``), W the module's
+    weight in fp32: the model's bf16 weight, or for an fp8 checkpoint its dequantized
+    weight (then only the activations' quantization counts)."""
+    n, k = module.weight.shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, k, generator=g).to(device=module.weight.device, dtype=dtype)
+    w = Q.dequantize_fp8(module.weight, module.weight_scale_inv) if is_fp8_linear(module) else module.weight.float()
+    exact = F.linear(x.float(), w, None if module.bias is None else module.bias.float())
+    got = lin(x).float()
+    return float((got - exact).abs().max() / exact.abs().max().clamp(min=1e-30))
+
+
+@dataclass(frozen=True, slots=True)
+class QuantLayer:
+    """A decoder layer as the quantized step reads it: norms, projections, constants."""
+
+    ln1: torch.Tensor
+    eps1: float
+    q: QuantLinear
+    k: QuantLinear
+    v: QuantLinear
+    o: QuantLinear
+    scale: float
+    ln2: torch.Tensor
+    eps2: float
+    gate: QuantLinear
+    up: QuantLinear
+    down: QuantLinear
+
+
+def _progress(items, total: int, what: str):
+    """``items`` with a progress bar where a terminal shows one (tqdm, as transformers uses)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - transformers depends on tqdm
+        return items
+    return tqdm(items, total=total, desc=what, leave=False, disable=None)
+
+
+class QuantizedDecodeProgram:
+    """The decode step of a Qwen2 / Llama ``model`` on quantized projections (see the module
+    docstring). Built once at patch time: quantizes (``weights`` "int4" / "fp8"; an fp8
+    checkpoint's FP8Linear tensors are read where they lie), measures each projection's
+    error, and says both in ``notes`` / ``errors``."""
+
+    fallback_runs = "the model's forward (its projections through the quantized matvecs)"
+
+    def __init__(self, model, rope_cfg: ops.RopeConfig, weights: str):
+        cfg = model.config
+        base = model.model
+        self.rope_cfg = rope_cfg
+        self.nh, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.dh = base.layers[0].self_attn.head_dim
+        self.embed = base.embed_tokens.weight
+        self.norm_w, self.norm_eps = base.norm.weight, base.norm.variance_epsilon
+        self.lm_head_w = model.lm_head.weight
+        dtype = self.embed.dtype
+        checkpoint = fp8_checkpoint(model)
+        self.kind = "fp8 (the checkpoint's FP8Linear tensors)" if checkpoint else weights
+        # name -> (QuantLinear, module) of every projection; errors: name -> max relative error
+        self.linears: dict[str, tuple[QuantLinear, torch.nn.Module]] = {}
+        self.errors: dict[str, float] = {}
+        self.kept: dict[str, str] = {}  # projections left in the model's dtype, and why
+        self.layers = []
+        layers = base.layers
+        for i, layer in _progress(enumerate(layers), len(layers), f"tileflow: quantizing ({weights})"):
+            made = {}
+            for part, name in PROJECTIONS:
+                module = getattr(getattr(layer, part), name)
+                where = f"model.layers.{i}.{part}.{name}"
+                lin, why = quantize_linear(module, "checkpoint" if checkpoint else weights, dtype)
+                made[name] = lin
+                self.linears[where] = (lin, module)
+                if lin.kind == "model":
+                    self.kept[where] = why
+                else:
+                    self.errors[where] = relative_error(lin, module, dtype, seed=len(self.errors))
+            a = layer.self_attn
+            self.layers.append(QuantLayer(
+                ln1=layer.input_layernorm.weight, eps1=layer.input_layernorm.variance_epsilon,
+                q=made["q_proj"], k=made["k_proj"], v=made["v_proj"], o=made["o_proj"], scale=a.scaling,
+                ln2=layer.post_attention_layernorm.weight, eps2=layer.post_attention_layernorm.variance_epsilon,
+                gate=made["gate_proj"], up=made["up_proj"], down=made["down_proj"]))
+        kernels = {"int4": "matvec_int4", "fp8": "matvec_fp8", "model": "matvec"}
+        self.matches: dict[str, int] = {}
+        for lin, _ in self.linears.values():
+            self.matches[kernels[lin.kind]] = self.matches.get(kernels[lin.kind], 0) + 1
+        n = len(layers)
+        self.matches.update({"embedding": 1, "rms_norm": 2 * n, "rope": 2 * n, "gqa_attention": n,
+                             "residual_add": 2 * n, "silu_mul": n, "rms_norm_matvec": 1})
+
+    @property
+    def takes_any_position(self) -> bool:
+        """As :class:`DecodeProgram`: rotates at the given position, writes at the cache's count."""
+        return True
+
+    def notes(self) -> list[str]:
+        """What the report says: the kind, each layer's measured error, what stayed in the model's dtype."""
+        per_layer: dict[str, dict[str, float]] = {}
+        for where, err in self.errors.items():
+            layer, _, name = where.rpartition(".")
+            per_layer.setdefault(layer.rsplit(".", 1)[0], {})[name] = err
+        lines = [f"weights {self.kind}: {len(self.errors)} projections quantized (q/k/v/o, gate/up/down of "
+                 f"{len(self.layers)} layers); embeddings, norms and lm_head in the model's dtype; the model's own "
+                 f"weights kept for unpatch (the quantized copies are extra memory); fused quantized kernels "
+                 f"not yet (a plain sequence of kernels a layer)"]
+        for layer, errs in per_layer.items():
+            worst = max(errs, key=errs.get)
+            detail = ", ".join(f"{k.removesuffix('_proj')} {v:.2e}" for k, v in errs.items())
+            lines.append(f"weights {self.kind}: {layer}: max relative error {errs[worst]:.2e} ({worst}); {detail}")
+        lines += [f"weights {self.kind}: {where} kept in the model's dtype: {why}" for where, why in self.kept.items()]
+        return lines
+
+    def install_forwards(self) -> list:
+        """Give each projection module a forward through its quantized matvec (the model's own
+        forward then computes what the program computes: prompts, fallbacks); returns the
+        modules, whose ``forward`` ``unpatch`` removes."""
+        modules = []
+        for lin, module in self.linears.values():
+            module.forward = torch.compiler.disable(lin)
+            modules.append(module)
+        return modules
+
+    def run(self, tok: torch.Tensor, pos: torch.Tensor, cache, key_mask: Optional[torch.Tensor] = None
+            ) -> torch.Tensor:
+        """Logits [B * R, V] of ``tok`` [B, R] at ``pos`` [B, R], as ``DecodeProgram.run`` (the
+        same cache rows, key mask, verify rows), through the quantized projections."""
+        b, r = tok.shape
+        m = b * r
+        p = pos.reshape(m)
+        row = cache_row(cache)
+        if row is None:
+            row = p[:r]  # decode_request checked that every position is the cache's count
+        elif r > 1:
+            row = row + torch.arange(r, device=row.device)  # the R tokens' own rows
+        # gqa_attention's lengths: one a sequence, or with R rows the count after all of them
+        lengths = row[-1:] + 1 if r > 1 else (row + 1).expand(b).contiguous()
+        x = ops.embedding_lookup(tok.reshape(m), self.embed)
+        nh, nkv, dh = self.nh, self.nkv, self.dh
+        for w, layer in zip(self.layers, cache.layers):
+            h = ops.rms_norm(x, w.ln1, w.eps1)
+            q = ops.rope_q(w.q(h).view(m, nh, dh), p, self.rope_cfg)
+            k = ops.rope_q(w.k(h).view(m, nkv, dh), p, self.rope_cfg)
+            v = w.v(h)
+            # K/V into the cache rows, as StaticLayer.update writes them (every sequence the same rows)
+            layer.keys.index_copy_(2, row, k.view(b, r, nkv, dh).transpose(1, 2))
+            layer.values.index_copy_(2, row, v.view(b, r, nkv, dh).transpose(1, 2))
+            o = ops.gqa_attention(q.view(b, r, nh, dh) if r > 1 else q, layer.keys, layer.values, lengths, w.scale,
+                                  key_mask=key_mask)
+            x = ops.residual_add(w.o(o.reshape(m, nh * dh)), x)
+            h = ops.rms_norm(x, w.ln2, w.eps2)
+            x = ops.residual_add(w.down(ops.silu_mul(w.gate(h), w.up(h))), x)
+        logits = ops.rms_norm_matvec(x, self.norm_w, self.norm_eps, self.lm_head_w)
+        _advance(cache, r)
+        return logits

@@ -1,0 +1,316 @@
+"""``tileflow.patch(model, options={"weights": "int4" | "fp8"})`` on tiny Qwen2 / Llama models:
+the report gives each quantized projection's measured error; greedy tokens equal (fp32) those
+of the same model computed eagerly by transformers with the quantized weights (int4: the
+weights replaced by ``dequantize(quantize(w))``; fp8: each projection computing what
+transformers' ``FP8Linear`` computes on CUDA, ``quantize.fp8_linear_torch``, since it has no
+CPU path); every decode step counted as the quantized program's, its matvecs the
+low-precision ones; ``unpatch`` gives back the model exactly. An fp8 checkpoint's
+``FP8Linear`` modules (built here: transformers loads no FP8Linear on CPU, see
+``test_an_fp8_checkpoint_on_cpu``) run through ``matvec_fp8`` on their own tensors."""
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, StaticCache
+
+import tileflow
+from tileflow.integrations.shared.hf import cache_keyword
+from tileflow.integrations.transformers.quantized import PROJECTIONS, QuantizedDecodeProgram
+from tileflow.runtime import ops
+from tileflow.suite import quantize as Q
+
+NEW_TOKENS = 16
+CPU = {"cpu": True}
+KERNEL = {"int4": "matvec_int4", "fp8": "matvec_fp8"}
+# the measured max relative error of a projection on a random row: int4 (15 steps a group) ~0.1,
+# fp8 (3 mantissa bits, weights and activations) ~0.04; a broken quantizer or kernel lands far off
+BOUND = {"int4": 0.3, "fp8": 0.12}
+
+
+def tiny(kind: str, dtype=torch.float32, init: float = 0.3):
+    """Two layers at widths the int4 layout takes (K a multiple of 256), no end-of-sequence
+    stop (every step runs), random weights (of std ``init``: 0.3 makes varied greedy tokens)."""
+    torch.manual_seed(0)
+    common = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, vocab_size=128,
+                  max_position_embeddings=256, initializer_range=init, pad_token_id=0)
+    if kind == "qwen2":  # q/k/v biases
+        model = Qwen2ForCausalLM(Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **common))
+    else:  # llama3 rope scaling, no biases
+        model = LlamaForCausalLM(LlamaConfig(num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0,
+                                             rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                           "original_max_position_embeddings": 64}, **common))
+    model.generation_config.eos_token_id = None
+    return model.to(dtype).eval()
+
+
+def prompt(n=9, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 128, (1, n), generator=g)
+
+
+def greedy(model, ids, new=NEW_TOKENS):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=new, do_sample=False, cache_implementation="static")
+
+
+def projections(model):
+    for i, layer in enumerate(model.model.layers):
+        for part, name in PROJECTIONS:
+            yield f"model.layers.{i}.{part}.{name}", getattr(getattr(layer, part), name)
+
+
+def fp8_forward(w, s, bias):
+    return lambda x: Q.fp8_linear_torch(x, w, s, bias)
+
+
+def eager_quantized(model, weights: str):
+    """A copy of ``model`` that eager transformers computes with the quantized projections."""
+    ref = copy.deepcopy(model)
+    dtype = ref.model.embed_tokens.weight.dtype
+    with torch.no_grad():
+        for _, lin in projections(ref):
+            if weights == "int4":
+                lin.weight.copy_(Q.dequantize_int4(*Q.quantize_int4(lin.weight, dtype)).to(dtype))
+            else:
+                lin.forward = fp8_forward(*Q.quantize_fp8(lin.weight), lin.bias)
+    return ref
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def count_calls(monkeypatch, names):
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        real = getattr(ops, name)
+
+        def counted(*a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(ops, name, counted)
+    return calls
+
+
+def check_report(report, model, weights: str):
+    names = [n for n, _ in projections(model)]
+    assert report.patched and not report.fallbacks, str(report)
+    assert sorted(report.quantized) == sorted(names)  # every projection, each with its error
+    for name, err in report.quantized.items():
+        assert 1e-4 < err < BOUND[weights], (name, err)
+    for i in range(len(model.model.layers)):  # one line a layer in the report, with its worst error
+        worst = max(v for k, v in report.quantized.items() if k.startswith(f"model.layers.{i}."))
+        assert any(f"model.layers.{i}: max relative error {worst:.2e}" in n for n in report.notes), report.notes
+    assert report.matches[KERNEL[weights]] == len(names) and "matvec_residual" not in report.matches
+    assert "lm_head" in str(report)  # the report says what stayed in the model's dtype
+
+
+@pytest.mark.parametrize("weights", ["int4", "fp8"])
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_greedy_tokens_equal_the_eager_quantized_model_fp32(kind, weights, monkeypatch):
+    model, ids = tiny(kind), prompt()
+    plain = greedy(model, ids)
+    expected = greedy(eager_quantized(model, weights), ids)
+    before = state(model)
+    steps = []
+    real_run = QuantizedDecodeProgram.run
+    monkeypatch.setattr(QuantizedDecodeProgram, "run", lambda self, *a, **k: steps.append(1) or real_run(self, *a, **k))
+    report = tileflow.patch(model, options={**CPU, "weights": weights})
+    # counted from here (patch measured the errors through the same ops)
+    calls = count_calls(monkeypatch, [KERNEL[weights], "matvec", "matvec_residual", "qkv_rope_cache"])
+    check_report(report, model, weights)
+    got = greedy(model, ids)
+    assert torch.equal(got, expected), (got[0, 9:].tolist(), expected[0, 9:].tolist())
+    assert len(set(expected[0, 9:].tolist())) > 5
+    assert not torch.equal(got, plain)  # the quantized weights, not the model's, decided the tokens
+    # every decode step the quantized program's; the prompt pass through the projections' own forwards
+    assert report.steps == len(steps) == NEW_TOKENS - 1
+    layers = len(model.model.layers)
+    assert calls[KERNEL[weights]] == 7 * layers * (NEW_TOKENS - 1) + 7 * layers
+    assert calls["matvec"] == calls["matvec_residual"] == calls["qkv_rope_cache"] == 0
+    assert tileflow.unpatch(model)
+    after = state(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not [m for m in model.modules() if "forward" in m.__dict__]
+    assert torch.equal(greedy(model, ids), plain)
+
+
+def eager_quantized_fp32(model, weights: str):
+    """The fp32 truth for a bf16 ``model``: its quantized projections (quantized from its bf16
+    weights, scales in bf16 as patch makes them) computed eagerly in fp32."""
+    truth = copy.deepcopy(model).float()
+    with torch.no_grad():
+        for (_, lin), (_, low) in zip(projections(truth), projections(model)):
+            if weights == "int4":
+                lin.weight.copy_(Q.dequantize_int4(*Q.quantize_int4(low.weight, torch.bfloat16)))
+            else:
+                lin.forward = fp8_forward(*Q.quantize_fp8(low.weight), lin.bias)
+    return truth
+
+
+def teacher_forced(model, seq, n_prompt: int):
+    """The last-row logits (fp32) of the prompt pass and of each later token of ``seq``, one
+    step at a time on a static cache."""
+    cache = StaticCache(config=model.config, max_cache_len=seq.shape[1] + 1)
+    out = []
+    with torch.no_grad():
+        for lo, hi in [(0, n_prompt)] + [(t, t + 1) for t in range(n_prompt, seq.shape[1])]:
+            out.append(model(seq[:, lo:hi], use_cache=True, **{cache_keyword(model): cache}).logits[0, -1].float())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("weights", ["int4", "fp8"])
+def test_bf16_logits_no_further_from_fp32_than_eager(weights):
+    """bf16: judged against the same quantized model in fp32, the patched bf16 model is as close
+    as eager transformers' bf16 model with the quantized weights is (int4: and much closer than
+    the unquantized bf16 model: the quantized weights are the ones it runs)."""
+    # weights of std 1/sqrt(D), as trained ones: at 0.3 bf16 eager itself is 10-20% off its fp32 twin
+    model, ids = tiny("qwen2", torch.bfloat16, init=256 ** -0.5), prompt()
+    truth_model = eager_quantized_fp32(model, weights)
+    seq = greedy(truth_model, ids, 6)
+    truth = teacher_forced(truth_model, seq, ids.shape[1])
+    eager = teacher_forced(eager_quantized(model, weights), seq, ids.shape[1])
+    plain = teacher_forced(model, seq, ids.shape[1])
+    report = tileflow.patch(model, options={**CPU, "weights": weights})
+    assert report.patched and len(report.quantized) == 14, str(report)
+    ours = teacher_forced(model, seq, ids.shape[1])
+    assert report.steps == seq.shape[1] - ids.shape[1]
+    rel = lambda a, b: max(((x - y).norm() / y.norm()).item() for x, y in zip(a, b))  # noqa: E731
+    err_ours, err_eager, err_plain = rel(ours, truth), rel(eager, truth), rel(plain, truth)
+    # fp8 rounds the activations too (a 6% step): bf16's last-bit differences become whole steps
+    assert err_ours < {"int4": 0.05, "fp8": 0.2}[weights] and err_ours <= 1.5 * err_eager + 1e-3, (err_ours, err_eager)
+    if weights == "int4":  # fp8's own error (~15% here) is no larger than that bf16 noise: the fp32 test tells them apart
+        assert 3 * err_ours < err_plain, (err_ours, err_plain)
+
+
+def test_the_interpreted_triton_kernels_decode_int4(tileflow_options):
+    """The generated matvec_int4 (and the step's other kernels) under Triton's interpreter."""
+    tileflow_options(cpu_target="triton")
+    ops._LAUNCHERS.clear()
+    try:
+        model, ids = tiny("qwen2"), prompt()
+        expected = greedy(eager_quantized(model, "int4"), ids, 5)
+        report = tileflow.patch(model, options={**CPU, "weights": "int4"})
+        assert torch.equal(greedy(model, ids, 5), expected)
+        assert report.steps == 4
+        launchers = [key[0] for key in ops._LAUNCHERS]
+        assert "matvec_int4" in launchers and not any(
+            getattr(fn, "__qualname__", "").startswith("_reference_launcher") for fn in ops._LAUNCHERS.values())
+    finally:
+        ops._LAUNCHERS.clear()
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+def test_the_low_precision_ops(target, tileflow_options):
+    """ops.matvec_int4 / matvec_fp8 (bias, several rows, a ragged fp8 K) against the
+    dequantized weight and the FP8Linear re-implementation."""
+    tileflow_options(cpu_target=target)
+    ops._LAUNCHERS.clear()
+    try:
+        g = torch.Generator().manual_seed(0)
+        w, b = torch.randn(40, 512, generator=g) / 20, torch.randn(40, generator=g)
+        x = torch.randn(3, 512, generator=g)
+        qw, s, z = Q.quantize_int4(w)
+        torch.testing.assert_close(ops.matvec_int4(x, qw, s, z, b), x @ Q.dequantize_int4(qw, s, z).T + b)
+        wq, si = Q.quantize_fp8(w[:, :300])
+        torch.testing.assert_close(ops.matvec_fp8(x[:, :300], wq, si, b), Q.fp8_linear_torch(x[:, :300], wq, si, b))
+        torch.testing.assert_close(ops.matvec_fp8(x[:, :300], wq, si), Q.fp8_linear_torch(x[:, :300], wq, si))
+    finally:
+        ops._LAUNCHERS.clear()
+
+
+def fp8_checkpoint_model(kind: str):
+    """``tiny(kind)`` with its projections as transformers' ``FP8Linear`` (128 x 128 blocks,
+    dynamic activations), holding ``quantize.quantize_fp8`` of the random weights, as
+    a fine-grained fp8 checkpoint loads on a GPU."""
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+
+    model = tiny(kind)
+    with torch.no_grad():
+        for name, lin in list(projections(model)):
+            fp8 = FP8Linear(lin.in_features, lin.out_features, block_size=(128, 128), has_bias=lin.bias is not None)
+            w, s = Q.quantize_fp8(lin.weight)
+            fp8.weight.data, fp8.weight_scale_inv.data = w, s
+            if lin.bias is not None:
+                fp8.bias.data = lin.bias.data.clone()
+            model.set_submodule(name, fp8)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_an_fp8_checkpoints_fp8linear_runs_through_matvec_fp8(kind, monkeypatch):
+    model, ids = fp8_checkpoint_model(kind), prompt()
+    ref = copy.deepcopy(model)
+    for _, lin in projections(ref):  # FP8Linear's CUDA math (it has no CPU path)
+        lin.forward = fp8_forward(lin.weight, lin.weight_scale_inv, lin.bias)
+    expected = greedy(ref, ids)
+    before = state(model)
+    report = tileflow.patch(model, options=CPU)  # weights="model": the checkpoint's own fp8 weights
+    seen = []
+    real = ops.matvec_fp8
+    monkeypatch.setattr(ops, "matvec_fp8", lambda x, w, ws, b=None: seen.append((w, ws)) or real(x, w, ws, b))
+    assert report.patched and not report.fallbacks, str(report)
+    assert any(n.startswith("weights fp8 (the checkpoint's FP8Linear tensors)") for n in report.notes)
+    assert len(report.quantized) == 14 and max(report.quantized.values()) < 0.1  # activations' rounding only
+    assert torch.equal(greedy(model, ids), expected)
+    assert report.steps == NEW_TOKENS - 1
+    modules = dict(projections(model))
+    lying = {(m.weight.data_ptr(), m.weight_scale_inv.data_ptr()) for m in modules.values()}
+    assert len(seen) == 14 * NEW_TOKENS and {(w.data_ptr(), s.data_ptr()) for w, s in seen} == lying  # no copies
+    assert tileflow.unpatch(model)
+    after = state(model)
+    assert all(torch.equal(before[k].float(), after[k].float()) for k in before)
+    assert not [m for m in model.modules() if "forward" in m.__dict__]
+
+
+def test_int4_on_an_fp8_checkpoint_leaves_it_unchanged():
+    model = fp8_checkpoint_model("qwen2")
+    report = tileflow.patch(model, options={**CPU, "weights": "int4"})
+    assert not report.patched and "forward" not in model.__dict__
+    assert any("FP8Linear: weights='int4' would re-quantize" in r for _, _, r in report.fallbacks), str(report)
+
+
+def test_an_fp8_checkpoint_on_cpu(tmp_path):
+    """What transformers does with a fine-grained fp8 checkpoint without a GPU: refuses it
+    without accelerate, else dequantizes it to bf16 ``nn.Linear`` at load (no FP8Linear
+    reaches ``patch`` on CPU: then it is a bf16 model like any other)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    model = tiny("qwen2", torch.bfloat16)
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name.endswith("_proj.weight"):
+            tensors[name], tensors[name.replace(".weight", ".weight_scale_inv")] = Q.quantize_fp8(t)
+        elif name != "lm_head.weight" or not model.config.tie_word_embeddings:
+            tensors[name] = t.contiguous()
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    model.config.quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128],
+                                        "activation_scheme": "dynamic"}
+    model.config.save_pretrained(tmp_path)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    except ImportError as exc:
+        assert "requires accelerate" in str(exc) and not torch.cuda.is_available()
+        return
+    q = loaded.model.layers[0].self_attn.q_proj
+    assert type(q) is torch.nn.Linear and not hasattr(q, "weight_scale_inv")
+    w, s = tensors["model.layers.0.self_attn.q_proj.weight"], tensors["model.layers.0.self_attn.q_proj.weight_scale_inv"]
+    assert torch.equal(q.weight, Q.dequantize_fp8(w, s).to(q.weight.dtype))
+
+
+def test_a_bad_weights_value_is_a_one_line_error():
+    with pytest.raises(ValueError, match=r"^tileflow: option weights='int3': expected one of model, int4, fp8$"):
+        tileflow.patch(tiny("qwen2"), options={**CPU, "weights": "int3"})
+
+
+def test_a_layer_the_program_cannot_take_leaves_the_quantized_model_unchanged():
+    model = tiny("llama")
+    model.model.layers[1].self_attn.o_proj.bias = torch.nn.Parameter(torch.zeros(256))
+    report = tileflow.patch(model, options={**CPU, "weights": "fp8"})
+    assert not report.patched and not report.quantized and "forward" not in model.__dict__
+    assert [r for _, _, r in report.fallbacks] == [
+        "model.layers.1: o_proj has a bias (quantized weights run whole steps only)"]
