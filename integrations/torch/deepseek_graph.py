@@ -164,7 +164,8 @@ def match_mla(sdpa: fx.Node) -> dict:
     _need(all(isinstance(d, int) for d in (b, nh, r, dqk)), "a symbolic batch, head or token count")
     _need(r == 1, f"{r} queries a sequence: mla_attention takes one new token a sequence")
     # q = cat((q_nope, q_rot), -1): any computation of the two halves pairs with k's halves
-    _need(_fn(q, torch.cat) and len(q.args[0]) == 2 and _arg(q, 1, "dim", 0) in (-1, 3), "queries are not cat(nope, rope)")
+    _need(_fn(q, torch.cat) and len(q.args[0]) == 2 and _arg(q, 1, "dim", 0) in (-1, 3),
+          "queries are not cat(nope, rope)")
     q_nope, q_pe = q.args[0]
     dn, dr = _shape(q_nope)[-1], _shape(q_pe)[-1]
     # keys: new_empty [B, NH, S, DN + DR], [..., :DN] <- k_nope, [..., DN:] <- the rope cache broadcast
@@ -306,8 +307,9 @@ def match_router(idx: fx.Node, wt_final: fx.Node, rows: tuple = ()) -> dict:
     """The router whose outputs are ``topk_indices`` (``idx``) and the scaled
     ``topk_weights`` (``wt_final``), one of transformers' three methods."""
     _need(_fn(wt_final, operator.mul), "the weights are not scaled")
-    wts, scale = dg._pair(wt_final, lambda a: isinstance(a, fx.Node), lambda c: isinstance(c, (int, float))) or (None, None)
-    _need(wts is not None, "the weights' scale is not a constant")
+    pair = dg._pair(wt_final, lambda a: isinstance(a, fx.Node), lambda c: isinstance(c, (int, float)))
+    _need(pair is not None, "the weights' scale is not a constant")
+    wts, scale = pair
     inplace: list = []
     bias, n_group, topk_group, norm = None, 1, 1, False
     top = _getitem(idx, 1)
@@ -323,7 +325,8 @@ def match_router(idx: fx.Node, wt_final: fx.Node, rows: tuple = ()) -> dict:
             _need(set(g.users) == {sm, wts}, "the gathered weights have other uses")
             inplace.append(wts)
             norm, wts = True, g
-        _need(_meth(wts, "gather") and wts.args[1] == 1 and wts.args[2] is idx, "the weights are not gathered at the choice")
+        _need(_meth(wts, "gather") and wts.args[1] == 1 and wts.args[2] is idx,
+              "the weights are not gathered at the choice")
         scores = wts.args[0]
         _need(_meth(choice, "masked_fill") and choice.args[2] == float("-inf"), "the choice is not masked with -inf")
         sfc = choice.args[0]
@@ -333,10 +336,12 @@ def match_router(idx: fx.Node, wt_final: fx.Node, rows: tuple = ()) -> dict:
         n_exp = _shape(scores)[-1]
         gs, n_group, topk_group, more = _group_mask(choice.args[1], n_exp)
         inplace += more
-        _need(_meth(gs, "sum") and _arg(gs, 1, "dim") == -1 and not gs.kwargs.get("keepdim"), "group scores are not sums")
+        _need(_meth(gs, "sum") and _arg(gs, 1, "dim") == -1 and not gs.kwargs.get("keepdim"),
+              "group scores are not sums")
         g2 = _getitem(gs.args[0], 0)
         src, k2 = _topk(g2)
-        _need(k2 == 2 and _meth(src, "view") and src.args[0] is sfc and list(src.args[1:]) == [-1, n_group, n_exp // n_group],
+        _need(k2 == 2 and _meth(src, "view") and src.args[0] is sfc
+              and list(src.args[1:]) == [-1, n_group, n_exp // n_group],
               "a group's score is not the sum of its best two")
         lin = _scores_of(scores, "sigmoid")
         method = "noaux_tc"
@@ -352,7 +357,8 @@ def match_router(idx: fx.Node, wt_final: fx.Node, rows: tuple = ()) -> dict:
             _need(_meth(mx, "max") and _arg(mx, 1, "dim") == -1 and not _arg(mx, 2, "keepdim", False),
                   "group scores are not their best expert's")
             src = mx.args[0]
-            _need(_meth(src, "view") and src.args[0] is scores and list(src.args[1:]) == [-1, n_group, n_exp // n_group],
+            _need(_meth(src, "view") and src.args[0] is scores
+                  and list(src.args[1:]) == [-1, n_group, n_exp // n_group],
                   "the groups are not the scores viewed [M, groups, experts a group]")
             method = "group_limited_greedy"
         else:
@@ -474,7 +480,8 @@ def match_experts(idx: fx.Node, wt_final: fx.Node, rows: tuple = ()) -> tuple[di
     _need(pr, "the expert outputs are not grouped_mm * routing weights")
     down_mm, sw_u = pr
     swg = sw_u.args[0]
-    _need(_fn(swg, operator.getitem) and swg.args[0] is sws and swg.args[1] is perm, "the routing weights are not sorted")
+    _need(_fn(swg, operator.getitem) and swg.args[0] is sws and swg.args[1] is perm,
+          "the routing weights are not sorted")
     x_mid, w_down_t, offs = _grouped_mm(down_mm)
     w_down = _expert_weight(w_down_t, "down_proj")
     mid = x_mid.args[0] if _meth(x_mid, "to") and x_mid.args[1:] == (_ev(w_down).dtype,) else x_mid
@@ -553,9 +560,16 @@ def rewrite_moe(graph: fx.Graph, report: Report, rows: tuple = ()) -> None:
 
 
 def rewrite_q_b(graph: fx.Graph, report: Report) -> None:
-    """``q_a_layernorm`` + ``q_b_proj`` -> rms_norm_matvec, in the layers whose MLA matched."""
+    """``q_a_layernorm`` + ``q_b_proj`` -> rms_norm_matvec (called where an MLA matched):
+    a linear of the RMSNorm of another linear's output (``q_a_proj``)."""
     for node in list(graph.nodes):
-        if not (_fn(node, *dg._LINEARS) and "q_b_proj" in where(node)):
+        if not (_fn(node, *dg._LINEARS) and isinstance(node.args[0], fx.Node)):
+            continue
+        try:
+            x = dg.match_rms_norm(node.args[0])[0]
+        except NoMatch:
+            continue
+        if not _fn(x, *dg._LINEARS):  # the layer's input norm (of the residual) is not the q path's
             continue
         try:
             m = match_q_b(node)
