@@ -3,7 +3,8 @@ point, so ``torch.compile(model, backend="tileflow")`` finds it.
 
 It is inductor with two passes: on the dynamo graph, the decode layer's norm + q/k/v +
 RoPE + cache write, its attention, the norm-fused MLP input and the final norm + lm_head
-become fused suite kernels (``decode_graph.py``); after inductor's decompositions, the
+become fused suite kernels (``decode_graph.py``; a DeepSeek-V2 / V3 layer's MLA attention,
+router and grouped experts: ``deepseek_graph.py``); after inductor's decompositions, the
 remaining decode-time linears and residual adds (``rewrite.py``). It takes the ``mode`` and ``options``
 that ``torch.compile`` and transformers' ``CompileConfig`` pass; the default mode is
 ``reduce-overhead`` (CUDA graphs for decode, where launches cost most). A graph that

@@ -24,7 +24,9 @@ step's B x R rows, and so do the post-grad pass's linears (``rewrite.py``). MHA
 Every condition is checked on the graph (node kinds, constants, example shapes and
 dtypes, and no in-place write between the traced reads and the fused op, ``effects.py``);
 anything else stays as traced and the reason goes to the report. The o_proj
-and down_proj residual adds are left for the post-grad pass (``rewrite.py``).
+and down_proj residual adds are left for the post-grad pass (``rewrite.py``). A
+DeepSeek-V2 / V3 graph's SDPA over ``expand_kv``, its routers and grouped experts are
+``deepseek_graph.py``'s.
 """
 
 from __future__ import annotations
