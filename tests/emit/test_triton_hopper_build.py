@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-_PTR = {"T": "*bf16", "f32": "*fp32", "i32": "*i32", "i64": "*i64"}
+_PTR = {"T": "*bf16", "f32": "*fp32", "i32": "*i32", "i64": "*i64", "u8": "*u8", "f8e4m3": "*fp8e4nv"}
 
 
 def _build(name: str, label: str = "") -> list[dict]:
