@@ -104,9 +104,10 @@ def tileflow_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mo
     else:
         step_rows: tuple = ()
         if opts.compile_fused:  # off (compile_fused=False) measures what the fused pass buys
+            from tileflow.integrations.torch import deepseek_graph
             from tileflow.integrations.torch.decode_graph import rewrite_decode_graph
 
-            step_rows = rewrite_decode_graph(gm, report)
+            step_rows = rewrite_decode_graph(gm, report, architectures=(deepseek_graph,))
         patches["post_grad_custom_post_pass"] = _graph_pass(report, step_rows)
     # a cache hit would skip the pass, and with it the report of what was rewritten
     patches["fx_graph_cache"] = False

@@ -553,43 +553,42 @@ def _replace_norm_fused(graph: fx.Graph, node: fx.Node, target, m: dict, weights
     graph.erase_node(node)
 
 
-def rewrite_decode_graph(gm: fx.GraphModule, report: Report) -> tuple:
+def rewrite_decode_graph(gm: fx.GraphModule, report: Report, architectures=()) -> tuple:
     """Apply the dynamo-level decode patterns to ``gm`` in place; record what happened.
     Returns the step's (batch, new tokens) when its attention matched with more than one
-    row (the linears the post-grad pass may then take), else ()."""
-    from tileflow.integrations.torch import deepseek_graph  # it builds on this module's matchers
+    row (the linears the post-grad pass may then take), else ().
 
+    ``architectures``: passes of other decoder layouts, built on this module's matchers
+    (``deepseek_graph``), each with ``takes_attention(sdpa)``, ``rewrite_attention(graph,
+    sdpa, report, lengths_of)`` (the step's (batch, rows) or None) and ``rewrite_mlp(graph,
+    report, rows, attentions)``, run before the gate_up patterns."""
     graph, tf = gm.graph, torch.ops.tileflow
     lengths_of: dict = {}
     steps = []  # (batch, new tokens) of each matched attention: the step's rows
-    mla = 0  # DeepSeek's latent attentions matched (deepseek_graph)
+    taken = {a: 0 for a in architectures}  # each architecture's attentions matched
     for node in list(graph.nodes):
-        if _fn(node, *_SDPA) and deepseek_graph.is_mla(node):
-            try:
-                m = deepseek_graph.match_mla(node)
-            except NoMatch as e:
-                report.fallback(deepseek_graph.MLA, where(node), str(e))
-                continue
-            deepseek_graph.rewrite_mla(graph, node, m, lengths_of)
-            steps.append((m["batch"], 1))
-            report.match(deepseek_graph.MLA)
-            report.fallback(deepseek_graph.LATENT, where(node), deepseek_graph.LATENT_REASON)
-            mla += 1
-        elif _fn(node, *_SDPA):
-            try:
-                m = match_attention(node)
-            except NoMatch as e:
-                report.fallback(gqa_attention.NAME, where(node), str(e))
-                continue
-            _rewrite_attention(graph, node, m, lengths_of)
-            steps.append((m["batch"], m["rows"]))
-            for name, n in ((rms_norm.NAME, 1), (rope.NAME, 1), (gqa_attention.NAME, 1), ("matvec", 3)):
-                report.match(name, n)
+        if not _fn(node, *_SDPA):
+            continue
+        arch = next((a for a in architectures if a.takes_attention(node)), None)
+        if arch is not None:
+            step = arch.rewrite_attention(graph, node, report, lengths_of)
+            if step is not None:
+                steps.append(step)
+                taken[arch] += 1
+            continue
+        try:
+            m = match_attention(node)
+        except NoMatch as e:
+            report.fallback(gqa_attention.NAME, where(node), str(e))
+            continue
+        _rewrite_attention(graph, node, m, lengths_of)
+        steps.append((m["batch"], m["rows"]))
+        for name, n in ((rms_norm.NAME, 1), (rope.NAME, 1), (gqa_attention.NAME, 1), ("matvec", 3)):
+            report.match(name, n)
     # more than one row a step only where every matched attention agrees on them
     rows = steps[0] if steps and all(_same(s[0], steps[0][0]) and _same(s[1], steps[0][1]) for s in steps) else ()
-    deepseek_graph.rewrite_moe(graph, report, rows)
-    if mla:
-        deepseek_graph.rewrite_q_b(graph, report)
+    for arch in architectures:
+        arch.rewrite_mlp(graph, report, rows, taken[arch])
     _drop_dead(graph)  # the replaced experts' silu * up is gone before the gate_up patterns look
     for node in list(graph.nodes):
         if _fn(node, operator.mul) and any(_fn(a, torch.nn.functional.silu) for a in node.args):

@@ -50,61 +50,6 @@ LATENT_REASON = ("the graph rotates the latent rope key at position_ids and writ
                  "stays as traced")
 
 
-# ------------------------------------------------------------------ ops
-def _register() -> None:
-    """``tileflow::mla_attention``, ``moe_router`` and ``moe_experts`` as torch custom ops
-    (the graph-side twins of ``runtime.ops``), unless the runtime registers them already."""
-    ns = torch.ops.tileflow
-    have = set(dir(ns))
-
-    if "mla_attention" not in have:
-        @torch.library.custom_op("tileflow::mla_attention", mutates_args=())
-        def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                          lengths: torch.Tensor, w_kvb: torch.Tensor, dn: int, scale: float,
-                          key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-            """ops.mla_attention of q_nope [B, NH, DN] / q_pe [B, NH, DR] over the latent
-            cache tensors [B, 1, S, R] / [B, 1, S, DR]; ``w_kvb`` is kv_b_proj.weight."""
-            nh = q_nope.shape[1]
-            wv = w_kvb.view(nh, -1, w_kvb.shape[1])
-            mask = None if key_mask is None else key_mask.contiguous()
-            return ops.mla_attention(q_nope.contiguous(), q_pe.contiguous(), keys[:, 0], values[:, 0], lengths,
-                                     wv[:, :dn], wv[:, dn:], scale, mask)
-
-        @mla_attention.register_fake
-        def _(q_nope, q_pe, keys, values, lengths, w_kvb, dn, scale, key_mask=None):
-            nh = q_nope.shape[1]
-            return q_nope.new_empty((q_nope.shape[0], nh, w_kvb.shape[0] // nh - dn))
-
-    if "moe_router" not in have:
-        @torch.library.custom_op("tileflow::moe_router", mutates_args=())
-        def moe_router(x: torch.Tensor, w: torch.Tensor, top_k: int, scale: float, n_group: int, topk_group: int,
-                       norm_topk: bool, bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-            """ops.moe_router: (topk_idx [M, K] int64, topk_weight [M, K] fp32)."""
-            idx, wt = ops.moe_router(x.contiguous(), w, top_k, scale, n_group, topk_group, norm_topk, bias)
-            return idx, wt
-
-        @moe_router.register_fake
-        def _(x, w, top_k, scale, n_group, topk_group, norm_topk, bias=None):
-            m = x.shape[0]
-            return x.new_empty((m, top_k), dtype=torch.int64), x.new_empty((m, top_k), dtype=torch.float32)
-
-    if "moe_experts" not in have:
-        @torch.library.custom_op("tileflow::moe_experts", mutates_args=())
-        def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, gate_up: torch.Tensor,
-                        down: torch.Tensor) -> torch.Tensor:
-            """ops.moe_experts over gate_up_proj [E, 2I, D] (viewed [E, 2, I, D]) and down_proj [E, D, I]."""
-            e, two_i, d = gate_up.shape
-            return ops.moe_experts(x.contiguous(), topk_idx.contiguous(), topk_weight.contiguous(),
-                                   gate_up.view(e, 2, two_i // 2, d), down)
-
-        @moe_experts.register_fake
-        def _(x, topk_idx, topk_weight, gate_up, down):
-            return x.new_empty(x.shape)
-
-
-_register()
-
-
 # ------------------------------------------------------------------ helpers
 def _param(n) -> bool:
     return isinstance(n, fx.Node) and n.op in ("placeholder", "get_attr")
@@ -524,6 +469,33 @@ def match_experts(idx: fx.Node, wt_final: fx.Node, rows: tuple = ()) -> tuple[di
 
 
 # ------------------------------------------------------------------ the pass
+def takes_attention(sdpa: fx.Node) -> bool:
+    """``decode_graph``'s architecture hook: this SDPA is an MLA attention (``is_mla``)."""
+    return is_mla(sdpa)
+
+
+def rewrite_attention(graph: fx.Graph, sdpa: fx.Node, report: Report, lengths_of: dict) -> Optional[tuple]:
+    """``decode_graph``'s architecture hook: the MLA attention at ``sdpa`` -> ``mla_attention``
+    where it matches (the step's (batch, 1)); else kept, the reason reported, None."""
+    try:
+        m = match_mla(sdpa)
+    except NoMatch as e:
+        report.fallback(MLA, where(sdpa), str(e))
+        return None
+    rewrite_mla(graph, sdpa, m, lengths_of)
+    report.match(MLA)
+    report.fallback(LATENT, where(sdpa), LATENT_REASON)
+    return (m["batch"], 1)
+
+
+def rewrite_mlp(graph: fx.Graph, report: Report, rows: tuple, attentions: int) -> None:
+    """``decode_graph``'s architecture hook, before its gate_up patterns: the router and
+    experts, and (where MLA attentions matched) q_a_layernorm + q_b_proj."""
+    rewrite_moe(graph, report, rows)
+    if attentions:
+        rewrite_q_b(graph, report)
+
+
 def rewrite_moe(graph: fx.Graph, report: Report, rows: tuple = ()) -> None:
     """Every router -> moe_router, and its grouped experts -> moe_experts where they match."""
     tf = torch.ops.tileflow

@@ -184,3 +184,56 @@ def row_mask_keys(mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 @row_mask_keys.register_fake
 def _(mask, lengths):
     return mask.new_empty((lengths.shape[0], mask.shape[3]), dtype=torch.int32)
+
+
+# DeepSeek-V2 / V3: MLA over the latent cache, the router, the routed experts
+@torch.library.custom_op("tileflow::mla_attention", mutates_args=())
+def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  lengths: torch.Tensor, w_kvb: torch.Tensor, dn: int, scale: float,
+                  key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """ops.mla_attention of q_nope [B, NH, DN] / q_pe [B, NH, DR] over the latent
+    cache tensors [B, 1, S, R] / [B, 1, S, DR]; ``w_kvb`` is kv_b_proj.weight."""
+    nh = q_nope.shape[1]
+    wv = w_kvb.view(nh, -1, w_kvb.shape[1])
+    mask = None if key_mask is None else key_mask.contiguous()
+    return ops.mla_attention(q_nope.contiguous(), q_pe.contiguous(), keys[:, 0], values[:, 0], lengths,
+                             wv[:, :dn], wv[:, dn:], scale, mask)
+
+
+
+@mla_attention.register_fake
+def _(q_nope, q_pe, keys, values, lengths, w_kvb, dn, scale, key_mask=None):
+    nh = q_nope.shape[1]
+    return q_nope.new_empty((q_nope.shape[0], nh, w_kvb.shape[0] // nh - dn))
+
+
+
+@torch.library.custom_op("tileflow::moe_router", mutates_args=())
+def moe_router(x: torch.Tensor, w: torch.Tensor, top_k: int, scale: float, n_group: int, topk_group: int,
+               norm_topk: bool, bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ops.moe_router: (topk_idx [M, K] int64, topk_weight [M, K] fp32)."""
+    idx, wt = ops.moe_router(x.contiguous(), w, top_k, scale, n_group, topk_group, norm_topk, bias)
+    return idx, wt
+
+
+
+@moe_router.register_fake
+def _(x, w, top_k, scale, n_group, topk_group, norm_topk, bias=None):
+    m = x.shape[0]
+    return x.new_empty((m, top_k), dtype=torch.int64), x.new_empty((m, top_k), dtype=torch.float32)
+
+
+
+@torch.library.custom_op("tileflow::moe_experts", mutates_args=())
+def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, gate_up: torch.Tensor,
+                down: torch.Tensor) -> torch.Tensor:
+    """ops.moe_experts over gate_up_proj [E, 2I, D] (viewed [E, 2, I, D]) and down_proj [E, D, I]."""
+    e, two_i, d = gate_up.shape
+    return ops.moe_experts(x.contiguous(), topk_idx.contiguous(), topk_weight.contiguous(),
+                           gate_up.view(e, 2, two_i // 2, d), down)
+
+
+
+@moe_experts.register_fake
+def _(x, topk_idx, topk_weight, gate_up, down):
+    return x.new_empty(x.shape)
