@@ -858,14 +858,7 @@ def _patch_deepseek(model, report: PatchReport, options: settings.Options) -> Pa
         return report
     program = DeepSeekDecodeProgram(model, options)
     report.matches.update(program.matches)
-    model._tileflow_watch = WeightWatch(model)
-    forward = _whole_step_forward(model, GraphedDecode(program), report)
-    model.forward = _rebuilding(model, torch.compiler.disable(forward, recursive=True), options)
-    report.patched = True
-    model._tileflow_saved = _generation_defaults(model, report, True, options)
-    model._tileflow_patch = report
-    model._tileflow_patched_modules = [model]
-    return report
+    return _install_program(model, program, report, options, [model])
 
 
 def _patch_quantized(model, report: PatchReport, options: settings.Options, rope_cfg) -> PatchReport:
@@ -890,13 +883,19 @@ def _patch_quantized(model, report: PatchReport, options: settings.Options, rope
     report.matches.update(program.matches)
     report.quantized = dict(program.errors)
     report.notes += program.notes()
+    return _install_program(model, program, report, options, [model] + program.install_forwards())
+
+
+def _install_program(model, program, report: PatchReport, options: settings.Options, modules: list) -> PatchReport:
+    """``model.forward`` runs ``program``'s one-token steps (CUDA-graphed) and every other
+    call through the model's own forward (prompts included); ``modules``: what unpatch restores."""
     model._tileflow_watch = WeightWatch(model)
-    forward = _whole_step_forward(model, GraphedDecode(program), report)  # prompts: the model's forward
+    forward = _whole_step_forward(model, GraphedDecode(program), report)
     model.forward = _rebuilding(model, torch.compiler.disable(forward, recursive=True), options)
     report.patched = True
     model._tileflow_saved = _generation_defaults(model, report, True, options)
     model._tileflow_patch = report
-    model._tileflow_patched_modules = [model] + program.install_forwards()
+    model._tileflow_patched_modules = modules
     return report
 
 
