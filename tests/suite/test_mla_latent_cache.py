@@ -85,3 +85,29 @@ def test_reference_equals_transformers_latent_cache(kind):
         print(f"{kind} {name}: max |cache row - transformers| = {err:.2e}")
         assert err < 1e-5, (name, err)
         assert torch.equal(out["kv_cache"][:, steps:], kv_cache[:, steps:])  # the junk rows untouched
+
+
+def test_cache_pos_outside_the_cache_writes_nothing():
+    """With CACHE_POS a row at or past the cache's end (or negative) is skipped by the
+    kernel and its reference alike; the other rows go to cache_pos, rotated at pos."""
+    import array_api_compat
+    import torch
+
+    from tileflow.suite.mla_latent_cache import KERNEL, reference
+    from tileflow.verify import run_target
+
+    sizes = dict(M=3, D=24, R=16, DR=8, RA=24, HALF=4, S=6, ROPE_LAYOUT=1, CACHE_POS=1)
+    g = torch.Generator().manual_seed(0)
+    args = dict(x=torch.randn(3, 24, generator=g), w_kva=torch.randn(24, 24, generator=g) / 5,
+                ln_w=torch.rand(16, generator=g) + 0.5, pos=torch.tensor([2, 9, 4]),
+                cache_pos=torch.tensor([6, 5, -1]), inv_freq=10000.0 ** (-torch.arange(4) / 4))
+    caches = {"kv_cache": torch.randn(3, 6, 16, generator=g), "pe_cache": torch.randn(3, 6, 8, generator=g)}
+    scalars = dict(eps=1e-6, rope_scale=1.0, rope_layout=1)
+    ref = reference(array_api_compat.array_namespace(args["x"]), **args, **caches, **scalars)
+    got = run_target(KERNEL, KERNEL.build(KERNEL.default_params(sizes)), "triton", args,
+                     {k: v.clone() for k, v in caches.items()}, scalars)
+    for name, out in (("reference", ref), ("triton", got)):
+        changed = [(out[c] != caches[c]).any(dim=-1).nonzero().tolist() for c in caches]
+        assert changed == [[[1, 5]], [[1, 5]]], (name, changed)  # only row 1's cache_pos 5
+    assert torch.allclose(got["kv_cache"], ref["kv_cache"], atol=1e-5)
+    assert torch.allclose(got["pe_cache"], ref["pe_cache"], atol=1e-5)

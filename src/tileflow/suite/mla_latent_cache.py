@@ -20,6 +20,10 @@ Two launches: ``project`` is a matvec over ``cdiv(RA, BLOCK_O)`` row blocks per 
 weight stream spread over many programs), writing ``y`` to an fp32 workspace; ``write``
 (one program per token) needs all ``R`` outputs at once for the norm's sum of squares and
 both members of each rope pair, which no single row block of the projection holds.
+
+With ``CACHE_POS`` the row written comes from its own ``cache_pos`` input (int64 [M]), the
+rope still at ``pos``: transformers' static cache writes at its own count, which equals the
+position only for an unpadded sequence; a row outside ``[0, S)`` is then not written.
 """
 
 from tileflow.suite.inputs import linear_weight, positions, rope_frequencies
@@ -34,6 +38,8 @@ def define(k, p):
     w_kva = k.input("w_kva", ("RA", "D"))
     ln_w = k.input("ln_w", ("R",))
     pos = k.input("pos", ("M",), dtype="i64")
+    if p.get("CACHE_POS", 0):
+        cache_pos = k.input("cache_pos", ("M",), dtype="i64")
     inv_freq = k.input("inv_freq", ("HALF",), dtype="f32")
     kv_cache = k.inout("kv_cache", ("M", "S", "R"))
     pe_cache = k.inout("pe_cache", ("M", "S", "DR"))
@@ -58,10 +64,16 @@ def define(k, p):
         m = k.program_id(0)
         nr, half, dr = k.dim("R"), k.dim("HALF"), k.dim("DR")
         p_int = k.load(pos, (m,))
+        # the row written (p_row) and the rotation's position (p_int) are one value unless CACHE_POS
+        p_row, inside = p_int, None
+        if p.get("CACHE_POS", 0):
+            p_row = k.load(cache_pos, (m,))
+            inside = k.binary("and", k.binary("ge", p_row, 0), k.binary("lt", p_row, k.dim("S")))
+        guard = {} if inside is None else {"when": inside}
         r = k.range(0, "BLOCK_R", aligned=True)
         y = k.load(ws_y, (m, r), limits={1: nr})
         rstd = k.rsqrt(k.sum(y * y, axis=0) / k.cast(nr, "f32") + eps)
-        k.store(kv_cache, (m, p_int, r), y * rstd * k.load(ln_w, (r,)))
+        k.store(kv_cache, (m, p_row, r), y * rstd * k.load(ln_w, (r,)), **guard)
 
         i = k.range(0, "BLOCK_HALF", aligned=True)
         ang = k.cast(p_int, "f32") * k.load(inv_freq, (i,))
@@ -77,17 +89,19 @@ def define(k, p):
         o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
         if layout == 2:  # back to pairs: column 0 takes o1, column 1 o2
             both = k.where(first, o1[:, None], o2[:, None])
-            k.store(pe_cache, (m, p_int, k.range(0, "BLOCK_DR", aligned=True)), k.reshape(both, ("BLOCK_DR",)))
+            k.store(pe_cache, (m, p_row, k.range(0, "BLOCK_DR", aligned=True)), k.reshape(both, ("BLOCK_DR",)), **guard)
         else:
-            k.store(pe_cache, (m, p_int, i), o1, limits={2: half})
-            k.store(pe_cache, (m, p_int, k.range(half, "BLOCK_HALF")), o2, limits={2: dr})
+            k.store(pe_cache, (m, p_row, i), o1, limits={2: half}, **guard)
+            k.store(pe_cache, (m, p_row, k.range(half, "BLOCK_HALF")), o2, limits={2: dr}, **guard)
 
 
-def reference(xp, x, w_kva, ln_w, pos, inv_freq, kv_cache, pe_cache, eps, rope_scale, rope_layout: int):
+def reference(xp, x, w_kva, ln_w, pos, inv_freq, kv_cache, pe_cache, eps, rope_scale, rope_layout: int,
+              cache_pos=None):
     """transformers' computation: kv_a_proj_with_mqa, split, RMSNorm of the compressed part,
     rope (cos / sin times ``rope_scale``) of the rope part in the model's pair layout.
     ``rope_layout`` is the case's ROPE_LAYOUT (the kernel's code is specialised on the
-    parameter and takes the same value as an unused launch argument: ``_case`` sets both)."""
+    parameter and takes the same value as an unused launch argument: ``_case`` sets both).
+    With ``cache_pos`` the rows go there (none where it is outside the cache), rotated at ``pos``."""
     layout = int(rope_layout)
     m, s, nr = kv_cache.shape
     dr = pe_cache.shape[-1]
@@ -106,7 +120,8 @@ def reference(xp, x, w_kva, ln_w, pos, inv_freq, kv_cache, pe_cache, eps, rope_s
         rot = xp.reshape(xp.stack([o1, o2], axis=-1), (m, dr))
     else:
         rot = xp.concat([o1, o2], axis=-1)
-    at = (xp.arange(s)[None, :] == pos[:, None])[:, :, None]  # [M, S, 1]
+    row = pos if cache_pos is None else cache_pos
+    at = (xp.arange(s)[None, :] == row[:, None])[:, :, None]  # [M, S, 1]
     return {"kv_cache": xp.where(at, kv[:, None, :], kv_cache), "pe_cache": xp.where(at, rot[:, None, :], pe_cache)}
 
 
@@ -114,6 +129,8 @@ def default_params(s):
     return {"ROPE_LAYOUT": s.get("ROPE_LAYOUT", 1), "BLOCK_O": min(64, next_pow2(s["RA"])),
             "BLOCK_K": min(128, next_pow2(s["D"])), "BLOCK_R": next_pow2(s["R"]),
             "BLOCK_DR": next_pow2(s["DR"]), "BLOCK_HALF": next_pow2(s["DR"]) // 2, "TWO": 2,
+            # absent when off: the parameters name the generated code, which stays as it was
+            **({"CACHE_POS": 1} if s.get("CACHE_POS", 0) else {}),
             "num_warps": 4, "num_stages": 2}
 
 
@@ -123,10 +140,10 @@ def candidates(s):
             for bo in (8, 16, 32, 64) for bk in (64, 128, 256, 512) for nw in (2, 4, 8)]
 
 
-def _case(label, m, d, r, dr, s, layout, eps=1e-6, rope_scale=1.0, params=None):
+def _case(label, m, d, r, dr, s, layout, eps=1e-6, rope_scale=1.0, params=None, **extra):
     """A case: ROPE_LAYOUT both in the sizes (the kernel's parameter) and in the reference's
     scalars, from one value."""
-    sizes = dict(M=m, D=d, R=r, DR=dr, RA=r + dr, HALF=dr // 2, S=s, ROPE_LAYOUT=layout)
+    sizes = dict(M=m, D=d, R=r, DR=dr, RA=r + dr, HALF=dr // 2, S=s, ROPE_LAYOUT=layout, **extra)
     return Case(label, sizes, dict(eps=eps, rope_scale=rope_scale, rope_layout=layout), params=dict(params or {}))
 
 
@@ -147,11 +164,15 @@ KERNEL = register(SuiteKernel(
         _case("interleaved", 2, 64, 32, 16, 50, 1, eps=1e-5, rope_scale=0.9, params=dict(BLOCK_O=16, BLOCK_K=32)),
         _case("interleaved_out", 2, 40, 64, 16, 60, 2, params=dict(BLOCK_O=32)),
         _case("odd", 1, 100, 48, 16, 45, 1, rope_scale=1.2, params=dict(BLOCK_O=16, BLOCK_K=32)),
+        # written at cache_pos, rotated at pos (a left-padded batch: rows apart from positions)
+        _case("cachepos-halves", 3, 48, 32, 16, 20, 0, rope_scale=1.1, CACHE_POS=1),
+        _case("cachepos-interleaved_out", 2, 40, 32, 16, 24, 2, params=dict(BLOCK_O=16), CACHE_POS=1),
     ],
     decode_cases=_decode_cases,
     tune_keys=("M", "D", "R", "DR"),
     candidates=candidates,
-    input_makers={"w_kva": linear_weight, "pos": positions("S"), "inv_freq": rope_frequencies},
+    input_makers={"w_kva": linear_weight, "pos": positions("S"), "cache_pos": positions("S"),
+                  "inv_freq": rope_frequencies},
     min_bytes=lambda s, b: (s["RA"] * s["D"] + s["M"] * (s["D"] + s["RA"]) + s["R"]) * b + 8 * s["M"],
     module=__name__,
 ))
