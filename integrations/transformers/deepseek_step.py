@@ -22,8 +22,10 @@ rotated rope key [B, 1, S, qk_rope_head_dim]; the program writes those tensors (
 ``[:, 0]``), so the model's own forward and ``generate`` see the same cache. A cache of
 another layout is declined per call (:meth:`DeepSeekDecodeProgram.declines`).
 
-One token of one sequence a step (B = 1, R = 1): other steps (a batch, a speculative
-verify step) run the model's own forward, the reason in the patch report.
+One token of each of B sequences a step (R = 1; a left-padded batch: every sequence's row
+written at the cache's own count, on the device, rotated at its own position, the padding a
+key mask): a speculative verify step runs the model's own forward, the reason in the patch
+report.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from tileflow.integrations.transformers.decode_step import _advance
+from tileflow.integrations.transformers.decode_step import _advance, cache_row
 from tileflow.runtime import ops
 
 DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
@@ -214,9 +216,10 @@ class DeepSeekDecodeProgram:
 
     @property
     def takes_any_position(self) -> bool:
-        """mla_latent_cache writes at the position it rotates at: the step's position must
-        be the cache's count (one host read a step checks it), and no key is masked."""
-        return False
+        """mla_latent_cache rotates at the given position and writes at the cache's own
+        count, mla_attention hides what a key mask hides, as the model does: a padded
+        sequence needs no host-side check."""
+        return True
 
     @property
     def matches(self) -> dict:
@@ -229,8 +232,8 @@ class DeepSeekDecodeProgram:
 
     def declines(self, input_ids: torch.Tensor, cache) -> str:
         """Why a forward call of ``input_ids`` [B, T] on ``cache`` does not take the program
-        (the model's forward runs it), or "": the program decodes one token of one sequence
-        into the latent cache. A prompt (T > 1 into an empty cache) is the model's own and
+        (the model's forward runs it), or "": the program decodes one token a sequence into
+        the latent cache. A prompt (T > 1 into an empty cache) is the model's own and
         not declined; tokens continuing a filled cache are (one device read, T > 1 only)."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             return ""
@@ -239,8 +242,6 @@ class DeepSeekDecodeProgram:
             filled = cache is not None and getattr(cache, "layers", None) and \
                 getattr(cache.layers[0], "is_initialized", False) and int(cache.get_seq_length()) > 0
             return f"{t} tokens continuing a sequence (the DeepSeek program takes one token a step)" if filled else ""
-        if b != 1:
-            return f"batch {b} (the DeepSeek program decodes one sequence)"
         layers = getattr(cache, "layers", None)
         layer = layers[0] if layers else None  # every layer of a model's cache has one layout
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
@@ -254,36 +255,43 @@ class DeepSeekDecodeProgram:
 
     def run(self, tok: torch.Tensor, pos: torch.Tensor, cache, key_mask: Optional[torch.Tensor] = None
             ) -> torch.Tensor:
-        """Logits [1, V] of the token ``tok`` [1, 1] at position ``pos`` [1, 1], the cache's
-        count; its latent row goes to that row of every layer's cache. Updates ``cache``."""
+        """Logits [B, V] of the tokens ``tok`` [B, 1] at positions ``pos`` [B, 1]; each latent
+        row goes to the cache's next row of every layer (the same row for every sequence, as
+        transformers writes a left-padded batch), ``key_mask`` [B, S] (int32, 0 = hidden)
+        as the model's padding mask. Updates ``cache``."""
         b, r = tok.shape
-        if b != 1 or r != 1 or key_mask is not None:
-            # patch declines these calls before the program runs (declines, takes_any_position)
-            raise ValueError(f"tileflow: the DeepSeek program takes one unmasked token of one sequence, got {b} x {r}")
-        p = pos.reshape(1)
-        lengths = p + 1
-        ang = p.to(torch.float32)[:, None] * self.inv_freq[None, :]  # [1, DR / 2], fp32 as the rotary embedding
+        if r != 1:
+            # patch declines these calls before the program runs (declines)
+            raise ValueError(f"tileflow: the DeepSeek program takes one token a sequence, got {b} x {r}")
+        p = pos.reshape(b)
+        row = cache_row(cache)
+        if row is None:
+            row = p  # decode_request checked that the position is the cache's count
+        elif b > 1:
+            row = row.expand(b).contiguous()  # every sequence writes the same cache row
+        lengths = row + 1
+        ang = p.to(torch.float32)[:, None] * self.inv_freq[None, :]  # [B, DR / 2], fp32 as the rotary embedding
         cos, sin = torch.cos(ang) * self.rope_scale, torch.sin(ang) * self.rope_scale
-        x = ops.embedding_lookup(tok.reshape(1), self.embed)
+        x = ops.embedding_lookup(tok.reshape(b), self.embed)
         if not self.v2:  # V3 casts cos and sin to the activations' dtype; V2 rotates in fp32
             cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         cos, sin = cos[:, None, :], sin[:, None, :]
         nh, dn, dv = self.nh, self.dn, self.dv
         for w, layer in zip(self.layers, cache.layers):
-            kv_cache, pe_cache = layer.keys[:, 0], layer.values[:, 0]  # [1, S, R], [1, S, DR]: views
+            kv_cache, pe_cache = layer.keys[:, 0], layer.values[:, 0]  # [B, S, R], [B, S, DR]: views
             xn = ops.rms_norm(x, w.ln1, w.eps1)
             if w.wq is not None:
                 q = ops.matvec(xn, w.wq)
             else:
                 q = ops.rms_norm_matvec(ops.matvec(xn, w.wqa), w.q_ln, w.q_eps, w.wqb)
-            q = q.view(1, nh, dn + self.dr)
+            q = q.view(b, nh, dn + self.dr)
             q_pe = q[..., dn:]
             q_pe = _rotate(q_pe.float(), cos, sin, self.layout).to(q.dtype) if self.v2 else \
                 _rotate(q_pe, cos, sin, self.layout)
             ops.mla_latent_cache(xn, w.w_kva, w.kv_ln, w.kv_eps, p, self.inv_freq, self.rope_scale, self.layout,
-                                 kv_cache, pe_cache)
-            o = ops.mla_attention(q[..., :dn], q_pe, kv_cache, pe_cache, lengths, w.w_uk, w.w_uv, w.scale)
-            x = ops.matvec_residual(o.view(1, nh * dv), w.wo, x)
+                                 kv_cache, pe_cache, cache_pos=None if row is p else row)
+            o = ops.mla_attention(q[..., :dn], q_pe, kv_cache, pe_cache, lengths, w.w_uk, w.w_uv, w.scale, key_mask)
+            x = ops.matvec_residual(o.view(b, nh * dv), w.wo, x)
             if w.router is None:  # dense MLP
                 x = ops.matvec_residual(ops.rms_norm_gate_up_silu(x, w.ln2, w.eps2, w.wg, w.wu), w.wd, x)
                 continue

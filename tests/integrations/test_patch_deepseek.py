@@ -1,9 +1,9 @@
 """``tileflow.patch`` on tiny DeepSeek-V2 / V3 models (random fp32 weights): greedy tokens
 equal to the unpatched model's over a static cache, every decode step counted as the
 DeepSeek program's (MLA over the latent cache, the router and the chosen experts), the
-latent cache rows it writes equal to the model's own; what the kernels do not take (a
-batch, several tokens a step, a dynamic cache, an attention bias) runs the model's
-forward or leaves the model unchanged, with the reason in the report."""
+latent cache rows it writes equal to the model's own, a left-padded batch as one program
+step; what the kernels do not take (several tokens a step, a dynamic cache, an attention
+bias) runs the model's forward or leaves the model unchanged, with the reason in the report."""
 
 import pytest
 import torch
@@ -110,15 +110,20 @@ def test_the_program_writes_the_models_latent_cache(kind):
         torch.testing.assert_close(got.values[:, :, :filled], want.values[:, :, :filled], rtol=1e-5, atol=1e-5)
 
 
-def test_a_batch_runs_the_models_forward_with_the_reason():
-    model, ids = tiny("v3"), prompt(rows=2)
-    expected = greedy(model, ids, cache_implementation="static")
+@pytest.mark.parametrize("kind", ["v2", "v3"])
+def test_a_left_padded_batch_runs_the_program(kind):
+    """Three left-padded prompts: every sequence's latent row written at the cache's count,
+    rotated at its own position, the padding hidden by mla_attention's key mask; tokens
+    equal to the unpatched model's, every decode step the program's."""
+    from tests.integrations.test_patch_batch import batch
+
+    model, (ids, mask) = tiny(kind), batch(lengths=(9, 4, 6))
+    expected = greedy(model, ids, attention_mask=mask, cache_implementation="static")
     report = tileflow.patch(model, options=CPU)
-    got = greedy(model, ids, cache_implementation="static")
-    assert torch.equal(got, expected)
-    assert report.steps == 0, str(report)
-    assert [r for _, _, r in report.fallbacks] == [
-        "ran the model's forward: batch 2 (the DeepSeek program decodes one sequence)"], str(report)
+    got = greedy(model, ids, attention_mask=mask, cache_implementation="static")
+    assert torch.equal(got, expected), (got[:, ids.shape[1]:].tolist(), expected[:, ids.shape[1]:].tolist())
+    assert all(len(set(row)) > 3 for row in expected[:, ids.shape[1]:].tolist())  # rows differ, not one token
+    assert report.steps == NEW - 1 and not report.fallbacks, str(report)
 
 
 def test_a_dynamic_cache_runs_the_models_forward_with_the_reason():
