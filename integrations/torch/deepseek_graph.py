@@ -18,9 +18,9 @@ group, sized by ``histc``). Per layer, this pass replaces
 
 the dense MLP / shared experts, the final norm + lm_head (``decode_graph``) and the
 linears and residual adds (``rewrite.py``) are the existing patterns. Kept as traced,
-with the reason in the report: the latent cache write (``mla_latent_cache`` writes a
-row where it rotates it; the graph rotates at ``position_ids`` and writes at the
-cache's own count, which the graph cannot show equal) and the query's rope (no suite
+with the reason in the report: the latent cache write (``mla_latent_cache`` with
+``cache_pos`` computes it, rotated at ``position_ids`` and written at the cache's count,
+but no pattern matches its three rope forms in the graph yet) and the query's rope (no suite
 kernel rotates these layouts from a frequency table; the patch program does it in torch
 too). An experts form other than grouped_mm (the eager loop breaks the graph at
 ``nonzero``; ``batched_mm``) keeps its experts, with the reason.
@@ -45,9 +45,10 @@ from tileflow.runtime import ops
 _fn, _meth, _ev, _need, _arg, _same = dg._fn, dg._meth, dg._ev, dg._need, dg._arg, dg._same
 NoMatch = dg.NoMatch
 MLA, ROUTER, EXPERTS, LATENT = "mla_attention", "moe_router", "moe_experts", "mla_latent_cache"
-LATENT_REASON = ("the graph rotates the latent rope key at position_ids and writes it at the cache's own count: "
-                 "mla_latent_cache writes where it rotates, and the graph cannot show the two equal; the write "
-                 "stays as traced")
+# mla_latent_cache takes the graph's two rows (CACHE_POS: rotated at position_ids, written at the count);
+# what is missing is the graph side: the three rope forms (V2's complex product, V3's halves / interleave)
+LATENT_REASON = ("the latent write (kv_a_proj_with_mqa, kv_a_layernorm, the rope key's rotation, index_copy_ at "
+                 "the cache's count) has no graph pattern yet; the write stays as traced")
 
 
 # ------------------------------------------------------------------ helpers
