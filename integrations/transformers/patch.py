@@ -883,7 +883,11 @@ def _patch_quantized(model, report: PatchReport, options: settings.Options, rope
     report.matches.update(program.matches)
     report.quantized = dict(program.errors)
     report.notes += program.notes()
-    return _install_program(model, program, report, options, [model] + program.install_forwards())
+    _install_program(model, program, report, options, [model] + program.install_forwards())
+    if program.host.entries:  # the projections' weights are on the host: unpatch brings them back
+        model._tileflow_restore = program.host.restore
+        model._apply = program.host.guard_apply()  # over WeightWatch's; its release removes both
+    return report
 
 
 def _install_program(model, program, report: PatchReport, options: settings.Options, modules: list) -> PatchReport:
@@ -905,6 +909,9 @@ def unpatch(model) -> bool:
         return False
     for m in model._tileflow_patched_modules:
         m.__dict__.pop("forward", None)  # the instance attribute; the class's forward shows through again
+    restore = model.__dict__.pop("_tileflow_restore", None)
+    if restore is not None:  # weights= moved the quantized projections' own weights to the host
+        restore()
     for name, value in model._tileflow_saved.items():
         if name.startswith("generation_config."):
             setattr(model.generation_config, name.split(".", 1)[1], value)

@@ -13,9 +13,12 @@ token, and small Qwen2 models tie it to the embedding table, so a copy would add
 rather than replace them), and any projection the int4 layout cannot take (K not a
 multiple of 256), named in the report.
 
-The model's own weights are never touched, so ``unpatch`` gives the model back exactly;
-the quantized copies live beside them (about 1.25x the bf16 projection bytes for int4,
-1.5x for fp8: memory is not saved yet). Every path of the patched model computes with the
+Quantized in place (``weights=`` "int4" / "fp8"): layer by layer, each quantized projection's
+own weight leaves the device for host memory (pinned on CUDA) as soon as its layer is quantized,
+and the module's ``weight`` becomes a :class:`HostWeight` (shape and dtype, no storage, on
+``meta``): the device holds the quantized copies instead of the bf16 weights (int4 about 0.27x,
+fp8 about 0.5x of them). ``unpatch`` moves the originals back (the same Parameter objects,
+bit-exact); ``state_dict()`` while patched gives the originals (from the host). Every path of the patched model computes with the
 quantized weights: the whole decode step is :class:`QuantizedDecodeProgram`, and every
 other call (a prompt, a dynamic cache, a batch the program declines) runs the model's
 own forward, whose projection modules get a forward through the same quantized matvecs.
@@ -159,20 +162,111 @@ class QuantLayer:
     down: QuantLinear
 
 
-def _progress(items, total: int, what: str):
-    """``items`` with a progress bar where a terminal shows one (tqdm, as transformers uses)."""
+LARGE = 1 << 30  # projection bytes from which the progress bar shows even where stderr is not a terminal
+
+
+def _progress(items, total: int, what: str, large: bool = False):
+    """``items`` with a progress bar where stderr is a terminal, or always for a ``large``
+    model (minutes of quantizing with no sign of life otherwise); tqdm, as transformers uses."""
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - transformers depends on tqdm
         return items
-    return tqdm(items, total=total, desc=what, leave=False, disable=None)
+    return tqdm(items, total=total, desc=what, leave=False, disable=False if large else None)
+
+
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class HostWeight(torch.Tensor):
+    """What a projection's ``weight`` is while its original is on the host: the shape and
+    dtype (what ``in_features`` / ``weight.dtype`` readers need), no storage (device ``meta``),
+    and a one-line error for any op on its values (``copy_``, ``load_state_dict``, ``.to``):
+    the module computes with its quantized copy, so a write here would be silently ignored."""
+
+    @staticmethod
+    def __new__(cls, shape, dtype, where: str):
+        t = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device="meta")
+        t.where = where
+        return t
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.detach.default:  # nn.Parameter and state_dict detach: the same placeholder
+            return HostWeight(args[0].shape, args[0].dtype, args[0].where)
+        where = next(a.where for a in args if isinstance(a, HostWeight))
+        raise RuntimeError(f"tileflow: {where}.weight is in host memory while the model is patched with "
+                           f"quantized weights ({func.overloadpacket.__name__} on it would be ignored): tileflow.unpatch(model) "
+                           f"first, or assign a new nn.Parameter (the model is then patched again)")
+
+    def __repr__(self, *, tensor_contents=None):
+        return f"HostWeight({tuple(self.shape)}, {self.dtype}: {self.where}.weight in host memory while patched)"
+
+
+class HostStash:
+    """The projections' original weights while patched: moved to host memory (pinned on CUDA)
+    and given back by :meth:`restore`; their modules' ``weight`` a :class:`HostWeight`."""
+
+    def __init__(self):
+        # (module, the original Parameter, the placeholder put in its place, its device)
+        self.entries: list[tuple[torch.nn.Module, torch.nn.Parameter, torch.nn.Parameter, torch.device]] = []
+        self.handles = []
+
+    @torch.no_grad()
+    def stash(self, module: torch.nn.Module, where: str) -> None:
+        param = module.weight
+        device = param.device
+        if device.type == "cuda":
+            host = torch.empty(param.shape, dtype=param.dtype, pin_memory=True)  # pinned: unpatch copies back fast
+            host.copy_(param)
+            param.data = host  # the same Parameter object (optimizers, user references) now on the host
+        # on CPU the host is the device: a reference (a copy would double the bytes and give nothing back)
+        placeholder = torch.nn.Parameter(HostWeight(param.shape, param.dtype, where), requires_grad=False)
+        module._parameters["weight"] = placeholder  # not setattr: the registration hooks would mark a replacement
+
+        def original_in_state_dict(mod, state_dict, prefix, local_metadata, _param=param, _placeholder=placeholder):
+            if mod._parameters.get("weight") is _placeholder:
+                state_dict[prefix + "weight"] = _param.detach()
+
+        self.handles.append(module.register_state_dict_post_hook(original_in_state_dict))
+        self.entries.append((module, param, placeholder, device))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """The originals back on their device and in their modules; a weight the user
+        replaced since (a new Parameter or module) stays theirs, its original dropped."""
+        for handle in self.handles:
+            handle.remove()
+        for module, param, placeholder, device in self.entries:
+            if module._parameters.get("weight") is not placeholder:
+                continue
+            if param.device != device:
+                param.data = param.data.to(device)
+            module._parameters["weight"] = param
+        self.entries, self.handles = [], []
+
+    @staticmethod
+    def guard_apply():
+        """``model._apply`` (``.to``, ``.cuda``, ``.half``...) refused before anything moves:
+        the originals on the host would not follow (half the model converted otherwise)."""
+
+        def _apply(*args, **kwargs):
+            raise RuntimeError("tileflow: model.to / .cuda / .half / .float on a model patched with quantized "
+                               "weights (its projections' weights are in host memory): tileflow.unpatch(model), "
+                               "convert, then patch again")
+
+        return _apply
 
 
 class QuantizedDecodeProgram:
     """The decode step of a Qwen2 / Llama ``model`` on quantized projections (see the module
     docstring). Built once at patch time: quantizes (``weights`` "int4" / "fp8"; an fp8
     checkpoint's FP8Linear tensors are read where they lie), measures each projection's
-    error, and says both in ``notes`` / ``errors``."""
+    error, and says both in ``notes`` / ``errors``. Layer by layer, each layer's originals
+    leave for the host (``self.host``) once it is quantized: peak device memory is the model
+    as loaded plus one projection's fp32 quantization temporaries (about 3x its bf16 bytes,
+    under one layer's bf16)."""
 
     fallback_runs = "the model's forward (its projections through the quantized matvecs)"
 
@@ -194,7 +288,28 @@ class QuantizedDecodeProgram:
         self.kept: dict[str, str] = {}  # projections left in the model's dtype, and why
         self.layers = []
         layers = base.layers
-        for i, layer in _progress(enumerate(layers), len(layers), f"tileflow: quantizing ({weights})"):
+        self.host = HostStash()
+        self.device = self.embed.device
+        self.bytes_before = nbytes(getattr(getattr(layer, part), name).weight for layer in layers
+                                   for part, name in PROJECTIONS)
+        try:
+            self._quantize(layers, weights, checkpoint, dtype)
+        except BaseException:  # half-quantized: the layers done so far get their weights back
+            self.host.restore()
+            raise
+        self.bytes_after = nbytes(t for lin, _ in self.linears.values() for t in lin.tensors)
+        kernels = {"int4": "matvec_int4", "fp8": "matvec_fp8", "model": "matvec"}
+        self.matches: dict[str, int] = {}
+        for lin, _ in self.linears.values():
+            self.matches[kernels[lin.kind]] = self.matches.get(kernels[lin.kind], 0) + 1
+        n = len(layers)
+        self.matches.update({"embedding": 1, "rms_norm": 2 * n, "rope": 2 * n, "gqa_attention": n,
+                             "residual_add": 2 * n, "silu_mul": n, "rms_norm_matvec": 1})
+
+    def _quantize(self, layers, weights: str, checkpoint: bool, dtype: torch.dtype) -> None:
+        """Each layer's projections quantized, measured, then their originals to the host."""
+        large = self.bytes_before >= LARGE
+        for i, layer in _progress(enumerate(layers), len(layers), f"tileflow: quantizing ({weights})", large):
             made = {}
             for part, name in PROJECTIONS:
                 module = getattr(getattr(layer, part), name)
@@ -206,19 +321,16 @@ class QuantizedDecodeProgram:
                     self.kept[where] = why
                 else:
                     self.errors[where] = relative_error(lin, module, dtype, seed=len(self.errors))
+            for part, name in PROJECTIONS:  # a checkpoint's FP8Linear and "model" kinds compute on their own weight
+                where = f"model.layers.{i}.{part}.{name}"
+                if not checkpoint and self.linears[where][0].kind != "model":
+                    self.host.stash(self.linears[where][1], where)
             a = layer.self_attn
             self.layers.append(QuantLayer(
                 ln1=layer.input_layernorm.weight, eps1=layer.input_layernorm.variance_epsilon,
                 q=made["q_proj"], k=made["k_proj"], v=made["v_proj"], o=made["o_proj"], scale=a.scaling,
                 ln2=layer.post_attention_layernorm.weight, eps2=layer.post_attention_layernorm.variance_epsilon,
                 gate=made["gate_proj"], up=made["up_proj"], down=made["down_proj"]))
-        kernels = {"int4": "matvec_int4", "fp8": "matvec_fp8", "model": "matvec"}
-        self.matches: dict[str, int] = {}
-        for lin, _ in self.linears.values():
-            self.matches[kernels[lin.kind]] = self.matches.get(kernels[lin.kind], 0) + 1
-        n = len(layers)
-        self.matches.update({"embedding": 1, "rms_norm": 2 * n, "rope": 2 * n, "gqa_attention": n,
-                             "residual_add": 2 * n, "silu_mul": n, "rms_norm_matvec": 1})
 
     @property
     def takes_any_position(self) -> bool:
@@ -232,9 +344,13 @@ class QuantizedDecodeProgram:
             layer, _, name = where.rpartition(".")
             per_layer.setdefault(layer.rsplit(".", 1)[0], {})[name] = err
         lines = [f"weights {self.kind}: {len(self.errors)} projections quantized (q/k/v/o, gate/up/down of "
-                 f"{len(self.layers)} layers); embeddings, norms and lm_head in the model's dtype; the model's own "
-                 f"weights kept for unpatch (the quantized copies are extra memory); fused quantized kernels "
-                 f"not yet (a plain sequence of kernels a layer)"]
+                 f"{len(self.layers)} layers); embeddings, norms and lm_head in the model's dtype; fused quantized "
+                 f"kernels not yet (a plain sequence of kernels a layer)"]
+        moved = nbytes(param for _, param, _, _ in self.host.entries)
+        lines.append(f"weights {self.kind}: projections on {self.device}: {self.bytes_before / 2**20:.1f} MiB before, "
+                     f"{self.bytes_after / 2**20:.1f} MiB after; {moved / 2**20:.1f} MiB of original weights in host "
+                     f"memory until unpatch" + (" (pinned)" if self.device.type == "cuda" else
+                                                 " (on CPU the same tensors: no memory saved there)"))
         for layer, errs in per_layer.items():
             worst = max(errs, key=errs.get)
             detail = ", ".join(f"{k.removesuffix('_proj')} {v:.2e}" for k, v in errs.items())

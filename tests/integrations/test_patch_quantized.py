@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 import tileflow
 from tileflow.integrations.shared.hf import cache_keyword
-from tileflow.integrations.transformers.quantized import PROJECTIONS, QuantizedDecodeProgram
+from tileflow.integrations.transformers.quantized import PROJECTIONS, HostWeight, QuantizedDecodeProgram
 from tileflow.runtime import ops
 from tileflow.suite import quantize as Q
 
@@ -82,6 +82,22 @@ def state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+def device_bytes(model):
+    """The bytes of the model's parameters that occupy its device (a HostWeight is on meta)."""
+    device = model.model.embed_tokens.weight.device
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.device == device)
+
+
+def check_in_place(model, before: dict, device_before: int):
+    """The projections' weights left the device (HostWeight placeholders), state_dict still gives them."""
+    projection_bytes = sum(before[f"{n}.weight"].numel() * before[f"{n}.weight"].element_size()
+                           for n, _ in projections(model))
+    assert all(type(m.weight) is HostWeight for _, m in projections(model))
+    assert device_bytes(model) == device_before - projection_bytes, (device_bytes(model), device_before)
+    now = model.state_dict()
+    assert now.keys() == before.keys() and all(torch.equal(before[k], now[k]) for k in before)
+
+
 def count_calls(monkeypatch, names):
     calls = dict.fromkeys(names, 0)
     for name in names:
@@ -118,10 +134,12 @@ def test_greedy_tokens_equal_the_eager_quantized_model_fp32(kind, weights, monke
     steps = []
     real_run = QuantizedDecodeProgram.run
     monkeypatch.setattr(QuantizedDecodeProgram, "run", lambda self, *a, **k: steps.append(1) or real_run(self, *a, **k))
+    device_before, params = device_bytes(model), {n: m.weight for n, m in projections(model)}
     report = tileflow.patch(model, options={**CPU, "weights": weights})
     # counted from here (patch measured the errors through the same ops)
     calls = count_calls(monkeypatch, [KERNEL[weights], "matvec", "matvec_residual", "qkv_rope_cache"])
     check_report(report, model, weights)
+    check_in_place(model, before, device_before)
     got = greedy(model, ids)
     assert torch.equal(got, expected), (got[0, 9:].tolist(), expected[0, 9:].tolist())
     assert len(set(expected[0, 9:].tolist())) > 5
@@ -134,8 +152,37 @@ def test_greedy_tokens_equal_the_eager_quantized_model_fp32(kind, weights, monke
     assert tileflow.unpatch(model)
     after = state(model)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m.weight is params[n] for n, m in projections(model)) and device_bytes(model) == device_before
     assert not [m for m in model.modules() if "forward" in m.__dict__]
     assert torch.equal(greedy(model, ids), plain)
+
+
+def test_replacing_a_weight_while_patched_in_place():
+    """A new Parameter assigned: the next call patches again on it (unpatch then keeps it); a write
+    into a weight now in host memory (copy_, load_state_dict) or a model.to / .half: a one-line
+    error, nothing converted (the quantized copy would silently keep computing otherwise)."""
+    model, ids = tiny("qwen2"), prompt()
+    sd = state(model)
+    report = tileflow.patch(model, options={**CPU, "weights": "int4"})
+    q = model.model.layers[1].self_attn.q_proj
+    with pytest.raises(RuntimeError, match=r"^tileflow: model\.layers\.1\.self_attn\.q_proj\.weight is in host memory"):
+        with torch.no_grad():
+            q.weight.copy_(sd["model.layers.1.self_attn.q_proj.weight"])
+    with pytest.raises(RuntimeError, match=r"tileflow: model\.layers\.0\.self_attn\.q_proj\.weight is in host memory.*unpatch"):
+        model.load_state_dict(sd)
+    with pytest.raises(RuntimeError, match=r"^tileflow: model\.to / \.cuda / \.half"):
+        model.half()
+    assert all(p.dtype == torch.float32 for p in model.parameters()) and report.replaced_by is None
+    new = torch.nn.Parameter(torch.randn_like(sd["model.layers.1.self_attn.q_proj.weight"]) * 0.3, requires_grad=False)
+    q.weight = new
+    ref = tiny("qwen2")
+    ref.model.layers[1].self_attn.q_proj.weight = torch.nn.Parameter(new.detach().clone(), requires_grad=False)
+    assert torch.equal(greedy(model, ids, 4), greedy(eager_quantized(ref, "int4"), ids, 4))
+    assert report.replaced_by is not None and report.replaced_by.patched and type(q.weight) is HostWeight
+    assert tileflow.unpatch(model)
+    assert q.weight is new
+    after = state(model)
+    assert all(torch.equal(after[k], sd[k]) for k in sd if k != "model.layers.1.self_attn.q_proj.weight")
 
 
 def eager_quantized_fp32(model, weights: str):
