@@ -140,7 +140,7 @@ def test_the_backend_takes_compile_fused_per_call(tileflow_options, monkeypatch)
     from tileflow.integrations.torch import decode_graph
 
     runs = []
-    monkeypatch.setattr(decode_graph, "rewrite_decode_graph", lambda gm, report: runs.append(1))
+    monkeypatch.setattr(decode_graph, "rewrite_decode_graph", lambda gm, report, architectures=(): runs.append(1))
     x = torch.randn(4, 8)
     for env, given, want in ((True, {}, 1), (True, {"compile_fused": False}, 0), (False, {}, 0),
                              (False, {"compile_fused": True}, 1)):

@@ -85,7 +85,6 @@ def tileflow_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mo
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    from tileflow.integrations.torch import deepseek_graph  # noqa: F401  (registers the MLA / MoE ops)
     from tileflow.runtime import torch_library  # noqa: F401  (registers torch.ops.tileflow)
 
     register_inductor_fallbacks()

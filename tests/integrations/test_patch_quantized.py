@@ -124,8 +124,10 @@ def check_report(report, model, weights: str):
     assert "lm_head" in str(report)  # the report says what stayed in the model's dtype
 
 
-@pytest.mark.parametrize("weights", ["int4", "fp8"])
-@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+# each format and each architecture once by default; the other pairs under --full (CI time)
+@pytest.mark.parametrize("kind, weights", [("qwen2", "int4"), ("llama", "fp8"),
+                                           pytest.param("qwen2", "fp8", marks=pytest.mark.full),
+                                           pytest.param("llama", "int4", marks=pytest.mark.full)])
 def test_greedy_tokens_equal_the_eager_quantized_model_fp32(kind, weights, monkeypatch):
     model, ids = tiny(kind), prompt()
     plain = greedy(model, ids)
@@ -287,7 +289,7 @@ def fp8_checkpoint_model(kind: str):
     return model
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+@pytest.mark.parametrize("kind", ["qwen2", pytest.param("llama", marks=pytest.mark.full)])
 def test_an_fp8_checkpoints_fp8linear_runs_through_matvec_fp8(kind, monkeypatch):
     model, ids = fp8_checkpoint_model(kind), prompt()
     ref = copy.deepcopy(model)
