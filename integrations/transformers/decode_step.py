@@ -63,14 +63,7 @@ class DecodeProgram:
         b, r = tok.shape
         m = b * r
         p = pos.reshape(m)
-        row = cache_row(cache)
-        if row is None:
-            row = p  # decode_request checked that the position is the cache's count
-        elif r > 1:
-            row = row + torch.arange(r, device=row.device)  # the R tokens' own rows
-        elif b > 1:
-            row = row.expand(b).contiguous()  # every sequence writes the same cache row
-        lengths = row[-1:] + 1 if r > 1 else row + 1  # with R rows: the count after all of them
+        row, lengths = step_rows(cache, p, b, r)
         x = ops.embedding_lookup(tok.reshape(m), self.embed)
         nh, dh, early = self.nh, self.dh, self.early
         for w, layer in zip(self.layers, cache.layers):
@@ -137,6 +130,22 @@ def cache_row(cache) -> Optional[torch.Tensor]:
     with (``StaticLayer.cumulative_length``), or None where the count is not a tensor."""
     counter = getattr(cache.layers[0], "cumulative_length", None)
     return counter.reshape(1) if isinstance(counter, torch.Tensor) and counter.numel() == 1 else None
+
+
+def step_rows(cache, p: torch.Tensor, b: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the cache rows a step of ``b`` sequences x ``r`` tokens at positions ``p`` [b * r]
+    writes, attention's lengths): the cache's own count on the device (every sequence the
+    same row, the R tokens consecutive rows), or ``p`` where the count is not a tensor
+    (decode_request checked it equal); lengths one a sequence, or with R rows the count
+    after all of them."""
+    row = cache_row(cache)
+    if row is None:
+        row = p
+    elif r > 1:
+        row = row + torch.arange(r, device=row.device)
+    elif b > 1:
+        row = row.expand(b).contiguous()
+    return row, (row[-1:] + 1 if r > 1 else row + 1)
 
 
 def _advance(cache, n: int) -> None:

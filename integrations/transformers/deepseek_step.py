@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from tileflow.integrations.transformers.decode_step import _advance, cache_row
+from tileflow.integrations.transformers.decode_step import _advance, step_rows
 from tileflow.runtime import ops
 
 DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
@@ -264,12 +264,7 @@ class DeepSeekDecodeProgram:
             # patch declines these calls before the program runs (declines)
             raise ValueError(f"tileflow: the DeepSeek program takes one token a sequence, got {b} x {r}")
         p = pos.reshape(b)
-        row = cache_row(cache)
-        if row is None:
-            row = p  # decode_request checked that the position is the cache's count
-        elif b > 1:
-            row = row.expand(b).contiguous()  # every sequence writes the same cache row
-        lengths = row + 1
+        row, lengths = step_rows(cache, p, b, 1)
         ang = p.to(torch.float32)[:, None] * self.inv_freq[None, :]  # [B, DR / 2], fp32 as the rotary embedding
         cos, sin = torch.cos(ang) * self.rope_scale, torch.sin(ang) * self.rope_scale
         x = ops.embedding_lookup(tok.reshape(b), self.embed)

@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from tileflow.integrations.transformers.decode_step import _advance, cache_row
+from tileflow.integrations.transformers.decode_step import _advance, step_rows
 from tileflow.runtime import ops
 from tileflow.suite import quantize as Q
 
@@ -375,13 +375,8 @@ class QuantizedDecodeProgram:
         b, r = tok.shape
         m = b * r
         p = pos.reshape(m)
-        row = cache_row(cache)
-        if row is None:
-            row = p[:r]  # decode_request checked that every position is the cache's count
-        elif r > 1:
-            row = row + torch.arange(r, device=row.device)  # the R tokens' own rows
-        # gqa_attention's lengths: one a sequence, or with R rows the count after all of them
-        lengths = row[-1:] + 1 if r > 1 else (row + 1).expand(b).contiguous()
+        row, lengths = step_rows(cache, p, b, r)
+        row = row[:r]  # index_copy_ writes the R rows of every sequence at once
         x = ops.embedding_lookup(tok.reshape(m), self.embed)
         nh, nkv, dh = self.nh, self.nkv, self.dh
         for w, layer in zip(self.layers, cache.layers):

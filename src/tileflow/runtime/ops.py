@@ -223,6 +223,12 @@ def _early(early: bool) -> dict:
     return {"EARLY_INPUTS": 1} if early else {}
 
 
+def _capacity_bucket(s: int) -> int:
+    """An attention's cache capacity as its launch parameters see it: they depend on it only
+    through SPLITS, so a power of two (a growing, dynamic cache builds no launcher per length)."""
+    return 1 << max(0, (s - 1).bit_length())
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of the rows of a 2-D ``x`` with gamma ``w``."""
     return launch("rms_norm", {"x": x, "w": w, "eps": eps})[0]
@@ -289,10 +295,7 @@ def gqa_attention(q, k_cache, v_cache, lengths, scale: float,
     if key_mask is not None:
         values["key_mask"] = key_mask
         flags = {"HAS_MASK": 1, **flags}
-    # launch parameters depend on the capacity only through SPLITS: bucket it to a power
-    # of two so a growing (dynamic) cache does not build a launcher per length
-    s = k_cache.shape[2]
-    return launch("gqa_attention", values, flags, {"S": 1 << max(0, (s - 1).bit_length())})[0]
+    return launch("gqa_attention", values, flags, {"S": _capacity_bucket(k_cache.shape[2])})[0]
 
 
 def argmax_greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -394,9 +397,7 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tens
     if key_mask is not None:
         values["key_mask"] = key_mask
         flags["HAS_MASK"] = 1
-    # as gqa_attention: SPLITS is the only parameter the capacity decides, bucketed to a power of two
-    s = kv_cache.shape[1]
-    return launch("mla_attention", values, flags, {"S": 1 << max(0, (s - 1).bit_length())})[0]
+    return launch("mla_attention", values, flags, {"S": _capacity_bucket(kv_cache.shape[1])})[0]
 
 
 def moe_router(x: torch.Tensor, w: torch.Tensor, top_k: int, scale: float, n_group: int = 1, topk_group: int = 1,
