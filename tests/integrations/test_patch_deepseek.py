@@ -207,7 +207,7 @@ def _teacher_forced(model, tokens, n_prompt):
     with torch.no_grad():
         model(input_ids=tokens[:, :n_prompt], use_cache=True, **kw)
         for i in range(n_prompt, tokens.shape[1]):
-            step = model(input_ids=tokens[:, i:i + 1], position_ids=torch.tensor([[i]]), use_cache=True, **kw)
+            step = model(input_ids=tokens[:, i:i + 1], position_ids=torch.tensor([[i]], device=tokens.device), use_cache=True, **kw)
             out.append(step.logits[0, -1].float())
     return torch.stack(out)
 
@@ -227,4 +227,27 @@ def test_bf16_logits_are_as_close_to_fp32_as_eager_bf16(kind):
     assert report.steps == tokens.shape[1] - ids.shape[1] and not report.fallbacks, str(report)
     eager_err, err = (eager - want).abs().max().item(), (got - want).abs().max().item()
     assert eager_err > 0  # bf16 does round here: the bound below is not vacuous
+    assert err <= 1.5 * eager_err + 0.02, (err, eager_err)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the generated Triton kernels)")
+@pytest.mark.parametrize("kind", ["v2", "v2_lora", "v3", "v3_halves"])
+def test_on_the_gpu_tokens_identical_and_bf16_within_bound(kind):
+    """The Triton kernels on the card: fp32 greedy tokens equal to the model's own, every
+    decode step the program's; bf16 teacher-forced logits within the CPU test's bound."""
+    model, ids = tiny(kind).cuda(), prompt().cuda()
+    expected = greedy(model, ids, cache_implementation="static")
+    report = tileflow.patch(model)
+    got = greedy(model, ids, cache_implementation="static")
+    assert report.steps == NEW - 1 and not report.fallbacks, str(report)
+    assert torch.equal(got, expected), (got[0, ids.shape[1]:].tolist(), expected[0, ids.shape[1]:].tolist())
+    tileflow.unpatch(model)
+    tokens = expected
+    want = _teacher_forced(model, tokens, ids.shape[1])
+    model = model.to(torch.bfloat16)
+    eager = _teacher_forced(model, tokens, ids.shape[1])
+    report = tileflow.patch(model)
+    got = _teacher_forced(model, tokens, ids.shape[1])
+    assert report.steps == tokens.shape[1] - ids.shape[1] and not report.fallbacks, str(report)
+    eager_err, err = (eager - want).abs().max().item(), (got - want).abs().max().item()
     assert err <= 1.5 * eager_err + 0.02, (err, eager_err)

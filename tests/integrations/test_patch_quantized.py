@@ -363,3 +363,29 @@ def test_a_layer_the_program_cannot_take_leaves_the_quantized_model_unchanged():
     assert not report.patched and not report.quantized and "forward" not in model.__dict__
     assert [r for _, _, r in report.fallbacks] == [
         "model.layers.1: o_proj has a bias (quantized weights run whole steps only)"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the generated Triton kernels)")
+@pytest.mark.parametrize("kind, weights", [("qwen2", "int4"), ("llama", "fp8")])
+def test_on_the_gpu_greedy_tokens_equal_the_eager_quantized_model(kind, weights, monkeypatch):
+    """The generated low-precision kernels on the card, fp32: tokens equal to transformers'
+    eager model with the quantized weights, every step the program's, the bf16 projections
+    held on the host while patched and back on the card after ``unpatch``."""
+    model, ids = tiny(kind).cuda(), prompt().cuda()
+    plain = greedy(model, ids)
+    expected = greedy(eager_quantized(model, weights), ids)
+    before = {k: v.cpu() for k, v in model.state_dict().items()}
+    device_before = device_bytes(model)
+    steps = []
+    real_run = QuantizedDecodeProgram.run
+    monkeypatch.setattr(QuantizedDecodeProgram, "run", lambda self, *a, **k: steps.append(1) or real_run(self, *a, **k))
+    report = tileflow.patch(model, options={"weights": weights})
+    check_report(report, model, weights)
+    assert device_bytes(model) < device_before
+    now = model.state_dict()
+    assert all(torch.equal(before[k], now[k].cpu()) for k in before)
+    got = greedy(model, ids)
+    assert torch.equal(got, expected), (got[0, 9:].tolist(), expected[0, 9:].tolist())
+    assert report.steps == len(steps) == NEW_TOKENS - 1
+    assert tileflow.unpatch(model) and device_bytes(model) == device_before
+    assert torch.equal(greedy(model, ids), plain)
