@@ -241,3 +241,75 @@ def test_a_draft_round_against_the_verify_step(tileflow_options):
     out = rows.draft_round(target, draft, ids, k=4, repeats=1)
     assert out["verify_steps_ran"] > 0 and out["verify_step_ms"] > 0 and out["draft_round_ms"] > 0
     assert out["implied_speedup"]["0.9"] > out["implied_speedup"]["0.5"]
+
+
+def test_quantized_bytes_per_token_by_hand():
+    """``--weights``: tiny (D 256, inter 704, 8 heads / 2 KV of 32, 4 layers) in bf16. int4: a
+    K=256 projection reads N*K/2 code bytes plus a bf16 scale and zero per 128 columns (N*136
+    bytes); down_proj (K=704, not a multiple of 256) stays bf16. fp8: N*K bytes plus an fp32
+    scale per 128 x 128 block. Everything else (embedding row, norms, lm_head, KV) as in bf16."""
+    from tileflow.bench.roofline import quantized_bytes_per_token
+    from tileflow.integrations.transformers.quantized import PROJECTIONS
+    from tileflow.suite import quantize as Q
+
+    model = build_model("tiny", torch.device("cpu"), torch.bfloat16)
+    plain = bytes_per_token(model, 100)
+    bf16 = 4 * (256 * 256 + 64 * 256 + 64 * 256 + 256 * 256 + 704 * 256 + 704 * 256 + 256 * 704) * 2
+    int4 = 4 * ((256 + 64 + 64 + 256 + 704 + 704) * 136 + 256 * 704 * 2)
+    blocks = lambda n, k: -(-n // 128) * -(-k // 128) * 4  # noqa: E731
+    fp8 = 4 * sum(n * k + blocks(n, k) for n, k in
+                  ((256, 256), (64, 256), (64, 256), (256, 256), (704, 256), (704, 256), (256, 704)))
+    for fmt, want in (("int4", int4), ("fp8", fp8)):
+        q = quantized_bytes_per_token(model, 100, fmt)
+        assert q["projections_model_dtype"] == bf16 and q["projections"] == want, fmt
+        assert q["weights"] == plain["weights"] - bf16 + want and q["kv_cache"] == plain["kv_cache"]
+        assert q["total"] == q["weights"] + q["kv_cache"]
+    # the layouts the quantizer really makes, tensor by tensor (int4's down_proj: the bf16 weight)
+    made = {"int4": 0, "fp8": 0}
+    for layer in model.model.layers:
+        for part, name in PROJECTIONS:
+            w = getattr(getattr(layer, part), name).weight
+            made["fp8"] += sum(t.numel() * t.element_size() for t in Q.quantize_fp8(w))
+            made["int4"] += (w.numel() * 2 if w.shape[1] % 256 else
+                             sum(t.numel() * t.element_size() for t in Q.quantize_int4(w)))
+    assert made == {"int4": int4, "fp8": fp8}
+
+
+def test_bench_weights_int4_records_both_rooflines_and_the_error(tmp_path, capsys, tileflow_options):
+    """``tileflow bench --weights int4``: the patch path quantizes (on CPU with ``cpu``, as the
+    other CPU bench tests), the record has the int4 roofline beside the model dtype's, the
+    report's per-layer error and the teacher-forced logit error and top-1 agreement."""
+    from tileflow.cli import main
+
+    tileflow_options(cpu=True, cpu_target="reference")
+    out = tmp_path / "out"
+    # two of tiny's four layers: the int4 reference matvec is slow on CPU (a test under ~10 s)
+    assert main(["bench", "--model", "tiny", "--weights", "int4", "--new", "4", "--prompt", "8", "--paths",
+                 "tileflow_patch", "--layers", "2", "--repeats", "1", "--device", "cpu", "--out", str(out)]) == 0
+    assert "counting int4 projections" in " ".join(capsys.readouterr().out.split())  # the title says what is counted
+    (written,) = out.glob("*.json")
+    rec = json.loads(written.read_text())
+    assert rec["weights"] == "int4"
+    assert rec["bytes_per_token"]["total"] < rec["bytes_per_token_model_dtype"]["total"]
+    assert rec["roofline_tok_s"] > rec["roofline_tok_s_model_dtype"]
+    eager, ours = rec["paths"]["eager"], rec["paths"]["tileflow_patch"]
+    assert eager["weights"] == "model" and "forced_top1_agreement" not in eager
+    assert ours["weights"] == "int4" and not ours["error"], ours
+    assert set(ours["quantization_error_per_layer"]) == {"model.layers.0", "model.layers.1"}
+    assert 0 < ours["quantization_error_max"] < 0.3  # int4's measured error is ~0.1 a projection
+    assert ours["forced_steps"] == 4 and 0 <= ours["forced_top1_agreement"] <= 1
+    assert 0 < ours["forced_max_rel_logit_err"] < 1 and ours["forced_max_abs_logit_err"] > 0
+    # the patch path's share is of the int4 roofline, eager's of the model dtype's
+    assert ours["fraction_of_roofline"] == pytest.approx(ours["decode_tok_s"] / rec["roofline_tok_s"])
+    assert eager["fraction_of_roofline"] == pytest.approx(eager["decode_tok_s"] / rec["roofline_tok_s_model_dtype"])
+
+
+def test_bench_weights_where_patch_quantizes_nothing_says_so(tmp_path, tileflow_options):
+    """On CPU without ``cpu`` the patch leaves the model unchanged: the path is recorded as
+    having read the model's dtype, with the reason, and no quantization figures."""
+    tileflow_options(cpu=False)
+    rec = run_bench("tiny", prompt=4, new_tokens=2, paths=["tileflow_patch"], repeats=1, out_dir=str(tmp_path),
+                    device="cpu", weights="fp8")
+    ours = rec["paths"]["tileflow_patch"]
+    assert rec["weights"] == "fp8" and ours["weights"] == "model" and "none quantized" in ours["note"]
+    assert "quantization_error_max" not in ours

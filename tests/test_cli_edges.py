@@ -164,6 +164,17 @@ def test_context_longer_than_the_model_allows(capsys):
     one_line_error(code, err, "9002", "8192")
 
 
+@pytest.mark.parametrize("extra,needles", [
+    (["--framework", "jax"], ["--weights", "jax"]),
+    (["--batch", "2"], ["--batch", "TILEFLOW_WEIGHTS=int4"]),
+    (["--model", "tiny-deepseek-v2"], ["qwen2 / llama", "deepseek_v2"]),
+])
+def test_weights_refuses_what_it_would_not_quantize(extra, needles, capsys):
+    code, _, err = run(["bench", "--model", "tiny", "--prompt", "4", "--new", "3", "--weights", "int4", *extra],
+                       capsys)
+    one_line_error(code, err, *needles)
+
+
 def test_out_is_a_file(tmp_path, capsys):
     (tmp_path / "f").write_text("")
     code, _, err = _bench("tiny", capsys, "--out", str(tmp_path / "f"))

@@ -176,6 +176,9 @@ def cmd_bench(args) -> int:
     if args.framework == "jax":
         from tileflow.bench.jax_decode import run_jax_bench
 
+        if args.weights:
+            raise UsageError("--weights is for the torch paths (tileflow.patch); --framework jax has no quantized "
+                             "projections")
         rec = run_jax_bench(args.model, args.prompt, args.new, args.repeats, args.out, args.dtype,
                             paths=args.paths or None)
         return 1 if any(v.get("error") for v in rec["paths"].values()) else 0
@@ -183,7 +186,7 @@ def cmd_bench(args) -> int:
 
     rec = run_bench(args.model, args.prompt, args.new, args.paths or None, args.repeats, args.out, args.device,
                     args.dtype, breakdown=args.breakdown, batch=args.batch, speculate=args.speculate,
-                    layers=args.layers)
+                    layers=args.layers, weights=args.weights)
     failed = [k for k, v in rec["paths"].items() if v.get("error")]
     return 1 if failed else 0
 
@@ -253,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--layers", type=_int_at_least(1), default=None,
                      help="only the model's first N decoder layers, at its real widths (a model too big for one "
                           "card, e.g. deepseek-v3)")
+    ben.add_argument("--weights", choices=["int4", "fp8"], default=None,
+                     help="the patch paths quantize the projections (options={'weights': ...}); eager and inductor "
+                          "stay the model's dtype; the roofline counts the format's bytes (default: the model's "
+                          "dtype, or TILEFLOW_WEIGHTS)")
     ben.add_argument("--framework", choices=["torch", "jax"], default="torch",
                      help="torch: the paths above; jax: plain jax.jit vs tileflow primitives vs tileflow.jax.optimize")
     ben.set_defaults(fn=cmd_bench)

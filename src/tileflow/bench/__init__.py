@@ -20,11 +20,18 @@ from typing import Optional
 
 import torch
 
-from tileflow.bench.decode import PathResult, default_paths, run_path
+from tileflow.bench.decode import PathResult, default_paths, forced_reference, run_path
 from tileflow.bench import checks
 from tileflow.bench.checks import BenchError, resolve_device
 from tileflow.bench.models import build_model, model_config
-from tileflow.bench.roofline import bytes_per_token, copy_bandwidth_gbs
+from tileflow.bench.roofline import bytes_per_token, copy_bandwidth_gbs, quantized_bytes_per_token
+
+# a path's quantization figures: in its entry only where measured
+QUANTIZED_FIELDS = ("quantization_error_max", "quantization_error_per_layer", "forced_steps",
+                    "forced_max_rel_logit_err", "forced_max_abs_logit_err", "forced_top1_agreement")
+# what a quantized record's roofline counts, in the table's title
+WEIGHT_BYTES = {"int4": "int4 projections (packed, + scale and zero per 128 columns)",
+                "fp8": "fp8 projections (+ an fp32 scale per 128 x 128 block)"}
 
 
 def versions() -> dict:
@@ -76,7 +83,8 @@ def _user_autotune() -> dict:
 def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: int = 256,
               paths: Optional[list[str]] = None, repeats: int = 3, out_dir: Optional[str] = None,
               device: Optional[str] = None, dtype: Optional[str] = None, breakdown: bool = False,
-              batch: int = 1, speculate: Optional[str] = None, layers: Optional[int] = None) -> dict:
+              batch: int = 1, speculate: Optional[str] = None, layers: Optional[int] = None,
+              weights: Optional[str] = None) -> dict:
     """Run the side-by-side decode benchmark; returns the result record (also written, under
     ``out_dir``: by default ``~/.cache/tileflow/results``, outside the source tree).
     ``breakdown``: also profile each static-cache path's decode step per kernel class (CUDA).
@@ -85,6 +93,11 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
     ``speculate``: ``lookup:K`` (prompt lookup on a prompt whose continuation repeats) or
     ``draft:K:MODEL`` (MODEL's draft round against this model's verify step).
     ``layers``: only the model's first N decoder layers (its real widths; the record says so).
+    ``weights``: "int4" / "fp8": the patch paths quantize the projections (``options={"weights":
+    ...}``), eager and inductor run the model's dtype; the roofline counts the format's bytes
+    (``roofline_tok_s``) beside the model dtype's (``roofline_tok_s_model_dtype``), and each
+    quantized path its teacher-forced logit error and top-1 agreement against eager. None: the
+    ``weights`` option in force (``TILEFLOW_WEIGHTS``, by default the model's dtype).
     Raises :class:`BenchError` (one line) before building anything it cannot run or fit."""
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -103,12 +116,25 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
             spec = speculate_spec(speculate)
         except ValueError as exc:
             raise BenchError(str(exc)) from None
+    from tileflow import settings as tileflow_settings
+
+    asked = weights
+    weights = weights or tileflow_settings.resolve().weights  # TILEFLOW_WEIGHTS patches the paths alike
+    if weights not in ("model", "int4", "fp8"):
+        raise BenchError(f"weights {weights!r}: int4 or fp8")
+    if asked and asked != "model" and (batch > 1 or spec):
+        # rows.py patches with the options in force, not this argument
+        raise BenchError(f"--weights {asked} with --batch / --speculate: the multi-row measurements would run the "
+                         f"model's dtype; set TILEFLOW_WEIGHTS={asked} instead (every patch then quantizes)")
     dev = resolve_device(device)
     if model_name is None:
         model_name = "deepseek-r1-distill-qwen-1.5b" if dev.type == "cuda" else "tiny"
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         dtype or ("bf16" if dev.type == "cuda" else "fp32")]
     config = model_config(model_name, layers)
+    if weights != "model" and config.model_type not in ("qwen2", "llama"):
+        raise BenchError(f"--weights {weights}: quantized projections are for qwen2 / llama models, not "
+                         f"{config.model_type}")
     longest = getattr(config, "max_position_embeddings", None)
     if longest and prompt + new_tokens > longest:
         raise BenchError(f"prompt {prompt} + {new_tokens} new = {prompt + new_tokens} tokens, more than "
@@ -129,9 +155,9 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "versions": versions(), "commit": _commit(), "settings": settings(), "user_autotune": _user_autotune(), "model": model_name, "dtype": str(tdtype).split(".")[-1],
         "prompt_tokens": prompt, "new_tokens": new_tokens, "repeats": repeats, "paths": {},
-        "batch": batch, "speculate": speculate, "layers": config.num_hidden_layers,
+        "batch": batch, "speculate": speculate, "layers": config.num_hidden_layers, "weights": weights,
     }
-    chosen = [p for p in default_paths(dev) if not paths or p.name in paths or p.name == "eager"]
+    chosen = [p for p in default_paths(dev, weights) if not paths or p.name in paths or p.name == "eager"]
     console.print(f"building {model_name}: {config.model_type}, {checks.count_text(est.parameters)} parameters in "
                   f"{est.dtype}, about {checks.size_text(est.total_bytes)} with the KV cache"
                   + (f" ({checks.size_text(free)} available on {dev})" if free else ""), markup=False, highlight=False)
@@ -152,23 +178,32 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
         model = build_model(model_name, dev, tdtype, layers)
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=gen).to(dev)
-        nbytes = bytes_per_token(model, prompt + new_tokens // 2)
-        record.update(copy_bandwidth_gbs=bw, bytes_per_token=nbytes,
-                      roofline_tok_s=bw * 1e9 / nbytes["total"])
+        context = prompt + new_tokens // 2
+        plain = bytes_per_token(model, context)
+        nbytes = plain if weights == "model" else quantized_bytes_per_token(model, context, weights)
+        record.update(copy_bandwidth_gbs=bw, bytes_per_token=nbytes, roofline_tok_s=bw * 1e9 / nbytes["total"],
+                      bytes_per_token_model_dtype=plain, roofline_tok_s_model_dtype=bw * 1e9 / plain["total"])
         reference: Optional[PathResult] = None
         ref_logits = None
+        forced = None
         tokens: dict = {}
         for path in chosen:
             res, logits = run_path(path, model, ids, new_tokens, repeats, reference, ref_logits, say,
-                                     breakdown=breakdown)
+                                   breakdown=breakdown, forced=forced)
             if path.name == "eager":
                 reference, ref_logits = res, logits
-            entry = {k: v for k, v in res.__dict__.items() if k not in ("name", "tokens")}
+                if weights != "model" and not res.error:
+                    say("eager: logits teacher-forced on its own tokens (the quantized paths' reference)")
+                    forced = forced_reference(model, ids, res.tokens)
+            entry = {k: v for k, v in res.__dict__.items()
+                     if k not in ("name", "tokens") and not (v is None and k in QUANTIZED_FIELDS)}
             tokens[path.name] = res.tokens
             if path.generate is not None and tokens.get("tileflow_patch"):  # the user's call vs our loop
                 diff = [i for i, (a, b) in enumerate(zip(res.tokens, tokens["tileflow_patch"])) if a != b]
                 entry["first_divergence_vs_patch"] = diff[0] if diff else None
-            entry["fraction_of_roofline"] = res.decode_tok_s / record["roofline_tok_s"]
+            # against the roofline of the bytes this path read (eager, inductor: the model's dtype)
+            roof = record["roofline_tok_s"] if res.weights != "model" else record["roofline_tok_s_model_dtype"]
+            entry["fraction_of_roofline"] = res.decode_tok_s / roof
             record["paths"][path.name] = entry
             console.print(f"  {path.name:<20} {res.decode_tok_s:9.1f} tok/s  ttft {res.ttft_s * 1e3:8.1f} ms"
                           f"  compile {res.compile_s:6.1f} s" + (f"  ERROR {res.error[:200]}" if res.error else ""))
@@ -237,12 +272,22 @@ def _write(record: dict, out_dir: str, console) -> None:
 
     path = _json_path(record, out_dir)
     path.write_text(json.dumps(record, indent=1, default=str))
+    fmt = record.get("weights", "model")
+    quantized = fmt != "model"
+    if quantized:  # which bytes each roofline counts; % roofline is against the one of the bytes the path read
+        roof = (f"roofline {record['roofline_tok_s']:.0f} tok/s counting {WEIGHT_BYTES[fmt]}, the embedding row, "
+                f"norms, lm_head and KV cache in {record['dtype']}; {record['roofline_tok_s_model_dtype']:.0f} tok/s "
+                f"counting {record['dtype']} weights")
+    else:
+        roof = f"roofline {record['roofline_tok_s']:.0f} tok/s"
     table = Table(title=f"{record['model']} {record['dtype']} on {record['device']}: prompt "
-                        f"{record['prompt_tokens']}, {record['new_tokens']} new, roofline "
-                        f"{record['roofline_tok_s']:.0f} tok/s (copy {record['copy_bandwidth_gbs']:.0f} GB/s)")
-    for col in ("path", "decode tok/s", "% roofline", "TTFT ms", "compile s", "peak GB", "tokens = eager",
-                "max logit err"):
-        table.add_column(col)
+                        f"{record['prompt_tokens']}, {record['new_tokens']} new, {roof} "
+                        f"(copy {record['copy_bandwidth_gbs']:.0f} GB/s)")
+    cols = ["path", "decode tok/s", "% roofline", "TTFT ms", "compile s", "peak GB", "tokens = eager", "max logit err"]
+    if quantized:
+        cols += ["weights", "quant err", "forced err", "forced top-1"]
+    for col in cols:
+        table.add_column(col, no_wrap=col == "path")
     for name, v in record["paths"].items():
         div = v.get("first_divergence")
         agree = "-" if name == "eager" else ("all" if div is None else f"first {div}")
@@ -250,9 +295,16 @@ def _write(record: dict, out_dir: str, console) -> None:
             agree += f" (gap {v['divergence_gap']:.2g} / err {v['divergence_max_abs_err']:.2g})"
         err = v.get("max_rel_logit_err")
         mem = v.get("peak_memory_gb")
-        table.add_row(name, f"{v['decode_tok_s']:.1f}", f"{100 * v['fraction_of_roofline']:.1f}",
-                      f"{1e3 * v['ttft_s']:.1f}", f"{v['compile_s']:.1f}", "-" if mem is None else f"{mem:.2f}",
-                      agree, "-" if err is None else f"{err:.1e}")
+        row = [name, f"{v['decode_tok_s']:.1f}", f"{100 * v['fraction_of_roofline']:.1f}",
+               f"{1e3 * v['ttft_s']:.1f}", f"{v['compile_s']:.1f}", "-" if mem is None else f"{mem:.2f}",
+               agree, "-" if err is None else f"{err:.1e}"]
+        if quantized:
+            q, f_err, top1 = (v.get(k) for k in ("quantization_error_max", "forced_max_rel_logit_err",
+                                                  "forced_top1_agreement"))
+            row += [v.get("weights", "model"), "-" if q is None else f"{q:.1e}",
+                    "-" if f_err is None else f"{f_err:.1e}",
+                    "-" if top1 is None else f"{100 * top1:.1f}% of {v['forced_steps']}"]
+        table.add_row(*row)
     console.print(table)
     for name, v in record["paths"].items():
         if v.get("breakdown"):
@@ -322,12 +374,18 @@ def _plot(record: dict, png: Path) -> None:
     vals = [record["paths"][n]["decode_tok_s"] for n in names]
     fig, ax = plt.subplots(figsize=(8, 4))
     bars = ax.bar(names, vals, color=["#999" if not n.startswith("tileflow") else "#1f77b4" for n in names])
+    fmt = record.get("weights", "model")
     ax.axhline(record["roofline_tok_s"], color="k", ls="--", lw=1,
-               label=f"roofline {record['roofline_tok_s']:.0f} tok/s")
+               label=f"roofline {record['roofline_tok_s']:.0f} tok/s" + (f" ({fmt} bytes)" if fmt != "model" else ""))
+    if fmt != "model":
+        ax.axhline(record["roofline_tok_s_model_dtype"], color="k", ls=":", lw=1,
+                   label=f"roofline {record['roofline_tok_s_model_dtype']:.0f} tok/s ({record['dtype']} bytes)")
     for b, v in zip(bars, vals):
         ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("decode tok/s (batch 1)")
-    ax.set_title(f"{record['model']} {record['dtype']}, {record['device']}", fontsize=9)
+    ax.set_title(f"{record['model']} {record['dtype']}"
+                 + (f", {fmt} projections on the patch paths" if fmt != "model" else "")
+                 + f", {record['device']}", fontsize=9)
     ax.legend()
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     fig.tight_layout()

@@ -47,6 +47,20 @@ class PathResult:
     # CUDA, static-cache paths, when asked: per kernel class of one decode step (breakdown.py)
     breakdown: list = field(default_factory=list)
     idle_gaps: list = field(default_factory=list)  # the step's idle time by neighbouring classes
+    # the projections' format this path read: "model" (the model's dtype), "int4" or "fp8"
+    # (``--weights``, when the patch quantized them: on CPU it may leave the model unchanged)
+    weights: str = "model"
+    # quantized paths: the patch report's measured error (max |W_q x - W x| / max |W x| on a random
+    # row), the worst projection and the worst of each layer
+    quantization_error_max: Optional[float] = None
+    quantization_error_per_layer: Optional[dict] = None
+    # quantized paths, teacher-forced on eager's tokens (prompt pass and each decode step fed
+    # eager's previous token): the largest norm-wise relative and absolute logit deviation from
+    # eager's logits, and the share of steps whose top-1 token is eager's
+    forced_steps: Optional[int] = None
+    forced_max_rel_logit_err: Optional[float] = None
+    forced_max_abs_logit_err: Optional[float] = None
+    forced_top1_agreement: Optional[float] = None
 
 
 @dataclass
@@ -59,6 +73,7 @@ class Path:
     # model.generate's keyword arguments: the path times the user's own call (its decode
     # part: a run of N new tokens less a run of one, each the best of the repeats)
     generate: Optional[dict] = None
+    weights: str = "model"  # the projections' format its patch asks for (``--weights``)
 
 
 def _sync(device):
@@ -83,17 +98,18 @@ def _compiled_step(model, **compile_kwargs):
     return step
 
 
-def _patched_step(model):
-    import tileflow
+class _Patch:
+    """A patch path's setup: ``tileflow.patch(model, options)``, then (``step``) the eager step
+    over the patched model. Keeps the report: a model patch leaves unchanged carries none."""
 
-    tileflow.patch(model)
-    return _eager_step(model)
+    def __init__(self, options: Optional[dict], step: bool):
+        self.options, self.step, self.report = options, step, None
 
+    def __call__(self, model):
+        import tileflow
 
-def _patch_only(model):
-    import tileflow
-
-    tileflow.patch(model)
+        self.report = tileflow.patch(model, options=self.options)
+        return _eager_step(model) if self.step else None
 
 
 def _unpatch(model):
@@ -102,20 +118,29 @@ def _unpatch(model):
     tileflow.unpatch(model)
 
 
-def default_paths(device: torch.device) -> list[Path]:
+def default_paths(device: torch.device, weights: str = "model") -> list[Path]:
+    """The paths in their order (eager first: the others compare with it). ``weights`` "int4"
+    / "fp8": the patch paths quantize the projections (``options={"weights": ...}``); eager and
+    inductor stay the model's dtype (the comparison), and so does tileflow_compile (the torch
+    backend takes no weights option; its note says so)."""
+    options = None if weights == "model" else {"weights": weights}
+    q = {} if options is None else {"weights": weights}
+    compile_note = "" if options is None else \
+        f"weights: the model's dtype (the torch backend has no {weights} projections): a model-dtype comparison"
     paths = [
         Path("eager", "dynamic", _eager_step),
         Path("inductor", "static", lambda m: _compiled_step(m, mode="default")),
         *([Path("inductor_cudagraphs", "static", lambda m: _compiled_step(m, mode="reduce-overhead"))]
           if device.type == "cuda" else []),  # no CUDA graphs on CPU: it would repeat inductor
-        Path("tileflow_compile", "static", lambda m: _compiled_step(m, backend="tileflow")),
-        Path("tileflow_patch", "static", _patched_step, _unpatch),
-        Path("tileflow_generate", "static", _patch_only, _unpatch, generate={"cache_implementation": "static"},
+        Path("tileflow_compile", "static", lambda m: _compiled_step(m, backend="tileflow"), note=compile_note),
+        Path("tileflow_patch", "static", _Patch(options, step=True), _unpatch, **q),
+        Path("tileflow_generate", "static", _Patch(options, step=False), _unpatch,
+             generate={"cache_implementation": "static"},
              note="model.generate(ids, max_new_tokens=N, do_sample=False, cache_implementation='static') "
-                  "on the patched model; decode = run(N) - run(1)"),
-        Path("tileflow_generate_default_cache", "static", _patch_only, _unpatch, generate={},
+                  "on the patched model; decode = run(N) - run(1)", **q),
+        Path("tileflow_generate_default_cache", "static", _Patch(options, step=False), _unpatch, generate={},
              note="model.generate(ids, max_new_tokens=N, do_sample=False) on the patched model; "
-                  "decode = run(N) - run(1)"),
+                  "decode = run(N) - run(1)", **q),
     ]
     return paths
 
@@ -153,6 +178,74 @@ def decode_once(model, step, ids, new_tokens: int, cache, keep_logits: int = 0):
         _sync(device)
         t2 = time.perf_counter()
     return t1 - t0, t2 - t1, torch.cat(toks, dim=1)[0].tolist(), logits_kept
+
+
+@dataclass
+class Forced:
+    """Eager's tokens and its teacher-forced logits over them (``teacher_forced``), the
+    reference the quantized paths' logits are judged against."""
+
+    tokens: list
+    logits: torch.Tensor  # [len(tokens), V] fp32, on the host
+
+
+def teacher_forced(model, step, ids, tokens: list, cache) -> torch.Tensor:
+    """[len(tokens), V] fp32 logits on the host: the prompt pass's last row, then each decode
+    step fed ``tokens[i]`` (whatever the model would have chosen), predicting ``tokens[i + 1]``.
+    Kept on the host: a later path's peak device memory must not count them."""
+    n = ids.shape[1]
+    out = []
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache}).logits[:, -1]
+        out.append(logits.float().cpu())
+        for i, t in enumerate(tokens[:-1]):
+            tok = torch.tensor([[t]], device=ids.device)
+            pos = torch.tensor([[n + i]], device=ids.device)
+            out.append(step(tok, pos, cache).float().cpu())
+    return torch.cat(out)
+
+
+def forced_reference(model, ids, tokens: list) -> Forced:
+    """Eager transformers (dynamic cache, the model unpatched) teacher-forced over ``tokens``."""
+    cache = make_cache("dynamic", model, ids.shape[1] + len(tokens))
+    return Forced(list(tokens), teacher_forced(model, _eager_step(model), ids, tokens, cache))
+
+
+def _record_weights(path: Path, model, ids, res: PathResult, forced: Optional[Forced],
+                    progress: Callable[[str], None]) -> None:
+    """For a path asking for quantized weights: the format it really read (the patch may have
+    quantized nothing: on CPU without ``cpu``, or a model it declines), the report's measured
+    projection errors, and its logits teacher-forced on eager's tokens against eager's."""
+    if path.weights == "model":
+        return
+    report = getattr(path.setup, "report", None) or getattr(model, "_tileflow_patch", None)
+    errors = dict(getattr(report, "quantized", None) or {})
+    if not errors:
+        why = "; ".join(f[2] for f in report.fallbacks)[:300] if report is not None else "not patched"
+        res.note = (res.note + f"; weights {path.weights} asked, none quantized ({why}): the model's dtype ran"
+                    ).lstrip("; ")
+        return
+    res.weights = path.weights
+    res.quantization_error_max = max(errors.values())
+    per_layer: dict = {}
+    for where, err in errors.items():  # model.layers.<i>.<part>.<name>
+        layer = where.rsplit(".", 2)[0]
+        per_layer[layer] = max(per_layer.get(layer, 0.0), err)
+    res.quantization_error_per_layer = per_layer
+    if forced is None:
+        return
+    progress(f"{path.name}: logits teacher-forced on eager's tokens")
+    try:
+        cache = make_cache("static", model, ids.shape[1] + len(forced.tokens))
+        got = teacher_forced(model, _eager_step(model), ids, forced.tokens, cache)
+    except Exception as e:  # noqa: BLE001 - the timing stands without the accuracy figures
+        res.note = (res.note + f"; teacher-forced logits failed: {type(e).__name__}: {e}")[:800]
+        return
+    ref = forced.logits
+    res.forced_steps = int(ref.shape[0])
+    res.forced_max_rel_logit_err = max(((a - b).norm() / b.norm()).item() for a, b in zip(got, ref))
+    res.forced_max_abs_logit_err = (got - ref).abs().max().item()
+    res.forced_top1_agreement = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
 
 
 def profile_decode(model, step, ids, cache, steps: int = 32) -> tuple[list, list]:
@@ -198,7 +291,11 @@ def run_generate_path(path: Path, model, ids, new_tokens: int, repeats: int, res
 
 def run_path(path: Path, model, ids, new_tokens: int, repeats: int, reference: Optional[PathResult],
              ref_logits: Optional[list], progress: Callable[[str], None] = lambda s: None,
-             keep_logits: int = 8, breakdown: bool = False) -> tuple[PathResult, list]:
+             keep_logits: int = 8, breakdown: bool = False, forced: Optional[Forced] = None
+             ) -> tuple[PathResult, list]:
+    """Time ``path`` on ``model``; compare its tokens and first ``keep_logits`` logits with
+    ``reference`` / ``ref_logits`` (eager's). A path asking for quantized weights also records
+    what ``_record_weights`` measures, against ``forced`` (eager teacher-forced), after its timing."""
     res = PathResult(path.name, note=path.note)
     max_len = ids.shape[1] + new_tokens
     cuda = ids.device.type == "cuda"
@@ -214,6 +311,7 @@ def run_path(path: Path, model, ids, new_tokens: int, repeats: int, reference: O
             if reference is not None:
                 diff = [i for i, (a, b) in enumerate(zip(res.tokens, reference.tokens)) if a != b]
                 res.first_divergence = diff[0] if diff else None
+            _record_weights(path, model, ids, res, forced, progress)
             return res, []
         step = path.setup(model)
         cache = make_cache(path.cache, model, max_len)
@@ -259,6 +357,7 @@ def run_path(path: Path, model, ids, new_tokens: int, repeats: int, reference: O
                     ref, got = ref_logits[d - 1][0], logits[d - 1][0]  # token d came from step d - 1
                     res.divergence_gap = (ref[reference.tokens[d]] - ref[toks[d]]).item()
                     res.divergence_max_abs_err = (got - ref).abs().max().item()
+        _record_weights(path, model, ids, res, forced, progress)
         return res, logits
     except Exception as e:  # a path that fails is reported, the others still run
         res.error = f"{type(e).__name__}: {e}"[:800]

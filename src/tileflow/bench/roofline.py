@@ -1,5 +1,6 @@
 """The roofline of batch-1 decode: measured copy bandwidth over the bytes one token
-must read (every weight once, one embedding row, the KV cache actually read)."""
+must read (every weight once, one embedding row, the KV cache actually read), and the
+same with the projections in tileflow's int4 / fp8 layouts (``tileflow bench --weights``)."""
 
 from __future__ import annotations
 
@@ -65,3 +66,42 @@ def bytes_per_token(model, context: int) -> dict:
         weights -= emb.numel() * emb.element_size() - emb.shape[1] * emb.element_size()
     kv = cache_bytes_per_position(cfg, emb.element_size()) * context
     return {"weights": weights, "kv_cache": kv, "total": weights + kv}
+
+
+def _projection_bytes(n: int, k: int, weights: str, element_size: int) -> int:
+    """Bytes of one [N, K] projection as ``tileflow.patch(options={"weights": ...})`` holds it
+    (``suite/quantize.py``): int4 the packed codes (two a byte) plus a scale and a zero point per
+    128 columns in the model's dtype, or the model's own weight where K is not a multiple of 256
+    (the int4 packing; patch keeps it so); fp8 one byte a weight plus an fp32 scale per
+    128 x 128 block."""
+    from tileflow.suite.quantize import GROUP
+
+    if weights == "int4":
+        if k % (2 * GROUP):
+            return n * k * element_size
+        return n * k // 2 + 2 * n * (k // GROUP) * element_size
+    if weights == "fp8":
+        return n * k + (-(-n // GROUP)) * (-(-k // GROUP)) * 4
+    raise ValueError(f"weights={weights!r}: int4 or fp8")
+
+
+def quantized_bytes_per_token(model, context: int, weights: str) -> dict:
+    """:func:`bytes_per_token` with every decoder layer's q/k/v/o and gate/up/down weight read
+    in the ``weights`` format ("int4" / "fp8") the quantized decode program reads; what it keeps
+    in the model's dtype (embedding row, norms, biases, lm_head, the KV cache) counted as there.
+    Adds ``projections`` (their bytes in the format) and ``projections_model_dtype``."""
+    from tileflow.integrations.transformers.quantized import PROJECTIONS
+
+    out = dict(bytes_per_token(model, context))
+    elem = model.get_input_embeddings().weight.element_size()
+    before = after = 0
+    for layer in model.model.layers:
+        for part, name in PROJECTIONS:
+            w = getattr(getattr(layer, part), name).weight
+            n, k = w.shape
+            before += w.numel() * w.element_size()
+            after += _projection_bytes(n, k, weights, elem)
+    out["weights"] += after - before
+    out["total"] = out["weights"] + out["kv_cache"]
+    out.update(projections=after, projections_model_dtype=before)
+    return out
