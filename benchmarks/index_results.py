@@ -29,7 +29,9 @@ def rows(path: Path, rec: dict):
         for name, p in rec["paths"].items():
             tok = p.get("device_loop_tok_s", p.get("decode_tok_s"))
             frac = p.get("device_loop_fraction_of_roofline", p.get("fraction_of_roofline"))
-            yield {**base, "path": name, "tok_s": tok, "fraction_of_roofline": frac}
+            fmt = p.get("weights", "model")  # a quantized path (bench --weights) must not read as the model dtype's
+            yield {**base, "path": name if fmt == "model" else f"{name} ({fmt})", "tok_s": tok,
+                   "fraction_of_roofline": frac}
     elif isinstance(rec.get("tok_s"), dict):
         for name, tok in rec["tok_s"].items():
             yield {**base, "path": name, "tok_s": tok, "fraction_of_roofline": None}
