@@ -32,14 +32,14 @@ def _weights(ir) -> set:
 
 
 def weight_tiles_read(name: str, m: int, variant: str) -> int:
-    """Weight tiles the matvec stage loads over its whole grid for one K round each
-    (programs x weight loads in a program's body)."""
+    """Weight rows the matvec stage loads over its whole grid for one K round each
+    (programs x weight loads in a program's body x BLOCK_N: the many-row tiles differ)."""
     ir = KERNELS[name].build(_params(name, m, variant))
     stage = ir.stages[0]
     env = {**_sizes(m), **ir.params, "cdiv": lambda a, b: -(-a // b)}
     programs = math.prod(eval(g, env) for g in stage.grid)  # noqa: S307 (the IR's own grid text)
     loads = [op for op in ops_in(stage.body) if op.name == "load" and op.args[0].name in _weights(ir)]
-    return programs * len(loads)
+    return programs * len(loads) * ir.params["BLOCK_N"]
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -79,6 +79,23 @@ def test_rows_a_program():
         kernel = KERNELS[name]
         # one row: no BLOCK_M at all, so the one-row program's text is what it was
         assert "BLOCK_M" not in kernel.default_params(_sizes(1))
-        assert kernel.default_params(_sizes(5))["BLOCK_M"] == 8
-        assert {c["BLOCK_M"] for c in kernel.candidates(dict(M=8, N=1536, K=1536))} == {8}
+        # several rows: a tensor-core dot, every tile side at least 16 (rows past M masked)
+        many = kernel.default_params(_sizes(5))
+        assert many["BLOCK_M"] == 16 and many["DOT"] == 1 and many["BLOCK_N"] >= 16
+        cands = kernel.candidates(dict(M=8, N=1536, K=1536))
+        assert cands and {c["BLOCK_M"] for c in cands} == {16} and all(c["DOT"] for c in cands)
         assert all("BLOCK_M" not in c for c in kernel.candidates(dict(M=1, N=1536, K=1536)))
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_several_rows_multiply_on_tensor_cores(name):
+    """The default many-row program sums a round's products with one ``tl.dot`` of the
+    weights as stored (no per-round [BLOCK_M, BLOCK_N, BLOCK_K] reduction on the CUDA
+    cores, which made a step of M rows cost about M steps of one)."""
+    ir = KERNELS[name].build(KERNELS[name].default_params(_sizes(8)))
+    body = list(ops_in(ir.stages[0].body))
+    dots = [op for op in body if op.name == "dot"]
+    assert len(dots) == len(_weights(ir))
+    assert not [op for op in body if op.name == "reduce" and len(op.args[0].shape) == 3]
+    text = generate(ir, "triton")
+    assert text.count("tl.dot(") == len(dots)

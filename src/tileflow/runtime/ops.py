@@ -343,6 +343,8 @@ def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Te
         sizes["CACHE_POS"] = 1
     if x.shape[0] != k_cache.shape[0]:
         sizes["ROWS"] = x.shape[0] // k_cache.shape[0]
+    elif x.shape[0] > 1:  # a batch, one token a sequence: up to 16 rows a program, not one
+        sizes["PROGRAM_ROWS"] = min(x.shape[0], 16)
     if inv_freq is not None:
         values["inv_freq"] = inv_freq
     else:

@@ -28,7 +28,6 @@ from typing import Callable
 from tileflow.suite.registry import next_pow2
 from tileflow.tile.ir import RangeValue
 
-MATVEC_PARAMS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "BLOCK_R", "PIPELINE", "num_warps", "num_stages")
 MAX_BLOCK_M = 16  # rows a program: a step's batch or speculative tokens, rarely more
 
 
@@ -94,7 +93,7 @@ def rms_scale(k, x, row, kdim, eps):
     return rsqrt_mean(k, lp.results[0], kdim, eps)
 
 
-def products_body(k, x, row, ln_w=None, gather_ss: bool = False, hi=None):
+def products_body(k, x, row, ln_w=None, gather_ss: bool = False, hi=None, dot: bool = False):
     """The ``body`` of :func:`stream_k` for products with a row of ``x``: the carried fp32
     accumulators gain ``tile * x[cols]`` (times the norm's gamma ``ln_w`` where given), and
     with ``gather_ss`` a last carried value gathers x^2 for the norm's scale. ``hi`` limits
@@ -102,7 +101,8 @@ def products_body(k, x, row, ln_w=None, gather_ss: bool = False, hi=None):
 
     Where ``row`` is a range of ``BLOCK_M`` rows the accumulators are [BLOCK_M, BLOCK_N]
     and gain the round's products summed over its columns: every row meets the one
-    weight tile the round loaded."""
+    weight tile the round loaded. With ``dot`` (weight tiles loaded ``for_dot``) that sum
+    is one tensor-core ``dot``, x rounded to the weights' dtype as the model's matmul does."""
     many = isinstance(row, RangeValue)
 
     def body(cols, carry, tiles):
@@ -111,6 +111,8 @@ def products_body(k, x, row, ln_w=None, gather_ss: bool = False, hi=None):
         if ln_w is not None:
             g = k.load(ln_w, (cols,), limits=None if hi is None else {0: hi})
             xv = xv * (g[None, :] if many else g)
+        if many and dot:
+            return [a + k.dot(xv, k.trans(t)) for a, t in zip(carry, tiles())] + ss
         if many:
             return [a + k.sum(xv[:, None, :] * t[None, :, :], axis=2) for a, t in zip(carry, tiles())] + ss
         return [a + t * xv[None, :] for a, t in zip(carry, tiles())] + ss
@@ -219,6 +221,8 @@ def define_matvec(form: MatvecForm, k, p) -> None:
     # BLOCK_M > 1: a program owns BLOCK_M rows of x (masked to M) and reads each weight
     # tile once for all of them; 1 keeps the one-row program (x rows are scalars)
     many = p.get("BLOCK_M", 1) > 1
+    # DOT: the rows' products on tensor cores (Triton pipelines the weight loads of a dot loop)
+    dot = many and bool(p.get("DOT", 0))
     with k.stage("matvec", grid=("cdiv(N, BLOCK_N)", "SPLIT_K", "cdiv(M, BLOCK_M)" if many else "M")):
         row = k.range(k.program_id(2) * k.param("BLOCK_M"), "BLOCK_M", aligned=True) if many else k.program_id(2)
         rows = k.range(k.program_id(0) * k.param("BLOCK_N"), "BLOCK_N", aligned=True)
@@ -241,8 +245,9 @@ def define_matvec(form: MatvecForm, k, p) -> None:
         acc0 = [k.full(("BLOCK_M", "BLOCK_N") if many else ("BLOCK_N", "BLOCK_K"), 0.0) for _ in ws]
         if gather_ss:
             acc0.append(k.full(_lanes(row), 0.0))
-        body = products_body(k, x, row, ln_w, gather_ss, hi)
-        results = stream_k(k, lo, hi, acc0, lambda cols: [k.load(w, (rows, cols), limits={1: hi}) for w in ws],
+        body = products_body(k, x, row, ln_w, gather_ss, hi, dot)
+        results = stream_k(k, lo, hi, acc0,
+                           lambda cols: [k.load(w, (rows, cols), limits={1: hi}, for_dot=dot) for w in ws],
                            body, p.get("PIPELINE", 0))
         if gather_ss:
             scale = rsqrt_mean(k, results.pop(), kdim, eps)
@@ -269,7 +274,10 @@ def define_matvec(form: MatvecForm, k, p) -> None:
 def matvec_params(n: int, k_: int, block_n: int = 0, block_k: int = 0, split_k: int = 0,
                   num_warps: int = 0, num_stages: int = 2, m: int = 1, **extra) -> dict:
     """Launch parameters with defaults that suit a decode matvec of size N x K with ``m``
-    rows a step (``BLOCK_M`` only where ``m`` > 1: one row keeps the one-row program)."""
+    rows a step (``BLOCK_M`` only where ``m`` > 1: one row keeps the one-row program;
+    several rows take :func:`rows_params` unless tiles are given)."""
+    if m > 1 and not (block_n or block_k):
+        return rows_params(n, k_, m, split_k=split_k, num_warps=num_warps, **extra)
     # Untuned defaults, from what the leaderboards of both GH100 parts picked (1.5B
     # shapes, H100 and H200 entries in data/autotune.json):
     # - few rows (q, o, down: N = 1536): two rows a program and a 2048-wide slice of K
@@ -299,12 +307,36 @@ def matvec_params(n: int, k_: int, block_n: int = 0, block_k: int = 0, split_k: 
     return p
 
 
+def rows_params(n: int, k_: int, m: int, block_n: int = 0, block_k: int = 0, split_k: int = 0,
+                num_warps: int = 0, num_stages: int = 3, **extra) -> dict:
+    """Several rows a step as a skinny matmul (``DOT``): [BLOCK_M, BLOCK_K] x [BLOCK_K,
+    BLOCK_N] products on tensor cores, every tile side at least 16 (rows past ``m``
+    masked), a few stages of weight tiles in flight, and split-K until about two programs
+    a multiprocessor stream (the one-row defaults' 2-row tiles cannot feed a dot)."""
+    block_n = block_n or (64 if n > 65536 else 32 if n >= 8192 else 16)
+    block_k = block_k or min(128 if block_n >= 64 else 256, max(16, next_pow2(k_)))
+    if not split_k:
+        blocks, split_k = -(-n // block_n), 1
+        while blocks * split_k < 264 and split_k < 8 and k_ / (split_k + 1) >= 2 * block_k:
+            split_k += 1
+    p = {"BLOCK_M": max(16, block_m(m)), "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
+         "BLOCK_R": min(1024, next_pow2(n)), "DOT": 1, "num_warps": num_warps or 4, "num_stages": num_stages}
+    p.update(extra)
+    return p
+
+
 def matvec_candidates(n: int, k_: int, m: int = 1, **extra) -> list[dict]:
     """The parameter sets the autotuner tries for an N x K matvec: tiles of 1k-16k
     elements (a whole K row per tile included, so short rows need one round trip),
     enough programs to cover the multiprocessors, split-K where rows are few, and each
     with the register-pipelined K loop (``PIPELINE``, first tiles before the PDL wait).
-    With ``m`` > 1 rows a step each holds ``BLOCK_M`` (:func:`block_m`)."""
+    With ``m`` > 1 rows a step, :func:`rows_params` tiles."""
+    if m > 1:
+        return [rows_params(n, k_, m, bn, bk, split, nw, stages, **extra)
+                for bn in (16, 32, 64) for bk in (64, 128, 256) for split in (1, 2, 3, 4, 6, 8)
+                for nw in (4, 8) for stages in (3, 4)
+                if bk <= max(16, next_pow2(k_)) and 128 <= -(-n // bn) * split <= 16384
+                and (split == 1 or k_ / split >= bk)]
     out = []
     for block_n in (2, 4, 8, 16, 32):
         for block_k in (256, 512, 1024, 2048, 4096):

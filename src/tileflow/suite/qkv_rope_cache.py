@@ -17,8 +17,10 @@ unconcatenated.
 With ``ROWS = R > 1`` (speculative decoding's verify step) the ``M = B * R`` rows are R
 consecutive tokens of each of B sequences: the caches are [B, NKV, S, DH] and row ``m``
 writes cache batch row ``m // R`` at its own position (``pos[m]``, or ``cache_pos[m]``).
-A program then serves the R rows of one sequence, so each weight tile is read once for
-all of them (the grid's third axis is B, not M).
+A program serves ``PROGRAM_ROWS`` consecutive rows (R by default; for a batch of one
+token a sequence, R = 1, the caller names it among the sizes: the caches are then [B, ...]
+with B = M), so each weight tile is read once for all of them. With ``DOT`` a round's products are one tensor-core dot (tf32 on the fp32
+tiles: bf16 weights exact, x rounded less than the model's bf16 matmul rounds it).
 """
 
 from tileflow.suite import rms_norm
@@ -30,7 +32,9 @@ from tileflow.suite.rope import LLAMA3, ROPE_SCALARS, TABLE, inv_freq_tile, rope
 
 def define(k, p):
     kind = p["ROPE_KIND"]
-    rows = p.get("ROWS", 1)
+    # R tokens a sequence (structural); the rows a program serves (a launch parameter)
+    per_seq, rows = p.get("ROWS", 1), p.get("PROGRAM_ROWS", p.get("ROWS", 1))
+    dot = rows > 1 and bool(p.get("DOT", 0))
     x = k.input("x", ("M", "K"))
     ln_w = k.input("ln_w", ("K",))
     wq, wk, wv = (k.input(n, (rows, "K")) for n, rows in (("wq", "NQ"), ("wk", "NKD"), ("wv", "NKD")))
@@ -43,16 +47,18 @@ def define(k, p):
         inv_freq = k.input("inv_freq", ("HALF",), dtype="f32")
     q_out = k.output("q", ("M", "NH", "DH"))
     seqs = "B" if rows > 1 else "M"
+    grid_rows = "cdiv(M, PROGRAM_ROWS)" if rows > 1 else "M"
     k_cache = k.inout("k_cache", (seqs, "NKV", "S", "DH"))
     v_cache = k.inout("v_cache", (seqs, "NKV", "S", "DH"))
     eps = k.scalar("eps")
     for name in ROPE_SCALARS[kind]:
         k.scalar(name)
-    with k.stage("main", grid=("NH + 2 * NKV", "cdiv(DH // 2, BLOCK_J)", seqs)):
+    with k.stage("main", grid=("NH + 2 * NKV", "cdiv(DH // 2, BLOCK_J)", grid_rows)):
         head, row = k.program_id(0), k.program_id(2)
-        if rows > 1:  # program `row` serves sequence `row`: rows row * R .. row * R + R - 1
-            first_row = row * k.param("ROWS")
-            rr, rows_end = k.range(first_row, "ROWS_BLOCK"), first_row + k.param("ROWS")
+        if rows > 1:  # program `row` serves rows row * PROGRAM_ROWS .. (to M)
+            first_row = row * k.param("PROGRAM_ROWS")
+            rr = k.range(first_row, "ROWS_BLOCK")
+            rows_end = k.minimum(first_row + k.param("PROGRAM_ROWS"), k.dim("M"))
         nh, nkv, dh, kdim = k.dim("NH"), k.dim("NKV"), k.dim("DH"), k.dim("K")
         half = dh // 2
         j0 = k.program_id(1) * k.param("BLOCK_J")
@@ -81,8 +87,10 @@ def define(k, p):
         def positions():
             if rows > 1:  # the rotation's positions as a tile, the cache rows one per row
                 at = cache_pos if p.get("CACHE_POS", 0) else pos
+                # a row past M (the last program's) reads row M - 1, and writes nothing
+                last = k.dim("M") - 1
                 return (k.load(pos, (rr,), limits={0: rows_end}),
-                        [k.load(at, (first_row + i,)) for i in range(rows)])
+                        [k.load(at, (k.minimum(first_row + i, last),)) for i in range(rows)])
             p_int = k.load(pos, (row,))
             return p_int, (k.load(cache_pos, (row,)) if p.get("CACHE_POS", 0) else p_int)
 
@@ -109,12 +117,15 @@ def define(k, p):
                     k.load_pick(w_pick, (jh, cols), limits={0: dh, 1: kdim})]
 
         def body_rows(cols, carry, round_tiles):
-            # each weight tile meets all R rows; the products reduce over K every round,
-            # as R [BLOCK_J, BLOCK_K] accumulators would not fit in registers
+            # each weight tile meets all the program's rows; the products reduce over K
+            # every round (a dot, or a sum: R [BLOCK_J, BLOCK_K] accumulators would not fit)
             acc_lo, acc_hi, ss = carry
             xraw = k.load(x, (rr, cols), limits={0: rows_end})
-            xv = (xraw * k.load(ln_w, (cols,))[None, :])[:, None, :]
+            xv = xraw * k.load(ln_w, (cols,))[None, :]
             w_lo, w_hi = round_tiles()
+            if dot:
+                return [acc_lo + k.dot(xv, k.trans(w_lo)), acc_hi + k.dot(xv, k.trans(w_hi)), ss + xraw * xraw]
+            xv = xv[:, None, :]
             return [acc_lo + k.sum(w_lo[None, :, :] * xv, axis=2), acc_hi + k.sum(w_hi[None, :, :] * xv, axis=2),
                     ss + xraw * xraw]
 
@@ -151,7 +162,7 @@ def define(k, p):
         o_hi = k.where(is_v, y_hi, y_hi * c + y_lo * s)
         if rows > 1:
             store_rows(k, (q_out, k_cache, v_cache), (hq, hk, hv), (is_q, is_k, is_v), (j, jh), (rr, rows_end),
-                       row, c_row, o_lo, o_hi)
+                       first_row, per_seq, c_row, o_lo, o_hi)
             return
         k.store(q_out, (row, hq, j), o_lo, limits={2: half}, when=is_q)
         k.store(q_out, (row, hq, jh), o_hi, when=is_q)
@@ -163,8 +174,9 @@ def define(k, p):
             k.store(cache, (row, h, c_row, jh), o_hi, when=when)
 
 
-def store_rows(k, views, heads, kinds, js, rows_range, seq, c_rows, o_lo, o_hi):
-    """ROWS > 1: q of the R rows as one block; K / V row by row, each at its own cache row."""
+def store_rows(k, views, heads, kinds, js, rows_range, first_row, per_seq, c_rows, o_lo, o_hi):
+    """Several rows a program: q of the rows as one block; K / V row by row, each at its
+    own cache row of its sequence (row m's is m // ``per_seq``), none past M."""
     q_out, k_cache, v_cache = views
     hq, hk, hv = heads
     is_q, is_k, is_v = kinds
@@ -179,6 +191,8 @@ def store_rows(k, views, heads, kinds, js, rows_range, seq, c_rows, o_lo, o_hi):
         mine = k.eq(pick.index, i)[:, None]
         lo_i, hi_i = (k.sum(k.where(mine, o, 0.0), axis=0) for o in (o_lo, o_hi))
         inside = k.binary("and", k.binary("ge", c_row, 0), k.binary("lt", c_row, k.dim("S")))
+        inside = k.binary("and", inside, k.binary("lt", first_row + i, rows_end))
+        seq = (first_row + i) // per_seq if per_seq > 1 else first_row + i
         for cache, h, when in ((k_cache, hk, is_k), (v_cache, hv, is_v)):
             when = k.binary("and", when, inside)
             k.store(cache, (seq, h, c_row, j), lo_i, limits={3: half}, when=when)
@@ -232,15 +246,29 @@ def default_params(s):
               "HAS_BIAS": s.get("HAS_BIAS", 1), "ROPE_KIND": s.get("ROPE_KIND", 0), "CACHE_POS": s.get("CACHE_POS", 0),
               "EARLY_INPUTS": s.get("EARLY_INPUTS", 0), "num_warps": 4, "num_stages": 2}
     rows = s.get("ROWS", 1)
-    if rows > 1:  # R rows share each [BLOCK_J, BLOCK_K] round: a narrower K round keeps the products small
-        params.update(ROWS=rows, ROWS_BLOCK=next_pow2(rows), BLOCK_K=min(max(64, 1024 // next_pow2(rows)),
-                                                                          next_pow2(s["K"])))
+    if rows > 1 or s.get("PROGRAM_ROWS", 1) > 1:
+        # several rows a program (a sequence's R tokens, or a batch's rows: PROGRAM_ROWS in
+        # the sizes, as the caller chose it): each weight tile meets them all; a dot where
+        # the tiles can be 16 wide (DH >= 32)
+        program_rows = s.get("PROGRAM_ROWS", rows)
+        if rows > 1:
+            params["ROWS"] = rows
+        if s["DH"] >= 32:
+            params.update(PROGRAM_ROWS=program_rows, DOT=1, ROWS_BLOCK=max(16, next_pow2(program_rows)), BLOCK_J=16,
+                          BLOCK_K=min(128, max(16, next_pow2(s["K"]))), num_stages=3)
+        else:  # R rows share each [BLOCK_J, BLOCK_K] round: a narrower K round keeps the products small
+            params.update(PROGRAM_ROWS=program_rows, ROWS_BLOCK=next_pow2(program_rows),
+                          BLOCK_K=min(max(64, 1024 // next_pow2(program_rows)), next_pow2(s["K"])))
     return params
 
 
 def candidates(s):
     base = default_params(s)
-    if s.get("ROWS", 1) > 1:  # a round holds ROWS_BLOCK x BLOCK_J x BLOCK_K products
+    if "PROGRAM_ROWS" in base:  # several rows a program: dot tiles (16 wide and more), or summed products
+        if base.get("DOT"):
+            return [{**base, "BLOCK_J": bj, "BLOCK_K": bk, "num_warps": nw, "num_stages": st}
+                    for bj in (16, 32) for bk in (64, 128, 256) for nw in (4, 8) for st in (2, 3, 4)
+                    if bk <= max(16, next_pow2(s["K"])) and bj <= s["DH"] // 2]
         rb = base["ROWS_BLOCK"]
         return [{**base, "BLOCK_J": bj, "BLOCK_K": bk, "num_warps": nw, **({"PIPELINE": 1} if piped else {})}
                 for bj in (1, 2, 4, 8) for bk in (64, 128, 256, 512, 1024) for nw in (2, 4, 8) for piped in (0, 1)
@@ -272,6 +300,7 @@ def _positions(max_key: str):
 
 def _case(label, M, K, NH, NKV, DH, S, scalars, params=None, **extra):
     sizes = dict(M=M, K=K, NH=NH, NKV=NKV, DH=DH, NQ=NH * DH, NKD=NKV * DH, S=S, P=S, **extra)
+    sizes.setdefault("B", M // sizes.get("ROWS", 1))  # the caches' sequences
     return Case(label, sizes, {"eps": 1e-6, **scalars}, params=params or {})
 
 
@@ -302,6 +331,13 @@ KERNEL = register(SuiteKernel(
               ROWS=8, B=1),
         _case("rows3-early-nobias", 6, 130, 2, 2, 8, 10, dict(eps=1e-5, **LLAMA3), dict(BLOCK_K=64, PIPELINE=2),
               HAS_BIAS=0, ROPE_KIND=2, EARLY_INPUTS=1, ROWS=3, B=2),
+        # heads of 32 and more: the rows' products as a dot (16-wide tiles); a batch of one
+        # token a sequence in one program of rows, a last program past M, a verify step
+        _case("batch20-dot", 20, 64, 2, 1, 32, 30, dict(theta=10000.0), PROGRAM_ROWS=16),
+        _case("batch5-dot-table-cachepos", 5, 48, 2, 2, 32, 12, {}, ROPE_KIND=3, CACHE_POS=1, HALF=16,
+              PROGRAM_ROWS=5),
+        _case("batch3-sum", 3, 40, 2, 1, 16, 9, dict(theta=10000.0), PROGRAM_ROWS=3),
+        _case("rows3-dot-nobias", 6, 100, 2, 1, 32, 10, dict(eps=1e-5, theta=1e6), HAS_BIAS=0, ROWS=3, B=2),
     ],
     decode_cases=lambda c: [Case("qkv", _sizes(c), dict(eps=1e-6, theta=10000.0))],
     candidates=candidates,
