@@ -9,6 +9,12 @@ group, sized by ``histc``). Per layer, this pass replaces
   per-head ``k_nope`` / values, the rope key broadcast, both copied into a new key
   buffer) + SDPA with the causal mask -> ``tileflow::mla_attention`` (absorbed, over
   the first ``q_position + 1`` latent rows, the mask's per-key terms as its key mask),
+- the latent cache write: ``kv_a_proj_with_mqa``, split into the latent (``kv_a_layernorm``)
+  and the rope key (rotated in one of three forms: DeepSeek-V2's complex product with
+  ``freqs_cis``, V3's rotate-half (``rope_interleave=False``) and interleaved pairs), each
+  ``index_copy_``'d at the cache's count -> ``tileflow::mla_latent_cache`` (``CACHE_POS``:
+  rotated at ``position_ids`` from the graph's ``inv_freq`` and attention factor, written
+  at the graph's row),
 - (q_lora_rank) ``q_a_layernorm`` + ``q_b_proj`` -> ``tileflow::rms_norm_matvec``,
 - the router (V2 ``greedy`` / ``group_limited_greedy`` softmax, V3 ``noaux_tc`` sigmoid
   with its correction bias, groups, normalisation, scaling) -> ``tileflow::moe_router``,
@@ -17,13 +23,12 @@ group, sized by ``histc``). Per layer, this pass replaces
   -> ``tileflow::moe_experts``;
 
 the dense MLP / shared experts, the final norm + lm_head (``decode_graph``) and the
-linears and residual adds (``rewrite.py``) are the existing patterns. Kept as traced,
-with the reason in the report: the latent cache write (``mla_latent_cache`` with
-``cache_pos`` computes it, rotated at ``position_ids`` and written at the cache's count,
-but no pattern matches its three rope forms in the graph yet) and the query's rope (no suite
-kernel rotates these layouts from a frequency table; the patch program does it in torch
-too). An experts form other than grouped_mm (the eager loop breaks the graph at
-``nonzero``; ``batched_mm``) keeps its experts, with the reason.
+linears and residual adds (``rewrite.py``) are the existing patterns. Kept as traced: the
+query's rope (no suite kernel rotates these layouts from a frequency table; the patch
+program does it in torch too); with the reason in the report, a latent write of another
+form (a rope the three forms do not cover, a bias on ``kv_a_proj_with_mqa``) and an
+experts form other than grouped_mm (the eager loop breaks the graph at ``nonzero``;
+``batched_mm``).
 
 Every condition is checked on the graph, as in ``decode_graph``; a subgraph that does
 not match exactly stays as traced and the reason goes to the report.
@@ -41,14 +46,13 @@ from tileflow.integrations.torch import decode_graph as dg
 from tileflow.integrations.torch.rewrite import where
 from tileflow.report import Report
 from tileflow.runtime import ops
+from tileflow.suite.mla_latent_cache import LAYOUTS
 
 _fn, _meth, _ev, _need, _arg, _same = dg._fn, dg._meth, dg._ev, dg._need, dg._arg, dg._same
 NoMatch = dg.NoMatch
 MLA, ROUTER, EXPERTS, LATENT = "mla_attention", "moe_router", "moe_experts", "mla_latent_cache"
-# mla_latent_cache takes the graph's two rows (CACHE_POS: rotated at position_ids, written at the count);
-# what is missing is the graph side: the three rope forms (V2's complex product, V3's halves / interleave)
-LATENT_REASON = ("the latent write (kv_a_proj_with_mqa, kv_a_layernorm, the rope key's rotation, index_copy_ at "
-                 "the cache's count) has no graph pattern yet; the write stays as traced")
+# the reason a rope key rotated in none of the three forms gives (each form's own reason follows)
+LATENT_REASON = "the rope key's rotation is none of mla_latent_cache's three forms"
 
 
 # ------------------------------------------------------------------ helpers
@@ -186,6 +190,220 @@ def rewrite_mla(graph: fx.Graph, sdpa: fx.Node, m: dict, lengths_of: dict) -> No
     graph.erase_node(sdpa)
     for c in m["copies"]:  # in place into the dropped key buffer: the dead-code pass keeps in-place ops
         graph.erase_node(c)
+
+
+# ------------------------------------------------------------- the latent cache write
+_EVENS = ((Ellipsis, slice(0, None, 2)), (Ellipsis, slice(None, None, 2)))
+_ODDS = ((Ellipsis, slice(1, None, 2)),)
+
+
+def _through_moves(n):
+    """Through ``.to(device)`` calls (no dtype)."""
+    while _meth(n, "to") and all(isinstance(a, torch.device) for a in n.args[1:]) and set(n.kwargs) <= {"device"}:
+        n = n.args[0]
+    return n
+
+
+def _scale_of(n, base, what: str) -> tuple:
+    """(``base`` node, scale) of ``base(..) * scale`` (a constant: the rotary embedding's
+    ``attention_scaling``) or of ``base(..)`` alone (scale 1)."""
+    if not _fn(n, operator.mul):
+        return n, 1.0
+    _need(not dg._pair(n, base, dg._symbolic_float), f"{what}'s scale (attention_scaling) {dg._SYMBOLIC}")
+    ts = dg._pair(n, base, lambda s: isinstance(s, (int, float)))
+    _need(ts, f"{what} is scaled by a tensor")
+    return ts[0], float(ts[1])
+
+
+def _angles(freqs: fx.Node, half: int) -> tuple[fx.Node, fx.Node]:
+    """(position_ids, inv_freq) of the rotary embedding's ``position_ids[..., None].float() * inv_freq``."""
+    _need(_fn(freqs, operator.mul) and len(freqs.args) == 2, "the angles are not positions * inv_freq")
+    _need(_ev(freqs) is not None and _ev(freqs).dtype == torch.float32, "the angles are not fp32")
+    a, b = (dg._strip(x) for x in freqs.args)
+    inv, pos = (a, b) if _ev(a) is not None and _ev(a).is_floating_point() else (b, a)
+    iv, pv = _ev(inv), _ev(pos)
+    _need(_param(inv) and iv is not None and iv.is_floating_point() and tuple(iv.shape) == (half,),
+          "inv_freq is not a buffer of qk_rope_head_dim / 2 frequencies")
+    _need(pos.op == "placeholder" and pv is not None and pv.dtype == torch.int64 and pv.dim() == 2,
+          "positions are not an int64 position_ids input [batch, tokens]")
+    return pos, inv
+
+
+def _v3_table(n, fn: str, half: int, first_half: bool, dtype) -> tuple[fx.Node, float]:
+    """(``cat(f, f)``, scale) of DeepSeek-V3's ``cos`` / ``sin`` table as the attention reads it:
+    ``(cos(cat(f, f)) * scale).to(dtype)``, its first half for the interleaved layout,
+    unsqueezed over the heads."""
+    _need(_meth(n, "unsqueeze") and n.args[1:] == (1,), f"the {fn} table is not broadcast over the heads")
+    n = n.args[0]
+    if first_half:
+        _need(_fn(n, operator.getitem) and n.args[1] == (Ellipsis, slice(None, half, None)),
+              f"the {fn} table is not its first half")
+        n = n.args[0]
+    if _meth(n, "to"):
+        casts = [a for a in (*n.args[1:], n.kwargs.get("dtype")) if isinstance(a, torch.dtype)]
+        _need(set(n.kwargs) <= {"dtype", "device"} and len(casts) <= 1
+              and all(isinstance(a, (torch.dtype, torch.device)) for a in n.args[1:])
+              and set(casts) <= {torch.float32, dtype}, f"the {fn} table is cast to another dtype than the cache's")
+        n = n.args[0]
+    n, scale = _scale_of(n, lambda t: _meth(t, fn), f"the {fn} table")
+    _need(_meth(n, fn), f"no {fn} table")
+    emb = n.args[0]
+    _need(_fn(emb, torch.cat) and len(emb.args[0]) == 2 and emb.args[0][0] is emb.args[0][1]
+          and _arg(emb, 1, "dim", 0) in (-1, 2), "the angles are not cat(freqs, freqs)")
+    return emb, scale
+
+
+def _v3_tables(cos_u, sin_u, half: int, first_half: bool, dtype) -> tuple[fx.Node, float]:
+    emb, scale = _v3_table(cos_u, "cos", half, first_half, dtype)
+    emb_s, scale_s = _v3_table(sin_u, "sin", half, first_half, dtype)
+    _need(emb_s is emb and scale_s == scale, "cos and sin of different angles or scales")
+    return emb.args[0][0], scale
+
+
+def _rope_halves(out: fx.Node, dr: int, dtype) -> tuple:
+    """DeepSeek-V3, ``rope_interleave=False``: ``k * cos + rotate_half(k) * sin``."""
+    k, cos_u, sin_u = dg.match_rope(out, dr)
+    freqs, scale = _v3_tables(cos_u, sin_u, dr // 2, False, dtype)
+    return k, freqs, scale
+
+
+def _rope_interleaved(out: fx.Node, dr: int, dtype) -> tuple:
+    """DeepSeek-V3, ``rope_interleave=True``: ``cat([k1 * c - k2 * s, k2 * c + k1 * s], -1)``,
+    ``k1, k2 = k[..., 0::2], k[..., 1::2]``, ``c`` / ``s`` the tables' first halves."""
+    _need(_fn(out, torch.cat) and len(out.args[0]) == 2 and _arg(out, 1, "dim", 0) in (-1, 3),
+          "not cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], -1)")
+    lo, hi = out.args[0]
+    _need(_fn(lo, operator.sub) and _fn(hi, operator.add) and all(_fn(t, operator.mul) for t in (*lo.args, *hi.args)),
+          "not cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], -1)")
+    x1c = dg._pair(lo.args[0], lambda t: _fn(t, operator.getitem) and t.args[1] in _EVENS, lambda c: True)
+    x2s = dg._pair(lo.args[1], lambda t: _fn(t, operator.getitem) and t.args[1] in _ODDS, lambda s: True)
+    _need(x1c and x2s and x1c[0].args[0] is x2s[0].args[0], "the pairs are not k[..., 0::2] and k[..., 1::2]")
+    (x1, c), (x2, s) = x1c, x2s
+    k = x1.args[0]
+
+    def product(t, x, f) -> bool:  # t = x * f, x being k1 / k2 or the same slice of k again
+        return dg._pair(t, lambda a: a is x or (_fn(a, operator.getitem) and a.args[0] is k and a.args[1] == x.args[1]),
+                        lambda b: b is f) is not None
+
+    _need(any(product(u, x2, c) and product(v, x1, s) for u, v in (hi.args, hi.args[::-1])),
+          "the second half is not k2 * cos + k1 * sin")
+    freqs, scale = _v3_tables(c, s, dr // 2, True, dtype)
+    return k, freqs, scale
+
+
+def _rope_complex(out: fx.Node, dr: int, dtype) -> tuple:
+    """DeepSeek-V2: ``view_as_real(view_as_complex(k.float().reshape(.., -1, 2)) * freqs_cis).flatten(3)
+    .type_as(k)``, ``freqs_cis = polar(ones_like(f), f) * scale`` unsqueezed over the heads."""
+    _need(_meth(out, "type_as") and len(out.args) == 2, "not view_as_real(k * freqs_cis).flatten(3).type_as(k)")
+    k = out.args[1]
+    flat = out.args[0]
+    _need(_meth(flat, "flatten") and flat.args[1:] in ((3,), (-2,)) and not flat.kwargs,
+          "not view_as_real(k * freqs_cis).flatten(3)")
+    vr = flat.args[0]
+    _need(_fn(vr, torch.view_as_real) and _fn(vr.args[0], operator.mul), "not view_as_real(k * freqs_cis)")
+    kf = dg._pair(vr.args[0], lambda t: _fn(t, torch.view_as_complex), lambda f: True)
+    _need(kf, "the rope key is not view_as_complex of its pairs")
+    kc, fc = kf
+    rs = kc.args[0]
+    _need(_meth(rs, "reshape", "view") and rs.args[-1] == 2 and _shape(rs)[-2:] == (dr // 2, 2),
+          "the rope key is not reshaped into [..., DR / 2, 2] pairs")
+    fl = rs.args[0]
+    _need(_meth(fl, "float") or (_meth(fl, "to") and fl.args[1:] == (torch.float32,) and not fl.kwargs),
+          "the rope key is not rotated in fp32")
+    _need(fl.args[0] is k, "the rotation is cast back to another tensor's dtype than the rotated key's")
+    f = _through_moves(fc)
+    _need(_meth(f, "unsqueeze") and f.args[1:] == (1,), "freqs_cis is not broadcast over the heads")
+    f, scale = _scale_of(_through_moves(f.args[0]), lambda t: _fn(t, torch.polar), "freqs_cis")
+    _need(_fn(f, torch.polar) and len(f.args) == 2 and not f.kwargs, "freqs_cis is not polar(ones, angles)")
+    ones, freqs = f.args
+    _need(_fn(ones, torch.ones_like) and ones.args == (freqs,) and not ones.kwargs,
+          "freqs_cis's magnitude is not ones_like(angles)")
+    return k, freqs, scale
+
+
+# the three rope forms of transformers' DeepSeek attention -> mla_latent_cache's ROPE_LAYOUT
+_ROPE_FORMS = (("V2's complex product", _rope_complex, LAYOUTS["interleaved_out"]),
+               ("V3's rotate-half", _rope_halves, LAYOUTS["halves"]),
+               ("V3's interleaved pairs", _rope_interleaved, LAYOUTS["interleaved"]))
+
+
+def _rope_key(out: fx.Node, dr: int, dtype, rope_part) -> tuple:
+    """(position_ids, inv_freq, scale, layout) of the rope key's rotation, one of
+    ``_ROPE_FORMS``, rotating ``rope_part`` itself (not a permutation of it)."""
+    why = []
+    for name, form, layout in _ROPE_FORMS:
+        try:
+            k, freqs, scale = form(out, dr, dtype)
+            _need(k is rope_part, "the rotated key is not kv_a_proj_with_mqa's rope part as split and viewed "
+                                  "[B, 1, 1, DR]")
+        except NoMatch as e:
+            why.append(f"{name}: {e}")
+            continue
+        return (*_angles(freqs, dr // 2), scale, layout)
+    raise NoMatch(f"{LATENT_REASON} ({'; '.join(why)})")
+
+
+def match_latent(keys: fx.Node, values: fx.Node, sdpa: fx.Node, b: int) -> dict:
+    """The latent cache write of the MLA at ``sdpa`` (its caches ``keys`` [B, 1, S, R] and
+    ``values`` [B, 1, S, DR]): ``kv_a_proj_with_mqa`` of the layer's normed input, split
+    into the latent (``kv_a_layernorm``) and the rope key (rotated at ``position_ids``),
+    each ``index_copy_``'d into its cache at one row, for one new token a sequence."""
+    w_k, w_v = dg._cache_write(keys, sdpa), dg._cache_write(values, sdpa)
+    cpos = w_k.args[2]
+    _need(w_v.args[2] is cpos, "the latent and the rope key are written at different rows")
+    cv = _ev(cpos)
+    _need(isinstance(cv, torch.Tensor) and cv.dtype == torch.int64 and tuple(cv.shape) == (1,),
+          "the cache rows are not one int64 row (one new token a sequence)")
+    r, dr = _shape(keys)[3], _shape(values)[3]
+    kv4, pe = w_k.args[3], w_v.args[3]
+    _need(_meth(kv4, "view", "reshape") and _shape(kv4) == (b, 1, 1, r),
+          "the latent written is not viewed [B, 1, 1, R]")
+    x_nope, ln_w, eps = dg.match_rms_norm(kv4.args[0])
+    split = _getitem(x_nope, 0)
+    sizes = _arg(split, 1, "split_size_or_sections")
+    _need(_fn(split, torch.functional.split, torch.split) and isinstance(sizes, (list, tuple))
+          and list(sizes) == [r, dr] and _arg(split, 2, "dim", 0) in (-1, 2),
+          "the latent is not the first part of a split [R, DR] of the last axis")
+    # the rope key's views: the split's second part viewed [B, 1, 1, DR], the form the rotations start from
+    parts = [v for g in split.users if _getitem(g, 1) is split for v in g.users
+             if _meth(v, "view", "reshape") and _shape(v) == (b, 1, 1, dr)]
+    _need(len(parts) == 1, "the split's rope part is not viewed [B, 1, 1, DR] once")
+    dtype = _ev(keys).dtype
+    pos, inv, scale, layout = _rope_key(pe, dr, dtype, parts[0])
+    lin = split.args[0]
+    _need(_fn(lin, *dg._LINEARS) and _param(lin.args[1]), "kv_a_proj_with_mqa is not a linear of a parameter")
+    _need(_arg(lin, 2, "bias") is None, "kv_a_proj_with_mqa has a bias (mla_latent_cache has none)")
+    x, w = lin.args[:2]
+    d = _shape(x)[-1] if _shape(x) else None
+    _need(_shape(x) == (b, 1, d), "the projected rows are not [B, 1, D]: one new token a sequence")
+    _need(_shape(w) == (r + dr, d), "kv_a_proj_with_mqa's weight is not [R + DR, D]")
+    pv = _ev(pos)
+    _need(pv.shape[0] in (1, b) and pv.shape[1] == 1, "position_ids are not [batch or 1, 1]")
+    dtypes = {_ev(t).dtype for t in (x, w, ln_w, keys, values)}
+    _need(dtypes == {dtype}, f"mixed dtypes {sorted(map(str, dtypes))}")
+    _need(dtype in dg._DTYPES, f"dtype {dtype}")
+    writes = (w_k, w_v)
+    order = {n: i for i, n in enumerate(sdpa.graph.nodes)}
+    first, last = sorted(writes, key=order.__getitem__)
+    # the kernel writes both rows where the first traced write was: nothing the pattern reads changes in between
+    dg._no_writes_inside(list(writes), [x, w, ln_w, pos, inv, cpos, keys, values], last, allowed=writes)
+    return dict(x=x, w=w, ln_w=ln_w, eps=eps, pos=pos, cache_pos=cpos, inv_freq=inv, scale=scale, layout=layout,
+                keys=keys, values=values, writes=writes, first=first, batch=b)
+
+
+def rewrite_latent(graph: fx.Graph, m: dict) -> None:
+    b = m["batch"]
+    with graph.inserting_before(m["first"]):
+        x = graph.call_method("reshape", (m["x"], (-1, _shape(m["x"])[-1])))
+        pos = dg._per_row(graph, m["pos"], b, shared=False)
+        # StaticLayer writes every sequence's token at the same row
+        cpos = dg._per_row(graph, m["cache_pos"], b, shared=True)
+        inv = graph.call_method("to", (m["inv_freq"], torch.float32))
+        graph.call_function(torch.ops.tileflow.mla_latent_cache.default,
+                            (x, m["w"], m["ln_w"], m["eps"], pos, cpos, inv, m["scale"], m["layout"], m["keys"],
+                             m["values"]))
+    for n in m["writes"]:
+        graph.erase_node(n)
 
 
 # ------------------------------------------------------------- q_a_layernorm + q_b_proj
@@ -483,9 +701,17 @@ def rewrite_attention(graph: fx.Graph, sdpa: fx.Node, report: Report, lengths_of
     except NoMatch as e:
         report.fallback(MLA, where(sdpa), str(e))
         return None
+    try:  # on the graph as traced: the MLA's rewrite erases the SDPA the writes are ordered against
+        lat = match_latent(m["keys"], m["values"], sdpa, m["batch"])
+    except NoMatch as e:
+        lat, why = None, str(e)
     rewrite_mla(graph, sdpa, m, lengths_of)
     report.match(MLA)
-    report.fallback(LATENT, where(sdpa), LATENT_REASON)
+    if lat is None:
+        report.fallback(LATENT, where(sdpa), why)
+    else:
+        rewrite_latent(graph, lat)
+        report.match(LATENT)
     return (m["batch"], 1)
 
 

@@ -1,20 +1,23 @@
 """torch.compile(model.forward, backend="tileflow") on tiny DeepSeek-V2 / V3 models (random
-fp32 weights): per layer the MLA attention runs as tileflow::mla_attention over the latent
-cache, the router as moe_router and the grouped experts as moe_experts (explain says so,
-and the ops are counted running every step), the latent cache write stays as traced with
-its reason; greedy tokens over a static cache equal eager's; an experts form or a router
-the kernels do not take keeps the traced code, with the reason."""
+fp32 weights): per layer the latent cache write runs as tileflow::mla_latent_cache (each of
+the three rope forms), the MLA attention as tileflow::mla_attention over the latent cache,
+the router as moe_router and the grouped experts as moe_experts (explain says so, and the
+ops are counted running every step); greedy tokens over a static cache equal eager's and so
+do the latent rows written; a rope form, an experts form or a router the kernels do not
+take keeps the traced code, with the reason."""
 
 import pytest
 import torch
+from transformers import StaticCache
 
 import tileflow  # noqa: F401  (the backend's entry point)
 from tests.integrations.test_patch_deepseek import prompt, tiny
 from tests.integrations.test_torch_backend import STEPS, _decode, _explain_step
+from tileflow.integrations.shared.hf import cache_keyword
 from tileflow.integrations.torch import deepseek_graph
 from tileflow.runtime import ops
 
-KERNELS = ("mla_attention", "moe_router", "moe_experts")
+KERNELS = ("mla_latent_cache", "mla_attention", "moe_router", "moe_experts")
 
 
 # the interpreted-Triton run takes ~4 min on 2 cores (twice the patch's, which runs the same kernels in
@@ -48,49 +51,105 @@ def layers_of(model):
 def assert_every_layer(report, model):
     layers, moe = layers_of(model)
     lora = model.config.q_lora_rank is not None
-    assert report.matches["mla_attention"] == layers, report
+    assert report.matches["mla_attention"] == layers and report.matches["mla_latent_cache"] == layers, report
     assert report.matches["moe_router"] == moe and report.matches["moe_experts"] == moe, report
     # per layer: the MLP's norm-fused gate/up (dense, or the shared experts'), q_a_layernorm + q_b_proj with
     # q_lora_rank; and the final norm
     assert report.matches["rms_norm"] == layers * (1 + lora) + 1, report
     assert report.matches["gate_up_silu"] == layers, report
     assert report.matches["matvec_residual"] == 2 * layers, report  # o_proj, down_proj (shared experts: + routed)
-    # q_proj, or q_a_proj and q_b_proj; kv_a_proj_with_mqa; the lm_head
-    assert report.matches["matvec"] == layers * (2 + lora) + 1, report
+    # q_proj, or q_a_proj and q_b_proj (kv_a_proj_with_mqa is mla_latent_cache's); the lm_head
+    assert report.matches["matvec"] == layers * (1 + lora) + 1, report
     assert report.matches["cache_counters"] == layers, report
-    kept = [(p, r) for p, _, r in report.fallbacks]
-    assert kept == [("mla_latent_cache", deepseek_graph.LATENT_REASON)] * layers, report
+    assert not report.fallbacks, report
 
 
-@pytest.mark.parametrize("kind", ["v2", "v3"])
+def _decode_into(step, model, ids, steps=STEPS):
+    """``_decode``'s tokens, and the static cache the steps wrote."""
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 1)
+    kw = {cache_keyword(model): cache}
+    with torch.no_grad():
+        tok = model(ids, **kw, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        toks = [tok]
+        for i in range(steps):
+            pos = torch.tensor([[ids.shape[1] + i]])
+            tok = step(input_ids=tok, position_ids=pos, use_cache=True, **kw).logits[:, -1].argmax(-1, keepdim=True)
+            toks.append(tok)
+    return torch.cat(toks, 1), cache
+
+
+def assert_same_latent_rows(got, want, filled):
+    for g, w in zip(got.layers, want.layers):
+        torch.testing.assert_close(g.keys[:, :, :filled], w.keys[:, :, :filled], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g.values[:, :, :filled], w.values[:, :, :filled], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["v2", "v2_lora", "v3", "v3_halves"])
 def test_deepseek_compiled_tokens_identical_to_eager(kind, cpu_target, kernel_calls):
-    """v2: q_proj, greedy softmax routing, YaRN, complex-pair rope; v3: q_lora_rank,
-    sigmoid routing with the correction bias in 2 of 4 groups, normalised and scaled."""
+    """v2: q_proj, greedy softmax routing, YaRN, complex-pair rope; v2_lora: q_lora_rank,
+    group-limited greedy routing; v3: q_lora_rank, sigmoid routing with the correction bias
+    in 2 of 4 groups, normalised and scaled, interleaved rope; v3_halves: rotate-half rope.
+    The latent rows mla_latent_cache writes are the ones eager writes."""
     torch._dynamo.reset()
     model, ids = tiny(kind), prompt()
-    expected = _decode(model.forward, model, ids)
+    expected, want = _decode_into(model.forward, model, ids)
     report = _explain_step(model, ids)
     assert_every_layer(report, model)
     assert "mla_attention" in str(report) and "mla_latent_cache" in str(report)
     kernel_calls.update(dict.fromkeys(KERNELS, 0))
     compiled = torch.compile(model.forward, backend="tileflow", mode="default")
-    got = _decode(compiled, model, ids)
+    got, cache = _decode_into(compiled, model, ids)
     torch._dynamo.reset()
     assert torch.equal(got, expected), (got.tolist(), expected.tolist())
     assert len(set(expected[0].tolist())) > 5  # the model does not just repeat a token
-    # the kernels ran in every compiled step (the prompt runs eagerly in _decode)
+    assert_same_latent_rows(cache, want, ids.shape[1] + STEPS)
+    # the kernels ran in every compiled step (the prompt runs eagerly in _decode_into)
     layers, moe = layers_of(model)
-    assert kernel_calls == {"mla_attention": STEPS * layers, "moe_router": STEPS * moe, "moe_experts": STEPS * moe}
+    assert kernel_calls == {"mla_latent_cache": STEPS * layers, "mla_attention": STEPS * layers,
+                            "moe_router": STEPS * moe, "moe_experts": STEPS * moe}
 
 
-def test_group_limited_greedy_routing_matches():
-    """DeepSeek-V2's group_limited_greedy (softmax, groups scored by their best expert,
-    masked with 0) with q_lora_rank: every layer's patterns (its tokens: tileflow.patch's
-    test runs the same kernels on this model)."""
+def _deinterleaved_rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+    """DeepSeek-V3's interleaved rope as its reference code (and earlier transformers releases)
+    computes it: the pairs permuted into halves, then rotate-half."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import rotate_half
+
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+
+    def halves(x):
+        b, h, s, d = x.shape
+        return x.view(b, h, s, d // 2, 2).transpose(4, 3).reshape(b, h, s, d)
+
+    q, k = halves(q), halves(k)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def test_a_rope_form_the_pattern_does_not_know_keeps_the_latent_write(monkeypatch, kernel_calls):
+    """The interleaved rope computed by permuting the pairs into halves (the same values):
+    the rotation is rotate-half of a permutation of the rope key, none of
+    mla_latent_cache's three forms, so each layer's latent write stays as traced with the
+    reason (every form's own), MLA and the MoE still match and the tokens and the latent
+    rows are eager's."""
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3
+
+    monkeypatch.setattr(modeling_deepseek_v3, "apply_rotary_pos_emb_interleave", _deinterleaved_rope)
     torch._dynamo.reset()
-    model, ids = tiny("v2_lora"), prompt()
+    model, ids = tiny("v3"), prompt()
+    expected, want = _decode_into(model.forward, model, ids, steps=4)
     report = _explain_step(model, ids)
-    assert_every_layer(report, model)
+    assert report.matches["mla_attention"] == 2 and not report.matches["mla_latent_cache"], report
+    assert report.matches["moe_router"] == 1 and report.matches["moe_experts"] == 1, report
+    reason = (f"{deepseek_graph.LATENT_REASON} (V2's complex product: not view_as_real(k * freqs_cis).flatten(3)"
+              ".type_as(k); V3's rotate-half: the rotated key is not kv_a_proj_with_mqa's rope part as split and "
+              "viewed [B, 1, 1, DR]; V3's interleaved pairs: not cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], "
+              "-1))")
+    assert [(p, r) for p, _, r in report.fallbacks] == [("mla_latent_cache", reason)] * 2, report
+    kernel_calls.update(dict.fromkeys(KERNELS, 0))
+    got, cache = _decode_into(torch.compile(model.forward, backend="tileflow", mode="default"), model, ids, steps=4)
+    torch._dynamo.reset()
+    assert torch.equal(got, expected), (got.tolist(), expected.tolist())
+    assert_same_latent_rows(cache, want, ids.shape[1] + 4)
+    assert kernel_calls["mla_latent_cache"] == 0 and kernel_calls["mla_attention"] == 2 * 4
 
 
 def test_batched_mm_experts_are_kept_with_the_reason(kernel_calls):
@@ -110,7 +169,7 @@ def test_batched_mm_experts_are_kept_with_the_reason(kernel_calls):
     got = _decode(torch.compile(model.forward, backend="tileflow", mode="default"), model, ids, steps=4)
     torch._dynamo.reset()
     assert torch.equal(got, expected), (got.tolist(), expected.tolist())
-    assert kernel_calls == {"mla_attention": 2 * 4, "moe_router": 4, "moe_experts": 0}
+    assert kernel_calls == {"mla_latent_cache": 2 * 4, "mla_attention": 2 * 4, "moe_router": 4, "moe_experts": 0}
 
 
 def test_more_experts_than_the_router_scores_keep_the_router_and_experts():

@@ -207,6 +207,21 @@ def _(q_nope, q_pe, keys, values, lengths, w_kvb, dn, scale, key_mask=None):
     return q_nope.new_empty((q_nope.shape[0], nh, w_kvb.shape[0] // nh - dn))
 
 
+@torch.library.custom_op("tileflow::mla_latent_cache", mutates_args=("keys", "values"))
+def mla_latent_cache(x: torch.Tensor, w_kva: torch.Tensor, ln_w: torch.Tensor, eps: float, pos: torch.Tensor,
+                     cache_pos: torch.Tensor, inv_freq: torch.Tensor, rope_scale: float, rope_layout: int,
+                     keys: torch.Tensor, values: torch.Tensor) -> None:
+    """ops.mla_latent_cache of the normed rows x [B, D] into the latent cache tensors
+    [B, 1, S, R] / [B, 1, S, DR]: rotated at ``pos`` [B], written at ``cache_pos`` [B]."""
+    ops.mla_latent_cache(x.contiguous(), w_kva, ln_w, eps, pos.contiguous(), inv_freq.contiguous(), rope_scale,
+                         rope_layout, keys[:, 0], values[:, 0], cache_pos=cache_pos.contiguous())
+
+
+@mla_latent_cache.register_fake
+def _(x, w_kva, ln_w, eps, pos, cache_pos, inv_freq, rope_scale, rope_layout, keys, values):
+    return None
+
+
 
 @torch.library.custom_op("tileflow::moe_router", mutates_args=())
 def moe_router(x: torch.Tensor, w: torch.Tensor, top_k: int, scale: float, n_group: int, topk_group: int,
