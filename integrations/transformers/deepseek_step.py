@@ -6,10 +6,10 @@ a GPU), for the DeepSeek architecture: multi-head latent attention (MLA) over th
 cache and DeepSeekMoE. Per layer::
 
     rms_norm -> q: matvec (q_proj), or matvec (q_a_proj) -> rms_norm_matvec (q_a_layernorm, q_b_proj)
-             -> rope of the query's rope part (torch, see ``_rotate``)
              -> mla_latent_cache (kv_a_proj_with_mqa, kv_a_layernorm, rope of k_pe: the new latent row
                 written into the model's own cache tensors)
-             -> mla_attention (absorbed, over the filled latent rows) -> matvec_residual (o_proj)
+             -> mla_attention (the query's rope, then absorbed attention over the filled latent rows)
+             -> matvec_residual (o_proj)
     dense layers (the first ``first_k_dense_replace``): rms_norm_gate_up_silu -> matvec_residual
     MoE layers: rms_norm -> moe_router -> gate_up_silu -> matvec_residual (shared experts + residual)
                 -> moe_experts (the chosen experts only, adding that sum)
@@ -176,22 +176,6 @@ def rope_layout(cfg) -> int:
     return INTERLEAVED if getattr(cfg, "rope_interleave", True) else HALVES
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: int) -> torch.Tensor:
-    """The query's rope part ``x`` [M, NH, DR] rotated as the model rotates it, ``cos`` /
-    ``sin`` [M, 1, DR/2] (times the attention factor). No suite kernel rotates in these
-    layouts with a frequency table and an attention factor (``rope_q`` is rotate-half from
-    theta), so this is torch: NH * DR elements a layer."""
-    half = x.shape[-1] // 2
-    if layout == HALVES:
-        x1, x2 = x[..., :half], x[..., half:]
-    else:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-    o1, o2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-    if layout == INTERLEAVED_OUT:
-        return torch.stack([o1, o2], dim=-1).flatten(-2)
-    return torch.cat([o1, o2], dim=-1)
-
-
 class DeepSeekDecodeProgram:
     """The decode step of a DeepSeek-V2 / V3 ``model`` reading its weights where they lie
     (the interface of ``decode_step.DecodeProgram``). ``options``: unused (the DeepSeek
@@ -206,7 +190,6 @@ class DeepSeekDecodeProgram:
         self.nh, self.dn, self.dr, self.dv = a.num_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
         self.r = a.kv_lora_rank
         self.layout = rope_layout(cfg)
-        self.v2 = cfg.model_type == "deepseek_v2"
         self.inv_freq = base.rotary_emb.inv_freq  # fp32 [DR / 2]: default and YaRN frequencies alike
         self.rope_scale = float(base.rotary_emb.attention_scaling)
         self.embed = base.embed_tokens.weight
@@ -265,12 +248,10 @@ class DeepSeekDecodeProgram:
             raise ValueError(f"tileflow: the DeepSeek program takes one token a sequence, got {b} x {r}")
         p = pos.reshape(b)
         row, lengths = step_rows(cache, p, b, 1)
-        ang = p.to(torch.float32)[:, None] * self.inv_freq[None, :]  # [B, DR / 2], fp32 as the rotary embedding
-        cos, sin = torch.cos(ang) * self.rope_scale, torch.sin(ang) * self.rope_scale
+        # the query's rope inside mla_attention, in fp32 as the key's in mla_latent_cache (V3's
+        # model rotates in bf16: within the bf16 bound test's margin)
+        rope = ops.MlaRope(p, self.inv_freq, self.rope_scale, self.layout)
         x = ops.embedding_lookup(tok.reshape(b), self.embed)
-        if not self.v2:  # V3 casts cos and sin to the activations' dtype; V2 rotates in fp32
-            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        cos, sin = cos[:, None, :], sin[:, None, :]
         nh, dn, dv = self.nh, self.dn, self.dv
         for w, layer in zip(self.layers, cache.layers):
             kv_cache, pe_cache = layer.keys[:, 0], layer.values[:, 0]  # [B, S, R], [B, S, DR]: views
@@ -280,12 +261,10 @@ class DeepSeekDecodeProgram:
             else:
                 q = ops.rms_norm_matvec(ops.matvec(xn, w.wqa), w.q_ln, w.q_eps, w.wqb)
             q = q.view(b, nh, dn + self.dr)
-            q_pe = q[..., dn:]
-            q_pe = _rotate(q_pe.float(), cos, sin, self.layout).to(q.dtype) if self.v2 else \
-                _rotate(q_pe, cos, sin, self.layout)
             ops.mla_latent_cache(xn, w.w_kva, w.kv_ln, w.kv_eps, p, self.inv_freq, self.rope_scale, self.layout,
                                  kv_cache, pe_cache, cache_pos=None if row is p else row)
-            o = ops.mla_attention(q[..., :dn], q_pe, kv_cache, pe_cache, lengths, w.w_uk, w.w_uv, w.scale, key_mask)
+            o = ops.mla_attention(q[..., :dn], q[..., dn:], kv_cache, pe_cache, lengths, w.w_uk, w.w_uv, w.scale,
+                                  key_mask, rope)
             x = ops.matvec_residual(o.view(b, nh * dv), w.wo, x)
             if w.router is None:  # dense MLP
                 x = ops.matvec_residual(ops.rms_norm_gate_up_silu(x, w.ln2, w.eps2, w.wg, w.wu), w.wd, x)

@@ -385,20 +385,35 @@ def mla_latent_cache(x: torch.Tensor, w_kva: torch.Tensor, ln_w: torch.Tensor, e
     launch("mla_latent_cache", values, flags)
 
 
+@dataclass(frozen=True)
+class MlaRope:
+    """The query rope mla_attention applies itself: positions ``pos`` [B] (int64), the
+    rotary table ``inv_freq`` [DR/2] (fp32), cos / sin times ``scale``, pairs in
+    mla_latent_cache's ``layout``."""
+    pos: torch.Tensor
+    inv_freq: torch.Tensor
+    scale: float
+    layout: int
+
+
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
                   lengths: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor, scale: float,
-                  key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  key_mask: Optional[torch.Tensor] = None, rope: Optional[MlaRope] = None) -> torch.Tensor:
     """MLA decode attention of one new token a sequence, absorbed: ``q_nope`` [B, NH, DN]
     and the rotated ``q_pe`` [B, NH, DR] over the first ``lengths[b]`` rows of the latent
     caches ``kv_cache`` [B, S, R] / ``pe_cache`` [B, S, DR]; ``w_uk`` [NH, DN, R] and
     ``w_uv`` [NH, DV, R] are ``kv_b_proj.weight`` viewed [NH, DN + DV, R] and split (views);
-    with ``key_mask`` [B, S] (int32) only where it is nonzero. Returns [B, NH, DV]."""
+    with ``key_mask`` [B, S] (int32) only where it is nonzero; with ``rope`` ``q_pe`` is
+    not rotated yet and the kernel rotates it (as mla_latent_cache the key). Returns [B, NH, DV]."""
     values = {"q_nope": q_nope, "q_pe": q_pe, "kv_cache": kv_cache, "pe_cache": pe_cache, "lengths": lengths,
               "w_uk": w_uk, "w_uv": w_uv, "scale": scale}
     flags = {}
     if key_mask is not None:
         values["key_mask"] = key_mask
         flags["HAS_MASK"] = 1
+    if rope is not None:
+        values.update(pos=rope.pos, inv_freq=rope.inv_freq, rope_scale=rope.scale, rope_layout=rope.layout)
+        flags.update(ROPE_Q=1, ROPE_LAYOUT=rope.layout)
     return launch("mla_attention", values, flags, {"S": _capacity_bucket(kv_cache.shape[1])})[0]
 
 

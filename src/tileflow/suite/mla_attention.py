@@ -17,6 +17,11 @@ kv @ w_uv[h]^T (the reference expands them, so the test checks the algebra). ``q
 rotated already (the rope of the q path: mla_latent_cache's rotation on the k side);
 ``scale`` is the model's ``self.scaling`` (qk_head_dim**-0.5 times YaRN's mscale^2).
 
+With ``ROPE_Q`` the kernel rotates ``q_pe`` itself, as mla_latent_cache rotates the key
+(``pos`` [B], the rotary table ``inv_freq`` [HALF], cos / sin times ``rope_scale``, pairs in
+``ROPE_LAYOUT``): the absorb stage's first latent block writes the rotated rows to a
+workspace the partial stage reads (the torch rotation was ~9 launches a layer).
+
 Three launches:
 
 - ``absorb``: q_lat = q_nope @ w_uk, one program per (head, latent block, sequence). The
@@ -37,7 +42,7 @@ rows as in gqa_attention; a row hidden entirely is NaN, as in SDPA.
 """
 
 from tileflow.suite.gqa_attention import _key_mask, _lengths, two_waves
-from tileflow.suite.inputs import linear_weight
+from tileflow.suite.inputs import linear_weight, positions, rope_frequencies
 from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
 
 
@@ -54,6 +59,13 @@ def define(k, p):
     w_uv = k.input("w_uv", ("NH", "DV", "R"))
     out = k.output("out", ("B", "NH", "DV"))
     scale = k.scalar("scale")
+    rope_q = p.get("ROPE_Q", 0)
+    if rope_q:
+        pos = k.input("pos", ("B",), dtype="i64")
+        inv_freq = k.input("inv_freq", ("HALF",), dtype="f32")
+        rope_scale = k.scalar("rope_scale")
+        k.scalar("rope_layout")  # the reference's copy of ROPE_LAYOUT (as in mla_latent_cache)
+        ws_pe = k.workspace("q_rot", ("B", "NH", "DR"))
     ws_q = k.workspace("q_lat", ("B", "NH", "R"))
     ws_m = k.workspace("part_m", ("B", "SPLITS", "NH"))
     ws_l = k.workspace("part_l", ("B", "SPLITS", "NH"))
@@ -68,6 +80,9 @@ def define(k, p):
             lp.next(acc + k.load(w_uk, (h, dk, lat)) * k.load(q_nope, (b, h, dk))[:, None])
         (acc,) = lp.results
         k.store(ws_q, (b, h, lat), k.sum(acc, axis=0))
+        if rope_q:  # the first latent block's program also rotates the head's q_pe
+            rotate_q_pe(k, p["ROPE_LAYOUT"], q_pe, ws_pe, pos, inv_freq, rope_scale, b, h,
+                        k.eq(k.program_id(1), 0))
 
     with k.stage("partial", grid=("cdiv(NH, HEADS_BLOCK)", "SPLITS", "B")):
         sp, b = k.program_id(1), k.program_id(2)
@@ -76,7 +91,10 @@ def define(k, p):
         r = k.range(0, "BLOCK_R", aligned=True)
         e = k.range(0, "BLOCK_DR", aligned=True)
         ql = k.load(ws_q, (b, heads, r), limits={1: nh})  # padded head rows are zero queries
-        qp = k.load(q_pe, (b, heads, e), limits={1: nh}, for_dot=True)
+        if rope_q:  # fp32 rows, rounded to the cache's dtype by the dot as the model's .to(dtype)
+            qp = k.load(ws_pe, (b, heads, e), limits={1: nh})
+        else:
+            qp = k.load(q_pe, (b, heads, e), limits={1: nh}, for_dot=True)
         length = k.cast(k.load(lengths, (b,)), "i32")
         bn = k.param("BLOCK_N")
         chunk = k.cdiv(k.cdiv(length, k.param("SPLITS")), bn) * bn
@@ -125,9 +143,53 @@ def define(k, p):
         k.store(out, (b, h, dv), k.sum(acc, axis=1))
 
 
-def reference(xp, q_nope, q_pe, kv_cache, pe_cache, lengths, w_uk, w_uv, scale, key_mask=None):
+def rotate_q_pe(k, layout, q_pe, ws_pe, pos, inv_freq, rope_scale, b, h, when) -> None:
+    """``ws_pe[b, h] = rope(q_pe[b, h], pos[b])`` in pair layout ``layout`` (mla_latent_cache's
+    rotation), stored only ``when``."""
+    half, dr = k.dim("HALF"), k.dim("DR")
+    i = k.range(0, "BLOCK_HALF", aligned=True)
+    ang = k.cast(k.load(pos, (b,)), "f32") * k.load(inv_freq, (i,))
+    c, s = k.cos(ang) * rope_scale, k.sin(ang) * rope_scale
+    if layout == 0:
+        x1 = k.load(q_pe, (b, h, i), limits={2: half})
+        x2 = k.load(q_pe, (b, h, k.range(half, "BLOCK_HALF")))
+    else:  # pairs (2i, 2i + 1): the [DR] row as [HALF, 2], each column picked by a masked sum
+        pairs = k.reshape(k.load(q_pe, (b, h, k.range(0, "BLOCK_DR_ROT", aligned=True))), ("BLOCK_HALF", "TWO"))
+        first = (k.range(0, "TWO", aligned=True).index < 1)[None, :]
+        x1 = k.sum(k.where(first, pairs, 0.0), axis=1)
+        x2 = k.sum(k.where(first, 0.0, pairs), axis=1)
+    o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
+    if layout == 2:  # back to pairs: column 0 takes o1, column 1 o2
+        both = k.where(first, o1[:, None], o2[:, None])
+        k.store(ws_pe, (b, h, k.range(0, "BLOCK_DR_ROT", aligned=True)), k.reshape(both, ("BLOCK_DR_ROT",)), when=when)
+    else:
+        k.store(ws_pe, (b, h, i), o1, limits={2: half}, when=when)
+        k.store(ws_pe, (b, h, k.range(half, "BLOCK_HALF")), o2, limits={2: dr}, when=when)
+
+
+def rope_reference(xp, q_pe, pos, inv_freq, rope_scale, layout: int):
+    """``q_pe`` [B, NH, DR] rotated at ``pos`` [B] as mla_latent_cache rotates the key."""
+    bsz, nh, dr = q_pe.shape
+    ang = xp.astype(pos, q_pe.dtype)[:, None, None] * xp.astype(inv_freq, q_pe.dtype)[None, None, :]
+    c, sn = xp.cos(ang) * rope_scale, xp.sin(ang) * rope_scale
+    if layout == 0:
+        x1, x2 = q_pe[..., : dr // 2], q_pe[..., dr // 2:]
+    else:
+        pairs = xp.reshape(q_pe, (bsz, nh, dr // 2, 2))
+        x1, x2 = pairs[..., 0], pairs[..., 1]
+    o1, o2 = x1 * c - x2 * sn, x2 * c + x1 * sn
+    if layout == 2:
+        return xp.reshape(xp.stack([o1, o2], axis=-1), (bsz, nh, dr))
+    return xp.concat([o1, o2], axis=-1)
+
+
+def reference(xp, q_nope, q_pe, kv_cache, pe_cache, lengths, w_uk, w_uv, scale, key_mask=None, pos=None,
+              inv_freq=None, rope_scale=1.0, rope_layout=None):
     """The plain (non-absorbed) computation: the latent cache expanded through kv_b_proj
-    to per-head keys and values, then softmax attention."""
+    to per-head keys and values, then softmax attention (``q_pe`` rotated first where
+    ``pos`` is given: ROPE_Q)."""
+    if pos is not None:
+        q_pe = rope_reference(xp, q_pe, pos, inv_freq, rope_scale, int(rope_layout))
     bsz, nh, dn = q_nope.shape
     s = kv_cache.shape[1]
     kv = kv_cache[:, None, :, :]  # [B, 1, S, R]
@@ -162,7 +224,10 @@ def mla_params(s, block_n: int = 32, heads_block: int = 0, splits: int = 0, num_
             "SPLITS": splits, "SPLITS_BLOCK": next_pow2(splits),
             "BLOCK_L": min(128, next_pow2(s["R"])), "BLOCK_DK": min(32, next_pow2(s["DN"])),
             "BLOCK_DV": min(32, next_pow2(s["DV"])), "BLOCK_RC": min(64, next_pow2(s["R"])),
-            "num_warps": num_warps, "num_stages": 2}
+            "num_warps": num_warps, "num_stages": 2,
+            # absent when off: the parameters name the generated code, which stays as it was
+            **({"ROPE_Q": 1, "ROPE_LAYOUT": s["ROPE_LAYOUT"], "BLOCK_HALF": next_pow2(s["DR"]) // 2,
+                "BLOCK_DR_ROT": next_pow2(s["DR"]), "TWO": 2} if s.get("ROPE_Q", 0) else {})}
 
 
 def default_params(s):
@@ -220,12 +285,18 @@ KERNEL = register(SuiteKernel(
              params=dict(BLOCK_N=16)),
         Case("mask_split", dict(B=1, NH=6, R=64, DR=16, DN=32, DV=16, S=90, L=85, HAS_MASK=1), dict(scale=0.15),
              params=dict(SPLITS=2, SPLITS_BLOCK=2, BLOCK_N=16)),
+        # q_pe rotated in the kernel (ROPE_Q), each pair layout; ROPE_LAYOUT also the reference's scalar
+        *[Case(f"rope_q{layout}", dict(B=2, NH=3, R=32, DR=16, DN=16, DV=16, S=50, L=41, HALF=8, ROPE_Q=1,
+                                       ROPE_LAYOUT=layout, HAS_MASK=int(layout == 2)),
+               dict(scale=0.18, rope_scale=1.1, rope_layout=layout), params=dict(BLOCK_N=16))
+          for layout in (0, 1, 2)],
     ],
     decode_cases=_decode_cases,
     # the filled length is a runtime value: tiles are measured per capacity bucket
     tune_keys=("B", "NH", "R", "DR", "DN", "DV", "S"),
     candidates=candidates,
-    input_makers={"lengths": _lengths, "key_mask": _key_mask, "w_uk": linear_weight, "w_uv": linear_weight},
+    input_makers={"lengths": _lengths, "key_mask": _key_mask, "w_uk": linear_weight, "w_uv": linear_weight,
+                  "pos": positions("S"), "inv_freq": rope_frequencies},
     min_bytes=lambda s, b: (s["B"] * s.get("L", s["S"]) * (s["R"] + s["DR"])
                             + s["NH"] * (s["DN"] + s["DV"]) * s["R"]
                             + s["B"] * s["NH"] * (s["DN"] + s["DR"] + s["DV"])) * b,
