@@ -20,6 +20,8 @@
 #                                  the patched decode step tuned by whole-step timing;
 #                                  the winners stay in this call's tuning cache for later steps and
 #                                  are copied to $OUT/autotune-step.json
+# rowsprobe[:<rows,...>]           benchmarks/rows_probe.py: each many-row form of the matvec family
+#                                  per kernel (ROWS_CANDIDATES dot candidates sampled, default 4)
 # tuned                            use $OUT/autotune.json (or TUNED=<file>) for later steps
 # env:NAME=VALUE                   set an environment variable for later steps (an A/B in one call,
 #                                  e.g. env:TILEFLOW_EARLY_INPUTS=0)
@@ -98,6 +100,9 @@ for step in ${STEPS:-bench:deepseek-r1-distill-qwen-1.5b:128 suite}; do
       timeout "${BENCH_LIMIT:-900}" python3 benchmarks/run_cli_uninstalled.py tune "${targs[@]}" 2>&1 \
         | grep --line-buffered -v -E "Warning|warn\(|^\s*$"
       cp "$TILEFLOW_CACHE_DIR/autotune.json" "$OUT/autotune-step.json" 2>/dev/null || true ;;
+    rowsprobe)
+      timeout "${BENCH_LIMIT:-900}" python3 benchmarks/rows_probe.py --out "$OUT" \
+        --candidates "${ROWS_CANDIDATES:-4}" ${model:+--rows ${model//,/ }} 2>&1 | grep -v -i warn | tail -40 ;;
     tuned)
       cp "${TUNED:-$OUT/autotune.json}" "$TILEFLOW_CACHE_DIR/autotune.json" ;;
     env)
