@@ -313,3 +313,20 @@ def test_bench_weights_where_patch_quantizes_nothing_says_so(tmp_path, tileflow_
     ours = rec["paths"]["tileflow_patch"]
     assert rec["weights"] == "fp8" and ours["weights"] == "model" and "none quantized" in ours["note"]
     assert "quantization_error_max" not in ours
+
+
+@pytest.mark.parametrize("name", ["tiny-deepseek-v2", "tiny-deepseek-v3"])
+def test_deepseek_suite_bytes_add_up_to_the_roofline_bytes(name):
+    """The DeepSeek program's per-class table (fp32: the router's copy is its own bytes)
+    covers what the roofline counts: the chosen experts' weights, the latent cache, the rest."""
+    from tileflow.bench import breakdown as bd
+    from tileflow.bench.models import build_model
+    from tileflow.bench.roofline import bytes_per_token
+    from tileflow.suite import KERNELS
+
+    model = build_model(name, torch.device("cpu"), torch.float32)
+    table = bd.suite_bytes(model.config, 10, 4)
+    want = bytes_per_token(model, 10)
+    assert set(table) <= set(KERNELS) and {"moe_experts", "moe_router", "mla_attention"} <= set(table)
+    # the table also counts the latent rows written and the norms' x reads: a few KB
+    assert 0 <= sum(table.values()) - want["total"] < 0.02 * want["total"], (sum(table.values()), want)

@@ -44,7 +44,10 @@ def kernel_class(name: str) -> str:
 
 def suite_bytes(config, context: int, elem: int) -> dict[str, int]:
     """Least bytes each suite kernel of the fused decode step moves per token (weights,
-    the cache rows it reads or writes), for a Qwen2 / Llama ``config``."""
+    the cache rows it reads or writes), for a Qwen2 / Llama ``config`` (DeepSeek-V2 / V3:
+    :func:`deepseek_suite_bytes`)."""
+    if getattr(config, "kv_lora_rank", None):
+        return deepseek_suite_bytes(config, context, elem)
     d, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
     nh, nkv, layers = config.num_attention_heads, config.num_key_value_heads, config.num_hidden_layers
     dh = getattr(config, "head_dim", None) or d // nh
@@ -57,6 +60,33 @@ def suite_bytes(config, context: int, elem: int) -> dict[str, int]:
         "rms_norm_gate_up_silu": layers * (2 * inter * d + d) * elem,
         "rms_norm_matvec": (vocab * d + d) * elem,
     }
+
+
+def deepseek_suite_bytes(config, context: int, elem: int) -> dict[str, int]:
+    """:func:`suite_bytes` of the DeepSeek program (``deepseek_step``): per layer the norms,
+    the query projection(s), the latent write, MLA over the latent cache with kv_b_proj, o_proj;
+    the dense layers' MLP; the MoE layers' router (an fp32 copy), shared and chosen experts."""
+    c = config
+    d, layers, dense = c.hidden_size, c.num_hidden_layers, c.first_k_dense_replace
+    moe = layers - dense
+    nh, dn, dr, dv, r = (c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim,
+                         c.kv_lora_rank)
+    q_rows, ql = nh * (dn + dr), getattr(c, "q_lora_rank", None)
+    shared = (c.n_shared_experts or 0) * c.moe_intermediate_size
+    table = {
+        "embedding_lookup": d * elem,
+        "rms_norm": (2 * layers) * 2 * d * elem,  # x and gamma: each layer's input and MoE norms
+        "matvec": layers * (ql or q_rows) * d * elem,  # q_proj, or q_a_proj
+        "mla_latent_cache": layers * ((r + dr) * (d + 1) + r) * elem,
+        "mla_attention": layers * (nh * (dn + dv) * r + context * (r + dr)) * elem,
+        "matvec_residual": (layers * nh * dv * d + dense * c.intermediate_size * d + moe * shared * d) * elem,
+        "rms_norm_gate_up_silu": dense * (2 * c.intermediate_size * d + d) * elem,
+        "gate_up_silu": moe * 2 * shared * d * elem,
+        "moe_router": moe * c.n_routed_experts * d * 4,
+        "moe_experts": moe * c.num_experts_per_tok * 3 * c.moe_intermediate_size * d * elem,
+        "rms_norm_matvec": (c.vocab_size * d + d + (layers * (q_rows * ql + ql) if ql else 0)) * elem,
+    }
+    return {k: v for k, v in table.items() if v}
 
 
 @dataclass
