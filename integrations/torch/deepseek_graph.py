@@ -8,7 +8,10 @@ group, sized by ``histc``). Per layer, this pass replaces
 - MLA attention: ``expand_kv`` (``kv_b_proj`` over the whole latent cache, split into
   per-head ``k_nope`` / values, the rope key broadcast, both copied into a new key
   buffer) + SDPA with the causal mask -> ``tileflow::mla_attention`` (absorbed, over
-  the first ``q_position + 1`` latent rows, the mask's per-key terms as its key mask),
+  the first ``q_position + 1`` latent rows, the mask's per-key terms as its key mask);
+  where the query's rope part is rotated in one of the latent write's three rope forms
+  (below) at ``position_ids``, mla_attention takes it unrotated and rotates it itself
+  (``ROPE_Q``, reported as ``mla_query_rope``) and the traced rotation is dropped as dead,
 - the latent cache write: ``kv_a_proj_with_mqa``, split into the latent (``kv_a_layernorm``)
   and the rope key (rotated in one of three forms: DeepSeek-V2's complex product with
   ``freqs_cis``, V3's rotate-half (``rope_interleave=False``) and interleaved pairs), each
@@ -23,12 +26,10 @@ group, sized by ``histc``). Per layer, this pass replaces
   -> ``tileflow::moe_experts``;
 
 the dense MLP / shared experts, the final norm + lm_head (``decode_graph``) and the
-linears and residual adds (``rewrite.py``) are the existing patterns. Kept as traced: the
-query's rope (no suite kernel rotates these layouts from a frequency table; the patch
-program does it in torch too); with the reason in the report, a latent write of another
-form (a rope the three forms do not cover, a bias on ``kv_a_proj_with_mqa``) and an
-experts form other than grouped_mm (the eager loop breaks the graph at ``nonzero``;
-``batched_mm``).
+linears and residual adds (``rewrite.py``) are the existing patterns. Kept as traced, with
+the reason in the report: a query rope or a latent write of another form (a rope the three
+forms do not cover, a bias on ``kv_a_proj_with_mqa``) and an experts form other than
+grouped_mm (the eager loop breaks the graph at ``nonzero``; ``batched_mm``).
 
 Every condition is checked on the graph, as in ``decode_graph``; a subgraph that does
 not match exactly stays as traced and the reason goes to the report.
@@ -51,8 +52,12 @@ from tileflow.suite.mla_latent_cache import LAYOUTS
 _fn, _meth, _ev, _need, _arg, _same = dg._fn, dg._meth, dg._ev, dg._need, dg._arg, dg._same
 NoMatch = dg.NoMatch
 MLA, ROUTER, EXPERTS, LATENT = "mla_attention", "moe_router", "moe_experts", "mla_latent_cache"
+# the report's name for a query rope that mla_attention applies itself (ROPE_Q)
+QUERY_ROPE = "mla_query_rope"
 # the reason a rope key rotated in none of the three forms gives (each form's own reason follows)
 LATENT_REASON = "the rope key's rotation is none of mla_latent_cache's three forms"
+# the same for the query's rope part (mla_attention's ROPE_Q takes the same three forms)
+QUERY_REASON = "the query's rope rotation is none of mla_attention's three forms"
 
 
 # ------------------------------------------------------------------ helpers
@@ -159,7 +164,9 @@ def match_mla(sdpa: fx.Node) -> dict:
                 key_terms=key_terms, batch=b, nh=nh, dv=dv, capacity=s, copies=copies)
 
 
-def rewrite_mla(graph: fx.Graph, sdpa: fx.Node, m: dict, lengths_of: dict) -> None:
+def rewrite_mla(graph: fx.Graph, sdpa: fx.Node, m: dict, lengths_of: dict, rope: Optional[dict] = None) -> None:
+    """With ``rope`` (``match_query_rope``) mla_attention rotates the unrotated rope part
+    itself; the traced rotation is left to the dead-code pass."""
     b, nh = m["batch"], m["nh"]
     with graph.inserting_before(sdpa):
         if m["qpos"] is not None:
@@ -182,9 +189,13 @@ def rewrite_mla(graph: fx.Graph, sdpa: fx.Node, m: dict, lengths_of: dict) -> No
                 key_mask = graph.call_method("expand", (key_mask, (b, -1)))
             key_mask = graph.call_method("to", (key_mask, torch.int32))
         qn = graph.call_method("reshape", (m["q_nope"], (b, nh, -1)))
-        qp = graph.call_method("reshape", (m["q_pe"], (b, nh, -1)))
-        o = graph.call_function(torch.ops.tileflow.mla_attention.default,
-                                (qn, qp, m["keys"], m["values"], lengths, m["w_kvb"], m["dn"], m["scale"], key_mask))
+        qp = graph.call_method("reshape", ((rope or m)["q_pe"], (b, nh, -1)))
+        args = (qn, qp, m["keys"], m["values"], lengths, m["w_kvb"], m["dn"], m["scale"], key_mask)
+        if rope is not None:
+            pos = dg._per_row(graph, rope["pos"], b, shared=False)
+            inv = graph.call_method("to", (rope["inv_freq"], torch.float32))
+            args += (pos, inv, rope["scale"], rope["layout"])
+        o = graph.call_function(torch.ops.tileflow.mla_attention.default, args)
         out = graph.call_method("view", (o, (b, nh, 1, m["dv"])))
     sdpa.replace_all_uses_with(out)
     graph.erase_node(sdpa)
@@ -327,20 +338,50 @@ _ROPE_FORMS = (("V2's complex product", _rope_complex, LAYOUTS["interleaved_out"
                ("V3's interleaved pairs", _rope_interleaved, LAYOUTS["interleaved"]))
 
 
-def _rope_key(out: fx.Node, dr: int, dtype, rope_part) -> tuple:
-    """(position_ids, inv_freq, scale, layout) of the rope key's rotation, one of
-    ``_ROPE_FORMS``, rotating ``rope_part`` itself (not a permutation of it)."""
+def _rope_of(out: fx.Node, dr: int, dtype, rope_part, not_part: str, reason: str) -> tuple:
+    """(position_ids, inv_freq, scale, layout) of the rotation ``out``, one of
+    ``_ROPE_FORMS``, rotating ``rope_part`` itself (not a permutation of it); else NoMatch
+    with ``reason`` and each form's own (``not_part`` where the form rotates another tensor)."""
     why = []
     for name, form, layout in _ROPE_FORMS:
         try:
             k, freqs, scale = form(out, dr, dtype)
-            _need(k is rope_part, "the rotated key is not kv_a_proj_with_mqa's rope part as split and viewed "
-                                  "[B, 1, 1, DR]")
+            _need(k is rope_part, not_part)
         except NoMatch as e:
             why.append(f"{name}: {e}")
             continue
         return (*_angles(freqs, dr // 2), scale, layout)
-    raise NoMatch(f"{LATENT_REASON} ({'; '.join(why)})")
+    raise NoMatch(f"{reason} ({'; '.join(why)})")
+
+
+def _rope_key(out: fx.Node, dr: int, dtype, rope_part) -> tuple:
+    return _rope_of(out, dr, dtype, rope_part,
+                    "the rotated key is not kv_a_proj_with_mqa's rope part as split and viewed [B, 1, 1, DR]",
+                    LATENT_REASON)
+
+
+def match_query_rope(m: dict, sdpa: fx.Node) -> dict:
+    """The rotation of the matched MLA's ``q_pe`` (``match_mla``'s ``m``): one of the three
+    forms, at ``position_ids`` [batch or 1, 1], of the second part of the split of the
+    queries whose first part is ``q_nope``; the rope part unrotated and the rope for ROPE_Q."""
+    q_nope, q_pe, b, nh = m["q_nope"], m["q_pe"], m["batch"], m["nh"]
+    dn, dr = _shape(q_nope)[-1], _shape(q_pe)[-1]
+    split = _getitem(q_nope, 0)
+    sizes = _arg(split, 1, "split_size_or_sections") if split is not None else None
+    _need(_fn(split, torch.functional.split, torch.split) and isinstance(sizes, (list, tuple))
+          and list(sizes) == [dn, dr] and _arg(split, 2, "dim", 0) in (-1, 3),
+          "q_nope is not the first part of a split [DN, DR] of the queries' last axis")
+    parts = [g for g in split.users if _getitem(g, 1) is split]
+    _need(len(parts) == 1 and _shape(parts[0]) == (b, nh, 1, dr), "the split's rope part is not one [B, NH, 1, DR]")
+    part = parts[0]
+    dtype = _ev(part).dtype
+    pos, inv, scale, layout = _rope_of(q_pe, dr, dtype, part, "the rotated query is not the query's rope part "
+                                                              "as split [B, NH, 1, DR]", QUERY_REASON)
+    pv = _ev(pos)
+    _need(pv.shape[0] in (1, b) and pv.shape[1] == 1, "position_ids are not [batch or 1, 1]")
+    # the kernel reads the unrotated part, the positions and inv_freq where the SDPA was
+    dg._no_writes_inside([q_pe], [part, pos, inv], sdpa, allowed=m["copies"])
+    return dict(q_pe=part, pos=pos, inv_freq=inv, scale=scale, layout=layout)
 
 
 def match_latent(keys: fx.Node, values: fx.Node, sdpa: fx.Node, b: int) -> dict:
@@ -701,12 +742,19 @@ def rewrite_attention(graph: fx.Graph, sdpa: fx.Node, report: Report, lengths_of
     except NoMatch as e:
         report.fallback(MLA, where(sdpa), str(e))
         return None
+    try:
+        rope = match_query_rope(m, sdpa)
+    except NoMatch as e:
+        rope = None
+        report.fallback(QUERY_ROPE, where(sdpa), str(e))
     try:  # on the graph as traced: the MLA's rewrite erases the SDPA the writes are ordered against
         lat = match_latent(m["keys"], m["values"], sdpa, m["batch"])
     except NoMatch as e:
         lat, why = None, str(e)
-    rewrite_mla(graph, sdpa, m, lengths_of)
+    rewrite_mla(graph, sdpa, m, lengths_of, rope)
     report.match(MLA)
+    if rope is not None:
+        report.match(QUERY_ROPE)
     if lat is None:
         report.fallback(LATENT, where(sdpa), why)
     else:

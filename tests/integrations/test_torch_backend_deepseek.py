@@ -1,10 +1,11 @@
 """torch.compile(model.forward, backend="tileflow") on tiny DeepSeek-V2 / V3 models (random
 fp32 weights): per layer the latent cache write runs as tileflow::mla_latent_cache (each of
 the three rope forms), the MLA attention as tileflow::mla_attention over the latent cache,
-the router as moe_router and the grouped experts as moe_experts (explain says so, and the
-ops are counted running every step); greedy tokens over a static cache equal eager's and so
-do the latent rows written; a rope form, an experts form or a router the kernels do not
-take keeps the traced code, with the reason."""
+rotating the query's rope part itself (no traced rotation left in the graph), the router as
+moe_router and the grouped experts as moe_experts (explain says so, and the ops are counted
+running every step); greedy tokens over a static cache equal eager's and so do the latent
+rows written; a rope form, an experts form or a router the kernels do not take keeps the
+traced code, with the reason."""
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import tileflow  # noqa: F401  (the backend's entry point)
 from tests.integrations.test_patch_deepseek import prompt, tiny
 from tests.integrations.test_torch_backend import STEPS, _decode, _explain_step
 from tileflow.integrations.shared.hf import cache_keyword
-from tileflow.integrations.torch import deepseek_graph
+from tileflow.integrations.torch import decode_graph, deepseek_graph
 from tileflow.runtime import ops
 
 KERNELS = ("mla_latent_cache", "mla_attention", "moe_router", "moe_experts")
@@ -52,6 +53,7 @@ def assert_every_layer(report, model):
     layers, moe = layers_of(model)
     lora = model.config.q_lora_rank is not None
     assert report.matches["mla_attention"] == layers and report.matches["mla_latent_cache"] == layers, report
+    assert report.matches[deepseek_graph.QUERY_ROPE] == layers, report  # mla_attention rotates the query
     assert report.matches["moe_router"] == moe and report.matches["moe_experts"] == moe, report
     # per layer: the MLP's norm-fused gate/up (dense, or the shared experts'), q_a_layernorm + q_b_proj with
     # q_lora_rank; and the final norm
@@ -78,6 +80,25 @@ def _decode_into(step, model, ids, steps=STEPS):
     return torch.cat(toks, 1), cache
 
 
+@pytest.fixture
+def rewritten(monkeypatch):
+    """The graphs as the DeepSeek pass leaves them (before inductor)."""
+    graphs = []
+
+    def spy(gm, report, architectures=(), _real=decode_graph.rewrite_decode_graph):
+        rows = _real(gm, report, architectures)
+        graphs.append(gm.graph)
+        return rows
+
+    monkeypatch.setattr(decode_graph, "rewrite_decode_graph", spy)
+    return graphs
+
+
+def rotations(graph):
+    """The nodes of a traced rope: the tables' cos / sin (V3) or freqs_cis and the complex product (V2)."""
+    return [n for n in graph.nodes if n.target in ("cos", "sin", torch.polar, torch.view_as_complex)]
+
+
 def assert_same_latent_rows(got, want, filled):
     for g, w in zip(got.layers, want.layers):
         torch.testing.assert_close(g.keys[:, :, :filled], w.keys[:, :, :filled], rtol=1e-5, atol=1e-5)
@@ -85,16 +106,18 @@ def assert_same_latent_rows(got, want, filled):
 
 
 @pytest.mark.parametrize("kind", ["v2", "v2_lora", "v3", "v3_halves"])
-def test_deepseek_compiled_tokens_identical_to_eager(kind, cpu_target, kernel_calls):
+def test_deepseek_compiled_tokens_identical_to_eager(kind, cpu_target, kernel_calls, rewritten):
     """v2: q_proj, greedy softmax routing, YaRN, complex-pair rope; v2_lora: q_lora_rank,
     group-limited greedy routing; v3: q_lora_rank, sigmoid routing with the correction bias
     in 2 of 4 groups, normalised and scaled, interleaved rope; v3_halves: rotate-half rope.
-    The latent rows mla_latent_cache writes are the ones eager writes."""
+    The latent rows mla_latent_cache writes are the ones eager writes; with the key's and
+    the query's rope in the kernels no traced rotation is left."""
     torch._dynamo.reset()
     model, ids = tiny(kind), prompt()
     expected, want = _decode_into(model.forward, model, ids)
     report = _explain_step(model, ids)
     assert_every_layer(report, model)
+    assert len(rewritten) == 1 and not rotations(rewritten[0]), rotations(rewritten[0])
     assert "mla_attention" in str(report) and "mla_latent_cache" in str(report)
     kernel_calls.update(dict.fromkeys(KERNELS, 0))
     compiled = torch.compile(model.forward, backend="tileflow", mode="default")
@@ -124,12 +147,12 @@ def _deinterleaved_rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-def test_a_rope_form_the_pattern_does_not_know_keeps_the_latent_write(monkeypatch, kernel_calls):
+def test_a_rope_form_the_pattern_does_not_know_keeps_the_latent_write(monkeypatch, kernel_calls, rewritten):
     """The interleaved rope computed by permuting the pairs into halves (the same values):
-    the rotation is rotate-half of a permutation of the rope key, none of
-    mla_latent_cache's three forms, so each layer's latent write stays as traced with the
-    reason (every form's own), MLA and the MoE still match and the tokens and the latent
-    rows are eager's."""
+    the rotation is rotate-half of a permutation of the rope key (and of the query's rope
+    part), none of the three forms, so each layer's latent write and query rope stay as
+    traced with the reason (every form's own), MLA and the MoE still match and the tokens
+    and the latent rows are eager's."""
     from transformers.models.deepseek_v3 import modeling_deepseek_v3
 
     monkeypatch.setattr(modeling_deepseek_v3, "apply_rotary_pos_emb_interleave", _deinterleaved_rope)
@@ -138,12 +161,20 @@ def test_a_rope_form_the_pattern_does_not_know_keeps_the_latent_write(monkeypatc
     expected, want = _decode_into(model.forward, model, ids, steps=4)
     report = _explain_step(model, ids)
     assert report.matches["mla_attention"] == 2 and not report.matches["mla_latent_cache"], report
+    assert not report.matches[deepseek_graph.QUERY_ROPE], report
     assert report.matches["moe_router"] == 1 and report.matches["moe_experts"] == 1, report
-    reason = (f"{deepseek_graph.LATENT_REASON} (V2's complex product: not view_as_real(k * freqs_cis).flatten(3)"
-              ".type_as(k); V3's rotate-half: the rotated key is not kv_a_proj_with_mqa's rope part as split and "
-              "viewed [B, 1, 1, DR]; V3's interleaved pairs: not cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], "
-              "-1))")
-    assert [(p, r) for p, _, r in report.fallbacks] == [("mla_latent_cache", reason)] * 2, report
+
+    def reason(why, rotated):
+        return (f"{why} (V2's complex product: not view_as_real(k * freqs_cis).flatten(3).type_as(k); V3's "
+                f"rotate-half: the rotated {rotated}; V3's interleaved pairs: not cat([k1 * cos - k2 * sin, "
+                "k2 * cos + k1 * sin], -1))")
+
+    query = reason(deepseek_graph.QUERY_REASON, "query is not the query's rope part as split [B, NH, 1, DR]")
+    key = reason(deepseek_graph.LATENT_REASON, "key is not kv_a_proj_with_mqa's rope part as split and viewed "
+                                               "[B, 1, 1, DR]")
+    assert [(p, r) for p, _, r in report.fallbacks] == [(deepseek_graph.QUERY_ROPE, query),
+                                                        ("mla_latent_cache", key)] * 2, report
+    assert rotations(rewritten[-1]), "the traced rotations are kept"
     kernel_calls.update(dict.fromkeys(KERNELS, 0))
     got, cache = _decode_into(torch.compile(model.forward, backend="tileflow", mode="default"), model, ids, steps=4)
     torch._dynamo.reset()

@@ -190,19 +190,27 @@ def _(mask, lengths):
 @torch.library.custom_op("tileflow::mla_attention", mutates_args=())
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                   lengths: torch.Tensor, w_kvb: torch.Tensor, dn: int, scale: float,
-                  key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  key_mask: Optional[torch.Tensor] = None, pos: Optional[torch.Tensor] = None,
+                  inv_freq: Optional[torch.Tensor] = None, rope_scale: float = 1.0,
+                  rope_layout: int = 0) -> torch.Tensor:
     """ops.mla_attention of q_nope [B, NH, DN] / q_pe [B, NH, DR] over the latent
-    cache tensors [B, 1, S, R] / [B, 1, S, DR]; ``w_kvb`` is kv_b_proj.weight."""
+    cache tensors [B, 1, S, R] / [B, 1, S, DR]; ``w_kvb`` is kv_b_proj.weight. With ``pos``
+    [B] (int64) and ``inv_freq`` [DR/2] (fp32) ``q_pe`` is not rotated yet: the kernel rotates
+    it (ops.MlaRope: cos / sin times ``rope_scale``, pairs in mla_latent_cache's ``rope_layout``)."""
+    if (pos is None) != (inv_freq is None):
+        raise ValueError("tileflow::mla_attention: the query rope takes both pos and inv_freq")
     nh = q_nope.shape[1]
     wv = w_kvb.view(nh, -1, w_kvb.shape[1])
     mask = None if key_mask is None else key_mask.contiguous()
+    rope = None if pos is None else ops.MlaRope(pos.contiguous(), inv_freq.contiguous(), rope_scale, rope_layout)
     return ops.mla_attention(q_nope.contiguous(), q_pe.contiguous(), keys[:, 0], values[:, 0], lengths,
-                             wv[:, :dn], wv[:, dn:], scale, mask)
+                             wv[:, :dn], wv[:, dn:], scale, mask, rope=rope)
 
 
 
 @mla_attention.register_fake
-def _(q_nope, q_pe, keys, values, lengths, w_kvb, dn, scale, key_mask=None):
+def _(q_nope, q_pe, keys, values, lengths, w_kvb, dn, scale, key_mask=None, pos=None, inv_freq=None, rope_scale=1.0,
+      rope_layout=0):
     nh = q_nope.shape[1]
     return q_nope.new_empty((q_nope.shape[0], nh, w_kvb.shape[0] // nh - dn))
 
