@@ -5,11 +5,12 @@ forward for one new token on a transformers ``StaticCache``, captured in a CUDA 
 a GPU), for the DeepSeek architecture: multi-head latent attention (MLA) over the latent
 cache and DeepSeekMoE. Per layer::
 
-    rms_norm -> q: matvec (q_proj), or matvec (q_a_proj) -> rms_norm_matvec (q_a_layernorm, q_b_proj)
-             -> mla_latent_cache (kv_a_proj_with_mqa, kv_a_layernorm, rope of k_pe: the new latent row
-                written into the model's own cache tensors)
-             -> mla_attention (the query's rope, then absorbed attention over the filled latent rows)
-             -> matvec_residual (o_proj)
+    q: rms_norm_matvec (input_layernorm, q_proj), or rms_norm_matvec (input_layernorm, q_a_proj)
+       -> rms_norm_matvec (q_a_layernorm, q_b_proj)
+    -> mla_latent_cache (input_layernorm, kv_a_proj_with_mqa, kv_a_layernorm, rope of k_pe: the new
+       latent row written into the model's own cache tensors)
+    -> mla_attention (the query's rope, then absorbed attention over the filled latent rows)
+    -> matvec_residual (o_proj)
     dense layers (the first ``first_k_dense_replace``): rms_norm_gate_up_silu -> matvec_residual
     MoE layers: rms_norm -> moe_router -> gate_up_silu -> matvec_residual (shared experts + residual)
                 -> moe_experts (the chosen experts only, adding that sum)
@@ -255,14 +256,14 @@ class DeepSeekDecodeProgram:
         nh, dn, dv = self.nh, self.dn, self.dv
         for w, layer in zip(self.layers, cache.layers):
             kv_cache, pe_cache = layer.keys[:, 0], layer.values[:, 0]  # [B, S, R], [B, S, DR]: views
-            xn = ops.rms_norm(x, w.ln1, w.eps1)
+            # input_layernorm inside the query projection and the latent write (no launch of its own)
             if w.wq is not None:
-                q = ops.matvec(xn, w.wq)
+                q = ops.rms_norm_matvec(x, w.ln1, w.eps1, w.wq)
             else:
-                q = ops.rms_norm_matvec(ops.matvec(xn, w.wqa), w.q_ln, w.q_eps, w.wqb)
+                q = ops.rms_norm_matvec(ops.rms_norm_matvec(x, w.ln1, w.eps1, w.wqa), w.q_ln, w.q_eps, w.wqb)
             q = q.view(b, nh, dn + self.dr)
-            ops.mla_latent_cache(xn, w.w_kva, w.kv_ln, w.kv_eps, p, self.inv_freq, self.rope_scale, self.layout,
-                                 kv_cache, pe_cache, cache_pos=None if row is p else row)
+            ops.mla_latent_cache(x, w.w_kva, w.kv_ln, w.kv_eps, p, self.inv_freq, self.rope_scale, self.layout,
+                                 kv_cache, pe_cache, cache_pos=None if row is p else row, x_norm=(w.ln1, w.eps1))
             o = ops.mla_attention(q[..., :dn], q[..., dn:], kv_cache, pe_cache, lengths, w.w_uk, w.w_uv, w.scale,
                                   key_mask, rope)
             x = ops.matvec_residual(o.view(b, nh * dv), w.wo, x)

@@ -367,7 +367,8 @@ def embedding_lookup(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 def mla_latent_cache(x: torch.Tensor, w_kva: torch.Tensor, ln_w: torch.Tensor, eps: float, pos: torch.Tensor,
                      inv_freq: torch.Tensor, rope_scale: float, rope_layout: int, kv_cache: torch.Tensor,
-                     pe_cache: torch.Tensor, cache_pos: Optional[torch.Tensor] = None) -> None:
+                     pe_cache: torch.Tensor, cache_pos: Optional[torch.Tensor] = None,
+                     x_norm: Optional[tuple[torch.Tensor, float]] = None) -> None:
     """The latent cache rows of the normed inputs ``x`` [M, D], written in place at row
     ``pos[m]`` (int64 [M], also the rope position): ``kv_cache`` [M, S, R] gets
     ``kv_a_layernorm`` (``ln_w``, ``eps``) of the compressed part of ``x @ w_kva.T``,
@@ -375,13 +376,17 @@ def mla_latent_cache(x: torch.Tensor, w_kva: torch.Tensor, ln_w: torch.Tensor, e
     sin times ``rope_scale``, in pair layout ``rope_layout`` (0 rotate-half, 1 interleaved
     in / halves out, 2 interleaved in and out: ``tileflow.suite.mla_latent_cache``).
     ``cache_pos`` [M] (int64), when given, is the row written instead (a static cache's own
-    count), the rotation still at ``pos``; a row outside the cache is not written."""
+    count), the rotation still at ``pos``; a row outside the cache is not written. With
+    ``x_norm`` (gamma, eps) ``x`` is the layer's input and its RMSNorm is applied inside."""
     values = {"x": x, "w_kva": w_kva, "ln_w": ln_w, "pos": pos, "inv_freq": inv_freq, "kv_cache": kv_cache,
               "pe_cache": pe_cache, "eps": eps, "rope_scale": rope_scale, "rope_layout": rope_layout}
     flags = {"ROPE_LAYOUT": rope_layout}
     if cache_pos is not None:
         values["cache_pos"] = cache_pos
         flags["CACHE_POS"] = 1
+    if x_norm is not None:
+        values.update(x_ln=x_norm[0], x_eps=x_norm[1])
+        flags["NORM"] = 1
     launch("mla_latent_cache", values, flags)
 
 

@@ -21,6 +21,11 @@ weight stream spread over many programs), writing ``y`` to an fp32 workspace; ``
 (one program per token) needs all ``R`` outputs at once for the norm's sum of squares and
 both members of each rope pair, which no single row block of the projection holds.
 
+With ``NORM`` ``x`` is the layer's input before its RMSNorm (``x_ln``, ``x_eps``): each
+``project`` program gathers the row's sum of squares on its way through ``x`` and scales its
+sums by the rstd afterwards (as the matvec family's norm forms), so the step needs no
+separate norm launch for the latent write.
+
 With ``CACHE_POS`` the row written comes from its own ``cache_pos`` input (int64 [M]), the
 rope still at ``pos``: transformers' static cache writes at its own count, which equals the
 position only for an unpadded sequence; a row outside ``[0, S)`` is then not written.
@@ -37,6 +42,9 @@ def define(k, p):
     x = k.input("x", ("M", "D"))
     w_kva = k.input("w_kva", ("RA", "D"))
     ln_w = k.input("ln_w", ("R",))
+    norm = p.get("NORM", 0)
+    if norm:
+        x_ln = k.input("x_ln", ("D",))
     pos = k.input("pos", ("M",), dtype="i64")
     if p.get("CACHE_POS", 0):
         cache_pos = k.input("cache_pos", ("M",), dtype="i64")
@@ -48,17 +56,26 @@ def define(k, p):
     # the layout as a launch argument too, unused by the code (specialised on ROPE_LAYOUT):
     # the reference sees arguments, never parameters, and every caller binds both from one value
     k.scalar("rope_layout")
+    x_eps = k.scalar("x_eps") if norm else None
     ws_y = k.workspace("y", ("M", "RA"))
 
     with k.stage("project", grid=("cdiv(RA, BLOCK_O)", "M")):
         m = k.program_id(1)
         rows = k.range(k.program_id(0) * k.param("BLOCK_O"), "BLOCK_O", aligned=True)
-        with k.loop(0, k.dim("D"), "BLOCK_K", carry=(k.full(("BLOCK_O", "BLOCK_K"), 0.0),)) as lp:
-            (acc,) = lp.carry
+        d = k.dim("D")
+        carry = (k.full(("BLOCK_O", "BLOCK_K"), 0.0),) + ((k.full(("BLOCK_K",), 0.0),) if norm else ())
+        with k.loop(0, d, "BLOCK_K", carry=carry) as lp:
+            acc = lp.carry[0]
             cols = k.range(lp.index, "BLOCK_K", aligned=True)
-            lp.next(acc + k.load(w_kva, (rows, cols)) * k.load(x, (m, cols))[None, :])
-        (acc,) = lp.results
-        k.store(ws_y, (m, rows), k.sum(acc, axis=1))
+            if norm:  # sum(w * x * g) * rstd: the sums wait for no reduction of x
+                wt, xv = k.load(w_kva, (rows, cols)), k.load(x, (m, cols))
+                lp.next(acc + wt * (xv * k.load(x_ln, (cols,)))[None, :], lp.carry[1] + xv * xv)
+            else:
+                lp.next(acc + k.load(w_kva, (rows, cols)) * k.load(x, (m, cols))[None, :])
+        y = k.sum(lp.results[0], axis=1)
+        if norm:
+            y = y * k.rsqrt(k.sum(lp.results[1], axis=0) / k.cast(d, "f32") + x_eps)
+        k.store(ws_y, (m, rows), y)
 
     with k.stage("write", grid=("M",)):
         m = k.program_id(0)
@@ -96,13 +113,15 @@ def define(k, p):
 
 
 def reference(xp, x, w_kva, ln_w, pos, inv_freq, kv_cache, pe_cache, eps, rope_scale, rope_layout: int,
-              cache_pos=None):
+              cache_pos=None, x_ln=None, x_eps=None):
     """transformers' computation: kv_a_proj_with_mqa, split, RMSNorm of the compressed part,
     rope (cos / sin times ``rope_scale``) of the rope part in the model's pair layout.
     ``rope_layout`` is the case's ROPE_LAYOUT (the kernel's code is specialised on the
     parameter and takes the same value as an unused launch argument: ``_case`` sets both).
     With ``cache_pos`` the rows go there (none where it is outside the cache), rotated at ``pos``."""
     layout = int(rope_layout)
+    if x_ln is not None:  # NORM: the layer's input norm first
+        x = x / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + x_eps) * x_ln
     m, s, nr = kv_cache.shape
     dr = pe_cache.shape[-1]
     y = x @ xp.matrix_transpose(w_kva)  # [M, R + DR]
@@ -131,6 +150,7 @@ def default_params(s):
             "BLOCK_DR": next_pow2(s["DR"]), "BLOCK_HALF": next_pow2(s["DR"]) // 2, "TWO": 2,
             # absent when off: the parameters name the generated code, which stays as it was
             **({"CACHE_POS": 1} if s.get("CACHE_POS", 0) else {}),
+            **({"NORM": 1} if s.get("NORM", 0) else {}),
             "num_warps": 4, "num_stages": 2}
 
 
@@ -144,7 +164,8 @@ def _case(label, m, d, r, dr, s, layout, eps=1e-6, rope_scale=1.0, params=None, 
     """A case: ROPE_LAYOUT both in the sizes (the kernel's parameter) and in the reference's
     scalars, from one value."""
     sizes = dict(M=m, D=d, R=r, DR=dr, RA=r + dr, HALF=dr // 2, S=s, ROPE_LAYOUT=layout, **extra)
-    return Case(label, sizes, dict(eps=eps, rope_scale=rope_scale, rope_layout=layout), params=dict(params or {}))
+    scalars = dict(eps=eps, rope_scale=rope_scale, rope_layout=layout, **({"x_eps": 1e-5} if extra.get("NORM") else {}))
+    return Case(label, sizes, scalars, params=dict(params or {}))
 
 
 # DeepSeek-V2-Lite (hidden 2048, rope_interleave as V2's complex rotation) and DeepSeek-V3
@@ -167,6 +188,9 @@ KERNEL = register(SuiteKernel(
         # written at cache_pos, rotated at pos (a left-padded batch: rows apart from positions)
         _case("cachepos-halves", 3, 48, 32, 16, 20, 0, rope_scale=1.1, CACHE_POS=1),
         _case("cachepos-interleaved_out", 2, 40, 32, 16, 24, 2, params=dict(BLOCK_O=16), CACHE_POS=1),
+        # the layer's input norm inside the projection
+        _case("norm-interleaved_out", 2, 72, 32, 16, 30, 2, params=dict(BLOCK_O=16, BLOCK_K=32), NORM=1),
+        _case("norm-cachepos-halves", 3, 48, 32, 16, 20, 0, rope_scale=1.1, CACHE_POS=1, NORM=1),
     ],
     decode_cases=_decode_cases,
     tune_keys=("M", "D", "R", "DR"),
