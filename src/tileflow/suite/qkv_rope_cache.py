@@ -265,14 +265,17 @@ def default_params(s):
 def candidates(s):
     base = default_params(s)
     if "PROGRAM_ROWS" in base:  # several rows a program: dot tiles (16 wide and more), or summed products
-        if base.get("DOT"):
-            return [{**base, "BLOCK_J": bj, "BLOCK_K": bk, "num_warps": nw, "num_stages": st}
-                    for bj in (16, 32) for bk in (64, 128, 256) for nw in (4, 8) for st in (2, 3, 4)
-                    if bk <= max(16, next_pow2(s["K"])) and bj <= s["DH"] // 2]
-        rb = base["ROWS_BLOCK"]
-        return [{**base, "BLOCK_J": bj, "BLOCK_K": bk, "num_warps": nw, **({"PIPELINE": 1} if piped else {})}
-                for bj in (1, 2, 4, 8) for bk in (64, 128, 256, 512, 1024) for nw in (2, 4, 8) for piped in (0, 1)
-                if bk <= next_pow2(s["K"]) and 1024 <= 2 * rb * bj * bk <= 16384 and bj <= s["DH"] // 2]
+        dots = [{**base, "BLOCK_J": bj, "BLOCK_K": bk, "num_warps": nw, "num_stages": st}
+                for bj in (16, 32) for bk in (64, 128, 256) for nw in (4, 8) for st in (2, 3, 4)
+                if base.get("DOT") and bk <= max(16, next_pow2(s["K"])) and bj <= s["DH"] // 2]
+        # the summed form: narrower tiles, so more programs (a dot needs 16 rotation pairs a program)
+        summed = {k: v for k, v in base.items() if k != "DOT"}
+        summed["ROWS_BLOCK"] = rb = next_pow2(base["PROGRAM_ROWS"])
+        return dots + [{**summed, "BLOCK_J": bj, "BLOCK_K": bk, "num_warps": nw, "num_stages": 2,
+                        **({"PIPELINE": 1} if piped else {})}
+                       for bj in (1, 2, 4, 8) for bk in (64, 128, 256, 512, 1024) for nw in (2, 4, 8)
+                       for piped in (0, 1)
+                       if bk <= next_pow2(s["K"]) and 1024 <= 2 * rb * bj * bk <= 16384 and bj <= s["DH"] // 2]
     return [{**base, "BLOCK_J": bj, "BLOCK_K": bk, "num_warps": nw, **({"PIPELINE": 1} if piped else {})}
             for bj in (1, 2, 4, 8) for bk in (512, 1024, 2048, 4096) for nw in (2, 4, 8) for piped in (0, 1)
             if bk <= next_pow2(s["K"]) and 1024 <= 2 * bj * bk <= 16384 and bj <= s["DH"] // 2]
