@@ -251,3 +251,52 @@ def test_on_the_gpu_tokens_identical_and_bf16_within_bound(kind):
     assert report.steps == tokens.shape[1] - ids.shape[1] and not report.fallbacks, str(report)
     eager_err, err = (eager - want).abs().max().item(), (got - want).abs().max().item()
     assert err <= 1.5 * eager_err + 0.02, (err, eager_err)
+
+
+@pytest.mark.parametrize("kind", ["v2", "v3"])
+def test_a_step_launches_the_suite_kernels_and_little_torch(kind, monkeypatch):
+    """One decode step of the program: the kernels a layer launches (the input norm inside
+    the query projection and the latent write, the query's rope inside mla_attention), and
+    between them torch runs no more than a handful of ops a step (views aside), none a layer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tileflow.integrations.transformers.deepseek_step import DeepSeekDecodeProgram
+    from tileflow.runtime import ops
+
+    model, ids = tiny(kind), prompt()
+    program = DeepSeekDecodeProgram(model)
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + 4)
+    with torch.no_grad():
+        model(ids, use_cache=True, **{cache_keyword(model): cache})
+    launched, inside, outside = [], [0], []
+    real = ops.launch
+
+    def counted(kernel, *a, **k):
+        launched.append(kernel)
+        inside[0] += 1
+        try:
+            return real(kernel, *a, **k)
+        finally:
+            inside[0] -= 1
+
+    class Outside(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside[0] and not func._schema.name.startswith(("aten::view", "aten::slice", "aten::select",
+                                                                     "aten::_unsafe_view", "aten::alias",
+                                                                     "aten::unsqueeze", "aten::squeeze",
+                                                                     "aten::expand", "aten::as_strided",
+                                                                     "aten::t", "aten::transpose")):
+                outside.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(ops, "launch", counted)
+    tok, pos = ids[:, -1:], torch.tensor([[ids.shape[1]]])
+    with torch.no_grad(), Outside():
+        program.run(tok, pos, cache)
+    q = ["rms_norm_matvec"] * (2 if model.config.q_lora_rank else 1)  # q_proj, or q_a_proj then q_b_proj
+    attention = q + ["mla_latent_cache", "mla_attention", "matvec_residual"]
+    dense = attention + ["rms_norm_gate_up_silu", "matvec_residual"]
+    moe = attention + ["rms_norm", "moe_router", "gate_up_silu", "matvec_residual", "moe_experts"]
+    assert launched == ["embedding_lookup"] + dense + moe + ["rms_norm_matvec"], launched
+    # the step's cache bookkeeping (rows, lengths, the counters' advance), not per layer
+    assert len(outside) <= 8, outside
