@@ -100,7 +100,7 @@ def _layer_problems(layer, cfg) -> list[str]:
 @dataclass(frozen=True, slots=True)
 class DeepSeekLayer:
     """A DeepSeek decoder layer's tensors and constants, where they lie (views, no copies,
-    except the router weight: see :func:`deepseek_layer`)."""
+    except V3's correction bias where it is not fp32: see :func:`deepseek_layer`)."""
 
     ln1: torch.Tensor  # input_layernorm gamma [D]
     eps1: float
@@ -121,7 +121,7 @@ class DeepSeekLayer:
     wg: torch.Tensor  # dense MLP gate_proj [I, D], or the shared experts' [n_shared * MI, D]
     wu: torch.Tensor
     wd: torch.Tensor
-    router: Optional[torch.Tensor]  # gate.weight [E, D] fp32; None in a dense layer
+    router: Optional[torch.Tensor]  # gate.weight [E, D] (fp32 or the model's dtype); None in a dense layer
     bias: Optional[torch.Tensor]  # e_score_correction_bias [E] fp32 (V3), else None
     top_k: int
     n_group: int
@@ -133,8 +133,7 @@ class DeepSeekLayer:
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:
-    # moe_router reads fp32 router tensors, as the router upcasts them; transformers 5.25 keeps
-    # gate.weight in fp32, 5.17 in the model's dtype: there, a one-time fp32 copy (exact: the upcast)
+    # the correction bias as the router upcasts it (a one-time copy of E values where not fp32)
     return t if t.dtype == torch.float32 else t.detach().float()
 
 
@@ -156,7 +155,8 @@ def deepseek_layer(layer, cfg) -> DeepSeekLayer:
         # V2's greedy is one group of all experts; V2 never normalises (its router ignores norm_topk_prob)
         grouped = v3 or g.topk_method == "group_limited_greedy"
         e, two_i, d = ex.gate_up_proj.shape
-        route = dict(router=_fp32(g.weight), bias=_fp32(g.e_score_correction_bias) if v3 else None, top_k=g.top_k,
+        # gate.weight where it lies: fp32 (transformers 5.25) or the model's dtype (5.17), upcast by moe_router
+        route = dict(router=g.weight, bias=_fp32(g.e_score_correction_bias) if v3 else None, top_k=g.top_k,
                      n_group=g.num_group if grouped else 1, topk_group=g.topk_group if grouped else 1,
                      norm_topk=bool(v3 and g.norm_topk_prob), routed_scale=float(g.routed_scaling_factor),
                      gate_up=ex.gate_up_proj.view(e, 2, two_i // 2, d), down=ex.down_proj)

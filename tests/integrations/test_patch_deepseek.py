@@ -300,3 +300,27 @@ def test_a_step_launches_the_suite_kernels_and_little_torch(kind, monkeypatch):
     assert launched == ["embedding_lookup"] + dense + moe + ["rms_norm_matvec"], launched
     # the step's cache bookkeeping (rows, lengths, the counters' advance), not per layer
     assert len(outside) <= 8, outside
+
+
+def test_a_router_weight_in_the_models_dtype_is_read_where_it_lies(monkeypatch):
+    """transformers 5.17 keeps gate.weight in the model's dtype (5.25: fp32): the router reads
+    it where it lies (no fp32 copy, no extra memory) and upcasts in the kernel, as the model's
+    router upcasts it; bf16 logits within the bound test's margin."""
+    from tileflow.runtime import ops
+
+    model, ids = tiny("v3"), prompt()
+    tokens = greedy(model, ids, cache_implementation="static")
+    want = _teacher_forced(model, tokens, ids.shape[1])
+    model = model.to(torch.bfloat16)
+    gates = [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+    for gate in gates:
+        gate.weight.data = gate.weight.data.to(torch.bfloat16)
+    eager = _teacher_forced(model, tokens, ids.shape[1])
+    seen, real = [], ops.moe_router
+    monkeypatch.setattr(ops, "moe_router", lambda x, w, *a, **k: seen.append(w) or real(x, w, *a, **k))
+    report = tileflow.patch(model, options=CPU)
+    got = _teacher_forced(model, tokens, ids.shape[1])
+    assert report.steps == tokens.shape[1] - ids.shape[1] and not report.fallbacks, str(report)
+    assert seen and all(w.data_ptr() == gates[0].weight.data_ptr() and w.dtype == torch.bfloat16 for w in seen)
+    eager_err, err = (eager - want).abs().max().item(), (got - want).abs().max().item()
+    assert err <= 1.5 * eager_err + 0.02, (err, eager_err)

@@ -425,7 +425,7 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tens
 def moe_router(x: torch.Tensor, w: torch.Tensor, top_k: int, scale: float, n_group: int = 1, topk_group: int = 1,
                norm_topk: bool = False, bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeekMoE's gate for the rows of ``x`` [M, D] with the router weight ``w`` [E, D]
-    (fp32): (topk_idx [M, top_k] int64, best first; topk_weight [M, top_k] fp32). Without
+    (fp32, or x's dtype: upcast in the kernel): (topk_idx [M, top_k] int64, best first; topk_weight [M, top_k] fp32). Without
     ``bias``: DeepSeek-V2's softmax scores; with ``bias`` (``e_score_correction_bias`` [E],
     fp32): DeepSeek-V3's sigmoid scores chosen with the bias. The best ``topk_group`` of
     ``n_group`` groups are kept, the weights normalised where ``norm_topk``, times ``scale``."""
@@ -433,8 +433,11 @@ def moe_router(x: torch.Tensor, w: torch.Tensor, top_k: int, scale: float, n_gro
               "norm_topk": int(norm_topk)}
     if bias is not None:
         values["bias"] = bias
-    # K sizes the outputs (no input has it); METHOD picks the scores
-    return launch("moe_router", values, {"K": top_k, "METHOD": int(bias is not None)})
+    # K sizes the outputs (no input has it); METHOD picks the scores; WEIGHT_T: w in x's dtype
+    flags = {"K": top_k, "METHOD": int(bias is not None)}
+    if w.dtype == x.dtype != torch.float32:
+        flags["WEIGHT_T"] = 1
+    return launch("moe_router", values, flags)
 
 
 def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, gate_up: torch.Tensor,

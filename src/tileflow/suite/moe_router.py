@@ -33,7 +33,8 @@ NEG = float("-inf")
 
 def define(k, p):
     x = k.input("x", ("M", "D"))
-    w = k.input("w", ("E", "D"), dtype="f32")  # transformers keeps gate.weight in fp32
+    # gate.weight as transformers keeps it: fp32 (5.25), or the model's dtype (WEIGHT_T: 5.17), upcast here
+    w = k.input("w", ("E", "D"), dtype="T" if p.get("WEIGHT_T", 0) else "f32")
     sigmoid = p["METHOD"] == 1
     bias = k.input("bias", ("E",), dtype="f32") if sigmoid else None
     idx_out = k.output("topk_idx", ("M", "K"), dtype="i64")
@@ -156,7 +157,7 @@ def default_params(s):
     e, d, m = s["E"], s["D"], s.get("M", 1)
     p = {"BLOCK_N": 1 if e <= 128 else 2, "BLOCK_K": min(1024, next_pow2(d)), "SPLIT_K": 1,
          "BLOCK_E": next_pow2(e), "BLOCK_TOPK": next_pow2(s["K"]), "METHOD": s.get("METHOD", 0),
-         "num_warps": 4, "num_stages": 2}
+         "num_warps": 4, "num_stages": 2, **({"WEIGHT_T": 1} if s.get("WEIGHT_T", 0) else {})}
     if m > 1:  # a round's [BLOCK_M, BLOCK_N, BLOCK_K] products stay within 16k
         p["BLOCK_M"] = block_m(m)
         p["BLOCK_K"] = min(p["BLOCK_K"], max(32, 16384 // (p["BLOCK_N"] * p["BLOCK_M"])))
@@ -216,6 +217,9 @@ KERNEL = register(SuiteKernel(
         Case("noaux-splitk", dict(M=4, E=48, K=4, D=96, METHOD=1), _scalars(4, 1.0, 4, 2),
              params=dict(SPLIT_K=2, BLOCK_K=32, BLOCK_N=4)),
         Case("noaux-odd", dict(M=3, E=8, K=2, D=33, METHOD=1), _scalars(2, 2.5, 2, 1, 1)),
+        # the router weight in the activations' dtype (transformers 5.17 keeps it so)
+        Case("greedy-weight-t", dict(M=2, E=16, K=4, D=48, METHOD=0, WEIGHT_T=1), _scalars(4)),
+        Case("noaux-weight-t", dict(M=1, E=32, K=4, D=64, METHOD=1, WEIGHT_T=1), _scalars(4, 2.5, 4, 2, 1)),
     ],
     decode_cases=_decode_cases,
     candidates=candidates,
