@@ -65,7 +65,8 @@ def suite_bytes(config, context: int, elem: int) -> dict[str, int]:
 def deepseek_suite_bytes(config, context: int, elem: int) -> dict[str, int]:
     """:func:`suite_bytes` of the DeepSeek program (``deepseek_step``): per layer the norms,
     the query projection(s), the latent write, MLA over the latent cache with kv_b_proj, o_proj;
-    the dense layers' MLP; the MoE layers' router (an fp32 copy), shared and chosen experts."""
+    the dense layers' MLP; the MoE layers' router (fp32, as transformers 5.25 keeps it), shared and
+    chosen experts."""
     c = config
     d, layers, dense = c.hidden_size, c.num_hidden_layers, c.first_k_dense_replace
     moe = layers - dense
