@@ -34,8 +34,8 @@ does not fall out of this definition (its activations are not group-quantized th
 
 import torch
 
-from tileflow.suite.matvec_family import (grouped_candidates, grouped_params, grouped_split, reduce_stage,
-                                          split_k_range, store_sums, store_with_bias)
+from tileflow.suite.matvec_family import (MatvecForm, grouped_candidates, grouped_params, grouped_split,
+                                          reduce_stage, rms_scale, rsqrt_mean, split_k_range)
 from tileflow.suite.quantize import FP8_MAX, GROUP
 from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
 
@@ -59,17 +59,77 @@ def round_e4m3(k, v):
     return k.where(v < 0.0, -r, r)
 
 
-def define(k, p):
+# the plain kernel: one weight (w, ws), an optional bias; the fused forms
+# (suite/matvec_quant_fused.py) name their weights by suffix: w_g, ws_g...
+FORM = MatvecForm(
+    weights=("",),
+    outputs=("out",),
+    extras=lambda p: (("b", ("N",)),) if p["HAS_BIAS"] else (),
+    epilogue=lambda k, sums, ex: [sums[0] + ex["b"]] if ex else [sums[0]],
+)
+
+
+def check_block_n(name: str, p) -> None:
     if p["BLOCK_N"] > GROUP or GROUP % p["BLOCK_N"]:
-        raise ValueError(f"matvec_fp8: BLOCK_N={p['BLOCK_N']} must divide {GROUP} (one row of block scales)")
+        raise ValueError(f"{name}: BLOCK_N={p['BLOCK_N']} must divide {GROUP} (one row of block scales)")
+
+
+def fp8_views(k, suffix: str, rows: str = "N", blocks: str = "NB") -> tuple:
+    """One fp8 weight's inputs: ``w<suffix>`` [rows, K] and its fp32 ``weight_scale_inv``
+    ``ws<suffix>`` [ceil(rows/128), ceil(K/128)]."""
+    return k.input(f"w{suffix}", (rows, "K"), dtype="f8e4m3"), k.input(f"ws{suffix}", (blocks, "KB"), dtype="f32")
+
+
+def x_groups(k, x, row, cols, hi, ln_w=None, ss=None) -> tuple:
+    """(xg, ss): a round's columns ``cols`` of row ``row`` of x as [BLOCK_G, GROUP] groups (past
+    ``hi``: zeros), times the norm's gamma ``ln_w`` where given; with ``ss`` (the carried
+    [BLOCK_K] sums of x^2, for the norm's scale) its new value."""
+    xv = k.load(x, (row, cols), limits={1: hi})
+    if ss is not None:
+        ss = ss + xv * xv
+    if ln_w is not None:
+        xv = xv * k.load(ln_w, (cols,), limits={0: hi})
+    return k.reshape(xv, ("BLOCK_G", "GROUP")), ss
+
+
+def quantize_groups(k, xg) -> tuple:
+    """(xq, a_s): the activations' dynamic quantization, per 128 columns (zeros stay zeros)."""
+    amax = k.max(k.unary("abs", xg), axis=1)
+    # divisors spelled out per element (+ v * 0.0): XLA rewrites a division by a constant
+    # or a broadcast as a multiplication by the reciprocal, one ulp off, which rounds
+    # ties of x / a_s (frequent with bf16 x) the other way; other targets divide as written
+    a_s = amax / (amax * 0.0 + FP8_MAX)
+    den = k.maximum(a_s, 1e-12)[:, None] + xg * 0.0
+    return round_e4m3(k, xg / den), a_s
+
+
+def group_sums(k, wt, xq, a_s, load_scales):
+    """[BLOCK_N] sums of a round: each group's fp32 dot of the fp8 tile ``wt`` [BLOCK_N, BLOCK_K]
+    with ``xq``, times its activation scale and the weight's block scales (``load_scales()``,
+    [BLOCK_G])."""
+    wt = k.reshape(wt, ("BLOCK_N", "BLOCK_G", "GROUP"))
+    dots = k.sum(wt * xq[None, :, :], axis=2)  # [BLOCK_N, BLOCK_G]: each group's fp32 dot
+    w_s = load_scales()
+    return k.sum(dots * a_s[None, :] * w_s[None, :], axis=1)
+
+
+def define_fp8(form: MatvecForm, k, p) -> None:
+    """``form`` (matvec_family's :class:`MatvecForm`, its ``weights`` the suffixes of fp8
+    weights) over fp8 weights: x quantized once a round for every weight, the RMSNorm of x
+    first where ``form.norm`` (x * gamma quantized, the norm's scale applied to the sums:
+    the group scale a_s takes rstd's factor, xq is the same), then the epilogue."""
+    check_block_n(k.name, p)
     x = k.input("x", ("M", "K"))
-    w = k.input("w", ("N", "K"), dtype="f8e4m3")
-    ws = k.input("ws", ("NB", "KB"), dtype="f32")  # weight_scale_inv [ceil(N/128), ceil(K/128)]
-    b = k.input("b", ("N",)) if p["HAS_BIAS"] else None
-    out = k.output("out", ("M", "N"))
+    ln_w = k.input("ln_w", ("K",)) if form.norm else None
+    ws = [fp8_views(k, suffix) for suffix in form.weights]
+    extras = {name: k.input(name, shape) for name, shape in form.extras(p)}
+    outs = [k.output(o, ("M", "N")) for o in form.outputs]
+    eps = k.scalar("eps") if form.norm else None
     split = p["SPLIT_K"]
-    part = k.workspace("part", ("SPLIT_K", "M", "N")) if split > 1 else None
-    groups = ("BLOCK_G", "GROUP")
+    parts = [k.workspace(f"part{suffix}", ("SPLIT_K", "M", "N")) for suffix in form.weights] if split > 1 else []
+
+    def load_extras(row, rows):
+        return {name: k.load(view, (rows,) if view.rank == 1 else (row, rows)) for name, view in extras.items()}
 
     with k.stage("matvec", grid=("cdiv(N, BLOCK_N)", "SPLIT_K", "M")):
         row = k.program_id(2)
@@ -77,25 +137,42 @@ def define(k, p):
         rows = k.range(first, "BLOCK_N", aligned=True)
         block_row = first // k.param("GROUP")
         lo, hi = split_k_range(k, k.dim("K"), split)
-        with k.loop(lo, hi, "BLOCK_K", carry=[k.full(("BLOCK_N",), 0.0)]) as lp:
+        gather_ss = form.norm and split == 1
+        acc0 = [k.full(("BLOCK_N",), 0.0) for _ in ws] + ([k.full(("BLOCK_K",), 0.0)] if gather_ss else [])
+        with k.loop(lo, hi, "BLOCK_K", carry=acc0) as lp:
             cols = k.range(lp.index, "BLOCK_K", aligned=True)
-            # the activations' dynamic quantization, per 128 columns (past K: zeros)
-            xg = k.reshape(k.load(x, (row, cols), limits={1: hi}), groups)
-            amax = k.max(k.unary("abs", xg), axis=1)
-            # divisors spelled out per element (+ v * 0.0): XLA rewrites a division by a constant
-            # or a broadcast as a multiplication by the reciprocal, one ulp off, which rounds
-            # ties of x / a_s (frequent with bf16 x) the other way; other targets divide as written
-            a_s = amax / (amax * 0.0 + FP8_MAX)
-            den = k.maximum(a_s, 1e-12)[:, None] + xg * 0.0
-            xq = round_e4m3(k, xg / den)
-            wt = k.reshape(k.load(w, (rows, cols), limits={1: hi}), ("BLOCK_N", "BLOCK_G", "GROUP"))
-            dots = k.sum(wt * xq[None, :, :], axis=2)  # [BLOCK_N, BLOCK_G]: each group's fp32 dot
-            w_s = k.load(ws, (block_row, k.range(lp.index // k.param("GROUP"), "BLOCK_G", aligned=True)))
-            lp.next(lp.carry[0] + k.sum(dots * a_s[None, :] * w_s[None, :], axis=1))
-        store_sums(k, part, out, b, row, rows, lp.results[0])
+            xg, ss = x_groups(k, x, row, cols, hi, ln_w, lp.carry[len(ws)] if gather_ss else None)
+            xq, a_s = quantize_groups(k, xg)
+            new = []
+            for acc, (w, w_scale) in zip(lp.carry, ws):
+                wt = k.load(w, (rows, cols), limits={1: hi})
+                new.append(acc + group_sums(k, wt, xq, a_s, lambda w_scale=w_scale: k.load(
+                    w_scale, (block_row, k.range(lp.index // k.param("GROUP"), "BLOCK_G", aligned=True)))))
+            lp.next(*new, *([ss] if gather_ss else []))
+        sums = list(lp.results)
+        if gather_ss:
+            scale = rsqrt_mean(k, sums.pop(), k.dim("K"), eps)
+        elif form.norm:
+            scale = rms_scale(k, x, row, k.dim("K"), eps)
+        if form.norm:
+            sums = [s * scale for s in sums]
+        if split > 1:
+            for part, s in zip(parts, sums):
+                k.store(part, (k.program_id(1), row, rows), s)
+        else:
+            for out, y in zip(outs, form.epilogue(k, sums, load_extras(row, rows))):
+                k.store(out, (row, rows), y)
 
     if split > 1:
-        reduce_stage(k, [part], lambda row, rows, ys: store_with_bias(k, out, b, row, rows, ys[0]))
+        def finish(row, rows, sums):
+            for out, y in zip(outs, form.epilogue(k, sums, load_extras(row, rows))):
+                k.store(out, (row, rows), y)
+
+        reduce_stage(k, parts, finish)
+
+
+def define(k, p):
+    define_fp8(FORM, k, p)
 
 
 def e4m3_nearest(xp, v):

@@ -21,64 +21,147 @@ Each program owns ``BLOCK_N`` rows of one row of x and streams [BLOCK_N, BLOCK_K
 import torch
 
 from tileflow.suite.inputs import linear_weight
-from tileflow.suite.matvec_family import (grouped_candidates, grouped_params, grouped_split, reduce_stage,
-                                          split_k_range, store_sums, store_with_bias)
+from tileflow.suite.matvec_family import (MatvecForm, grouped_candidates, grouped_params, grouped_split,
+                                          reduce_stage, rms_scale, rsqrt_mean, split_k_range)
 from tileflow.suite.quantize import GROUP
 from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
 
 
-def define(k, p):
+THREE = ("BLOCK_N", "BLOCK_G", "GROUP")
+PAIR = ("BLOCK_G", "GROUP")
+
+# the plain kernel: one weight (qw, scales, zeros), an optional bias; the fused forms
+# (suite/matvec_quant_fused.py) name their weights by suffix: qw_g, scales_g, zeros_g...
+FORM = MatvecForm(
+    weights=("",),
+    outputs=("out",),
+    extras=lambda p: (("b", ("N",)),) if p["HAS_BIAS"] else (),
+    epilogue=lambda k, sums, ex: [sums[0] + ex["b"]] if ex else [sums[0]],
+)
+
+
+def int4_views(k, suffix: str, rows: str = "N") -> tuple:
+    """One int4 weight's inputs: codes ``qw<suffix>`` [rows, K/2] and ``scales<suffix>`` /
+    ``zeros<suffix>`` [rows, K/128]."""
+    return (k.input(f"qw{suffix}", (rows, "KH"), dtype="u8"), k.input(f"scales{suffix}", (rows, "G")),
+            k.input(f"zeros{suffix}", (rows, "G")))
+
+
+def dequant_round(k, load, cols, j, half, hi):
+    """A round's tiles of one int4 weight, fp32 [BLOCK_N, BLOCK_G, GROUP] (the low nibbles:
+    columns ``cols`` = [j, j + BLOCK_K); the high ones K/2 further on). ``load(which, idx,
+    limit)`` reads the program's rows of the codes (0, as i32) or of the scales / zeros (1 /
+    2) at columns ``idx``, 0 from ``limit`` on."""
+    def dequant(codes, first_group, group_limit):
+        # (q - 8) * scale + zero over [BLOCK_N, BLOCK_G, GROUP]; past the row's end the
+        # scale and zero read 0, so the weight is 0 there
+        g = k.range(first_group, "BLOCK_G")
+        s = load(1, g, group_limit)
+        z = load(2, g, group_limit)
+        q = k.reshape(k.cast(codes - 8, "f32"), THREE)
+        return q * s[:, :, None] + z[:, :, None]
+
+    byte = load(0, cols, hi)
+    # the low nibbles are columns [j, j + BLOCK_K), the high ones K/2 further on
+    w_lo = dequant(byte & 15, j // k.param("GROUP"), half // k.param("GROUP"))
+    w_hi = dequant(byte >> 4, (half + j) // k.param("GROUP"), k.dim("G"))
+    return w_lo, w_hi
+
+
+def x_round(k, x, row, cols, j, half, hi, ln_w=None, ss=None) -> tuple:
+    """(x_lo, x_hi, ss): a round's two slices of row ``row`` of x as [BLOCK_G, GROUP] tiles
+    (columns ``cols`` and K/2 further on), times the norm's gamma ``ln_w`` where given; with
+    ``ss`` (the carried [BLOCK_K] sums of x^2, for the norm's scale) its new value."""
+    def part(idx, limit, ss):
+        xv = k.load(x, (row, idx), limits={1: limit})
+        if ss is not None:
+            ss = ss + xv * xv
+        if ln_w is not None:
+            xv = xv * k.load(ln_w, (idx,), limits={0: limit})
+        return k.reshape(xv, PAIR), ss
+
+    x_lo, ss = part(cols, hi, ss)
+    x_hi, ss = part(k.range(half + j, "BLOCK_K"), half + hi, ss)
+    return x_lo, x_hi, ss
+
+
+def define_int4(form: MatvecForm, k, p) -> None:
+    """``form`` (matvec_family's :class:`MatvecForm`, its ``weights`` the suffixes of int4
+    weights) over int4 weights: each weight's products summed in fp32, the RMSNorm of x
+    first where ``form.norm`` (its scale applied to the sums), then the epilogue."""
     x = k.input("x", ("M", "K"))
-    qw = k.input("qw", ("N", "KH"), dtype="u8")
-    scales = k.input("scales", ("N", "G"))
-    zeros = k.input("zeros", ("N", "G"))
-    b = k.input("b", ("N",)) if p["HAS_BIAS"] else None
-    out = k.output("out", ("M", "N"))
+    ln_w = k.input("ln_w", ("K",)) if form.norm else None
+    ws = [int4_views(k, suffix) for suffix in form.weights]
+    extras = {name: k.input(name, shape) for name, shape in form.extras(p)}
+    outs = [k.output(o, ("M", "N")) for o in form.outputs]
+    eps = k.scalar("eps") if form.norm else None
     split = p["SPLIT_K"]
-    part = k.workspace("part", ("SPLIT_K", "M", "N")) if split > 1 else None
-    three = ("BLOCK_N", "BLOCK_G", "GROUP")
+    parts = [k.workspace(f"part{suffix}", ("SPLIT_K", "M", "N")) for suffix in form.weights] if split > 1 else []
+
+    def load_extras(row, rows):
+        return {name: k.load(view, (rows,) if view.rank == 1 else (row, rows)) for name, view in extras.items()}
 
     with k.stage("matvec", grid=("cdiv(N, BLOCK_N)", "SPLIT_K", "M")):
         row = k.program_id(2)
         rows = k.range(k.program_id(0) * k.param("BLOCK_N"), "BLOCK_N", aligned=True)
         half = k.dim("KH")  # bytes a row: column j's byte also holds column j + K/2
         lo, hi = split_k_range(k, half, split)
-
-        def dequant(codes, first_group, group_limit):
-            # (q - 8) * scale + zero over [BLOCK_N, BLOCK_G, GROUP]; past the row's end the
-            # scale and zero read 0, so the weight is 0 there
-            g = k.range(first_group, "BLOCK_G")
-            s = k.load(scales, (rows, g), limits={1: group_limit})
-            z = k.load(zeros, (rows, g), limits={1: group_limit})
-            q = k.reshape(k.cast(codes - 8, "f32"), three)
-            return q * s[:, :, None] + z[:, :, None]
-
-        with k.loop(lo, hi, "BLOCK_K", carry=[k.full(three, 0.0)]) as lp:
+        # without split-K the loop sees all of x (both halves): it gathers the norm's sum of squares
+        gather_ss = form.norm and split == 1
+        acc0 = [k.full(THREE, 0.0) for _ in ws] + ([k.full(("BLOCK_K",), 0.0)] if gather_ss else [])
+        with k.loop(lo, hi, "BLOCK_K", carry=acc0) as lp:
             j = lp.index
             cols = k.range(j, "BLOCK_K", aligned=True)
-            byte = k.load(qw, (rows, cols), limits={1: hi})
-            # the low nibbles are columns [j, j + BLOCK_K), the high ones K/2 further on
-            w_lo = dequant(byte & 15, j // k.param("GROUP"), half // k.param("GROUP"))
-            w_hi = dequant(byte >> 4, (half + j) // k.param("GROUP"), k.dim("G"))
-            x_lo = k.reshape(k.load(x, (row, cols), limits={1: hi}), ("BLOCK_G", "GROUP"))
-            x_hi = k.reshape(k.load(x, (row, k.range(half + j, "BLOCK_K")), limits={1: half + hi}),
-                             ("BLOCK_G", "GROUP"))
-            lp.next(lp.carry[0] + w_lo * x_lo[None, :, :] + w_hi * x_hi[None, :, :])
-        store_sums(k, part, out, b, row, rows, k.sum(k.sum(lp.results[0], axis=2), axis=1))
+            tiles = []
+            for codes, scales, zeros in ws:
+                views = (codes, scales, zeros)
+                tiles.append(dequant_round(
+                    k, lambda which, idx, limit, views=views: k.load(views[which], (rows, idx), limits={1: limit}),
+                    cols, j, half, hi))
+            x_lo, x_hi, ss = x_round(k, x, row, cols, j, half, hi, ln_w, lp.carry[len(ws)] if gather_ss else None)
+            new = [a + w_lo * x_lo[None, :, :] + w_hi * x_hi[None, :, :] for a, (w_lo, w_hi) in zip(lp.carry, tiles)]
+            lp.next(*new, *([ss] if gather_ss else []))
+        results = list(lp.results)
+        if gather_ss:
+            scale = rsqrt_mean(k, results.pop(), k.dim("K"), eps)
+        elif form.norm:
+            scale = rms_scale(k, x, row, k.dim("K"), eps)
+        sums = [k.sum(k.sum(a, axis=2), axis=1) for a in results]
+        if form.norm:
+            # sum(w * x * g) * rstd == sum(w * (x * rstd) * g): the norm scales the sums
+            sums = [s * scale for s in sums]
+        if split > 1:
+            for part, s in zip(parts, sums):
+                k.store(part, (k.program_id(1), row, rows), s)
+        else:
+            for out, y in zip(outs, form.epilogue(k, sums, load_extras(row, rows))):
+                k.store(out, (row, rows), y)
 
     if split > 1:
-        reduce_stage(k, [part], lambda row, rows, ys: store_with_bias(k, out, b, row, rows, ys[0]))
+        def finish(row, rows, sums):
+            for out, y in zip(outs, form.epilogue(k, sums, load_extras(row, rows))):
+                k.store(out, (row, rows), y)
+
+        reduce_stage(k, parts, finish)
 
 
-def reference(xp, x, qw, scales, zeros, b=None):
-    """Dequantize (unpack the nibbles, ``(q - 8) * scale + zero``), then ``x @ w.T (+ b)``."""
+def define(k, p):
+    define_int4(FORM, k, p)
+
+
+def dequantize(xp, qw, scales, zeros, dtype):
+    """The weight [N, K] of packed codes ``qw`` (the nibbles unpacked, ``(q - 8) * scale + zero``)."""
     q = xp.astype(qw, xp.int32)
     q = xp.concat([q & 15, q >> 4], axis=1)
     n, kdim = q.shape
     group = xp.arange(kdim) // GROUP
     s, z = xp.take(scales, group, axis=1), xp.take(zeros, group, axis=1)
-    w = (xp.astype(q, x.dtype) - 8) * s + z
-    y = x @ xp.matrix_transpose(w)
+    return (xp.astype(q, dtype) - 8) * s + z
+
+
+def reference(xp, x, qw, scales, zeros, b=None):
+    """Dequantize (unpack the nibbles, ``(q - 8) * scale + zero``), then ``x @ w.T (+ b)``."""
+    y = x @ xp.matrix_transpose(dequantize(xp, qw, scales, zeros, x.dtype))
     return {"out": y + b if b is not None else y}
 
 
