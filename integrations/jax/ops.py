@@ -311,3 +311,75 @@ def matvec_fp8(x: Array, w: Array, ws: Array, b: Optional[Array] = None) -> Arra
     (out,) = _call("matvec_fp8", {"x": x.reshape(_rows(x), k), "w": w, "ws": ws, "b": b},
                    {"HAS_BIAS": int(b is not None)})
     return out.reshape(x.shape[:-1] + (n,))
+
+
+# --- their fused forms (the quantized decode layer's launches): each weight given as its
+# arrays, int4 (qw, scales, zeros) or fp8 (w, ws), as the plain functions above take them ---
+
+
+def _quantized(fn: str, kind: str, weight: tuple, suffix: str) -> dict:
+    names = ("qw", "scales", "zeros") if kind == "int4" else ("w", "ws")
+    if len(weight) != len(names):
+        raise ValueError(f"{fn}: a {kind} weight is ({', '.join(names)}), got {len(weight)} arrays")
+    return {f"{n}{suffix}": a for n, a in zip(names, weight)}
+
+
+def _gate_up(kind: str, x: Array, ln_w: Array, eps: float, gate: tuple, up: tuple) -> Array:
+    fn = f"rms_norm_gate_up_silu_{kind}"
+    _need_ranks(fn, x=(x, -1), ln_w=(ln_w, 1))
+    values = {"x": x.reshape(_rows(x), x.shape[-1]), "ln_w": ln_w, **_quantized(fn, kind, gate, "_g"),
+              **_quantized(fn, kind, up, "_u"), "eps": eps}
+    (out,) = _call(fn, values)
+    return out.reshape(x.shape[:-1] + (gate[0].shape[0],))
+
+
+def _residual(kind: str, x: Array, weight: tuple, r: Array) -> Array:
+    fn = f"matvec_residual_{kind}"
+    _need_ranks(fn, x=(x, -1), r=(r, -1))
+    n = weight[0].shape[0]
+    (out,) = _call(fn, {"x": x.reshape(_rows(x), x.shape[-1]), **_quantized(fn, kind, weight, ""),
+                        "r": r.reshape(_rows(r), n)})
+    return out.reshape(x.shape[:-1] + (n,))
+
+
+def _qkv(kind: str, x: Array, ln_w: Array, eps: float, q: tuple, k: tuple, v: tuple, bq: Optional[Array] = None,
+         bk: Optional[Array] = None, bv: Optional[Array] = None) -> tuple[Array, Array, Array]:
+    fn = f"rms_norm_qkv_{kind}"
+    _need_ranks(fn, x=(x, -1), ln_w=(ln_w, 1), bq=(bq, 1), bk=(bk, 1), bv=(bv, 1))
+    values = {"x": x.reshape(_rows(x), x.shape[-1]), "ln_w": ln_w, **_quantized(fn, kind, q, "_q"),
+              **_quantized(fn, kind, k, "_k"), **_quantized(fn, kind, v, "_v"), "b_q": bq, "b_k": bk, "b_v": bv,
+              "eps": eps}
+    outs = _call(fn, values, {"HAS_BIAS": int(bq is not None)})
+    return tuple(o.reshape(x.shape[:-1] + (o.shape[-1],)) for o in outs)
+
+
+def rms_norm_gate_up_silu_int4(x: Array, ln_w: Array, eps: float, gate: tuple, up: tuple) -> Array:
+    """``silu(n @ Wg.T) * (n @ Wu.T)``, ``n = rms_norm(x, ln_w, eps)``, int4 weights, one launch."""
+    return _gate_up("int4", x, ln_w, eps, gate, up)
+
+
+def rms_norm_gate_up_silu_fp8(x: Array, ln_w: Array, eps: float, gate: tuple, up: tuple) -> Array:
+    """``silu(n @ Wg.T) * (n @ Wu.T)``, ``n = rms_norm(x, ln_w, eps)``, fp8 weights, one launch."""
+    return _gate_up("fp8", x, ln_w, eps, gate, up)
+
+
+def matvec_residual_int4(x: Array, weight: tuple, r: Array) -> Array:
+    """``x @ W.T + r`` for an int4 weight (qw, scales, zeros), one launch."""
+    return _residual("int4", x, weight, r)
+
+
+def matvec_residual_fp8(x: Array, weight: tuple, r: Array) -> Array:
+    """``x @ W.T + r`` for an fp8 weight (w, ws), one launch."""
+    return _residual("fp8", x, weight, r)
+
+
+def rms_norm_qkv_int4(x: Array, ln_w: Array, eps: float, q: tuple, k: tuple, v: tuple, bq: Optional[Array] = None,
+                      bk: Optional[Array] = None, bv: Optional[Array] = None) -> tuple[Array, Array, Array]:
+    """(q, k, v): ``n @ W.T (+ b)`` of three int4 weights, ``n = rms_norm(x, ln_w, eps)``, one launch."""
+    return _qkv("int4", x, ln_w, eps, q, k, v, bq, bk, bv)
+
+
+def rms_norm_qkv_fp8(x: Array, ln_w: Array, eps: float, q: tuple, k: tuple, v: tuple, bq: Optional[Array] = None,
+                     bk: Optional[Array] = None, bv: Optional[Array] = None) -> tuple[Array, Array, Array]:
+    """(q, k, v): ``n @ W.T (+ b)`` of three fp8 weights, ``n = rms_norm(x, ln_w, eps)``, one launch."""
+    return _qkv("fp8", x, ln_w, eps, q, k, v, bq, bk, bv)

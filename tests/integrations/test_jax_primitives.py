@@ -129,7 +129,44 @@ def test_every_registered_kernel_has_a_jax_function():
     missing = sorted(n for n in KERNELS if not callable(getattr(tfj, n, None)) or n not in tfj.__all__)
     assert not missing, f"suite kernels without a tileflow.jax function: {', '.join(missing)}"
     fused = {"qkv_rope_cache", "rms_norm_gate_up_silu", "rms_norm_matvec"}  # test_jax_optimize.py runs these
-    assert set(KERNELS) - set(primitives_names()) == fused
+    assert set(KERNELS) - set(primitives_names()) == fused | set(QUANT_FUSED)
+
+
+# the quantized matvecs' fused forms: name -> the function's arguments from the kernel's named inputs
+# (their kernels' Triton and Pallas code is what tests/suite/test_matvec_quant_fused.py checks)
+def _weight(t, suffix):
+    return tuple(t[n + suffix] for n in (("qw", "scales", "zeros") if f"qw{suffix}" in t else ("w", "ws")))
+
+
+QUANT_FUSED = {
+    **{f"rms_norm_gate_up_silu_{kind}": lambda t, s: (t["x"], t["ln_w"], s["eps"], _weight(t, "_g"), _weight(t, "_u"))
+       for kind in ("int4", "fp8")},
+    **{f"matvec_residual_{kind}": lambda t, s: (t["x"], _weight(t, ""), t["r"]) for kind in ("int4", "fp8")},
+    **{f"rms_norm_qkv_{kind}": lambda t, s: (t["x"], t["ln_w"], s["eps"], *(_weight(t, x) for x in ("_q", "_k", "_v")),
+                                              t.get("b_q"), t.get("b_k"), t.get("b_v"))
+       for kind in ("int4", "fp8")},
+}
+
+
+@pytest.mark.parametrize("name", sorted(QUANT_FUSED))
+def test_the_quantized_fused_functions(name, monkeypatch):
+    """Each fused quantized form's ``tileflow.jax`` function (the reference lowering, jit) on a
+    case with several rows: its arguments reach the kernel by name, its outputs match float64."""
+    from tileflow import jax as tfj
+
+    _target(monkeypatch, "reference")
+    kernel = KERNELS[name]
+    case = next(c for c in kernel.test_cases if c.sizes["M"] > 1)
+    inputs = make_inputs(kernel, kernel.build(kernel.params_for(case)), case, torch.float32,
+                         torch.Generator().manual_seed(secrets.randbits(31)))
+    ir = kernel.build(kernel.params_for(case))
+    args = QUANT_FUSED[name]({v.name: _operand(inputs, v) for v in ir.inputs}, case.scalars)
+    outs = jax.jit(getattr(tfj, name), static_argnums=(2,) if name.startswith("rms_norm") else ())(*args)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    ref = reference_outputs(kernel, inputs, dict(case.scalars))
+    for v, got in zip(ir.outputs, outs):
+        err, problem = compare(_to_torch(got), ref[v.name])
+        assert not problem and err <= BOUNDS["fp32"], (name, v.name, problem, err)
 
 
 @pytest.mark.parametrize("name,case,dtype,target", _matrix())

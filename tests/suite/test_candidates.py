@@ -76,11 +76,17 @@ def test_leaderboard_retries_tuned_parameters(gpu_suite):
     assert len({tuple(sorted(p.items())) for p in picked}) == 6
 
 
+# registered without a library path in benchmarks/vendor.py yet (the fused quantized forms,
+# issue 35): each must still raise there, so adding one takes it off this list
+NO_VENDOR_BASELINE = {"rms_norm_gate_up_silu_int4", "matvec_residual_int4", "rms_norm_qkv_int4",
+                      "rms_norm_gate_up_silu_fp8", "matvec_residual_fp8", "rms_norm_qkv_fp8"}
+
+
 @pytest.mark.parametrize("name", sorted(KERNELS))
 def test_every_kernel_has_a_vendor_baseline_that_computes_the_reference(name, monkeypatch):
     """The leaderboard times each kernel beside a library path (benchmarks/vendor.py): every
-    registered kernel must have one, and for kernels with one output it must compute what
-    the reference does (fp32 on CPU, the first test case)."""
+    registered kernel must have one (but those listed as not yet), and for kernels with one
+    output it must compute what the reference does (fp32 on CPU, the first test case)."""
     import torch
 
     from tileflow.verify import make_inputs, reference_outputs
@@ -88,6 +94,10 @@ def test_every_kernel_has_a_vendor_baseline_that_computes_the_reference(name, mo
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from vendor import vendor_call
 
+    if name in NO_VENDOR_BASELINE:
+        with pytest.raises(KeyError):
+            vendor_call(name, {}, {})
+        return
     kernel = KERNELS[name]
     case = kernel.test_cases[0]
     ir = kernel.build(kernel.params_for(case))

@@ -12,3 +12,5 @@ from tileflow.suite import mla_latent_cache, mla_attention, moe_router, moe_expe
 from tileflow.suite import matvec_int4, matvec_fp8  # noqa: F401,E402
 # fused decode patterns: several suite kernels' work in one launch (``fused=True``)
 from tileflow.suite import qkv_rope_cache, rms_norm_gate_up_silu, rms_norm_matvec  # noqa: F401,E402
+# their fused forms: the quantized decode layer's launches (norm + gate/up, residual, norm + q/k/v)
+from tileflow.suite import matvec_quant_fused  # noqa: F401,E402
