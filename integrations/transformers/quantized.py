@@ -23,11 +23,15 @@ quantized weights: the whole decode step is :class:`QuantizedDecodeProgram`, and
 other call (a prompt, a dynamic cache, a batch the program declines) runs the model's
 own forward, whose projection modules get a forward through the same quantized matvecs.
 
-The step is the plain sequence rms_norm -> q/k/v matvecs -> rope_q (q and k) -> K/V
-written into the static cache -> gqa_attention -> o matvec + residual_add -> rms_norm ->
-gate/up matvecs -> silu_mul -> down matvec + residual_add, then the final rms_norm_matvec:
-the fused kernels of the model-dtype step (qkv_rope_cache, rms_norm_gate_up_silu,
-matvec_residual) have no quantized form yet; that fusion is left.
+The step runs the fused quantized kernels (``tileflow.suite.matvec_quant_fused``), as the
+model-dtype program runs its fused ones: per layer rms_norm_qkv (the norm and the q/k/v
+projections, + biases, one launch) -> one rope_q launch for q's and k's heads -> K/V written
+into the static cache -> gqa_attention -> matvec_residual (o) -> rms_norm_gate_up_silu ->
+matvec_residual (down), then the final rms_norm_matvec. RoPE and the cache write stay
+separate (the model-dtype qkv_rope_cache does them in registers; no quantized form of it
+yet). A group whose projections differ in kind (a projection the int4 layout cannot take
+stays in the model's dtype) or carry biases the fused form does not take runs its plain
+sequence: rms_norm, one matvec a projection, rope_q, silu_mul, residual_add.
 """
 
 from __future__ import annotations
@@ -160,6 +164,23 @@ class QuantLayer:
     gate: QuantLinear
     up: QuantLinear
     down: QuantLinear
+    qkv_kind: Optional[str] = None  # "int4" / "fp8": q, k, v through rms_norm_qkv; None: the plain sequence
+    mlp_kind: Optional[str] = None  # gate and up through rms_norm_gate_up_silu
+    o_kind: Optional[str] = None  # o_proj through matvec_residual
+    down_kind: Optional[str] = None
+
+
+FUSED = ("int4", "fp8")  # the kinds the fused quantized kernels take
+
+
+def fused_kind(*lins: QuantLinear, biases: bool = False) -> Optional[str]:
+    """The kind ("int4" / "fp8") of projections that one fused quantized kernel can run
+    together (``biases``: all of them with a bias or none), else None."""
+    kinds = {lin.kind for lin in lins}
+    if len(kinds) != 1 or not kinds <= set(FUSED):
+        return None
+    with_bias = {lin.bias is not None for lin in lins}
+    return kinds.pop() if (biases and len(with_bias) == 1) or with_bias == {False} else None
 
 
 LARGE = 1 << 30  # projection bytes from which the progress bar shows even where stderr is not a terminal
@@ -298,13 +319,42 @@ class QuantizedDecodeProgram:
             self.host.restore()
             raise
         self.bytes_after = nbytes(t for lin, _ in self.linears.values() for t in lin.tensors)
+        self.matches = self._matches()
+
+    def _matches(self) -> dict[str, int]:
+        """The kernels of one step, as the report counts them: each fused quantized kernel
+        (named by kind), and the plain matvecs of the groups that could not fuse."""
         kernels = {"int4": "matvec_int4", "fp8": "matvec_fp8", "model": "matvec"}
-        self.matches: dict[str, int] = {}
-        for lin, _ in self.linears.values():
-            self.matches[kernels[lin.kind]] = self.matches.get(kernels[lin.kind], 0) + 1
-        n = len(layers)
-        self.matches.update({"embedding": 1, "rms_norm": 2 * n, "rope": 2 * n, "gqa_attention": n,
-                             "residual_add": 2 * n, "silu_mul": n, "rms_norm_matvec": 1})
+        counts: dict[str, int] = {}
+
+        def add(name, n=1):
+            counts[name] = counts.get(name, 0) + n
+
+        n = len(self.layers)
+        for w in self.layers:
+            if w.qkv_kind:
+                add(f"rms_norm_qkv_{w.qkv_kind}")
+                add("rope")
+            else:
+                for lin in (w.q, w.k, w.v):
+                    add(kernels[lin.kind])
+                add("rms_norm")
+                add("rope", 2)
+            if w.mlp_kind:
+                add(f"rms_norm_gate_up_silu_{w.mlp_kind}")
+            else:
+                for lin in (w.gate, w.up):
+                    add(kernels[lin.kind])
+                add("rms_norm")
+                add("silu_mul")
+            for kind, lin in ((w.o_kind, w.o), (w.down_kind, w.down)):
+                if kind:
+                    add(f"matvec_residual_{kind}")
+                else:
+                    add(kernels[lin.kind])
+                    add("residual_add")
+        counts.update({"embedding": 1, "gqa_attention": n, "rms_norm_matvec": 1})
+        return counts
 
     def _quantize(self, layers, weights: str, checkpoint: bool, dtype: torch.dtype) -> None:
         """Each layer's projections quantized, measured, then their originals to the host."""
@@ -326,11 +376,14 @@ class QuantizedDecodeProgram:
                 if not checkpoint and self.linears[where][0].kind != "model":
                     self.host.stash(self.linears[where][1], where)
             a = layer.self_attn
+            q, k, v, o = made["q_proj"], made["k_proj"], made["v_proj"], made["o_proj"]
+            gate, up, down = made["gate_proj"], made["up_proj"], made["down_proj"]
             self.layers.append(QuantLayer(
                 ln1=layer.input_layernorm.weight, eps1=layer.input_layernorm.variance_epsilon,
-                q=made["q_proj"], k=made["k_proj"], v=made["v_proj"], o=made["o_proj"], scale=a.scaling,
+                q=q, k=k, v=v, o=o, scale=a.scaling,
                 ln2=layer.post_attention_layernorm.weight, eps2=layer.post_attention_layernorm.variance_epsilon,
-                gate=made["gate_proj"], up=made["up_proj"], down=made["down_proj"]))
+                gate=gate, up=up, down=down, qkv_kind=fused_kind(q, k, v, biases=True),
+                mlp_kind=fused_kind(gate, up), o_kind=fused_kind(o), down_kind=fused_kind(down)))
 
     @property
     def takes_any_position(self) -> bool:
@@ -344,8 +397,12 @@ class QuantizedDecodeProgram:
             layer, _, name = where.rpartition(".")
             per_layer.setdefault(layer.rsplit(".", 1)[0], {})[name] = err
         lines = [f"weights {self.kind}: {len(self.errors)} projections quantized (q/k/v/o, gate/up/down of "
-                 f"{len(self.layers)} layers); embeddings, norms and lm_head in the model's dtype; fused quantized "
-                 f"kernels not yet (a plain sequence of kernels a layer)"]
+                 f"{len(self.layers)} layers); embeddings, norms and lm_head in the model's dtype"]
+        plain = [f"model.layers.{i}" for i, w in enumerate(self.layers)
+                 if not (w.qkv_kind and w.mlp_kind and w.o_kind and w.down_kind)]
+        if plain:  # a projection of another kind (or a bias) in a group: that group's plain sequence
+            lines.append(f"weights {self.kind}: {', '.join(plain)}: not every projection in a fused quantized "
+                         f"kernel (the rest as a plain sequence of kernels)")
         moved = nbytes(param for _, param, _, _ in self.host.entries)
         lines.append(f"weights {self.kind}: projections on {self.device}: {self.bytes_before / 2**20:.1f} MiB before, "
                      f"{self.bytes_after / 2**20:.1f} MiB after; {moved / 2**20:.1f} MiB of original weights in host "
@@ -380,18 +437,36 @@ class QuantizedDecodeProgram:
         x = ops.embedding_lookup(tok.reshape(m), self.embed)
         nh, nkv, dh = self.nh, self.nkv, self.dh
         for w, layer in zip(self.layers, cache.layers):
-            h = ops.rms_norm(x, w.ln1, w.eps1)
-            q = ops.rope_q(w.q(h).view(m, nh, dh), p, self.rope_cfg)
-            k = ops.rope_q(w.k(h).view(m, nkv, dh), p, self.rope_cfg)
-            v = w.v(h)
+            if w.qkv_kind:
+                qk, v = ops.rms_norm_qkv_quant(w.qkv_kind, x, w.ln1, w.eps1, w.q.tensors, w.k.tensors, w.v.tensors,
+                                               w.q.bias, w.k.bias, w.v.bias)
+                # q's and k's heads side by side: one rope launch rotates both
+                qk = ops.rope_q(qk.view(m, nh + nkv, dh), p, self.rope_cfg)
+                q, k = qk[:, :nh], qk[:, nh:]
+            else:
+                h = ops.rms_norm(x, w.ln1, w.eps1)
+                q = ops.rope_q(w.q(h).view(m, nh, dh), p, self.rope_cfg)
+                k = ops.rope_q(w.k(h).view(m, nkv, dh), p, self.rope_cfg)
+                v = w.v(h)
             # K/V into the cache rows, as StaticLayer.update writes them (every sequence the same rows)
-            layer.keys.index_copy_(2, row, k.view(b, r, nkv, dh).transpose(1, 2))
+            layer.keys.index_copy_(2, row, k.reshape(b, r, nkv, dh).transpose(1, 2))
             layer.values.index_copy_(2, row, v.view(b, r, nkv, dh).transpose(1, 2))
             o = ops.gqa_attention(q.view(b, r, nh, dh) if r > 1 else q, layer.keys, layer.values, lengths, w.scale,
                                   key_mask=key_mask)
-            x = ops.residual_add(w.o(o.reshape(m, nh * dh)), x)
-            h = ops.rms_norm(x, w.ln2, w.eps2)
-            x = ops.residual_add(w.down(ops.silu_mul(w.gate(h), w.up(h))), x)
+            x = self._residual(w.o_kind, w.o, o.reshape(m, nh * dh), x)
+            if w.mlp_kind:
+                act = ops.rms_norm_gate_up_silu_quant(w.mlp_kind, x, w.ln2, w.eps2, w.gate.tensors, w.up.tensors)
+            else:
+                h = ops.rms_norm(x, w.ln2, w.eps2)
+                act = ops.silu_mul(w.gate(h), w.up(h))
+            x = self._residual(w.down_kind, w.down, act, x)
         logits = ops.rms_norm_matvec(x, self.norm_w, self.norm_eps, self.lm_head_w)
         _advance(cache, r)
         return logits
+
+    @staticmethod
+    def _residual(kind: Optional[str], lin: QuantLinear, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``x + lin(a)``: one fused launch where ``kind`` says so, else the matvec and residual_add."""
+        if kind:
+            return ops.matvec_residual_quant(kind, a, lin.tensors, x)
+        return ops.residual_add(lin(a), x)

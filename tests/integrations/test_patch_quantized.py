@@ -9,6 +9,7 @@ low-precision ones; ``unpatch`` gives back the model exactly. An fp8 checkpoint'
 ``test_an_fp8_checkpoint_on_cpu``) run through ``matvec_fp8`` on their own tensors."""
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
@@ -98,17 +99,28 @@ def check_in_place(model, before: dict, device_before: int):
     assert now.keys() == before.keys() and all(torch.equal(before[k], now[k]) for k in before)
 
 
-def count_calls(monkeypatch, names):
+def count_calls(monkeypatch, names, seen=None):
+    """Calls of each ops function in ``names``; ``seen`` (a list) gets each call's (name, args)."""
     calls = dict.fromkeys(names, 0)
     for name in names:
         real = getattr(ops, name)
 
         def counted(*a, _real=real, _name=name, **k):
             calls[_name] += 1
+            if seen is not None:
+                seen.append((_name, a))
             return _real(*a, **k)
 
         monkeypatch.setattr(ops, name, counted)
     return calls
+
+
+# the fused quantized kernels of a step, and the weights (QuantLinear.tensors) each call reads
+FUSED_OPS = {"rms_norm_qkv_quant": lambda a: a[4:7], "rms_norm_gate_up_silu_quant": lambda a: a[4:6],
+             "matvec_residual_quant": lambda a: a[2:3]}
+# what the quantized step must never run: the model-dtype projections and the unfused sequence's kernels
+UNFUSED_OPS = ("matvec", "matvec_residual", "qkv_rope_cache", "rms_norm_gate_up_silu", "rms_norm", "residual_add",
+               "silu_mul")
 
 
 def check_report(report, model, weights: str):
@@ -120,7 +132,12 @@ def check_report(report, model, weights: str):
     for i in range(len(model.model.layers)):  # one line a layer in the report, with its worst error
         worst = max(v for k, v in report.quantized.items() if k.startswith(f"model.layers.{i}."))
         assert any(f"model.layers.{i}: max relative error {worst:.2e}" in n for n in report.notes), report.notes
-    assert report.matches[KERNEL[weights]] == len(names) and "matvec_residual" not in report.matches
+    # every projection in a fused quantized kernel: q/k/v, gate/up, o and down of each layer
+    layers = len(model.model.layers)
+    assert {k: v for k, v in report.matches.items() if weights in k} == {
+        f"rms_norm_qkv_{weights}": layers, f"rms_norm_gate_up_silu_{weights}": layers,
+        f"matvec_residual_{weights}": 2 * layers}, report.matches
+    assert not {"matvec", "matvec_residual", "rms_norm", "residual_add", "silu_mul"} & set(report.matches)
     assert "lm_head" in str(report)  # the report says what stayed in the model's dtype
 
 
@@ -135,11 +152,13 @@ def test_greedy_tokens_equal_the_eager_quantized_model_fp32(kind, weights, monke
     before = state(model)
     steps = []
     real_run = QuantizedDecodeProgram.run
-    monkeypatch.setattr(QuantizedDecodeProgram, "run", lambda self, *a, **k: steps.append(1) or real_run(self, *a, **k))
+    monkeypatch.setattr(QuantizedDecodeProgram, "run",
+                        lambda self, *a, **k: steps.append(self) or real_run(self, *a, **k))
     device_before, params = device_bytes(model), {n: m.weight for n, m in projections(model)}
     report = tileflow.patch(model, options={**CPU, "weights": weights})
     # counted from here (patch measured the errors through the same ops)
-    calls = count_calls(monkeypatch, [KERNEL[weights], "matvec", "matvec_residual", "qkv_rope_cache"])
+    seen = []
+    calls = count_calls(monkeypatch, [KERNEL[weights], *FUSED_OPS, *UNFUSED_OPS, "rope_q"], seen)
     check_report(report, model, weights)
     check_in_place(model, before, device_before)
     got = greedy(model, ids)
@@ -147,10 +166,21 @@ def test_greedy_tokens_equal_the_eager_quantized_model_fp32(kind, weights, monke
     assert len(set(expected[0, 9:].tolist())) > 5
     assert not torch.equal(got, plain)  # the quantized weights, not the model's, decided the tokens
     # every decode step the quantized program's; the prompt pass through the projections' own forwards
-    assert report.steps == len(steps) == NEW_TOKENS - 1
+    decode = NEW_TOKENS - 1
+    assert report.steps == len(steps) == decode
     layers = len(model.model.layers)
-    assert calls[KERNEL[weights]] == 7 * layers * (NEW_TOKENS - 1) + 7 * layers
-    assert calls["matvec"] == calls["matvec_residual"] == calls["qkv_rope_cache"] == 0
+    # a step: per layer rms_norm_qkv, one rope_q (q and k), attention, matvec_residual (o),
+    # rms_norm_gate_up_silu, matvec_residual (down); the plain matvec only in the prompt pass
+    assert calls[KERNEL[weights]] == 7 * layers
+    assert calls["rms_norm_qkv_quant"] == calls["rms_norm_gate_up_silu_quant"] == calls["rope_q"] == layers * decode
+    assert calls["matvec_residual_quant"] == 2 * layers * decode
+    assert not any(calls[name] for name in UNFUSED_OPS), calls
+    # each step's fused calls read every projection's quantized weight once, in the format asked
+    linears = {id(lin.tensors): where for where, (lin, _) in steps[0].linears.items()}
+    assert {lin.kind for lin, _ in steps[0].linears.values()} == {weights}
+    read = [(a[0], id(t)) for name, a in seen if name in FUSED_OPS for t in FUSED_OPS[name](a)]
+    assert {kind for kind, _ in read} == {weights}
+    assert Counter(linears[i] for _, i in read) == dict.fromkeys(linears.values(), decode)
     assert tileflow.unpatch(model)
     after = state(model)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -236,7 +266,7 @@ def test_bf16_logits_no_further_from_fp32_than_eager(weights):
 
 
 def test_the_interpreted_triton_kernels_decode_int4(tileflow_options):
-    """The generated matvec_int4 (and the step's other kernels) under Triton's interpreter."""
+    """The generated matvec_int4, its fused forms and the step's other kernels under Triton's interpreter."""
     tileflow_options(cpu_target="triton")
     ops._LAUNCHERS.clear()
     try:
@@ -246,7 +276,8 @@ def test_the_interpreted_triton_kernels_decode_int4(tileflow_options):
         assert torch.equal(greedy(model, ids, 5), expected)
         assert report.steps == 4
         launchers = [key[0] for key in ops._LAUNCHERS]
-        assert "matvec_int4" in launchers and not any(
+        fused = {"rms_norm_qkv_int4", "rms_norm_gate_up_silu_int4", "matvec_residual_int4"}
+        assert "matvec_int4" in launchers and fused <= set(launchers) and not any(
             getattr(fn, "__qualname__", "").startswith("_reference_launcher") for fn in ops._LAUNCHERS.values())
     finally:
         ops._LAUNCHERS.clear()
@@ -298,9 +329,10 @@ def test_an_fp8_checkpoints_fp8linear_runs_through_matvec_fp8(kind, monkeypatch)
     expected = greedy(ref, ids)
     before = state(model)
     report = tileflow.patch(model, options=CPU)  # weights="model": the checkpoint's own fp8 weights
-    seen = []
+    seen, fused = [], []
     real = ops.matvec_fp8
     monkeypatch.setattr(ops, "matvec_fp8", lambda x, w, ws, b=None: seen.append((w, ws)) or real(x, w, ws, b))
+    calls = count_calls(monkeypatch, [*FUSED_OPS, *UNFUSED_OPS], fused)
     assert report.patched and not report.fallbacks, str(report)
     assert any(n.startswith("weights fp8 (the checkpoint's FP8Linear tensors)") for n in report.notes)
     assert len(report.quantized) == 14 and max(report.quantized.values()) < 0.1  # activations' rounding only
@@ -308,7 +340,12 @@ def test_an_fp8_checkpoints_fp8linear_runs_through_matvec_fp8(kind, monkeypatch)
     assert report.steps == NEW_TOKENS - 1
     modules = dict(projections(model))
     lying = {(m.weight.data_ptr(), m.weight_scale_inv.data_ptr()) for m in modules.values()}
-    assert len(seen) == 14 * NEW_TOKENS and {(w.data_ptr(), s.data_ptr()) for w, s in seen} == lying  # no copies
+    # the prompt pass through the modules' matvec_fp8, each step through the fused fp8 kernels:
+    # on the tensors where they lie (no copies)
+    assert len(seen) == 14 and {(w.data_ptr(), s.data_ptr()) for w, s in seen} == lying
+    read = [(a[0], w.data_ptr(), s.data_ptr()) for name, a in fused for w, s in FUSED_OPS[name](a)]
+    assert len(read) == 14 * (NEW_TOKENS - 1) and {kind for kind, _, _ in read} == {"fp8"}
+    assert {(w, s) for _, w, s in read} == lying and not any(calls[name] for name in UNFUSED_OPS)
     assert tileflow.unpatch(model)
     after = state(model)
     assert all(torch.equal(before[k].float(), after[k].float()) for k in before)

@@ -452,8 +452,8 @@ def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tens
     return launch("moe_experts", values, {"HAS_RESIDUAL": int(residual is not None)})[0]
 
 
-# --- low-precision weights (issue 35): the int4 / fp8 matvecs, and the elementwise kernels
-# the quantized decode step runs between them (no fused quantized kernels yet) ---
+# --- low-precision weights (issue 35): the int4 / fp8 matvecs, their fused forms, and the
+# elementwise kernels the quantized decode step runs where it cannot fuse ---
 
 
 def matvec_int4(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -475,6 +475,46 @@ def matvec_fp8(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, b: Optional[t
     if b is None:
         return launch("matvec_fp8", values, {"HAS_BIAS": 0})[0]
     return launch("matvec_fp8", {**values, "b": b}, {"HAS_BIAS": 1})[0]
+
+
+def _quantized(kind: str, tensors: tuple, suffix: str) -> dict:
+    """One quantized weight's named inputs: ``kind`` "int4" (packed codes, scales, zeros) or
+    "fp8" (the float8 weight, its fp32 ``weight_scale_inv``), as ``tileflow.suite.quantize`` makes them."""
+    if kind not in ("int4", "fp8"):
+        raise ValueError(f"tileflow: quantized weights of kind {kind!r} (int4 or fp8)")
+    names = ("qw", "scales", "zeros") if kind == "int4" else ("w", "ws")
+    return {f"{n}{suffix}": t for n, t in zip(names, tensors, strict=True)}
+
+
+def rms_norm_gate_up_silu_quant(kind: str, x: torch.Tensor, ln_w: torch.Tensor, eps: float, gate: tuple,
+                                up: tuple) -> torch.Tensor:
+    """``silu(n @ Wg.T) * (n @ Wu.T)``, ``n = rms_norm(x, ln_w, eps)``, for ``kind`` ("int4" /
+    "fp8") weights ``gate`` / ``up`` (each its tensors, as :func:`matvec_int4` / :func:`matvec_fp8`
+    take them), one launch."""
+    values = {"x": x, "ln_w": ln_w, **_quantized(kind, gate, "_g"), **_quantized(kind, up, "_u"), "eps": eps}
+    return launch(f"rms_norm_gate_up_silu_{kind}", values)[0]
+
+
+def matvec_residual_quant(kind: str, x: torch.Tensor, w: tuple, r: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T + r`` for a ``kind`` ("int4" / "fp8") weight ``w`` (its tensors), one launch."""
+    return launch(f"matvec_residual_{kind}", {"x": x, **_quantized(kind, w, ""), "r": r})[0]
+
+
+def rms_norm_qkv_quant(kind: str, x: torch.Tensor, ln_w: torch.Tensor, eps: float, q: tuple, k: tuple, v: tuple,
+                       bq: Optional[torch.Tensor] = None, bk: Optional[torch.Tensor] = None,
+                       bv: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n @ Wq.T + bq``, ``n @ Wk.T + bk``, ``n @ Wv.T + bv`` with ``n = rms_norm(x, ln_w, eps)``
+    for ``kind`` ("int4" / "fp8") weights (each its tensors), one launch. Returns (qk, v): q's
+    and k's columns side by side in one [M, NQ + NKD] tensor (one rope launch rotates both
+    when viewed as [M, NH + NKV, DH]), v [M, NKD]."""
+    nq, nkd = q[0].shape[0], k[0].shape[0]
+    qk = torch.empty(x.shape[0], nq + nkd, dtype=x.dtype, device=x.device)
+    values = {"x": x, "ln_w": ln_w, **_quantized(kind, q, "_q"), **_quantized(kind, k, "_k"),
+              **_quantized(kind, v, "_v"), "q": qk[:, :nq], "k": qk[:, nq:], "eps": eps}
+    if bq is not None:
+        values.update(b_q=bq, b_k=bk, b_v=bv)
+    _, _, v_out = launch(f"rms_norm_qkv_{kind}", values, {"HAS_BIAS": int(bq is not None)})
+    return qk, v_out
 
 
 def residual_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
