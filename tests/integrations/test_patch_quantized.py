@@ -352,6 +352,53 @@ def test_an_fp8_checkpoints_fp8linear_runs_through_matvec_fp8(kind, monkeypatch)
     assert not [m for m in model.modules() if "forward" in m.__dict__]
 
 
+@pytest.mark.parametrize("case", ["int4-down-kept", "fp8-checkpoint-k-plain"])
+def test_a_projection_of_another_kind_keeps_its_groups_plain_sequence(case, monkeypatch):
+    """A projection the fused kernels cannot take beside the others: int4 with a down_proj K
+    (384) the packing refuses (kept in the model's dtype: down as matvec + residual_add, the rest
+    fused), or an fp8 checkpoint whose k_proj is a plain nn.Linear (q/k/v as rms_norm, three
+    matvecs and two ropes; the MLP and o fused). Tokens equal eager's with the same weights."""
+    if case == "int4-down-kept":
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(Qwen2Config(hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+                                             vocab_size=128, max_position_embeddings=256, initializer_range=0.3,
+                                             pad_token_id=0, num_attention_heads=4, num_key_value_heads=2)).eval()
+        model.generation_config.eos_token_id = None
+        ref = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, lin in projections(ref):
+                if not name.endswith("down_proj"):
+                    lin.weight.copy_(Q.dequantize_int4(*Q.quantize_int4(lin.weight)))
+        options, kind, plain = {**CPU, "weights": "int4"}, "int4", "down_proj"
+    else:
+        model = fp8_checkpoint_model("qwen2")
+        for i, layer in enumerate(tiny("qwen2").model.layers):  # the model's own k_proj back in place
+            model.set_submodule(f"model.layers.{i}.self_attn.k_proj", layer.self_attn.k_proj)
+        ref = copy.deepcopy(model)
+        for name, lin in projections(ref):
+            if not name.endswith("k_proj"):
+                lin.forward = fp8_forward(lin.weight, lin.weight_scale_inv, lin.bias)
+        options, kind, plain = CPU, "fp8", "k_proj"
+    ids = prompt()
+    expected = greedy(ref, ids)
+    report = tileflow.patch(model, options=options)
+    assert report.patched and not report.fallbacks, str(report)
+    assert any(f"{plain} kept in the model's dtype" in n for n in report.notes), report.notes
+    assert any("not every projection in a fused quantized kernel" in n for n in report.notes), report.notes
+    calls = count_calls(monkeypatch, [*FUSED_OPS, "matvec", KERNEL[kind], "rms_norm", "residual_add", "rope_q"])
+    assert torch.equal(greedy(model, ids), expected)
+    layers, decode = len(model.model.layers), NEW_TOKENS - 1
+    per_step = ({"rms_norm_qkv_quant": 1, "rope_q": 1, "matvec_residual_quant": 1, "rms_norm_gate_up_silu_quant": 1,
+                 "matvec": 1, "residual_add": 1, "rms_norm": 0} if plain == "down_proj" else
+                {"rms_norm_qkv_quant": 0, "rope_q": 2, "matvec_residual_quant": 2, "rms_norm_gate_up_silu_quant": 1,
+                 "matvec": 1, "residual_add": 0, "rms_norm": 1})
+    # the prompt pass: each projection through its own module (the plain one through matvec)
+    prompt_calls = {"matvec": layers, KERNEL[kind]: 6 * layers}
+    for name, n in per_step.items():
+        assert calls[name] == n * layers * decode + prompt_calls.get(name, 0), (name, calls)
+    assert calls[KERNEL[kind]] == prompt_calls[KERNEL[kind]] + (2 * layers * decode if plain == "k_proj" else 0)
+
+
 def test_int4_on_an_fp8_checkpoint_leaves_it_unchanged():
     model = fp8_checkpoint_model("qwen2")
     report = tileflow.patch(model, options={**CPU, "weights": "int4"})
