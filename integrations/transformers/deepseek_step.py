@@ -12,8 +12,8 @@ cache and DeepSeekMoE. Per layer::
     -> mla_attention (the query's rope, then absorbed attention over the filled latent rows)
     -> matvec_residual (o_proj)
     dense layers (the first ``first_k_dense_replace``): rms_norm_gate_up_silu -> matvec_residual
-    MoE layers: rms_norm -> moe_router -> gate_up_silu -> matvec_residual (shared experts + residual)
-                -> moe_experts (the chosen experts only, adding that sum)
+    MoE layers: rms_norm -> moe_router -> moe_experts (the chosen experts only, the shared
+                experts as more of weight 1, and the residual)
 
 then the final norm and the lm_head (``rms_norm_matvec``).
 
@@ -94,6 +94,10 @@ def _layer_problems(layer, cfg) -> list[str]:
         why.append("groups of one expert (V3 scores a group by its best two)")
     if mlp.shared_experts is None:
         why.append("no shared experts")
+    elif mlp.shared_experts.gate_proj.weight.shape[0] % (mlp.experts.gate_up_proj.shape[1] // 2):
+        # moe_experts runs the shared MLP as slices of the routed experts' width
+        why.append(f"shared experts of {mlp.shared_experts.gate_proj.weight.shape[0]} rows, not a multiple of the "
+                   f"experts' {mlp.experts.gate_up_proj.shape[1] // 2}")
     return why
 
 
@@ -209,10 +213,11 @@ class DeepSeekDecodeProgram:
     def matches(self) -> dict:
         """The suite kernels a step launches (pattern name -> count), for the report."""
         n, moe = len(self.layers), sum(w.router is not None for w in self.layers)
-        lora = sum(w.wq is None for w in self.layers)  # q_a_proj's matvec, then q_a_layernorm + q_b_proj
-        return {"embedding": 1, "rms_norm": n + moe, "matvec": n, "rms_norm_matvec": 1 + lora, "mla_latent_cache": n,
-                "mla_attention": n, "matvec_residual": 2 * n, "rms_norm_gate_up_silu": n - moe,
-                "gate_up_silu": moe, "moe_router": moe, "moe_experts": moe}
+        lora = sum(w.wq is None for w in self.layers)  # q_a_proj, then q_a_layernorm + q_b_proj
+        counts = {"embedding": 1, "rms_norm": moe, "rms_norm_matvec": 1 + n + lora, "mla_latent_cache": n,
+                  "mla_attention": n, "matvec_residual": 2 * n - moe, "rms_norm_gate_up_silu": n - moe,
+                  "moe_router": moe, "moe_experts": moe}
+        return {k: v for k, v in counts.items() if v}
 
     def declines(self, input_ids: torch.Tensor, cache) -> str:
         """Why a forward call of ``input_ids`` [B, T] on ``cache`` does not take the program
@@ -273,8 +278,8 @@ class DeepSeekDecodeProgram:
             h = ops.rms_norm(x, w.ln2, w.eps2)
             idx, wt = ops.moe_router(h, w.router, w.top_k, w.routed_scale, w.n_group, w.topk_group, w.norm_topk,
                                      w.bias)
-            shared = ops.matvec_residual(ops.gate_up_silu(h, w.wg, w.wu), w.wd, x)  # residual + shared experts
-            x = ops.moe_experts(h, idx, wt, w.gate_up, w.down, residual=shared)
+            # the chosen experts, the shared experts (as more experts of weight 1) and the residual
+            x = ops.moe_experts(h, idx, wt, w.gate_up, w.down, residual=x, shared=(w.wg, w.wu, w.wd))
         logits = ops.rms_norm_matvec(x, self.norm_w, self.norm_eps, self.lm_head_w)
         _advance(cache, 1)
         return logits

@@ -63,8 +63,8 @@ def suite_bytes(config, context: int, elem: int) -> dict[str, int]:
 
 
 def deepseek_suite_bytes(config, context: int, elem: int) -> dict[str, int]:
-    """:func:`suite_bytes` of the DeepSeek program (``deepseek_step``): per layer the norms,
-    the query projection(s), the latent write, MLA over the latent cache with kv_b_proj, o_proj;
+    """:func:`suite_bytes` of the DeepSeek program (``deepseek_step``): per layer the query
+    projection(s), the latent write, MLA over the latent cache with kv_b_proj, o_proj;
     the dense layers' MLP; the MoE layers' router (fp32, as transformers 5.25 keeps it), shared and
     chosen experts."""
     c = config
@@ -76,16 +76,17 @@ def deepseek_suite_bytes(config, context: int, elem: int) -> dict[str, int]:
     shared = (c.n_shared_experts or 0) * c.moe_intermediate_size
     table = {
         "embedding_lookup": d * elem,
-        "rms_norm": (2 * layers) * 2 * d * elem,  # x and gamma: each layer's input and MoE norms
-        "matvec": layers * (ql or q_rows) * d * elem,  # q_proj, or q_a_proj
+        "rms_norm": moe * 2 * d * elem,  # x and gamma: the MoE layers' post-attention norm
         "mla_latent_cache": layers * ((r + dr) * (d + 1) + r) * elem,
         "mla_attention": layers * (nh * (dn + dv) * r + context * (r + dr)) * elem,
-        "matvec_residual": (layers * nh * dv * d + dense * c.intermediate_size * d + moe * shared * d) * elem,
+        "matvec_residual": (layers * nh * dv * d + dense * c.intermediate_size * d) * elem,
         "rms_norm_gate_up_silu": dense * (2 * c.intermediate_size * d + d) * elem,
-        "gate_up_silu": moe * 2 * shared * d * elem,
         "moe_router": moe * c.n_routed_experts * d * 4,
-        "moe_experts": moe * c.num_experts_per_tok * 3 * c.moe_intermediate_size * d * elem,
-        "rms_norm_matvec": (c.vocab_size * d + d + (layers * (q_rows * ql + ql) if ql else 0)) * elem,
+        # the chosen experts and the shared ones, in one kernel
+        "moe_experts": moe * (c.num_experts_per_tok * c.moe_intermediate_size + shared) * 3 * d * elem,
+        # the lm_head, and each layer's query: q_proj, or q_a_proj and q_b_proj (the input norm inside)
+        "rms_norm_matvec": (c.vocab_size * d + d + layers * ((ql or q_rows) * d + d)
+                            + (layers * (q_rows * ql + ql) if ql else 0)) * elem,
     }
     return {k: v for k, v in table.items() if v}
 

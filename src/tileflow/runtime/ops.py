@@ -441,15 +441,23 @@ def moe_router(x: torch.Tensor, w: torch.Tensor, top_k: int, scale: float, n_gro
 
 
 def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, gate_up: torch.Tensor,
-                down: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                down: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                shared: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """``sum_j topk_weight[m, j] * down_e(silu(gate_e(x[m])) * up_e(x[m]))`` over the chosen
     experts ``e = topk_idx[m, j]`` (+ ``residual`` [M, D]), reading only those experts'
     weights: ``gate_up`` is ``gate_up_proj`` [E, 2I, D] viewed [E, 2, I, D], ``down`` is
-    ``down_proj`` [E, D, I], as transformers keeps them."""
+    ``down_proj`` [E, D, I], as transformers keeps them. With ``shared`` (the shared experts'
+    gate, up [NS * I, D] and down [D, NS * I] weights) their MLP is added in the same launches."""
     values = {"x": x, "topk_idx": topk_idx, "topk_weight": topk_weight, "gate_up": gate_up, "down": down}
+    flags = {"HAS_RESIDUAL": int(residual is not None)}
     if residual is not None:
         values["residual"] = residual
-    return launch("moe_experts", values, {"HAS_RESIDUAL": int(residual is not None)})[0]
+    if shared is not None:
+        if shared[0].shape[0] % gate_up.shape[2]:
+            raise ValueError(f"tileflow: shared experts of {shared[0].shape[0]} rows, not slices of {gate_up.shape[2]}")
+        values.update(s_gate=shared[0], s_up=shared[1], s_down=shared[2])
+        flags["SHARED"] = 1
+    return launch("moe_experts", values, flags)[0]
 
 
 # --- low-precision weights (issue 35): the int4 / fp8 matvecs, their fused forms, and the
