@@ -17,8 +17,8 @@ SUITE = {"rms_norm", "embedding_lookup", "matvec", "matvec_pair", "rope_q", "rop
 
 FUSED = {"qkv_rope_cache", "rms_norm_gate_up_silu", "rms_norm_matvec",
          # the quantized decode step's (issue 35)
-         "rms_norm_gate_up_silu_int4", "matvec_residual_int4", "rms_norm_qkv_int4",
-         "rms_norm_gate_up_silu_fp8", "matvec_residual_fp8", "rms_norm_qkv_fp8"}
+         "rms_norm_gate_up_silu_int4", "matvec_residual_int4", "rms_norm_qkv_rope_cache_int4",
+         "rms_norm_gate_up_silu_fp8", "matvec_residual_fp8", "rms_norm_qkv_rope_cache_fp8"}
 
 
 def test_the_suite_has_its_kernels():

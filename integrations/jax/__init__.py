@@ -30,8 +30,8 @@ from tileflow.integrations.jax.ops import (argmax_greedy, embedding_lookup, gate
                                            matvec_residual, matvec_residual_fp8, matvec_residual_int4, mla_attention,
                                            mla_latent_cache, moe_experts, moe_router, qkv_rope_cache, residual_add,
                                            rms_norm, rms_norm_gate_up_silu, rms_norm_gate_up_silu_fp8,
-                                           rms_norm_gate_up_silu_int4, rms_norm_matvec, rms_norm_qkv_fp8,
-                                           rms_norm_qkv_int4, rope_k, rope_q, rope_scalars, silu_mul)
+                                           rms_norm_gate_up_silu_int4, rms_norm_matvec, rms_norm_qkv_rope_cache_fp8,
+                                           rms_norm_qkv_rope_cache_int4, rope_k, rope_q, rope_scalars, silu_mul)
 from tileflow.integrations.jax.lowering import keep_xla_reason
 from tileflow.integrations.jax.primitives import PRIMITIVES, primitive  # noqa: F401
 from tileflow.integrations.jax.signature import jax_target, targeting  # noqa: F401
@@ -45,7 +45,7 @@ __all__ = ["optimize", "explain", "Optimized", "primitive", "jax_target", "targe
            "rms_norm_matvec", "rope_k", "rope_q", "silu_mul",
            # the quantized matvecs' fused forms
            "matvec_residual_fp8", "matvec_residual_int4", "rms_norm_gate_up_silu_fp8", "rms_norm_gate_up_silu_int4",
-           "rms_norm_qkv_fp8", "rms_norm_qkv_int4"]
+           "rms_norm_qkv_rope_cache_fp8", "rms_norm_qkv_rope_cache_int4"]
 
 
 class _Program:

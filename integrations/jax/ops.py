@@ -342,15 +342,23 @@ def _residual(kind: str, x: Array, weight: tuple, r: Array) -> Array:
     return out.reshape(x.shape[:-1] + (n,))
 
 
-def _qkv(kind: str, x: Array, ln_w: Array, eps: float, q: tuple, k: tuple, v: tuple, bq: Optional[Array] = None,
-         bk: Optional[Array] = None, bv: Optional[Array] = None) -> tuple[Array, Array, Array]:
-    fn = f"rms_norm_qkv_{kind}"
-    _need_ranks(fn, x=(x, -1), ln_w=(ln_w, 1), bq=(bq, 1), bk=(bk, 1), bv=(bv, 1))
-    values = {"x": x.reshape(_rows(x), x.shape[-1]), "ln_w": ln_w, **_quantized(fn, kind, q, "_q"),
-              **_quantized(fn, kind, k, "_k"), **_quantized(fn, kind, v, "_v"), "b_q": bq, "b_k": bk, "b_v": bv,
-              "eps": eps}
-    outs = _call(fn, values, {"HAS_BIAS": int(bq is not None)})
-    return tuple(o.reshape(x.shape[:-1] + (o.shape[-1],)) for o in outs)
+def _qkv_rope_cache(kind: str, x: Array, ln_w: Array, eps: float, q: tuple, k: tuple, v: tuple,
+                    bq: Optional[Array], bk: Optional[Array], bv: Optional[Array], pos: Array, k_cache: Array,
+                    v_cache: Array, theta: Optional[float], scaling: Optional[dict], rope: Optional[tuple],
+                    cache_pos: Optional[Array]) -> tuple[Array, Array, Array]:
+    fn = f"rms_norm_qkv_rope_cache_{kind}"
+    _need_ranks(fn, x=(x, 2), ln_w=(ln_w, 1), bq=(bq, 1), bk=(bk, 1), bv=(bv, 1), pos=(pos, 1),
+                k_cache=(k_cache, 4), v_cache=(v_cache, 4))
+    rope_kind, scal = rope if rope is not None else rope_scalars(theta, scaling)
+    # q [M, NH, DH] is the primitive's to make: its head count is the one size no operand has
+    sizes = {"NH": q[0].shape[0] // k_cache.shape[3], "HAS_BIAS": int(bq is not None), "ROPE_KIND": rope_kind,
+             **({"CACHE_POS": 1} if cache_pos is not None else {}),
+             **({"ROWS": x.shape[0] // k_cache.shape[0]} if x.shape[0] != k_cache.shape[0] else {})}
+    values = {"x": x, "ln_w": ln_w, **_quantized(fn, kind, q, "_q"), **_quantized(fn, kind, k, "_k"),
+              **_quantized(fn, kind, v, "_v"), "b_q": bq, "b_k": bk, "b_v": bv, "pos": pos, "cache_pos": cache_pos,
+              "k_cache": k_cache, "v_cache": v_cache, "eps": eps, **scal}
+    q_out, kc, vc = _call(fn, values, sizes)
+    return q_out, kc, vc
 
 
 def rms_norm_gate_up_silu_int4(x: Array, ln_w: Array, eps: float, gate: tuple, up: tuple) -> Array:
@@ -373,13 +381,25 @@ def matvec_residual_fp8(x: Array, weight: tuple, r: Array) -> Array:
     return _residual("fp8", x, weight, r)
 
 
-def rms_norm_qkv_int4(x: Array, ln_w: Array, eps: float, q: tuple, k: tuple, v: tuple, bq: Optional[Array] = None,
-                      bk: Optional[Array] = None, bv: Optional[Array] = None) -> tuple[Array, Array, Array]:
-    """(q, k, v): ``n @ W.T (+ b)`` of three int4 weights, ``n = rms_norm(x, ln_w, eps)``, one launch."""
-    return _qkv("int4", x, ln_w, eps, q, k, v, bq, bk, bv)
+def rms_norm_qkv_rope_cache_int4(x: Array, ln_w: Array, eps: float, q: tuple, k: tuple, v: tuple,
+                                 bq: Optional[Array], bk: Optional[Array], bv: Optional[Array], pos: Array,
+                                 k_cache: Array, v_cache: Array, theta: Optional[float] = None,
+                                 scaling: Optional[dict] = None, *, rope: Optional[tuple] = None,
+                                 cache_pos: Optional[Array] = None) -> tuple[Array, Array, Array]:
+    """:func:`qkv_rope_cache` over int4 weights (each (qw, scales, zeros)), one launch: (q [M, NH,
+    DH], k_cache, v_cache); M rows of x [M, D], R = M / B consecutive tokens of each of the
+    caches' B sequences."""
+    return _qkv_rope_cache("int4", x, ln_w, eps, q, k, v, bq, bk, bv, pos, k_cache, v_cache, theta, scaling, rope,
+                           cache_pos)
 
 
-def rms_norm_qkv_fp8(x: Array, ln_w: Array, eps: float, q: tuple, k: tuple, v: tuple, bq: Optional[Array] = None,
-                     bk: Optional[Array] = None, bv: Optional[Array] = None) -> tuple[Array, Array, Array]:
-    """(q, k, v): ``n @ W.T (+ b)`` of three fp8 weights, ``n = rms_norm(x, ln_w, eps)``, one launch."""
-    return _qkv("fp8", x, ln_w, eps, q, k, v, bq, bk, bv)
+def rms_norm_qkv_rope_cache_fp8(x: Array, ln_w: Array, eps: float, q: tuple, k: tuple, v: tuple,
+                                bq: Optional[Array], bk: Optional[Array], bv: Optional[Array], pos: Array,
+                                k_cache: Array, v_cache: Array, theta: Optional[float] = None,
+                                scaling: Optional[dict] = None, *, rope: Optional[tuple] = None,
+                                cache_pos: Optional[Array] = None) -> tuple[Array, Array, Array]:
+    """:func:`qkv_rope_cache` over fp8 weights (each (w, ws)), one launch: (q [M, NH, DH],
+    k_cache, v_cache); M rows of x [M, D], R = M / B consecutive tokens of each of the caches'
+    B sequences."""
+    return _qkv_rope_cache("fp8", x, ln_w, eps, q, k, v, bq, bk, bv, pos, k_cache, v_cache, theta, scaling, rope,
+                           cache_pos)

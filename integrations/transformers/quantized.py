@@ -24,14 +24,13 @@ other call (a prompt, a dynamic cache, a batch the program declines) runs the mo
 own forward, whose projection modules get a forward through the same quantized matvecs.
 
 The step runs the fused quantized kernels (``tileflow.suite.matvec_quant_fused``), as the
-model-dtype program runs its fused ones: per layer rms_norm_qkv (the norm and the q/k/v
-projections, + biases, one launch) -> one rope_q launch for q's and k's heads -> K/V written
-into the static cache -> gqa_attention -> matvec_residual (o) -> rms_norm_gate_up_silu ->
-matvec_residual (down), then the final rms_norm_matvec. RoPE and the cache write stay
-separate (the model-dtype qkv_rope_cache does them in registers; no quantized form of it
-yet). A group whose projections differ in kind (a projection the int4 layout cannot take
-stays in the model's dtype) or carry biases the fused form does not take runs its plain
-sequence: rms_norm, one matvec a projection, rope_q, silu_mul, residual_add.
+model-dtype program runs its fused ones: per layer rms_norm_qkv_rope_cache (the norm, the
+q/k/v projections + biases, RoPE, K/V written into the static cache: one launch) ->
+gqa_attention -> matvec_residual (o) -> rms_norm_gate_up_silu -> matvec_residual (down), then
+the final rms_norm_matvec. A group whose projections differ in kind (a projection the int4
+layout cannot take stays in the model's dtype) or carry biases the fused form does not take
+runs its plain sequence: rms_norm, one matvec a projection, rope_q, the cache write,
+silu_mul, residual_add.
 """
 
 from __future__ import annotations
@@ -164,7 +163,7 @@ class QuantLayer:
     gate: QuantLinear
     up: QuantLinear
     down: QuantLinear
-    qkv_kind: Optional[str] = None  # "int4" / "fp8": q, k, v through rms_norm_qkv; None: the plain sequence
+    qkv_kind: Optional[str] = None  # "int4" / "fp8": q, k, v through rms_norm_qkv_rope_cache; None: plain
     mlp_kind: Optional[str] = None  # gate and up through rms_norm_gate_up_silu
     o_kind: Optional[str] = None  # o_proj through matvec_residual
     down_kind: Optional[str] = None
@@ -333,8 +332,7 @@ class QuantizedDecodeProgram:
         n = len(self.layers)
         for w in self.layers:
             if w.qkv_kind:
-                add(f"rms_norm_qkv_{w.qkv_kind}")
-                add("rope")
+                add(f"rms_norm_qkv_rope_cache_{w.qkv_kind}")
             else:
                 for lin in (w.q, w.k, w.v):
                     add(kernels[lin.kind])
@@ -432,25 +430,24 @@ class QuantizedDecodeProgram:
         b, r = tok.shape
         m = b * r
         p = pos.reshape(m)
-        row, lengths = step_rows(cache, p, b, r)
-        row = row[:r]  # index_copy_ writes the R rows of every sequence at once
+        rows, lengths = step_rows(cache, p, b, r)
+        row = rows[:r]  # index_copy_ writes the R rows of every sequence at once
+        cache_pos = None if rows is p else rows  # the cache's own count: where K/V go (rotated at p)
         x = ops.embedding_lookup(tok.reshape(m), self.embed)
         nh, nkv, dh = self.nh, self.nkv, self.dh
         for w, layer in zip(self.layers, cache.layers):
-            if w.qkv_kind:
-                qk, v = ops.rms_norm_qkv_quant(w.qkv_kind, x, w.ln1, w.eps1, w.q.tensors, w.k.tensors, w.v.tensors,
-                                               w.q.bias, w.k.bias, w.v.bias)
-                # q's and k's heads side by side: one rope launch rotates both
-                qk = ops.rope_q(qk.view(m, nh + nkv, dh), p, self.rope_cfg)
-                q, k = qk[:, :nh], qk[:, nh:]
+            if w.qkv_kind:  # K and V written into the cache inside
+                q = ops.rms_norm_qkv_rope_cache_quant(w.qkv_kind, x, w.ln1, w.eps1, w.q.tensors, w.k.tensors,
+                                                      w.v.tensors, w.q.bias, w.k.bias, w.v.bias, p, layer.keys,
+                                                      layer.values, self.rope_cfg, cache_pos)
             else:
                 h = ops.rms_norm(x, w.ln1, w.eps1)
                 q = ops.rope_q(w.q(h).view(m, nh, dh), p, self.rope_cfg)
                 k = ops.rope_q(w.k(h).view(m, nkv, dh), p, self.rope_cfg)
                 v = w.v(h)
-            # K/V into the cache rows, as StaticLayer.update writes them (every sequence the same rows)
-            layer.keys.index_copy_(2, row, k.reshape(b, r, nkv, dh).transpose(1, 2))
-            layer.values.index_copy_(2, row, v.view(b, r, nkv, dh).transpose(1, 2))
+                # K/V into the cache rows, as StaticLayer.update writes them (every sequence the same rows)
+                layer.keys.index_copy_(2, row, k.view(b, r, nkv, dh).transpose(1, 2))
+                layer.values.index_copy_(2, row, v.view(b, r, nkv, dh).transpose(1, 2))
             o = ops.gqa_attention(q.view(b, r, nh, dh) if r > 1 else q, layer.keys, layer.values, lengths, w.scale,
                                   key_mask=key_mask)
             x = self._residual(w.o_kind, w.o, o.reshape(m, nh * dh), x)

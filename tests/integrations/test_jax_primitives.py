@@ -17,6 +17,7 @@ import jax.numpy as jnp  # noqa: E402
 from tileflow import settings  # noqa: E402
 from tileflow.integrations.jax import primitives  # noqa: E402
 from tileflow.suite import KERNELS  # noqa: E402
+from tileflow.suite.rope import ROPE_SCALARS  # noqa: E402
 from tileflow.verify import BOUNDS, DTYPES, compare, make_inputs, reference_outputs  # noqa: E402
 
 def _sizes(kernel, case) -> dict:
@@ -139,29 +140,48 @@ def _weight(t, suffix):
 
 
 QUANT_FUSED = {
-    **{f"rms_norm_gate_up_silu_{kind}": lambda t, s: (t["x"], t["ln_w"], s["eps"], _weight(t, "_g"), _weight(t, "_u"))
+    **{f"rms_norm_gate_up_silu_{kind}": lambda t, s, p: (t["x"], t["ln_w"], s["eps"], _weight(t, "_g"), _weight(t, "_u"))
        for kind in ("int4", "fp8")},
-    **{f"matvec_residual_{kind}": lambda t, s: (t["x"], _weight(t, ""), t["r"]) for kind in ("int4", "fp8")},
-    **{f"rms_norm_qkv_{kind}": lambda t, s: (t["x"], t["ln_w"], s["eps"], *(_weight(t, x) for x in ("_q", "_k", "_v")),
-                                              t.get("b_q"), t.get("b_k"), t.get("b_v"))
-       for kind in ("int4", "fp8")},
+    **{f"matvec_residual_{kind}": lambda t, s, p: (t["x"], _weight(t, ""), t["r"]) for kind in ("int4", "fp8")},
+    **{f"rms_norm_qkv_rope_cache_{kind}": lambda t, s, p: (
+        t["x"], t["ln_w"], s["eps"], *(_weight(t, x) for x in ("_q", "_k", "_v")), t.get("b_q"), t.get("b_k"),
+        t.get("b_v"), t["pos"], t["k_cache"], t["v_cache"]) for kind in ("int4", "fp8")},
 }
 
 
-@pytest.mark.parametrize("name", sorted(QUANT_FUSED))
-def test_the_quantized_fused_functions(name, monkeypatch):
-    """Each fused quantized form's ``tileflow.jax`` function (the reference lowering, jit) on a
-    case with several rows: its arguments reach the kernel by name, its outputs match float64."""
+@pytest.mark.parametrize("name,case", [pytest.param(name, case, id=f"{name}-{case.label}")
+                                       for name in sorted(QUANT_FUSED) for case in KERNELS[name].test_cases
+                                       if case.sizes["M"] > 1])
+def test_the_quantized_fused_functions(name, case, monkeypatch):
+    """Each fused quantized form's ``tileflow.jax`` function (the reference lowering, jit) on its
+    cases of several rows (the rope form's: a batch written at its cache rows, a verify step's
+    tokens): its arguments reach the kernel by name, its outputs match float64."""
     from tileflow import jax as tfj
 
     _target(monkeypatch, "reference")
     kernel = KERNELS[name]
-    case = next(c for c in kernel.test_cases if c.sizes["M"] > 1)
-    inputs = make_inputs(kernel, kernel.build(kernel.params_for(case)), case, torch.float32,
-                         torch.Generator().manual_seed(secrets.randbits(31)))
     ir = kernel.build(kernel.params_for(case))
-    args = QUANT_FUSED[name]({v.name: _operand(inputs, v) for v in ir.inputs}, case.scalars)
-    outs = jax.jit(getattr(tfj, name), static_argnums=(2,) if name.startswith("rms_norm") else ())(*args)
+    inputs = make_inputs(kernel, ir, case, torch.float32, torch.Generator().manual_seed(secrets.randbits(31)))
+    views = ir.inputs + [v for v in ir.outputs if v.role == "inout"]
+    args = QUANT_FUSED[name]({v.name: _operand(inputs, v) for v in views}, case.scalars, ir.params)
+    kwargs = {}
+    if "ROPE_KIND" in ir.params:  # the rotation as the kernel's kind and scalars, the cache rows where given
+        kind = ir.params["ROPE_KIND"]
+        kwargs["rope"] = (kind, {n: case.scalars[n] for n in ROPE_SCALARS[kind]})
+        if "cache_pos" in inputs:
+            kwargs["cache_pos"] = _operand(inputs, ir.view("cache_pos"))
+    # jit over the arrays; the scalars, kinds and absent biases as constants
+    leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
+    arrays = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array)]
+
+    def call(*given):
+        filled = list(leaves)
+        for i, a in zip(arrays, given):
+            filled[i] = a
+        a, kw = jax.tree_util.tree_unflatten(tree, filled)
+        return getattr(tfj, name)(*a, **kw)
+
+    outs = jax.jit(call)(*[leaves[i] for i in arrays])
     outs = outs if isinstance(outs, tuple) else (outs,)
     ref = reference_outputs(kernel, inputs, dict(case.scalars))
     for v, got in zip(ir.outputs, outs):

@@ -116,7 +116,7 @@ def count_calls(monkeypatch, names, seen=None):
 
 
 # the fused quantized kernels of a step, and the weights (QuantLinear.tensors) each call reads
-FUSED_OPS = {"rms_norm_qkv_quant": lambda a: a[4:7], "rms_norm_gate_up_silu_quant": lambda a: a[4:6],
+FUSED_OPS = {"rms_norm_qkv_rope_cache_quant": lambda a: a[4:7], "rms_norm_gate_up_silu_quant": lambda a: a[4:6],
              "matvec_residual_quant": lambda a: a[2:3]}
 # what the quantized step must never run: the model-dtype projections and the unfused sequence's kernels
 UNFUSED_OPS = ("matvec", "matvec_residual", "qkv_rope_cache", "rms_norm_gate_up_silu", "rms_norm", "residual_add",
@@ -135,9 +135,9 @@ def check_report(report, model, weights: str):
     # every projection in a fused quantized kernel: q/k/v, gate/up, o and down of each layer
     layers = len(model.model.layers)
     assert {k: v for k, v in report.matches.items() if weights in k} == {
-        f"rms_norm_qkv_{weights}": layers, f"rms_norm_gate_up_silu_{weights}": layers,
+        f"rms_norm_qkv_rope_cache_{weights}": layers, f"rms_norm_gate_up_silu_{weights}": layers,
         f"matvec_residual_{weights}": 2 * layers}, report.matches
-    assert not {"matvec", "matvec_residual", "rms_norm", "residual_add", "silu_mul"} & set(report.matches)
+    assert not {"matvec", "matvec_residual", "rms_norm", "residual_add", "silu_mul", "rope"} & set(report.matches)
     assert "lm_head" in str(report)  # the report says what stayed in the model's dtype
 
 
@@ -169,12 +169,12 @@ def test_greedy_tokens_equal_the_eager_quantized_model_fp32(kind, weights, monke
     decode = NEW_TOKENS - 1
     assert report.steps == len(steps) == decode
     layers = len(model.model.layers)
-    # a step: per layer rms_norm_qkv, one rope_q (q and k), attention, matvec_residual (o),
+    # a step: per layer rms_norm_qkv_rope_cache, attention, matvec_residual (o),
     # rms_norm_gate_up_silu, matvec_residual (down); the plain matvec only in the prompt pass
     assert calls[KERNEL[weights]] == 7 * layers
-    assert calls["rms_norm_qkv_quant"] == calls["rms_norm_gate_up_silu_quant"] == calls["rope_q"] == layers * decode
+    assert calls["rms_norm_qkv_rope_cache_quant"] == calls["rms_norm_gate_up_silu_quant"] == layers * decode
     assert calls["matvec_residual_quant"] == 2 * layers * decode
-    assert not any(calls[name] for name in UNFUSED_OPS), calls
+    assert not any(calls[name] for name in (*UNFUSED_OPS, "rope_q")), calls
     # each step's fused calls read every projection's quantized weight once, in the format asked
     linears = {id(lin.tensors): where for where, (lin, _) in steps[0].linears.items()}
     assert {lin.kind for lin, _ in steps[0].linears.values()} == {weights}
@@ -276,7 +276,7 @@ def test_the_interpreted_triton_kernels_decode_int4(tileflow_options):
         assert torch.equal(greedy(model, ids, 5), expected)
         assert report.steps == 4
         launchers = [key[0] for key in ops._LAUNCHERS]
-        fused = {"rms_norm_qkv_int4", "rms_norm_gate_up_silu_int4", "matvec_residual_int4"}
+        fused = {"rms_norm_qkv_rope_cache_int4", "rms_norm_gate_up_silu_int4", "matvec_residual_int4"}
         assert "matvec_int4" in launchers and fused <= set(launchers) and not any(
             getattr(fn, "__qualname__", "").startswith("_reference_launcher") for fn in ops._LAUNCHERS.values())
     finally:
@@ -388,10 +388,11 @@ def test_a_projection_of_another_kind_keeps_its_groups_plain_sequence(case, monk
     calls = count_calls(monkeypatch, [*FUSED_OPS, "matvec", KERNEL[kind], "rms_norm", "residual_add", "rope_q"])
     assert torch.equal(greedy(model, ids), expected)
     layers, decode = len(model.model.layers), NEW_TOKENS - 1
-    per_step = ({"rms_norm_qkv_quant": 1, "rope_q": 1, "matvec_residual_quant": 1, "rms_norm_gate_up_silu_quant": 1,
-                 "matvec": 1, "residual_add": 1, "rms_norm": 0} if plain == "down_proj" else
-                {"rms_norm_qkv_quant": 0, "rope_q": 2, "matvec_residual_quant": 2, "rms_norm_gate_up_silu_quant": 1,
-                 "matvec": 1, "residual_add": 0, "rms_norm": 1})
+    per_step = ({"rms_norm_qkv_rope_cache_quant": 1, "rope_q": 0, "matvec_residual_quant": 1,
+                 "rms_norm_gate_up_silu_quant": 1, "matvec": 1, "residual_add": 1, "rms_norm": 0}
+                if plain == "down_proj" else
+                {"rms_norm_qkv_rope_cache_quant": 0, "rope_q": 2, "matvec_residual_quant": 2,
+                 "rms_norm_gate_up_silu_quant": 1, "matvec": 1, "residual_add": 0, "rms_norm": 1})
     # the prompt pass: each projection through its own module (the plain one through matvec)
     prompt_calls = {"matvec": layers, KERNEL[kind]: 6 * layers}
     for name, n in per_step.items():

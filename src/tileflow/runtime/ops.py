@@ -508,21 +508,28 @@ def matvec_residual_quant(kind: str, x: torch.Tensor, w: tuple, r: torch.Tensor)
     return launch(f"matvec_residual_{kind}", {"x": x, **_quantized(kind, w, ""), "r": r})[0]
 
 
-def rms_norm_qkv_quant(kind: str, x: torch.Tensor, ln_w: torch.Tensor, eps: float, q: tuple, k: tuple, v: tuple,
-                       bq: Optional[torch.Tensor] = None, bk: Optional[torch.Tensor] = None,
-                       bv: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n @ Wq.T + bq``, ``n @ Wk.T + bk``, ``n @ Wv.T + bv`` with ``n = rms_norm(x, ln_w, eps)``
-    for ``kind`` ("int4" / "fp8") weights (each its tensors), one launch. Returns (qk, v): q's
-    and k's columns side by side in one [M, NQ + NKD] tensor (one rope launch rotates both
-    when viewed as [M, NH + NKV, DH]), v [M, NKD]."""
-    nq, nkd = q[0].shape[0], k[0].shape[0]
-    qk = torch.empty(x.shape[0], nq + nkd, dtype=x.dtype, device=x.device)
+def rms_norm_qkv_rope_cache_quant(kind: str, x: torch.Tensor, ln_w: torch.Tensor, eps: float, q: tuple, k: tuple,
+                                  v: tuple, bq: Optional[torch.Tensor], bk: Optional[torch.Tensor],
+                                  bv: Optional[torch.Tensor], pos: torch.Tensor, k_cache: torch.Tensor,
+                                  v_cache: torch.Tensor, cfg: RopeConfig,
+                                  cache_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`qkv_rope_cache` over ``kind`` ("int4" / "fp8") weights ``q`` / ``k`` / ``v`` (each its
+    tensors), one launch: RMSNorm, the projections (+ biases), RoPE at ``pos`` [M], K and V
+    written into the caches [B, NKV, S, DH] at ``pos`` (or ``cache_pos`` [M]); returns q [M,
+    NH, DH]. M = B (one token a sequence) or B * R (R consecutive tokens of each)."""
     values = {"x": x, "ln_w": ln_w, **_quantized(kind, q, "_q"), **_quantized(kind, k, "_k"),
-              **_quantized(kind, v, "_v"), "q": qk[:, :nq], "k": qk[:, nq:], "eps": eps}
+              **_quantized(kind, v, "_v"), "pos": pos, "k_cache": k_cache, "v_cache": v_cache, "eps": eps,
+              **cfg.named}
+    # q [M, NH, DH] is allocated here: its head count is the only size no input has
+    sizes = {"NH": q[0].shape[0] // k_cache.shape[3], "HAS_BIAS": int(bq is not None), "ROPE_KIND": cfg.kind}
     if bq is not None:
         values.update(b_q=bq, b_k=bk, b_v=bv)
-    _, _, v_out = launch(f"rms_norm_qkv_{kind}", values, {"HAS_BIAS": int(bq is not None)})
-    return qk, v_out
+    if cache_pos is not None:
+        values["cache_pos"] = cache_pos
+        sizes["CACHE_POS"] = 1
+    if x.shape[0] != k_cache.shape[0]:
+        sizes["ROWS"] = x.shape[0] // k_cache.shape[0]
+    return launch(f"rms_norm_qkv_rope_cache_{kind}", values, sizes)[0]
 
 
 def residual_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -10,13 +10,14 @@ norm (int4: dequantize, then the model-dtype computation; fp8: x quantized per 1
   scales the sums (sum(w * x * g) * rstd); fp8 quantizes ``x * g`` per group, whose xq is
   the normed row's (a group's scale a_s takes rstd's factor);
 - ``matvec_residual_{int4,fp8}``: ``x @ W.T + r``: o_proj and down_proj with the residual add;
-- ``rms_norm_qkv_{int4,fp8}``: RMSNorm of x, then q, k and v (+ biases) in one launch: the
-  grid's row blocks run over q's blocks, then k's, then v's, and each program reads its own
-  weight through one pointer picked by its kind (``load_pick``), so the three stay as
-  quantized, unconcatenated; q, k, v are three outputs. RoPE and the cache write stay
-  separate kernels (rotating in registers needs a program to own both halves of a head's
-  rotated pairs: qkv_rope_cache's layout, not built for these weights yet). No split-K:
-  the rows of three outputs make the grid, BLOCK_N small enough to fill the GPU.
+- ``rms_norm_qkv_rope_cache_{int4,fp8}``: qkv_rope_cache over quantized weights: RMSNorm of
+  x, q, k and v (+ biases), RoPE of q and k at the row's position, q written out, K and V
+  written into the static caches. As there, a program owns one head of the stacked [q | k |
+  v] heads and BLOCK_N rotation pairs (j, j + DH/2) of it (both halves of a pair are its
+  own sums, rotated in registers) and reads its own weight through one pointer picked by
+  its head's kind (``load_pick``): the three stay as quantized, unconcatenated. One row of
+  x a program (qkv_rope_cache's several-row programs and its frequency table have no form
+  here); with ``ROWS`` = R, R consecutive tokens of each sequence (a verify step).
 """
 
 from dataclasses import replace
@@ -26,7 +27,8 @@ from tileflow.suite.matvec_family import RESIDUAL_FORM, grouped_candidates, grou
 from tileflow.suite.matvec_fp8 import check_block_n, fp8_params, fp8_views, group_sums, quantize_groups, x_groups
 from tileflow.suite.matvec_int4 import THREE, dequant_round, int4_params, int4_views, x_round
 from tileflow.suite.quantize import GROUP
-from tileflow.suite.registry import Case, SuiteKernel, register
+from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
+from tileflow.suite.rope import LLAMA3, ROPE_SCALARS, TABLE, inv_freq_tile, rope_reference
 
 GATE_UP = replace(gate_up_silu.FORM, weights=("_g", "_u"), norm=True)
 RESIDUAL = replace(RESIDUAL_FORM, weights=("",))
@@ -73,19 +75,23 @@ def qkv_fp8_reference(xp, x, ln_w, w_q, ws_q, w_k, ws_k, w_v, ws_v, eps, b_q=Non
     return {name: matvec_fp8.reference(xp, h, *w)["out"] for (_, _, name), w in zip(KINDS, weights)}
 
 
-# --- rms_norm_qkv: three weights of two row counts, picked by each program ----------------
+# --- rms_norm_qkv_rope_cache: three weights of two row counts, RoPE and the cache write ------
 
 
-def _no_split(k, p) -> None:
-    if p.get("SPLIT_K", 1) != 1:
-        raise ValueError(f"{k.name}: SPLIT_K={p['SPLIT_K']}: the three outputs' row blocks make the grid (no split-K)")
-
-
-def define_qkv(k, p, fmt: str) -> None:
-    """rms_norm_qkv over ``fmt`` ("int4" or "fp8") weights; see the module docstring."""
-    _no_split(k, p)
+def define_qkv_rope_cache(k, p, fmt: str) -> None:
+    """RMSNorm, q/k/v (+ biases) over ``fmt`` weights, RoPE of q and k at ``pos``, q written out,
+    K and V written into the static caches at ``pos`` (or ``cache_pos``), in one launch.
+    qkv_rope_cache's layout: a program owns one head of the stacked [q | k | v] heads and
+    BLOCK_N rotation pairs (j, j + DH/2) of it, so both halves of a rotated pair are its own
+    sums; its weight picked by its head's kind. One row of x a program; with ``ROWS`` = R the
+    M rows are R consecutive tokens of each of M / R sequences (row m writes cache row m // R).
+    fp8: BLOCK_N must divide DH/2 and 128 (a program's rows within one row of block scales)."""
+    kind = p["ROPE_KIND"]
+    if kind == TABLE:
+        raise ValueError(f"{k.name}: ROPE_KIND 3 (a table of frequencies) is not a form of this kernel")
     if fmt == "fp8":
         check_block_n(k.name, p)
+    per_seq = p.get("ROWS", 1)
     x = k.input("x", ("M", "K"))
     ln_w = k.input("ln_w", ("K",))
     if fmt == "int4":
@@ -93,89 +99,127 @@ def define_qkv(k, p, fmt: str) -> None:
     else:
         views = [fp8_views(k, suffix, rows, "NBQ" if rows == "NQ" else "NBK") for suffix, rows, _ in KINDS]
     biases = [k.input(f"b{suffix}", (rows,)) for suffix, rows, _ in KINDS] if p["HAS_BIAS"] else None
-    outs = [k.output(name, ("M", rows)) for _, rows, name in KINDS]
+    pos = k.input("pos", ("M",), dtype="i64")
+    cache_pos = k.input("cache_pos", ("M",), dtype="i64") if p.get("CACHE_POS", 0) else pos
+    q_out = k.output("q", ("M", "NH", "DH"))
+    seqs = "B" if per_seq > 1 else "M"
+    k_cache = k.inout("k_cache", (seqs, "NKV", "S", "DH"))
+    v_cache = k.inout("v_cache", (seqs, "NKV", "S", "DH"))
     eps = k.scalar("eps")
-    with k.stage("matvec", grid=("cdiv(NQ, BLOCK_N) + 2 * cdiv(NKD, BLOCK_N)", "M")):
-        blk, row = k.program_id(0), k.program_id(1)
-        bn = k.param("BLOCK_N")
-        nq, nkd = k.dim("NQ"), k.dim("NKD")
-        nqb, nkb = k.cdiv(nq, bn), k.cdiv(nkd, bn)
-        is_q, is_v = blk < nqb, blk >= nqb + nkb
-        is_k = (blk >= nqb) & (blk < nqb + nkb)
-        # each kind's first row, clamped into its view: a read or write predicated off
-        # must still address inside its view on every target
-        firsts = (k.minimum(blk, nqb - 1) * bn, k.minimum(k.maximum(blk - nqb, 0), nkb - 1) * bn,
-                  k.maximum(blk - nqb - nkb, 0) * bn)
-        kinds = tuple(zip((is_q, is_k, is_v), firsts))
-        # the picked kind's rows from its block's first on: the loads' row limit
-        left = k.where(is_q, nq - firsts[0], k.where(is_k, nkd - firsts[1], nkd - firsts[2]))
-        rel = k.range(0, "BLOCK_N", aligned=True)
+    for name in ROPE_SCALARS[kind]:
+        k.scalar(name)
+    with k.stage("main", grid=("NH + 2 * NKV", "cdiv(DH // 2, BLOCK_N)", "M")):
+        head, row = k.program_id(0), k.program_id(2)
+        nh, nkv, dh, kdim = k.dim("NH"), k.dim("NKV"), k.dim("DH"), k.dim("K")
+        half = dh // 2
+        j0 = k.program_id(1) * k.param("BLOCK_N")
+        is_q, is_v = head < nh, head >= nh + nkv
+        is_k = (head >= nh) & (head < nh + nkv)
+        # the head index clamped into each kind's view: a read or write predicated off must
+        # still address inside its view on every target
+        heads = (k.minimum(head, nh - 1), k.minimum(k.maximum(head - nh, 0), nkv - 1), k.maximum(head - nh - nkv, 0))
+        kinds = tuple(zip((is_q, is_k, is_v), heads))
+        # the program's rows of its head: j0.. (first halves of the rotated pairs) and DH/2 + j0..
+        j, jh = k.range(j0, "BLOCK_N"), k.range(half + j0, "BLOCK_N")
+        sets = ((j, half, j0), (jh, dh, half + j0))  # (rows, their limit, first row) relative to the head
 
-        def pick(i, shift=None):
-            return [(when, v[i], first if shift is None else first // shift)
-                    for (when, first), v in zip(kinds, views)]
+        def pick(i, first=0, shift=None):
+            return [(when, v[i], h * dh + first if shift is None else (h * dh + first) // shift)
+                    for (when, h), v in zip(kinds, views)]
 
-        kdim = k.dim("K")
-        acc0 = [k.full(THREE if fmt == "int4" else ("BLOCK_N",), 0.0), k.full(("BLOCK_K",), 0.0)]
+        acc0 = [k.full(THREE if fmt == "int4" else ("BLOCK_N",), 0.0) for _ in sets] + [k.full(("BLOCK_K",), 0.0)]
         if fmt == "int4":
-            half = k.dim("KH")
+            khalf = k.dim("KH")
             picks = [pick(i) for i in range(3)]
 
-            def load(which, idx, limit):
-                got = k.load_pick(picks[which], (rel, idx), limits={0: left, 1: limit})
-                return k.cast(got, "i32") if which == 0 else got  # (picked loads arrive as f32)
+            def loader(rows, limit):
+                def load(which, idx, col_limit):
+                    got = k.load_pick(picks[which], (rows, idx), limits={0: limit, 1: col_limit})
+                    return k.cast(got, "i32") if which == 0 else got  # (picked loads arrive as f32)
+                return load
 
-            with k.loop(0, half, "BLOCK_K", carry=acc0) as lp:
-                j = lp.index
-                cols = k.range(j, "BLOCK_K", aligned=True)
-                w_lo, w_hi = dequant_round(k, load, cols, j, half, half)
-                x_lo, x_hi, ss = x_round(k, x, row, cols, j, half, half, ln_w, lp.carry[1])
-                lp.next(lp.carry[0] + w_lo * x_lo[None, :, :] + w_hi * x_hi[None, :, :], ss)
-            acc, ss = lp.results
-            sums = k.sum(k.sum(acc, axis=2), axis=1)
+            with k.loop(0, khalf, "BLOCK_K", carry=acc0) as lp:
+                jk = lp.index
+                cols = k.range(jk, "BLOCK_K", aligned=True)
+                new = []
+                for acc, (rows, limit, _) in zip(lp.carry, sets):
+                    w_lo, w_hi = dequant_round(k, loader(rows, limit), cols, jk, khalf, khalf)
+                    new.append((w_lo, w_hi, acc))
+                x_lo, x_hi, ss = x_round(k, x, row, cols, jk, khalf, khalf, ln_w, lp.carry[2])
+                lp.next(*[acc + w_lo * x_lo[None, :, :] + w_hi * x_hi[None, :, :] for w_lo, w_hi, acc in new], ss)
+            *accs, ss = lp.results
+            sums = [k.sum(k.sum(a, axis=2), axis=1) for a in accs]
         else:
-            w_pick, s_pick = pick(0), pick(1, k.param("GROUP"))
+            w_pick = pick(0)
+            s_picks = [pick(1, first, k.param("GROUP")) for _, _, first in sets]
             with k.loop(0, kdim, "BLOCK_K", carry=acc0) as lp:
                 cols = k.range(lp.index, "BLOCK_K", aligned=True)
-                xg, ss = x_groups(k, x, row, cols, kdim, ln_w, lp.carry[1])
+                xg, ss = x_groups(k, x, row, cols, kdim, ln_w, lp.carry[2])
                 xq, a_s = quantize_groups(k, xg)
-                wt = k.load_pick(w_pick, (rel, cols), limits={0: left, 1: kdim})
                 groups = k.range(lp.index // k.param("GROUP"), "BLOCK_G", aligned=True)
-                # one row of block scales: BLOCK_N divides 128, so the block never straddles two
-                lp.next(lp.carry[0] + group_sums(k, wt, xq, a_s,
-                                                 lambda: k.load_pick(s_pick, (0, groups), limits={0: 1})), ss)
-            sums, ss = lp.results
-        y = sums * rsqrt_mean(k, ss, kdim, eps)
+                new = []
+                for acc, (rows, limit, _), s_pick in zip(lp.carry, sets, s_picks):
+                    wt = k.load_pick(w_pick, (rows, cols), limits={0: limit, 1: kdim})
+                    new.append(acc + group_sums(k, wt, xq, a_s, lambda s_pick=s_pick: k.load_pick(
+                        s_pick, (0, groups), limits={0: 1})))
+                lp.next(*new, ss)
+            *sums, ss = lp.results
+        scale = rsqrt_mean(k, ss, kdim, eps)
+        y_lo, y_hi = (s * scale for s in sums)
         if biases is not None:
-            y = y + k.load_pick([(when, b, first) for (when, first), b in zip(kinds, biases)], (rel,),
-                                limits={0: left})
-        for out, (when, first) in zip(outs, kinds):
-            k.store(out, (row, k.range(first, "BLOCK_N", aligned=True)), y, when=when)
+            b_pick = [(when, b, h * dh) for (when, h), b in zip(kinds, biases)]
+            y_lo = y_lo + k.load_pick(b_pick, (j,), limits={0: half})
+            y_hi = y_hi + k.load_pick(b_pick, (jh,), limits={0: dh})
+        p_int, c_row = k.load(pos, (row,)), k.load(cache_pos, (row,))
+        ang = k.cast(p_int, "f32") * inv_freq_tile(k, kind, j.index, dh)
+        c, s = k.cos(ang), k.sin(ang)
+        o_lo = k.where(is_v, y_lo, y_lo * c - y_hi * s)
+        o_hi = k.where(is_v, y_hi, y_hi * c + y_lo * s)
+        hq, hk, hv = heads
+        k.store(q_out, (row, hq, j), o_lo, limits={2: half}, when=is_q)
+        k.store(q_out, (row, hq, jh), o_hi, when=is_q)
+        # a row outside the cache is never written (the integrations raise before such a step)
+        inside = k.binary("and", k.binary("ge", c_row, 0), k.binary("lt", c_row, k.dim("S")))
+        seq = row // per_seq if per_seq > 1 else row
+        for cache, h, when in ((k_cache, hk, is_k), (v_cache, hv, is_v)):
+            when = k.binary("and", when, inside)
+            k.store(cache, (seq, h, c_row, j), o_lo, limits={3: half}, when=when)
+            k.store(cache, (seq, h, c_row, jh), o_hi, when=when)
+
+
+def rope_cache_reference(xp, q, kk, v, pos, k_cache, v_cache, cache_pos=None, **rope) -> dict:
+    """q rotated [M, NH, DH] and the caches with K (rotated) and V written at ``cache_pos`` (or
+    ``pos``), from the projections q [M, NQ], k / v [M, NKD]: as qkv_rope_cache's reference."""
+    bsz, nkv, s, dh = k_cache.shape
+    m = q.shape[0]
+    q = rope_reference(xp, xp.reshape(q, (m, -1, dh)), pos, **rope)
+    kk = xp.reshape(rope_reference(xp, xp.reshape(kk, (m, nkv, dh)), pos, **rope), (bsz, -1, nkv, 1, dh))
+    v = xp.reshape(v, (bsz, -1, nkv, 1, dh))
+    row = pos if cache_pos is None else cache_pos
+    at = xp.reshape(xp.arange(s)[None, :] == row[:, None], (bsz, -1, 1, s, 1))  # [B, R, 1, S, 1]
+    hit = xp.any(at, axis=1)  # a sequence's rows are distinct: at most one writes a cache row
+
+    def write(new, cache):
+        return xp.where(hit, xp.sum(xp.where(at, new, 0.0), axis=1), cache)
+
+    return {"q": q, "k_cache": write(kk, k_cache), "v_cache": write(v, v_cache)}
+
+
+def qkv_rope_cache_int4_reference(xp, x, ln_w, qw_q, scales_q, zeros_q, qw_k, scales_k, zeros_k, qw_v, scales_v,
+                                  zeros_v, pos, k_cache, v_cache, eps, b_q=None, b_k=None, b_v=None, cache_pos=None,
+                                  **rope):
+    y = qkv_int4_reference(xp, x, ln_w, qw_q, scales_q, zeros_q, qw_k, scales_k, zeros_k, qw_v, scales_v, zeros_v,
+                           eps, b_q, b_k, b_v)
+    return rope_cache_reference(xp, y["q"], y["k"], y["v"], pos, k_cache, v_cache, cache_pos, **rope)
+
+
+def qkv_rope_cache_fp8_reference(xp, x, ln_w, w_q, ws_q, w_k, ws_k, w_v, ws_v, pos, k_cache, v_cache, eps, b_q=None,
+                                 b_k=None, b_v=None, cache_pos=None, **rope):
+    y = qkv_fp8_reference(xp, x, ln_w, w_q, ws_q, w_k, ws_k, w_v, ws_v, eps, b_q, b_k, b_v)
+    return rope_cache_reference(xp, y["q"], y["k"], y["v"], pos, k_cache, v_cache, cache_pos, **rope)
 
 
 # --- parameters --------------------------------------------------------------------------
-
-
-def qkv_params(s: dict, make, block_n: int = 0, **extra) -> dict:
-    """Parameters of an rms_norm_qkv form: ``make(n, k, block_n, ...)`` (int4_params /
-    fp8_params) without split-K. Untuned default BLOCK_N: the largest of 16, 8, 4 giving the
-    three outputs 256 row blocks or more (about two programs a multiprocessor: no split-K
-    fills the GPU otherwise), else 16 (rows too few to fill it at any tile: the larger tile)."""
-    if not block_n:
-        blocks = {bn: -(-s["NQ"] // bn) + 2 * -(-s["NKD"] // bn) for bn in (16, 8, 4)}
-        block_n = next((bn for bn, n in blocks.items() if n >= 256), 16)
-    p = make(s["NQ"], s["K"], block_n, HAS_BIAS=s.get("HAS_BIAS", 1), **extra)
-    for key in ("SPLIT_K", "BLOCK_R"):
-        p.pop(key)
-    return p
-
-
-def qkv_candidates(s: dict, make, row: int, block_ns) -> list[dict]:
-    n = s["NQ"] + 2 * s["NKD"]
-    return [qkv_params(s, make, bn, BLOCK_G=bg, BLOCK_K=bg * GROUP, num_warps=nw)
-            for bn, bg, nw in {(c["BLOCK_N"], c["BLOCK_G"], c["num_warps"])
-                               for c in grouped_candidates(n, row, block_ns, lambda bn, bg, sk, nw: dict(
-                                   BLOCK_N=bn, BLOCK_G=bg, SPLIT_K=sk, num_warps=nw)) if c["SPLIT_K"] == 1}]
 
 
 def _int4_sizes(m, k_, **sizes):
@@ -274,29 +318,6 @@ register(SuiteKernel(
     module=__name__,
 ))
 
-register(SuiteKernel(
-    name="rms_norm_qkv_int4",
-    summary="fused: RMSNorm, the int4 q, k and v projections (+ biases), three outputs",
-    define=lambda k, p: define_qkv(k, p, "int4"),
-    reference=qkv_int4_reference,
-    default_params=lambda s: qkv_params(s, int4_params),
-    test_cases=[
-        Case("tiny", _int4_sizes(1, 256, NQ=64, NKD=32, HAS_BIAS=1), EPS),
-        # ragged row blocks of every kind (40 = 2.5 blocks, 24 = 1.5), several rows, a ragged round
-        Case("ragged-nobias", _int4_sizes(3, 768, NQ=40, NKD=24, HAS_BIAS=0), dict(eps=1e-5),
-             params=dict(BLOCK_N=16, BLOCK_G=2, BLOCK_K=256)),
-        Case("rows-bias", _int4_sizes(2, 512, NQ=48, NKD=16, HAS_BIAS=1), EPS, params=dict(BLOCK_N=8)),
-    ],
-    decode_cases=lambda c: [Case("qkv", _int4_sizes(1, c["D"], NQ=c["NH"] * c["DH"], NKD=c["NKV"] * c["DH"],
-                                                    HAS_BIAS=c.get("BIAS", 1)), EPS)],
-    candidates=lambda s: qkv_candidates(s, int4_params, s["K"] // 2, (4, 8, 16, 32)),
-    tune_keys=("M", "NQ", "NKD", "K", "HAS_BIAS"),
-    input_makers=_int4_makers("_q", "_k", "_v"),
-    min_bytes=_qkv_bytes("int4"),
-    fused=True,
-    module=__name__,
-))
-
 # --- fp8 ----------------------------------------------------------------------------------
 
 register(SuiteKernel(
@@ -343,26 +364,94 @@ register(SuiteKernel(
     module=__name__,
 ))
 
-register(SuiteKernel(
-    name="rms_norm_qkv_fp8",
-    summary="fused: RMSNorm, the fp8 q, k and v projections (x quantized per 128 columns, + biases), three outputs",
-    define=lambda k, p: define_qkv(k, p, "fp8"),
-    reference=qkv_fp8_reference,
-    default_params=lambda s: qkv_params(s, fp8_params),
-    test_cases=[
-        Case("tiny", _fp8_sizes(1, 256, NQ=64, NKD=32, HAS_BIAS=1), EPS),
-        # ragged row blocks (q past row 128, k / v in a second block row), a ragged last group
-        Case("ragged-nobias", _fp8_sizes(3, 200, NQ=150, NKD=40, HAS_BIAS=0), dict(eps=1e-5),
-             params=dict(BLOCK_N=32)),
-        Case("rows-bias", _fp8_sizes(2, 384, NQ=48, NKD=16, HAS_BIAS=1), EPS, params=dict(BLOCK_N=8, BLOCK_G=1,
-                                                                                          BLOCK_K=128)),
-    ],
-    decode_cases=lambda c: [Case("qkv", _fp8_sizes(1, c["D"], NQ=c["NH"] * c["DH"], NKD=c["NKV"] * c["DH"],
-                                                   HAS_BIAS=c.get("BIAS", 1)), EPS)],
-    candidates=lambda s: qkv_candidates(s, fp8_params, s["K"], (4, 8, 16, 32)),
-    tune_keys=("M", "NQ", "NKD", "K", "HAS_BIAS"),
-    input_makers=_fp8_makers("_q", "_k", "_v"),
-    min_bytes=_qkv_bytes("fp8"),
-    fused=True,
-    module=__name__,
-))
+# --- rms_norm_qkv_rope_cache, int4 and fp8 ---------------------------------------------------
+
+
+def qkv_rope_params(s: dict, make, block_n: int = 0, **extra) -> dict:
+    """Parameters of an rms_norm_qkv_rope_cache form. Untuned default BLOCK_N (rotation pairs a
+    program, a divisor of DH/2): the largest of 16, 8, 4 giving 256 programs a row or more
+    (about two a multiprocessor: 4 at the 1.5B shape, qkv_rope_cache's measured BLOCK_J
+    there), else the largest (heads too few to fill the GPU: the larger tile); 2 or 1 where
+    DH/2 takes none of them."""
+    if not block_n:
+        heads, pairs = s["NH"] + 2 * s["NKV"], s["DH"] // 2
+        fits = [bn for bn in (16, 8, 4) if pairs % bn == 0] or [2 if pairs % 2 == 0 else 1]
+        block_n = next((bn for bn in fits if heads * (pairs // bn) >= 256), fits[0])
+    flags = {"HAS_BIAS": s.get("HAS_BIAS", 1), "ROPE_KIND": s.get("ROPE_KIND", 0), "CACHE_POS": s.get("CACHE_POS", 0)}
+    if s.get("ROWS", 1) > 1:
+        flags["ROWS"] = s["ROWS"]
+    p = make(s["NQ"], s["K"], block_n, **flags, **extra)
+    for key in ("SPLIT_K", "BLOCK_R"):
+        p.pop(key)
+    return p
+
+
+def qkv_rope_candidates(s: dict, make) -> list[dict]:
+    """Rotation pairs a program dividing DH/2 (and 128), whole groups a round of up to 16K elements."""
+    row = s["K"] // 2 if make is int4_params else s["K"]
+    return [qkv_rope_params(s, make, bn, BLOCK_G=bg, BLOCK_K=bg * GROUP, num_warps=nw)
+            for bn in (1, 2, 4, 8, 16) for bg in (1, 2, 4, 8) for nw in (4, 8)
+            if (s["DH"] // 2) % bn == 0 and bg * GROUP <= max(GROUP, next_pow2(row)) and 2 * bn * bg * GROUP <= 16384]
+
+
+def _positions(max_key: str):
+    """Positions in [0, sizes[max_key]); with ROWS > 1 each sequence's R rows consecutive."""
+    def draw(gen, shape, sizes):
+        import torch
+
+        rows = sizes.get("ROWS", 1)
+        start = torch.randint(0, sizes[max_key] - rows + 1, (shape[0] // rows, 1), generator=gen, dtype=torch.int64)
+        return (start + torch.arange(rows)).reshape(shape)
+    return draw
+
+
+def _rope_sizes(fmt: str, m, k_, nh, nkv, dh, s, **extra):
+    base = dict(NH=nh, NKV=nkv, DH=dh, S=s, P=s, **extra)
+    base.setdefault("B", m // extra.get("ROWS", 1))
+    size = _int4_sizes if fmt == "int4" else _fp8_sizes
+    return size(m, k_, NQ=nh * dh, NKD=nkv * dh, **base)
+
+
+def _rope_cases(fmt: str, k_):
+    return [
+        Case("tiny", _rope_sizes(fmt, 1, k_, 2, 1, 16, 8, HAS_BIAS=1), dict(eps=1e-6, theta=10000.0)),
+        # a batch of 3 rows, written at their own cache rows (CACHE_POS), llama3 frequencies, no bias
+        Case("batch-llama3-cachepos", _rope_sizes(fmt, 3, k_, 4, 2, 16, 12, HAS_BIAS=0, ROPE_KIND=2, CACHE_POS=1),
+             dict(eps=1e-5, **LLAMA3)),
+        # 2 consecutive tokens of each of 2 sequences (a verify step), linear scaling
+        Case("rows2-linear", _rope_sizes(fmt, 4, k_, 2, 1, 32, 10, HAS_BIAS=1, ROPE_KIND=1, ROWS=2),
+             dict(eps=1e-6, theta=1e6, factor=2.0), params=dict(BLOCK_N=8)),
+    ]
+
+
+def _rope_decode(fmt: str):
+    return lambda c: [Case("qkv", _rope_sizes(fmt, 1, c["D"], c["NH"], c["NKV"], c["DH"], 4096,
+                                              HAS_BIAS=c.get("BIAS", 1)), dict(eps=1e-6, theta=10000.0))]
+
+
+def _rope_bytes(fmt: str):
+    qkv = _qkv_bytes(fmt)
+
+    def f(s, b):  # the projections, and K / V written into the caches
+        return qkv(s, b) + 2 * s["M"] * s["NKD"] * b + 8 * s["M"]
+    return f
+
+
+for _fmt, _make, _k in (("int4", int4_params, 512), ("fp8", fp8_params, 200)):
+    register(SuiteKernel(
+        name=f"rms_norm_qkv_rope_cache_{_fmt}",
+        summary=f"fused: RMSNorm, the {_fmt} q, k and v projections (+ biases), RoPE, K/V written into the "
+                f"static cache",
+        define=lambda k, p, _fmt=_fmt: define_qkv_rope_cache(k, p, _fmt),
+        reference=qkv_rope_cache_int4_reference if _fmt == "int4" else qkv_rope_cache_fp8_reference,
+        default_params=lambda s, _make=_make: qkv_rope_params(s, _make),
+        test_cases=_rope_cases(_fmt, _k),
+        decode_cases=_rope_decode(_fmt),
+        candidates=lambda s, _make=_make: qkv_rope_candidates(s, _make),
+        tune_keys=("M", "K", "NH", "NKV", "DH", "HAS_BIAS", "ROWS"),
+        input_makers={**(_int4_makers if _fmt == "int4" else _fp8_makers)("_q", "_k", "_v"),
+                      "pos": _positions("P"), "cache_pos": _positions("S")},
+        min_bytes=_rope_bytes(_fmt),
+        fused=True,
+        module=__name__,
+    ))
