@@ -140,10 +140,10 @@ def _weight(t, suffix):
 
 
 QUANT_FUSED = {
-    **{f"rms_norm_gate_up_silu_{kind}": lambda t, s, p: (t["x"], t["ln_w"], s["eps"], _weight(t, "_g"), _weight(t, "_u"))
+    **{f"rms_norm_gate_up_silu_{kind}": lambda t, s: (t["x"], t["ln_w"], s["eps"], _weight(t, "_g"), _weight(t, "_u"))
        for kind in ("int4", "fp8")},
-    **{f"matvec_residual_{kind}": lambda t, s, p: (t["x"], _weight(t, ""), t["r"]) for kind in ("int4", "fp8")},
-    **{f"rms_norm_qkv_rope_cache_{kind}": lambda t, s, p: (
+    **{f"matvec_residual_{kind}": lambda t, s: (t["x"], _weight(t, ""), t["r"]) for kind in ("int4", "fp8")},
+    **{f"rms_norm_qkv_rope_cache_{kind}": lambda t, s: (
         t["x"], t["ln_w"], s["eps"], *(_weight(t, x) for x in ("_q", "_k", "_v")), t.get("b_q"), t.get("b_k"),
         t.get("b_v"), t["pos"], t["k_cache"], t["v_cache"]) for kind in ("int4", "fp8")},
 }
@@ -163,7 +163,7 @@ def test_the_quantized_fused_functions(name, case, monkeypatch):
     ir = kernel.build(kernel.params_for(case))
     inputs = make_inputs(kernel, ir, case, torch.float32, torch.Generator().manual_seed(secrets.randbits(31)))
     views = ir.inputs + [v for v in ir.outputs if v.role == "inout"]
-    args = QUANT_FUSED[name]({v.name: _operand(inputs, v) for v in views}, case.scalars, ir.params)
+    args = QUANT_FUSED[name]({v.name: _operand(inputs, v) for v in views}, case.scalars)
     kwargs = {}
     if "ROPE_KIND" in ir.params:  # the rotation as the kernel's kind and scalars, the cache rows where given
         kind = ir.params["ROPE_KIND"]
