@@ -20,6 +20,31 @@ def _cos_sin(pos, dh, theta, dtype):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def _fused_quantized(name: str, t: dict, scalars: dict):
+    """The fused int4 / fp8 forms the library way: each quantized projection as matvec_int4's
+    or matvec_fp8's vendor path (dequantize + cuBLAS; the finegrained-fp8 math), the norm,
+    SiLU and residual in torch eager."""
+    from tileflow.suite.quantize import dequantize_int4, fp8_linear_torch
+
+    int4 = name.endswith("int4")
+
+    def linear(x, suffix=""):
+        if int4:
+            w = dequantize_int4(t[f"qw{suffix}"], t[f"scales{suffix}"], t[f"zeros{suffix}"]).to(x.dtype)
+            return F.linear(x, w)
+        return fp8_linear_torch(x, t[f"w{suffix}"], t[f"ws{suffix}"], None)
+
+    if name.startswith("matvec_residual"):
+        return (lambda: linear(t["x"]) + t["r"]), ("dequantize + F.linear + add" if int4 else
+                                                    "finegrained-fp8 math + add (torch eager)")
+
+    def gate_up():
+        n = F.rms_norm(t["x"], (t["x"].shape[-1],), t["ln_w"], scalars["eps"])
+        return F.silu(linear(n, "_g")) * linear(n, "_u")
+    return gate_up, ("F.rms_norm + 2x (dequantize + F.linear) + silu*mul" if int4 else
+                     "F.rms_norm + 2x finegrained-fp8 math + silu*mul (torch eager)")
+
+
 def vendor_call(name: str, t: dict, scalars: dict):
     """A zero-argument callable doing ``name``'s work the library way, and its label."""
     if name == "rms_norm":
@@ -106,6 +131,9 @@ def vendor_call(name: str, t: dict, scalars: dict):
         def int4():  # what gpt-fast's CPU fallback does: the weight dequantized, then cuBLAS
             return F.linear(t["x"], dequantize_int4(t["qw"], t["scales"], t["zeros"]).to(t["x"].dtype), t.get("b"))
         return int4, "dequantize + F.linear (cuBLAS)"
+    if name in ("matvec_residual_int4", "matvec_residual_fp8", "rms_norm_gate_up_silu_int4",
+                "rms_norm_gate_up_silu_fp8"):
+        return _fused_quantized(name, t, scalars)
     if name == "matvec_fp8":
         from tileflow.suite.quantize import fp8_linear_torch
 

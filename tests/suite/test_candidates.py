@@ -78,8 +78,7 @@ def test_leaderboard_retries_tuned_parameters(gpu_suite):
 
 # registered without a library path in benchmarks/vendor.py yet (the fused quantized forms,
 # issue 35): each must still raise there, so adding one takes it off this list
-NO_VENDOR_BASELINE = {"rms_norm_gate_up_silu_int4", "matvec_residual_int4", "rms_norm_qkv_rope_cache_int4",
-                      "rms_norm_gate_up_silu_fp8", "matvec_residual_fp8", "rms_norm_qkv_rope_cache_fp8"}
+NO_VENDOR_BASELINE = {"rms_norm_qkv_rope_cache_int4", "rms_norm_qkv_rope_cache_fp8"}
 
 
 @pytest.mark.parametrize("name", sorted(KERNELS))
