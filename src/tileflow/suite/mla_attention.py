@@ -43,6 +43,7 @@ rows as in gqa_attention; a row hidden entirely is NaN, as in SDPA.
 
 from tileflow.suite.gqa_attention import _key_mask, _lengths, two_waves
 from tileflow.suite.inputs import linear_weight, positions, rope_frequencies
+from tileflow.suite.mla_latent_cache import rope_reference, rotate_into
 from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
 
 
@@ -145,42 +146,12 @@ def define(k, p):
 
 def rotate_q_pe(k, layout, q_pe, ws_pe, pos, inv_freq, rope_scale, b, h, when) -> None:
     """``ws_pe[b, h] = rope(q_pe[b, h], pos[b])`` in pair layout ``layout`` (mla_latent_cache's
-    rotation), stored only ``when``."""
+    rotation of the key), stored only ``when``."""
     half, dr = k.dim("HALF"), k.dim("DR")
     i = k.range(0, "BLOCK_HALF", aligned=True)
     ang = k.cast(k.load(pos, (b,)), "f32") * k.load(inv_freq, (i,))
     c, s = k.cos(ang) * rope_scale, k.sin(ang) * rope_scale
-    if layout == 0:
-        x1 = k.load(q_pe, (b, h, i), limits={2: half})
-        x2 = k.load(q_pe, (b, h, k.range(half, "BLOCK_HALF")))
-    else:  # pairs (2i, 2i + 1): the [DR] row as [HALF, 2], each column picked by a masked sum
-        pairs = k.reshape(k.load(q_pe, (b, h, k.range(0, "BLOCK_DR_ROT", aligned=True))), ("BLOCK_HALF", "TWO"))
-        first = (k.range(0, "TWO", aligned=True).index < 1)[None, :]
-        x1 = k.sum(k.where(first, pairs, 0.0), axis=1)
-        x2 = k.sum(k.where(first, 0.0, pairs), axis=1)
-    o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
-    if layout == 2:  # back to pairs: column 0 takes o1, column 1 o2
-        both = k.where(first, o1[:, None], o2[:, None])
-        k.store(ws_pe, (b, h, k.range(0, "BLOCK_DR_ROT", aligned=True)), k.reshape(both, ("BLOCK_DR_ROT",)), when=when)
-    else:
-        k.store(ws_pe, (b, h, i), o1, limits={2: half}, when=when)
-        k.store(ws_pe, (b, h, k.range(half, "BLOCK_HALF")), o2, limits={2: dr}, when=when)
-
-
-def rope_reference(xp, q_pe, pos, inv_freq, rope_scale, layout: int):
-    """``q_pe`` [B, NH, DR] rotated at ``pos`` [B] as mla_latent_cache rotates the key."""
-    bsz, nh, dr = q_pe.shape
-    ang = xp.astype(pos, q_pe.dtype)[:, None, None] * xp.astype(inv_freq, q_pe.dtype)[None, None, :]
-    c, sn = xp.cos(ang) * rope_scale, xp.sin(ang) * rope_scale
-    if layout == 0:
-        x1, x2 = q_pe[..., : dr // 2], q_pe[..., dr // 2:]
-    else:
-        pairs = xp.reshape(q_pe, (bsz, nh, dr // 2, 2))
-        x1, x2 = pairs[..., 0], pairs[..., 1]
-    o1, o2 = x1 * c - x2 * sn, x2 * c + x1 * sn
-    if layout == 2:
-        return xp.reshape(xp.stack([o1, o2], axis=-1), (bsz, nh, dr))
-    return xp.concat([o1, o2], axis=-1)
+    rotate_into(k, layout, (c, s, i, half, dr), (q_pe, (b, h), 0), (ws_pe, (b, h)), "BLOCK_DR_ROT", {"when": when})
 
 
 def reference(xp, q_nope, q_pe, kv_cache, pe_cache, lengths, w_uk, w_uv, scale, key_mask=None, pos=None,

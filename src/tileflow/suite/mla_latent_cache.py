@@ -95,21 +95,53 @@ def define(k, p):
         i = k.range(0, "BLOCK_HALF", aligned=True)
         ang = k.cast(p_int, "f32") * k.load(inv_freq, (i,))
         c, s = k.cos(ang) * rope_scale, k.sin(ang) * rope_scale
-        if layout == 0:
-            x1 = k.load(ws_y, (m, k.range(nr, "BLOCK_HALF")), limits={1: nr + half})
-            x2 = k.load(ws_y, (m, k.range(nr + half, "BLOCK_HALF")))
-        else:  # pairs (2i, 2i + 1): the [DR] tile as [HALF, 2], each column picked by a masked sum
-            pairs = k.reshape(k.load(ws_y, (m, k.range(nr, "BLOCK_DR"))), ("BLOCK_HALF", "TWO"))
-            first = (k.range(0, "TWO", aligned=True).index < 1)[None, :]
-            x1 = k.sum(k.where(first, pairs, 0.0), axis=1)
-            x2 = k.sum(k.where(first, 0.0, pairs), axis=1)
-        o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
-        if layout == 2:  # back to pairs: column 0 takes o1, column 1 o2
-            both = k.where(first, o1[:, None], o2[:, None])
-            k.store(pe_cache, (m, p_row, k.range(0, "BLOCK_DR", aligned=True)), k.reshape(both, ("BLOCK_DR",)), **guard)
-        else:
-            k.store(pe_cache, (m, p_row, i), o1, limits={2: half}, **guard)
-            k.store(pe_cache, (m, p_row, k.range(half, "BLOCK_HALF")), o2, limits={2: dr}, **guard)
+        rotate_into(k, layout, (c, s, i, half, dr), (ws_y, (m,), nr), (pe_cache, (m, p_row)), "BLOCK_DR", guard)
+
+
+def rotate_into(k, layout, rope, src, dst, block_dr: str, guard: dict) -> None:
+    """The DR values of ``src`` (view, index prefix, first column) rotated by ``rope`` (cos,
+    sin [BLOCK_HALF], the range ``i`` over them, HALF, DR) in pair layout ``layout`` (see the
+    module docstring), stored at ``dst`` (view, index prefix) under ``guard``; ``block_dr``
+    names the parameter of a whole row's tile. The key's rotation here and the query's in
+    mla_attention."""
+    c, s, i, half, dr = rope
+    view, prefix, start = src
+    at = len(prefix)
+    if layout == 0:
+        x1 = k.load(view, prefix + (k.range(start, "BLOCK_HALF"),), limits={at: start + half})
+        x2 = k.load(view, prefix + (k.range(start + half, "BLOCK_HALF"),))
+    else:  # pairs (2i, 2i + 1): the [DR] tile as [HALF, 2], each column picked by a masked sum
+        pairs = k.reshape(k.load(view, prefix + (k.range(start, block_dr),)), ("BLOCK_HALF", "TWO"))
+        first = (k.range(0, "TWO", aligned=True).index < 1)[None, :]
+        x1 = k.sum(k.where(first, pairs, 0.0), axis=1)
+        x2 = k.sum(k.where(first, 0.0, pairs), axis=1)
+    o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
+    out, prefix = dst
+    at = len(prefix)
+    if layout == 2:  # back to pairs: column 0 takes o1, column 1 o2
+        both = k.where(first, o1[:, None], o2[:, None])
+        k.store(out, prefix + (k.range(0, block_dr, aligned=True),), k.reshape(both, (block_dr,)), **guard)
+    else:
+        k.store(out, prefix + (i,), o1, limits={at: half}, **guard)
+        k.store(out, prefix + (k.range(half, "BLOCK_HALF"),), o2, limits={at: dr}, **guard)
+
+
+def rope_reference(xp, x, pos, inv_freq, rope_scale, layout: int):
+    """``x`` [..., DR] rotated at ``pos`` (one per leading row of ``x``'s first axis) in pair
+    layout ``layout``, cos / sin times ``rope_scale``."""
+    dr = x.shape[-1]
+    p = xp.reshape(xp.astype(pos, x.dtype), pos.shape + (1,) * (x.ndim - pos.ndim))
+    ang = p * xp.astype(inv_freq, x.dtype)
+    c, sn = xp.cos(ang) * rope_scale, xp.sin(ang) * rope_scale
+    if layout == 0:
+        x1, x2 = x[..., : dr // 2], x[..., dr // 2:]
+    else:
+        pairs = xp.reshape(x, x.shape[:-1] + (dr // 2, 2))
+        x1, x2 = pairs[..., 0], pairs[..., 1]
+    o1, o2 = x1 * c - x2 * sn, x2 * c + x1 * sn
+    if layout == 2:
+        return xp.reshape(xp.stack([o1, o2], axis=-1), x.shape)
+    return xp.concat([o1, o2], axis=-1)
 
 
 def reference(xp, x, w_kva, ln_w, pos, inv_freq, kv_cache, pe_cache, eps, rope_scale, rope_layout: int,
@@ -122,23 +154,11 @@ def reference(xp, x, w_kva, ln_w, pos, inv_freq, kv_cache, pe_cache, eps, rope_s
     layout = int(rope_layout)
     if x_ln is not None:  # NORM: the layer's input norm first
         x = x / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + x_eps) * x_ln
-    m, s, nr = kv_cache.shape
-    dr = pe_cache.shape[-1]
+    _, s, nr = kv_cache.shape
     y = x @ xp.matrix_transpose(w_kva)  # [M, R + DR]
     kv, pe = y[:, :nr], y[:, nr:]
     kv = kv / xp.sqrt(xp.mean(kv * kv, axis=-1, keepdims=True) + eps) * ln_w
-    ang = xp.astype(pos, x.dtype)[:, None] * xp.astype(inv_freq, x.dtype)[None, :]  # [M, HALF]
-    c, sn = xp.cos(ang) * rope_scale, xp.sin(ang) * rope_scale
-    if layout == 0:
-        x1, x2 = pe[:, : dr // 2], pe[:, dr // 2:]
-    else:
-        pairs = xp.reshape(pe, (m, dr // 2, 2))
-        x1, x2 = pairs[:, :, 0], pairs[:, :, 1]
-    o1, o2 = x1 * c - x2 * sn, x2 * c + x1 * sn
-    if layout == 2:
-        rot = xp.reshape(xp.stack([o1, o2], axis=-1), (m, dr))
-    else:
-        rot = xp.concat([o1, o2], axis=-1)
+    rot = rope_reference(xp, pe, pos, inv_freq, rope_scale, layout)
     row = pos if cache_pos is None else cache_pos
     at = (xp.arange(s)[None, :] == row[:, None])[:, :, None]  # [M, S, 1]
     return {"kv_cache": xp.where(at, kv[:, None, :], kv_cache), "pe_cache": xp.where(at, rot[:, None, :], pe_cache)}
