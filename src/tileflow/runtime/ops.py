@@ -317,6 +317,17 @@ def rms_norm_gate_up_silu(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wg: t
     return launch("rms_norm_gate_up_silu", {"x": x, "ln_w": ln_w, "wg": wg, "wu": wu, "eps": eps})[0]
 
 
+def _cache_rows(x: torch.Tensor, k_cache: torch.Tensor, cache_pos: Optional[torch.Tensor], values: dict,
+                sizes: dict) -> None:
+    """The q/k/v kernels' cache rows: ``cache_pos`` where given (CACHE_POS), and ROWS tokens a
+    sequence where x has more rows than the caches have sequences (a verify step)."""
+    if cache_pos is not None:
+        values["cache_pos"] = cache_pos
+        sizes["CACHE_POS"] = 1
+    if x.shape[0] != k_cache.shape[0]:
+        sizes["ROWS"] = x.shape[0] // k_cache.shape[0]
+
+
 def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Tensor, wk: torch.Tensor,
                    wv: torch.Tensor, bq: Optional[torch.Tensor], bk: Optional[torch.Tensor],
                    bv: Optional[torch.Tensor], pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -338,12 +349,8 @@ def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Te
              "ROPE_KIND": 3 if inv_freq is not None else cfg.kind}
     if bq is not None:
         values.update(bq=bq, bk=bk, bv=bv)
-    if cache_pos is not None:
-        values["cache_pos"] = cache_pos
-        sizes["CACHE_POS"] = 1
-    if x.shape[0] != k_cache.shape[0]:
-        sizes["ROWS"] = x.shape[0] // k_cache.shape[0]
-    elif x.shape[0] > 1:  # a batch, one token a sequence: up to 16 rows a program, not one
+    _cache_rows(x, k_cache, cache_pos, values, sizes)
+    if x.shape[0] == k_cache.shape[0] > 1:  # a batch, one token a sequence: up to 16 rows a program, not one
         sizes["PROGRAM_ROWS"] = min(x.shape[0], 16)
     if inv_freq is not None:
         values["inv_freq"] = inv_freq
@@ -524,11 +531,7 @@ def rms_norm_qkv_rope_cache_quant(kind: str, x: torch.Tensor, ln_w: torch.Tensor
     sizes = {"NH": q[0].shape[0] // k_cache.shape[3], "HAS_BIAS": int(bq is not None), "ROPE_KIND": cfg.kind}
     if bq is not None:
         values.update(b_q=bq, b_k=bk, b_v=bv)
-    if cache_pos is not None:
-        values["cache_pos"] = cache_pos
-        sizes["CACHE_POS"] = 1
-    if x.shape[0] != k_cache.shape[0]:
-        sizes["ROWS"] = x.shape[0] // k_cache.shape[0]
+    _cache_rows(x, k_cache, cache_pos, values, sizes)
     return launch(f"rms_norm_qkv_rope_cache_{kind}", values, sizes)[0]
 
 
