@@ -583,7 +583,9 @@ def match_router(idx: fx.Node, wt_final: fx.Node, rows: tuple = ()) -> dict:
     if method == "noaux_tc":
         _need(e // n_group >= 2, "groups of one expert")
         _need(_ev(bias).dtype == torch.float32 and _shape(bias) == (e,), "the correction bias is not fp32 [E]")
-    _need(_ev(w).dtype == torch.float32, f"router weight {_ev(w).dtype}: moe_router reads an fp32 weight")
+    # transformers 5.25 keeps gate.weight in fp32, 5.17 in the model's dtype: moe_router reads either
+    _need(_ev(w).dtype in (torch.float32, _ev(h2).dtype),
+          f"router weight {_ev(w).dtype}: moe_router reads an fp32 weight or one in the hidden rows' dtype")
     _token_rows(h2, rows)
     inputs = [h2, w] + ([bias] if bias is not None else [])
     dg._no_writes_inside([idx, wt_final], inputs, wt_final, allowed=inplace)

@@ -227,3 +227,30 @@ def test_prefill_keeps_the_traced_attention_and_router():
     kept = [(p, r) for p, _, r in report.fallbacks]
     assert kept.count(("mla_attention", "9 queries a sequence: mla_attention takes one new token a sequence")) == 2
     assert ("moe_router", "9 rows: not one decode row, nor the rows of a decode step's matched attention") in kept
+
+
+def test_a_router_weight_in_the_models_dtype_becomes_moe_router(kernel_calls):
+    """transformers 5.17 keeps gate.weight in the model's dtype (5.25: fp32): the graph's
+    ``W.type(f32)`` upcast of a bf16 weight matches too, and moe_router reads the weight
+    where it lies; the compiled step's logits stay within bf16 reach of eager's."""
+    torch._dynamo.reset()
+    model, ids = tiny("v2"), prompt()
+    model = model.to(torch.bfloat16)
+    for layer in model.model.layers:
+        if hasattr(layer.mlp, "gate"):
+            layer.mlp.gate.weight.data = layer.mlp.gate.weight.data.to(torch.bfloat16)
+    report = _explain_step(model, ids)
+    assert report.matches["moe_router"] == 1 and report.matches["moe_experts"] == 1, report
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + 2)
+    kw = {cache_keyword(model): cache}
+    step = dict(input_ids=ids[:, -1:], position_ids=torch.tensor([[ids.shape[1] - 1]]), use_cache=True, **kw)
+    with torch.no_grad():
+        model(ids[:, :-1], use_cache=True, **kw)
+        want = model(**step).logits.float()
+        cache.reset()
+        model(ids[:, :-1], use_cache=True, **kw)
+        kernel_calls.update(dict.fromkeys(KERNELS, 0))
+        got = torch.compile(model.forward, backend="tileflow", mode="default")(**step).logits.float()
+    torch._dynamo.reset()
+    assert kernel_calls["moe_router"] == 1 and kernel_calls["moe_experts"] == 1, kernel_calls
+    assert (got - want).abs().max().item() < 0.05 * want.abs().max().item(), (got - want).abs().max().item()

@@ -442,6 +442,8 @@ def moe_router(x: torch.Tensor, w: torch.Tensor, top_k: int, scale: float, n_gro
         values["bias"] = bias
     # K sizes the outputs (no input has it); METHOD picks the scores; WEIGHT_T: w in x's dtype
     flags = {"K": top_k, "METHOD": int(bias is not None)}
+    if w.dtype not in (torch.float32, x.dtype):
+        raise ValueError(f"tileflow: moe_router takes an fp32 router weight or one in x's dtype, not {w.dtype}")
     if w.dtype == x.dtype != torch.float32:
         flags["WEIGHT_T"] = 1
     return launch("moe_router", values, flags)
