@@ -201,6 +201,37 @@ def reduce_stage(k, parts, finish) -> None:
         finish(row, rows, list(lp.results))
 
 
+def extras_loader(k, extras: dict):
+    """``load(row, rows)``: each extra input's tile at the program's output rows (a [N]
+    input, e.g. a bias, or an [M, N] one, e.g. the residual)."""
+    def load(row, rows):
+        return {name: k.load(view, (rows,) if view.rank == 1 else (row, rows)) for name, view in extras.items()}
+    return load
+
+
+def store_outputs(k, form: MatvecForm, outs, parts, row, rows, sums, extras) -> None:
+    """The end of a matvec stage: the partial sums to the split-K workspaces ``parts``, or
+    (no split) the epilogue of ``extras()`` into ``outs``."""
+    if parts:
+        for part, s in zip(parts, sums):
+            k.store(part, (k.program_id(1), row, rows), s)
+    else:
+        for out, y in zip(outs, form.epilogue(k, sums, extras())):
+            k.store(out, (row, rows), y)
+
+
+def reduce_outputs(k, form: MatvecForm, outs, parts, load_extras) -> None:
+    """With split-K (``parts``), the reduce stage: the parts added, then the epilogue."""
+    if not parts:
+        return
+
+    def finish(row, rows, sums):
+        for out, y in zip(outs, form.epilogue(k, sums, load_extras(row, rows))):
+            k.store(out, (row, rows), y)
+
+    reduce_stage(k, parts, finish)
+
+
 def define_matvec(form: MatvecForm, k, p) -> None:
     x = k.input("x", ("M", "K"))
     ln_w = k.input("ln_w", ("K",)) if form.norm else None
@@ -211,12 +242,7 @@ def define_matvec(form: MatvecForm, k, p) -> None:
     split = p["SPLIT_K"]
     parts = [k.workspace(f"part_{w}", ("SPLIT_K", "M", "N")) for w in form.weights] if split > 1 else []
 
-    def load_extras(row, rows):
-        got = {}
-        for name, view in extras.items():
-            idx = (rows,) if view.rank == 1 else (row, rows)
-            got[name] = k.load(view, idx)
-        return got
+    load_extras = extras_loader(k, extras)
 
     # BLOCK_M > 1: a program owns BLOCK_M rows of x (masked to M) and reads each weight
     # tile once for all of them; 1 keeps the one-row program (x rows are scalars)
@@ -256,19 +282,8 @@ def define_matvec(form: MatvecForm, k, p) -> None:
         sums = results if many else [k.sum(a, axis=1) for a in results]
         if form.norm:
             sums = [s * (scale[:, None] if many else scale) for s in sums]
-        if split > 1:
-            for part, s in zip(parts, sums):
-                k.store(part, (k.program_id(1), row, rows), s)
-        else:
-            for out, y in zip(outs, form.epilogue(k, sums, early or load_extras(row, rows))):
-                k.store(out, (row, rows), y)
-
-    if split > 1:
-        def finish(row, rows, sums):
-            for out, y in zip(outs, form.epilogue(k, sums, load_extras(row, rows))):
-                k.store(out, (row, rows), y)
-
-        reduce_stage(k, parts, finish)
+        store_outputs(k, form, outs, parts, row, rows, sums, lambda: early or load_extras(row, rows))
+    reduce_outputs(k, form, outs, parts, load_extras)
 
 
 def matvec_params(n: int, k_: int, block_n: int = 0, block_k: int = 0, split_k: int = 0,

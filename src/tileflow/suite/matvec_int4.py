@@ -22,7 +22,8 @@ import torch
 
 from tileflow.suite.inputs import linear_weight
 from tileflow.suite.matvec_family import (MatvecForm, grouped_candidates, grouped_params, grouped_split,
-                                          reduce_stage, rms_scale, rsqrt_mean, split_k_range)
+                                          extras_loader, reduce_outputs, rms_scale, rsqrt_mean, split_k_range,
+                                          store_outputs)
 from tileflow.suite.quantize import GROUP
 from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
 
@@ -98,8 +99,7 @@ def define_int4(form: MatvecForm, k, p) -> None:
     split = p["SPLIT_K"]
     parts = [k.workspace(f"part{suffix}", ("SPLIT_K", "M", "N")) for suffix in form.weights] if split > 1 else []
 
-    def load_extras(row, rows):
-        return {name: k.load(view, (rows,) if view.rank == 1 else (row, rows)) for name, view in extras.items()}
+    load_extras = extras_loader(k, extras)
 
     with k.stage("matvec", grid=("cdiv(N, BLOCK_N)", "SPLIT_K", "M")):
         row = k.program_id(2)
@@ -130,19 +130,8 @@ def define_int4(form: MatvecForm, k, p) -> None:
         if form.norm:
             # sum(w * x * g) * rstd == sum(w * (x * rstd) * g): the norm scales the sums
             sums = [s * scale for s in sums]
-        if split > 1:
-            for part, s in zip(parts, sums):
-                k.store(part, (k.program_id(1), row, rows), s)
-        else:
-            for out, y in zip(outs, form.epilogue(k, sums, load_extras(row, rows))):
-                k.store(out, (row, rows), y)
-
-    if split > 1:
-        def finish(row, rows, sums):
-            for out, y in zip(outs, form.epilogue(k, sums, load_extras(row, rows))):
-                k.store(out, (row, rows), y)
-
-        reduce_stage(k, parts, finish)
+        store_outputs(k, form, outs, parts, row, rows, sums, lambda: load_extras(row, rows))
+    reduce_outputs(k, form, outs, parts, load_extras)
 
 
 def define(k, p):
