@@ -26,9 +26,10 @@ from tileflow.suite import gate_up_silu, matvec_fp8, matvec_int4, rms_norm
 from tileflow.suite.matvec_family import RESIDUAL_FORM, grouped_candidates, grouped_split, rsqrt_mean
 from tileflow.suite.matvec_fp8 import check_block_n, fp8_params, fp8_views, group_sums, quantize_groups, x_groups
 from tileflow.suite.matvec_int4 import THREE, dequant_round, int4_params, int4_views, x_round
+from tileflow.suite.qkv_rope_cache import rope_cache_reference
 from tileflow.suite.quantize import GROUP
 from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
-from tileflow.suite.rope import LLAMA3, ROPE_SCALARS, TABLE, inv_freq_tile, rope_reference
+from tileflow.suite.rope import LLAMA3, ROPE_SCALARS, TABLE, inv_freq_tile
 
 GATE_UP = replace(gate_up_silu.FORM, weights=("_g", "_u"), norm=True)
 RESIDUAL = replace(RESIDUAL_FORM, weights=("",))
@@ -185,24 +186,6 @@ def define_qkv_rope_cache(k, p, fmt: str) -> None:
             when = k.binary("and", when, inside)
             k.store(cache, (seq, h, c_row, j), o_lo, limits={3: half}, when=when)
             k.store(cache, (seq, h, c_row, jh), o_hi, when=when)
-
-
-def rope_cache_reference(xp, q, kk, v, pos, k_cache, v_cache, cache_pos=None, **rope) -> dict:
-    """q rotated [M, NH, DH] and the caches with K (rotated) and V written at ``cache_pos`` (or
-    ``pos``), from the projections q [M, NQ], k / v [M, NKD]: as qkv_rope_cache's reference."""
-    bsz, nkv, s, dh = k_cache.shape
-    m = q.shape[0]
-    q = rope_reference(xp, xp.reshape(q, (m, -1, dh)), pos, **rope)
-    kk = xp.reshape(rope_reference(xp, xp.reshape(kk, (m, nkv, dh)), pos, **rope), (bsz, -1, nkv, 1, dh))
-    v = xp.reshape(v, (bsz, -1, nkv, 1, dh))
-    row = pos if cache_pos is None else cache_pos
-    at = xp.reshape(xp.arange(s)[None, :] == row[:, None], (bsz, -1, 1, s, 1))  # [B, R, 1, S, 1]
-    hit = xp.any(at, axis=1)  # a sequence's rows are distinct: at most one writes a cache row
-
-    def write(new, cache):
-        return xp.where(hit, xp.sum(xp.where(at, new, 0.0), axis=1), cache)
-
-    return {"q": q, "k_cache": write(kk, k_cache), "v_cache": write(v, v_cache)}
 
 
 def qkv_rope_cache_int4_reference(xp, x, ln_w, qw_q, scales_q, zeros_q, qw_k, scales_k, zeros_k, qw_v, scales_v,

@@ -220,18 +220,25 @@ def reference(xp, x, ln_w, wq, wk, wv, pos, k_cache, v_cache, eps, bq=None, bk=N
 def rows_reference(xp, x, ln_w, wq, wk, wv, pos, k_cache, v_cache, eps, bq=None, bk=None, bv=None,
                    cache_pos=None, **rope):
     """ROWS > 1: M = B * R rows, caches [B, NKV, S, DH], row m written into batch row m // R."""
-    bsz, nkv, s, dh = k_cache.shape
-    m = x.shape[0]
     n = rms_norm.reference(xp, x, ln_w, eps)["out"]
     q, kk, v = (n @ xp.matrix_transpose(w) for w in (wq, wk, wv))
     if bq is not None:
         q, kk, v = q + bq, kk + bk, v + bv
+    return rope_cache_reference(xp, q, kk, v, pos, k_cache, v_cache, cache_pos, **rope)
+
+
+def rope_cache_reference(xp, q, kk, v, pos, k_cache, v_cache, cache_pos=None, **rope) -> dict:
+    """q rotated [M, NH, DH] and the caches with K (rotated) and V written at ``cache_pos`` (or
+    ``pos``), from the projections q [M, NQ], k / v [M, NKD]; M = B * R rows, row m into batch
+    row m // R (the quantized forms' reference too)."""
+    bsz, nkv, s, dh = k_cache.shape
+    m = q.shape[0]
     q = rope_reference(xp, xp.reshape(q, (m, -1, dh)), pos, **rope)
     kk = xp.reshape(rope_reference(xp, xp.reshape(kk, (m, nkv, dh)), pos, **rope), (bsz, -1, nkv, 1, dh))
     v = xp.reshape(v, (bsz, -1, nkv, 1, dh))
     row = pos if cache_pos is None else cache_pos
     at = xp.reshape(xp.arange(s)[None, :] == row[:, None], (bsz, -1, 1, s, 1))  # [B, R, 1, S, 1]
-    hit = xp.any(at, axis=1)  # the sequence's rows are distinct: at most one writes a cache row
+    hit = xp.any(at, axis=1)  # a sequence's rows are distinct: at most one writes a cache row
 
     def write(new, cache):
         return xp.where(hit, xp.sum(xp.where(at, new, 0.0), axis=1), cache)
