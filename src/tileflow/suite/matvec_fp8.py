@@ -192,18 +192,22 @@ def act_quant(xp, x):
 def reference(xp, x, w, ws, b=None):
     """Quantize x per token and group as above, then per group ``dot(xq, w) * a_s * w_s``,
     summed over the groups (exact fp8 products, sums in x's dtype: float64 as the oracle)."""
-    xq, a_s = act_quant(xp, x)
+    y = quantized_sums(xp, *act_quant(xp, x), w, ws, x.dtype)
+    return {"out": y + b if b is not None else y}
+
+
+def quantized_sums(xp, xq, a_s, w, ws, dtype):
+    """[M, N]: per 128-column group ``dot(xq, w) * a_s * w_s``, summed over the groups, in ``dtype``."""
     m, g, _ = xq.shape
     n, kdim = w.shape
-    wf = xp.astype(w, x.dtype)
+    wf = xp.astype(w, dtype)
     if g * GROUP != kdim:
-        wf = xp.concat([wf, xp.zeros((n, g * GROUP - kdim), dtype=x.dtype)], axis=1)
+        wf = xp.concat([wf, xp.zeros((n, g * GROUP - kdim), dtype=dtype)], axis=1)
     wg = xp.permute_dims(xp.reshape(wf, (n, g, GROUP)), (1, 2, 0))  # [G, 128, N]
-    dots = xp.matmul(xp.permute_dims(xp.astype(xq, x.dtype), (1, 0, 2)), wg)  # [G, M, N]
-    w_s = xp.take(xp.astype(ws, x.dtype), xp.arange(n) // GROUP, axis=0)  # [N, G]
-    scaled = xp.permute_dims(dots, (1, 2, 0)) * xp.astype(a_s, x.dtype)[:, None, :] * w_s[None, :, :]
-    y = xp.sum(scaled, axis=2)
-    return {"out": y + b if b is not None else y}
+    dots = xp.matmul(xp.permute_dims(xp.astype(xq, dtype), (1, 0, 2)), wg)  # [G, M, N]
+    w_s = xp.take(xp.astype(ws, dtype), xp.arange(n) // GROUP, axis=0)  # [N, G]
+    scaled = xp.permute_dims(dots, (1, 2, 0)) * xp.astype(a_s, dtype)[:, None, :] * w_s[None, :, :]
+    return xp.sum(scaled, axis=2)
 
 
 def fp8_params(n: int, k_: int, block_n: int = 16, block_g: int = 0, split_k: int = 1,

@@ -2,13 +2,13 @@
 model-dtype program, over int4 (``matvec_int4``) or fp8 (``matvec_fp8``) weights. Each is the
 same tile definition as its plain kernel (``define_int4`` / ``define_fp8`` with a matvec_family
 :class:`~tileflow.suite.matvec_family.MatvecForm`), its reference the plain one's after the
-norm (int4: dequantize, then the model-dtype computation; fp8: x quantized per 128 columns as
-``matvec_fp8`` does, of the normed row):
+norm (int4: dequantize, then the model-dtype computation; fp8: ``x * gamma`` quantized per 128
+columns as ``matvec_fp8`` quantizes x, the sums times the norm's rstd: ``normed_fp8``):
 
 - ``rms_norm_gate_up_silu_{int4,fp8}``: RMSNorm of x (gamma ``ln_w``), the gate and up
   projections, ``silu(gate) * up``: one launch for the MLP's first half. The norm's rstd
-  scales the sums (sum(w * x * g) * rstd); fp8 quantizes ``x * g`` per group, whose xq is
-  the normed row's (a group's scale a_s takes rstd's factor);
+  scales the sums (sum(w * x * g) * rstd); fp8 quantizes ``x * g`` per group (the normed
+  row's xq but for fp32 rounding; a group's scale a_s takes rstd's factor);
 - ``matvec_residual_{int4,fp8}``: ``x @ W.T + r``: o_proj and down_proj with the residual add;
 - ``rms_norm_qkv_rope_cache_{int4,fp8}``: qkv_rope_cache over quantized weights: RMSNorm of
   x, q, k and v (+ biases), RoPE of q and k at the row's position, q written out, K and V
@@ -49,10 +49,21 @@ def gate_up_int4_reference(xp, x, ln_w, qw_g, scales_g, zeros_g, qw_u, scales_u,
                                   matvec_int4.dequantize(xp, qw_u, scales_u, zeros_u, x.dtype))
 
 
+def normed_fp8(xp, x, ln_w, eps, weights) -> list:
+    """The fused fp8 forms' projections of the normed row, in the kernel's order: ``x * gamma``
+    quantized per group in fp32 (as the kernel rounds it: which e4m3 value an element takes
+    is discontinuous, so the oracle decides it on the kernel's own fp32 values), the sums
+    times the norm's rstd (float64). Equal to quantizing the normed row but for the fp32
+    rounding of x * gamma * rstd: transformers (norm in x's dtype, then ``FP8Linear``) may
+    round an element to the neighbouring e4m3 value where that rounding crosses a midpoint."""
+    xq, a_s = matvec_fp8.act_quant(xp, xp.astype(x, xp.float32) * xp.astype(ln_w, xp.float32))
+    rstd = 1 / xp.sqrt(xp.sum(x * x, axis=-1, keepdims=True) / x.shape[-1] + eps)
+    return [matvec_fp8.quantized_sums(xp, xq, a_s, w, ws, x.dtype) * rstd + (b if b is not None else 0)
+            for w, ws, b in weights]
+
+
 def gate_up_fp8_reference(xp, x, ln_w, w_g, ws_g, w_u, ws_u, eps):
-    h = rms_norm.reference(xp, x, ln_w, eps)["out"]
-    return {"out": _silu_mul(xp, matvec_fp8.reference(xp, h, w_g, ws_g)["out"],
-                             matvec_fp8.reference(xp, h, w_u, ws_u)["out"])}
+    return {"out": _silu_mul(xp, *normed_fp8(xp, x, ln_w, eps, ((w_g, ws_g, None), (w_u, ws_u, None))))}
 
 
 def residual_int4_reference(xp, x, qw, scales, zeros, r):
@@ -71,9 +82,8 @@ def qkv_int4_reference(xp, x, ln_w, qw_q, scales_q, zeros_q, qw_k, scales_k, zer
 
 
 def qkv_fp8_reference(xp, x, ln_w, w_q, ws_q, w_k, ws_k, w_v, ws_v, eps, b_q=None, b_k=None, b_v=None):
-    h = rms_norm.reference(xp, x, ln_w, eps)["out"]
-    weights = ((w_q, ws_q, b_q), (w_k, ws_k, b_k), (w_v, ws_v, b_v))
-    return {name: matvec_fp8.reference(xp, h, *w)["out"] for (_, _, name), w in zip(KINDS, weights)}
+    ys = normed_fp8(xp, x, ln_w, eps, ((w_q, ws_q, b_q), (w_k, ws_k, b_k), (w_v, ws_v, b_v)))
+    return {name: y for (_, _, name), y in zip(KINDS, ys)}
 
 
 # --- rms_norm_qkv_rope_cache: three weights of two row counts, RoPE and the cache write ------
