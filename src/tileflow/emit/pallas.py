@@ -87,6 +87,8 @@ def _pad_to(x, shape, fill):
 class PallasEmitter(Walker):
     target = "pallas"
     ns, iota, binary, unary, dtypes = "jnp", "jax.lax.iota(jnp.int32, {})", _BINARY, _UNARY, _JNP_DTYPE
+    dot = "jnp.dot({}, {}, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)"
+    cast_like = "{}.astype({}.dtype)"
 
     # ops ------------------------------------------------------------------
     def op_program_id(self, op: Op, w: Writer):
@@ -105,15 +107,6 @@ class PallasEmitter(Walker):
             w(f"{self.name(op.result)} = jnp.argmax({a}, axis={axis}).astype(jnp.int32)")
         else:
             w(f"{self.name(op.result)} = jnp.{kind}({a}, axis={axis})")
-
-    def op_dot(self, op: Op, w: Writer):
-        (xa, xb), (a, b) = op.args, (self.operand(x) for x in op.args)
-        if xa.dtype == "T" and xb.dtype != "T":
-            b = f"{b}.astype({a}.dtype)"
-        elif xb.dtype == "T" and xa.dtype != "T":
-            a = f"{a}.astype({b}.dtype)"
-        w(f"{self.name(op.result)} = jnp.dot({a}, {b}, preferred_element_type=jnp.float32, "
-          f"precision=jax.lax.Precision.HIGHEST)")
 
     def op_trans(self, op: Op, w: Writer):
         w(f"{self.name(op.result)} = {self.operand(op.args[0])}.T")

@@ -95,6 +95,7 @@ def _use_pdl(t, pdl, interpret):
 class TritonEmitter(Walker):
     target = "triton"
     ns, iota, binary, unary, dtypes = "tl", "tl.arange(0, {})", _BINARY, _UNARY, _TL_DTYPE
+    dot, cast_like = "tl.dot({}, {}, input_precision=DOT_PREC)", "{}.to({}.dtype)"
 
     def constexprs(self) -> list[str]:
         names = [k for k in sorted(self.ir.params) if k not in LAUNCH_OPTIONS]
@@ -124,15 +125,6 @@ class TritonEmitter(Walker):
         a, axis, kind = self.operand(op.args[0]), op.attrs["axis"], op.attrs["op"]
         extra = ", tie_break_left=True" if kind == "argmax" else ""
         w(f"{self.name(op.result)} = tl.{kind}({a}, axis={axis}{extra})")
-
-    def op_dot(self, op: Op, w: Writer):
-        (xa, xb), (a, b) = op.args, (self.operand(x) for x in op.args)
-        # a storage-dtype operand sets the MMA type; an fp32 partner is rounded to it
-        if xa.dtype == "T" and xb.dtype != "T":
-            b = f"{b}.to({a}.dtype)"
-        elif xb.dtype == "T" and xa.dtype != "T":
-            a = f"{a}.to({b}.dtype)"
-        w(f"{self.name(op.result)} = tl.dot({a}, {b}, input_precision=DOT_PREC)")
 
     def op_trans(self, op: Op, w: Writer):
         w(f"{self.name(op.result)} = tl.trans({self.operand(op.args[0])})")

@@ -78,6 +78,10 @@ class Walker:
     binary: dict = {}
     unary: dict = {}
     dtypes: dict = {}
+    # ``dot``: the target's call on the two operands; ``cast_like``: operand {0} cast
+    # to the dtype of operand {1}
+    dot = ""
+    cast_like = ""
 
     def __init__(self, ir: KernelIR):
         self.ir = ir
@@ -129,6 +133,15 @@ class Walker:
     def op_where(self, op: Op, w: Writer) -> None:
         c, a, b = (self.operand(x) for x in op.args)
         w(f"{self.name(op.result)} = {self.ns}.where({c}, {a}, {b})")
+
+    def op_dot(self, op: Op, w: Writer) -> None:
+        (xa, xb), (a, b) = op.args, (self.operand(x) for x in op.args)
+        # a storage-dtype operand sets the MMA type; an fp32 partner is rounded to it
+        if xa.dtype == "T" and xb.dtype != "T":
+            b = self.cast_like.format(b, a)
+        elif xb.dtype == "T" and xa.dtype != "T":
+            a = self.cast_like.format(a, b)
+        w(f"{self.name(op.result)} = " + self.dot.format(a, b))
 
     def op_expand(self, op: Op, w: Writer) -> None:
         key = ", ".join(":" if k is not None else "None" for k in op.attrs["key"])
