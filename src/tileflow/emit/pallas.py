@@ -221,19 +221,15 @@ class PallasEmitter(Walker):
         return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
 
     def launch(self, w: Writer):
-        ins = [v.name for v in self.ir.arguments]
-        scal = [s.name for s in self.ir.scalars]
         uses = self._padding()
-        w(f"def launch({', '.join(ins + scal)}, *, interpret=False, masked_stores=None):")
+        self.launch_def(w, "launch", "", "interpret=False, masked_stores=None", [
+            f'"""Run {self.ir.name}; returns the outputs (the output arguments are their initial contents).',
+            "",
+            "``masked_stores``: write partial blocks with masked stores (default: compiled on a GPU,",
+            'where programs run in parallel) rather than a read-modify-write (TPU, interpreter)."""',
+            "MASKED_STORES = _masked_stores_default(interpret) if masked_stores is None else masked_stores"])
         with w.indent():
-            w(f'"""Run {self.ir.name}; returns the outputs (the output arguments are their initial contents).')
-            w("")
-            w("``masked_stores``: write partial blocks with masked stores (default: compiled on a GPU,")
-            w('where programs run in parallel) rather than a read-modify-write (TPU, interpreter)."""')
-            w("MASKED_STORES = _masked_stores_default(interpret) if masked_stores is None else masked_stores")
-            self.bind_dims(w, "{view}.shape[{axis}]")
-            for k in sorted(self.ir.params):
-                w(f"{k} = {literal(self.ir.params[k])}")
+            self.bind_params(w)
             for v in self.ir.views:
                 shape = self._padded_shape(v, uses)
                 if v.role == "workspace":
@@ -280,14 +276,7 @@ class PallasEmitter(Walker):
         if self.uses("signal") or self.uses("wait_ready"):  # programs of two launches at once
             raise NotImplementedError(f"{self.ir.name}: ready counters are Triton only; "
                                       "use parameters without them")
-        w = Writer()
-        for line in self.banner().splitlines():
-            w(line)
-        for line in _PRELUDE.splitlines():
-            w(line)
-        for stage in self.ir.stages:
-            self.reset_names()
-            self.stage_kernel(stage, w)
+        w = self.start_module(_PRELUDE, spaced=False)
         self.launch(w)
         return w.text()
 

@@ -337,13 +337,10 @@ class TritonEmitter(Walker):
         return pairs
 
     def launch(self, w: Writer):
-        ins = [v.name for v in self.ir.arguments]
-        scal = [s.name for s in self.ir.scalars]
-        w(f"def launch({', '.join(ins + scal)}, *, pdl=True, interpret=False):")
+        ins, scal = self.launch_def(w, "launch", "", "pdl=True, interpret=False", [
+            f'"""Launch {self.ir.name}: inputs, outputs (written in place), runtime scalars; ``pdl``:',
+            'dependent launch where the device has it; ``interpret``: under the Triton interpreter."""'])
         with w.indent():
-            w(f'"""Launch {self.ir.name}: inputs, outputs (written in place), runtime scalars; ``pdl``:')
-            w('dependent launch where the device has it; ``interpret``: under the Triton interpreter."""')
-            self.bind_dims(w, "{view}.shape[{axis}]")
             tviews = [v for v in self.ir.views if v.role != "workspace" and v.dtype == "T"]
             if tviews:
                 first = tviews[0].name
@@ -369,8 +366,7 @@ class TritonEmitter(Walker):
                     w(f"if {v.name}.dtype != {_TORCH_DTYPE[v.dtype]}:")
                     with w.indent():
                         w(f'raise TypeError(f"{self.ir.name}: {v.name} must be {_TORCH_DTYPE[v.dtype]}, got {{{v.name}.dtype}}")')
-            for k in sorted(self.ir.params):
-                w(f"{k} = {literal(self.ir.params[k])}")
+            self.bind_params(w)
             dev = ins[0]
             for v in self.ir.workspaces:
                 shape = ", ".join(v.shape) + ("," if v.rank == 1 else "")
@@ -440,18 +436,14 @@ class TritonEmitter(Walker):
         """``launch_xla(call, empty, *arguments, *scalars)``: every stage through ``call``
         (the caller's custom-call binding), on arrays that are values, not buffers: the
         written views thread from stage to stage and come back as the outputs."""
-        ins = [v.name for v in self.ir.arguments]
-        scal = [s.name for s in self.ir.scalars]
-        w(f"def launch_xla(call, empty, {', '.join(ins + scal)}, *, pdl=False, interpret=False):")
+        _, scal = self.launch_def(w, "launch_xla", "call, empty, ", "pdl=False, interpret=False", [
+            f'"""{self.ir.name} as custom calls: ``call(kernel, grid, reads, writes, scalars, meta)``',
+            "returns the new ``writes``; ``empty(shape, dtype)`` allocates a workspace. Strides (a",
+            "tensor's own, else row-major) and sizes compiled in as constants; ``pdl``: the stages may use dependent",
+            "launch (a torch caller on Hopper; XLA's launcher has none); ``interpret``: under the Triton",
+            'interpreter. Returns the outputs."""'])
         with w.indent():
-            w(f'"""{self.ir.name} as custom calls: ``call(kernel, grid, reads, writes, scalars, meta)``')
-            w("returns the new ``writes``; ``empty(shape, dtype)`` allocates a workspace. Strides (a")
-            w("tensor's own, else row-major) and sizes compiled in as constants; ``pdl``: the stages may use dependent")
-            w("launch (a torch caller on Hopper; XLA's launcher has none); ``interpret``: under the Triton")
-            w('interpreter. Returns the outputs."""')
-            self.bind_dims(w, "{view}.shape[{axis}]")
-            for k in sorted(self.ir.params):
-                w(f"{k} = {literal(self.ir.params[k])}")
+            self.bind_params(w)
             for v in self.ir.workspaces:
                 shape = ", ".join(v.shape) + ("," if v.rank == 1 else "")
                 if v.persistent:
@@ -488,15 +480,7 @@ class TritonEmitter(Walker):
             w(f"return ({outs})")
 
     def module(self) -> str:
-        w = Writer()
-        for line in self.banner().splitlines():
-            w(line)
-        for line in _PRELUDE.splitlines():
-            w(line)
-        for stage in self.ir.stages:
-            self.reset_names()
-            self.stage_kernel(stage, w)
-            w()
+        w = self.start_module(_PRELUDE, spaced=True)
         self.launch(w)
         w()
         self.xla_wrappers(w)

@@ -196,6 +196,39 @@ class Walker:
         params = ", ".join(f"{k}={v}" for k, v in sorted(self.ir.params.items()))
         return GENERATED_BANNER.format(target=self.target, name=self.ir.name, params=params)
 
+    def start_module(self, prelude: str, spaced: bool) -> Writer:
+        """A module's text up to its launchers: the banner, the target's ``prelude`` (imports
+        and runtime helpers), then each stage's kernel (names restart per stage), with a
+        blank line after each where ``spaced``."""
+        w = Writer()
+        for line in self.banner().splitlines() + prelude.splitlines():
+            w(line)
+        for stage in self.ir.stages:
+            self.reset_names()
+            self.stage_kernel(stage, w)
+            if spaced:
+                w()
+        return w
+
+    def launch_def(self, w: Writer, name: str, lead: str, options: str, head: list[str]) -> tuple[list[str], list[str]]:
+        """Open a launcher: ``def {name}({lead}<arguments>, <runtime scalars>, *, {options}):``,
+        then in its body the ``head`` lines (the docstring, and what must come before the
+        size checks) and the runtime sizes bound from the arguments' shapes. Returns
+        (argument names, scalar names); the caller writes the rest under ``w.indent()``."""
+        ins = [v.name for v in self.ir.arguments]
+        scal = [s.name for s in self.ir.scalars]
+        w(f"def {name}({lead}{', '.join(ins + scal)}, *, {options}):")
+        with w.indent():
+            for line in head:
+                w(line)
+            self.bind_dims(w, "{view}.shape[{axis}]")
+        return ins, scal
+
+    def bind_params(self, w: Writer) -> None:
+        """Each tile parameter as a constant of the launcher."""
+        for k in sorted(self.ir.params):
+            w(f"{k} = {literal(self.ir.params[k])}")
+
     def bind_dims(self, w: Writer, shape_of: str) -> None:
         """Bind every runtime size from the first view that has it; check the rest."""
         bound: dict[str, str] = {}
