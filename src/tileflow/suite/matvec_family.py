@@ -23,10 +23,10 @@ program's ``BLOCK_M``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Optional
 
 from tileflow.suite.registry import next_pow2
-from tileflow.tile.ir import RangeValue
+from tileflow.tile.ir import RangeValue, Value, View
 
 MAX_BLOCK_M = 16  # rows a program: a step's batch or speculative tokens, rarely more
 
@@ -209,6 +209,37 @@ def extras_loader(k, extras: dict):
     return load
 
 
+@dataclass(frozen=True)
+class MatvecViews:
+    """What a matvec kernel declares (:func:`matvec_views`)."""
+
+    x: View
+    ln_w: Optional[View]  # the norm's gamma, where ``form.norm``
+    weights: list  # per weight, what its ``weight_views`` declared (a view, or a tuple of them)
+    outs: list[View]
+    eps: Optional[Value]  # the norm's runtime scalar, where ``form.norm``
+    split: int  # SPLIT_K
+    parts: list[View]  # with split-K, a partial-sums workspace per weight; else none
+    load_extras: Callable  # ``load(row, rows)`` of the form's extra inputs (:func:`extras_loader`)
+
+
+def matvec_views(k, form: MatvecForm, p, weight_views: Callable[[str], Any],
+                 part_name: Callable[[str], str]) -> MatvecViews:
+    """A matvec's views, declared in the order every matvec kernel's signature has them: x,
+    the norm's gamma ``ln_w``, each of ``form.weights``' views (``weight_views(name)``), the
+    form's extra inputs, the outputs, the norm's ``eps``, and with SPLIT_K > 1 a workspace
+    ``part_name(name)`` per weight."""
+    x = k.input("x", ("M", "K"))
+    ln_w = k.input("ln_w", ("K",)) if form.norm else None
+    weights = [weight_views(w) for w in form.weights]
+    extras = {name: k.input(name, shape) for name, shape in form.extras(p)}
+    outs = [k.output(o, ("M", "N")) for o in form.outputs]
+    eps = k.scalar("eps") if form.norm else None
+    split = p["SPLIT_K"]
+    parts = [k.workspace(part_name(w), ("SPLIT_K", "M", "N")) for w in form.weights] if split > 1 else []
+    return MatvecViews(x, ln_w, weights, outs, eps, split, parts, extras_loader(k, extras))
+
+
 def store_outputs(k, form: MatvecForm, outs, parts, row, rows, sums, extras) -> None:
     """The end of a matvec stage: the partial sums to the split-K workspaces ``parts``, or
     (no split) the epilogue of ``extras()`` into ``outs``."""
@@ -218,6 +249,24 @@ def store_outputs(k, form: MatvecForm, outs, parts, row, rows, sums, extras) -> 
     else:
         for out, y in zip(outs, form.epilogue(k, sums, extras())):
             k.store(out, (row, rows), y)
+
+
+def store_scaled(k, form: MatvecForm, mv: MatvecViews, row, rows, results: list, gather_ss: bool,
+                 reduce: Callable) -> None:
+    """The end of a one-row matvec stage over the K loop's ``results`` (an accumulator per
+    weight, then the norm's gathered sum of x^2 where ``gather_ss``): the norm's scale (from
+    that sum, else a pass over x), each accumulator's sums (``reduce(acc)``) times it where
+    ``form.norm``, then :func:`store_outputs`."""
+    results = list(results)
+    if gather_ss:
+        scale = rsqrt_mean(k, results.pop(), k.dim("K"), mv.eps)
+    elif form.norm:
+        scale = rms_scale(k, mv.x, row, k.dim("K"), mv.eps)
+    sums = [reduce(a) for a in results]
+    if form.norm:
+        # sum(w * x * g) * rstd == sum(w * (x * rstd) * g): the norm scales the sums
+        sums = [s * scale for s in sums]
+    store_outputs(k, form, mv.outs, mv.parts, row, rows, sums, lambda: mv.load_extras(row, rows))
 
 
 def reduce_outputs(k, form: MatvecForm, outs, parts, load_extras) -> None:
@@ -233,16 +282,7 @@ def reduce_outputs(k, form: MatvecForm, outs, parts, load_extras) -> None:
 
 
 def define_matvec(form: MatvecForm, k, p) -> None:
-    x = k.input("x", ("M", "K"))
-    ln_w = k.input("ln_w", ("K",)) if form.norm else None
-    ws = [k.input(w, ("N", "K")) for w in form.weights]
-    extras = {name: k.input(name, shape) for name, shape in form.extras(p)}
-    outs = [k.output(o, ("M", "N")) for o in form.outputs]
-    eps = k.scalar("eps") if form.norm else None
-    split = p["SPLIT_K"]
-    parts = [k.workspace(f"part_{w}", ("SPLIT_K", "M", "N")) for w in form.weights] if split > 1 else []
-
-    load_extras = extras_loader(k, extras)
+    mv = matvec_views(k, form, p, lambda w: k.input(w, ("N", "K")), lambda w: f"part_{w}")
 
     # BLOCK_M > 1: a program owns BLOCK_M rows of x (masked to M) and reads each weight
     # tile once for all of them; 1 keeps the one-row program (x rows are scalars)
@@ -253,37 +293,37 @@ def define_matvec(form: MatvecForm, k, p) -> None:
         row = k.range(k.program_id(2) * k.param("BLOCK_M"), "BLOCK_M", aligned=True) if many else k.program_id(2)
         rows = k.range(k.program_id(0) * k.param("BLOCK_N"), "BLOCK_N", aligned=True)
         kdim = k.dim("K")
-        lo, hi = split_k_range(k, kdim, split)
+        lo, hi = split_k_range(k, kdim, mv.split)
         # sum(w * x * g) * rstd == sum(w * (x * rstd) * g): the norm's rstd scales the sums
         # afterwards, so the weight stream does not wait for the norm's reduction; without
         # split-K the loop sees all of x and gathers the sum of squares on the way
-        gather_ss = form.norm and split == 1
+        gather_ss = form.norm and mv.split == 1
         # EARLY_INPUTS: the caller vouches that the extra inputs (the residual) were written
         # two or more kernels back, so they load before the dependent-launch wait instead
         # of as a round trip after the K loop
         early = None
-        if p.get("EARLY_INPUTS", 0) and split == 1:
+        if p.get("EARLY_INPUTS", 0) and mv.split == 1:
             with k.before_wait():
-                early = load_extras(row, rows)
+                early = mv.load_extras(row, rows)
         # no k.prefetch of the first weight tile here: measured slower (docs/decisions.md)
         # many rows: [BLOCK_M, BLOCK_N] sums, each round's products reduced as they come
         # (a [BLOCK_M, BLOCK_N, BLOCK_K] accumulator would need BLOCK_M times the registers)
-        acc0 = [k.full(("BLOCK_M", "BLOCK_N") if many else ("BLOCK_N", "BLOCK_K"), 0.0) for _ in ws]
+        acc0 = [k.full(("BLOCK_M", "BLOCK_N") if many else ("BLOCK_N", "BLOCK_K"), 0.0) for _ in mv.weights]
         if gather_ss:
             acc0.append(k.full(_lanes(row), 0.0))
-        body = products_body(k, x, row, ln_w, gather_ss, hi, dot)
+        body = products_body(k, mv.x, row, mv.ln_w, gather_ss, hi, dot)
         results = stream_k(k, lo, hi, acc0,
-                           lambda cols: [k.load(w, (rows, cols), limits={1: hi}, for_dot=dot) for w in ws],
+                           lambda cols: [k.load(w, (rows, cols), limits={1: hi}, for_dot=dot) for w in mv.weights],
                            body, p.get("PIPELINE", 0))
         if gather_ss:
-            scale = rsqrt_mean(k, results.pop(), kdim, eps)
+            scale = rsqrt_mean(k, results.pop(), kdim, mv.eps)
         elif form.norm:
-            scale = rms_scale(k, x, row, kdim, eps)
+            scale = rms_scale(k, mv.x, row, kdim, mv.eps)
         sums = results if many else [k.sum(a, axis=1) for a in results]
         if form.norm:
             sums = [s * (scale[:, None] if many else scale) for s in sums]
-        store_outputs(k, form, outs, parts, row, rows, sums, lambda: early or load_extras(row, rows))
-    reduce_outputs(k, form, outs, parts, load_extras)
+        store_outputs(k, form, mv.outs, mv.parts, row, rows, sums, lambda: early or mv.load_extras(row, rows))
+    reduce_outputs(k, form, mv.outs, mv.parts, mv.load_extras)
 
 
 def matvec_params(n: int, k_: int, block_n: int = 0, block_k: int = 0, split_k: int = 0,

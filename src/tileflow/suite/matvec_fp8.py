@@ -35,8 +35,7 @@ does not fall out of this definition (its activations are not group-quantized th
 import torch
 
 from tileflow.suite.matvec_family import (MatvecForm, grouped_candidates, grouped_params, grouped_split,
-                                          extras_loader, reduce_outputs, rms_scale, rsqrt_mean, split_k_range,
-                                          store_outputs)
+                                          matvec_views, reduce_outputs, split_k_range, store_scaled)
 from tileflow.suite.quantize import FP8_MAX, GROUP
 from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
 
@@ -120,44 +119,28 @@ def define_fp8(form: MatvecForm, k, p) -> None:
     first where ``form.norm`` (x * gamma quantized, the norm's scale applied to the sums:
     the group scale a_s takes rstd's factor, xq is the same), then the epilogue."""
     check_block_n(k.name, p)
-    x = k.input("x", ("M", "K"))
-    ln_w = k.input("ln_w", ("K",)) if form.norm else None
-    ws = [fp8_views(k, suffix) for suffix in form.weights]
-    extras = {name: k.input(name, shape) for name, shape in form.extras(p)}
-    outs = [k.output(o, ("M", "N")) for o in form.outputs]
-    eps = k.scalar("eps") if form.norm else None
-    split = p["SPLIT_K"]
-    parts = [k.workspace(f"part{suffix}", ("SPLIT_K", "M", "N")) for suffix in form.weights] if split > 1 else []
-
-    load_extras = extras_loader(k, extras)
+    mv = matvec_views(k, form, p, lambda suffix: fp8_views(k, suffix), lambda suffix: f"part{suffix}")
 
     with k.stage("matvec", grid=("cdiv(N, BLOCK_N)", "SPLIT_K", "M")):
         row = k.program_id(2)
         first = k.program_id(0) * k.param("BLOCK_N")
         rows = k.range(first, "BLOCK_N", aligned=True)
         block_row = first // k.param("GROUP")
-        lo, hi = split_k_range(k, k.dim("K"), split)
-        gather_ss = form.norm and split == 1
-        acc0 = [k.full(("BLOCK_N",), 0.0) for _ in ws] + ([k.full(("BLOCK_K",), 0.0)] if gather_ss else [])
+        lo, hi = split_k_range(k, k.dim("K"), mv.split)
+        gather_ss = form.norm and mv.split == 1
+        acc0 = [k.full(("BLOCK_N",), 0.0) for _ in mv.weights] + ([k.full(("BLOCK_K",), 0.0)] if gather_ss else [])
         with k.loop(lo, hi, "BLOCK_K", carry=acc0) as lp:
             cols = k.range(lp.index, "BLOCK_K", aligned=True)
-            xg, ss = x_groups(k, x, row, cols, hi, ln_w, lp.carry[len(ws)] if gather_ss else None)
+            xg, ss = x_groups(k, mv.x, row, cols, hi, mv.ln_w, lp.carry[len(mv.weights)] if gather_ss else None)
             xq, a_s = quantize_groups(k, xg)
             new = []
-            for acc, (w, w_scale) in zip(lp.carry, ws):
+            for acc, (w, w_scale) in zip(lp.carry, mv.weights):
                 wt = k.load(w, (rows, cols), limits={1: hi})
                 new.append(acc + group_sums(k, wt, xq, a_s, lambda w_scale=w_scale: k.load(
                     w_scale, (block_row, k.range(lp.index // k.param("GROUP"), "BLOCK_G", aligned=True)))))
             lp.next(*new, *([ss] if gather_ss else []))
-        sums = list(lp.results)
-        if gather_ss:
-            scale = rsqrt_mean(k, sums.pop(), k.dim("K"), eps)
-        elif form.norm:
-            scale = rms_scale(k, x, row, k.dim("K"), eps)
-        if form.norm:
-            sums = [s * scale for s in sums]
-        store_outputs(k, form, outs, parts, row, rows, sums, lambda: load_extras(row, rows))
-    reduce_outputs(k, form, outs, parts, load_extras)
+        store_scaled(k, form, mv, row, rows, lp.results, gather_ss, lambda acc: acc)
+    reduce_outputs(k, form, mv.outs, mv.parts, mv.load_extras)
 
 
 def define(k, p):

@@ -22,8 +22,7 @@ import torch
 
 from tileflow.suite.inputs import linear_weight
 from tileflow.suite.matvec_family import (MatvecForm, grouped_candidates, grouped_params, grouped_split,
-                                          extras_loader, reduce_outputs, rms_scale, rsqrt_mean, split_k_range,
-                                          store_outputs)
+                                          matvec_views, reduce_outputs, split_k_range, store_scaled)
 from tileflow.suite.quantize import GROUP
 from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
 
@@ -90,48 +89,31 @@ def define_int4(form: MatvecForm, k, p) -> None:
     """``form`` (matvec_family's :class:`MatvecForm`, its ``weights`` the suffixes of int4
     weights) over int4 weights: each weight's products summed in fp32, the RMSNorm of x
     first where ``form.norm`` (its scale applied to the sums), then the epilogue."""
-    x = k.input("x", ("M", "K"))
-    ln_w = k.input("ln_w", ("K",)) if form.norm else None
-    ws = [int4_views(k, suffix) for suffix in form.weights]
-    extras = {name: k.input(name, shape) for name, shape in form.extras(p)}
-    outs = [k.output(o, ("M", "N")) for o in form.outputs]
-    eps = k.scalar("eps") if form.norm else None
-    split = p["SPLIT_K"]
-    parts = [k.workspace(f"part{suffix}", ("SPLIT_K", "M", "N")) for suffix in form.weights] if split > 1 else []
-
-    load_extras = extras_loader(k, extras)
+    mv = matvec_views(k, form, p, lambda suffix: int4_views(k, suffix), lambda suffix: f"part{suffix}")
 
     with k.stage("matvec", grid=("cdiv(N, BLOCK_N)", "SPLIT_K", "M")):
         row = k.program_id(2)
         rows = k.range(k.program_id(0) * k.param("BLOCK_N"), "BLOCK_N", aligned=True)
         half = k.dim("KH")  # bytes a row: column j's byte also holds column j + K/2
-        lo, hi = split_k_range(k, half, split)
+        lo, hi = split_k_range(k, half, mv.split)
         # without split-K the loop sees all of x (both halves): it gathers the norm's sum of squares
-        gather_ss = form.norm and split == 1
-        acc0 = [k.full(THREE, 0.0) for _ in ws] + ([k.full(("BLOCK_K",), 0.0)] if gather_ss else [])
+        gather_ss = form.norm and mv.split == 1
+        acc0 = [k.full(THREE, 0.0) for _ in mv.weights] + ([k.full(("BLOCK_K",), 0.0)] if gather_ss else [])
         with k.loop(lo, hi, "BLOCK_K", carry=acc0) as lp:
             j = lp.index
             cols = k.range(j, "BLOCK_K", aligned=True)
             tiles = []
-            for codes, scales, zeros in ws:
+            for codes, scales, zeros in mv.weights:
                 views = (codes, scales, zeros)
                 tiles.append(dequant_round(
                     k, lambda which, idx, limit, views=views: k.load(views[which], (rows, idx), limits={1: limit}),
                     cols, j, half, hi))
-            x_lo, x_hi, ss = x_round(k, x, row, cols, j, half, hi, ln_w, lp.carry[len(ws)] if gather_ss else None)
+            x_lo, x_hi, ss = x_round(k, mv.x, row, cols, j, half, hi, mv.ln_w,
+                                     lp.carry[len(mv.weights)] if gather_ss else None)
             new = [a + w_lo * x_lo[None, :, :] + w_hi * x_hi[None, :, :] for a, (w_lo, w_hi) in zip(lp.carry, tiles)]
             lp.next(*new, *([ss] if gather_ss else []))
-        results = list(lp.results)
-        if gather_ss:
-            scale = rsqrt_mean(k, results.pop(), k.dim("K"), eps)
-        elif form.norm:
-            scale = rms_scale(k, x, row, k.dim("K"), eps)
-        sums = [k.sum(k.sum(a, axis=2), axis=1) for a in results]
-        if form.norm:
-            # sum(w * x * g) * rstd == sum(w * (x * rstd) * g): the norm scales the sums
-            sums = [s * scale for s in sums]
-        store_outputs(k, form, outs, parts, row, rows, sums, lambda: load_extras(row, rows))
-    reduce_outputs(k, form, outs, parts, load_extras)
+        store_scaled(k, form, mv, row, rows, lp.results, gather_ss, lambda acc: k.sum(k.sum(acc, axis=2), axis=1))
+    reduce_outputs(k, form, mv.outs, mv.parts, mv.load_extras)
 
 
 def define(k, p):
