@@ -105,13 +105,15 @@ def rope_reference(xp, x, pos, theta=None, factor=None, low_freq_factor=None, hi
     return xp.concat([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
 
-def rope_params(s):
-    return {"BLOCK_H": min(16, next_pow2(s.get("H", 1))), "BLOCK_HALF": next_pow2(s["DH"] // 2),
+def rope_params(s, heads: str):
+    """Default parameters at sizes ``s``; ``heads`` names the head count, as in
+    :func:`define_rope` (NH for the query heads, NKV for the key heads)."""
+    return {"BLOCK_H": min(16, next_pow2(s[heads])), "BLOCK_HALF": next_pow2(s["DH"] // 2),
             "ROPE_KIND": s.get("ROPE_KIND", 0), "num_warps": 4}
 
 
-def rope_candidates(s):
-    base = rope_params(s)
+def rope_candidates(s, heads: str):
+    base = rope_params(s, heads)
     return [{**base, "BLOCK_H": bh, "num_warps": w} for bh in (1, 2, 4, 8, 16) for w in (1, 2, 4)]
 
 

@@ -15,16 +15,12 @@ def reference(xp, x, pos, v, k_cache, v_cache, **scalars):
             "v_cache": xp.where(at, v[:, :, None, :], v_cache)}
 
 
-def _sizes(s):
-    return {**s, "H": s["NKV"]}
-
-
 KERNEL = register(SuiteKernel(
     name="rope_k",
     summary="RoPE on the key heads + static KV-cache write of K and V at the position",
     define=lambda k, p: define_rope(k, p, "NKV", cache=True),
     reference=reference,
-    default_params=lambda s: rope_params(_sizes(s)),
+    default_params=lambda s: rope_params(s, "NKV"),
     test_cases=[
         Case("tiny", dict(M=1, NKV=1, DH=16, S=8, P=8), dict(theta=10000.0)),
         Case("odd", dict(M=2, NKV=3, DH=24, S=37, P=37), dict(theta=1e6)),
@@ -33,7 +29,7 @@ KERNEL = register(SuiteKernel(
     ],
     decode_cases=lambda c: [Case("k", dict(M=1, NKV=c["NKV"], DH=c["DH"], S=4096, P=4096),
                                  dict(theta=10000.0))],
-    candidates=lambda s: rope_candidates(_sizes(s)),
+    candidates=lambda s: rope_candidates(s, "NKV"),
     input_makers={"pos": positions("P")},
     min_bytes=lambda s, b: 4 * s["M"] * s["NKV"] * s["DH"] * b + 8 * s["M"],
     module=__name__,
