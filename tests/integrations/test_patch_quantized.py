@@ -410,7 +410,9 @@ def test_int4_on_an_fp8_checkpoint_leaves_it_unchanged():
 def test_an_fp8_checkpoint_on_cpu(tmp_path):
     """What transformers does with a fine-grained fp8 checkpoint without a GPU: refuses it
     without accelerate, else dequantizes it to bf16 ``nn.Linear`` at load (no FP8Linear
-    reaches ``patch`` on CPU: then it is a bf16 model like any other)."""
+    reaches ``patch`` on CPU: then it is a bf16 model like any other; checked with accelerate
+    1.16 and transformers 5.25). tileflow's own loader keeps the fp8 tensors:
+    ``test_a_local_fp8_checkpoint_folder_runs_through_the_fp8_path``."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
@@ -434,6 +436,140 @@ def test_an_fp8_checkpoint_on_cpu(tmp_path):
     assert type(q) is torch.nn.Linear and not hasattr(q, "weight_scale_inv")
     w, s = tensors["model.layers.0.self_attn.q_proj.weight"], tensors["model.layers.0.self_attn.q_proj.weight_scale_inv"]
     assert torch.equal(q.weight, Q.dequantize_fp8(w, s).to(q.weight.dtype))
+
+
+def checkpoint_config(kind: str = "llama", **fields):
+    """``tiny(kind)``'s config, for the fp8 checkpoint form (``fp8_checkpoint``)."""
+    return tiny(kind).config.__class__(**{**tiny(kind).config.to_dict(), **fields})
+
+
+def fp8_reference(model):
+    """A copy of an fp8-checkpoint-form ``model`` whose FP8Linear modules compute what
+    transformers' FP8Linear computes on CUDA (``quantize.fp8_linear_torch``: no CPU path)."""
+    ref = copy.deepcopy(model)
+    for _, lin in projections(ref):
+        lin.forward = fp8_forward(lin.weight, lin.weight_scale_inv, lin.bias)
+    return ref
+
+
+def test_the_checkpoint_form_is_built_with_no_projection_in_the_models_dtype(monkeypatch):
+    """``fp8_checkpoint.build_random`` on a tiny Llama config: every projection a transformers
+    ``FP8Linear`` (e4m3 weight, fp32 scales a 128 x 128 block, dynamic activations), the rest
+    in the model's dtype as ``from_config`` initializes it (the rotary frequencies included);
+    every tensor allocated off the meta device is recorded, and none but the e4m3 codes holds
+    as many values as the smallest projection (filled a slab of 128 rows at a time here)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+
+    from tileflow.integrations.transformers import fp8_checkpoint
+
+    # every projection at least 256 x 256; a slab of 128 rows of the widest K (384) is smaller
+    config = checkpoint_config("llama", intermediate_size=384, num_key_value_heads=4)
+    monkeypatch.setattr(fp8_checkpoint, "SLAB_BYTES", 1)  # one 128-row block a slab
+    made = []
+
+    class Allocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    made.append((tuple(t.shape), t.dtype))
+            return out
+
+    with Allocations():
+        model = fp8_checkpoint.build_random(config, "cpu", torch.float32)
+    smallest = min(m.weight.numel() for _, m in projections(model))
+    assert smallest == 256 * 256
+    wide = [(shape, dtype) for shape, dtype in made
+            if dtype != torch.float8_e4m3fn and torch.Size(shape).numel() >= smallest]
+    assert not wide, wide
+    for where, m in projections(model):
+        n, k = m.weight.shape
+        assert type(m) is FP8Linear and m.weight.dtype == torch.float8_e4m3fn and m.bias is None, where
+        assert m.weight_scale_inv.dtype == torch.float32 and m.weight_scale_inv.shape == (-(-n // 128), -(-k // 128))
+        assert tuple(m.block_size) == (128, 128) and m.activation_scheme == "dynamic" and m.activation_scale is None
+        w = Q.dequantize_fp8(m.weight, m.weight_scale_inv)
+        assert torch.isfinite(w).all() and 0.2 < w.std() < 0.4, (where, w.std())  # normal(0, initializer_range 0.3)
+    fp8_params = {f"{where}.{t}" for where, _ in projections(model) for t in ("weight", "weight_scale_inv")}
+    rest = {n: p for n, p in model.named_parameters() if n not in fp8_params}
+    assert rest and all(p.dtype == torch.float32 for p in rest.values())
+    assert model.config.quantization_config == {"quant_method": "fp8", "weight_block_size": [128, 128],
+                                                "activation_scheme": "dynamic"}
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(config)
+    assert torch.equal(model.model.rotary_emb.inv_freq, plain.model.rotary_emb.inv_freq)
+    assert all(torch.equal(p, torch.ones_like(p)) for n, p in rest.items() if "norm" in n)
+
+
+@pytest.mark.parametrize("kind", ["llama", pytest.param("qwen2", marks=pytest.mark.full)])
+def test_a_local_fp8_checkpoint_folder_runs_through_the_fp8_path(kind, tmp_path, monkeypatch):
+    """The user's path: a fine-grained fp8 checkpoint folder (``config.json`` with the fp8
+    quantization_config, ``model.safetensors`` with e4m3 weights and ``weight_scale_inv``),
+    saved from one built here, read by ``fp8_checkpoint.load`` on CPU (transformers would
+    dequantize it to bf16 there): the tensors as saved, FP8Linear modules; ``tileflow.patch``
+    runs every decode step through the fused fp8 kernels on the loaded tensors, and the greedy
+    tokens (fp32 activations) equal the reference fp8 computation's."""
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+
+    from tileflow.integrations.transformers import fp8_checkpoint
+
+    if kind == "llama":
+        built = fp8_checkpoint.build_random(checkpoint_config("llama"), "cpu", torch.float32)
+        built.generation_config.eos_token_id = None
+    else:  # q/k/v biases, the tensors quantized from a model's own weights
+        built = fp8_checkpoint_model("qwen2")
+        built.config.quantization_config = dict(fp8_checkpoint.QUANTIZATION)
+    fp8_checkpoint.save(built, str(tmp_path))
+    model = fp8_checkpoint.load(str(tmp_path), "cpu", torch.float32)
+    saved, loaded = built.state_dict(), model.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k].float(), loaded[k].float()) for k in saved)
+    assert all(type(m) is FP8Linear and m.weight.dtype == torch.float8_e4m3fn for _, m in projections(model))
+    assert model.generation_config.eos_token_id is None
+    ids = prompt()
+    expected = greedy(fp8_reference(model), ids)
+    assert len(set(expected[0, 9:].tolist())) > 5
+    report = tileflow.patch(model, options=CPU)
+    assert report.patched and not report.fallbacks, str(report)
+    assert any(n.startswith("weights fp8 (the checkpoint's FP8Linear tensors)") for n in report.notes)
+    seen = []
+    calls = count_calls(monkeypatch, [*FUSED_OPS, *UNFUSED_OPS], seen)
+    assert torch.equal(greedy(model, ids), expected)
+    assert report.steps == NEW_TOKENS - 1
+    layers, decode = len(model.model.layers), NEW_TOKENS - 1
+    assert calls["rms_norm_qkv_rope_cache_quant"] == calls["rms_norm_gate_up_silu_quant"] == layers * decode
+    assert calls["matvec_residual_quant"] == 2 * layers * decode and not any(calls[n] for n in UNFUSED_OPS)
+    lying = {(m.weight.data_ptr(), m.weight_scale_inv.data_ptr()) for _, m in projections(model)}
+    read = {(a[0], w.data_ptr(), s.data_ptr()) for name, a in seen for w, s in FUSED_OPS[name](a)}
+    assert {(w, s) for _, w, s in read} == lying and {k for k, _, _ in read} == {"fp8"}
+
+
+def test_an_fp8_checkpoint_folder_the_loader_cannot_take_is_a_one_line_error(tmp_path):
+    from tileflow.integrations.transformers import fp8_checkpoint
+
+    built = fp8_checkpoint.build_random(checkpoint_config("llama", num_hidden_layers=1), "cpu", torch.float32)
+    fp8_checkpoint.save(built, str(tmp_path))
+    with pytest.raises(fp8_checkpoint.CheckpointError, match=r"^\S+: model_type 'mistral': fp8 checkpoints are built "
+                                                              r"for qwen2 / llama models"):
+        fp8_checkpoint.load(str(tmp_path), config=_with(built.config, model_type="mistral"))
+    with pytest.raises(fp8_checkpoint.CheckpointError, match=r"weight_block_size \[64, 64\].*128 x 128 blocks"):
+        fp8_checkpoint.load(str(tmp_path), config=_with(built.config, quantization_config={
+            **fp8_checkpoint.QUANTIZATION, "weight_block_size": [64, 64]}))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["model.layers.0.mlp.down_proj.scale"] = tensors.pop("model.layers.0.mlp.down_proj.weight_scale_inv")
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(fp8_checkpoint.CheckpointError, match=r"^\S+: model.layers.0.mlp.down_proj.weight is stored in "
+                                                              r"e4m3 without a weight_scale_inv$"):
+        fp8_checkpoint.load(str(tmp_path))
+
+
+def _with(config, **fields):
+    config = copy.deepcopy(config)
+    for k, v in fields.items():
+        setattr(config, k, v)
+    return config
 
 
 def test_a_bad_weights_value_is_a_one_line_error():
