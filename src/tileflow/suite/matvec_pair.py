@@ -4,8 +4,9 @@ Both projections read the same ``x``; one program computes the same rows of both
 the two small weights stream together (Hugging Face keeps them as two
 ``nn.Linear``: they are read where they lie)."""
 
+from tileflow.suite import matvec
 from tileflow.suite.inputs import linear_weight
-from tileflow.suite.matvec_family import MatvecForm, define_matvec, matvec_bytes, matvec_candidates, matvec_params
+from tileflow.suite.matvec_family import MatvecForm, define_matvec, matvec_bytes
 from tileflow.suite.registry import Case, SuiteKernel, register
 
 FORM = MatvecForm(
@@ -24,16 +25,12 @@ def reference(xp, x, wk, wv, bk=None, bv=None):
     return {"k": k, "v": v}
 
 
-def default_params(s):
-    return matvec_params(s["N"], s["K"], m=s.get("M", 1), HAS_BIAS=s.get("HAS_BIAS", 1))
-
-
 KERNEL = register(SuiteKernel(
     name="matvec_pair",
     summary="fused K and V projections (+ biases) over one read of x",
     define=lambda k, p: define_matvec(FORM, k, p),
     reference=reference,
-    default_params=default_params,
+    default_params=matvec.KERNEL.default_params,  # tiled as one matvec (the q projection)
     test_cases=[
         Case("tiny", dict(M=1, N=32, K=64)),
         Case("odd", dict(M=1, N=24, K=45)),
@@ -42,7 +39,7 @@ KERNEL = register(SuiteKernel(
         Case("rows8", dict(M=8, N=24, K=45)),
     ],
     decode_cases=lambda c: [Case("kv", dict(M=1, N=c["NKV"] * c["DH"], K=c["D"], HAS_BIAS=c.get("BIAS", 1)))],
-    candidates=lambda s: matvec_candidates(s["N"], s["K"], m=s.get("M", 1), HAS_BIAS=s.get("HAS_BIAS", 1)),
+    candidates=matvec.KERNEL.candidates,
     input_makers={"wk": linear_weight, "wv": linear_weight},
     min_bytes=lambda s, b: matvec_bytes(2, 2 * s.get("HAS_BIAS", 1), 0, 2)(s, b),
     module=__name__,

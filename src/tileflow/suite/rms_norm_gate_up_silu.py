@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from tileflow.suite import gate_up_silu, rms_norm
 from tileflow.suite.inputs import linear_weight
-from tileflow.suite.matvec_family import define_matvec, matvec_bytes, matvec_candidates, matvec_params
+from tileflow.suite.matvec_family import define_matvec, matvec_bytes
 from tileflow.suite.registry import Case, SuiteKernel, register
 
 FORM = replace(gate_up_silu.FORM, norm=True)
@@ -22,7 +22,7 @@ KERNEL = register(SuiteKernel(
     summary="fused: RMSNorm, then MLP gate/up projections with SiLU(gate) * up",
     define=lambda k, p: define_matvec(FORM, k, p),
     reference=reference,
-    default_params=lambda s: matvec_params(s["N"], s["K"], m=s.get("M", 1)),
+    default_params=gate_up_silu.KERNEL.default_params,
     test_cases=[
         Case("tiny", dict(M=1, N=64, K=32), dict(eps=1e-6)),
         Case("odd", dict(M=1, N=99, K=61), dict(eps=1e-5)),
@@ -37,7 +37,7 @@ KERNEL = register(SuiteKernel(
         Case("rows16-splitk", dict(M=16, N=13, K=300), dict(eps=1e-6), params=dict(SPLIT_K=2, BLOCK_K=64, BLOCK_N=4)),
     ],
     decode_cases=lambda c: [Case("gate_up", dict(M=1, N=c["INTER"], K=c["D"]), dict(eps=1e-6))],
-    candidates=lambda s: matvec_candidates(s["N"], s["K"], m=s.get("M", 1)),
+    candidates=gate_up_silu.KERNEL.candidates,
     tune_keys=("M", "N", "K"),
     input_makers={"wg": linear_weight, "wu": linear_weight},
     min_bytes=lambda s, b: matvec_bytes(2, 0, 0, 1)(s, b) + s["K"] * b,
