@@ -330,3 +330,68 @@ def test_deepseek_suite_bytes_add_up_to_the_roofline_bytes(name):
     assert set(table) <= set(KERNELS) and {"moe_experts", "moe_router", "mla_attention"} <= set(table)
     # the table also counts the latent rows written and the norms' x reads: a few KB
     assert 0 <= sum(table.values()) - want["total"] < 0.02 * want["total"], (sum(table.values()), want)
+
+
+def test_the_fp8_checkpoint_forms_bytes_by_hand_and_its_refusal_line():
+    """``--weights fp8-checkpoint`` on DeepSeek-R1-Distill-Llama-70B (bf16 outside the projections,
+    prompt 128 + 256 new): 80 layers x 855,638,016 projection weights at 1 byte, 80 x 52,224
+    fp32 block scales, 2 x 128256 x 8192 bf16 embeddings / lm_head and 161 x 8192 bf16 norms,
+    327,680 cache bytes a position x 384. Where that does not fit: one line with the sum. Which
+    form ``--weights fp8`` takes: the bf16 model on the device, its projections on the host."""
+    from tileflow.bench import checks
+    from tileflow.bench.models import model_config
+
+    cfg = model_config("deepseek-r1-distill-llama-70b")
+    est = checks.estimate_fp8_checkpoint(cfg, torch.bfloat16, 384)
+    per_layer = 2 * 8192 * 8192 + 2 * 1024 * 8192 + 3 * 28672 * 8192
+    assert per_layer == 855_638_016 and est.projections == 80 * per_layer
+    scales = 80 * (2 * 64 * 64 + 2 * 8 * 64 + 3 * 224 * 64) * 4
+    rest = 2 * 128256 * 8192 * 2 + (2 * 80 + 1) * 8192 * 2
+    assert est.kv_bytes == 80 * 2 * 8 * 128 * 2 * 384 == 125_829_120
+    assert est.total_bytes == 80 * per_layer + scales + rest + est.kv_bytes == 72_798_912_512
+    with pytest.raises(checks.BenchError) as exc:
+        checks.check_memory(est, "deepseek-r1-distill-llama-70b", torch.device("cuda:0"), 40 * 10**9, 80)
+    assert str(exc.value) == (
+        "deepseek-r1-distill-llama-70b in the fp8 checkpoint form (bf16 outside the projections) needs about 72.8 GB "
+        "(68.45 B fp8 projection weights x 1 byte + 17 MB fp32 block scales + 4.2 GB bf16 embeddings / norms / "
+        "lm_head + 126 MB KV cache), more than the 40.0 GB available on cuda:0; or its first layers only "
+        "(--layers N, of 80)")
+    checks.check_memory(est, "70b", torch.device("cuda:0"), 80 * 10**9, 80)  # fits an 80 GB card
+    dense = checks.estimate(cfg, torch.bfloat16, torch.device("cpu"), 384)
+    assert dense.total_bytes == 141_233_242_112
+    h200, h100, host = 149 * 10**9, 84 * 10**9, 130 * 10**9
+    bf16_projections = 2 * est.projections
+    assert checks.quantize_at_patch_problem(dense, bf16_projections, torch.device("cuda"), h100, host) == (
+        "the bf16 model (141.2 GB with the cache) does not fit the 84.0 GB available on cuda")
+    assert checks.quantize_at_patch_problem(dense, bf16_projections, torch.device("cuda"), h200, host) == (
+        "its bf16 projections (136.9 GB), which the patch moves to host memory, do not fit the 130.0 GB available there")
+    assert checks.quantize_at_patch_problem(dense, bf16_projections, torch.device("cuda"), h200, 2 * host) is None
+
+
+def test_fp8_checkpoint_bytes_per_token_are_the_fp8_bytes_the_patch_reads():
+    """The roofline of the fp8 checkpoint form counts its tensors as they lie: the same bytes
+    ``--weights fp8`` counts for the model quantized at patch time; and its model-dtype roofline
+    the bf16 model's bytes."""
+    from tileflow.bench.roofline import fp8_checkpoint_bytes_per_token, quantized_bytes_per_token
+
+    dense = build_model("tiny", torch.device("cpu"), torch.bfloat16)
+    form = build_model("tiny", torch.device("cpu"), torch.bfloat16, fp8_checkpoint=True)
+    assert type(form.model.layers[0].mlp.down_proj).__name__ == "FP8Linear"
+    read, plain = fp8_checkpoint_bytes_per_token(form, 100)
+    assert read == quantized_bytes_per_token(dense, 100, "fp8")
+    assert plain == bytes_per_token(dense, 100)
+
+
+def test_an_fp8_checkpoint_folder_builds_as_fp8linear(tmp_path):
+    """``build_model`` on a fine-grained fp8 checkpoint folder: its FP8Linear tensors as stored
+    (not transformers' bf16 dequantization on CPU); ``layers`` reads only the first layers."""
+    from tileflow.integrations.transformers import fp8_checkpoint
+
+    built = build_model("tiny", torch.device("cpu"), torch.float32, fp8_checkpoint=True)
+    fp8_checkpoint.save(built, str(tmp_path))
+    for layers in (None, 1):
+        model = build_model(str(tmp_path), torch.device("cpu"), torch.float32, layers)
+        assert len(model.model.layers) == (layers or 4)
+        q, want = model.model.layers[0].self_attn.q_proj, built.model.layers[0].self_attn.q_proj
+        assert type(q).__name__ == "FP8Linear" and torch.equal(q.weight.float(), want.weight.float())
+        assert torch.equal(q.weight_scale_inv, want.weight_scale_inv)

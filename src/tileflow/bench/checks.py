@@ -50,6 +50,8 @@ class Estimate:
     kv_bytes: int  # a static cache of the whole context
     dtype: str
     copies: int = 1  # of the weights, held at once
+    detail: str = ""  # what the bytes are, where not parameters x bytes (the fp8 checkpoint form)
+    projections: int = 0  # the fp8 checkpoint form: the projections' parameters (1 byte each)
 
     @property
     def total_bytes(self) -> int:
@@ -92,6 +94,54 @@ def estimate(config, dtype: torch.dtype, device: torch.device, context: int) -> 
     kv = cache_bytes_per_position(config, size) * context
     name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
     return Estimate(n, size, n * size, kv, name)
+
+
+def estimate_fp8_checkpoint(config, dtype: torch.dtype, context: int) -> Estimate:
+    """Bytes the fp8 checkpoint form of ``config`` takes on its device (``--weights
+    fp8-checkpoint``, ``tileflow.integrations.transformers.fp8_checkpoint``), counted on the meta
+    device: the projections' e4m3 codes (1 byte a weight) and fp32 scales (4 bytes a 128 x 128
+    block), the embeddings, norms and lm_head in ``dtype``, a static KV cache of ``context``
+    tokens in ``dtype``. The patch reads these tensors where they lie: nothing is added but the
+    step's activations, logits and graphs (MBs). DeepSeek-R1-Distill-Llama-70B in bf16 at 384
+    tokens: 68.45 GB codes + 16.7 MB scales + 4.20 GB embeddings / lm_head / norms + 126 MB cache
+    = about 72.8 GB (the bf16 model: 141.1 GB + the cache)."""
+    from tileflow.integrations.transformers.fp8_checkpoint import meta_model
+
+    model = meta_model(copy.deepcopy(config), dtype)
+    size = torch.empty((), dtype=dtype).element_size()
+    codes = scales = rest = params = 0
+    for name, p in model.named_parameters():
+        n = p.numel() * p.element_size()
+        if p.dtype == torch.float8_e4m3fn:
+            codes += n
+            params += p.numel()
+        elif name.endswith("weight_scale_inv"):
+            scales += n
+        else:
+            rest += n
+            params += p.numel()
+    kv = cache_bytes_per_position(config, size) * context
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+    detail = (f"{count_text(codes)} fp8 projection weights x 1 byte + {size_text(scales)} fp32 block scales + "
+              f"{size_text(rest)} {name} embeddings / norms / lm_head + {size_text(kv)} KV cache")
+    return Estimate(params, 1, codes + scales + rest, kv, f"the fp8 checkpoint form ({name} outside the projections)",
+                    detail=detail, projections=codes)
+
+
+def quantize_at_patch_problem(dense: Estimate, projection_bytes: int, device: torch.device,
+                              available: Optional[int], host_available: Optional[int]) -> Optional[str]:
+    """Why ``--weights fp8`` cannot build the model in its dtype and quantize it at patch time
+    (the bench then builds the fp8 checkpoint form), or None: the model in its dtype (``dense``)
+    must fit the device's ``available`` bytes, and on CUDA its projections
+    (``projection_bytes``, which ``patch`` moves to pinned host memory until ``unpatch``) the
+    host's ``host_available`` bytes."""
+    if available is not None and dense.total_bytes > available:
+        return (f"the {dense.dtype} model ({size_text(dense.total_bytes)} with the cache) does not fit the "
+                f"{size_text(available)} available on {device}")
+    if device.type == "cuda" and host_available is not None and projection_bytes > host_available:
+        return (f"its {dense.dtype} projections ({size_text(projection_bytes)}), which the patch moves to host memory, "
+                f"do not fit the {size_text(host_available)} available there")
+    return None
 
 
 def _cgroup_room() -> Optional[int]:
@@ -145,14 +195,17 @@ def check_memory(est: Estimate, label: str, device: torch.device, available: Opt
     model's decoder layers, to suggest measuring fewer)."""
     if available is None or est.total_bytes <= available:
         return
+    more = f"; or its first layers only (--layers N, of {layers})" if layers and layers > 1 else ""
+    if est.detail:
+        raise BenchError(f"{label} in {est.dtype} needs about {size_text(est.total_bytes)} ({est.detail}), more than "
+                         f"the {size_text(available)} available on {device}{more}")
     hint = ""
     if est.bytes_per_parameter > 2:
         hint = f"; in bf16 (--dtype bf16) about {size_text(est.copies * est.parameters * 2 + est.kv_bytes // 2)}"
     copies = f" x {est.copies} copies" if est.copies > 1 else ""
     raise BenchError(f"{label} in {est.dtype} needs about {size_text(est.total_bytes)} ({count_text(est.parameters)} "
                      f"parameters x {est.bytes_per_parameter} bytes{copies} + {size_text(est.kv_bytes)} KV cache), more than the "
-                     f"{size_text(available)} available on {device}{hint}"
-                     + (f"; or its first layers only (--layers N, of {layers})" if layers and layers > 1 else ""))
+                     f"{size_text(available)} available on {device}{hint}{more}")
 
 
 def _init_seconds(parameters: int) -> float:

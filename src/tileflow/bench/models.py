@@ -129,12 +129,34 @@ def _model_config(name_or_dir: str):
     return builtin_config(name_or_dir)
 
 
-def build_model(name_or_dir: str, device: torch.device, dtype: torch.dtype, layers: Optional[int] = None):
+def fp8_checkpoint_folder(name_or_dir: str) -> bool:
+    """Whether ``name_or_dir`` is a local fine-grained fp8 checkpoint folder (its config's
+    ``quantization_config`` names ``fp8``): the bench builds it in the fp8 checkpoint form."""
+    from tileflow.integrations.transformers.fp8_checkpoint import is_fp8_checkpoint_folder
+
+    return os.path.isdir(name_or_dir) and is_fp8_checkpoint_folder(name_or_dir)
+
+
+def build_model(name_or_dir: str, device: torch.device, dtype: torch.dtype, layers: Optional[int] = None,
+                fp8_checkpoint: bool = False):
     """A causal LM on ``device``: a local checkpoint folder, or a built-in config with
-    random weights (initialised on the device); ``layers``: only the first N decoder layers."""
+    random weights (initialised on the device); ``layers``: only the first N decoder layers.
+    ``fp8_checkpoint`` (and always for an fp8 checkpoint folder): the fp8 checkpoint form,
+    its projections transformers' ``FP8Linear`` made on the device with no copy in ``dtype``
+    (``tileflow.integrations.transformers.fp8_checkpoint``: a folder read from its
+    safetensors, a built-in config with random e4m3 codes and fp32 block scales)."""
     from transformers import AutoModelForCausalLM
 
     config = model_config(name_or_dir, layers)
+    if fp8_checkpoint or fp8_checkpoint_folder(name_or_dir):
+        from tileflow.integrations.transformers import fp8_checkpoint as fp8
+
+        try:
+            if os.path.isdir(name_or_dir):
+                return fp8.load(name_or_dir, device, dtype, config)
+            return fp8.build_random(config, device, dtype)
+        except fp8.CheckpointError as e:
+            raise BenchError(str(e)) from None
     if os.path.isdir(name_or_dir):
         return AutoModelForCausalLM.from_pretrained(name_or_dir, config=config, dtype=dtype).to(device).eval()
     with torch.device(device):

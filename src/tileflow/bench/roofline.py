@@ -105,3 +105,28 @@ def quantized_bytes_per_token(model, context: int, weights: str) -> dict:
     out["total"] = out["weights"] + out["kv_cache"]
     out.update(projections=after, projections_model_dtype=before)
     return out
+
+
+def fp8_checkpoint_bytes_per_token(model, context: int) -> tuple[dict, dict]:
+    """For a model in the fp8 checkpoint form (projections transformers' ``FP8Linear``, the
+    rest in the model's dtype: ``--weights fp8-checkpoint`` or an fp8 checkpoint folder): the
+    bytes one step really reads, as :func:`quantized_bytes_per_token` gives them (``projections``:
+    the e4m3 codes and fp32 block scales as stored; ``projections_model_dtype``: the same
+    projections in the model's dtype), and :func:`bytes_per_token` of the same model had its
+    projections been in the model's dtype (the model-dtype roofline beside it)."""
+    from tileflow.integrations.transformers.quantized import PROJECTIONS
+
+    read = dict(bytes_per_token(model, context))  # FP8Linear's weight and weight_scale_inv as they lie
+    elem = model.get_input_embeddings().weight.element_size()
+    stored = dense = 0
+    for layer in model.model.layers:
+        for part, name in PROJECTIONS:
+            m = getattr(getattr(layer, part), name)
+            scales = getattr(m, "weight_scale_inv", None)
+            stored += m.weight.numel() * m.weight.element_size() + (0 if scales is None else
+                                                                    scales.numel() * scales.element_size())
+            dense += m.weight.numel() * elem
+    read.update(projections=stored, projections_model_dtype=dense)
+    plain = {"weights": read["weights"] - stored + dense, "kv_cache": read["kv_cache"]}
+    plain["total"] = plain["weights"] + plain["kv_cache"]
+    return read, plain
