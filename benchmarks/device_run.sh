@@ -13,6 +13,7 @@
 # (env: REPEATS, BENCH_LIMIT seconds a bench, BREAKDOWN=1 per-kernel-class step profile,
 #  SUITE_KERNELS="a b" to tune only those, SUITE_MAX candidates a kernel (default 24),
 #  SUITE_LIMIT seconds a suite step, NEW new tokens a bench (default the bench's),
+#  LAYERS=N only the first N decoder layers of a bench's model (DeepSeek-V3 on one card),
 #  WEIGHTS=int4|fp8 a bench's patch paths on quantized projections (`--weights`; its roofline counts their bytes))
 # ab:<model>:<prompt>:<file>[,<file>...] the patch path once per tuning file, each in a fresh
 #                                  tuning cache ("-" = the shipped tables alone): an A/B in one call
@@ -53,6 +54,7 @@ for step in ${STEPS:-bench:deepseek-r1-distill-qwen-1.5b:128 suite}; do
       [ -n "${NEW:-}" ] && args+=(--new "$NEW")
       [ -n "${BREAKDOWN:-}" ] && args+=(--breakdown)
       [ -n "${WEIGHTS:-}" ] && args+=(--weights "$WEIGHTS")
+      [ -n "${LAYERS:-}" ] && args+=(--layers "$LAYERS")
       timeout "${BENCH_LIMIT:-900}" python3 benchmarks/run_cli_uninstalled.py bench "${args[@]}" 2>&1 \
         | grep --line-buffered -v -E "Warning|warn\(|^\s*$" ;;
     jaxbench)
