@@ -26,10 +26,10 @@ from tileflow.suite import gate_up_silu, matvec_fp8, matvec_int4, rms_norm
 from tileflow.suite.matvec_family import RESIDUAL_FORM, grouped_candidates, grouped_split, rsqrt_mean
 from tileflow.suite.matvec_fp8 import check_block_n, fp8_params, fp8_views, group_sums, quantize_groups, x_groups
 from tileflow.suite.matvec_int4 import THREE, dequant_round, int4_params, int4_views, x_round
-from tileflow.suite.qkv_rope_cache import rope_cache_reference
+from tileflow.suite.qkv_rope_cache import cache_views, head_kinds, rope_cache_reference
 from tileflow.suite.quantize import GROUP
 from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
-from tileflow.suite.rope import LLAMA3, ROPE_SCALARS, TABLE, inv_freq_tile
+from tileflow.suite.rope import LLAMA3, TABLE, inv_freq_tile
 
 GATE_UP = replace(gate_up_silu.FORM, weights=("_g", "_u"), norm=True)
 RESIDUAL = replace(RESIDUAL_FORM, weights=("",))
@@ -114,22 +114,14 @@ def define_qkv_rope_cache(k, p, fmt: str) -> None:
     cache_pos = k.input("cache_pos", ("M",), dtype="i64") if p.get("CACHE_POS", 0) else pos
     q_out = k.output("q", ("M", "NH", "DH"))
     seqs = "B" if per_seq > 1 else "M"
-    k_cache = k.inout("k_cache", (seqs, "NKV", "S", "DH"))
-    v_cache = k.inout("v_cache", (seqs, "NKV", "S", "DH"))
-    eps = k.scalar("eps")
-    for name in ROPE_SCALARS[kind]:
-        k.scalar(name)
+    k_cache, v_cache, eps = cache_views(k, kind, seqs)
     with k.stage("main", grid=("NH + 2 * NKV", "cdiv(DH // 2, BLOCK_N)", "M")):
         head, row = k.program_id(0), k.program_id(2)
         nh, nkv, dh, kdim = k.dim("NH"), k.dim("NKV"), k.dim("DH"), k.dim("K")
         half = dh // 2
         j0 = k.program_id(1) * k.param("BLOCK_N")
-        is_q, is_v = head < nh, head >= nh + nkv
-        is_k = (head >= nh) & (head < nh + nkv)
-        # the head index clamped into each kind's view: a read or write predicated off must
-        # still address inside its view on every target
-        heads = (k.minimum(head, nh - 1), k.minimum(k.maximum(head - nh, 0), nkv - 1), k.maximum(head - nh - nkv, 0))
-        kinds = tuple(zip((is_q, is_k, is_v), heads))
+        kinds = head_kinds(k, head, nh, nkv)
+        (is_q, hq), (is_k, hk), (is_v, hv) = kinds
         # the program's rows of its head: j0.. (first halves of the rotated pairs) and DH/2 + j0..
         j, jh = k.range(j0, "BLOCK_N"), k.range(half + j0, "BLOCK_N")
         sets = ((j, half, j0), (jh, dh, half + j0))  # (rows, their limit, first row) relative to the head
@@ -186,7 +178,6 @@ def define_qkv_rope_cache(k, p, fmt: str) -> None:
         c, s = k.cos(ang), k.sin(ang)
         o_lo = k.where(is_v, y_lo, y_lo * c - y_hi * s)
         o_hi = k.where(is_v, y_hi, y_hi * c + y_lo * s)
-        hq, hk, hv = heads
         k.store(q_out, (row, hq, j), o_lo, limits={2: half}, when=is_q)
         k.store(q_out, (row, hq, jh), o_hi, when=is_q)
         # a row outside the cache is never written (the integrations raise before such a step)

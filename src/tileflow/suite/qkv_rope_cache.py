@@ -30,6 +30,29 @@ from tileflow.suite.registry import Case, SuiteKernel, next_pow2, register
 from tileflow.suite.rope import LLAMA3, ROPE_SCALARS, TABLE, inv_freq_tile, rope_reference
 
 
+def cache_views(k, kind: int, seqs: str) -> tuple:
+    """(k_cache, v_cache, eps): the K and V caches [seqs, NKV, S, DH] (written in place),
+    then the runtime scalars, the norm's ``eps`` and the rotation's (``ROPE_SCALARS[kind]``)."""
+    k_cache = k.inout("k_cache", (seqs, "NKV", "S", "DH"))
+    v_cache = k.inout("v_cache", (seqs, "NKV", "S", "DH"))
+    eps = k.scalar("eps")
+    for name in ROPE_SCALARS[kind]:
+        k.scalar(name)
+    return k_cache, v_cache, eps
+
+
+def head_kinds(k, head, nh, nkv) -> tuple:
+    """((is_q, hq), (is_k, hk), (is_v, hv)): whether program ``head`` of the stacked [q | k |
+    v] heads is of each kind, and its index clamped into that kind's view (reads and writes
+    are predicated on the kind, but an address must stay inside the view on every target)."""
+    is_q, is_v = head < nh, head >= nh + nkv
+    is_k = (head >= nh) & (head < nh + nkv)
+    hq = k.minimum(head, nh - 1)
+    hk = k.minimum(k.maximum(head - nh, 0), nkv - 1)
+    hv = k.maximum(head - nh - nkv, 0)
+    return (is_q, hq), (is_k, hk), (is_v, hv)
+
+
 def define(k, p):
     kind = p["ROPE_KIND"]
     # R tokens a sequence (structural); the rows a program serves (a launch parameter)
@@ -48,11 +71,7 @@ def define(k, p):
     q_out = k.output("q", ("M", "NH", "DH"))
     seqs = "B" if rows > 1 else "M"
     grid_rows = "cdiv(M, PROGRAM_ROWS)" if rows > 1 else "M"
-    k_cache = k.inout("k_cache", (seqs, "NKV", "S", "DH"))
-    v_cache = k.inout("v_cache", (seqs, "NKV", "S", "DH"))
-    eps = k.scalar("eps")
-    for name in ROPE_SCALARS[kind]:
-        k.scalar(name)
+    k_cache, v_cache, eps = cache_views(k, kind, seqs)
     with k.stage("main", grid=("NH + 2 * NKV", "cdiv(DH // 2, BLOCK_J)", grid_rows)):
         head, row = k.program_id(0), k.program_id(2)
         if rows > 1:  # program `row` serves rows row * PROGRAM_ROWS .. (to M)
@@ -62,13 +81,7 @@ def define(k, p):
         nh, nkv, dh, kdim = k.dim("NH"), k.dim("NKV"), k.dim("DH"), k.dim("K")
         half = dh // 2
         j0 = k.program_id(1) * k.param("BLOCK_J")
-        is_q, is_v = head < nh, head >= nh + nkv
-        is_k = (head >= nh) & (head < nh + nkv)
-        # per kind, the head index clamped into its view (reads/writes are predicated
-        # on the kind, but an address must stay inside the view on every target)
-        hq = k.minimum(head, nh - 1)
-        hk = k.minimum(k.maximum(head - nh, 0), nkv - 1)
-        hv = k.maximum(head - nh - nkv, 0)
+        (is_q, hq), (is_k, hk), (is_v, hv) = head_kinds(k, head, nh, nkv)
         kinds = ((wq, hq, is_q), (wk, hk, is_k), (wv, hv, is_v))
         # the program's rows relative to its head: j0.. (first halves of the rotated
         # pairs) and DH/2 + j0..; each weight read through one pointer picked by kind
