@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     ver.set_defaults(fn=cmd_verify)
     from tileflow.bench.decode import default_paths
 
-    path_names = [p.name for p in default_paths(__import__("torch").device("cuda"))]  # every path's name
+    path_names = [p.name for p in default_paths(__import__("torch").device("cuda"), "int4")]  # every path's name
     ben = sub.add_parser("bench", help="batch-1 decode tok/s side by side (the main job)")
     ben.add_argument("--model", default=None,
                      help="built-in config name or local checkpoint folder (default: the 1.5B shape on a GPU, "
@@ -258,8 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "card, e.g. deepseek-v3)")
     ben.add_argument("--weights", choices=["int4", "fp8"], default=None,
                      help="the patch paths quantize the projections (options={'weights': ...}); eager and inductor "
-                          "stay the model's dtype; the roofline counts the format's bytes (default: the model's "
-                          "dtype, or TILEFLOW_WEIGHTS)")
+                          "stay the model's dtype; the roofline counts the format's bytes; on CUDA torchao's int8 / "
+                          "int4 weight-only paths (reduce-overhead) run too (default: the model's dtype, or "
+                          "TILEFLOW_WEIGHTS)")
     ben.add_argument("--framework", choices=["torch", "jax"], default="torch",
                      help="torch: the paths above; jax: plain jax.jit vs tileflow primitives vs tileflow.jax.optimize")
     ben.set_defaults(fn=cmd_bench)

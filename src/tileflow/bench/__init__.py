@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from tileflow.bench.decode import PathResult, default_paths, forced_reference, run_path
+from tileflow.bench.decode import PathResult, default_paths, forced_reference, paths_not_here, run_path
 from tileflow.bench import checks
 from tileflow.bench.checks import BenchError, resolve_device
 from tileflow.bench.models import build_model, model_config
@@ -28,7 +28,10 @@ from tileflow.bench.roofline import bytes_per_token, copy_bandwidth_gbs, quantiz
 
 # a path's quantization figures: in its entry only where measured
 QUANTIZED_FIELDS = ("quantization_error_max", "quantization_error_per_layer", "forced_steps",
-                    "forced_max_rel_logit_err", "forced_max_abs_logit_err", "forced_top1_agreement")
+                    "forced_max_rel_logit_err", "forced_max_abs_logit_err", "forced_top1_agreement",
+                    "projection_bytes")
+# the torchao paths' peers among the quantized patch paths' formats (the same bytes a weight)
+TORCHAO_PEER = {"int4": "torchao_int4", "fp8": "torchao_int8"}
 # what a quantized record's roofline counts, in the table's title
 WEIGHT_BYTES = {"int4": "int4 projections (packed, + scale and zero per 128 columns)",
                 "fp8": "fp8 projections (+ an fp32 scale per 128 x 128 block)"}
@@ -96,8 +99,10 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
     ``weights``: "int4" / "fp8": the patch paths quantize the projections (``options={"weights":
     ...}``), eager and inductor run the model's dtype; the roofline counts the format's bytes
     (``roofline_tok_s``) beside the model dtype's (``roofline_tok_s_model_dtype``), and each
-    quantized path its teacher-forced logit error and top-1 agreement against eager. None: the
-    ``weights`` option in force (``TILEFLOW_WEIGHTS``, by default the model's dtype).
+    quantized path its teacher-forced logit error and top-1 agreement against eager. On CUDA
+    torchao's int8 / int4 weight-only paths run too (``decode.torchao_path``), each against the
+    roofline of its own bytes. None: the ``weights`` option in force (``TILEFLOW_WEIGHTS``, by
+    default the model's dtype).
     Raises :class:`BenchError` (one line) before building anything it cannot run or fit."""
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -158,6 +163,12 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
         "batch": batch, "speculate": speculate, "layers": config.num_hidden_layers, "weights": weights,
     }
     chosen = [p for p in default_paths(dev, weights) if not paths or p.name in paths or p.name == "eager"]
+    # paths asked for (by name, or the torchao comparison by --weights) that do not apply here
+    elsewhere = {k: v for k, v in paths_not_here(dev, weights).items()
+                 if (k in paths if paths else weights != "model" and k.startswith("torchao"))}
+    for name, why in elsewhere.items():
+        print(f"tileflow bench: warning: {name} not run: {why}", file=sys.stderr)
+    record["not_shown"] = elsewhere
     console.print(f"building {model_name}: {config.model_type}, {checks.count_text(est.parameters)} parameters in "
                   f"{est.dtype}, about {checks.size_text(est.total_bytes)} with the KV cache"
                   + (f" ({checks.size_text(free)} available on {dev})" if free else ""), markup=False, highlight=False)
@@ -196,27 +207,43 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
                     say("eager: logits teacher-forced on its own tokens (the quantized paths' reference)")
                     forced = forced_reference(model, ids, res.tokens)
             entry = {k: v for k, v in res.__dict__.items()
-                     if k not in ("name", "tokens") and not (v is None and k in QUANTIZED_FIELDS)}
+                     if k not in ("name", "tokens") and not (v is None and k in QUANTIZED_FIELDS)
+                     and not (k == "not_run" and not v)}
             tokens[path.name] = res.tokens
             if path.generate is not None and tokens.get("tileflow_patch"):  # the user's call vs our loop
                 diff = [i for i, (a, b) in enumerate(zip(res.tokens, tokens["tileflow_patch"])) if a != b]
                 entry["first_divergence_vs_patch"] = diff[0] if diff else None
             # against the roofline of the bytes this path read (eager, inductor: the model's dtype)
             roof = record["roofline_tok_s"] if res.weights != "model" else record["roofline_tok_s_model_dtype"]
+            if res.projection_bytes:  # a layout of its own (torchao's): the roofline of its bytes
+                own = dict(plain)
+                own["weights"] += res.projection_bytes["projections"] - res.projection_bytes["projections_model_dtype"]
+                own["total"] = own["weights"] + own["kv_cache"]
+                roof = bw * 1e9 / own["total"]
+                entry.update(bytes_per_token=own, roofline_tok_s=roof)
             entry["fraction_of_roofline"] = res.decode_tok_s / roof
             record["paths"][path.name] = entry
-            console.print(f"  {path.name:<20} {res.decode_tok_s:9.1f} tok/s  ttft {res.ttft_s * 1e3:8.1f} ms"
-                          f"  compile {res.compile_s:6.1f} s" + (f"  ERROR {res.error[:200]}" if res.error else ""))
+            if res.not_run:
+                console.print(f"  {path.name:<20} not run: {res.not_run}", markup=False, highlight=False)
+            else:
+                console.print(f"  {path.name:<20} {res.decode_tok_s:9.1f} tok/s  ttft {res.ttft_s * 1e3:8.1f} ms"
+                              f"  compile {res.compile_s:6.1f} s" + (f"  ERROR {res.error[:200]}" if res.error else ""))
             _json_path(record, out_dir).write_text(json.dumps(record, indent=1, default=str))  # a cut run keeps these
         if batch > 1 or spec:
             _rows(record, model, ids, new_tokens, repeats, batch, spec, dev, tdtype, say, out_dir)
+    # the best model-dtype path that is not ours (eager, inductor, inductor + CUDA graphs); the
+    # quantized patch paths also against torchao's path of the same bytes a weight
     others = [v["decode_tok_s"] for k, v in record["paths"].items()
-              if not k.startswith("tileflow") and v["decode_tok_s"] == v["decode_tok_s"]]
+              if not k.startswith(("tileflow", "torchao")) and v["decode_tok_s"] == v["decode_tok_s"]]
     best_other = max(others) if others else float("nan")
     eager_mem = record["paths"].get("eager", {}).get("peak_memory_gb")
     for k, v in record["paths"].items():
         if k.startswith("tileflow"):
             v["ratio_to_best_other"] = v["decode_tok_s"] / best_other
+            peer = TORCHAO_PEER.get(v.get("weights"))
+            peer_tok = record["paths"].get(peer, {}).get("decode_tok_s")
+            if peer_tok is not None and peer_tok == peer_tok:  # ran (not nan)
+                v["torchao_peer"], v["ratio_to_torchao_peer"] = peer, v["decode_tok_s"] / peer_tok
         if eager_mem and v.get("peak_memory_gb"):
             v["peak_memory_vs_eager"] = v["peak_memory_gb"] / eager_mem
     _write(record, out_dir, console)
@@ -289,6 +316,9 @@ def _write(record: dict, out_dir: str, console) -> None:
     for col in cols:
         table.add_column(col, no_wrap=col == "path")
     for name, v in record["paths"].items():
+        if v.get("not_run"):
+            table.add_row(name, "not run", *["-"] * (len(cols) - 2))
+            continue
         div = v.get("first_divergence")
         agree = "-" if name == "eager" else ("all" if div is None else f"first {div}")
         if v.get("divergence_gap") is not None:  # eager's margin there vs this path's deviation
@@ -306,6 +336,16 @@ def _write(record: dict, out_dir: str, console) -> None:
                     "-" if top1 is None else f"{100 * top1:.1f}% of {v['forced_steps']}"]
         table.add_row(*row)
     console.print(table)
+    for name, v in record["paths"].items():
+        if v.get("not_run"):
+            console.print(f"  {name}: not run: {v['not_run']}", markup=False, highlight=False)
+        elif v.get("projection_bytes"):  # % roofline against the bytes of its own layout
+            console.print(f"  {name}: % roofline of {v['roofline_tok_s']:.0f} tok/s, counting its projections as it "
+                          f"holds them ({v['projection_bytes']['projections'] / 2**20:.1f} MiB; "
+                          f"{v['projection_bytes']['projections_model_dtype'] / 2**20:.1f} MiB in {record['dtype']})",
+                          markup=False, highlight=False)
+    for name, why in record.get("not_shown", {}).items():
+        console.print(f"  {name}: not shown: {why}", markup=False, highlight=False)
     for name, v in record["paths"].items():
         if v.get("breakdown"):
             _print_breakdown(name, v, console)
@@ -370,7 +410,7 @@ def _plot(record: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(record["paths"])
+    names = [n for n, v in record["paths"].items() if not v.get("not_run")]
     vals = [record["paths"][n]["decode_tok_s"] for n in names]
     fig, ax = plt.subplots(figsize=(8, 4))
     bars = ax.bar(names, vals, color=["#999" if not n.startswith("tileflow") else "#1f77b4" for n in names])

@@ -2,7 +2,9 @@
 
 A path is how the model runs a decode step: eager transformers (dynamic cache, the
 user's starting point), ``torch.compile`` with inductor (default, reduce-overhead)
-on a static cache, ``torch.compile(backend="tileflow")``, or ``tileflow.patch``.
+on a static cache, ``torch.compile(backend="tileflow")``, or ``tileflow.patch``; with
+``--weights`` on CUDA also torchao's int8 / int4 weight-only under reduce-overhead
+(``torchao_paths.py``), the quantized comparison.
 Prefill runs uncompiled on every path (as transformers' generate does when it
 compiles) and is timed apart, as time to first token.
 """
@@ -61,6 +63,12 @@ class PathResult:
     forced_max_rel_logit_err: Optional[float] = None
     forced_max_abs_logit_err: Optional[float] = None
     forced_top1_agreement: Optional[float] = None
+    # a path that could not run here (torchao not importable, int4 on a model not in bf16):
+    # the one-line reason, no timing and no error
+    not_run: str = ""
+    # paths whose projections are in a layout of their own (torchao's): their bytes in it and in
+    # the model's dtype, for the path's own roofline
+    projection_bytes: Optional[dict] = None
 
 
 @dataclass
@@ -74,6 +82,11 @@ class Path:
     # part: a run of N new tokens less a run of one, each the best of the repeats)
     generate: Optional[dict] = None
     weights: str = "model"  # the projections' format its patch asks for (``--weights``)
+    # (model) -> "" where the path can run, else why not (one line): recorded as not run
+    unavailable: Optional[Callable] = None
+    # the teacher-forced logits through the timed step on its own cache (reset), not an eager
+    # step over the patched model: torchao's paths, whose compiled step is what was timed
+    forced_on_step: bool = False
 
 
 def _sync(device):
@@ -118,11 +131,30 @@ def _unpatch(model):
     tileflow.unpatch(model)
 
 
+def torchao_path(name: str) -> Path:
+    """``torchao_int8`` / ``torchao_int4``: torchao's weight-only quantization of the
+    projections, then ``torch.compile(mode="reduce-overhead")`` over the static-cache step
+    (``torchao_paths.py``); its teardown gives the model its weights back."""
+    from tileflow.bench import torchao_paths as tao
+
+    fmt = tao.PATHS[name]
+    setup = tao.TorchaoWeights(fmt, lambda m: _compiled_step(m, mode="reduce-overhead"))
+    what = ("int8 weight-only, symmetric per output row" if fmt == "int8" else
+            f"int4 weight-only, asymmetric per {tao.GROUP} columns (tinygemm; K padded to a multiple of 1024)")
+    return Path(name, "static", setup, setup.restore, weights=fmt, forced_on_step=True,
+                unavailable=lambda model: tao.unavailable(fmt, model),
+                note=f"torchao {what} on q/k/v/o, gate/up/down; torch.compile(mode='reduce-overhead') "
+                     f"with torchao's inductor settings")
+
+
 def default_paths(device: torch.device, weights: str = "model") -> list[Path]:
     """The paths in their order (eager first: the others compare with it). ``weights`` "int4"
     / "fp8": the patch paths quantize the projections (``options={"weights": ...}``); eager and
     inductor stay the model's dtype (the comparison), and so does tileflow_compile (the torch
-    backend takes no weights option; its note says so)."""
+    backend takes no weights option; its note says so); on CUDA torchao's int8 and int4
+    weight-only paths come last (quantized the same projections; :func:`torchao_path`). Last:
+    torchao's quantize_ changes process-wide settings (inductor's, float32 matmul precision); its
+    teardown restores them, and nothing timed after could depend on that."""
     options = None if weights == "model" else {"weights": weights}
     q = {} if options is None else {"weights": weights}
     compile_note = "" if options is None else \
@@ -142,7 +174,28 @@ def default_paths(device: torch.device, weights: str = "model") -> list[Path]:
              note="model.generate(ids, max_new_tokens=N, do_sample=False) on the patched model; "
                   "decode = run(N) - run(1)", **q),
     ]
+    if device.type == "cuda" and weights != "model":
+        from tileflow.bench.torchao_paths import PATHS as TORCHAO
+
+        paths += [torchao_path(name) for name in TORCHAO]
     return paths
+
+
+def paths_not_here(device: torch.device, weights: str = "model") -> dict[str, str]:
+    """The paths :func:`default_paths` leaves out for ``device`` and ``weights``, each with why
+    (the bench says so where they were asked for)."""
+    from tileflow.bench.torchao_paths import PATHS as TORCHAO
+
+    out = {}
+    if device.type != "cuda":
+        out["inductor_cudagraphs"] = "CUDA graphs are CUDA-only (on cpu it would repeat inductor)"
+    for name in TORCHAO:
+        if device.type != "cuda":
+            out[name] = (f"the torchao paths run on CUDA only (int4 is tinygemm's CUDA kernel; reduce-overhead "
+                         f"without CUDA graphs would be plain inductor): not run on {device.type}")
+        elif weights == "model":
+            out[name] = "the torchao paths compare with the quantized patch paths: with --weights int4|fp8 only"
+    return out
 
 
 def make_cache(kind: str, model, max_len: int):
@@ -212,10 +265,11 @@ def forced_reference(model, ids, tokens: list) -> Forced:
 
 
 def _record_weights(path: Path, model, ids, res: PathResult, forced: Optional[Forced],
-                    progress: Callable[[str], None]) -> None:
+                    progress: Callable[[str], None], step=None, cache=None) -> None:
     """For a path asking for quantized weights: the format it really read (the patch may have
     quantized nothing: on CPU without ``cpu``, or a model it declines), the report's measured
-    projection errors, and its logits teacher-forced on eager's tokens against eager's."""
+    projection errors, and its logits teacher-forced on eager's tokens against eager's (through
+    ``step`` on ``cache``, reset, where the path asks: ``Path.forced_on_step``)."""
     if path.weights == "model":
         return
     report = getattr(path.setup, "report", None) or getattr(model, "_tileflow_patch", None)
@@ -232,12 +286,19 @@ def _record_weights(path: Path, model, ids, res: PathResult, forced: Optional[Fo
         layer = where.rsplit(".", 2)[0]
         per_layer[layer] = max(per_layer.get(layer, 0.0), err)
     res.quantization_error_per_layer = per_layer
+    if getattr(path.setup, "projections", None):  # a layout of its own: the bytes of its roofline
+        res.projection_bytes = {"projections": path.setup.projections,
+                                "projections_model_dtype": path.setup.projections_model_dtype}
     if forced is None:
         return
     progress(f"{path.name}: logits teacher-forced on eager's tokens")
     try:
-        cache = make_cache("static", model, ids.shape[1] + len(forced.tokens))
-        got = teacher_forced(model, _eager_step(model), ids, forced.tokens, cache)
+        if path.forced_on_step and step is not None:
+            cache.reset()
+            got = teacher_forced(model, step, ids, forced.tokens, cache)
+        else:
+            cache = make_cache("static", model, ids.shape[1] + len(forced.tokens))
+            got = teacher_forced(model, _eager_step(model), ids, forced.tokens, cache)
     except Exception as e:  # noqa: BLE001 - the timing stands without the accuracy figures
         res.note = (res.note + f"; teacher-forced logits failed: {type(e).__name__}: {e}")[:800]
         return
@@ -299,6 +360,11 @@ def run_path(path: Path, model, ids, new_tokens: int, repeats: int, reference: O
     res = PathResult(path.name, note=path.note)
     max_len = ids.shape[1] + new_tokens
     cuda = ids.device.type == "cuda"
+    why = path.unavailable(model) if path.unavailable is not None else ""
+    if why:
+        res.not_run = why
+        progress(f"{path.name}: not run: {why}")
+        return res, []
     try:
         torch._dynamo.reset()
         if cuda:
@@ -357,7 +423,7 @@ def run_path(path: Path, model, ids, new_tokens: int, repeats: int, reference: O
                     ref, got = ref_logits[d - 1][0], logits[d - 1][0]  # token d came from step d - 1
                     res.divergence_gap = (ref[reference.tokens[d]] - ref[toks[d]]).item()
                     res.divergence_max_abs_err = (got - ref).abs().max().item()
-        _record_weights(path, model, ids, res, forced, progress)
+        _record_weights(path, model, ids, res, forced, progress, step, cache)
         return res, logits
     except Exception as e:  # a path that fails is reported, the others still run
         res.error = f"{type(e).__name__}: {e}"[:800]
