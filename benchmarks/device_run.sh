@@ -32,7 +32,12 @@ OUT=${OUT:-benchmarks/results}
 # pass TILEFLOW_COMMIT=<hash> from the calling machine: the device checkout's git metadata is stale
 # pure-Python wheels the GPU image lacks (array_api_compat; jax-triton==0.3.1 and absl-py for the JAX
 # paths' Triton kernels), carried in .whl/ (git-ignored: fill it with
-# `pip download array-api-compat jax-triton==0.3.1 absl-py --no-deps -d .whl` and pass carry=[".whl"]): importable as zips
+# `pip download array-api-compat jax-triton==0.3.1 absl-py --no-deps -d .whl` and pass carry=[".whl"]): importable as zips.
+# torchao for the bench's torchao_int8 / torchao_int4 paths (WEIGHTS=int4|fp8; 0.17.0 is built against torch 2.11,
+# the image's; an abi3 wheel, 3.2 MB):
+# `pip download torchao==0.17.0 --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl`
+# A zip import loads none of its .so files (torchao then skips its C++ extension): the two paths need none
+# (int8 weight-only is torch.mm under inductor, int4 tinygemm is aten._weight_int4pack_mm), so the zip is enough
 WHEELS=$(ls .whl/*.whl 2>/dev/null | tr '\n' ':')
 export PYTHONPATH=src:${WHEELS}${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TILEFLOW_COMMIT=${TILEFLOW_COMMIT:-unknown}
 # a fresh tuning cache per call: the device keeps /tmp between calls on one host, and a tuning
@@ -55,6 +60,10 @@ for step in ${STEPS:-bench:deepseek-r1-distill-qwen-1.5b:128 suite}; do
       [ -n "${BREAKDOWN:-}" ] && args+=(--breakdown)
       [ -n "${WEIGHTS:-}" ] && args+=(--weights "$WEIGHTS")
       [ -n "${LAYERS:-}" ] && args+=(--layers "$LAYERS")
+      # with WEIGHTS the torchao comparison paths run too; without torchao they are recorded as not run
+      if [ -n "${WEIGHTS:-}" ] && ! python3 -c "import torchao" >/dev/null 2>&1; then
+        echo "!!! torchao is not importable: torchao_int8 / torchao_int4 will not run (.whl/ lacks its wheel?)"
+      fi
       timeout "${BENCH_LIMIT:-900}" python3 benchmarks/run_cli_uninstalled.py bench "${args[@]}" 2>&1 \
         | grep --line-buffered -v -E "Warning|warn\(|^\s*$" ;;
     jaxbench)
