@@ -395,3 +395,72 @@ def test_an_fp8_checkpoint_folder_builds_as_fp8linear(tmp_path):
         q, want = model.model.layers[0].self_attn.q_proj, built.model.layers[0].self_attn.q_proj
         assert type(q).__name__ == "FP8Linear" and torch.equal(q.weight.float(), want.weight.float())
         assert torch.equal(q.weight_scale_inv, want.weight_scale_inv)
+
+
+def test_bench_weights_fp8_builds_the_checkpoint_form_where_the_model_does_not_fit(tmp_path, capsys, monkeypatch,
+                                                                                 tileflow_options):
+    """``--weights fp8`` where the model in its dtype does not fit the device but its fp8
+    checkpoint form does: the bench builds the FP8Linear form (no model-dtype projection) and
+    says so; eager and the compiled paths are recorded as not run, with the reason, the eager
+    comparisons as not measured, with the reason; the patch path runs every decode step through
+    the quantized program, against the roofline of the fp8 bytes it reads."""
+    from tileflow.bench import CHECKPOINT_NOT_MEASURED, CHECKPOINT_NOT_RUN, checks
+    from tileflow.bench.models import model_config
+    from tileflow.integrations.transformers.quantized import QuantizedDecodeProgram
+
+    tileflow_options(cpu=True, cpu_target="reference")
+    cfg = model_config("tiny", layers=2)
+    dense = checks.estimate(cfg, torch.float32, torch.device("cpu"), 12).total_bytes
+    fp8 = checks.estimate_fp8_checkpoint(cfg, torch.float32, 12).total_bytes
+    assert fp8 < 0.7 * dense
+    monkeypatch.setattr(checks, "available_bytes", lambda device: (dense + fp8) // 2)
+    steps = []
+    real_run = QuantizedDecodeProgram.run
+    monkeypatch.setattr(QuantizedDecodeProgram, "run",
+                        lambda self, tok, *a, **k: steps.append(tok.shape[1]) or real_run(self, tok, *a, **k))
+    rec = run_bench("tiny", prompt=8, new_tokens=4, paths=["inductor", "tileflow_patch"], repeats=1, layers=2,
+                    device="cpu", weights="fp8", out_dir=str(tmp_path))
+    assert rec["weights"] == "fp8" and rec["weights_form"] == "fp8 checkpoint"
+    assert rec["weights_form_why"].startswith("--weights fp8: the fp32 model (") and "does not fit" in rec["weights_form_why"]
+    assert rec["device_bytes_estimate"] == fp8 and "fp8 projection weights x 1 byte" in rec["device_bytes_detail"]
+    eager, inductor, ours = (rec["paths"][k] for k in ("eager", "inductor", "tileflow_patch"))
+    assert eager["not_run"] == inductor["not_run"] == CHECKPOINT_NOT_RUN
+    assert ours["weights"] == "fp8" and not ours["error"] and ours["decode_tok_s"] > 0, ours
+    # warm-up and one repeat, three one-token decode steps each: every one the program's (a short
+    # prompt may run through it too, as rows of one step)
+    assert steps.count(1) == 2 * 3
+    assert ours["not_measured"] == CHECKPOINT_NOT_MEASURED
+    assert not {"first_divergence", "max_rel_logit_err", "quantization_error_max", "forced_top1_agreement"} & set(ours)
+    assert 0 < ours["activation_error_max"] < 0.1 and set(ours["activation_error_per_layer"]) == {
+        "model.layers.0", "model.layers.1"}
+    assert rec["bytes_per_token"]["total"] < rec["bytes_per_token_model_dtype"]["total"]
+    assert ours["fraction_of_roofline"] == pytest.approx(ours["decode_tok_s"] / rec["roofline_tok_s"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"eager: not run: {CHECKPOINT_NOT_RUN}" in out and "Traceback" not in out
+    assert "not measured: forced_top1_agreement: eager did not run" in out
+
+
+def test_bench_on_an_fp8_checkpoint_folder(tmp_path, tileflow_options):
+    """A local fine-grained fp8 checkpoint folder: always the checkpoint form (its FP8Linear
+    tensors as stored), whatever ``--weights`` says but int4 (one line); on CPU only with the
+    ``cpu`` option (patch leaves the model unchanged otherwise, and FP8Linear has no CPU path)."""
+    from tileflow.bench.checks import BenchError
+    from tileflow.cli import main
+    from tileflow.integrations.transformers import fp8_checkpoint
+
+    folder = tmp_path / "ckpt"
+    fp8_checkpoint.save(build_model("tiny", torch.device("cpu"), torch.float32, layers=1, fp8_checkpoint=True),
+                        str(folder))
+    tileflow_options(cpu=True, cpu_target="reference")
+    assert main(["bench", "--model", str(folder), "--new", "3", "--prompt", "6", "--paths", "tileflow_patch",
+                 "--repeats", "1", "--device", "cpu", "--out", str(tmp_path / "out")]) == 0
+    (written,) = (tmp_path / "out").glob("*.json")
+    rec = json.loads(written.read_text())
+    assert rec["weights"] == "fp8" and rec["weights_form"] == "fp8 checkpoint"
+    assert rec["weights_form_why"].startswith("a fine-grained fp8 checkpoint folder")
+    assert rec["paths"]["eager"]["not_run"] and not rec["paths"]["tileflow_patch"]["error"]
+    with pytest.raises(BenchError, match=r"^\S+ is a fine-grained fp8 checkpoint: --weights int4 would re-quantize"):
+        run_bench(str(folder), prompt=4, new_tokens=2, device="cpu", weights="int4", out_dir=str(tmp_path))
+    tileflow_options(cpu=False)
+    with pytest.raises(BenchError, match=r"in the fp8 checkpoint form on cpu: tileflow.patch leaves models unchanged"):
+        run_bench("tiny", prompt=4, new_tokens=2, device="cpu", weights="fp8-checkpoint", out_dir=str(tmp_path))

@@ -256,11 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--layers", type=_int_at_least(1), default=None,
                      help="only the model's first N decoder layers, at its real widths (a model too big for one "
                           "card, e.g. deepseek-v3)")
-    ben.add_argument("--weights", choices=["int4", "fp8"], default=None,
+    ben.add_argument("--weights", choices=["int4", "fp8", "fp8-checkpoint"], default=None,
                      help="the patch paths quantize the projections (options={'weights': ...}); eager and inductor "
                           "stay the model's dtype; the roofline counts the format's bytes; on CUDA torchao's int8 / "
                           "int4 weight-only paths (reduce-overhead) run too (default: the model's dtype, or "
-                          "TILEFLOW_WEIGHTS)")
+                          "TILEFLOW_WEIGHTS). fp8-checkpoint (and fp8 where the model in its dtype does not fit the "
+                          "device, or its projections the host while patched; an fp8 checkpoint folder always): the "
+                          "model built as a fine-grained fp8 checkpoint loads, FP8Linear projections made on the "
+                          "device, only the patch paths run")
     ben.add_argument("--framework", choices=["torch", "jax"], default="torch",
                      help="torch: the paths above; jax: plain jax.jit vs tileflow primitives vs tileflow.jax.optimize")
     ben.set_defaults(fn=cmd_bench)

@@ -9,6 +9,7 @@ same run; greedy-token agreement with eager. Writes
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -20,11 +21,12 @@ from typing import Optional
 
 import torch
 
-from tileflow.bench.decode import PathResult, default_paths, forced_reference, paths_not_here, run_path
+from tileflow.bench.decode import PathResult, _Patch, default_paths, forced_reference, paths_not_here, run_path
 from tileflow.bench import checks
 from tileflow.bench.checks import BenchError, resolve_device
-from tileflow.bench.models import build_model, model_config
-from tileflow.bench.roofline import bytes_per_token, copy_bandwidth_gbs, quantized_bytes_per_token
+from tileflow.bench.models import build_model, fp8_checkpoint_folder, model_config
+from tileflow.bench.roofline import (bytes_per_token, copy_bandwidth_gbs, fp8_checkpoint_bytes_per_token,
+                                     quantized_bytes_per_token)
 
 # a path's quantization figures: in its entry only where measured
 QUANTIZED_FIELDS = ("quantization_error_max", "quantization_error_per_layer", "forced_steps",
@@ -35,6 +37,19 @@ TORCHAO_PEER = {"int4": "torchao_int4", "fp8": "torchao_int8"}
 # what a quantized record's roofline counts, in the table's title
 WEIGHT_BYTES = {"int4": "int4 projections (packed, + scale and zero per 128 columns)",
                 "fp8": "fp8 projections (+ an fp32 scale per 128 x 128 block)"}
+# the fp8 checkpoint form (``--weights fp8-checkpoint``, an fp8 checkpoint folder, or ``--weights fp8``
+# where the model-dtype build cannot be quantized at patch time): the paths that do not patch it
+# cannot run, and what compares with the model-dtype model is not measured
+CHECKPOINT_NOT_RUN = ("the fp8 checkpoint form has no projection in the model's dtype, and transformers' FP8Linear "
+                      "computes only on CUDA through DeepGEMM or a kernel fetched from the Hub (`kernels`), which the "
+                      "bench does not fetch (on CPU it has no path)")
+CHECKPOINT_NOT_MEASURED = {
+    "first_divergence": "eager did not run (the fp8 checkpoint form): no eager tokens or logits to compare with",
+    "quantization_error_per_layer": "the checkpoint's fp8 weights are the model: no model-dtype weights to measure "
+                                    "their error against (activation_error_*: the activations' rounding alone, "
+                                    "against the dequantized weights)",
+    "forced_top1_agreement": "eager did not run (the fp8 checkpoint form): no eager logits to teacher-force against",
+}
 
 
 def versions() -> dict:
@@ -102,7 +117,14 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
     quantized path its teacher-forced logit error and top-1 agreement against eager. On CUDA
     torchao's int8 / int4 weight-only paths run too (``decode.torchao_path``), each against the
     roofline of its own bytes. None: the ``weights`` option in force (``TILEFLOW_WEIGHTS``, by
-    default the model's dtype).
+    default the model's dtype). "fp8-checkpoint" (and "fp8" where the model in its dtype does not
+    fit the device's free memory, or on CUDA its projections the host's, which the patch moves
+    there: ``checks.quantize_at_patch_problem``; a local fp8 checkpoint folder always): the model
+    built in the fp8 checkpoint form (``fp8_checkpoint.py``: FP8Linear projections made on the
+    device, never a copy in the model's dtype), only the paths that patch it run (the rest recorded
+    ``not_run``, ``CHECKPOINT_NOT_RUN``), the eager comparisons ``not_measured``; the record's
+    ``weights_form`` / ``weights_form_why`` say which form and why, ``device_bytes_estimate`` what
+    the device was counted to hold (``checks.estimate_fp8_checkpoint``: 72.8 GB for the 70B).
     Raises :class:`BenchError` (one line) before building anything it cannot run or fit."""
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -125,8 +147,8 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
 
     asked = weights
     weights = weights or tileflow_settings.resolve().weights  # TILEFLOW_WEIGHTS patches the paths alike
-    if weights not in ("model", "int4", "fp8"):
-        raise BenchError(f"weights {weights!r}: int4 or fp8")
+    if weights not in ("model", "int4", "fp8", "fp8-checkpoint"):
+        raise BenchError(f"weights {weights!r}: int4, fp8 or fp8-checkpoint")
     if asked and asked != "model" and (batch > 1 or spec):
         # rows.py patches with the options in force, not this argument
         raise BenchError(f"--weights {asked} with --batch / --speculate: the multi-row measurements would run the "
@@ -137,6 +159,14 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         dtype or ("bf16" if dev.type == "cuda" else "fp32")]
     config = model_config(model_name, layers)
+    form = None  # why the model is built in the fp8 checkpoint form (FP8Linear projections), when it is
+    if fp8_checkpoint_folder(model_name):
+        if weights == "int4":
+            raise BenchError(f"{model_name} is a fine-grained fp8 checkpoint: --weights int4 would re-quantize its fp8 "
+                             f"weights (not done)")
+        weights, form = "fp8", "a fine-grained fp8 checkpoint folder (its FP8Linear tensors as stored)"
+    elif weights == "fp8-checkpoint":
+        weights, form = "fp8", "asked (--weights fp8-checkpoint)"
     if weights != "model" and config.model_type not in ("qwen2", "llama"):
         raise BenchError(f"--weights {weights}: quantized projections are for qwen2 / llama models, not "
                          f"{config.model_type}")
@@ -146,6 +176,17 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
                          f"{model_name}'s max_position_embeddings {longest}")
     est = checks.estimate(config, tdtype, dev, prompt + new_tokens)
     free = checks.available_bytes(dev)
+    if weights == "fp8":  # the checkpoint form where asked, or where quantizing at patch time cannot be done
+        fp8_est = checks.estimate_fp8_checkpoint(config, tdtype, prompt + new_tokens)
+        if form is None:
+            host = checks.available_bytes(torch.device("cpu")) if dev.type == "cuda" else None
+            why = checks.quantize_at_patch_problem(est, fp8_est.projections * est.bytes_per_parameter, dev, free, host)
+            form = why and f"--weights fp8: {why}"
+        if form:
+            est = fp8_est
+            if dev.type == "cpu" and not tileflow_settings.resolve().cpu:
+                raise BenchError(f"{model_name} in the fp8 checkpoint form on cpu: tileflow.patch leaves models unchanged "
+                                 f"on CPU and FP8Linear has no CPU path (TILEFLOW_CPU=1 runs the verified reference)")
     checks.check_memory(est, model_name, dev, free, config.num_hidden_layers)
     if breakdown and dev.type != "cuda":
         print("tileflow bench: warning: --breakdown profiles CUDA kernels: nothing to profile on cpu", file=sys.stderr)
@@ -161,6 +202,11 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
         "versions": versions(), "commit": _commit(), "settings": settings(), "user_autotune": _user_autotune(), "model": model_name, "dtype": str(tdtype).split(".")[-1],
         "prompt_tokens": prompt, "new_tokens": new_tokens, "repeats": repeats, "paths": {},
         "batch": batch, "speculate": speculate, "layers": config.num_hidden_layers, "weights": weights,
+        # how the projections came to be in the weights' format: "model" (none), "quantized at patch"
+        # (the model built in its dtype, quantized by tileflow.patch) or "fp8 checkpoint" (FP8Linear as
+        # built or loaded, fp8_checkpoint.py), with why; the device bytes the bench counted on
+        "weights_form": "fp8 checkpoint" if form else "model" if weights == "model" else "quantized at patch",
+        "weights_form_why": form, "device_bytes_estimate": est.total_bytes, "device_bytes_detail": est.detail or None,
     }
     chosen = [p for p in default_paths(dev, weights) if not paths or p.name in paths or p.name == "eager"]
     # paths asked for (by name, or the torchao comparison by --weights) that do not apply here
@@ -169,6 +215,9 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
     for name, why in elsewhere.items():
         print(f"tileflow bench: warning: {name} not run: {why}", file=sys.stderr)
     record["not_shown"] = elsewhere
+    if form:  # no weights in the model's dtype: only the paths that patch the model as built run
+        chosen = [p if isinstance(p.setup, _Patch) else dataclasses.replace(p, unavailable=lambda m: CHECKPOINT_NOT_RUN)
+                  for p in chosen]
     console.print(f"building {model_name}: {config.model_type}, {checks.count_text(est.parameters)} parameters in "
                   f"{est.dtype}, about {checks.size_text(est.total_bytes)} with the KV cache"
                   + (f" ({checks.size_text(free)} available on {dev})" if free else ""), markup=False, highlight=False)
@@ -186,12 +235,15 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
         if note:
             print(f"tileflow bench: warning: {note}", file=sys.stderr)
         say(f"building {model_name}")
-        model = build_model(model_name, dev, tdtype, layers)
+        model = build_model(model_name, dev, tdtype, layers, fp8_checkpoint=bool(form))
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=gen).to(dev)
         context = prompt + new_tokens // 2
-        plain = bytes_per_token(model, context)
-        nbytes = plain if weights == "model" else quantized_bytes_per_token(model, context, weights)
+        if form:  # the fp8 bytes as they lie; the model-dtype figure as if its projections were in it
+            nbytes, plain = fp8_checkpoint_bytes_per_token(model, context)
+        else:
+            plain = bytes_per_token(model, context)
+            nbytes = plain if weights == "model" else quantized_bytes_per_token(model, context, weights)
         record.update(copy_bandwidth_gbs=bw, bytes_per_token=nbytes, roofline_tok_s=bw * 1e9 / nbytes["total"],
                       bytes_per_token_model_dtype=plain, roofline_tok_s_model_dtype=bw * 1e9 / plain["total"])
         reference: Optional[PathResult] = None
@@ -201,7 +253,7 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
         for path in chosen:
             res, logits = run_path(path, model, ids, new_tokens, repeats, reference, ref_logits, say,
                                    breakdown=breakdown, forced=forced)
-            if path.name == "eager":
+            if path.name == "eager" and not res.not_run:
                 reference, ref_logits = res, logits
                 if weights != "model" and not res.error:
                     say("eager: logits teacher-forced on its own tokens (the quantized paths' reference)")
@@ -209,6 +261,8 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
             entry = {k: v for k, v in res.__dict__.items()
                      if k not in ("name", "tokens") and not (v is None and k in QUANTIZED_FIELDS)
                      and not (k == "not_run" and not v)}
+            if form and res.weights == "fp8":  # what compares with a model-dtype model: not measured, and why
+                _checkpoint_entry(entry)
             tokens[path.name] = res.tokens
             if path.generate is not None and tokens.get("tileflow_patch"):  # the user's call vs our loop
                 diff = [i for i, (a, b) in enumerate(zip(res.tokens, tokens["tileflow_patch"])) if a != b]
@@ -248,6 +302,19 @@ def run_bench(model_name: Optional[str] = None, prompt: int = 128, new_tokens: i
             v["peak_memory_vs_eager"] = v["peak_memory_gb"] / eager_mem
     _write(record, out_dir, console)
     return record
+
+
+def _checkpoint_entry(entry: dict) -> None:
+    """A patch path's entry in the fp8 checkpoint form: the eager comparisons dropped (no eager
+    ran: their None would read as "identical"), the patch report's errors kept as what they are
+    there (the activations' rounding against the dequantized checkpoint weights), and why the
+    rest is not measured (``CHECKPOINT_NOT_MEASURED``)."""
+    for key in ("first_divergence", "max_rel_logit_err", "divergence_gap", "divergence_max_abs_err"):
+        entry.pop(key, None)
+    if "quantization_error_max" in entry:
+        entry["activation_error_max"] = entry.pop("quantization_error_max")
+        entry["activation_error_per_layer"] = entry.pop("quantization_error_per_layer", None)
+    entry["not_measured"] = dict(CHECKPOINT_NOT_MEASURED)
 
 
 def _rows(record, model, ids, new_tokens, repeats, batch, spec, dev, tdtype, say, out_dir) -> None:
@@ -307,7 +374,8 @@ def _write(record: dict, out_dir: str, console) -> None:
                 f"counting {record['dtype']} weights")
     else:
         roof = f"roofline {record['roofline_tok_s']:.0f} tok/s"
-    table = Table(title=f"{record['model']} {record['dtype']} on {record['device']}: prompt "
+    form = " (the fp8 checkpoint form)" if record.get("weights_form") == "fp8 checkpoint" else ""
+    table = Table(title=f"{record['model']} {record['dtype']}{form} on {record['device']}: prompt "
                         f"{record['prompt_tokens']}, {record['new_tokens']} new, {roof} "
                         f"(copy {record['copy_bandwidth_gbs']:.0f} GB/s)")
     cols = ["path", "decode tok/s", "% roofline", "TTFT ms", "compile s", "peak GB", "tokens = eager", "max logit err"]
@@ -324,6 +392,8 @@ def _write(record: dict, out_dir: str, console) -> None:
         if v.get("divergence_gap") is not None:  # eager's margin there vs this path's deviation
             agree += f" (gap {v['divergence_gap']:.2g} / err {v['divergence_max_abs_err']:.2g})"
         err = v.get("max_rel_logit_err")
+        if v.get("not_measured"):  # the fp8 checkpoint form: no eager to compare with
+            agree = "not measured"
         mem = v.get("peak_memory_gb")
         row = [name, f"{v['decode_tok_s']:.1f}", f"{100 * v['fraction_of_roofline']:.1f}",
                f"{1e3 * v['ttft_s']:.1f}", f"{v['compile_s']:.1f}", "-" if mem is None else f"{mem:.2f}",
@@ -334,8 +404,17 @@ def _write(record: dict, out_dir: str, console) -> None:
             row += [v.get("weights", "model"), "-" if q is None else f"{q:.1e}",
                     "-" if f_err is None else f"{f_err:.1e}",
                     "-" if top1 is None else f"{100 * top1:.1f}% of {v['forced_steps']}"]
+            if v.get("not_measured"):
+                row[-3:] = ["not measured"] * 3
         table.add_row(*row)
     console.print(table)
+    if record.get("weights_form") == "fp8 checkpoint":
+        console.print(f"  fp8 checkpoint form: {record.get('weights_form_why')}; on the device about "
+                      f"{checks.size_text(record['device_bytes_estimate'])} ({record.get('device_bytes_detail')})",
+                      markup=False, highlight=False)
+        measured = next((v["not_measured"] for v in record["paths"].values() if v.get("not_measured")), {})
+        for what, why in measured.items():
+            console.print(f"  not measured: {what}: {why}", markup=False, highlight=False)
     for name, v in record["paths"].items():
         if v.get("not_run"):
             console.print(f"  {name}: not run: {v['not_run']}", markup=False, highlight=False)
