@@ -14,7 +14,8 @@
 #  SUITE_KERNELS="a b" to tune only those, SUITE_MAX candidates a kernel (default 24),
 #  SUITE_LIMIT seconds a suite step, NEW new tokens a bench (default the bench's),
 #  LAYERS=N only the first N decoder layers of a bench's model (DeepSeek-V3 on one card),
-#  WEIGHTS=int4|fp8 a bench's patch paths on quantized projections (`--weights`; its roofline counts their bytes))
+#  WEIGHTS=int4|fp8|fp8-checkpoint a bench's patch paths on quantized projections (`--weights`; its roofline
+#  counts their bytes; fp8-checkpoint: FP8Linear built on the card, no bf16 model: the 70B on one card))
 # ab:<model>:<prompt>:<file>[,<file>...] the patch path once per tuning file, each in a fresh
 #                                  tuning cache ("-" = the shipped tables alone): an A/B in one call
 # steptune[:model]                 `tileflow tune` (extra arguments in TUNE_ARGS, e.g. "--passes 3"):
