@@ -224,6 +224,18 @@ class HostWeight(torch.Tensor):
         return f"HostWeight({tuple(self.shape)}, {self.dtype}: {self.where}.weight in host memory while patched)"
 
 
+@torch.no_grad()
+def put_back(entries) -> None:
+    """Each (module, its original Parameter, what took its place, the original's device): the
+    original back on its device and in its module, unless the weight was replaced since."""
+    for module, original, placed, device in entries:
+        if module._parameters.get("weight") is not placed:
+            continue
+        if original.device != device:
+            original.data = original.data.to(device)
+        module._parameters["weight"] = original
+
+
 class HostStash:
     """The projections' original weights while patched: moved to host memory (pinned on CUDA)
     and given back by :meth:`restore`; their modules' ``weight`` a :class:`HostWeight`."""
@@ -258,12 +270,7 @@ class HostStash:
         replaced since (a new Parameter or module) stays theirs, its original dropped."""
         for handle in self.handles:
             handle.remove()
-        for module, param, placeholder, device in self.entries:
-            if module._parameters.get("weight") is not placeholder:
-                continue
-            if param.device != device:
-                param.data = param.data.to(device)
-            module._parameters["weight"] = param
+        put_back(self.entries)
         self.entries, self.handles = [], []
 
     @staticmethod

@@ -159,12 +159,10 @@ class TorchaoWeights:
     def restore(self, model=None) -> None:
         """The original Parameters back on their device and in their modules (a weight replaced
         since stays), the inductor settings and float32 matmul precision as they were."""
-        for module, original, placed, device in self.saved:
-            if module._parameters.get("weight") is not placed:
-                continue
-            if original.device != device:
-                original.data = original.data.to(device)
-            module._parameters["weight"] = original
+        from tileflow.integrations.transformers.quantized import put_back
+
+        put_back(self.saved)
+        for module, *_ in self.saved:
             module.__dict__.pop("extra_repr", None)  # quantize_'s repr of the quantized weight
         self.saved = []
         if self._inductor is not None:
