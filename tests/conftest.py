@@ -34,6 +34,9 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "full: part of an exhaustive sweep; deselected unless pytest runs with --full "
                                        "(docs/testing.md)")
+    # torch's own import of torch.utils.mkldnn (inductor's passes) uses its deprecated jit.script_method:
+    # shown only to code in __main__ outside pytest, so not a user's warning
+    config.addinivalue_line("filterwarnings", r"ignore:`torch\.jit\.script_method` is deprecated:DeprecationWarning")
 
 
 def pytest_collection_modifyitems(config, items):

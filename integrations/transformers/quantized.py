@@ -199,6 +199,12 @@ def nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def in_host_memory(where: str, op: str) -> RuntimeError:
+    return RuntimeError(f"tileflow: {where}.weight is in host memory while the model is patched with "
+                        f"quantized weights ({op} on it would be ignored): tileflow.unpatch(model) "
+                        f"first, or assign a new nn.Parameter (the model is then patched again)")
+
+
 class HostWeight(torch.Tensor):
     """What a projection's ``weight`` is while its original is on the host: the shape and
     dtype (what ``in_features`` / ``weight.dtype`` readers need), no storage (device ``meta``),
@@ -216,9 +222,7 @@ class HostWeight(torch.Tensor):
         if func is torch.ops.aten.detach.default:  # nn.Parameter and state_dict detach: the same placeholder
             return HostWeight(args[0].shape, args[0].dtype, args[0].where)
         where = next(a.where for a in args if isinstance(a, HostWeight))
-        raise RuntimeError(f"tileflow: {where}.weight is in host memory while the model is patched with "
-                           f"quantized weights ({func.overloadpacket.__name__} on it would be ignored): tileflow.unpatch(model) "
-                           f"first, or assign a new nn.Parameter (the model is then patched again)")
+        raise in_host_memory(where, func.overloadpacket.__name__)
 
     def __repr__(self, *, tensor_contents=None):
         return f"HostWeight({tuple(self.shape)}, {self.dtype}: {self.where}.weight in host memory while patched)"
@@ -261,7 +265,14 @@ class HostStash:
             if mod._parameters.get("weight") is _placeholder:
                 state_dict[prefix + "weight"] = _param.detach()
 
+        def refuse_load(mod, state_dict, prefix, local_metadata, *_, _placeholder=placeholder):
+            # before torch's per-weight copy: one line, not a warning a weight then the same error
+            if mod._parameters.get("weight") is _placeholder and prefix + "weight" in state_dict \
+                    and not local_metadata.get("assign_to_params_buffers", False):
+                raise in_host_memory(where, "load_state_dict")
+
         self.handles.append(module.register_state_dict_post_hook(original_in_state_dict))
+        self.handles.append(module.register_load_state_dict_pre_hook(refuse_load))
         self.entries.append((module, param, placeholder, device))
 
     @torch.no_grad()
