@@ -1,8 +1,10 @@
 """torchao's weight-only paths of ``tileflow bench --weights`` (``bench/torchao_paths.py``): where
 they are in the path list and where not (and why), the one line a missing torchao gives, and a
 CPU run of the int8 path on a tiny model: its measured error, its own roofline, the model's
-weights and process-wide settings given back. torchao is a test dependency (the ``dev`` extra);
-the int4 path (tinygemm) needs CUDA, so its run is the one test that skips without a GPU."""
+weights and process-wide settings given back. torchao is not in the ``dev`` extra: where it is
+installed, transformers imports it on every import (its extension-load and pytree lines on
+stderr of every example and bench run), so the two tests that run it skip where it is absent
+(``pip install torchao`` runs them); the int4 path (tinygemm) also needs CUDA."""
 
 import json
 import sys
@@ -83,12 +85,18 @@ def test_on_cpu_the_bench_says_why_the_torchao_paths_are_not_shown(tmp_path, cap
     assert "warning: torchao_int4 not run: the torchao paths run on CUDA only" in capsys.readouterr().err
 
 
+NEEDS_TORCHAO = pytest.mark.skipif(tao.unavailable("int8", None) != "",
+                                   reason="torchao not installed (the comparison's own dependency: pip install torchao)")
+
+
+@NEEDS_TORCHAO
 def test_torchao_int4_asks_for_cuda_and_bf16():
     model = build_model("tiny", CPU, torch.bfloat16, layers=1)
     assert tao.unavailable("int8", model) == ""
     assert "CUDA only" in tao.unavailable("int4", model)
 
 
+@NEEDS_TORCHAO
 def test_torchao_int8_on_cpu_records_its_error_and_gives_the_weights_back(monkeypatch, tmp_path):
     """The int8 path run on CPU (reduce-overhead there is inductor without CUDA graphs) through
     the bench, as on CUDA: the projections' measured error (the patch report's measure), the
