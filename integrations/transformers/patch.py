@@ -37,7 +37,8 @@ import torch
 
 from tileflow.integrations.shared.hf import cache_argument, cache_field
 from tileflow.integrations.transformers.decode_step import DecodeProgram, GraphedDecode, decode_request, verify_request
-from tileflow.integrations.transformers.compat import rope_config_of
+from tileflow.integrations.transformers.compat import (assisted_takes_static, assisted_takes_static_subclass,
+                                                       draft_static_cache, rope_config_of)
 from tileflow.integrations.transformers.deepseek_step import DEEPSEEK_MODEL_TYPES, DeepSeekDecodeProgram, deepseek_problems
 from tileflow.integrations.transformers.guards import CacheFill, CacheFullError, WeightWatch, cache_full_message
 from tileflow.integrations.transformers.prefill import GraphedPrefill, PrefillProgram, prefill_request
@@ -407,52 +408,72 @@ def _no_masks_for_generate(model):
     return create_masks_for_generate
 
 
-def _static_by_default(model, prepare, made: dict):
+def _static_by_default(model, prepare, made: dict, report: Optional[PatchReport] = None):
     """generate's cache preparation, asking for a static cache where the call names no
     cache and no ``cache_implementation`` (on generate's own copy of the config).
     ``made["cache"]``: a weak reference to the cache this call's preparation created (None
     where the caller passed one): the lean loop runs only on a cache generate made itself.
 
     Assisted generation and prompt lookup verify their drafts past ``max_length`` (the last
-    round may write a row beyond it): their static cache gets the drafts' room, or, where
-    this transformers names no cache length to give it or refuses a static cache for them,
-    they keep the default cache."""
+    round may write a row beyond it): their static cache gets the drafts' room. Where this
+    transformers' assisted decoding refuses static caches by ``cache_implementation`` and the
+    exact type ``StaticCache`` only (5.17, whose ``StaticLayer`` cannot crop either), the call gets
+    instead a static cache of tileflow's that it takes and crops (``compat.draft_static_cache``),
+    handed to the preparation as the call's cache, with ``cache_implementation`` left unset;
+    so does an assistant model's own call there (the candidate generator crops the
+    assistant's cache between rounds). Where this transformers names no cache length to give
+    the drafts' room, or refuses a static cache otherwise, drafting calls keep the default
+    cache (the model's own decode), the reason noted once in ``report``."""
     import inspect
 
     signature = inspect.signature(prepare)
+
+    def note(text: str) -> None:
+        if report is not None and text not in report.notes:
+            report.notes.append(text)
 
     def _prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs):
         made["cache"] = None
         given = any(model_kwargs.get(k) is not None for k in ("cache", "past_key_values"))
         bound = signature.bind(model, generation_config, model_kwargs, *args, **kwargs)
         drafts = _draft_rows(generation_config, bound.arguments.get("generation_mode"))
-        sized = drafts == 0 or (isinstance(bound.arguments.get("max_cache_length"), int) and assisted_takes_static())
-        if (not given and generation_config.cache_implementation is None and model_kwargs.get("use_cache", True)
-                and getattr(generation_config, "use_cache", True) and sized):
+        room = drafts + 1 if drafts else 0
+        length = bound.arguments.get("max_cache_length")
+        wanted = (not given and generation_config.cache_implementation is None and model_kwargs.get("use_cache", True)
+                  and getattr(generation_config, "use_cache", True))
+        # drafting calls, and an assistant's (its cache is cropped between rounds), on a
+        # transformers that refuses StaticCache for them by its exact type only (5.17)
+        shim = (bool(drafts) or bool(getattr(generation_config, "is_assistant", False))) and isinstance(length, int) \
+            and not assisted_takes_static() and assisted_takes_static_subclass()
+        own = None
+        if wanted and shim:
+            own, why = draft_static_cache(model.config, length + room)
+            if own is None:
+                note(f"generate: drafting calls keep the default cache (the model's own decode): {why}")
+            else:
+                model_kwargs[_cache_parameter()] = own  # generate's preparation checks it as a given cache
+                note("generate: drafting calls (prompt lookup, assisted generation) and an assistant's own calls "
+                     "run on a StaticCache subclass this transformers' assisted decoding takes and crops")
+        elif wanted and (drafts == 0 or (isinstance(length, int) and assisted_takes_static())):
             generation_config.cache_implementation = "static"
             if drafts:
-                bound.arguments["max_cache_length"] += drafts + 1
+                bound.arguments["max_cache_length"] += room
+        elif wanted and drafts:
+            note("generate: drafting calls keep the default cache (the model's own decode): " + (
+                "this transformers' cache preparation takes no cache length to give the drafts' room"
+                if not isinstance(length, int) else
+                "this transformers' assisted decoding refuses static caches, not only StaticCache by its exact type"))
         result = prepare(*bound.args, **bound.kwargs)
+        if own is not None:  # generate's own cache, not the caller's (the preparation marked it as given)
+            own.__dict__.pop("_is_user_defined", None)
+            if getattr(generation_config, "is_assistant", False) and hasattr(own, "activate_past_recording"):
+                own.activate_past_recording()  # as the preparation does to an assistant's cache it makes
         cache = next((model_kwargs[k] for k in ("cache", "past_key_values") if model_kwargs.get(k) is not None), None)
         if not given and cache is not None:
             made["cache"] = weakref.ref(cache)
         return result
 
     return _prepare_cache_for_generation
-
-
-@functools.cache
-def assisted_takes_static() -> bool:
-    """Whether this transformers' assisted generation and prompt lookup run on a static
-    cache (5.17's raise "assisted generate is not supported with Static cache classes")."""
-    import inspect
-
-    from transformers.generation.utils import GenerationMixin
-
-    try:
-        return "Static cache" not in inspect.getsource(GenerationMixin._assisted_decoding)
-    except (OSError, TypeError):  # no source to read: the default cache is the safe choice
-        return False
 
 
 def _draft_rows(generation_config, mode) -> int:
@@ -733,7 +754,7 @@ def _generation_defaults(model, report: PatchReport, whole_step: bool, options: 
         prepare = getattr(type(model), "_prepare_cache_for_generation", None)
         if prepare is not None:
             made: dict = {"cache": None}
-            model._prepare_cache_for_generation = _static_by_default(model, prepare, made)
+            model._prepare_cache_for_generation = _static_by_default(model, prepare, made, report)
             saved["_prepare_cache_for_generation"] = None
             report.notes.append("generate: a static cache where no cache or cache_implementation is given "
                                 "(the whole-step program writes static caches)")
