@@ -3,7 +3,9 @@ with programmatic dependent launch on: no GPU needed (Triton's own ptxas builds 
 cubin). CI's interpreter never takes the ``USE_PDL`` branches, so this is where the
 L2 prefetch and the wait placement are checked: the weight prefetches come before
 ``griddepcontrol.wait``, no store does, and no load either unless the definition marks
-it ``k.before_wait`` (weights, or inputs the caller vouches for with ``EARLY_INPUTS``).
+it ``k.before_wait`` (weights, or inputs the caller vouches for with ``EARLY_INPUTS``);
+and where the next launch is let in: ``griddepcontrol.launch_dependents`` once, after the
+wait, or before it with ``LAUNCH_AT_START`` (the ``at-start`` jobs: the decode case with it).
 
 The builds run in one child process for the whole module (a child per kernel paid the
 imports twenty times): the interpreter, once on in this one (conftest), cannot be
@@ -24,7 +26,7 @@ _PTR = {"T": "*bf16", "f32": "*fp32", "i32": "*i32", "i64": "*i64", "u8": "*u8",
 
 def _build(name: str, label: str = "") -> list[dict]:
     """Child side: compile each stage of ``name``'s first decode case (or its test case
-    ``label``) for sm_90."""
+    ``label``; ``at-start``: the decode case with ``LAUNCH_AT_START``) for sm_90."""
     import importlib.util
     import tempfile
     from pathlib import Path
@@ -37,8 +39,12 @@ def _build(name: str, label: str = "") -> list[dict]:
     from tileflow.suite.registry import QWEN_1_5B
 
     kernel = KERNELS[name]
-    case = next(c for c in kernel.test_cases if c.label == label) if label else kernel.decode_cases(QWEN_1_5B)[0]
+    at_start = label == "at-start"
+    case = next(c for c in kernel.test_cases if c.label == label) if label and not at_start \
+        else kernel.decode_cases(QWEN_1_5B)[0]
     params = {**kernel.params_for(case), **kernel.structural_sizes(case.sizes)}
+    if at_start:
+        params["LAUNCH_AT_START"] = 1
     ir = kernel.build(params)
     path = Path(tempfile.mkdtemp()) / f"{ir.name}_sm90.py"
     path.write_text(generate(ir, "triton"))
@@ -74,6 +80,7 @@ def _build(name: str, label: str = "") -> list[dict]:
             "first_access": min((m.start() for m in re.finditer(r"\b(ld|st)\.global", body)), default=len(body)),
             "first_store": min((m.start() for m in re.finditer(r"\bst\.global", body)), default=len(body)),
             "prefetches": [m.start() for m in re.finditer(r"prefetch\.global\.L2", body)],
+            "launches": [m.start() for m in re.finditer(r"griddepcontrol\.launch_dependents", body)],
             "prefetch_in_source": "prefetch.global" in fn.src,
             "early_in_source": "EARLY" in fn.arg_names,  # loads the definition marks k.before_wait
         })
@@ -92,7 +99,12 @@ _EARLY_CASES = [("qkv_rope_cache", "early"), ("gqa_attention", "early"), ("matve
                 ("matvec_residual", "early")]
 
 
-_JOBS = [(n, "") for n in _names()] + _EARLY_CASES
+# the decode step's kernels with LAUNCH_AT_START (the option launch_at_start)
+_AT_START_CASES = [(n, "at-start") for n in ("embedding_lookup", "qkv_rope_cache", "gqa_attention",
+                                             "matvec_residual", "rms_norm_gate_up_silu", "rms_norm_matvec")]
+
+
+_JOBS = [(n, "") for n in _names()] + _EARLY_CASES + _AT_START_CASES
 
 
 def _build_each(jobs: list) -> dict:
@@ -134,6 +146,12 @@ def test_builds_for_sm90_with_prefetch_before_the_wait(name, label, builds):
             assert st["wait"] < st["first_access"], f"{where}: a global load before the wait"
         if st["prefetch_in_source"]:
             assert st["prefetches"], f"{where}: the prefetch was dropped"
+        assert len(st["launches"]) == 1, f"{where}: {len(st['launches'])} launch_dependents"
+        if label == "at-start":
+            assert st["launches"][0] < st["wait"] and st["launches"][0] < st["first_access"], \
+                f"{where}: the next launch is let in after the wait or a load"
+        else:
+            assert st["launches"][0] > st["wait"], f"{where}: the next launch is let in before the wait"
         assert all(p < st["wait"] for p in st["prefetches"]), f"{where}: a prefetch after the wait"
 
 

@@ -19,12 +19,18 @@ from typing import Callable, Optional
 from tileflow.emit.cache import cache_dir
 
 
+# launch flags a caller sets for any kernel that change when the next launch may start, never
+# the tiles: not part of a tune key, and never taken from a table (``runtime.ops.tuned_params``)
+CALLER_FLAGS = ("LAUNCH_AT_START",)
+
+
 def tune_key(kernel: str, sizes: dict, dtype: str, device: str) -> str:
     from tileflow.suite import KERNELS
 
     keys = getattr(KERNELS.get(kernel), "tune_keys", ())
     if keys:
         sizes = {k: sizes[k] for k in keys if k in sizes}
+    sizes = {k: v for k, v in sizes.items() if k not in CALLER_FLAGS}
     shape = ",".join(f"{k}={sizes[k]}" for k in sorted(sizes))
     return f"{device}|{kernel}|{dtype}|{shape}"
 

@@ -20,7 +20,12 @@ it off; the launchers pass the option ``pdl``). Weight loads a definition marks
 ``EARLY`` constexpr: on whenever dependent launch is). Index arithmetic and a
 definition's weight prefetches (``k.prefetch``: L2 hints for inputs no earlier kernel
 writes; qkv_rope_cache has them, the matvecs measured slower with them) run before that
-wait (the ``PREFETCH`` constexpr, likewise on with dependent launch).
+wait (the ``PREFETCH`` constexpr, likewise on with dependent launch). Each program lets
+the next launch in (``gdc_launch_dependents``) right after its wait; with the launch
+parameter ``LAUNCH_AT_START`` (absent: 0; set by the caller, never by a tuning table)
+it does so as its first statement instead, so the next launch may start while this one
+still waits for the launch before it: that next launch may then load only step
+constants before its own wait (the caller's rule: no ``EARLY_INPUTS`` after it).
 
 The launchers are built once per kernel and device; what they take from the process
 (interpreter mode, the ``pdl`` option) comes in as arguments of ``launch`` /
@@ -175,6 +180,9 @@ class TritonEmitter(Walker):
         w(f'tl.atomic_add({self._address(view, index)}, {self.operand(value)}, sem="release", scope="gpu")')
 
     def op_launch_dependents(self, op: Op, w: Writer):
+        if self._at_start():
+            w("pass  # k.launch_dependents: let in at the program's start (LAUNCH_AT_START)")
+            return
         w("if USE_PDL:  # from here the next launch's programs may start (k.launch_dependents)")
         with w.indent():
             w("tl.extra.cuda.gdc_launch_dependents()")
@@ -281,6 +289,14 @@ class TritonEmitter(Walker):
         self._jit_def(w, f"{self.ir.name}_{stage.name}",
                       self.signature() + [f"{c}: tl.constexpr" for c in self.constexprs()])
         with w.indent():
+            if self._at_start():
+                # the next launch's programs may start once every program of this one has
+                # started, before this one's wait: what they load before their own wait must
+                # be step constants (the caller turns their early inputs off)
+                w("if USE_PDL and LAUNCH_AT_START:  # let the next launch in now, before this program's wait")
+                with w.indent():
+                    w("tl.extra.cuda.gdc_launch_dependents()")
+                launch = None  # none after the wait
             for s in self.ir.scalars:
                 if s.dtype == "f32":
                     w(f"{s.name} = tl.full((), {s.name}, tl.float32)")
@@ -299,15 +315,21 @@ class TritonEmitter(Walker):
                     w("if EARLY:")
                     with w.indent():
                         w(gdc_wait)
-                    w(launch)
+                    if launch:
+                        w(launch)
             else:
                 self.block(body[:lead], w)
                 w("if USE_PDL:  # launched early: wait until the previous kernel's writes are visible")
                 with w.indent():
                     w(gdc_wait)
-                    w(launch)
+                    if launch:
+                        w(launch)
             self.block(body[lead:], w)
         w()
+
+    def _at_start(self) -> bool:
+        """``LAUNCH_AT_START``: the next launch is let in at the program's start."""
+        return bool(self.ir.params.get("LAUNCH_AT_START", 0))
 
     @staticmethod
     def _lead(stage: Stage) -> tuple[list, int]:

@@ -74,7 +74,14 @@ def tuned_params(name: str, sizes: dict, dtype: torch.dtype, device: torch.devic
 
     kernel = KERNELS[name]
     tuned = autotune.lookup(name, sizes, DTYPE_NAMES[dtype], _device_name(device)) or {}
-    return {**kernel.default_params(sizes), **tuned, **kernel.structural_sizes(sizes)}
+    params = {**kernel.default_params(sizes), **tuned, **kernel.structural_sizes(sizes)}
+    # LAUNCH_AT_START only as the caller says (``_at_start``), never from a table: the
+    # launch after one that sets it must not load early inputs, which only the caller knows
+    for flag in autotune.CALLER_FLAGS:
+        params.pop(flag, None)
+        if sizes.get(flag):
+            params[flag] = sizes[flag]
+    return params
 
 
 def launch_params(name: str, sizes: dict, dtype: torch.dtype, device: torch.device) -> dict:
@@ -223,6 +230,14 @@ def _early(early: bool) -> dict:
     return {"EARLY_INPUTS": 1} if early else {}
 
 
+def _at_start(at_start: bool) -> dict:
+    """``LAUNCH_AT_START`` when the caller asks for it: the kernel's programs let the next
+    launch in at their start, before their own dependent-launch wait, instead of after it.
+    The next launch may then start while the launch before this one still runs, so the
+    caller must not let it load early inputs (``_early``): only weights before its wait."""
+    return {"LAUNCH_AT_START": 1} if at_start else {}
+
+
 def _capacity_bucket(s: int) -> int:
     """An attention's cache capacity as its launch parameters see it: they depend on it only
     through SPLITS, so a power of two (a growing, dynamic cache builds no launcher per length)."""
@@ -248,10 +263,11 @@ def matvec_pair(x, wk, wv, bk=None, bv=None) -> tuple[torch.Tensor, torch.Tensor
     return launch("matvec_pair", {"x": x, "wk": wk, "wv": wv, "bk": bk, "bv": bv}, {"HAS_BIAS": 1})
 
 
-def matvec_residual(x, w, r, early: bool = False) -> torch.Tensor:
+def matvec_residual(x, w, r, early: bool = False, at_start: bool = False) -> torch.Tensor:
     """``x @ w.T + r``: the attention output or MLP down projection with the residual
-    (``early``: the caller vouches that ``r`` is not the previous kernel's output, see ``_early``)."""
-    return launch("matvec_residual", {"x": x, "w": w, "r": r}, _early(early))[0]
+    (``early``: the caller vouches that ``r`` is not the previous kernel's output, see ``_early``;
+    ``at_start``: the next launch is let in at the programs' start, see ``_at_start``)."""
+    return launch("matvec_residual", {"x": x, "w": w, "r": r}, {**_early(early), **_at_start(at_start)})[0]
 
 
 def gate_up_silu(x, wg, wu) -> torch.Tensor:
@@ -281,15 +297,17 @@ def rope_q(x: torch.Tensor, pos: torch.Tensor, cfg: RopeConfig) -> torch.Tensor:
 
 
 def gqa_attention(q, k_cache, v_cache, lengths, scale: float,
-                  key_mask: Optional[torch.Tensor] = None, early: bool = False) -> torch.Tensor:
+                  key_mask: Optional[torch.Tensor] = None, early: bool = False, at_start: bool = False
+                  ) -> torch.Tensor:
     """GQA decode attention of ``q`` [B, NH, DH] over the first ``lengths[b]``
     positions of the caches [B, NKV, S, DH]; with ``key_mask`` [B, S] (int32), only
     over the positions where it is nonzero. ``q`` [B, R, NH, DH]: R consecutive new
     tokens of each sequence (a speculative verify step), row i causal over the first
     ``lengths[b] - R + 1 + i`` positions. ``early``: the caller vouches that
-    ``lengths`` is not the previous kernel's output (``_early``)."""
+    ``lengths`` is not the previous kernel's output (``_early``); ``at_start``: both launches
+    let the next one in at their programs' start (``_at_start``)."""
     values = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "lengths": lengths, "scale": scale}
-    flags = _early(early)
+    flags = {**_early(early), **_at_start(at_start)}
     if q.dim() == 4:
         flags["ROWS"] = q.shape[1]
     if key_mask is not None:
@@ -304,17 +322,22 @@ def argmax_greedy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm_matvec(x: torch.Tensor, ln_w: torch.Tensor, eps: float, w: torch.Tensor,
-                    b: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``rms_norm(x, ln_w, eps) @ w.T (+ b)`` in one launch (final norm + lm_head)."""
+                    b: Optional[torch.Tensor] = None, at_start: bool = False) -> torch.Tensor:
+    """``rms_norm(x, ln_w, eps) @ w.T (+ b)`` in one launch (final norm + lm_head;
+    ``at_start``: see ``_at_start``)."""
     if b is None:
-        return launch("rms_norm_matvec", {"x": x, "ln_w": ln_w, "w": w, "eps": eps}, {"HAS_BIAS": 0})[0]
-    return launch("rms_norm_matvec", {"x": x, "ln_w": ln_w, "w": w, "b": b, "eps": eps}, {"HAS_BIAS": 1})[0]
+        return launch("rms_norm_matvec", {"x": x, "ln_w": ln_w, "w": w, "eps": eps},
+                      {"HAS_BIAS": 0, **_at_start(at_start)})[0]
+    return launch("rms_norm_matvec", {"x": x, "ln_w": ln_w, "w": w, "b": b, "eps": eps},
+                  {"HAS_BIAS": 1, **_at_start(at_start)})[0]
 
 
 def rms_norm_gate_up_silu(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wg: torch.Tensor,
-                          wu: torch.Tensor) -> torch.Tensor:
-    """``silu(n @ wg.T) * (n @ wu.T)`` with ``n = rms_norm(x, ln_w, eps)``, one launch."""
-    return launch("rms_norm_gate_up_silu", {"x": x, "ln_w": ln_w, "wg": wg, "wu": wu, "eps": eps})[0]
+                          wu: torch.Tensor, at_start: bool = False) -> torch.Tensor:
+    """``silu(n @ wg.T) * (n @ wu.T)`` with ``n = rms_norm(x, ln_w, eps)``, one launch
+    (``at_start``: see ``_at_start``)."""
+    return launch("rms_norm_gate_up_silu", {"x": x, "ln_w": ln_w, "wg": wg, "wu": wu, "eps": eps},
+                  _at_start(at_start))[0]
 
 
 def _cache_rows(x: torch.Tensor, k_cache: torch.Tensor, cache_pos: Optional[torch.Tensor], values: dict,
@@ -332,7 +355,8 @@ def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Te
                    wv: torch.Tensor, bq: Optional[torch.Tensor], bk: Optional[torch.Tensor],
                    bv: Optional[torch.Tensor], pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    cfg: Optional[RopeConfig] = None, cache_pos: Optional[torch.Tensor] = None,
-                   inv_freq: Optional[torch.Tensor] = None, early: bool = False) -> torch.Tensor:
+                   inv_freq: Optional[torch.Tensor] = None, early: bool = False, at_start: bool = False
+                   ) -> torch.Tensor:
     """The attention input of a decode layer in one launch: RMSNorm of ``x`` [M, D], the
     q/k/v projections (+ biases), RoPE at ``pos`` [M]; K and V are written into row
     ``pos`` of the caches [B, NKV, S, DH] in place; returns q [M, NH, DH]. M = B (one
@@ -341,7 +365,8 @@ def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Te
     The rotation's frequencies come from ``cfg`` or, as a compiled transformers graph
     has them, from ``inv_freq`` [DH/2] (fp32); ``cache_pos`` [M], when given, is the row
     K and V go to (the graph writes at the cache's own count, rotates at ``pos``).
-    ``early``: the caller vouches that the positions are not the previous kernel's output."""
+    ``early``: the caller vouches that the positions are not the previous kernel's output;
+    ``at_start``: the next launch is let in at the programs' start (``_at_start``)."""
     values = {"x": x, "ln_w": ln_w, "wq": wq, "wk": wk, "wv": wv, "pos": pos, "k_cache": k_cache,
               "v_cache": v_cache, "eps": eps}
     # q [M, NH, DH] is allocated here: its head count is the only size no input has
@@ -356,17 +381,18 @@ def qkv_rope_cache(x: torch.Tensor, ln_w: torch.Tensor, eps: float, wq: torch.Te
         values["inv_freq"] = inv_freq
     else:
         values.update(cfg.named)
-    return launch("qkv_rope_cache", values, {**sizes, **_early(early)})[0]
+    return launch("qkv_rope_cache", values, {**sizes, **_early(early), **_at_start(at_start)})[0]
 
 
-def embedding_lookup(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def embedding_lookup(ids: torch.Tensor, table: torch.Tensor, at_start: bool = False) -> torch.Tensor:
     """Rows of ``table`` for the 1-D int64 ``ids``. An id outside ``[0, V)`` raises
     IndexError on CPU, as the model's embedding does; on a GPU (no host read per token)
-    the kernel gives that row as NaN and reads nothing outside the table."""
+    the kernel gives that row as NaN and reads nothing outside the table (``at_start``:
+    see ``_at_start``)."""
     if ids.device.type == "cpu" and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= table.shape[0]):
         bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
         raise IndexError(f"tileflow: token id {bad} is out of range for an embedding of {table.shape[0]} rows")
-    return launch("embedding_lookup", {"ids": ids, "table": table})[0]
+    return launch("embedding_lookup", {"ids": ids, "table": table}, _at_start(at_start))[0]
 
 
 # --- DeepSeek-V2 / V3: multi-head latent attention over the latent cache, routed experts ---
