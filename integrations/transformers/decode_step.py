@@ -39,8 +39,13 @@ class DecodeProgram:
         self.lm_head_w = model.lm_head.weight
         # the step's order vouches for early inputs: the positions, lengths and residual that
         # qkv, attention and o read were written two or more kernels before them (the
-        # option early_inputs, TILEFLOW_EARLY_INPUTS=0: off, to measure what it buys)
-        self.early = settings.resolve(options).early_inputs
+        # option early_inputs, TILEFLOW_EARLY_INPUTS=0: off, to measure what it buys);
+        # launch_at_start: the launches that let the next one in at their programs' start,
+        # which turns the early inputs of the launch after them off (launch_plan)
+        opts = settings.resolve(options)
+        self.early = opts.early_inputs
+        self.plan = launch_plan(settings.launch_set(opts.launch_at_start), opts.early_inputs)
+        self.notes = self.plan.notes()
 
     @property
     def takes_any_position(self) -> bool:
@@ -64,25 +69,80 @@ class DecodeProgram:
         m = b * r
         p = pos.reshape(m)
         row, lengths = step_rows(cache, p, b, r)
-        x = ops.embedding_lookup(tok.reshape(m), self.embed)
-        nh, dh, early = self.nh, self.dh, self.early
+        start, early = self.plan.at_start, self.plan.early
+        x = ops.embedding_lookup(tok.reshape(m), self.embed, at_start="embedding" in start)
+        nh, dh = self.nh, self.dh
         for w, layer in zip(self.layers, cache.layers):
             # early=: the positions / lengths / residual come from before the kernel just
             # ahead (the step's counters and inputs, the previous layer's down projection)
             q = ops.qkv_rope_cache(x, w.ln1, w.eps1, w.wq, w.wk, w.wv, w.bq, w.bk, w.bv, p, layer.keys, layer.values,
-                                   self.rope_cfg, cache_pos=None if row is p else row, early=early)
+                                   self.rope_cfg, cache_pos=None if row is p else row, early="qkv" in early,
+                                   at_start="qkv" in start)
             if r > 1:
                 q = q.view(b, r, nh, dh)
-            o = ops.gqa_attention(q, layer.keys, layer.values, lengths, w.scale, key_mask=key_mask, early=early)
-            x = ops.matvec_residual(o.view(m, nh * dh), w.wo, x, early=early)
+            o = ops.gqa_attention(q, layer.keys, layer.values, lengths, w.scale, key_mask=key_mask,
+                                  early="attention" in early, at_start="attention" in start)
+            x = ops.matvec_residual(o.view(m, nh * dh), w.wo, x, early="o" in early, at_start="o" in start)
             # not early=: down's residual loaded before the wait measured slower
             # (docs/notebook.md), cause not found
-            x = ops.matvec_residual(ops.rms_norm_gate_up_silu(x, w.ln2, w.eps2, w.wg, w.wu), w.wd, x)
+            act = ops.rms_norm_gate_up_silu(x, w.ln2, w.eps2, w.wg, w.wu, at_start="gate_up" in start)
+            x = ops.matvec_residual(act, w.wd, x, at_start="down" in start)
         # the count after lm_head (which does not read it), not between the last down
         # projection and lm_head, whose dependent launch would then follow an aten kernel
-        logits = ops.rms_norm_matvec(x, self.norm_w, self.norm_eps, self.lm_head_w)
+        logits = ops.rms_norm_matvec(x, self.norm_w, self.norm_eps, self.lm_head_w, at_start="lm_head" in start)
         _advance(cache, r)
         return logits
+
+
+# The launch each of the step's launches follows (the first layer's qkv follows the
+# embedding, the others the previous layer's down), and the launches that load early inputs.
+PREDECESSORS = {"qkv": ("embedding", "down"), "attention": ("qkv",), "o": ("attention",),
+                "gate_up": ("o",), "down": ("gate_up",), "lm_head": ("down",)}
+EARLY_INPUT_LAUNCHES = ("qkv", "attention", "o")
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """How the step makes its launches (roles as ``settings.STEP_LAUNCHES``): those whose
+    programs let the next launch in at their start (``LAUNCH_AT_START``), those that load
+    their early inputs before the dependent-launch wait (``EARLY_INPUTS``), and the early
+    inputs turned off by the rule, with why."""
+
+    at_start: frozenset
+    early: frozenset
+    refused: tuple = ()  # (launch, why) pairs
+
+    def __post_init__(self):
+        unsafe = [(r, q) for r in self.early for q in PREDECESSORS.get(r, ()) if q in self.at_start]
+        if unsafe:
+            r, q = unsafe[0]
+            raise ValueError(f"tileflow: decode step: {r} may not load early inputs after {q}, which lets it "
+                             "in at its programs' start (launch_plan turns them off)")
+
+    def notes(self) -> list:
+        return [f"decode step: {role} loads no early inputs: {why}" for role, why in self.refused]
+
+
+def launch_plan(at_start: frozenset, early_inputs: bool) -> LaunchPlan:
+    """The step's launch plan for the launches that let the next one in at their start
+    (``at_start``) and the option ``early_inputs``. The rule: a launch whose predecessor lets
+    it in at the predecessor's start may start while the launch before that predecessor
+    still writes (the predecessor has not passed its own wait), so before its own wait it
+    may load only step constants (weights): its early inputs, written by earlier launches
+    of the step, are turned off. (A predecessor that lets it in after its wait has seen
+    everything before it complete, which is what ``early`` vouches for otherwise.)"""
+    unknown = sorted(set(at_start) - set(settings.STEP_LAUNCHES))
+    if unknown:
+        raise ValueError(f"tileflow: launch_at_start: unknown launch(es) {', '.join(unknown)} "
+                         f"(the step's: {', '.join(settings.STEP_LAUNCHES)})")
+    early, refused = set(EARLY_INPUT_LAUNCHES if early_inputs else ()), []
+    for role in EARLY_INPUT_LAUNCHES:
+        first = [q for q in PREDECESSORS[role] if q in at_start]
+        if role in early and first:
+            early.discard(role)
+            refused.append((role, f"it follows {' / '.join(first)}, which lets it in at its programs' start "
+                                  "(launch_at_start), before the launch ahead of that one is complete"))
+    return LaunchPlan(frozenset(at_start), frozenset(early), tuple(refused))
 
 
 @dataclass(frozen=True, slots=True)

@@ -840,7 +840,9 @@ def patch(model, options=None) -> PatchReport:
         # every piece qualifies: whole decode steps on a static cache run as one program
         # prefill=False leaves prompts to the model's forward (to measure what the program buys)
         prefill = GraphedPrefill(PrefillProgram(model), options=options) if options.prefill else None
-        model.forward = _whole_step_forward(model, GraphedDecode(DecodeProgram(model, rope_cfg, options)), report, prefill)
+        program = DecodeProgram(model, rope_cfg, options)
+        report.notes.extend(program.notes)  # early inputs the launch plan turned off, and why
+        model.forward = _whole_step_forward(model, GraphedDecode(program), report, prefill)
         whole_step = True
         report.matches["embedding"] += 1
         if prefill is not None:

@@ -22,9 +22,18 @@ from typing import Mapping, Optional, Union
 
 _AUTO_ON_OFF = ("auto", "1", "0")
 
+# The bf16 decode step's launches by role (integrations/transformers/decode_step.py), as the
+# option launch_at_start names them; attention is its two launches (split and combine).
+STEP_LAUNCHES = ("embedding", "qkv", "attention", "o", "gate_up", "down", "lm_head")
+
 
 def _choice(default: str, choices: tuple) -> dataclasses.Field:
     return field(default=default, metadata={"choices": choices})
+
+
+def _launches(default: str) -> dataclasses.Field:
+    """A set of the step's launches: ``0`` none, ``1`` every one, else a comma list of roles."""
+    return field(default=default, metadata={"launches": STEP_LAUNCHES})
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,10 @@ class Options:
     # the decode step lets qkv, attention and o load the inputs it vouches for (positions,
     # lengths, residual) before the dependent-launch wait
     early_inputs: bool = True
+    # decode step launches (0 none, 1 all, or e.g. qkv,attention,o) whose programs let the next
+    # launch in at their start, before their own dependent-launch wait, instead of after it;
+    # the launch after such a one loads no early inputs (docs/study-dataflow.md, E1)
+    launch_at_start: str = _launches("0")
     # tileflow.patch runs a prompt into an empty static cache as its own program
     prefill: bool = True
     # ... and captures that program in a CUDA graph per prompt length (GPU)
@@ -73,6 +86,20 @@ def _check_choice(f: dataclasses.Field, value, where: str) -> None:
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise ValueError(f"{where}={value!r}: expected one of {', '.join(choices)}")
+    roles = f.metadata.get("launches")
+    if roles and (not isinstance(value, str) or value not in ("0", "1")
+                  and any(r.strip() not in roles for r in value.split(","))):
+        raise ValueError(f"{where}={value!r}: expected 0, 1 or a comma list of {', '.join(roles)}")
+
+
+def launch_set(value: str) -> frozenset:
+    """The step launches a launch-set option (``launch_at_start``) names: ``0`` none, ``1``
+    every one of :data:`STEP_LAUNCHES`, else its comma list."""
+    if value == "0":
+        return frozenset()
+    if value == "1":
+        return frozenset(STEP_LAUNCHES)
+    return frozenset(r.strip() for r in value.split(","))
 
 
 def _parse(f: dataclasses.Field, text: str):
@@ -128,7 +155,9 @@ def table() -> str:
     rows = ["| option | environment | default | values |", "|---|---|---|---|"]
     for f in fields(Options):
         values = " / ".join(f"`{c}`" for c in f.metadata.get("choices", ())) or (
-            "`1` / `0`" if f.type in (bool, "bool") else f.type)
+            "`1` / `0`" if f.type in (bool, "bool") else
+            "`0` / `1` (all) / a comma list of " + ", ".join(f"`{r}`" for r in f.metadata["launches"])
+            if "launches" in f.metadata else f.type)
         rows.append(f"| `{f.name}` | `TILEFLOW_{f.name.upper()}` | `{f.default!r}` | {values} |")
     return "\n".join(rows)
 
