@@ -7,7 +7,9 @@ Tiny qwen2 / llama as tests/integrations/test_patch_quantized.py builds them (fp
 with int4 and fp8; one ``generate`` step captures the program and its cache; then, per layer,
 each fused launch against its plain composition on the same inputs (fresh random x, cloned
 caches): q / the K and V rows the qkv launch writes, the MLP's activation, o and down with
-the residual. Prints one line per op with the relative error (fp32: expect < 1e-5).
+the residual. Prints one line per op with the relative error (fp32: expect < 1e-5), and first
+each generated token's logits against one eager forward of the quantized model over the same
+tokens, with eager's top-2 margin (a flip inside the error is a tie, not a fault).
     python3 benchmarks/quant_gpu_probe.py            # on the GPU (device_run: a plain command)
     python3 benchmarks/quant_gpu_probe.py --cpu      # the same on the CPU (interpreted Triton)
 """
@@ -30,7 +32,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def probe(kind: str, weights: str, device: str, options: dict) -> list[str]:
     import tileflow
-    from tests.integrations.test_patch_quantized import prompt, tiny
+    from tests.integrations.test_patch_quantized import eager_quantized, prompt, tiny
     from tileflow.integrations.transformers.quantized import QuantizedDecodeProgram
     from tileflow.runtime import ops
 
@@ -45,10 +47,21 @@ def probe(kind: str, weights: str, device: str, options: dict) -> list[str]:
     QuantizedDecodeProgram.run = spy
     try:
         model, ids = tiny(kind).to(device), prompt().to(device)
+        ref = eager_quantized(model, weights)  # before patch: from the model's own weights
         report = tileflow.patch(model, options={**options, "weights": weights})
-        model.generate(ids, max_new_tokens=2, do_sample=False)
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static",
+                             output_logits=True, return_dict_in_generate=True)
     finally:
         QuantizedDecodeProgram.run = real
+    # the patched run's logits against one eager forward over its tokens (no generate: no
+    # auto-compile), and eager's margin between its two best tokens: a flip within the error is a tie
+    lines = []
+    want = ref(out.sequences).logits[0, ids.shape[1] - 1:-1]
+    for t, got in enumerate(out.logits):
+        top = want[t].topk(2).values
+        lines.append(f"{kind} {weights} step {t}: logits rel err {rel(got[0], want[t]):.2e}, max abs "
+                     f"{(got[0] - want[t]).abs().max().item():.2e}, eager top-2 margin {(top[0] - top[1]).item():.2e}, "
+                     f"argmax {int(got[0].argmax())} / {int(want[t].argmax())}")
     if not captured:
         return [f"{kind} {weights}: the program never ran ({report})"]
     prog, pos, cache = captured[0]
@@ -56,7 +69,6 @@ def probe(kind: str, weights: str, device: str, options: dict) -> list[str]:
     x = torch.randn(1, model.config.hidden_size, device=device, generator=g)
     p = pos.reshape(-1)[:1]
     row = int(p)
-    lines = []
     for i, (w, layer) in enumerate(zip(prog.layers, cache.layers)):
         where = f"{kind} {weights} layer {i}"
         if w.qkv_kind:

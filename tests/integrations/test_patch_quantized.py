@@ -53,8 +53,11 @@ def prompt(n=9, seed=1):
 
 
 def greedy(model, ids, new=NEW_TOKENS):
+    """Greedy tokens on a static cache; eager (on CUDA generate would otherwise compile an
+    unpatched model's forward with a static cache: the references must be eager transformers)."""
     with torch.no_grad():
-        return model.generate(ids, max_new_tokens=new, do_sample=False, cache_implementation="static")
+        return model.generate(ids, max_new_tokens=new, do_sample=False, cache_implementation="static",
+                              disable_compile=True)
 
 
 def projections(model):
