@@ -253,6 +253,25 @@ def _fp8_makers(*suffixes):
                                                                (f"ws{s}", matvec_fp8.draw_scales))}
 
 
+# the N x K matvec forms' tiles (the plain kernels' without HAS_BIAS: these take no bias)
+def _int4_default(s):
+    return int4_params(s["N"], s["K"], split_k=grouped_split(s["N"], s["K"] // 2))
+
+
+def _int4_candidates(s):
+    return grouped_candidates(s["N"], s["K"] // 2, (4, 8, 16, 32, 64),
+                              lambda bn, bg, sk, nw: int4_params(s["N"], s["K"], bn, bg, sk, nw))
+
+
+def _fp8_default(s):
+    return fp8_params(s["N"], s["K"], split_k=grouped_split(s["N"], s["K"]))
+
+
+def _fp8_candidates(s):
+    return grouped_candidates(s["N"], s["K"], (4, 8, 16, 32, 64, 128),
+                              lambda bn, bg, sk, nw: fp8_params(s["N"], s["K"], bn, bg, sk, nw))
+
+
 EPS = dict(eps=1e-6)
 
 # --- int4 ---------------------------------------------------------------------------------
@@ -262,7 +281,7 @@ register(SuiteKernel(
     summary="fused: RMSNorm, the int4 gate and up projections, SiLU(gate) * up",
     define=lambda k, p: matvec_int4.define_int4(GATE_UP, k, p),
     reference=gate_up_int4_reference,
-    default_params=lambda s: int4_params(s["N"], s["K"], split_k=grouped_split(s["N"], s["K"] // 2)),
+    default_params=_int4_default,
     test_cases=[
         Case("tiny", _int4_sizes(1, 256, N=32), EPS),
         # a ragged last round (K/2 = 384 bytes in 256-byte rounds), N not a block multiple
@@ -271,8 +290,7 @@ register(SuiteKernel(
         Case("splitk", _int4_sizes(2, 1024, N=24), EPS, params=dict(SPLIT_K=3, BLOCK_N=8)),
     ],
     decode_cases=lambda c: [Case("gate_up", _int4_sizes(1, c["D"], N=c["INTER"]), EPS)],
-    candidates=lambda s: grouped_candidates(s["N"], s["K"] // 2, (4, 8, 16, 32, 64),
-                                            lambda bn, bg, sk, nw: int4_params(s["N"], s["K"], bn, bg, sk, nw)),
+    candidates=_int4_candidates,
     tune_keys=("M", "N", "K"),
     input_makers=_int4_makers("_g", "_u"),
     min_bytes=_int4_bytes(2, 0, True),
@@ -285,7 +303,7 @@ register(SuiteKernel(
     summary="fused: int4 projection + residual add (attention output, MLP down)",
     define=lambda k, p: matvec_int4.define_int4(RESIDUAL, k, p),
     reference=residual_int4_reference,
-    default_params=lambda s: int4_params(s["N"], s["K"], split_k=grouped_split(s["N"], s["K"] // 2)),
+    default_params=_int4_default,
     test_cases=[
         Case("tiny", _int4_sizes(1, 256, N=32)),
         Case("ragged", _int4_sizes(3, 768, N=37), params=dict(BLOCK_G=2, BLOCK_K=256)),
@@ -293,8 +311,7 @@ register(SuiteKernel(
     ],
     decode_cases=lambda c: [Case("o", _int4_sizes(1, c["NH"] * c["DH"], N=c["D"])),
                             Case("down", _int4_sizes(1, c["INTER"], N=c["D"]))],
-    candidates=lambda s: grouped_candidates(s["N"], s["K"] // 2, (4, 8, 16, 32, 64),
-                                            lambda bn, bg, sk, nw: int4_params(s["N"], s["K"], bn, bg, sk, nw)),
+    candidates=_int4_candidates,
     tune_keys=("M", "N", "K"),
     input_makers=_int4_makers(""),
     min_bytes=_int4_bytes(1, 1, False),
@@ -309,7 +326,7 @@ register(SuiteKernel(
     summary="fused: RMSNorm, the fp8 gate and up projections (x quantized per 128 columns), SiLU(gate) * up",
     define=lambda k, p: matvec_fp8.define_fp8(GATE_UP, k, p),
     reference=gate_up_fp8_reference,
-    default_params=lambda s: fp8_params(s["N"], s["K"], split_k=grouped_split(s["N"], s["K"])),
+    default_params=_fp8_default,
     test_cases=[
         Case("tiny", _fp8_sizes(1, 256, N=32), EPS),
         # a ragged last group of x and of the weights; programs on both sides of row 128
@@ -317,8 +334,7 @@ register(SuiteKernel(
         Case("splitk", _fp8_sizes(2, 1024, N=24), EPS, params=dict(SPLIT_K=3, BLOCK_N=8)),
     ],
     decode_cases=lambda c: [Case("gate_up", _fp8_sizes(1, c["D"], N=c["INTER"]), EPS)],
-    candidates=lambda s: grouped_candidates(s["N"], s["K"], (4, 8, 16, 32, 64, 128),
-                                            lambda bn, bg, sk, nw: fp8_params(s["N"], s["K"], bn, bg, sk, nw)),
+    candidates=_fp8_candidates,
     tune_keys=("M", "N", "K"),
     input_makers=_fp8_makers("_g", "_u"),
     min_bytes=_fp8_bytes(2, 0, True),
@@ -331,7 +347,7 @@ register(SuiteKernel(
     summary="fused: fp8 projection (x quantized per 128 columns) + residual add (attention output, MLP down)",
     define=lambda k, p: matvec_fp8.define_fp8(RESIDUAL, k, p),
     reference=residual_fp8_reference,
-    default_params=lambda s: fp8_params(s["N"], s["K"], split_k=grouped_split(s["N"], s["K"])),
+    default_params=_fp8_default,
     test_cases=[
         Case("tiny", _fp8_sizes(1, 256, N=32)),
         Case("ragged", _fp8_sizes(3, 200, N=150), params=dict(BLOCK_N=32)),
@@ -339,8 +355,7 @@ register(SuiteKernel(
     ],
     decode_cases=lambda c: [Case("o", _fp8_sizes(1, c["NH"] * c["DH"], N=c["D"])),
                             Case("down", _fp8_sizes(1, c["INTER"], N=c["D"]))],
-    candidates=lambda s: grouped_candidates(s["N"], s["K"], (4, 8, 16, 32, 64, 128),
-                                            lambda bn, bg, sk, nw: fp8_params(s["N"], s["K"], bn, bg, sk, nw)),
+    candidates=_fp8_candidates,
     tune_keys=("M", "N", "K"),
     input_makers=_fp8_makers(""),
     min_bytes=_fp8_bytes(1, 1, False),
