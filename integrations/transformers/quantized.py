@@ -135,15 +135,21 @@ def quantize_linear(module, weights: str, dtype: torch.dtype) -> tuple[QuantLine
 
 @torch.no_grad()
 def relative_error(lin: QuantLinear, module, dtype: torch.dtype, seed: int) -> float:
-    """max |lin(x) - x @ W.T| / max |x @ W.T| on a random row x (``dtype``), W the module's
-    weight in fp32: the model's bf16 weight, or for an fp8 checkpoint its dequantized
-    weight (then only the activations' quantization counts)."""
-    n, k = module.weight.shape
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, k, generator=g).to(device=module.weight.device, dtype=dtype)
+    """:func:`probe_error` of ``lin`` against the module's weight in fp32: the model's bf16
+    weight, or for an fp8 checkpoint its dequantized weight (then only the activations'
+    quantization counts)."""
     w = Q.dequantize_fp8(module.weight, module.weight_scale_inv) if is_fp8_linear(module) else module.weight.float()
-    exact = F.linear(x.float(), w, None if module.bias is None else module.bias.float())
-    got = lin(x).float()
+    return probe_error(lin, w, None if module.bias is None else module.bias.float(), dtype, seed)
+
+
+def probe_error(compute, w: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype, seed: int) -> float:
+    """max |compute(x) - x @ w.T (+ bias)| / max |x @ w.T (+ bias)| on one random row x
+    (``dtype``, from ``seed``), the exact side in fp32 (``w`` fp32): the error a report
+    gives a quantized projection."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, w.shape[1], generator=g).to(device=w.device, dtype=dtype)
+    exact = F.linear(x.float(), w, bias)
+    got = compute(x).float()
     return float((got - exact).abs().max() / exact.abs().max().clamp(min=1e-30))
 
 

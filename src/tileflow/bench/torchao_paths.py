@@ -83,14 +83,12 @@ def _tensors_bytes(t: torch.Tensor) -> int:
 
 @torch.no_grad()
 def relative_error(module, original: torch.Tensor, seed: int) -> float:
-    """max |F.linear(x, W_q) - x @ W.T| / max |x @ W.T| on a random row x in the weight's dtype,
-    W the original weight in fp32: the measure the patch report gives its projections."""
-    n, k = original.shape
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, k, generator=g).to(device=original.device, dtype=original.dtype)
-    exact = torch.nn.functional.linear(x.float(), original.float())
-    got = torch.nn.functional.linear(x, module.weight).float()
-    return float((got - exact).abs().max() / exact.abs().max().clamp(min=1e-30))
+    """The patch report's measure of its projections (``quantized.probe_error``): torchao's
+    quantized weight against the original in fp32, on a random row in the weight's dtype."""
+    from tileflow.integrations.transformers.quantized import probe_error
+
+    return probe_error(lambda x: torch.nn.functional.linear(x, module.weight), original.float(), None,
+                       original.dtype, seed)
 
 
 @dataclass
