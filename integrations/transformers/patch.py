@@ -444,7 +444,7 @@ def _static_by_default(model, prepare, made: dict, report: Optional[PatchReport]
         # drafting calls, and an assistant's (its cache is cropped between rounds), on a
         # transformers that refuses StaticCache for them by its exact type only (5.17)
         shim = (bool(drafts) or bool(getattr(generation_config, "is_assistant", False))) and isinstance(length, int) \
-            and not assisted_takes_static() and assisted_takes_static_subclass()
+            and assisted_takes_static_subclass()  # False where static caches are taken as they are (5.25)
         own = None
         if wanted and shim:
             own, why = draft_static_cache(model.config, length + room)
